@@ -1,0 +1,31 @@
+#!/usr/bin/env node
+// `npm test`: builds, then runs every test file with node's test runner. The
+// namespace tests need root; each makes its own namespaces, so files run in
+// parallel. Leftover namespaces of a crashed run are removed at the end.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { readdirSync, statSync } from 'node:fs';
+import path from 'node:path';
+
+if (process.getuid?.() !== 0) {
+  console.error('npm test: the tests build network namespaces and rules; run as root');
+  process.exit(2);
+}
+
+const root = path.resolve(import.meta.dirname ?? path.dirname(new URL(import.meta.url).pathname), '..');
+execFileSync('npx', ['tsc', '-p', root], { stdio: 'inherit', cwd: root });
+
+function files(dir) {
+  return readdirSync(dir).flatMap((name) => {
+    const full = path.join(dir, name);
+    if (statSync(full).isDirectory()) return files(full);
+    return name.endsWith('.test.js') ? [full] : [];
+  });
+}
+
+const filter = process.argv.slice(2);
+const all = files(path.join(root, 'dist', 'test')).filter((f) => filter.length === 0 || filter.some((x) => f.includes(x)));
+const result = spawnSync(process.execPath, ['--test', '--test-concurrency=4', '--test-timeout=300000', ...all], { stdio: 'inherit', cwd: root });
+
+const leftovers = spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').map((l) => l.split(' ')[0]).filter((n) => n?.startsWith('nmi-t'));
+for (const ns of leftovers) spawnSync('ip', ['netns', 'del', ns]);
+process.exit(result.status ?? 1);

@@ -1,0 +1,73 @@
+// `nmi <command> [flags]`: parses, dispatches, and turns errors into exit codes
+// (0 clean stop, 1 runtime failure, 2 bad usage or config).
+import { isNmiError, codes } from '../errors/errors.js';
+import { parseFlags, usage, type FlagSpecs } from '../config/flags.js';
+import { runFlags, cleanupFlags, statusFlags, demoFlags } from '../config/commands.js';
+
+interface Command {
+  summary: string;
+  flags: FlagSpecs;
+  load: () => Promise<(values: never) => Promise<number>>;
+}
+
+const commands: Record<string, Command> = {
+  run: {
+    summary: 'The daemon: installs the redirect, answers pods\' token requests, keeps the rules repaired.',
+    flags: runFlags,
+    load: async () => (await import('./run.js')).run,
+  },
+  cleanup: {
+    summary: 'Removes every rule nmi may have installed, in every backend. Safe at any time; touches nothing else.',
+    flags: cleanupFlags,
+    load: async () => (await import('./cleanup.js')).cleanup,
+  },
+  status: {
+    summary: 'Prints the installed rules with packet counters and, if a daemon answers on the probe address, its state.',
+    flags: statusFlags,
+    load: async () => (await import('./status.js')).status,
+  },
+  demo: {
+    summary: 'Builds a throwaway node and pod namespace, stand-in kubelet and IMDS, and fetches a token through 169.254.169.254. Needs root.',
+    flags: demoFlags,
+    load: async () => (await import('./demo.js')).demo,
+  },
+};
+
+const topUsage = [
+  'Usage: nmi <command> [flags]',
+  '',
+  'Commands:',
+  ...Object.entries(commands).map(([name, c]) => `  ${name.padEnd(8)} ${c.summary}`),
+  '',
+  "Run 'nmi <command> --help' for a command's flags.",
+].join('\n');
+
+export async function main(argv: readonly string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    process.stdout.write(`${topUsage}\n`);
+    return name === undefined ? 2 : 0;
+  }
+  const command = commands[name];
+  if (!command) {
+    process.stderr.write(`nmi: unknown command "${name}"\n${topUsage}\n`);
+    return 2;
+  }
+  try {
+    const { help, values } = parseFlags(command.flags, rest);
+    if (help) {
+      process.stdout.write(`${usage(name, command.summary, command.flags)}\n`);
+      return 0;
+    }
+    const handler = await command.load();
+    return await handler(values as never);
+  } catch (err) {
+    if (isNmiError(err, codes.USAGE)) {
+      process.stderr.write(`nmi ${name}: ${err.message}\n`);
+      return 2;
+    }
+    const code = isNmiError(err) ? ` [${err.code}]` : '';
+    process.stderr.write(`nmi ${name}: ${(err as Error).message}${code}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,70 @@
+// `nmi status`: installed rules with counters, and the daemon's state if one answers.
+import { request } from 'undici';
+import type { HostPort } from '../config/values.js';
+import { presentBackends } from '../rules/select.js';
+import type { BackendStatus } from '../rules/redirect.js';
+
+interface DaemonState {
+  address: string;
+  answering: boolean;
+  ready?: boolean;
+  readiness?: string;
+  podsIndexed?: number;
+  tokensCached?: number;
+  ruleRepairs?: number;
+}
+
+function metric(text: string, name: string): number | undefined {
+  const m = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'm').exec(text);
+  return m ? Number(m[1]) : undefined;
+}
+
+async function probeDaemon(address: HostPort): Promise<DaemonState> {
+  const base = `http://${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
+  const state: DaemonState = { address: base, answering: false };
+  try {
+    const readyz = await request(`${base}/readyz`, { headersTimeout: 2000, bodyTimeout: 2000 });
+    state.readiness = (await readyz.body.text()).trim();
+    state.ready = readyz.statusCode === 200;
+    state.answering = true;
+    const metrics = await request(`${base}/metrics`, { headersTimeout: 2000, bodyTimeout: 2000 });
+    const text = await metrics.body.text();
+    state.podsIndexed = metric(text, 'nmi_pods_indexed');
+    state.tokensCached = metric(text, 'nmi_tokens_cached');
+    state.ruleRepairs = metric(text, 'nmi_rule_repairs_total');
+  } catch {
+    // no daemon there: the rules alone are still worth showing
+  }
+  return state;
+}
+
+export async function status(options: { json: boolean; probeAddress: HostPort }): Promise<number> {
+  const backends: BackendStatus[] = [];
+  const errors: string[] = [];
+  for (const backend of presentBackends()) {
+    try {
+      backends.push(await backend.status());
+    } catch (err) {
+      errors.push(`${backend.name}: ${(err as Error).message}`);
+    }
+  }
+  const daemon = await probeDaemon(options.probeAddress);
+  if (options.json) {
+    process.stdout.write(`${JSON.stringify({ backends, daemon, errors }, null, 2)}\n`);
+    return errors.length === 0 ? 0 : 1;
+  }
+  for (const b of backends) {
+    process.stdout.write(`${b.backend}: ${b.installed ? 'installed' : 'not installed'}\n`);
+    for (const r of b.rules) process.stdout.write(`  ${String(r.packets).padStart(10)} pkts ${String(r.bytes).padStart(12)} bytes  ${r.text}\n`);
+  }
+  if (!daemon.answering) process.stdout.write(`daemon: not answering on ${daemon.address}\n`);
+  else {
+    process.stdout.write(`daemon: ${daemon.ready ? 'ready' : `not ready (${daemon.readiness})`} on ${daemon.address}\n`);
+    const show = (label: string, value: number | undefined) => value !== undefined && process.stdout.write(`  ${label}: ${value}\n`);
+    show('pods indexed', daemon.podsIndexed);
+    show('tokens cached', daemon.tokensCached);
+    show('rule repairs', daemon.ruleRepairs);
+  }
+  for (const e of errors) process.stderr.write(`nmi status: ${e}\n`);
+  return errors.length === 0 ? 0 : 1;
+}

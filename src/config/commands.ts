@@ -1,0 +1,62 @@
+// Every command's flags, as CONTRACT.md lists them. One table per command; the
+// defaults are written as an operator would type them.
+import { UsageError } from '../errors/errors.js';
+import { flag, type FlagSpecs, type Parsed } from './flags.js';
+import { defaultNodeIp } from './node-ip.js';
+import * as v from './values.js';
+
+export const rulesBackends = ['auto', 'iptables', 'nftables', 'ebpf', 'none'] as const;
+export type RulesChoice = (typeof rulesBackends)[number];
+
+function requiredNodeIp(): string {
+  const ip = defaultNodeIp();
+  if (!ip) throw new UsageError('--node-ip: no IPv4 address on the default-route interface; set --node-ip');
+  return ip;
+}
+
+export const metadataFlags = {
+  'metadata-ip': flag({ parse: v.ipv4, default: '169.254.169.254', help: 'the metadata address that is intercepted' }),
+  'metadata-port': flag({ parse: v.port, default: '80', help: 'the metadata port that is intercepted' }),
+} satisfies FlagSpecs;
+
+export const runFlags = {
+  'node-name': flag({ parse: v.nonEmpty, default: () => process.env.NODE_NAME, help: "this node's name [$NODE_NAME]" }),
+  'node-ip': flag({ parse: v.ipv4, default: () => requiredNodeIp(), help: 'address pods are redirected to and the token server listens on [auto: the default-route interface]' }),
+  port: flag({ parse: v.port, default: '2579', help: 'token server port' }),
+  ...metadataFlags,
+  'upstream-imds': flag({ parse: v.httpUrl, default: 'http://169.254.169.254', help: 'the real IMDS, reached from the host' }),
+  rules: flag({ parse: v.oneOf(rulesBackends), default: 'auto', help: 'iptables, nftables, ebpf, none, or auto (iptables when present, else nftables)' }),
+  'cgroup-root': flag({ parse: v.nonEmpty, default: '/sys/fs/cgroup/kubepods.slice', help: 'ebpf backend: cgroup v2 folder above all pods' }),
+  'on-exit': flag({ parse: v.oneOf(['remove', 'keep'] as const), default: 'remove', help: 'remove the rules on SIGTERM/SIGINT, or keep them (pods fail closed)' }),
+  'sync-interval': flag({ parse: v.duration, default: '5s', help: 'how often installed rules are verified and repaired' }),
+  'kubelet-url': flag({ parse: v.httpUrl, default: 'https://127.0.0.1:10250', help: 'kubelet API; /pods is read from it' }),
+  'kubelet-ca': flag({ parse: v.nonEmpty, help: 'CA bundle for the kubelet serving certificate' }),
+  'kubelet-client-cert': flag({ parse: v.nonEmpty, help: 'client certificate for the kubelet' }),
+  'kubelet-client-key': flag({ parse: v.nonEmpty, help: 'client key for the kubelet' }),
+  'kubelet-token-file': flag({ parse: v.nonEmpty, help: 'bearer token file for the kubelet' }),
+  'kubelet-server-name': flag({ parse: v.nonEmpty, help: "name to verify in the kubelet's serving certificate" }),
+  'pod-refresh-interval': flag({ parse: v.duration, default: '10s', help: 'background kubelet poll' }),
+  bindings: flag({ parse: v.nonEmpty, default: 'kubernetes', help: '"kubernetes" (the API server) or a YAML/JSON file or folder' }),
+  kubeconfig: flag({ parse: v.nonEmpty, help: 'kubeconfig for the API server (else in-cluster config)' }),
+  'force-namespaced': flag({ parse: v.bool, default: 'false', boolean: true, help: 'identities match only pods of their own namespace' }),
+  'metadata-header-required': flag({ parse: v.bool, default: 'true', boolean: true, help: 'require the Metadata: true header' }),
+  'block-instance-metadata': flag({ parse: v.bool, default: 'false', boolean: true, help: 'answer 403 for /metadata/instance*' }),
+  'retry-after': flag({ parse: v.bool, default: 'false', boolean: true, help: '"no identity yet" answers 503 with Retry-After instead of 400' }),
+  server: flag({ parse: v.oneOf(['native', 'js'] as const), default: 'native', help: 'native (C++ fast path) or js' }),
+  'probe-address': flag({ parse: v.hostPort, default: '127.0.0.1:8085', help: '/healthz, /readyz, /metrics' }),
+  'host-token-socket': flag({ parse: v.offOrPath, default: 'off', help: 'root-only unix socket serving /host/token' }),
+  'aad-authority-host': flag({ parse: v.httpUrl, default: 'https://login.microsoftonline.com', help: 'Entra ID, for service-principal identities' }),
+  'log-level': flag({ parse: v.oneOf(['trace', 'debug', 'info', 'warn', 'error'] as const), default: 'info', help: 'log level' }),
+  'log-format': flag({ parse: v.oneOf(['json', 'text'] as const), default: 'json', help: 'log format' }),
+} satisfies FlagSpecs;
+
+export type RunConfig = Parsed<typeof runFlags>;
+
+export const cleanupFlags = {} satisfies FlagSpecs;
+
+export const statusFlags = {
+  json: flag({ parse: v.bool, default: 'false', boolean: true, help: 'machine-readable output' }),
+  'probe-address': runFlags['probe-address'],
+} satisfies FlagSpecs;
+
+export const demoFlags = {} satisfies FlagSpecs;

@@ -1,0 +1,89 @@
+// Parsers for flag values. Each returns the parsed value or throws UsageError
+// naming the flag, so every bad value becomes one line on stderr and exit 2.
+import net from 'node:net';
+import { UsageError } from '../errors/errors.js';
+
+export type Parser<T> = (raw: string, flag: string) => T;
+
+export const str: Parser<string> = (raw) => raw;
+
+export function nonEmpty(raw: string, flag: string): string {
+  if (raw.trim() === '') throw new UsageError(`--${flag}: must not be empty`);
+  return raw;
+}
+
+export function ipv4(raw: string, flag: string): string {
+  if (!net.isIPv4(raw)) throw new UsageError(`--${flag}: "${raw}" is not an IPv4 address`);
+  return raw;
+}
+
+export function port(raw: string, flag: string): number {
+  const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
+  if (!Number.isInteger(n) || n < 1 || n > 65535) throw new UsageError(`--${flag}: "${raw}" is not a port (1-65535)`);
+  return n;
+}
+
+const units: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/** Go-style durations as aad-pod-identity spelled them: 500ms, 5s, 1m30s. Returns milliseconds. */
+export function duration(raw: string, flag: string): number {
+  const re = /(\d+(?:\.\d+)?)(ms|s|m|h)/g;
+  let total = 0;
+  let consumed = 0;
+  for (const m of raw.matchAll(re)) {
+    if (m.index !== consumed) break;
+    total += Number(m[1]) * (units[m[2] as string] as number);
+    consumed += m[0].length;
+  }
+  if (raw === '' || consumed !== raw.length || total <= 0) {
+    throw new UsageError(`--${flag}: "${raw}" is not a positive duration (like 500ms, 5s, 1m)`);
+  }
+  return total;
+}
+
+export function bool(raw: string, flag: string): boolean {
+  if (['true', '1', 'yes'].includes(raw)) return true;
+  if (['false', '0', 'no'].includes(raw)) return false;
+  throw new UsageError(`--${flag}: "${raw}" is not true or false`);
+}
+
+export function oneOf<T extends string>(choices: readonly T[]): Parser<T> {
+  return (raw, flag) => {
+    if (!(choices as readonly string[]).includes(raw)) {
+      throw new UsageError(`--${flag}: "${raw}" is not one of ${choices.join(', ')}`);
+    }
+    return raw as T;
+  };
+}
+
+export function httpUrl(raw: string, flag: string): URL {
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    throw new UsageError(`--${flag}: "${raw}" is not a URL`);
+  }
+  if (url.protocol !== 'http:' && url.protocol !== 'https:') {
+    throw new UsageError(`--${flag}: "${raw}" must be an http or https URL`);
+  }
+  return url;
+}
+
+export interface HostPort {
+  host: string;
+  port: number;
+}
+
+export function hostPort(raw: string, flag: string): HostPort {
+  const i = raw.lastIndexOf(':');
+  const host = i > 0 ? raw.slice(0, i).replace(/^\[(.*)\]$/, '$1') : '';
+  if (i <= 0 || !net.isIP(host)) throw new UsageError(`--${flag}: "${raw}" is not ADDRESS:PORT`);
+  return { host, port: port(raw.slice(i + 1), flag) };
+}
+
+/** `off` or a filesystem path. */
+export function offOrPath(raw: string, flag: string): string | null {
+  if (raw === 'off' || raw === '') return null;
+  if (!raw.startsWith('/')) throw new UsageError(`--${flag}: "${raw}" must be an absolute path or off`);
+  return raw;
+}

@@ -1,0 +1,19 @@
+// A pod as nmi needs it: enough to attest a caller and match its bindings.
+export interface Pod {
+  uid: string;
+  namespace: string;
+  name: string;
+  labels: Record<string, string>;
+  /** Every entry of status.podIPs (falls back to status.podIP). */
+  ips: string[];
+  hostNetwork: boolean;
+  /** status.phase: only Pending and Running pods are callers. */
+  phase: string;
+  nodeName: string;
+}
+
+/** The caller lookup the token server asks; the kubelet pod index implements it. */
+export interface CallerLookup {
+  /** The live pod that owns this address, after at most one coalesced kubelet refresh; undefined when none or ambiguous. */
+  lookup(ip: string): Promise<Pod | undefined>;
+}

@@ -1,0 +1,45 @@
+// --probe-address: /healthz (process and event loop alive), /readyz, /metrics.
+// Bound to loopback by default; it serves no token and no secret.
+import http from 'node:http';
+import { once } from 'node:events';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import type { Registry } from 'prom-client';
+import type { HostPort } from '../config/values.js';
+import type { Readiness } from './readiness.js';
+
+/** An event loop stalled longer than this fails liveness. */
+const MAX_LOOP_DELAY_MS = 5_000;
+
+export async function startProbeServer(address: HostPort, readiness: Readiness, registry: Registry): Promise<http.Server> {
+  const delay = monitorEventLoopDelay({ resolution: 50 });
+  delay.enable();
+  const server = http.createServer((req, res) => {
+    const path = (req.url ?? '').split('?')[0];
+    const send = (status: number, body: string, type = 'text/plain; charset=utf-8') => {
+      res.writeHead(status, { 'Content-Type': type, 'Content-Length': Buffer.byteLength(body) });
+      res.end(body);
+    };
+    if (req.method !== 'GET' && req.method !== 'HEAD') return send(405, 'method not allowed\n');
+    if (path === '/healthz') {
+      const maxMs = delay.max / 1e6;
+      delay.reset();
+      return maxMs > MAX_LOOP_DELAY_MS ? send(503, `event loop stalled ${Math.round(maxMs)}ms\n`) : send(200, 'ok\n');
+    }
+    if (path === '/readyz') {
+      const pending = readiness.pending();
+      return pending.length === 0 ? send(200, 'ok\n') : send(503, `not ready: ${pending.join(', ')}\n`);
+    }
+    if (path === '/metrics') {
+      registry.metrics().then(
+        (text) => send(200, text, registry.contentType),
+        (err: Error) => send(500, `${err.message}\n`),
+      );
+      return;
+    }
+    send(404, 'not found\n');
+  });
+  server.on('close', () => delay.disable());
+  server.listen(address.port, address.host);
+  await once(server, 'listening');
+  return server;
+}

@@ -1,0 +1,134 @@
+// The iptables backend: chain aad-metadata in nat, jumped to first from
+// PREROUTING. State is read with iptables-save, the wanted state rendered by pure
+// functions and applied by one `iptables-restore --noflush -w` transaction, so a
+// repair never leaves a moment with the chain empty or the jump missing.
+import { NmiError, codes } from '../errors/errors.js';
+import { execOk, which } from './exec.js';
+import { CHAIN, type BackendStatus, type EnsureResult, type InstalledRule, type Redirect, type RulesBackend } from './redirect.js';
+
+/** Seconds to wait for the xtables lock: crash loops on a held lock are a peer's bug, not ours. */
+const LOCK_WAIT_SECONDS = '10';
+
+export interface NatRule {
+  chain: string;
+  /** The rule as iptables-save prints it after `-A <chain> `. */
+  spec: string;
+  packets: number;
+  bytes: number;
+}
+
+export interface NatState {
+  chains: Set<string>;
+  rules: NatRule[];
+}
+
+/** Parses `iptables-save [-c] -t nat`. */
+export function parseNat(text: string): NatState {
+  const chains = new Set<string>();
+  const rules: NatRule[] = [];
+  let inNat = false;
+  for (const line of text.split('\n')) {
+    if (line.startsWith('*')) inNat = line === '*nat';
+    if (!inNat) continue;
+    if (line.startsWith(':')) chains.add(line.slice(1).split(' ')[0] as string);
+    const m = /^(?:\[(\d+):(\d+)\] )?-A (\S+) (.*)$/.exec(line);
+    if (m) rules.push({ chain: m[3] as string, spec: m[4] as string, packets: Number(m[1] ?? 0), bytes: Number(m[2] ?? 0) });
+  }
+  return { chains, rules };
+}
+
+export function dnatSpec(r: Redirect): string {
+  return `-d ${r.metadataIp}/32 -p tcp -m tcp --dport ${r.metadataPort} -j DNAT --to-destination ${r.targetIp}:${r.targetPort}`;
+}
+
+const JUMP = `-j ${CHAIN}`;
+
+function jumpsTo(state: NatState): NatRule[] {
+  return state.rules.filter((rule) => rule.spec === JUMP || rule.spec.endsWith(` ${JUMP}`));
+}
+
+/** True when the installed state is exactly the wanted one. */
+export function isCurrent(state: NatState, r: Redirect): boolean {
+  const chainRules = state.rules.filter((rule) => rule.chain === CHAIN).map((rule) => rule.spec);
+  const prerouting = state.rules.filter((rule) => rule.chain === 'PREROUTING');
+  return (
+    state.chains.has(CHAIN) &&
+    chainRules.length === 1 &&
+    chainRules[0] === dnatSpec(r) &&
+    prerouting[0]?.spec === JUMP &&
+    jumpsTo(state).length === 1
+  );
+}
+
+/** One transaction that turns any state into the wanted one. Declaring the chain flushes it in the same commit. */
+export function renderEnsure(state: NatState, r: Redirect): string {
+  const lines = ['*nat', `:${CHAIN} - [0:0]`, `-A ${CHAIN} ${dnatSpec(r)}`];
+  for (const rule of jumpsTo(state)) lines.push(`-D ${rule.chain} ${rule.spec}`);
+  lines.push(`-I PREROUTING 1 ${JUMP}`, 'COMMIT', '');
+  return lines.join('\n');
+}
+
+/** One transaction removing every jump to the chain, then the chain; empty when there is nothing. */
+export function renderRemove(state: NatState): string {
+  const jumps = jumpsTo(state);
+  if (jumps.length === 0 && !state.chains.has(CHAIN)) return '';
+  const lines = ['*nat'];
+  for (const rule of jumps) lines.push(`-D ${rule.chain} ${rule.spec}`);
+  if (state.chains.has(CHAIN)) lines.push(`-F ${CHAIN}`, `-X ${CHAIN}`);
+  lines.push('COMMIT', '');
+  return lines.join('\n');
+}
+
+export class IptablesBackend implements RulesBackend {
+  readonly name = 'iptables' as const;
+
+  /** Checked at start, so `--rules iptables` without the tools is a usage error, not a failure at first sync. */
+  static available(): boolean {
+    return which('iptables-restore') !== undefined && which('iptables-save') !== undefined;
+  }
+
+  async read(counters = false): Promise<NatState> {
+    return parseNat(await execOk('iptables-save', counters ? ['-c', '-t', 'nat'] : ['-t', 'nat'], '', codes.RULES_APPLY));
+  }
+
+  private async restore(text: string): Promise<void> {
+    await execOk('iptables-restore', ['-w', LOCK_WAIT_SECONDS, '--noflush'], text, codes.RULES_APPLY);
+  }
+
+  async ensure(r: Redirect): Promise<EnsureResult> {
+    let state = await this.read();
+    if (isCurrent(state, r)) return 'unchanged';
+    const fresh = !state.chains.has(CHAIN) && jumpsTo(state).length === 0;
+    try {
+      await this.restore(renderEnsure(state, r));
+    } catch (err) {
+      // Another writer changed nat between our read and our restore: read again, once.
+      state = await this.read();
+      if (isCurrent(state, r)) return fresh ? 'installed' : 'repaired';
+      await this.restore(renderEnsure(state, r)).catch((again: unknown) => {
+        throw new NmiError(codes.RULES_APPLY, `iptables: ${(again as Error).message}`, { cause: err });
+      });
+    }
+    return fresh ? 'installed' : 'repaired';
+  }
+
+  async remove(): Promise<string[]> {
+    const state = await this.read();
+    const text = renderRemove(state);
+    if (text === '') return [];
+    await this.restore(text);
+    const removed = jumpsTo(state).map((rule) => `iptables: nat ${rule.chain} ${rule.spec}`);
+    if (state.chains.has(CHAIN)) removed.push(`iptables: nat chain ${CHAIN} (${state.rules.filter((x) => x.chain === CHAIN).length} rules)`);
+    return removed;
+  }
+
+  async status(): Promise<BackendStatus> {
+    const state = await this.read(true);
+    const rules: InstalledRule[] = [...jumpsTo(state), ...state.rules.filter((rule) => rule.chain === CHAIN)].map((rule) => ({
+      text: `-t nat -A ${rule.chain} ${rule.spec}`,
+      packets: rule.packets,
+      bytes: rule.bytes,
+    }));
+    return { backend: this.name, installed: state.chains.has(CHAIN), rules };
+  }
+}

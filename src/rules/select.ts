@@ -1,0 +1,51 @@
+// `--rules` to a backend, and the list every clean-up walks.
+import { UsageError } from '../errors/errors.js';
+import type { RulesChoice } from '../config/commands.js';
+import { IptablesBackend } from './iptables.js';
+import { NftablesBackend } from './nftables.js';
+import type { BackendStatus, EnsureResult, Redirect, RulesBackend } from './redirect.js';
+
+class NoRules implements RulesBackend {
+  readonly name = 'none' as const;
+  async ensure(_r: Redirect): Promise<EnsureResult> {
+    return 'unchanged';
+  }
+  async remove(): Promise<string[]> {
+    return [];
+  }
+  async status(): Promise<BackendStatus> {
+    return { backend: this.name, installed: false, rules: [] };
+  }
+}
+
+export function selectBackend(choice: RulesChoice): RulesBackend {
+  switch (choice) {
+    case 'none':
+      return new NoRules();
+    case 'ebpf':
+      throw new UsageError('--rules: ebpf is not in this build yet (coming: cgroup connect4 redirect); use iptables or nftables');
+    case 'iptables':
+      if (!IptablesBackend.available()) throw new UsageError('--rules: iptables requested but iptables-restore/iptables-save are not in PATH');
+      return new IptablesBackend();
+    case 'nftables': {
+      const backend = NftablesBackend.create();
+      if (!backend) throw new UsageError('--rules: nftables requested but neither libnftables nor the nft command is available');
+      return backend;
+    }
+    case 'auto': {
+      if (IptablesBackend.available()) return new IptablesBackend();
+      const backend = NftablesBackend.create();
+      if (!backend) throw new UsageError('--rules: auto found neither iptables nor nftables; install one or pass --rules none');
+      return backend;
+    }
+  }
+}
+
+/** Every backend present on this host, for cleanup and status. */
+export function presentBackends(): RulesBackend[] {
+  const backends: RulesBackend[] = [];
+  if (IptablesBackend.available()) backends.push(new IptablesBackend());
+  const nft = NftablesBackend.create();
+  if (nft) backends.push(nft);
+  return backends;
+}
