@@ -1,0 +1,158 @@
+// Throwaway "node" and "pod" network namespaces joined by veth pairs. The test
+// process moves its main thread into the node namespace (setns through the
+// addon), so stand-ins it serves and the nmi it spawns live there; pod clients
+// run as child processes in their pod namespace. Names carry the pid, so test
+// files run in parallel; everything is removed in after() and at exit.
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import { addon } from '../../src/native/addon.js';
+
+export const NODE_IP = '10.240.0.4';
+const GATEWAY = '10.240.0.1';
+export const projectRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+export const nmiBin = path.join(projectRoot, 'bin', 'nmi.js');
+
+let counter = 0;
+const created: string[] = [];
+
+function ip(args: string[]): string {
+  return execFileSync('ip', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+/** Runs a command in a namespace and returns its stdout; throws with stderr on failure. */
+export function nsExec(ns: string, cmd: string, args: string[], input?: string): string {
+  return execFileSync('ip', ['netns', 'exec', ns, cmd, ...args], { encoding: 'utf8', input, stdio: ['pipe', 'pipe', 'pipe'] });
+}
+
+export interface PodNs {
+  name: string;
+  ip: string;
+  /** A long-lived client in the pod namespace, driven by JSON lines. */
+  agent(): Promise<PodAgent>;
+  exec(cmd: string, args: string[]): string;
+}
+
+export interface NodeNs {
+  name: string;
+  nodeIp: string;
+  pods: PodNs[];
+  addPod(): PodNs;
+  exec(cmd: string, args: string[], input?: string): string;
+  destroy(): void;
+}
+
+function removeNs(name: string): void {
+  try {
+    ip(['netns', 'del', name]);
+  } catch {
+    // already gone
+  }
+}
+
+process.on('exit', () => created.forEach(removeNs));
+
+/** Creates a node namespace with an "eth0" holding NODE_IP and a default route, and enters it. */
+export function createNode(): NodeNs {
+  const base = `nmi-t${process.pid}-${counter++}`;
+  const nodeName = `${base}-n`;
+  ip(['netns', 'add', nodeName]);
+  created.push(nodeName);
+  const run = (args: string[]) => ip(['-n', nodeName, ...args]);
+  run(['link', 'set', 'lo', 'up']);
+  // The kernel here may lack the dummy driver: a veth whose peer stays in the node works as the uplink.
+  run(['link', 'add', 'eth0', 'type', 'veth', 'peer', 'name', 'uplink']);
+  run(['link', 'set', 'uplink', 'up']);
+  run(['addr', 'add', `${NODE_IP}/24`, 'dev', 'eth0']);
+  run(['link', 'set', 'eth0', 'up']);
+  run(['route', 'add', 'default', 'via', GATEWAY, 'dev', 'eth0', 'onlink']);
+  nsExec(nodeName, 'sysctl', ['-qw', 'net.ipv4.ip_forward=1']);
+  const error = addon().setNetns(`/var/run/netns/${nodeName}`);
+  if (error) throw new Error(`enter ${nodeName}: ${error}`);
+
+  const pods: PodNs[] = [];
+  const node: NodeNs = {
+    name: nodeName,
+    nodeIp: NODE_IP,
+    pods,
+    exec: (cmd, args, input) => nsExec(nodeName, cmd, args, input),
+    addPod() {
+      const k = pods.length + 1;
+      const podName = `${base}-p${k}`;
+      const podIp = `10.244.${k}.2`;
+      ip(['netns', 'add', podName]);
+      created.push(podName);
+      const hostSide = `veth${k}`;
+      run(['link', 'add', hostSide, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', podName]);
+      run(['addr', 'add', `10.244.${k}.1/24`, 'dev', hostSide]);
+      run(['link', 'set', hostSide, 'up']);
+      ip(['-n', podName, 'link', 'set', 'lo', 'up']);
+      ip(['-n', podName, 'addr', 'add', `${podIp}/24`, 'dev', 'eth0']);
+      ip(['-n', podName, 'link', 'set', 'eth0', 'up']);
+      ip(['-n', podName, 'route', 'add', 'default', 'via', `10.244.${k}.1`]);
+      const pod: PodNs = {
+        name: podName,
+        ip: podIp,
+        exec: (cmd, args) => nsExec(podName, cmd, args),
+        agent: () => startPodAgent(podName),
+      };
+      pods.push(pod);
+      return pod;
+    },
+    destroy() {
+      for (const name of [...pods.map((p) => p.name), nodeName]) removeNs(name);
+    },
+  };
+  return node;
+}
+
+export interface HttpResult {
+  status: number;
+  headers: Record<string, string>;
+  body: string;
+  error?: string;
+}
+
+export interface PodAgent {
+  http(url: string, init?: { method?: string; headers?: Record<string, string> }): Promise<HttpResult>;
+  /** Opens a TCP connection and returns the first line the server sends, or the error code. */
+  connect(host: string, port: number, timeoutMs?: number): Promise<{ line?: string; error?: string }>;
+  /** Connects repeatedly for durationMs; counts first lines (or errors) seen. */
+  connectLoop(host: string, port: number, durationMs: number): Promise<Record<string, number>>;
+  /** Opens a connection and keeps it; returns an id for later `send`. */
+  hold(host: string, port: number): Promise<{ id: number; line?: string; error?: string }>;
+  /** Writes a line on a held connection; returns the next line from the server, or the error. */
+  send(id: number, text: string, timeoutMs?: number): Promise<{ line?: string; error?: string }>;
+  close(): Promise<void>;
+}
+
+async function startPodAgent(ns: string): Promise<PodAgent> {
+  const script = path.join(projectRoot, 'dist', 'test', 'harness', 'pod-agent.js');
+  const child: ChildProcess = spawn('ip', ['netns', 'exec', ns, process.execPath, script], { stdio: ['pipe', 'pipe', 'inherit'] });
+  const pending = new Map<number, (value: unknown) => void>();
+  let next = 0;
+  readline.createInterface({ input: child.stdout! }).on('line', (line) => {
+    const message = JSON.parse(line) as { id: number; result: unknown };
+    pending.get(message.id)?.(message.result);
+    pending.delete(message.id);
+  });
+  const call = <T>(op: string, args: Record<string, unknown>): Promise<T> =>
+    new Promise((resolve) => {
+      const id = next++;
+      pending.set(id, resolve as (value: unknown) => void);
+      child.stdin!.write(`${JSON.stringify({ id, op, ...args })}\n`);
+    });
+  return {
+    http: (url, init = {}) => call('http', { url, ...init }),
+    connect: (host, port, timeoutMs = 2000) => call('connect', { host, port, timeoutMs }),
+    connectLoop: (host, port, durationMs) => call('connectLoop', { host, port, durationMs }),
+    hold: (host, port) => call('hold', { host, port }),
+    send: (id, text, timeoutMs = 2000) => call('send', { conn: id, text, timeoutMs }),
+    async close() {
+      child.stdin!.end();
+      if (child.exitCode === null) await once(child, 'exit');
+    },
+  };
+}

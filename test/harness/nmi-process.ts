@@ -1,0 +1,80 @@
+// Spawns `nmi <command>` (in the caller's current namespace, normally the test's
+// node namespace) and waits for readiness on its probe address.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { request } from 'undici';
+import { nmiBin } from './netns.js';
+
+export interface NmiProcess {
+  child: ChildProcess;
+  probe: string;
+  output(): string;
+  /** Sends a signal and waits for exit; returns the exit code (or 128+n for a signal). */
+  stop(signal?: NodeJS.Signals): Promise<number>;
+  metric(name: string): Promise<number | undefined>;
+}
+
+export interface CliResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs an nmi command to completion. */
+export function nmi(args: string[], env: NodeJS.ProcessEnv = process.env): CliResult {
+  const r = spawnSync(process.execPath, [nmiBin, ...args], { encoding: 'utf8', env, timeout: 60_000 });
+  return { code: r.status ?? 128, stdout: r.stdout, stderr: r.stderr };
+}
+
+export async function waitFor<T>(what: string, check: () => Promise<T | undefined> | T | undefined, timeoutMs = 15_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined && value !== false) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+export async function startNmi(args: string[], options: { env?: NodeJS.ProcessEnv; probe?: string; waitReady?: boolean } = {}): Promise<NmiProcess> {
+  const probe = options.probe ?? '127.0.0.1:8085';
+  const child = spawn(process.execPath, [nmiBin, 'run', '--probe-address', probe, ...args], {
+    env: options.env ?? process.env,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let output = '';
+  child.stdout!.setEncoding('utf8').on('data', (d: string) => (output += d));
+  child.stderr!.setEncoding('utf8').on('data', (d: string) => (output += d));
+  const get = async (path: string) => {
+    try {
+      const res = await request(`http://${probe}${path}`, { headersTimeout: 1000, bodyTimeout: 1000 });
+      return { status: res.statusCode, body: await res.body.text() };
+    } catch {
+      return undefined;
+    }
+  };
+  const proc: NmiProcess = {
+    child,
+    probe,
+    output: () => output,
+    async stop(signal = 'SIGTERM') {
+      if (child.exitCode !== null || child.signalCode !== null) return child.exitCode ?? 128;
+      child.kill(signal);
+      const [code, sig] = (await once(child, 'exit')) as [number | null, NodeJS.Signals | null];
+      return code ?? (sig ? 128 : 1);
+    },
+    async metric(name) {
+      const res = await get('/metrics');
+      const m = res && new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'm').exec(res.body);
+      return m ? Number(m[1]) : undefined;
+    },
+  };
+  if (options.waitReady !== false) {
+    await waitFor(`nmi ready on ${probe}\n${output}`, async () => {
+      if (child.exitCode !== null) throw new Error(`nmi exited ${child.exitCode}: ${output}`);
+      return (await get('/readyz'))?.status === 200 ? true : undefined;
+    });
+  }
+  return proc;
+}

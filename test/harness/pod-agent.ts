@@ -1,0 +1,117 @@
+// Runs inside a pod namespace; reads JSON-line commands on stdin, answers on stdout.
+// A long-lived process so tests do not pay a node start per request.
+import http from 'node:http';
+import net from 'node:net';
+import readline from 'node:readline';
+
+interface Command {
+  id: number;
+  op: string;
+  [key: string]: unknown;
+}
+
+const held = new Map<number, { socket: net.Socket; lines: string[]; waiters: ((line: string) => void)[] }>();
+let heldId = 0;
+
+function firstLine(host: string, port: number, timeoutMs: number): Promise<{ line?: string; error?: string }> {
+  return new Promise((resolve) => {
+    const socket = net.connect({ host, port });
+    let data = '';
+    const done = (result: { line?: string; error?: string }) => {
+      socket.destroy();
+      resolve(result);
+    };
+    socket.setTimeout(timeoutMs, () => done({ error: 'timeout' }));
+    socket.on('data', (chunk) => {
+      data += chunk.toString();
+      if (data.includes('\n')) done({ line: data.split('\n')[0] });
+    });
+    socket.on('error', (err: NodeJS.ErrnoException) => done({ error: err.code ?? err.message }));
+    socket.on('end', () => done(data ? { line: data } : { error: 'closed' }));
+  });
+}
+
+function request(url: string, method = 'GET', headers: Record<string, string> = {}): Promise<unknown> {
+  return new Promise((resolve) => {
+    const req = http.request(url, { method, headers, agent: false, timeout: 10_000 }, (res) => {
+      let body = '';
+      res.setEncoding('utf8').on('data', (d: string) => (body += d));
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body }));
+    });
+    req.on('timeout', () => req.destroy(new Error('timeout')));
+    req.on('error', (err: NodeJS.ErrnoException) => resolve({ status: 0, headers: {}, body: '', error: err.code ?? err.message }));
+    req.end();
+  });
+}
+
+async function handle(cmd: Command): Promise<unknown> {
+  const host = cmd.host as string;
+  const port = cmd.port as number;
+  switch (cmd.op) {
+    case 'http':
+      return request(cmd.url as string, cmd.method as string | undefined, cmd.headers as Record<string, string> | undefined);
+    case 'connect':
+      return firstLine(host, port, cmd.timeoutMs as number);
+    case 'connectLoop': {
+      const counts: Record<string, number> = {};
+      const end = Date.now() + (cmd.durationMs as number);
+      while (Date.now() < end) {
+        const r = await firstLine(host, port, 1000);
+        const key = r.line ?? `error:${r.error}`;
+        counts[key] = (counts[key] ?? 0) + 1;
+      }
+      return counts;
+    }
+    case 'hold': {
+      const id = heldId++;
+      const socket = net.connect({ host, port });
+      const entry = { socket, lines: [] as string[], waiters: [] as ((line: string) => void)[] };
+      held.set(id, entry);
+      let buf = '';
+      const push = (line: string) => {
+        const waiter = entry.waiters.shift();
+        if (waiter) waiter(line);
+        else entry.lines.push(line);
+      };
+      socket.on('data', (chunk) => {
+        buf += chunk.toString();
+        let i;
+        while ((i = buf.indexOf('\n')) >= 0) {
+          push(buf.slice(0, i));
+          buf = buf.slice(i + 1);
+        }
+      });
+      socket.on('error', (err: NodeJS.ErrnoException) => push(`error:${err.code ?? err.message}`));
+      socket.on('close', () => push('error:closed'));
+      const line = await new Promise<string>((resolve) => entry.waiters.push(resolve));
+      return line.startsWith('error:') ? { id, error: line.slice(6) } : { id, line };
+    }
+    case 'send': {
+      const entry = held.get(cmd.conn as number);
+      if (!entry) return { error: 'no such connection' };
+      entry.socket.write(cmd.text as string);
+      const queued = entry.lines.shift();
+      const line =
+        queued ??
+        (await new Promise<string>((resolve) => {
+          const timer = setTimeout(() => resolve('error:timeout'), cmd.timeoutMs as number);
+          entry.waiters.push((l) => {
+            clearTimeout(timer);
+            resolve(l);
+          });
+        }));
+      return line.startsWith('error:') ? { error: line.slice(6) } : { line };
+    }
+    default:
+      return { error: `unknown op ${cmd.op}` };
+  }
+}
+
+const rl = readline.createInterface({ input: process.stdin });
+rl.on('line', (line) => {
+  const cmd = JSON.parse(line) as Command;
+  void handle(cmd).then((result) => process.stdout.write(`${JSON.stringify({ id: cmd.id, result })}\n`));
+});
+rl.on('close', () => {
+  for (const { socket } of held.values()) socket.destroy();
+});
