@@ -1,0 +1,187 @@
+// Source address → live pod, rebuilt from the kubelet's pod list every
+// --pod-refresh-interval and on demand when an unknown address calls. At most
+// one kubelet call is in flight; everyone who needs fresh data waits on it.
+import { performance } from 'node:perf_hooks';
+import { codes, NmiError } from '../errors/errors.js';
+import type { Logger } from '../log/logger.js';
+import type { CallerLookup, Pod } from './pod.js';
+
+export const refreshReasons = ['start', 'interval', 'unknown-caller'] as const;
+export type RefreshReason = (typeof refreshReasons)[number];
+
+export interface PodIndexOptions {
+  fetchPods: () => Promise<Pod[]>;
+  refreshIntervalMs: number;
+  /** At most one refresh triggered by unknown callers per this gap; within it they are answered from the index. */
+  minRefreshGapMs?: number;
+  log: Logger;
+  /** Called with every pod the kubelet listed, after a sync that changed them. */
+  onChange?: (pods: Pod[]) => void;
+}
+
+const defaults = {
+  minRefreshGapMs: 1_000, // 1 second: bounds kubelet load from pods that are not in the index
+};
+
+/** Only these pods can be callers; a finished pod's address may already belong to a new one. */
+export function isCaller(pod: Pod): boolean {
+  return !pod.hostNetwork && (pod.phase === 'Pending' || pod.phase === 'Running');
+}
+
+/** A socket on a dual-stack listener reports IPv4 peers as `::ffff:a.b.c.d`; the kubelet lists `a.b.c.d`. */
+function plainAddress(ip: string): string {
+  return ip.startsWith('::ffff:') && ip.includes('.') ? ip.slice('::ffff:'.length) : ip;
+}
+
+function podName(pod: Pod): string {
+  return `${pod.namespace}/${pod.name}`;
+}
+
+export class PodIndex implements CallerLookup {
+  /** Kubelet calls made, by what asked for them. */
+  readonly refreshes: Record<RefreshReason, number> = { start: 0, interval: 0, 'unknown-caller': 0 };
+  /** Kubelet calls that failed. */
+  failures = 0;
+  /** Wall-clock ms of the last successful sync. */
+  lastSuccessAt: number | undefined;
+
+  private readonly fetchPods: () => Promise<Pod[]>;
+  private readonly refreshIntervalMs: number;
+  private readonly minRefreshGapMs: number;
+  private readonly log: Logger;
+  private readonly onChange: ((pods: Pod[]) => void) | undefined;
+
+  private byAddress = new Map<string, Pod>();
+  private listed: readonly Pod[] = [];
+  private indexedPods = 0;
+  private listedFingerprint = '';
+  private conflictsLogged = '';
+  private failingSince = 0;
+  private inflight: Promise<void> | undefined;
+  private lastUnknownRefreshAt = -Infinity;
+  private timer: NodeJS.Timeout | undefined;
+
+  constructor({ fetchPods, refreshIntervalMs, minRefreshGapMs = defaults.minRefreshGapMs, log, onChange }: PodIndexOptions) {
+    if (!(refreshIntervalMs > 0)) throw new NmiError(codes.KUBELET, `pod index refreshIntervalMs must be positive, got ${refreshIntervalMs}`);
+    this.fetchPods = fetchPods;
+    this.refreshIntervalMs = refreshIntervalMs;
+    this.minRefreshGapMs = minRefreshGapMs;
+    this.log = log;
+    this.onChange = onChange;
+  }
+
+  /** True once one sync has succeeded; stays true while the kubelet is down (the last index is kept). */
+  get ready(): boolean {
+    return this.lastSuccessAt !== undefined;
+  }
+
+  /** Live pods findable by at least one address. */
+  get size(): number {
+    return this.indexedPods;
+  }
+
+  /** Every pod of the last successful sync, callers or not. */
+  pods(): readonly Pod[] {
+    return this.listed;
+  }
+
+  /** First sync, then the background poll. Throws the kubelet error if the first sync fails. */
+  async start(): Promise<void> {
+    await this.refresh('start');
+    this.timer ??= setInterval(() => void this.refresh('interval').catch(() => {}), this.refreshIntervalMs);
+    // The servers keep the daemon alive; a forgotten poll must not.
+    this.timer.unref();
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.timer = undefined;
+  }
+
+  async lookup(ip: string): Promise<Pod | undefined> {
+    const address = plainAddress(ip);
+    const known = this.byAddress.get(address);
+    if (known) return known;
+    if (!this.inflight) {
+      if (performance.now() - this.lastUnknownRefreshAt < this.minRefreshGapMs) return undefined;
+      this.lastUnknownRefreshAt = performance.now();
+    }
+    // A failed refresh was counted and logged; the caller gets the last good index.
+    await this.refresh('unknown-caller').catch(() => {});
+    return this.byAddress.get(address);
+  }
+
+  /** Joins the kubelet call in flight, or makes one; rejects with the kubelet error. */
+  refresh(reason: RefreshReason): Promise<void> {
+    if (!this.inflight) {
+      this.refreshes[reason] += 1;
+      this.inflight = this.sync(reason).finally(() => {
+        this.inflight = undefined;
+      });
+    }
+    return this.inflight;
+  }
+
+  private async sync(reason: RefreshReason): Promise<void> {
+    let pods: Pod[];
+    try {
+      pods = await this.fetchPods();
+    } catch (err) {
+      this.failures += 1;
+      this.failingSince += 1;
+      // Once per outage at error level: an outage would otherwise log every interval and every unknown caller.
+      const level = this.failingSince === 1 ? 'error' : 'debug';
+      this.log[level]({ err: (err as Error).message, code: (err as { code?: string }).code, reason, consecutiveFailures: this.failingSince }, 'kubelet pod refresh failed; keeping the last pod index');
+      throw err;
+    }
+    if (this.failingSince > 0) this.log.info({ failedRefreshes: this.failingSince, pods: pods.length }, 'kubelet pod refresh recovered');
+    this.failingSince = 0;
+    this.lastSuccessAt = Date.now();
+    this.apply(pods);
+  }
+
+  private apply(pods: Pod[]): void {
+    const owners = new Map<string, Set<Pod>>();
+    for (const pod of pods) {
+      if (!isCaller(pod)) continue;
+      for (const ip of pod.ips) {
+        const set = owners.get(ip) ?? new Set<Pod>();
+        set.add(pod);
+        owners.set(ip, set);
+      }
+    }
+    const byAddress = new Map<string, Pod>();
+    const conflicts: string[] = [];
+    for (const [ip, set] of owners) {
+      const [only] = set;
+      if (set.size === 1 && only) byAddress.set(ip, only);
+      else conflicts.push(`${ip}: ${[...set].map(podName).sort().join(', ')}`);
+    }
+    this.byAddress = byAddress;
+    this.indexedPods = new Set(byAddress.values()).size;
+    this.listed = pods;
+    this.reportConflicts(conflicts.sort());
+    this.notifyIfChanged(pods);
+  }
+
+  /** An address two live pods claim answers nobody: guessing would hand one pod the other's identity. */
+  private reportConflicts(conflicts: string[]): void {
+    const key = conflicts.join('; ');
+    if (key === this.conflictsLogged) return;
+    if (conflicts.length > 0) this.log.warn({ conflicts }, 'several live pods claim one address; it answers no caller until that is resolved');
+    else this.log.info('pod address conflicts resolved');
+    this.conflictsLogged = key;
+  }
+
+  private notifyIfChanged(pods: Pod[]): void {
+    if (!this.onChange) return;
+    const fingerprint = JSON.stringify(pods);
+    if (fingerprint === this.listedFingerprint) return;
+    this.listedFingerprint = fingerprint;
+    try {
+      this.onChange(pods);
+    } catch (err) {
+      this.log.error({ err: (err as Error).message }, 'pod change listener failed');
+    }
+  }
+}
