@@ -1,0 +1,531 @@
+// --bindings kubernetes: list + watch aad-pod-identity's three custom resources and
+// get the Secrets their identities name. The kubeconfig (or in-cluster service
+// account) is read with @kubernetes/client-node; every request goes through undici.
+//
+// Per resource, a small reflector: list (paged) → watch from the list's
+// resourceVersion → on a dropped connection watch again from the last
+// resourceVersion seen → on 410 Gone (HTTP status or ERROR event) list again.
+import { createHash } from 'node:crypto';
+import type https from 'node:https';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { KubeConfig } from '@kubernetes/client-node';
+import { Agent, request, type Dispatcher } from 'undici';
+import { codes, NmiError, UsageError } from '../errors/errors.js';
+import type { Logger } from '../log/logger.js';
+import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret } from './model.js';
+import { objectKey, parseBinding, parseException, parseIdentity, parseSecret, type BindingSet } from './parse.js';
+import type { BindingSource } from './store.js';
+
+export const CRD_PATH = '/apis/aadpodidentity.k8s.io/v1';
+
+export interface KubeConfigOptions {
+  /** --kubeconfig; without it the in-cluster service account is used. */
+  kubeconfig?: string;
+  /** Prefix for /var/run/secrets/kubernetes.io/serviceaccount (tests). */
+  pathPrefix?: string;
+}
+
+export interface KubeSourceOptions extends KubeConfigOptions {
+  nodeName?: string;
+  backoff?: { initialMs: number; maxMs: number };
+  /** How often every named Secret is fetched again, to follow rotations. */
+  secretRefreshMs?: number;
+  /** The watch's server-side timeout; by default random in 5–10 minutes, as client-go does. */
+  watchTimeoutSeconds?: number;
+  /** Items per list page. */
+  pageSize?: number;
+}
+
+const defaults = {
+  backoff: { initialMs: 500, maxMs: 30_000 }, // 0.5 to 30 seconds
+  secretRefreshMs: 60_000, // 1 minute
+  requestTimeoutMs: 30_000, // 30 seconds, for list and get
+  pageSize: 500,
+};
+
+function message(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** A non-2xx answer from the API server. */
+export class ApiError extends NmiError {
+  readonly status: number;
+  constructor(status: number, text: string) {
+    super(codes.BINDINGS, text);
+    this.name = 'ApiError';
+    this.status = status;
+  }
+}
+
+/** Reads --kubeconfig, or the in-cluster config; a missing or unusable config is a usage error. */
+export function loadKubeConfig({ kubeconfig, pathPrefix = '' }: KubeConfigOptions): KubeConfig {
+  const kc = new KubeConfig();
+  if (kubeconfig) {
+    try {
+      kc.loadFromFile(kubeconfig);
+    } catch (err) {
+      throw new UsageError(`--kubeconfig ${kubeconfig}: ${message(err)}`);
+    }
+    if (!kc.getCurrentCluster()) throw new UsageError(`--kubeconfig ${kubeconfig}: the current context names no cluster`);
+    return kc;
+  }
+  if (!process.env.KUBERNETES_SERVICE_HOST || !process.env.KUBERNETES_SERVICE_PORT) {
+    throw new UsageError('--bindings kubernetes: no --kubeconfig and not in a cluster (KUBERNETES_SERVICE_HOST/PORT unset)');
+  }
+  kc.loadFromCluster(pathPrefix);
+  return kc;
+}
+
+/** The API server over undici, with TLS and auth taken from a KubeConfig on every request. */
+export class KubeClient {
+  readonly server: string;
+  readonly #kc: KubeConfig;
+  readonly #userAgent: string;
+  #agent: Agent | undefined;
+  #tlsDigest = '';
+
+  constructor(kc: KubeConfig, userAgent: string) {
+    const cluster = kc.getCurrentCluster();
+    if (!cluster) throw new UsageError('kubeconfig: the current context names no cluster');
+    this.server = cluster.server.replace(/\/+$/, '');
+    this.#kc = kc;
+    this.#userAgent = userAgent;
+  }
+
+  // Asked again per request: the service account token and certificates rotate
+  // on disk, and client-node re-reads them.
+  async #prepare(): Promise<{ dispatcher: Agent; headers: Record<string, string> }> {
+    const opts: https.RequestOptions = {};
+    await this.#kc.applyToHTTPSOptions(opts);
+    const tls = {
+      ca: opts.ca,
+      cert: opts.cert,
+      key: opts.key,
+      pfx: opts.pfx,
+      passphrase: opts.passphrase,
+      servername: opts.servername,
+      rejectUnauthorized: opts.rejectUnauthorized,
+    };
+    const digest = createHash('sha256').update(JSON.stringify(tls)).digest('hex');
+    if (!this.#agent || digest !== this.#tlsDigest) {
+      // In-flight requests (a watch) finish on the old agent.
+      void this.#agent?.close().catch(() => undefined);
+      this.#agent = new Agent({ connect: tls });
+      this.#tlsDigest = digest;
+    }
+    const headers: Record<string, string> = { accept: 'application/json', 'user-agent': this.#userAgent };
+    for (const [k, v] of Object.entries(opts.headers ?? {})) {
+      if (v !== undefined) headers[k.toLowerCase()] = (Array.isArray(v) ? v.join(', ') : String(v)).trim();
+    }
+    if (opts.auth) headers.authorization = `Basic ${Buffer.from(opts.auth).toString('base64')}`;
+    return { dispatcher: this.#agent, headers };
+  }
+
+  /** Fails early when the credentials named by the config cannot be read. */
+  async check(): Promise<void> {
+    try {
+      await this.#prepare();
+    } catch (err) {
+      throw new NmiError(codes.BINDINGS, `API server credentials: ${message(err)}`, { cause: err });
+    }
+  }
+
+  /** A GET whose body the caller reads (or streams); non-2xx answers throw ApiError. */
+  async open(path: string, signal: AbortSignal, bodyTimeout = defaults.requestTimeoutMs): Promise<Dispatcher.ResponseData> {
+    const { dispatcher, headers } = await this.#prepare();
+    const res = await request(`${this.server}${path}`, {
+      method: 'GET',
+      dispatcher,
+      headers,
+      signal,
+      headersTimeout: defaults.requestTimeoutMs,
+      bodyTimeout,
+    });
+    if (res.statusCode >= 200 && res.statusCode < 300) return res;
+    const text = await res.body.text().catch(() => '');
+    let reason = text.slice(0, 200);
+    try {
+      const status = JSON.parse(text) as { reason?: string; message?: string };
+      reason = [status.reason, status.message].filter(Boolean).join(': ');
+    } catch {
+      // Not a Status object: keep the start of the text.
+    }
+    throw new ApiError(res.statusCode, `GET ${path.split('?')[0]}: ${res.statusCode} ${reason}`.trim());
+  }
+
+  async getJson(path: string, signal: AbortSignal): Promise<unknown> {
+    const res = await this.open(path, signal);
+    return res.body.json();
+  }
+
+  async close(): Promise<void> {
+    await this.#agent?.destroy().catch(() => undefined);
+  }
+}
+
+class Backoff {
+  #delay: number;
+  constructor(private readonly opts: { initialMs: number; maxMs: number }) {
+    this.#delay = opts.initialMs;
+  }
+  next(): number {
+    const d = this.#delay;
+    this.#delay = Math.min(this.opts.maxMs, d * 2);
+    return d * (0.8 + Math.random() * 0.4);
+  }
+  reset(): void {
+    this.#delay = this.opts.initialMs;
+  }
+}
+
+/** The resourceVersion a list or watch must start over from. */
+class GoneError extends Error {}
+
+interface Resource<T> {
+  plural: string;
+  parse(raw: unknown): T;
+}
+
+interface WatchEvent {
+  type?: string;
+  object?: { metadata?: { resourceVersion?: string; name?: string; namespace?: string }; code?: number; reason?: string; message?: string };
+}
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null;
+}
+
+/** List + watch of one resource, kept as a map by namespace/name. */
+class Reflector<T> {
+  #items = new Map<string, T>();
+  #rv = '';
+  #synced = false;
+  /** Invalid objects already logged, by key, with the resourceVersion logged. */
+  readonly #invalid = new Map<string, string>();
+
+  constructor(
+    private readonly client: KubeClient,
+    private readonly resource: Resource<T>,
+    private readonly log: Logger,
+    private readonly options: { backoff: { initialMs: number; maxMs: number }; watchTimeoutSeconds?: number; pageSize: number },
+    private readonly onChange: () => void,
+  ) {}
+
+  get items(): ReadonlyMap<string, T> {
+    return this.#items;
+  }
+
+  get synced(): boolean {
+    return this.#synced;
+  }
+
+  get path(): string {
+    return `${CRD_PATH}/${this.resource.plural}`;
+  }
+
+  async run(signal: AbortSignal): Promise<void> {
+    const backoff = new Backoff(this.options.backoff);
+    let relist = true;
+    while (!signal.aborted) {
+      try {
+        if (relist) {
+          await this.#list(signal);
+          relist = false;
+        }
+        await this.#watch(signal);
+        backoff.reset();
+      } catch (err) {
+        if (signal.aborted) return;
+        const delay = backoff.next();
+        if (err instanceof GoneError || (err instanceof ApiError && err.status === 410)) {
+          // Backed off too, so a server that keeps answering 410 is not hammered.
+          this.log.info({ resource: this.resource.plural }, 'resourceVersion expired, listing again');
+          relist = true;
+        } else {
+          this.log.warn({ resource: this.resource.plural, err: message(err), retryInMs: Math.round(delay) }, 'API server request failed');
+        }
+        await sleep(delay, undefined, { signal }).catch(() => undefined);
+      }
+    }
+  }
+
+  async #list(signal: AbortSignal): Promise<void> {
+    const items = new Map<string, T>();
+    let next = '';
+    let rv = '';
+    do {
+      const query = new URLSearchParams({ limit: String(this.options.pageSize) });
+      if (next) query.set('continue', next);
+      const page = await this.client.getJson(`${this.path}?${query}`, signal);
+      if (!isObject(page) || !Array.isArray(page.items) || !isObject(page.metadata)) {
+        throw new NmiError(codes.BINDINGS, `GET ${this.path}: not a list`);
+      }
+      for (const raw of page.items) this.#parseInto(items, raw);
+      rv = String(page.metadata.resourceVersion ?? '');
+      next = typeof page.metadata.continue === 'string' ? page.metadata.continue : '';
+    } while (next);
+    this.#items = items;
+    this.#rv = rv;
+    this.#synced = true;
+    this.onChange();
+  }
+
+  /** Returns when the server ends the watch; throws on errors, GoneError on 410. */
+  async #watch(signal: AbortSignal): Promise<void> {
+    const timeout = this.options.watchTimeoutSeconds ?? 300 + Math.floor(Math.random() * 300);
+    const query = new URLSearchParams({ watch: '1', resourceVersion: this.#rv, allowWatchBookmarks: 'true', timeoutSeconds: String(timeout) });
+    const started = Date.now();
+    // No data for longer than the server-side timeout means a dead connection.
+    const res = await this.client.open(`${this.path}?${query}`, signal, (timeout + 30) * 1000);
+    res.body.setEncoding('utf8');
+    let buffer = '';
+    let events = 0;
+    for await (const chunk of res.body as AsyncIterable<string>) {
+      buffer += chunk;
+      for (let nl = buffer.indexOf('\n'); nl >= 0; nl = buffer.indexOf('\n')) {
+        const line = buffer.slice(0, nl).trim();
+        buffer = buffer.slice(nl + 1);
+        if (line === '') continue;
+        events++;
+        this.#event(JSON.parse(line) as WatchEvent);
+      }
+    }
+    // As client-go: a watch closed at once without events is an error (backoff), not a loop.
+    if (events === 0 && Date.now() - started < 1000) throw new NmiError(codes.BINDINGS, `watch ${this.path} closed at once`);
+  }
+
+  #event(event: WatchEvent): void {
+    const object = event.object;
+    if (event.type === 'ERROR') {
+      if (object?.code === 410) throw new GoneError();
+      throw new ApiError(object?.code ?? 500, `watch ${this.path}: ERROR ${object?.reason ?? ''} ${object?.message ?? ''}`.trim());
+    }
+    const rv = object?.metadata?.resourceVersion;
+    if (rv) this.#rv = rv;
+    switch (event.type) {
+      case 'ADDED':
+      case 'MODIFIED':
+        this.#parseInto(this.#items, object);
+        this.onChange();
+        break;
+      case 'DELETED': {
+        const key = objectKey(object?.metadata?.namespace ?? '', object?.metadata?.name ?? '');
+        this.#invalid.delete(key);
+        if (this.#items.delete(key)) this.onChange();
+        break;
+      }
+      case 'BOOKMARK':
+        break;
+      default:
+        throw new NmiError(codes.BINDINGS, `watch ${this.path}: unknown event type ${String(event.type)}`);
+    }
+  }
+
+  /** Valid objects go in; an invalid one is logged once per version and left out (removing an older valid version). */
+  #parseInto(items: Map<string, T>, raw: unknown): void {
+    const m = isObject(raw) && isObject(raw.metadata) ? raw.metadata : {};
+    const key = objectKey(String(m.namespace ?? ''), String(m.name ?? ''));
+    try {
+      items.set(key, this.resource.parse(raw));
+      this.#invalid.delete(key);
+    } catch (err) {
+      items.delete(key);
+      const rv = String(m.resourceVersion ?? '');
+      if (this.#invalid.get(key) !== rv) {
+        this.#invalid.set(key, rv);
+        this.log.warn({ err: message(err) }, 'ignoring invalid object');
+      }
+    }
+  }
+}
+
+/** The Secrets identities name, fetched when an identity changes and every refresh interval. */
+class SecretFetcher {
+  readonly values = new Map<string, Secret>();
+  /** Wanted secret key → the identity versions wanting it; a new stamp means fetch again. */
+  #wanted = new Map<string, string>();
+  readonly #fetched = new Map<string, string>();
+  readonly #attempted = new Map<string, string>();
+  readonly #backoff: Backoff;
+  #running = false;
+  #again = false;
+  #retry: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly client: KubeClient,
+    private readonly log: Logger,
+    backoff: { initialMs: number; maxMs: number },
+    private readonly signal: AbortSignal,
+    private readonly onChange: () => void,
+  ) {
+    this.#backoff = new Backoff(backoff);
+  }
+
+  /** Every wanted secret was tried at least once since it was last wanted anew. */
+  get settled(): boolean {
+    for (const [key, stamp] of this.#wanted) if (this.#attempted.get(key) !== stamp) return false;
+    return true;
+  }
+
+  want(identities: Iterable<AzureIdentity>): void {
+    const wanted = new Map<string, string[]>();
+    for (const id of identities) {
+      if (!id.clientPassword) continue;
+      const key = objectKey(id.clientPassword.namespace, id.clientPassword.name);
+      wanted.set(key, [...(wanted.get(key) ?? []), `${id.namespace}/${id.name}@${id.version}`]);
+    }
+    const next = new Map([...wanted].map(([k, v]) => [k, v.sort().join(',')]));
+    let dropped = false;
+    for (const key of new Set([...this.values.keys(), ...this.#attempted.keys()])) {
+      if (next.has(key)) continue;
+      dropped = this.values.delete(key) || dropped;
+      this.#fetched.delete(key);
+      this.#attempted.delete(key);
+    }
+    // Only a new need starts a fetch here; failed fetches wait for their backoff.
+    const renewed = [...next].some(([key, stamp]) => this.#wanted.get(key) !== stamp);
+    this.#wanted = next;
+    if (dropped) this.onChange();
+    if (renewed) this.#kick();
+  }
+
+  refreshAll(): void {
+    this.#fetched.clear();
+    this.#kick();
+  }
+
+  stop(): void {
+    clearTimeout(this.#retry);
+  }
+
+  #kick(): void {
+    if (this.#running) {
+      this.#again = true;
+      return;
+    }
+    this.#running = true;
+    void this.#drain().finally(() => {
+      this.#running = false;
+    });
+  }
+
+  async #drain(): Promise<void> {
+    let failed = false;
+    let attempted = 0;
+    do {
+      this.#again = false;
+      const due = [...this.#wanted].filter(([key, stamp]) => this.#fetched.get(key) !== stamp);
+      const results = await Promise.all(due.map(([key, stamp]) => this.#fetch(key, stamp)));
+      failed = results.includes(false);
+      attempted += due.length;
+    } while (this.#again && !this.signal.aborted);
+    if (this.signal.aborted) return;
+    if (attempted > 0) this.onChange();
+    clearTimeout(this.#retry);
+    if (failed) this.#retry = setTimeout(() => this.#kick(), this.#backoff.next()).unref();
+    else this.#backoff.reset();
+  }
+
+  /** False when the API server could not answer (retried later); a missing secret is an answer. */
+  async #fetch(key: string, stamp: string): Promise<boolean> {
+    const [namespace = '', name = ''] = key.split('/');
+    const path = `/api/v1/namespaces/${encodeURIComponent(namespace)}/secrets/${encodeURIComponent(name)}`;
+    try {
+      let secret: Secret | undefined;
+      try {
+        secret = parseSecret(await this.client.getJson(path, this.signal));
+      } catch (err) {
+        // Not found, or not a valid Secret: an answer, so the secret is left out.
+        const missing = err instanceof ApiError ? err.status === 404 : err instanceof NmiError;
+        if (!missing) throw err;
+        if (this.#fetched.get(key) !== stamp) this.log.warn({ secret: key, err: message(err) }, 'secret unusable');
+      }
+      if (secret) this.values.set(key, secret);
+      else this.values.delete(key);
+      this.#fetched.set(key, stamp);
+      return true;
+    } catch (err) {
+      if (!this.signal.aborted) this.log.warn({ secret: key, err: message(err) }, 'secret fetch failed, keeping the last value');
+      return false;
+    } finally {
+      this.#attempted.set(key, stamp);
+    }
+  }
+}
+
+export class KubeBindingSource implements BindingSource {
+  readonly #client: KubeClient;
+  readonly #log: Logger;
+  readonly #options: KubeSourceOptions & typeof defaults;
+  readonly #abort = new AbortController();
+  readonly #identities: Reflector<AzureIdentity>;
+  readonly #bindings: Reflector<AzureIdentityBinding>;
+  readonly #exceptions: Reflector<AzurePodIdentityException>;
+  readonly #reflectors: Reflector<unknown>[];
+  readonly #secrets: SecretFetcher;
+  #onSet: ((set: BindingSet) => void) | undefined;
+  #scheduled = false;
+  #emitted = false;
+  #refresh: NodeJS.Timeout | undefined;
+
+  /** Reads the config now: throws UsageError when there is none. */
+  constructor(log: Logger, options: KubeSourceOptions = {}) {
+    this.#options = { ...defaults, ...options };
+    this.#log = log.child({ bindings: 'kubernetes' });
+    const userAgent = `nmi${options.nodeName ? ` (node ${options.nodeName})` : ''}`;
+    this.#client = new KubeClient(loadKubeConfig(options), userAgent);
+    const changed = (): void => this.#schedule();
+    const reflector = <T>(plural: string, parse: (raw: unknown) => T): Reflector<T> =>
+      new Reflector(this.#client, { plural, parse }, this.#log, this.#options, changed);
+    this.#identities = reflector('azureidentities', parseIdentity);
+    this.#bindings = reflector('azureidentitybindings', parseBinding);
+    this.#exceptions = reflector('azurepodidentityexceptions', parseException);
+    this.#reflectors = [this.#identities, this.#bindings, this.#exceptions];
+    this.#secrets = new SecretFetcher(this.#client, this.#log, this.#options.backoff, this.#abort.signal, changed);
+  }
+
+  get server(): string {
+    return this.#client.server;
+  }
+
+  async start(onSet: (set: BindingSet) => void): Promise<void> {
+    await this.#client.check();
+    this.#onSet = onSet;
+    // Each loop retries on its own: an API server down at start is waited for.
+    for (const r of this.#reflectors) void r.run(this.#abort.signal);
+    this.#refresh = setInterval(() => this.#secrets.refreshAll(), this.#options.secretRefreshMs).unref();
+  }
+
+  stop(): void {
+    this.#abort.abort();
+    clearInterval(this.#refresh);
+    this.#secrets.stop();
+    void this.#client.close();
+  }
+
+  // Coalesces a burst of events (a relist, a busy watch) into one set.
+  #schedule(): void {
+    if (this.#scheduled || this.#abort.signal.aborted) return;
+    this.#scheduled = true;
+    setImmediate(() => {
+      this.#scheduled = false;
+      this.#emit();
+    });
+  }
+
+  #emit(): void {
+    if (this.#abort.signal.aborted) return;
+    const identities = [...this.#identities.items.values()];
+    if (this.#identities.synced) this.#secrets.want(identities);
+    if (!this.#reflectors.every((r) => r.synced)) return;
+    // The first set waits for the secrets; later ones do not hold a deletion back for a fetch.
+    if (!this.#emitted && !this.#secrets.settled) return;
+    this.#emitted = true;
+    this.#onSet?.({
+      identities,
+      bindings: [...this.#bindings.items.values()],
+      exceptions: [...this.#exceptions.items.values()],
+      secrets: [...this.#secrets.values.values()],
+    });
+  }
+}

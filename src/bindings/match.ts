@@ -1,0 +1,73 @@
+// Which identities a pod may use, and the credential behind a service principal.
+// Pure functions over a snapshot, as aad-pod-identity's MIC matches them: the pod's
+// `aadpodidbinding` label selects bindings (in any namespace unless namespaced), and
+// each binding names an identity in the binding's own namespace.
+import type { Pod } from '../kubelet/pod.js';
+import { codes, NmiError } from '../errors/errors.js';
+import { IdentityType, type AzureIdentity, type PodIdentities } from './model.js';
+import { objectKey } from './parse.js';
+import type { BindingSnapshot } from './store.js';
+
+export const BINDING_LABEL = 'aadpodidbinding';
+
+export interface MatchOptions {
+  /** --force-namespaced: every identity behaves as if annotated namespaced. */
+  forceNamespaced: boolean;
+}
+
+const noIdentities: PodIdentities = Object.freeze({ exception: false, identities: [] as AzureIdentity[] });
+
+export function isException(pod: Pod, snapshot: BindingSnapshot): boolean {
+  const candidates = snapshot.exceptionsByNamespace.get(pod.namespace);
+  if (!candidates) return false;
+  return candidates.some((e) => Object.entries(e.podLabels).every(([k, v]) => pod.labels[k] === v));
+}
+
+export function identitiesFor(pod: Pod, snapshot: BindingSnapshot, { forceNamespaced }: MatchOptions): PodIdentities {
+  if (isException(pod, snapshot)) return { exception: true, identities: [] };
+  const selector = pod.labels[BINDING_LABEL];
+  if (selector === undefined || selector === '') return noIdentities;
+  const bindings = snapshot.bindingsBySelector.get(selector);
+  if (!bindings) return noIdentities;
+  const found = new Map<string, AzureIdentity>();
+  for (const binding of bindings) {
+    const key = objectKey(binding.namespace, binding.azureIdentity);
+    const identity = snapshot.identities.get(key);
+    if (!identity) continue;
+    // Namespaced: identity, binding and pod all in one namespace (the identity's
+    // and the binding's already match by construction of the key).
+    if ((forceNamespaced || identity.namespaced) && binding.namespace !== pod.namespace) continue;
+    found.set(key, identity);
+  }
+  return found.size === 0 ? noIdentities : { exception: false, identities: [...found.values()] };
+}
+
+/** What a service principal signs in with. */
+export type Credential =
+  | { type: IdentityType.ServicePrincipal; clientSecret: string }
+  | { type: IdentityType.ServicePrincipalCertificate; certificate: string; password: string };
+
+/**
+ * The credential for a type 1 or 2 identity, from the Secret its clientPassword names.
+ * Throws NmiError(BINDINGS) naming what is missing (never a value).
+ */
+export function secretFor(identity: AzureIdentity, snapshot: BindingSnapshot): Credential {
+  const label = `AzureIdentity ${objectKey(identity.namespace, identity.name)}`;
+  const ref = identity.clientPassword;
+  if (identity.type === IdentityType.UserAssignedMSI || !ref) {
+    throw new NmiError(codes.BINDINGS, `${label}: a user-assigned identity has no secret`);
+  }
+  const secretKey = objectKey(ref.namespace, ref.name);
+  const secret = snapshot.secrets.get(secretKey);
+  if (!secret) throw new NmiError(codes.BINDINGS, `${label}: secret ${secretKey} not found`);
+  const value = (key: string): string => {
+    const v = secret.data[key];
+    if (v === undefined || v === '') throw new NmiError(codes.BINDINGS, `${label}: secret ${secretKey} has no key ${key}`);
+    return v;
+  };
+  if (identity.type === IdentityType.ServicePrincipal) {
+    return { type: IdentityType.ServicePrincipal, clientSecret: value('clientSecret') };
+  }
+  // The certificate's private key may be unencrypted: no password then.
+  return { type: IdentityType.ServicePrincipalCertificate, certificate: value('certificate'), password: secret.data.password ?? '' };
+}

@@ -1,0 +1,374 @@
+import { after, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { Writable } from 'node:stream';
+import { codes, isNmiError } from '../../src/errors/errors.js';
+import { createLogger, type Logger } from '../../src/log/logger.js';
+import { KubeBindingSource, loadKubeConfig, type KubeSourceOptions } from '../../src/bindings/kube-source.js';
+import { secretFor } from '../../src/bindings/match.js';
+import { BindingStore } from '../../src/bindings/store.js';
+import { createPki } from '../standins/pki.js';
+import { startApiServer, writeKubeconfig, type ApiServer, type KubeObject } from '../standins/apiserver.js';
+
+const pki = createPki('kube-source');
+const dir = mkdtempSync(path.join(tmpdir(), 'nmi-kube-'));
+const cleanups: (() => unknown)[] = [];
+after(async () => {
+  for (const c of cleanups.reverse()) await c();
+  pki.remove();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+const crd = 'aadpodidentity.k8s.io/v1';
+const identity = (name: string, clientID = `client-${name}`, namespace = 'app'): KubeObject => ({
+  apiVersion: crd,
+  kind: 'AzureIdentity',
+  metadata: { name, namespace },
+  spec: { type: 0, clientID },
+});
+const spIdentity = (name: string, secret: string): KubeObject => ({
+  apiVersion: crd,
+  kind: 'AzureIdentity',
+  metadata: { name, namespace: 'app' },
+  spec: { type: 1, tenantID: 't', clientID: 'c', clientPassword: { name: secret, namespace: 'vault' } },
+});
+const binding = (name: string, id: string, selector = id): KubeObject => ({
+  apiVersion: crd,
+  kind: 'AzureIdentityBinding',
+  metadata: { name, namespace: 'app' },
+  spec: { azureIdentity: id, selector },
+});
+const exception = (name: string, labels: Record<string, string>): KubeObject => ({
+  apiVersion: crd,
+  kind: 'AzurePodIdentityException',
+  metadata: { name, namespace: 'app' },
+  spec: { podLabels: labels },
+});
+const secret = (name: string, clientSecret: string): KubeObject => ({
+  apiVersion: 'v1',
+  kind: 'Secret',
+  metadata: { name, namespace: 'vault' },
+  data: { clientSecret: Buffer.from(clientSecret).toString('base64') },
+});
+
+function capture(): { log: Logger; lines: () => { level: number; msg: string; [k: string]: unknown }[] } {
+  const chunks: string[] = [];
+  const destination = new Writable({
+    write(chunk, _enc, done) {
+      chunks.push(String(chunk));
+      done();
+    },
+  });
+  return {
+    log: createLogger({ level: 'debug', format: 'json', destination }),
+    lines: () => chunks.join('').split('\n').filter(Boolean).map((l) => JSON.parse(l)),
+  };
+}
+
+async function api(): Promise<ApiServer> {
+  const server = await startApiServer({ pki });
+  cleanups.push(() => server.close());
+  return server;
+}
+
+const fast: KubeSourceOptions = { backoff: { initialMs: 20, maxMs: 200 }, secretRefreshMs: 3_600_000, watchTimeoutSeconds: 300 };
+
+async function connect(server: ApiServer, options: KubeSourceOptions = {}, log: Logger = capture().log): Promise<BindingStore> {
+  const kubeconfig = options.pathPrefix ? undefined : server.writeKubeconfig(mkdtempSync(path.join(dir, 'kc-')));
+  const source = new KubeBindingSource(log, { kubeconfig, ...fast, ...options });
+  const store = new BindingStore(source, log);
+  cleanups.push(() => store.stop());
+  await store.start();
+  return store;
+}
+
+/** The next change event's keys, as a sorted list. */
+async function nextChange(store: BindingStore): Promise<string[]> {
+  const [keys] = (await once(store, 'change')) as [Set<string>];
+  return [...keys].sort();
+}
+
+async function eventually(check: () => boolean): Promise<void> {
+  while (!check()) await new Promise((r) => setTimeout(r, 10));
+}
+
+test('lists the three resources and the secrets identities name', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  server.put(spIdentity('sp', 'sp-secret'));
+  server.put(secret('sp-secret', 'hunter2'));
+  server.put(secret('unrelated', 'x'));
+  server.put(binding('web-b', 'web'));
+  server.put(exception('dns', { app: 'dns' }));
+  const store = await connect(server);
+  await store.whenReady();
+  const s = store.snapshot;
+  assert.deepEqual([...s.identities.keys()].sort(), ['app/sp', 'app/web']);
+  assert.deepEqual([...s.bindings.keys()], ['app/web-b']);
+  assert.deepEqual([...s.exceptions.keys()], ['app/dns']);
+  assert.deepEqual([...s.secrets.keys()], ['vault/sp-secret'], 'only named secrets are fetched');
+  assert.deepEqual(secretFor(s.identities.get('app/sp')!, s), { type: 1, clientSecret: 'hunter2' });
+  const secretGets = server.requests.filter((r) => r.resource === 'secrets').map((r) => r.path);
+  assert.deepEqual(secretGets, ['/api/v1/namespaces/vault/secrets/sp-secret']);
+  for (const plural of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions']) {
+    assert.equal(server.lists(plural).length, 1, plural);
+  }
+});
+
+test('lists page by page', async () => {
+  const server = await api();
+  for (let i = 0; i < 7; i++) server.put(identity(`id${i}`));
+  const store = await connect(server, { pageSize: 3 });
+  await store.whenReady();
+  assert.equal(store.snapshot.identities.size, 7);
+  assert.deepEqual(server.lists('azureidentities').map((r) => r.query.limit), ['3', '3', '3']);
+  assert.ok(server.lists('azureidentities')[1]!.query.continue);
+});
+
+test('watch events add, modify and delete, each with a change event', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  const store = await connect(server);
+  await store.whenReady();
+  await server.waitForWatches('azureidentities');
+  await server.waitForWatches('azureidentitybindings');
+  const watch = server.watches('azureidentities')[0]!;
+  assert.equal(watch.query.resourceVersion, server.resourceVersion, "from the list's resourceVersion");
+  assert.equal(watch.query.allowWatchBookmarks, 'true');
+
+  let change = nextChange(store);
+  server.put(binding('web-b', 'web', 'sel'));
+  assert.deepEqual(await change, ['app/web']);
+  assert.deepEqual(store.snapshot.bindingsBySelector.get('sel')?.map((b) => b.name), ['web-b']);
+
+  change = nextChange(store);
+  server.put(identity('web', 'client-2'));
+  assert.deepEqual(await change, ['app/web']);
+  assert.equal(store.snapshot.identities.get('app/web')?.clientID, 'client-2');
+
+  server.bookmark();
+  change = nextChange(store);
+  server.remove('AzureIdentity', 'app', 'web');
+  assert.deepEqual(await change, ['app/web']);
+  assert.equal(store.snapshot.identities.size, 0);
+
+  // Exceptions change the snapshot, not any token.
+  server.put(exception('dns', { app: 'dns' }));
+  await eventually(() => store.snapshot.exceptions.size === 1);
+});
+
+test('a dropped watch resumes from the last resourceVersion, without listing again', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  const store = await connect(server);
+  await store.whenReady();
+  await server.waitForWatches('azureidentities');
+  const change = nextChange(store);
+  const seen = server.put(identity('web', 'client-2')).metadata.resourceVersion;
+  await change;
+
+  server.dropWatches();
+  // Changed while no watch is open: replayed by the resumed watch.
+  server.put(binding('other-b', 'other'));
+  server.put(identity('web', 'client-3'));
+  await eventually(() => store.snapshot.identities.get('app/web')?.clientID === 'client-3' && store.snapshot.bindings.has('app/other-b'));
+  const watches = server.watches('azureidentities');
+  assert.ok(watches.length >= 2);
+  assert.equal(watches[1]!.query.resourceVersion, seen, 'resumed from the last event seen');
+  assert.equal(server.lists('azureidentities').length, 1, 'no relist');
+  assert.equal(server.lists('azureidentitybindings').length, 1);
+});
+
+test('410 Gone as an ERROR event: list again, and deletions missed meanwhile are seen', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  server.put(identity('old'));
+  const store = await connect(server);
+  await store.whenReady();
+  await server.waitForWatches('azureidentities');
+  server.dropWatches();
+  server.remove('AzureIdentity', 'app', 'old');
+  server.compact();
+  const change = nextChange(store);
+  assert.deepEqual(await change, ['app/old']);
+  assert.equal(store.snapshot.identities.has('app/old'), false);
+  assert.equal(server.lists('azureidentities').length, 2);
+  // After the relist the watch starts again from the new list.
+  await server.waitForWatches('azureidentities');
+});
+
+test('410 Gone as an HTTP status, and an expired open watch: both list again', async () => {
+  const server = await api();
+  server.goneAs = 'status';
+  server.put(identity('web'));
+  const store = await connect(server);
+  await store.whenReady();
+  await server.waitForWatches('azureidentities');
+  server.dropWatches();
+  server.compact();
+  await eventually(() => server.lists('azureidentities').length === 2);
+  await server.waitForWatches('azureidentities');
+  const gone = server.requests.filter((r) => r.resource === 'azureidentities');
+  assert.deepEqual(gone.slice(-3).map((r) => r.watch), [true, false, true]);
+
+  server.expireWatches();
+  await eventually(() => server.lists('azureidentities').length === 3);
+  const change = nextChange(store);
+  server.put(identity('web', 'after'));
+  assert.deepEqual(await change, ['app/web']);
+});
+
+test('secrets: fetched again when the identity changes and on the refresh interval; a missing one is an error for secretFor', async () => {
+  const server = await api();
+  server.put(spIdentity('sp', 'one'));
+  server.put(secret('one', 'first'));
+  const store = await connect(server, { secretRefreshMs: 100 });
+  await store.whenReady();
+  const cred = (): unknown => {
+    try {
+      return secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot);
+    } catch (err) {
+      return err;
+    }
+  };
+  assert.deepEqual(cred(), { type: 1, clientSecret: 'first' });
+
+  // Rotation in place: seen on the next refresh, as a change for the identity.
+  let change = nextChange(store);
+  server.put(secret('one', 'rotated'));
+  assert.deepEqual(await change, ['app/sp']);
+  assert.deepEqual(cred(), { type: 1, clientSecret: 'rotated' });
+
+  // The identity now names a secret that does not exist.
+  change = nextChange(store);
+  server.put(spIdentity('sp', 'two'));
+  await change;
+  await eventually(() => server.requests.some((r) => r.path === '/api/v1/namespaces/vault/secrets/two'));
+  await eventually(() => isNmiError(cred(), codes.BINDINGS));
+  assert.match((cred() as Error).message, /secret vault\/two not found/);
+  assert.equal(store.snapshot.secrets.has('vault/one'), false, 'a secret no identity names is dropped');
+
+  change = nextChange(store);
+  server.put(secret('two', 'second'));
+  await change;
+  assert.deepEqual(cred(), { type: 1, clientSecret: 'second' });
+});
+
+test('a failing secret fetch keeps the last value and retries', async () => {
+  const server = await api();
+  server.put(spIdentity('sp', 'one'));
+  server.put(secret('one', 'first'));
+  const { log, lines } = capture();
+  const store = await connect(server, { secretRefreshMs: 100 }, log);
+  await store.whenReady();
+  server.failNext(3, 500, '/api/v1/namespaces/vault/secrets/');
+  server.put(secret('one', 'rotated'));
+  await eventually(() => lines().some((l) => l.msg === 'secret fetch failed, keeping the last value'));
+  assert.deepEqual(secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot), { type: 1, clientSecret: 'first' });
+  await eventually(() => store.snapshot.secrets.get('vault/one')?.data.clientSecret === 'rotated');
+  for (const l of lines()) assert.doesNotMatch(JSON.stringify(l), /first|rotated|test-token/);
+});
+
+test('invalid objects are reported once and left out; the rest is served', async () => {
+  const server = await api();
+  server.put(identity('good'));
+  server.put({ ...identity('bad'), spec: { type: 9 } });
+  const { log, lines } = capture();
+  const store = await connect(server, {}, log);
+  await store.whenReady();
+  assert.deepEqual([...store.snapshot.identities.keys()], ['app/good']);
+  const warnings = (): string[] => lines().filter((l) => l.msg === 'ignoring invalid object').map((l) => String(l.err));
+  assert.deepEqual(warnings(), ['AzureIdentity app/bad: spec.type must be 0 (user-assigned MSI), 1 (service principal) or 2 (service principal certificate)']);
+
+  // A valid object turning invalid goes away.
+  const change = nextChange(store);
+  server.put({ ...identity('good'), spec: { type: 0 } });
+  assert.deepEqual(await change, ['app/good']);
+  assert.equal(store.snapshot.identities.size, 0);
+  assert.equal(warnings().length, 2);
+});
+
+test('list errors back off and retry', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  server.failNext(2, 500, '/apis/aadpodidentity.k8s.io/v1/azureidentities');
+  const { log, lines } = capture();
+  const store = await connect(server, {}, log);
+  await store.whenReady();
+  assert.equal(server.lists('azureidentities').length, 3);
+  const failures = lines().filter((l) => l.msg === 'API server request failed');
+  assert.equal(failures.length, 2);
+  assert.match(String(failures[0]!.err), /GET \/apis\/aadpodidentity.k8s.io\/v1\/azureidentities: 500 InternalError: injected failure/);
+});
+
+test('a wrong token is refused (401) and never logged; not ready', async () => {
+  const server = await api();
+  const kubeconfig = writeKubeconfig(path.join(dir, 'wrong-token'), { server: server.url, caFile: server.caFile, token: 'wrong-secret-token' });
+  const { log, lines } = capture();
+  const store = new BindingStore(new KubeBindingSource(log, { kubeconfig, ...fast }), log);
+  cleanups.push(() => store.stop());
+  await store.start();
+  await eventually(() => lines().filter((l) => /401/.test(String(l.err))).length >= 2);
+  assert.equal(store.ready, false);
+  for (const l of lines()) assert.doesNotMatch(JSON.stringify(l), /wrong-secret-token/);
+});
+
+test('an untrusted server certificate is an error, not a silent success', async () => {
+  const server = await api();
+  const other = createPki('other');
+  cleanups.push(() => other.remove());
+  const kubeconfig = writeKubeconfig(path.join(dir, 'other-ca'), { server: server.url, caFile: other.caFile, token: server.token });
+  const { log, lines } = capture();
+  const store = new BindingStore(new KubeBindingSource(log, { kubeconfig, ...fast }), log);
+  cleanups.push(() => store.stop());
+  await store.start();
+  await eventually(() => lines().some((l) => /certificate/i.test(String(l.err))));
+  assert.equal(store.ready, false);
+  assert.equal(server.requests.length, 0);
+});
+
+test('API server down at start: retried until it is up', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  await server.pause();
+  const { log, lines } = capture();
+  const store = await connect(server, {}, log);
+  await eventually(() => lines().filter((l) => l.msg === 'API server request failed').length >= 3);
+  assert.equal(store.ready, false);
+  await server.resume();
+  await store.whenReady();
+  assert.deepEqual([...store.snapshot.identities.keys()], ['app/web']);
+});
+
+test('in-cluster config from the service account files under a path prefix', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  const root = mkdtempSync(path.join(dir, 'sa-'));
+  const env = server.writeServiceAccount(root);
+  const saved = { host: process.env.KUBERNETES_SERVICE_HOST, port: process.env.KUBERNETES_SERVICE_PORT };
+  Object.assign(process.env, env);
+  cleanups.push(() => {
+    if (saved.host === undefined) delete process.env.KUBERNETES_SERVICE_HOST;
+    else process.env.KUBERNETES_SERVICE_HOST = saved.host;
+    if (saved.port === undefined) delete process.env.KUBERNETES_SERVICE_PORT;
+    else process.env.KUBERNETES_SERVICE_PORT = saved.port;
+  });
+  const store = await connect(server, { pathPrefix: root });
+  await store.whenReady();
+  assert.deepEqual([...store.snapshot.identities.keys()], ['app/web']);
+
+  // Missing service account files fail start with a bindings error.
+  const bad = new KubeBindingSource(capture().log, { pathPrefix: path.join(root, 'nothing') });
+  await assert.rejects(bad.start(() => undefined), (err: unknown) => isNmiError(err, codes.BINDINGS) && /API server credentials/.test(err.message));
+  bad.stop();
+});
+
+test('an unreadable --kubeconfig is a usage error naming the flag', () => {
+  assert.throws(
+    () => loadKubeConfig({ kubeconfig: path.join(dir, 'missing-kubeconfig') }),
+    (err: unknown) => isNmiError(err, codes.USAGE) && /^--kubeconfig .*missing-kubeconfig: /.test(err.message),
+  );
+});

@@ -1,0 +1,130 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { codes, isNmiError } from '../../src/errors/errors.js';
+import type { Pod } from '../../src/kubelet/pod.js';
+import { identitiesFor, secretFor } from '../../src/bindings/match.js';
+import { parseObjects } from '../../src/bindings/parse.js';
+import { createSnapshot, type BindingSnapshot } from '../../src/bindings/store.js';
+
+const crd = 'aadpodidentity.k8s.io/v1';
+
+function pod(namespace: string, labels: Record<string, string>): Pod {
+  return { uid: 'u', namespace, name: 'p', labels, ips: ['10.0.0.9'], hostNetwork: false, phase: 'Running', nodeName: 'n' };
+}
+
+function id(namespace: string, name: string, extra: { namespaced?: boolean; spec?: object } = {}): object {
+  return {
+    apiVersion: crd,
+    kind: 'AzureIdentity',
+    metadata: { name, namespace, annotations: extra.namespaced ? { 'aadpodidentity.k8s.io/Behavior': 'namespaced' } : {} },
+    spec: extra.spec ?? { type: 0, clientID: `client-${namespace}-${name}` },
+  };
+}
+
+function binding(namespace: string, name: string, identity: string, selector: string): object {
+  return { apiVersion: crd, kind: 'AzureIdentityBinding', metadata: { name, namespace }, spec: { azureIdentity: identity, selector } };
+}
+
+function exception(namespace: string, name: string, podLabels: Record<string, string>): object {
+  return { apiVersion: crd, kind: 'AzurePodIdentityException', metadata: { name, namespace }, spec: { podLabels } };
+}
+
+function snapshot(...objects: object[]): BindingSnapshot {
+  const { errors, ...set } = parseObjects(objects);
+  assert.deepEqual(errors, []);
+  return createSnapshot(set);
+}
+
+const names = (s: BindingSnapshot, p: Pod, forceNamespaced = false): string[] =>
+  identitiesFor(p, s, { forceNamespaced }).identities.map((i) => `${i.namespace}/${i.name}`);
+
+test('a pod is bound when its aadpodidbinding label equals a binding selector', () => {
+  const s = snapshot(id('app', 'web-id'), binding('app', 'web-b', 'web-id', 'web'), id('app', 'other'), binding('app', 'other-b', 'other', 'other'));
+  assert.deepEqual(names(s, pod('app', { aadpodidbinding: 'web' })), ['app/web-id']);
+  assert.deepEqual(names(s, pod('app', { aadpodidbinding: 'nope' })), []);
+  assert.deepEqual(names(s, pod('app', { app: 'web' })), []);
+  assert.deepEqual(identitiesFor(pod('app', { aadpodidbinding: 'web' }), s, { forceNamespaced: false }).exception, false);
+});
+
+test('the binding names an identity in its own namespace', () => {
+  const s = snapshot(id('other', 'web-id'), binding('app', 'web-b', 'web-id', 'web'));
+  assert.deepEqual(names(s, pod('app', { aadpodidbinding: 'web' })), []);
+});
+
+test('without namespacing, a binding in another namespace binds the pod', () => {
+  const s = snapshot(id('shared', 'id'), binding('shared', 'b', 'id', 'sel'));
+  assert.deepEqual(names(s, pod('app', { aadpodidbinding: 'sel' })), ['shared/id']);
+  // --force-namespaced: binding and identity must be in the pod's namespace.
+  assert.deepEqual(names(s, pod('app', { aadpodidbinding: 'sel' }), true), []);
+  assert.deepEqual(names(s, pod('shared', { aadpodidbinding: 'sel' }), true), ['shared/id']);
+});
+
+test('the namespaced annotation applies to that identity only', () => {
+  const s = snapshot(
+    id('shared', 'ns-id', { namespaced: true }),
+    binding('shared', 'b1', 'ns-id', 'sel'),
+    id('shared', 'open-id'),
+    binding('shared', 'b2', 'open-id', 'sel'),
+  );
+  assert.deepEqual(names(s, pod('app', { aadpodidbinding: 'sel' })), ['shared/open-id']);
+  assert.deepEqual(names(s, pod('shared', { aadpodidbinding: 'sel' })), ['shared/ns-id', 'shared/open-id']);
+});
+
+test('several bindings to one identity give it once; several identities come in a stable order', () => {
+  const s = snapshot(id('a', 'x'), id('a', 'y'), binding('a', 'b3', 'y', 'sel'), binding('a', 'b1', 'x', 'sel'), binding('a', 'b2', 'x', 'sel'));
+  assert.deepEqual(names(s, pod('a', { aadpodidbinding: 'sel' })), ['a/x', 'a/y']);
+});
+
+test('a binding whose identity is missing binds nothing', () => {
+  const s = snapshot(binding('a', 'b', 'ghost', 'sel'));
+  assert.deepEqual(identitiesFor(pod('a', { aadpodidbinding: 'sel' }), s, { forceNamespaced: false }), { exception: false, identities: [] });
+});
+
+test('an exception needs ALL its labels on a pod of its namespace; empty podLabels match nothing', () => {
+  const s = snapshot(
+    id('a', 'x'),
+    binding('a', 'b', 'x', 'sel'),
+    exception('a', 'e', { app: 'dns', tier: 'infra' }),
+    exception('a', 'empty', {}),
+    exception('b', 'elsewhere', { app: 'solo' }),
+  );
+  const match = (ns: string, labels: Record<string, string>): boolean => identitiesFor(pod(ns, labels), s, { forceNamespaced: false }).exception;
+  assert.equal(match('a', { app: 'dns', tier: 'infra', aadpodidbinding: 'sel' }), true);
+  assert.deepEqual(identitiesFor(pod('a', { app: 'dns', tier: 'infra' }), s, { forceNamespaced: false }).identities, []);
+  assert.equal(match('a', { app: 'dns' }), false);
+  assert.equal(match('a', { app: 'dns', tier: 'web' }), false);
+  assert.equal(match('a', {}), false);
+  assert.equal(match('a', { app: 'solo' }), false);
+  assert.equal(match('b', { app: 'solo', extra: '1' }), true);
+});
+
+const sp = (type: number, secret = 'sp'): object =>
+  id('a', `sp${type}`, { spec: { type, tenantID: 't', clientID: 'c', clientPassword: { name: secret, namespace: 'vault' } } });
+
+function secretObject(name: string, stringData: Record<string, string>): object {
+  return { apiVersion: 'v1', kind: 'Secret', metadata: { name, namespace: 'vault' }, stringData };
+}
+
+test('secretFor resolves a client secret or a certificate and password', () => {
+  const s = snapshot(sp(1), sp(2, 'cert'), secretObject('sp', { clientSecret: 'hunter2' }), secretObject('cert', { certificate: 'PEM', password: 'pw' }));
+  assert.deepEqual(secretFor(s.identities.get('a/sp1')!, s), { type: 1, clientSecret: 'hunter2' });
+  assert.deepEqual(secretFor(s.identities.get('a/sp2')!, s), { type: 2, certificate: 'PEM', password: 'pw' });
+});
+
+test('a certificate secret without a password gives an empty password', () => {
+  const s = snapshot(sp(2, 'cert'), secretObject('cert', { certificate: 'PEM' }));
+  assert.deepEqual(secretFor(s.identities.get('a/sp2')!, s), { type: 2, certificate: 'PEM', password: '' });
+});
+
+test('secretFor errors name what is missing, never a value', () => {
+  const expect = (fn: () => unknown, pattern: RegExp): void => {
+    assert.throws(fn, (err: unknown) => isNmiError(err, codes.BINDINGS) && pattern.test(err.message) && !err.message.includes('hunter2'));
+  };
+  const missing = snapshot(sp(1));
+  expect(() => secretFor(missing.identities.get('a/sp1')!, missing), /^AzureIdentity a\/sp1: secret vault\/sp not found$/);
+  const wrongKey = snapshot(sp(1), sp(2), secretObject('sp', { password: 'hunter2' }));
+  expect(() => secretFor(wrongKey.identities.get('a/sp1')!, wrongKey), /secret vault\/sp has no key clientSecret$/);
+  expect(() => secretFor(wrongKey.identities.get('a/sp2')!, wrongKey), /secret vault\/sp has no key certificate$/);
+  const msi = snapshot(id('a', 'msi'));
+  expect(() => secretFor(msi.identities.get('a/msi')!, msi), /user-assigned identity has no secret/);
+});

@@ -1,0 +1,412 @@
+// A stand-in Kubernetes API server (HTTPS, test CA, bearer token) for
+// aad-pod-identity's custom resources and v1 Secrets.
+//
+//   const api = await startApiServer();              // token 'test-token', own CA
+//   api.put({ apiVersion: 'aadpodidentity.k8s.io/v1', kind: 'AzureIdentity',
+//             metadata: { name: 'id', namespace: 'default' }, spec: { type: 0, clientID: '…' } });
+//   api.remove('AzureIdentity', 'default', 'id');    // a DELETED event
+//   const kubeconfig = api.writeKubeconfig(dir);     // or api.writeServiceAccount(root) for in-cluster
+//   api.dropWatches();                               // cut open watches: clients resume from their resourceVersion
+//   api.compact();                                   // older resourceVersions now answer 410 Gone
+//   await api.close();
+//
+// Served:
+//   GET /apis/aadpodidentity.k8s.io/v1[/namespaces/<ns>]/<plural>         list (limit/continue honoured)
+//   GET …same…?watch=1&resourceVersion=<rv>[&timeoutSeconds=<s>]          watch: JSON lines {type, object}
+//   GET /api/v1/namespaces/<ns>/secrets/<name>                            one Secret
+// Every object change gets the next resourceVersion (one counter, as etcd's) and
+// is kept in a history that watches replay from, until compact().
+import { once } from 'node:events';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import https from 'node:https';
+import type { AddressInfo } from 'node:net';
+import path from 'node:path';
+import type { ServerResponse } from 'node:http';
+import { createPki, type Pki } from './pki.js';
+
+export const CRD_GROUP_VERSION = 'aadpodidentity.k8s.io/v1';
+
+/** The kinds served, by the plural in their URL. */
+export const plurals: Record<string, string> = {
+  AzureIdentity: 'azureidentities',
+  AzureIdentityBinding: 'azureidentitybindings',
+  AzurePodIdentityException: 'azurepodidentityexceptions',
+  Secret: 'secrets',
+};
+
+export interface KubeObject {
+  apiVersion: string;
+  kind: string;
+  metadata: { name: string; namespace?: string; resourceVersion?: string; annotations?: Record<string, string>; [k: string]: unknown };
+  [k: string]: unknown;
+}
+
+export type EventType = 'ADDED' | 'MODIFIED' | 'DELETED' | 'BOOKMARK' | 'ERROR';
+
+export interface RequestRecord {
+  method: string;
+  path: string;
+  query: Record<string, string>;
+  /** The plural for CR and Secret requests. */
+  resource?: string;
+  watch: boolean;
+}
+
+export interface ApiServerOptions {
+  /** A PKI to issue the serving certificate from; by default one made (and removed on close) for this server. */
+  pki?: Pki;
+  token?: string;
+}
+
+export interface ApiServer {
+  /** https://127.0.0.1:<port> */
+  readonly url: string;
+  readonly port: number;
+  readonly caFile: string;
+  readonly caPem: string;
+  readonly token: string;
+  /** Every request received, in order. */
+  readonly requests: RequestRecord[];
+  /** How a watch from a compacted resourceVersion is refused: an ERROR event (as real API servers do) or HTTP 410. */
+  goneAs: 'event' | 'status';
+  /** The current (latest) resourceVersion. */
+  readonly resourceVersion: string;
+  /** Creates or replaces an object (ADDED or MODIFIED); returns the stored copy with its resourceVersion. */
+  put(obj: KubeObject): KubeObject;
+  /** Deletes an object (DELETED); false when there was none. */
+  remove(kind: string, namespace: string, name: string): boolean;
+  get(kind: string, namespace: string, name: string): KubeObject | undefined;
+  /** List requests for a plural, and watch requests (their query: resourceVersion etc.). */
+  lists(plural: string): RequestRecord[];
+  watches(plural: string): RequestRecord[];
+  /** Number of watch connections open now. */
+  openWatches(plural?: string): number;
+  /** Resolves when `count` watches of the plural are open. */
+  waitForWatches(plural: string, count?: number): Promise<void>;
+  /** Sends a BOOKMARK with the current resourceVersion on every open watch. */
+  bookmark(): void;
+  /** Destroys every open watch connection (a network drop). */
+  dropWatches(): void;
+  /** Sends an ERROR event with code 410 on every open watch, then ends it. */
+  expireWatches(): void;
+  /** Forgets the event history: watches and continue tokens from before now get 410 Gone. */
+  compact(): void;
+  /** The next `count` requests whose path starts with `pathPrefix` (default all) get `status`. */
+  failNext(count: number, status: number, pathPrefix?: string): void;
+  /** Stops listening and cuts every connection (the API server is down) … */
+  pause(): Promise<void>;
+  /** … and listens again on the same port. */
+  resume(): Promise<void>;
+  /** Writes a kubeconfig for this server (CA file, bearer token); returns its path. */
+  writeKubeconfig(dir: string, name?: string): string;
+  /**
+   * Writes <root>/var/run/secrets/kubernetes.io/serviceaccount/{token,ca.crt,namespace} and
+   * returns the environment in-cluster config reads (KUBERNETES_SERVICE_HOST/PORT).
+   */
+  writeServiceAccount(root: string): { KUBERNETES_SERVICE_HOST: string; KUBERNETES_SERVICE_PORT: string };
+  close(): Promise<void>;
+}
+
+/** A kubeconfig with one cluster, user and context; returns the file written. */
+export function writeKubeconfig(file: string, cfg: { server: string; caFile: string; token: string }): string {
+  const text = [
+    'apiVersion: v1',
+    'kind: Config',
+    'clusters:',
+    '- name: standin',
+    '  cluster:',
+    `    server: ${cfg.server}`,
+    `    certificate-authority: ${cfg.caFile}`,
+    'users:',
+    '- name: standin',
+    '  user:',
+    `    token: ${cfg.token}`,
+    'contexts:',
+    '- name: standin',
+    '  context:',
+    '    cluster: standin',
+    '    user: standin',
+    'current-context: standin',
+    '',
+  ].join('\n');
+  writeFileSync(file, text);
+  return file;
+}
+
+interface Watcher {
+  plural: string;
+  namespace: string | undefined;
+  res: ServerResponse;
+  timer: NodeJS.Timeout | undefined;
+}
+
+interface HistoryEntry {
+  plural: string;
+  rv: number;
+  type: EventType;
+  object: KubeObject;
+}
+
+function status(code: number, reason: string, message: string): object {
+  return { kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Failure', code, reason, message };
+}
+
+const reasons: Record<number, string> = { 401: 'Unauthorized', 403: 'Forbidden', 404: 'NotFound', 410: 'Expired', 500: 'InternalError', 503: 'ServiceUnavailable' };
+
+function keyOf(namespace: string, name: string): string {
+  return `${namespace}/${name}`;
+}
+
+export async function startApiServer(options: ApiServerOptions = {}): Promise<ApiServer> {
+  const ownPki = options.pki === undefined;
+  const pki = options.pki ?? createPki('apiserver');
+  const serving = pki.server('apiserver', ['127.0.0.1', 'localhost']);
+  const token = options.token ?? 'test-token';
+
+  const store = new Map<string, Map<string, KubeObject>>(Object.values(plurals).map((p) => [p, new Map()]));
+  let rv = 100;
+  let compactedRv = 0;
+  let history: HistoryEntry[] = [];
+  const watchers = new Set<Watcher>();
+  const requests: RequestRecord[] = [];
+  const failures: { count: number; status: number; prefix: string }[] = [];
+  const watchWaiters = new Set<() => void>();
+
+  const send = (res: ServerResponse, code: number, body: object): void => {
+    res.writeHead(code, { 'content-type': 'application/json' });
+    res.end(JSON.stringify(body));
+  };
+  const fail = (res: ServerResponse, code: number, message: string): void => send(res, code, status(code, reasons[code] ?? 'Failure', message));
+
+  const writeEvent = (w: Watcher, type: EventType, object: object): void => {
+    w.res.write(`${JSON.stringify({ type, object })}\n`);
+  };
+  const endWatch = (w: Watcher): void => {
+    clearTimeout(w.timer);
+    watchers.delete(w);
+    if (!w.res.writableEnded) w.res.end();
+  };
+
+  const broadcast = (entry: HistoryEntry): void => {
+    for (const w of watchers) {
+      if (w.plural === entry.plural && (w.namespace === undefined || w.namespace === entry.object.metadata.namespace)) {
+        writeEvent(w, entry.type, entry.object);
+      }
+    }
+  };
+
+  const record = (plural: string, type: EventType, object: KubeObject): void => {
+    const entry = { plural, rv, type, object };
+    history.push(entry);
+    broadcast(entry);
+  };
+
+  const list = (res: ServerResponse, plural: string, namespace: string | undefined, query: URLSearchParams): void => {
+    let listRv = rv;
+    let offset = 0;
+    const token = query.get('continue');
+    if (token) {
+      const parsed = JSON.parse(Buffer.from(token, 'base64url').toString('utf8')) as { rv: number; offset: number };
+      if (parsed.rv < compactedRv) return fail(res, 410, 'The provided continue parameter is too old');
+      listRv = parsed.rv;
+      offset = parsed.offset;
+    }
+    const all = [...(store.get(plural)?.values() ?? [])]
+      .filter((o) => namespace === undefined || o.metadata.namespace === namespace)
+      .sort((a, b) => keyOf(a.metadata.namespace ?? '', a.metadata.name).localeCompare(keyOf(b.metadata.namespace ?? '', b.metadata.name)));
+    const limit = Number(query.get('limit') ?? 0) || all.length;
+    const items = all.slice(offset, offset + limit);
+    const more = offset + limit < all.length;
+    const metadata: Record<string, string> = { resourceVersion: String(listRv) };
+    if (more) metadata.continue = Buffer.from(JSON.stringify({ rv: listRv, offset: offset + limit })).toString('base64url');
+    const kind = Object.keys(plurals).find((k) => plurals[k] === plural);
+    send(res, 200, { apiVersion: CRD_GROUP_VERSION, kind: `${kind}List`, metadata, items });
+  };
+
+  const watch = (res: ServerResponse, plural: string, namespace: string | undefined, query: URLSearchParams): void => {
+    const from = query.get('resourceVersion') ?? '';
+    const fromRv = Number(from || 0);
+    const gone = from !== '' && from !== '0' && fromRv < compactedRv;
+    if (gone && server.goneAs === 'status') return fail(res, 410, `too old resource version: ${from} (${compactedRv})`);
+    res.writeHead(200, { 'content-type': 'application/json' });
+    res.flushHeaders();
+    const w: Watcher = { plural, namespace, res, timer: undefined };
+    if (gone) {
+      writeEvent(w, 'ERROR', status(410, 'Expired', `too old resource version: ${from} (${compactedRv})`));
+      res.end();
+      return;
+    }
+    const inScope = (o: KubeObject): boolean => namespace === undefined || o.metadata.namespace === namespace;
+    if (from === '' || from === '0') {
+      for (const o of store.get(plural)?.values() ?? []) if (inScope(o)) writeEvent(w, 'ADDED', o);
+    } else {
+      for (const e of history) if (e.plural === plural && e.rv > fromRv && inScope(e.object)) writeEvent(w, e.type, e.object);
+    }
+    const timeout = Number(query.get('timeoutSeconds') ?? 0);
+    if (timeout > 0) w.timer = setTimeout(() => endWatch(w), timeout * 1000);
+    res.on('close', () => {
+      clearTimeout(w.timer);
+      watchers.delete(w);
+    });
+    watchers.add(w);
+    for (const wake of watchWaiters) wake();
+  };
+
+  const handler = (req: import('node:http').IncomingMessage, res: ServerResponse): void => {
+    const url = new URL(req.url ?? '/', 'https://apiserver');
+    const query = url.searchParams;
+    const isWatch = query.get('watch') === '1' || query.get('watch') === 'true';
+    const crd = url.pathname.match(/^\/apis\/aadpodidentity\.k8s\.io\/v1\/(?:namespaces\/([^/]+)\/)?([a-z]+)$/);
+    const secret = url.pathname.match(/^\/api\/v1\/namespaces\/([^/]+)\/secrets\/([^/]+)$/);
+    requests.push({
+      method: req.method ?? '',
+      path: url.pathname,
+      query: Object.fromEntries(query),
+      resource: crd?.[2] ?? (secret ? 'secrets' : undefined),
+      watch: isWatch,
+    });
+    if (req.headers.authorization !== `Bearer ${token}`) return fail(res, 401, 'Unauthorized');
+    const injected = failures.find((f) => url.pathname.startsWith(f.prefix));
+    if (injected) {
+      if (--injected.count <= 0) failures.splice(failures.indexOf(injected), 1);
+      return fail(res, injected.status, 'injected failure');
+    }
+    if (req.method !== 'GET') return fail(res, 405, 'only GET is served');
+    if (crd) {
+      const [, namespace, plural = ''] = crd;
+      if (plural === 'secrets' || !store.has(plural)) return fail(res, 404, `the server could not find the requested resource`);
+      return isWatch ? watch(res, plural, namespace, query) : list(res, plural, namespace, query);
+    }
+    if (secret) {
+      const [, namespace = '', name = ''] = secret;
+      const found = store.get('secrets')?.get(keyOf(decodeURIComponent(namespace), decodeURIComponent(name)));
+      return found ? send(res, 200, found) : fail(res, 404, `secrets "${name}" not found`);
+    }
+    return fail(res, 404, 'the server could not find the requested resource');
+  };
+
+  const httpsServer = https.createServer({ key: serving.keyPem, cert: serving.certPem }, handler);
+  httpsServer.listen(0, '127.0.0.1');
+  await once(httpsServer, 'listening');
+  const port = (httpsServer.address() as AddressInfo).port;
+
+  const pluralOf = (kind: string): string => {
+    const plural = plurals[kind];
+    if (!plural) throw new Error(`stand-in API server: unknown kind ${kind}`);
+    return plural;
+  };
+
+  const server: ApiServer = {
+    url: `https://127.0.0.1:${port}`,
+    port,
+    caFile: pki.caFile,
+    caPem: pki.caPem,
+    token,
+    requests,
+    goneAs: 'event',
+    get resourceVersion() {
+      return String(rv);
+    },
+    put(obj) {
+      const plural = pluralOf(obj.kind);
+      const copy = structuredClone(obj);
+      copy.metadata.namespace ??= 'default';
+      copy.metadata.resourceVersion = String(++rv);
+      const key = keyOf(copy.metadata.namespace, copy.metadata.name);
+      const objects = store.get(plural)!;
+      const type = objects.has(key) ? 'MODIFIED' : 'ADDED';
+      objects.set(key, copy);
+      record(plural, type, copy);
+      return structuredClone(copy);
+    },
+    remove(kind, namespace, name) {
+      const plural = pluralOf(kind);
+      const objects = store.get(plural)!;
+      const found = objects.get(keyOf(namespace, name));
+      if (!found) return false;
+      objects.delete(keyOf(namespace, name));
+      const gone = structuredClone(found);
+      gone.metadata.resourceVersion = String(++rv);
+      record(plural, 'DELETED', gone);
+      return true;
+    },
+    get(kind, namespace, name) {
+      const found = store.get(pluralOf(kind))?.get(keyOf(namespace, name));
+      return found && structuredClone(found);
+    },
+    lists: (plural) => requests.filter((r) => r.resource === plural && !r.watch),
+    watches: (plural) => requests.filter((r) => r.resource === plural && r.watch),
+    openWatches: (plural) => [...watchers].filter((w) => plural === undefined || w.plural === plural).length,
+    async waitForWatches(plural, count = 1) {
+      while (server.openWatches(plural) < count) {
+        await new Promise<void>((resolve) => {
+          const wake = (): void => {
+            watchWaiters.delete(wake);
+            resolve();
+          };
+          watchWaiters.add(wake);
+        });
+      }
+    },
+    bookmark() {
+      for (const w of watchers) {
+        writeEvent(w, 'BOOKMARK', { apiVersion: CRD_GROUP_VERSION, kind: 'Bookmark', metadata: { resourceVersion: String(rv) } });
+      }
+    },
+    dropWatches() {
+      for (const w of [...watchers]) {
+        watchers.delete(w);
+        clearTimeout(w.timer);
+        w.res.socket?.destroy();
+      }
+    },
+    expireWatches() {
+      for (const w of [...watchers]) {
+        writeEvent(w, 'ERROR', status(410, 'Expired', 'too old resource version'));
+        endWatch(w);
+      }
+    },
+    compact() {
+      // As if something else changed first: every resourceVersion a client holds is now too old,
+      // while a fresh list's is not.
+      compactedRv = ++rv;
+      history = [];
+    },
+    failNext(count, code, prefix = '/') {
+      failures.push({ count, status: code, prefix });
+    },
+    async pause() {
+      server.dropWatches();
+      const closed = once(httpsServer, 'close');
+      httpsServer.close();
+      httpsServer.closeAllConnections();
+      await closed;
+    },
+    async resume() {
+      httpsServer.listen(port, '127.0.0.1');
+      await once(httpsServer, 'listening');
+    },
+    writeKubeconfig(dir, name = 'kubeconfig') {
+      return writeKubeconfig(path.join(dir, name), { server: server.url, caFile: pki.caFile, token });
+    },
+    writeServiceAccount(root) {
+      const dir = path.join(root, 'var/run/secrets/kubernetes.io/serviceaccount');
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(path.join(dir, 'token'), token);
+      writeFileSync(path.join(dir, 'ca.crt'), pki.caPem);
+      writeFileSync(path.join(dir, 'namespace'), 'kube-system');
+      return { KUBERNETES_SERVICE_HOST: '127.0.0.1', KUBERNETES_SERVICE_PORT: String(port) };
+    },
+    async close() {
+      for (const w of [...watchers]) endWatch(w);
+      if (httpsServer.listening) {
+        const closed = once(httpsServer, 'close');
+        httpsServer.close();
+        httpsServer.closeAllConnections();
+        await closed;
+      }
+      if (ownPki) pki.remove();
+    },
+  };
+  return server;
+}
