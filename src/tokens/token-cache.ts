@@ -1,0 +1,290 @@
+// Tokens in memory, per (identity, resource). A hit is answered from memory; a
+// token past ~80% of its life is refreshed in the background while it is still
+// served; concurrent misses share one upstream call; issuer trouble is retried
+// with backoff within a budget. Identity changes drop entries and orphan any
+// in-flight fetch, whose result is then handed to its waiters but never stored.
+import { setTimeout as sleepFor } from 'node:timers/promises';
+import { LRUCache } from 'lru-cache';
+import { IdentityType, type AzureIdentity } from '../bindings/model.js';
+import type { Logger } from '../log/logger.js';
+import type { Credential, TokenProvider } from './msal-provider.js';
+import type { Token } from './token.js';
+import { UpstreamError, upstreamKinds, type UpstreamKind } from './upstream-error.js';
+
+export interface RetryOptions {
+  /** Upstream calls per fetch, the first included. */
+  attempts?: number;
+  baseDelayMs?: number;
+  maxDelayMs?: number;
+  /** No retry starts once this much time has gone since the first attempt. */
+  budgetMs?: number;
+}
+
+export interface TokenCacheOptions {
+  provider: TokenProvider;
+  /** Entries kept; the least recently used go first. */
+  max?: number;
+  /** Fraction of a token's lifetime after which it is refreshed in the background. */
+  refreshFraction?: number;
+  /** Refresh points are spread up to this fraction of the lifetime earlier, so tokens fetched together are not refreshed together. */
+  refreshJitter?: number;
+  /** A token is served until this close to its expiry (capped at a tenth of its lifetime). */
+  expiryMarginMs?: number;
+  /** After a failed background refresh, the next one is tried this much later. */
+  refreshRetryMs?: number;
+  retry?: RetryOptions;
+  /** Milliseconds since the epoch. */
+  now?: () => number;
+  /** Waits ms; rejects when signal aborts. */
+  sleep?: (ms: number, signal: AbortSignal) => Promise<void>;
+  /** In [0, 1). */
+  random?: () => number;
+  logger?: Logger;
+}
+
+export type UpstreamTarget = 'imds' | 'entra';
+
+export interface TokenCacheStats {
+  hits: number;
+  misses: number;
+  /** Background refreshes started. */
+  refreshes: number;
+  upstreamRequests: Record<UpstreamTarget, number>;
+  upstreamErrors: Record<UpstreamKind, number>;
+}
+
+const defaults = {
+  max: 10_000,
+  refreshFraction: 0.8,
+  refreshJitter: 0.05,
+  expiryMarginMs: 5 * 60_000, // 5 min: clients treat a token this close to expiry as expired
+  refreshRetryMs: 30_000,
+  retry: { attempts: 4, baseDelayMs: 250, maxDelayMs: 4_000, budgetMs: 10_000 },
+};
+
+interface Entry {
+  readonly identityKey: string;
+  readonly identity: AzureIdentity;
+  readonly resource: string;
+  /** The latest one a caller gave; background refreshes sign in with it. */
+  credential: Credential | undefined;
+  token: Token | undefined;
+  refreshAtMs: number;
+  /** Served while now is before this. */
+  staleAtMs: number;
+  inflight: Promise<Token> | undefined;
+  /** Aborted when the entry leaves the cache: stops retries of its fetch. */
+  readonly dropped: AbortController;
+}
+
+/** `namespace/name`: what invalidate and retainOnly take. */
+export function identityKey(identity: Pick<AzureIdentity, 'namespace' | 'name'>): string {
+  return `${identity.namespace}/${identity.name}`;
+}
+
+export class TokenCache {
+  private readonly provider: TokenProvider;
+  private readonly entries: LRUCache<string, Entry>;
+  private readonly refreshFraction: number;
+  private readonly refreshJitter: number;
+  private readonly expiryMarginMs: number;
+  private readonly refreshRetryMs: number;
+  private readonly retry: Required<RetryOptions>;
+  private readonly now: () => number;
+  private readonly sleep: (ms: number, signal: AbortSignal) => Promise<void>;
+  private readonly random: () => number;
+  private readonly logger: Logger | undefined;
+  private readonly counters: TokenCacheStats = {
+    hits: 0,
+    misses: 0,
+    refreshes: 0,
+    upstreamRequests: { imds: 0, entra: 0 },
+    upstreamErrors: Object.fromEntries(upstreamKinds.map((kind) => [kind, 0])) as Record<UpstreamKind, number>,
+  };
+
+  constructor(options: TokenCacheOptions) {
+    const {
+      provider,
+      max = defaults.max,
+      refreshFraction = defaults.refreshFraction,
+      refreshJitter = defaults.refreshJitter,
+      expiryMarginMs = defaults.expiryMarginMs,
+      refreshRetryMs = defaults.refreshRetryMs,
+      retry = {},
+      now = Date.now,
+      sleep = (ms, signal) => sleepFor(ms, undefined, { signal }),
+      random = Math.random,
+      logger,
+    } = options;
+    if (!(refreshFraction > 0 && refreshFraction <= 1)) throw new RangeError(`refreshFraction must be in (0, 1], got ${refreshFraction}`);
+    if (!(refreshJitter >= 0 && refreshJitter < refreshFraction)) throw new RangeError(`refreshJitter must be in [0, refreshFraction), got ${refreshJitter}`);
+    this.provider = provider;
+    this.entries = new LRUCache<string, Entry>({ max, dispose: (entry) => entry.dropped.abort() });
+    this.refreshFraction = refreshFraction;
+    this.refreshJitter = refreshJitter;
+    this.expiryMarginMs = expiryMarginMs;
+    this.refreshRetryMs = refreshRetryMs;
+    this.retry = { ...defaults.retry, ...retry };
+    this.now = now;
+    this.sleep = sleep;
+    this.random = random;
+    this.logger = logger;
+  }
+
+  /** A token for identity and resource: from memory when fresh, else from the issuer (one call for all concurrent askers). */
+  get(identity: AzureIdentity, resource: string, credential?: Credential): Promise<Token> {
+    const key = entryKey(identity, resource);
+    const cached = this.fresh(key);
+    if (cached) {
+      if (credential) cached.credential = credential;
+      return Promise.resolve(this.hit(cached));
+    }
+    this.counters.misses++;
+    let entry = this.entries.get(key);
+    if (!entry) {
+      entry = newEntry(identity, resource);
+      this.entries.set(key, entry);
+    }
+    entry.credential = credential;
+    return entry.inflight ?? this.startFetch(key, entry);
+  }
+
+  /** The fresh token in memory, if any, without waiting: the native fast path. */
+  peek(identity: AzureIdentity, resource: string): Token | undefined {
+    const entry = this.fresh(entryKey(identity, resource));
+    return entry && this.hit(entry);
+  }
+
+  /** Drops every entry of the identity (changed or deleted); fetches in flight for it are never stored. */
+  invalidate(identityKey: string): void {
+    for (const [key, entry] of this.entries.entries()) {
+      if (entry.identityKey === identityKey) this.entries.delete(key);
+    }
+  }
+
+  /** Drops entries of identities not in keys (no pod uses them any more). */
+  retainOnly(identityKeys: Iterable<string>): void {
+    const keep = new Set(identityKeys);
+    for (const [key, entry] of this.entries.entries()) {
+      if (!keep.has(entry.identityKey)) this.entries.delete(key);
+    }
+  }
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  stats(): TokenCacheStats {
+    const { upstreamRequests, upstreamErrors } = this.counters;
+    return { ...this.counters, upstreamRequests: { ...upstreamRequests }, upstreamErrors: { ...upstreamErrors } };
+  }
+
+  private fresh(key: string): Entry | undefined {
+    const entry = this.entries.get(key);
+    return entry && this.servable(entry) ? entry : undefined;
+  }
+
+  private servable(entry: Entry): boolean {
+    return entry.token !== undefined && this.now() < entry.staleAtMs;
+  }
+
+  private hit(entry: Entry): Token {
+    this.counters.hits++;
+    const token = entry.token as Token;
+    if (!entry.inflight && this.now() >= entry.refreshAtMs) this.refreshInBackground(entry);
+    return token;
+  }
+
+  private refreshInBackground(entry: Entry): void {
+    this.counters.refreshes++;
+    const key = entryKey(entry.identity, entry.resource);
+    this.startFetch(key, entry).catch((err: unknown) => {
+      // The current token stays served until it goes stale; try again later.
+      entry.refreshAtMs = this.now() + this.refreshRetryMs;
+      this.logger?.warn({ identity: entry.identityKey, resource: entry.resource, err: describe(err) }, 'token refresh failed');
+    });
+  }
+
+  private startFetch(key: string, entry: Entry): Promise<Token> {
+    const fetched = this.fetchWithRetry(entry).then(
+      (token) => {
+        // An entry dropped meanwhile is out of the map: what it holds is never served.
+        this.store(entry, token);
+        return token;
+      },
+      (err: unknown) => {
+        // A failed refresh keeps the token it meant to replace; an entry with nothing servable goes.
+        if (!this.servable(entry) && this.entries.peek(key) === entry) this.entries.delete(key);
+        throw err;
+      },
+    );
+    entry.inflight = fetched;
+    const clear = (): void => {
+      if (entry.inflight === fetched) entry.inflight = undefined;
+    };
+    fetched.then(clear, clear);
+    return fetched;
+  }
+
+  private store(entry: Entry, token: Token): void {
+    const now = this.now();
+    const expiresAtMs = token.expiresOn * 1000;
+    const lifetimeMs = Math.max(0, expiresAtMs - now);
+    const fraction = this.refreshFraction - this.random() * this.refreshJitter;
+    entry.token = token;
+    entry.refreshAtMs = now + lifetimeMs * fraction;
+    entry.staleAtMs = expiresAtMs - Math.min(this.expiryMarginMs, lifetimeMs / 10);
+  }
+
+  private async fetchWithRetry(entry: Entry): Promise<Token> {
+    const target: UpstreamTarget = entry.identity.type === IdentityType.UserAssignedMSI ? 'imds' : 'entra';
+    const startedAt = this.now();
+    for (let attempt = 1; ; attempt++) {
+      this.counters.upstreamRequests[target]++;
+      try {
+        return await this.provider.fetch(entry.identity, entry.resource, entry.credential);
+      } catch (err) {
+        if (err instanceof UpstreamError) this.counters.upstreamErrors[err.kind]++;
+        const delay = this.retryDelay(err, attempt);
+        if (delay === undefined || this.now() - startedAt + delay > this.retry.budgetMs || entry.dropped.signal.aborted) throw err;
+        try {
+          await this.sleep(delay, entry.dropped.signal);
+        } catch {
+          throw err; // dropped while waiting: the last answer is the one to report
+        }
+      }
+    }
+  }
+
+  /** How long to wait before the next attempt, or undefined for none. */
+  private retryDelay(err: unknown, attempt: number): number | undefined {
+    if (!(err instanceof UpstreamError) || !err.retryable || attempt >= this.retry.attempts) return undefined;
+    if (err.retryAfterMs !== undefined) return err.retryAfterMs;
+    const ceiling = Math.min(this.retry.maxDelayMs, this.retry.baseDelayMs * 2 ** (attempt - 1));
+    return Math.round(ceiling * (0.5 + this.random() / 2));
+  }
+}
+
+function entryKey(identity: AzureIdentity, resource: string): string {
+  // NUL cannot occur in Kubernetes names, versions or URLs, so keys cannot collide.
+  return `${identityKey(identity)}\0${identity.version}\0${resource}`;
+}
+
+function newEntry(identity: AzureIdentity, resource: string): Entry {
+  return {
+    identityKey: identityKey(identity),
+    identity,
+    resource,
+    credential: undefined,
+    token: undefined,
+    refreshAtMs: 0,
+    staleAtMs: 0,
+    inflight: undefined,
+    dropped: new AbortController(),
+  };
+}
+
+function describe(err: unknown): Record<string, unknown> {
+  if (err instanceof UpstreamError) return { code: err.code, kind: err.kind, status: err.status, message: err.message };
+  return { message: err instanceof Error ? err.message : String(err) };
+}

@@ -1,0 +1,72 @@
+// What went wrong talking to the token issuer (IMDS or Entra ID), classified so
+// the cache knows what to retry and the server knows what to answer the pod.
+import { codes, NmiError } from '../errors/errors.js';
+
+/**
+ * - `client`: a 4xx other than 429; passed on to the pod as it came, never retried.
+ * - `throttled`: 429; retried, honouring Retry-After.
+ * - `server`: 5xx, or a 2xx the issuer got wrong; retried.
+ * - `timeout`, `network`: no answer; retried.
+ */
+export type UpstreamKind = 'client' | 'throttled' | 'server' | 'timeout' | 'network';
+
+export const upstreamKinds: readonly UpstreamKind[] = ['client', 'throttled', 'server', 'timeout', 'network'];
+
+/** The issuer's own error, as IMDS and Entra ID both spell it. */
+export interface UpstreamErrorBody {
+  error: string;
+  error_description: string;
+}
+
+export interface UpstreamErrorDetails {
+  /** The issuer's HTTP status, when it answered. */
+  status?: number;
+  body?: UpstreamErrorBody;
+  /** From the issuer's Retry-After header. */
+  retryAfterMs?: number;
+  cause?: unknown;
+}
+
+export class UpstreamError extends NmiError {
+  readonly kind: UpstreamKind;
+  readonly status: number | undefined;
+  readonly body: UpstreamErrorBody | undefined;
+  readonly retryAfterMs: number | undefined;
+
+  constructor(kind: UpstreamKind, message: string, details: UpstreamErrorDetails = {}) {
+    super(codes.UPSTREAM, message, { cause: details.cause });
+    this.name = 'UpstreamError';
+    this.kind = kind;
+    this.status = details.status;
+    this.body = details.body;
+    this.retryAfterMs = details.retryAfterMs;
+  }
+
+  /** Worth another attempt: the issuer may answer differently later. */
+  get retryable(): boolean {
+    return this.kind !== 'client';
+  }
+}
+
+export function kindForStatus(status: number): UpstreamKind {
+  if (status === 429) return 'throttled';
+  if (status >= 400 && status < 500) return 'client';
+  return 'server';
+}
+
+/** Retry-After as delay-seconds or an HTTP date; undefined when absent or unreadable. */
+export function parseRetryAfter(value: string | undefined, nowMs: number): number | undefined {
+  if (!value) return undefined;
+  const trimmed = value.trim();
+  if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
+  const date = Date.parse(trimmed);
+  return Number.isNaN(date) ? undefined : Math.max(0, date - nowMs);
+}
+
+/** `{error, error_description}` when the body carries them (strings), else undefined. */
+export function errorBodyOf(body: unknown): UpstreamErrorBody | undefined {
+  if (typeof body !== 'object' || body === null) return undefined;
+  const { error, error_description: description } = body as Record<string, unknown>;
+  if (typeof error !== 'string') return undefined;
+  return { error, error_description: typeof description === 'string' ? description : '' };
+}

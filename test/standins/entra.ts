@@ -1,0 +1,291 @@
+// A stand-in Entra ID (login.microsoftonline.com) on https://127.0.0.1:<port>,
+// serving with a certificate from a throwaway CA (pki.ts); clients trust entra.caPem.
+//
+//   const entra = await startEntra();                 // entra.url = 'https://127.0.0.1:<port>'
+//   entra.register({ tenantId, clientId, clientSecret })          // or certificatePem
+//   POST /<tenant>/oauth2/v2.0/token  grant_type=client_credentials, scope=<resource>/.default,
+//     client_id + client_secret, or client_assertion (a JWT signed with the registered
+//     certificate's key: signature, x5t/x5t#S256, aud, iss, sub, exp checked)
+//     → 200 {token_type, expires_in, ext_expires_in, access_token} (decodeStandinToken reads it)
+//     wrong secret or assertion → 401 invalid_client; unknown client → 400 unauthorized_client;
+//     unknown tenant → 400 invalid_request; scope not ending in /.default → 400 invalid_scope.
+//   GET /<tenant>/v2.0/.well-known/openid-configuration, GET /common/discovery/instance:
+//     the documented shapes; counted in entra.discoveryCalls.
+//   entra.failNext(n, { status, body?, headers? }); entra.hang(true) holds token calls, hang(false) answers them;
+//   entra.calls, entra.requests (client_secret redacted).
+//   createRsaCertificate(pki, cn, password?) makes an RSA client certificate (msal signs with RSA only).
+//   await entra.close()
+import { constants, createHash, randomUUID, verify, X509Certificate } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
+import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
+import { createServer, type Server } from 'node:https';
+import type { ServerResponse } from 'node:http';
+import path from 'node:path';
+import { issueStandinToken, type Failure, type StandinRequest } from './imds.js';
+import { createPki, type Pki } from './pki.js';
+
+export interface EntraApp {
+  tenantId: string;
+  clientId: string;
+  clientSecret?: string;
+  /** PEM certificate whose key signs client assertions. */
+  certificatePem?: string;
+}
+
+export interface EntraOptions {
+  /** Where the serving certificate comes from; a fresh PKI (removed on close) when absent. */
+  pki?: Pki;
+  /** Token lifetime in seconds [3599, like Entra ID]. */
+  expiresInSec?: number;
+}
+
+export interface EntraStandin {
+  url: string;
+  caPem: string;
+  register(app: EntraApp): void;
+  /** Token calls so far (hung ones included). */
+  readonly calls: number;
+  /** Discovery and OIDC metadata calls so far. */
+  readonly discoveryCalls: number;
+  readonly requests: StandinRequest[];
+  failNext(n: number, failure: Failure): void;
+  /** While on, token calls wait; turning it off answers those still connected. */
+  hang(on: boolean): void;
+  expiresInSec: number;
+  close(): Promise<void>;
+}
+
+export const assertionType = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
+
+export async function startEntra(options: EntraOptions = {}): Promise<EntraStandin> {
+  const pki = options.pki ?? createPki('entra');
+  const serving = pki.server('127.0.0.1', ['127.0.0.1', 'localhost']);
+  const apps = new Map<string, EntraApp>();
+  const requests: StandinRequest[] = [];
+  const failures: Failure[] = [];
+  let held: Array<() => void> = [];
+  let hanging = false;
+  let calls = 0;
+  let discoveryCalls = 0;
+  let serial = 0;
+  let base = '';
+  const standin = { expiresInSec: options.expiresInSec ?? 3599 };
+
+  const server: Server = createServer({ cert: serving.certPem, key: serving.keyPem }, async (req, res) => {
+    const url = new URL(req.url ?? '/', 'https://entra');
+    const chunks: Buffer[] = [];
+    for await (const chunk of req) chunks.push(chunk as Buffer);
+    const form = req.method === 'POST' ? Object.fromEntries(new URLSearchParams(Buffer.concat(chunks).toString('utf8'))) : {};
+    const recorded = { ...form, ...(form.client_secret ? { client_secret: '[redacted]' } : {}) };
+    requests.push({ method: req.method ?? '', path: url.pathname, query: Object.fromEntries(url.searchParams), headers: req.headers, form: recorded });
+    if (requests.length > 100) requests.shift();
+
+    const [, tenant, ...rest] = url.pathname.split('/');
+    const route = rest.join('/');
+    if (req.method === 'GET' && route === 'v2.0/.well-known/openid-configuration' && tenant) {
+      discoveryCalls++;
+      return send(res, 200, openIdConfiguration(base, tenant));
+    }
+    if (req.method === 'GET' && tenant === 'common' && route === 'discovery/instance') {
+      discoveryCalls++;
+      const host = new URL(base).host;
+      return send(res, 200, {
+        tenant_discovery_endpoint: `${base}/common/v2.0/.well-known/openid-configuration`,
+        'api-version': '1.1',
+        metadata: [{ preferred_network: host, preferred_cache: host, aliases: [host] }],
+      });
+    }
+    if (req.method !== 'POST' || route !== 'oauth2/v2.0/token' || !tenant) {
+      return send(res, 404, entraError('invalid_request', 90001, `no such endpoint ${req.method} ${url.pathname}`));
+    }
+    calls++;
+    const answer = (): void => answerToken(res, tenant, form, `${base}${url.pathname}`);
+    if (hanging) held.push(answer);
+    else answer();
+  });
+
+  function answerToken(res: ServerResponse, tenant: string, form: Record<string, string>, tokenUrl: string): void {
+    if (res.destroyed) return;
+    const failure = failures.shift();
+    if (failure) return send(res, failure.status, failure.body ?? entraError(failure.status === 429 ? 'temporarily_unavailable' : 'server_error', 50001, 'programmed failure'), failure.headers);
+    const outcome = grant(tenant, form, tokenUrl);
+    if ('status' in outcome) return send(res, outcome.status, outcome.body);
+    const now = Math.floor(Date.now() / 1000);
+    const access = issueStandinToken({
+      aud: outcome.scope.slice(0, -'/.default'.length),
+      appid: outcome.app.clientId,
+      identity: `sp:${tenant}/${outcome.app.clientId}`,
+      serial: ++serial,
+      iat: now,
+      nbf: now,
+      exp: now + standin.expiresInSec,
+    });
+    send(res, 200, { token_type: 'Bearer', expires_in: standin.expiresInSec, ext_expires_in: standin.expiresInSec, access_token: access });
+  }
+
+  function grant(tenant: string, form: Record<string, string>, tokenUrl: string): { app: EntraApp; scope: string } | { status: number; body: unknown } {
+    if (![...apps.values()].some((a) => a.tenantId === tenant)) {
+      return { status: 400, body: entraError('invalid_request', 90002, `Tenant '${tenant}' not found.`) };
+    }
+    if (form.grant_type !== 'client_credentials') return { status: 400, body: entraError('unsupported_grant_type', 70003, 'The app requested an unsupported grant type.') };
+    const app = apps.get(`${tenant}/${form.client_id ?? ''}`);
+    if (!app) return { status: 400, body: entraError('unauthorized_client', 700016, `Application with identifier '${form.client_id}' was not found in the directory '${tenant}'.`) };
+    const scope = form.scope ?? '';
+    if (!scope.endsWith('/.default') || scope.includes(' ')) return { status: 400, body: entraError('invalid_scope', 1002012, `The provided value for scope ${scope} is not valid.`) };
+    if (form.client_secret !== undefined) {
+      if (form.client_secret !== app.clientSecret) return { status: 401, body: entraError('invalid_client', 7000215, 'Invalid client secret provided.') };
+    } else if (form.client_assertion_type === assertionType && form.client_assertion) {
+      const problem = checkAssertion(form.client_assertion, app, tokenUrl);
+      if (problem) return { status: 401, body: entraError('invalid_client', 700027, `Client assertion failed signature validation: ${problem}`) };
+    } else {
+      return { status: 401, body: entraError('invalid_client', 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.") };
+    }
+    return { app, scope };
+  }
+
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  base = `https://127.0.0.1:${(server.address() as { port: number }).port}`;
+
+  return {
+    url: base,
+    caPem: pki.caPem,
+    register(app: EntraApp) {
+      apps.set(`${app.tenantId}/${app.clientId}`, app);
+    },
+    get calls() {
+      return calls;
+    },
+    get discoveryCalls() {
+      return discoveryCalls;
+    },
+    requests,
+    get expiresInSec() {
+      return standin.expiresInSec;
+    },
+    set expiresInSec(value: number) {
+      standin.expiresInSec = value;
+    },
+    failNext(n: number, failure: Failure) {
+      for (let i = 0; i < n; i++) failures.push(failure);
+    },
+    hang(on: boolean) {
+      hanging = on;
+      if (on) return;
+      const release = held;
+      held = [];
+      for (const go of release) go();
+    },
+    async close() {
+      held = [];
+      server.closeAllConnections();
+      server.close();
+      await once(server, 'close');
+      if (!options.pki) pki.remove();
+    },
+  };
+}
+
+/** Why the assertion is not acceptable, or undefined when it is. */
+function checkAssertion(assertion: string, app: EntraApp, tokenUrl: string): string | undefined {
+  if (!app.certificatePem) return 'no certificate registered';
+  const [headerPart, payloadPart, signaturePart] = assertion.split('.');
+  if (!headerPart || !payloadPart || signaturePart === undefined) return 'not a JWT';
+  const header = parsePart(headerPart);
+  const claims = parsePart(payloadPart);
+  if (!header || !claims) return 'unreadable JWT';
+  const cert = new X509Certificate(app.certificatePem);
+  const thumbprint = (algorithm: 'sha1' | 'sha256'): string => createHash(algorithm).update(cert.raw).digest('base64url');
+  if (header['x5t#S256'] !== undefined ? header['x5t#S256'] !== thumbprint('sha256') : header.x5t !== thumbprint('sha1')) return 'thumbprint does not match';
+  const signed = Buffer.from(`${headerPart}.${payloadPart}`);
+  const signature = Buffer.from(signaturePart, 'base64url');
+  const key = cert.publicKey;
+  const valid =
+    header.alg === 'RS256'
+      ? verify('sha256', signed, key, signature)
+      : header.alg === 'PS256'
+        ? verify('sha256', signed, { key, padding: constants.RSA_PKCS1_PSS_PADDING, saltLength: constants.RSA_PSS_SALTLEN_AUTO }, signature)
+        : false;
+  if (!valid) return `bad ${String(header.alg)} signature`;
+  const now = Math.floor(Date.now() / 1000);
+  if (claims.aud !== tokenUrl) return `aud ${String(claims.aud)} is not ${tokenUrl}`;
+  if (claims.iss !== app.clientId || claims.sub !== app.clientId) return 'iss and sub must be the client id';
+  if (typeof claims.exp !== 'number' || claims.exp <= now) return 'expired';
+  if (typeof claims.nbf === 'number' && claims.nbf > now + 300) return 'not yet valid';
+  return undefined;
+}
+
+function parsePart(part: string): Record<string, unknown> | undefined {
+  try {
+    return JSON.parse(Buffer.from(part, 'base64url').toString('utf8')) as Record<string, unknown>;
+  } catch {
+    return undefined;
+  }
+}
+
+function openIdConfiguration(base: string, tenant: string): Record<string, unknown> {
+  const authority = `${base}/${tenant}`;
+  return {
+    token_endpoint: `${authority}/oauth2/v2.0/token`,
+    token_endpoint_auth_methods_supported: ['client_secret_post', 'private_key_jwt', 'client_secret_basic'],
+    jwks_uri: `${authority}/discovery/v2.0/keys`,
+    response_modes_supported: ['query', 'fragment', 'form_post'],
+    subject_types_supported: ['pairwise'],
+    id_token_signing_alg_values_supported: ['RS256'],
+    response_types_supported: ['code', 'id_token', 'code id_token', 'id_token token'],
+    scopes_supported: ['openid', 'profile', 'email', 'offline_access'],
+    issuer: `${authority}/v2.0`,
+    request_uri_parameter_supported: false,
+    authorization_endpoint: `${authority}/oauth2/v2.0/authorize`,
+    device_authorization_endpoint: `${authority}/oauth2/v2.0/devicecode`,
+    http_logout_supported: true,
+    frontchannel_logout_supported: true,
+    end_session_endpoint: `${authority}/oauth2/v2.0/logout`,
+    claims_supported: ['sub', 'iss', 'aud', 'exp', 'iat', 'nbf', 'tid'],
+    tenant_region_scope: 'EU',
+    cloud_instance_name: 'microsoftonline.com',
+  };
+}
+
+function entraError(error: string, code: number, description: string): Record<string, unknown> {
+  const traceId = randomUUID();
+  const correlationId = randomUUID();
+  return {
+    error,
+    error_description: `AADSTS${code}: ${description} Trace ID: ${traceId} Correlation ID: ${correlationId} Timestamp: ${new Date().toISOString()}`,
+    error_codes: [code],
+    timestamp: new Date().toISOString(),
+    trace_id: traceId,
+    correlation_id: correlationId,
+  };
+}
+
+function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', ...headers });
+  res.end(JSON.stringify(body));
+}
+
+export interface RsaCertificate {
+  /** Certificate then private key, PEM: what a type-2 identity's secret `certificate` holds here. */
+  bundlePem: string;
+  certificatePem: string;
+}
+
+/** A self-signed RSA client certificate; with password the key is PKCS#8-encrypted (AES-256). */
+export function createRsaCertificate(pki: Pki, cn: string, password?: string): RsaCertificate {
+  const key = path.join(pki.dir, `rsa-${cn}.key`);
+  const cert = path.join(pki.dir, `rsa-${cn}.crt`);
+  const run = (args: string[], env?: Record<string, string>): void => {
+    execFileSync('openssl', args, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } });
+  };
+  run(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', key, '-out', cert, '-days', '2', '-subj', `/CN=${cn}`]);
+  let keyPem = readFileSync(key, 'utf8');
+  if (password) {
+    const encrypted = `${key}.enc`;
+    run(['pkcs8', '-topk8', '-v2', 'aes-256-cbc', '-in', key, '-out', encrypted, '-passout', 'env:NMI_TEST_KEY_PASSWORD'], { NMI_TEST_KEY_PASSWORD: password });
+    keyPem = readFileSync(encrypted, 'utf8');
+  }
+  const certificatePem = readFileSync(cert, 'utf8');
+  return { bundlePem: `${certificatePem}${keyPem}`, certificatePem };
+}

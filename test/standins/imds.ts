@@ -1,0 +1,216 @@
+// A stand-in Azure IMDS on 127.0.0.1:<port>, plain HTTP as the real one.
+//
+//   const imds = await startImds();            // imds.url = 'http://127.0.0.1:<port>'
+//   GET /metadata/identity/oauth2/token[/]?api-version=...&resource=...[&client_id|msi_res_id|mi_res_id|object_id=...]
+//     with `Metadata: true` → 200 with IMDS's answer (every value a string); the access
+//     token is a JWT-shaped string whose payload says whose it is: decodeStandinToken(t).
+//   imds.failNext(2, { status: 429, headers: { 'retry-after': '1' } })  // next 2 token calls fail
+//   imds.hang(true)                             // token calls wait; hang(false) answers the ones still connected
+//   imds.calls                                  // token calls so far; imds.requests: every request (last 100)
+//   GET /metadata/instance, /metadata/versions, ... → small JSON; other paths → 404 JSON.
+//   await imds.close()
+import { createHash } from 'node:crypto';
+import { once } from 'node:events';
+import { createServer, type IncomingHttpHeaders, type ServerResponse } from 'node:http';
+
+export interface StandinRequest {
+  method: string;
+  path: string;
+  query: Record<string, string>;
+  headers: IncomingHttpHeaders;
+  /** POST bodies as form fields (secrets redacted); {} for GET. */
+  form: Record<string, string>;
+}
+
+export interface Failure {
+  status: number;
+  /** Default: the issuer's usual error body for the status. */
+  body?: unknown;
+  headers?: Record<string, string>;
+}
+
+/** What a stand-in token says about itself. */
+export interface StandinTokenClaims {
+  /** The resource (IMDS) or scope without /.default (Entra). */
+  aud: string;
+  /** Client id the token was issued to. */
+  appid: string;
+  /** `client_id:<id>`, `msi_res_id:<id>`, `object_id:<id>`, `system`, or `sp:<tenant>/<client id>`. */
+  identity: string;
+  /** Per stand-in, counts tokens issued: 1, 2, ... */
+  serial: number;
+  iat: number;
+  nbf: number;
+  exp: number;
+}
+
+export interface MsiRecord {
+  clientId: string;
+  resourceId?: string;
+  objectId?: string;
+}
+
+export interface ImdsOptions {
+  /** Token lifetime in seconds [86399, like IMDS]. */
+  expiresInSec?: number;
+  /** Known identities; when given, unknown ids get IMDS's 400 "Identity not found". */
+  identities?: MsiRecord[];
+  /** Seconds since the epoch, for expires_on/not_before. */
+  nowSec?: () => number;
+}
+
+export interface ImdsStandin {
+  url: string;
+  /** Token calls so far (held ones included). */
+  readonly calls: number;
+  readonly requests: StandinRequest[];
+  failNext(n: number, failure: Failure): void;
+  /** While on, token calls wait; turning it off answers those still connected. */
+  hang(on: boolean): void;
+  expiresInSec: number;
+  close(): Promise<void>;
+}
+
+const tokenPaths = new Set(['/metadata/identity/oauth2/token', '/metadata/identity/oauth2/token/']);
+
+export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin> {
+  const nowSec = options.nowSec ?? (() => Math.floor(Date.now() / 1000));
+  const known = options.identities;
+  const requests: StandinRequest[] = [];
+  const failures: Failure[] = [];
+  let held: Array<() => void> = [];
+  let hanging = false;
+  let calls = 0;
+  let serial = 0;
+  const standin = { expiresInSec: options.expiresInSec ?? 86399 };
+
+  const server = createServer((req, res) => {
+    const url = new URL(req.url ?? '/', 'http://imds');
+    const query = Object.fromEntries(url.searchParams);
+    requests.push({ method: req.method ?? '', path: url.pathname, query, headers: req.headers, form: {} });
+    if (requests.length > 100) requests.shift();
+    req.resume();
+
+    if (!tokenPaths.has(url.pathname)) return metadata(url.pathname, res);
+    calls++;
+    if (req.headers.metadata !== 'true') return send(res, 400, imdsError('invalid_request', 'Required metadata header not specified'));
+    const answer = (): void => answerToken(res, query);
+    if (hanging) held.push(answer);
+    else answer();
+  });
+
+  function answerToken(res: ServerResponse, query: Record<string, string>): void {
+    if (res.destroyed) return;
+    const failure = failures.shift();
+    if (failure) return send(res, failure.status, failure.body ?? defaultBody(failure.status), failure.headers);
+    if (!query['api-version']) return send(res, 400, imdsError('invalid_request', "Required query variable 'api-version' is missing"));
+    if (!query.resource) return send(res, 400, imdsError('invalid_request', 'Required audience variable not specified'));
+    const msi = identify(query, known);
+    if (!msi) return send(res, 400, imdsError('invalid_request', 'Identity not found'));
+    const now = nowSec();
+    const expiresOn = now + standin.expiresInSec;
+    const claims: StandinTokenClaims = { aud: query.resource, appid: msi.clientId, identity: msi.identity, serial: ++serial, iat: now, nbf: now, exp: expiresOn };
+    send(res, 200, {
+      access_token: issueStandinToken(claims),
+      client_id: msi.clientId,
+      expires_in: String(standin.expiresInSec),
+      expires_on: String(expiresOn),
+      ext_expires_in: String(standin.expiresInSec),
+      not_before: String(now),
+      resource: query.resource,
+      token_type: 'Bearer',
+    });
+  }
+
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const { port } = server.address() as { port: number };
+
+  return {
+    url: `http://127.0.0.1:${port}`,
+    get calls() {
+      return calls;
+    },
+    requests,
+    get expiresInSec() {
+      return standin.expiresInSec;
+    },
+    set expiresInSec(value: number) {
+      standin.expiresInSec = value;
+    },
+    failNext(n: number, failure: Failure) {
+      for (let i = 0; i < n; i++) failures.push(failure);
+    },
+    hang(on: boolean) {
+      hanging = on;
+      if (on) return;
+      const release = held;
+      held = [];
+      for (const go of release) go();
+    },
+    async close() {
+      held = [];
+      server.closeAllConnections();
+      server.close();
+      await once(server, 'close');
+    },
+  };
+}
+
+function identify(query: Record<string, string>, known: MsiRecord[] | undefined): { clientId: string; identity: string } | undefined {
+  const resourceId = query.msi_res_id ?? query.mi_res_id;
+  const [param, id, field] = query.client_id
+    ? (['client_id', query.client_id, 'clientId'] as const)
+    : resourceId
+      ? (['msi_res_id', resourceId, 'resourceId'] as const)
+      : query.object_id
+        ? (['object_id', query.object_id, 'objectId'] as const)
+        : ([undefined, undefined, undefined] as const);
+  if (!param || !id) return { clientId: 'system-assigned', identity: 'system' };
+  if (known) {
+    const msi = known.find((m) => m[field]?.toLowerCase() === id.toLowerCase());
+    return msi && { clientId: msi.clientId, identity: `${param}:${id}` };
+  }
+  return { clientId: param === 'client_id' ? id : fakeGuid(id), identity: `${param}:${id}` };
+}
+
+function metadata(path: string, res: ServerResponse): void {
+  if (path === '/metadata/instance' || path === '/metadata/instance/') {
+    return send(res, 200, { compute: { name: 'standin-vm', location: 'westeurope', vmId: '00000000-0000-0000-0000-000000000001' }, network: { interface: [] } });
+  }
+  if (path === '/metadata/versions') return send(res, 200, { apiVersions: ['2018-02-01', '2019-08-01', '2021-02-01'] });
+  if (path.startsWith('/metadata/')) return send(res, 200, { standin: true, path });
+  send(res, 404, { error: 'not_found', error_description: `no such path ${path}` });
+}
+
+function imdsError(error: string, description: string): { error: string; error_description: string } {
+  return { error, error_description: description };
+}
+
+function defaultBody(status: number): unknown {
+  if (status === 429) return imdsError('too_many_requests', 'Too many requests');
+  if (status >= 500) return imdsError('unknown_error', 'Internal server error');
+  return imdsError('invalid_request', 'Bad request');
+}
+
+function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', ...headers });
+  res.end(JSON.stringify(body));
+}
+
+/** A JWT-shaped, unsigned token carrying claims. */
+export function issueStandinToken(claims: StandinTokenClaims): string {
+  const part = (value: unknown): string => Buffer.from(JSON.stringify(value)).toString('base64url');
+  return `${part({ alg: 'none', typ: 'JWT' })}.${part(claims)}.standin`;
+}
+
+export function decodeStandinToken(token: string): StandinTokenClaims {
+  const payload = token.split('.')[1];
+  if (!payload) throw new Error('not a stand-in token');
+  return JSON.parse(Buffer.from(payload, 'base64url').toString('utf8')) as StandinTokenClaims;
+}
+
+function fakeGuid(seed: string): string {
+  const h = createHash('sha256').update(seed).digest('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20, 32)}`;
+}
