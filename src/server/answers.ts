@@ -1,0 +1,91 @@
+// The bytes of every answer nmi writes itself (proxied answers excepted). The
+// native fast path must reproduce them exactly, so the header set is small and
+// fixed, in this order:
+//
+//   Content-Type: application/json; charset=utf-8
+//   Content-Length: <body bytes>
+//   Cache-Control: no-store          (a token answer is a secret: nothing may keep it)
+//   Allow: GET                       (405 only)
+//   Retry-After: <seconds>           (503 only)
+//
+// node:http then adds Date, and Connection: keep-alive + Keep-Alive: timeout=5
+// (or Connection: close). The body is compact JSON (no spaces), every value a
+// string, keys in the order written here or by toAnswer.
+import type { ServerResponse } from 'node:http';
+import { toAnswer, type Token } from '../tokens/token.js';
+
+/** An error answer: IMDS's `{"error","error_description"}` body with a status. */
+export interface Problem {
+  status: number;
+  error: string;
+  error_description: string;
+  /** Seconds, for 503 answers. */
+  retryAfter?: number;
+  /** 405 answers name the allowed method. */
+  allow?: string;
+}
+
+export interface Answer {
+  status: number;
+  headers: Array<[string, string]>;
+  body: Buffer;
+}
+
+export function jsonAnswer(status: number, body: object, extra: { allow?: string; retryAfter?: number } = {}): Answer {
+  const bytes = Buffer.from(JSON.stringify(body), 'utf8');
+  const headers: Array<[string, string]> = [
+    ['Content-Type', 'application/json; charset=utf-8'],
+    ['Content-Length', String(bytes.length)],
+    ['Cache-Control', 'no-store'],
+  ];
+  if (extra.allow !== undefined) headers.push(['Allow', extra.allow]);
+  if (extra.retryAfter !== undefined) headers.push(['Retry-After', String(extra.retryAfter)]);
+  return { status, headers, body: bytes };
+}
+
+export function problemAnswer(problem: Problem): Answer {
+  const { status, error, error_description, allow, retryAfter } = problem;
+  return jsonAnswer(status, { error, error_description }, { allow, retryAfter });
+}
+
+/** 200 with the token as IMDS answers it; expires_in is counted now. */
+export function tokenAnswer(token: Token, nowMs = Date.now()): Answer {
+  return jsonAnswer(200, toAnswer(token, nowMs));
+}
+
+export function writeAnswer(res: ServerResponse, answer: Answer): void {
+  if (res.headersSent || res.destroyed) return;
+  res.writeHead(answer.status, answer.headers.flat());
+  res.end(answer.body);
+}
+
+/** The answers of steps 6–8 and of the server itself; checks 1–5 are in request.ts. */
+export const problems = {
+  unknownCaller: {
+    status: 404,
+    error: 'not_found',
+    error_description: 'No pod of this node owns the source address of the request',
+  },
+  identityNotFound: { status: 400, error: 'invalid_request', error_description: 'Identity not found' },
+  /** --retry-after: the binding may not have landed yet, so ask the client to come back. */
+  identityNotYet: { status: 503, error: 'invalid_request', error_description: 'Identity not found', retryAfter: 20 },
+  multipleIdentities: {
+    status: 400,
+    error: 'invalid_request',
+    error_description:
+      'Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request',
+  },
+  internal: { status: 500, error: 'internal_error', error_description: 'The token request could not be completed' },
+  upstreamTimeout: { status: 504, error: 'gateway_timeout', error_description: 'The instance metadata service did not answer in time' },
+  upstreamUnreachable: { status: 502, error: 'bad_gateway', error_description: 'The instance metadata service could not be reached' },
+} as const satisfies Record<string, Problem>;
+
+/** The token service stayed unavailable after the cache's retries. */
+export function unavailable(retryAfterSeconds: number): Problem {
+  return {
+    status: 503,
+    error: 'temporarily_unavailable',
+    error_description: 'The token service is temporarily unavailable, retry later',
+    retryAfter: retryAfterSeconds,
+  };
+}

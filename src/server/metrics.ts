@@ -1,0 +1,33 @@
+// The token server's request metrics. Labels stay bounded: route is one of
+// RouteName, code an HTTP status (or "aborted" when no answer was sent).
+import { Counter, Histogram, type Registry } from 'prom-client';
+import type { RouteName } from './request.js';
+
+export interface ServerMetrics {
+  observe(route: RouteName, code: string, seconds: number): void;
+}
+
+/** Most answers come from the cache in well under a millisecond, so the buckets start at 100µs. */
+export const DURATION_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
+
+export function registerServerMetrics(registry: Registry): ServerMetrics {
+  const requests = new Counter({
+    name: 'nmi_http_requests_total',
+    help: 'Requests answered by the token server, by status code and route',
+    labelNames: ['code', 'route'] as const,
+    registers: [registry],
+  });
+  const duration = new Histogram({
+    name: 'nmi_http_request_duration_seconds',
+    help: 'Time from request to the end of its answer, by route',
+    labelNames: ['route'] as const,
+    buckets: DURATION_BUCKETS,
+    registers: [registry],
+  });
+  return {
+    observe(route, code, seconds) {
+      requests.inc({ code, route });
+      duration.observe({ route }, seconds);
+    },
+  };
+}

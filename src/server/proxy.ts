@@ -1,0 +1,101 @@
+// Forwards a request to the real IMDS unchanged: same method, path, query,
+// body and end-to-end headers (Metadata included). Hop-by-hop headers are
+// dropped and nothing is added: no X-Forwarded-For, Forwarded or Via, which
+// IMDS would refuse. Only the upstream URL's origin is used.
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { pipeline } from 'node:stream/promises';
+import { Pool } from 'undici';
+import { problemAnswer, problems, writeAnswer } from './answers.js';
+
+export interface ImdsProxy {
+  /** Answers `res` with the upstream's answer to `target` (a raw origin-form request-target). */
+  forward(req: IncomingMessage, res: ServerResponse, target: string): Promise<void>;
+  /** Waits for forwarded requests to finish, then closes upstream connections. */
+  close(): Promise<void>;
+}
+
+export interface ProxyOptions {
+  upstream: URL;
+  /** Bounds connecting, waiting for the answer's headers, and each pause in its body. */
+  timeoutMs: number;
+}
+
+/** Connection-scoped headers (RFC 9110 7.6.1), plus Host (undici sets it) and Expect (undici refuses it). */
+const HOP_BY_HOP = new Set([
+  'connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade',
+  'proxy-authenticate', 'proxy-authorization', 'host', 'expect',
+]);
+const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT']);
+
+export function createImdsProxy({ upstream, timeoutMs }: ProxyOptions): ImdsProxy {
+  const pool = new Pool(upstream.origin, {
+    connections: 32,
+    connect: { timeout: timeoutMs },
+    headersTimeout: timeoutMs,
+    bodyTimeout: timeoutMs,
+  });
+  return {
+    async forward(req, res, target) {
+      // A client that goes away takes its upstream request with it.
+      const abort = new AbortController();
+      res.once('close', () => abort.abort());
+      let answer: Awaited<ReturnType<Pool['request']>>;
+      try {
+        answer = await pool.request({
+          method: req.method ?? 'GET',
+          path: target,
+          headers: endToEnd(req.rawHeaders),
+          body: hasBody(req) ? req : null,
+          signal: abort.signal,
+        });
+      } catch (err) {
+        const code = (err as { code?: unknown }).code;
+        writeAnswer(res, problemAnswer(TIMEOUT_CODES.has(String(code)) ? problems.upstreamTimeout : problems.upstreamUnreachable));
+        return;
+      }
+      res.writeHead(answer.statusCode, endToEndObject(answer.headers));
+      try {
+        await pipeline(answer.body, res);
+      } catch {
+        // The status line is gone already: cutting the connection is the only honest signal left.
+        res.destroy();
+      }
+    },
+    close: () => pool.close(),
+  };
+}
+
+function hasBody(req: IncomingMessage): boolean {
+  const length = req.headers['content-length'];
+  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0');
+}
+
+/** rawHeaders (name, value, name, value...) minus hop-by-hop ones and those the Connection header names. */
+export function endToEnd(rawHeaders: string[]): string[] {
+  const drop = connectionScoped(rawHeaders);
+  const kept: string[] = [];
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i]!;
+    if (!drop.has(name.toLowerCase())) kept.push(name, rawHeaders[i + 1]!);
+  }
+  return kept;
+}
+
+function connectionScoped(rawHeaders: string[]): Set<string> {
+  const drop = new Set(HOP_BY_HOP);
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+    if (rawHeaders[i]!.toLowerCase() !== 'connection') continue;
+    for (const token of rawHeaders[i + 1]!.split(',')) drop.add(token.trim().toLowerCase());
+  }
+  return drop;
+}
+
+function endToEndObject(headers: Record<string, string | string[] | undefined>): Record<string, string | string[]> {
+  const named = headers['connection'];
+  const drop = connectionScoped(named === undefined ? [] : ['connection', [named].flat().join(',')]);
+  const kept: Record<string, string | string[]> = {};
+  for (const [name, value] of Object.entries(headers)) {
+    if (value !== undefined && !drop.has(name)) kept[name] = value;
+  }
+  return kept;
+}

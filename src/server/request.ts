@@ -1,0 +1,173 @@
+// What a request is, from its method, raw request-target and headers alone (no
+// I/O): path hygiene first, then the route, then the token endpoint's checks
+// 1–5 in the contract's order. Steps 6–8 need the caller and live in
+// token-server.ts.
+import type { Problem } from './answers.js';
+
+export const TOKEN_PATH = '/metadata/identity/oauth2/token';
+export const PROXY_CATEGORIES = ['instance', 'versions', 'attested', 'loadbalancer', 'scheduledevents'] as const;
+export type ProxyCategory = (typeof PROXY_CATEGORIES)[number];
+/** Bounded on purpose: it labels metrics. */
+export type RouteName = 'token' | ProxyCategory | 'other';
+
+/** IMDS api-versions that serve identity tokens (2018-02-01 onwards). */
+export const IDENTITY_API_VERSIONS: ReadonlySet<string> = new Set([
+  '2018-02-01', '2019-03-11', '2019-06-01', '2019-06-04', '2019-08-01', '2019-08-15', '2019-11-01',
+  '2020-06-01', '2020-07-15', '2020-09-01', '2020-10-01', '2020-12-01', '2021-01-01', '2021-02-01',
+  '2021-03-01', '2021-05-01', '2021-08-01', '2021-10-01', '2021-11-01', '2021-11-15', '2021-12-13',
+  '2022-02-01', '2022-03-01', '2022-07-01', '2022-08-01', '2022-09-01', '2023-07-01', '2023-11-15',
+  '2024-03-15', '2024-07-17', '2025-04-07',
+]);
+
+/** Which identity the caller asked for; `mi_res_id` arrives as `msi_res_id`. */
+export interface IdSelector {
+  param: 'client_id' | 'object_id' | 'msi_res_id';
+  value: string;
+}
+
+export interface TokenRequest {
+  /** The raw request-target, for the pass-through of exception pods. */
+  target: string;
+  apiVersion: string;
+  resource: string;
+  selector?: IdSelector;
+}
+
+export type Classification =
+  | { kind: 'reject'; route: RouteName; problem: Problem }
+  | { kind: 'token'; route: 'token'; request: TokenRequest }
+  | { kind: 'proxy'; route: ProxyCategory; target: string };
+
+export interface RequestPolicy {
+  metadataHeaderRequired: boolean;
+  blockInstanceMetadata: boolean;
+}
+
+/** node:http's req.headers: lower-case names, repeated values joined or listed. */
+export type RequestHeaders = Readonly<Record<string, string | string[] | undefined>>;
+
+const FORWARDING_HEADERS = ['x-forwarded-for', 'forwarded', 'via'];
+const ID_PARAMS = ['client_id', 'object_id', 'msi_res_id', 'mi_res_id'] as const;
+
+const bad = (error: string, error_description: string, status = 400): Problem => ({ status, error, error_description });
+
+/** The texts of every check, so tests and the native path compare against one place. */
+export const checks = {
+  target: bad('invalid_request', 'Invalid request target: only an absolute path is accepted'),
+  backslash: bad('invalid_request', 'Invalid request path: backslashes are not allowed'),
+  encodedSlash: bad('invalid_request', 'Invalid request path: encoded slashes are not allowed'),
+  doubledSlash: bad('invalid_request', 'Invalid request path: doubled slashes are not allowed'),
+  dotSegment: bad('invalid_request', 'Invalid request path: dot segments are not allowed'),
+  badEscape: bad('invalid_request', 'Invalid request path: malformed percent-encoding'),
+  notFound: bad('not_found', 'The requested metadata path was not found', 404),
+  blocked: bad('forbidden', 'Access to instance metadata is blocked on this node', 403),
+  method: { ...bad('method_not_allowed', 'Only GET is allowed on the token endpoint', 405), allow: 'GET' },
+  metadataHeader: bad('invalid_request', 'Required metadata header not specified'),
+  forwarded: bad('invalid_request', 'Forwarded requests are not allowed: X-Forwarded-For, Forwarded or Via header present'),
+  badQuery: bad('invalid_request', 'Malformed query string'),
+  apiVersionMissing: bad('bad_request', 'Required api-version parameter not specified'),
+  apiVersionBad: bad('bad_request', 'Invalid or bad API version specified'),
+  resourceMissing: bad('invalid_request', 'Required audience parameter not specified'),
+  duplicate: bad('invalid_request', 'A query parameter is specified more than once'),
+  twoIds: bad('invalid_request', 'Only one of client_id, object_id, msi_res_id or mi_res_id may be specified'),
+  emptyId: bad('invalid_request', 'The identity parameter (client_id, object_id, msi_res_id or mi_res_id) is empty'),
+} as const satisfies Record<string, Problem>;
+
+export function classifyRequest(method: string, target: string, headers: RequestHeaders, policy: RequestPolicy): Classification {
+  // Origin-form only: nothing legitimate reaches IMDS through a forward proxy.
+  if (!target.startsWith('/')) return { kind: 'reject', route: 'other', problem: checks.target };
+  const queryAt = target.indexOf('?');
+  const path = queryAt < 0 ? target : target.slice(0, queryAt);
+  const query = queryAt < 0 ? '' : target.slice(queryAt + 1);
+
+  const hygiene = pathProblem(path);
+  if (hygiene) return { kind: 'reject', route: 'other', problem: hygiene };
+
+  const route = routeOf(path);
+  if (route === 'token') {
+    const checked = checkTokenRequest(method, query, headers, policy);
+    return 'status' in checked ? { kind: 'reject', route, problem: checked } : { kind: 'token', route, request: { ...checked, target } };
+  }
+  if (route === 'other') return { kind: 'reject', route, problem: checks.notFound };
+  if (route === 'instance' && policy.blockInstanceMetadata) return { kind: 'reject', route, problem: checks.blocked };
+  return { kind: 'proxy', route, target };
+}
+
+/** Spellings that different parsers resolve differently are refused, so nmi and the upstream see one path. */
+export function pathProblem(path: string): Problem | undefined {
+  if (path.includes('\\')) return checks.backslash;
+  if (/%(2f|5c)/i.test(path)) return checks.encodedSlash;
+  if (path.includes('//')) return checks.doubledSlash;
+  if (path.split('/').some((segment) => /^(\.|%2e){1,2}$/i.test(segment))) return checks.dotSegment;
+  if (/%(?![0-9a-f]{2})/i.test(path)) return checks.badEscape;
+  return undefined;
+}
+
+export function routeOf(path: string): RouteName {
+  if (path === TOKEN_PATH || path === `${TOKEN_PATH}/`) return 'token';
+  const match = /^\/metadata\/([a-z]+)(\/|$)/.exec(path);
+  const category = PROXY_CATEGORIES.find((name) => name === match?.[1]);
+  return category ?? 'other';
+}
+
+/** Checks 1–5 of the contract, in its order; the first failure wins. */
+export function checkTokenRequest(
+  method: string,
+  query: string,
+  headers: RequestHeaders,
+  policy: Pick<RequestPolicy, 'metadataHeaderRequired'>,
+): Problem | Omit<TokenRequest, 'target'> {
+  if (method !== 'GET') return checks.method;
+  if (policy.metadataHeaderRequired && !isTrue(headers['metadata'])) return checks.metadataHeader;
+  if (FORWARDING_HEADERS.some((name) => headers[name] !== undefined)) return checks.forwarded;
+
+  const params = parseQuery(query);
+  if (!params) return checks.badQuery;
+  // A repeated api-version or resource is judged by its first value here and refused as a duplicate below.
+  const apiVersion = params.get('api-version')?.[0];
+  if (apiVersion === undefined) return checks.apiVersionMissing;
+  if (!IDENTITY_API_VERSIONS.has(apiVersion)) return checks.apiVersionBad;
+  const resource = params.get('resource')?.[0];
+  if (!resource) return checks.resourceMissing;
+  if ([...params.values()].some((values) => values.length > 1)) return checks.duplicate;
+
+  const given = ID_PARAMS.filter((name) => params.has(name));
+  if (given.length > 1) return checks.twoIds;
+  const [name] = given;
+  if (name === undefined) return { apiVersion, resource };
+  const value = params.get(name)?.[0] ?? '';
+  if (value === '') return checks.emptyId;
+  return { apiVersion, resource, selector: { param: name === 'mi_res_id' ? 'msi_res_id' : name, value } };
+}
+
+/**
+ * application/x-www-form-urlencoded as URLSearchParams reads it ('&' separates,
+ * the first '=' splits, '+' is a space), but strict: a malformed escape or
+ * invalid UTF-8 gives undefined instead of being kept or replaced.
+ */
+export function parseQuery(query: string): Map<string, string[]> | undefined {
+  const params = new Map<string, string[]>();
+  for (const pair of query.split('&')) {
+    if (pair === '') continue;
+    const eq = pair.indexOf('=');
+    const name = decodeComponent(eq < 0 ? pair : pair.slice(0, eq));
+    const value = decodeComponent(eq < 0 ? '' : pair.slice(eq + 1));
+    if (name === undefined || value === undefined) return undefined;
+    const values = params.get(name);
+    if (values) values.push(value);
+    else params.set(name, [value]);
+  }
+  return params;
+}
+
+function decodeComponent(text: string): string | undefined {
+  try {
+    return decodeURIComponent(text.replaceAll('+', ' '));
+  } catch {
+    return undefined;
+  }
+}
+
+function isTrue(value: string | string[] | undefined): boolean {
+  return typeof value === 'string' && value.toLowerCase() === 'true';
+}

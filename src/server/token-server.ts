@@ -1,0 +1,228 @@
+// The `js` token server. Data flow of one token request:
+//   request.ts (hygiene, route, checks 1–5) → caller by source address (6)
+//   → bound identities, filtered by the requested id (7) → getToken (8)
+//   → answers.ts. Other /metadata categories and exception pods go to proxy.ts.
+import http from 'node:http';
+import type { Socket } from 'node:net';
+import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
+import { codes } from '../errors/errors.js';
+import type { CallerLookup, Pod } from '../kubelet/pod.js';
+import type { Logger } from '../log/logger.js';
+import type { Token } from '../tokens/token.js';
+import { problemAnswer, problems, tokenAnswer, unavailable, writeAnswer, type Problem } from './answers.js';
+import type { ServerMetrics } from './metrics.js';
+import { createImdsProxy } from './proxy.js';
+import { classifyRequest, type Classification, type IdSelector, type RouteName, type TokenRequest } from './request.js';
+
+export interface TokenServerOptions {
+  metadataHeaderRequired: boolean;
+  blockInstanceMetadata: boolean;
+  retryAfter: boolean;
+  proxyTimeoutMs?: number;
+}
+
+export interface TokenServerDeps {
+  /** Caller's source IPv4 → its pod (after one coalesced refresh), or undefined. */
+  callers: CallerLookup;
+  identitiesFor(pod: Pod): PodIdentities;
+  /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
+  getToken(identity: AzureIdentity, resource: string): Promise<Token>;
+  /** The real IMDS: proxied categories and exception pods' pass-through. */
+  upstreamImds: URL;
+  options: TokenServerOptions;
+  log: Logger;
+  metrics?: ServerMetrics;
+}
+
+export interface TokenServer {
+  server: http.Server;
+  listen(host: string, port: number): Promise<void>;
+  /** Stops accepting, lets in-flight requests finish (at most drainMs), then closes every connection. Idempotent. */
+  close(drainMs?: number): Promise<void>;
+}
+
+/** How getToken fails when the upstream does (the token cache defines the class; matched by shape). */
+export interface UpstreamFailure {
+  code: typeof codes.UPSTREAM;
+  kind: 'client' | 'throttled' | 'server' | 'timeout' | 'network';
+  status?: number;
+  body?: { error: string; error_description: string };
+  retryAfterMs?: number;
+}
+
+export const limits = {
+  maxHeaderSize: 16 * 1024, // bytes, request line + headers
+  headersTimeoutMs: 10_000, // to receive the headers
+  requestTimeoutMs: 30_000, // to receive the whole request
+  keepAliveTimeoutMs: 5_000, // idle keep-alive connection
+  maxConnections: 4_096,
+  drainTimeoutMs: 10_000, // close(): in-flight requests get this long
+  proxyTimeoutMs: 10_000,
+  upstreamRetryAfterS: 5, // when the upstream gave no Retry-After
+} as const;
+
+export function createTokenServer(deps: TokenServerDeps): TokenServer {
+  const { options, log } = deps;
+  const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
+  const inFlight = new Set<http.ServerResponse>();
+  let closing = false;
+  let stopped: Promise<void> | undefined;
+
+  async function answerToken(req: http.IncomingMessage, res: http.ServerResponse, request: TokenRequest): Promise<void> {
+    const address = callerAddress(req.socket);
+    const pod = address === undefined ? undefined : await deps.callers.lookup(address);
+    if (!pod) return writeAnswer(res, problemAnswer(problems.unknownCaller));
+    const bound = deps.identitiesFor(pod);
+    if (bound.exception) return proxy.forward(req, res, request.target);
+
+    const identity = selectIdentity(bound.identities, request.selector);
+    if (identity === 'none') return writeAnswer(res, problemAnswer(options.retryAfter ? problems.identityNotYet : problems.identityNotFound));
+    if (identity === 'ambiguous') return writeAnswer(res, problemAnswer(problems.multipleIdentities));
+    let token: Token;
+    try {
+      token = await deps.getToken(identity, request.resource);
+    } catch (err) {
+      if (!isUpstreamFailure(err)) throw err;
+      log.debug({ kind: err.kind, status: err.status, identity: identity.name, namespace: identity.namespace }, 'token upstream failed');
+      return writeAnswer(res, upstreamAnswer(err));
+    }
+    writeAnswer(res, tokenAnswer(token));
+  }
+
+  function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
+    const started = process.hrtime.bigint();
+    const classified = classifyRequest(req.method ?? '', req.url ?? '', req.headers, options);
+    track(res, classified.route, started);
+    respond(classified, req, res).catch((err: unknown) => {
+      log.warn({ err: errorSummary(err) }, 'token server request failed');
+      if (res.headersSent) res.destroy();
+      else writeAnswer(res, problemAnswer(problems.internal));
+    });
+  }
+
+  async function respond(classified: Classification, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    if (classified.kind === 'reject') return writeAnswer(res, problemAnswer(classified.problem));
+    if (classified.kind === 'proxy') return proxy.forward(req, res, classified.target);
+    return answerToken(req, res, classified.request);
+  }
+
+  function track(res: http.ServerResponse, route: RouteName, started: bigint): void {
+    inFlight.add(res);
+    if (closing) res.setHeader('Connection', 'close');
+    res.once('close', () => {
+      inFlight.delete(res);
+      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+      deps.metrics?.observe(route, res.headersSent ? String(res.statusCode) : 'aborted', seconds);
+      // A keep-alive connection whose answer was already under way when close() began is idle now.
+      if (closing) setImmediate(() => server.closeIdleConnections());
+    });
+  }
+
+  async function drain(drainMs: number): Promise<void> {
+    closing = true;
+    for (const res of inFlight) if (!res.headersSent) res.setHeader('Connection', 'close');
+    const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+    server.closeIdleConnections();
+    const deadline = setTimeout(() => server.closeAllConnections(), drainMs);
+    await closed;
+    clearTimeout(deadline);
+    await proxy.close();
+  }
+
+  const server = http.createServer(
+    {
+      maxHeaderSize: limits.maxHeaderSize,
+      headersTimeout: limits.headersTimeoutMs,
+      requestTimeout: limits.requestTimeoutMs,
+      keepAliveTimeout: limits.keepAliveTimeoutMs,
+      keepAlive: true, // TCP keep-alive probes, so dead peers do not hold connection slots
+    },
+    handle,
+  );
+  server.maxConnections = limits.maxConnections;
+  server.on('clientError', answerClientError);
+
+  return {
+    server,
+    listen(host, port) {
+      return new Promise((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(port, host, () => {
+          server.off('error', reject);
+          resolve();
+        });
+      });
+    },
+    close(drainMs = limits.drainTimeoutMs) {
+      stopped ??= drain(drainMs);
+      return stopped;
+    },
+  };
+}
+
+/**
+ * Step 7: the pod's identities filtered by the requested id. client_id and
+ * msi_res_id compare case-insensitively (Azure ids are). The CRs carry no
+ * object id, so an object_id request never matches: "Identity not found".
+ * Several identities sharing the requested id are one Azure identity: the first wins.
+ */
+export function selectIdentity(identities: AzureIdentity[], selector?: IdSelector): AzureIdentity | 'none' | 'ambiguous' {
+  if (!selector) {
+    if (identities.length > 1) return 'ambiguous';
+    return identities[0] ?? 'none';
+  }
+  const wanted = selector.value.toLowerCase();
+  const field = selector.param === 'client_id' ? 'clientID' : selector.param === 'msi_res_id' ? 'resourceID' : undefined;
+  const match = field && identities.find((identity) => identity[field] !== '' && identity[field].toLowerCase() === wanted);
+  return match || 'none';
+}
+
+export function isUpstreamFailure(err: unknown): err is UpstreamFailure {
+  return typeof err === 'object' && err !== null && (err as { code?: unknown }).code === codes.UPSTREAM && typeof (err as { kind?: unknown }).kind === 'string';
+}
+
+/** A 4xx from the upstream is the client's to see as it came; anything else after retries is 503. */
+export function upstreamAnswer(err: UpstreamFailure) {
+  if (err.kind === 'client' && err.status !== undefined && err.status >= 400 && err.status < 500) {
+    const body = err.body ?? { error: 'invalid_request', error_description: 'The token request was refused' };
+    return problemAnswer({ status: err.status, error: body.error, error_description: body.error_description });
+  }
+  const seconds = err.retryAfterMs === undefined ? limits.upstreamRetryAfterS : Math.max(1, Math.ceil(err.retryAfterMs / 1000));
+  return problemAnswer(unavailable(seconds));
+}
+
+/** The pod's address as the pod index keys it: IPv4-mapped IPv6 unwrapped. */
+export function callerAddress(socket: Socket): string | undefined {
+  const address = socket.remoteAddress;
+  return address?.startsWith('::ffff:') ? address.slice('::ffff:'.length) : address;
+}
+
+/** Malformed requests never reach the handler: answer them in IMDS's shape, then hang up. */
+function answerClientError(err: NodeJS.ErrnoException, socket: Socket): void {
+  // An answer already on this connection cannot be followed by another status line.
+  const busy = (socket as { _httpMessage?: unknown })._httpMessage != null;
+  if (err.code === 'ECONNRESET' || !socket.writable || busy) {
+    socket.destroy();
+    return;
+  }
+  const problem = clientErrorProblem(err.code);
+  const body = JSON.stringify({ error: problem.error, error_description: problem.error_description });
+  socket.end(
+    `HTTP/1.1 ${problem.status} ${http.STATUS_CODES[problem.status]}\r\n` +
+      'Content-Type: application/json; charset=utf-8\r\n' +
+      `Content-Length: ${Buffer.byteLength(body)}\r\n` +
+      'Cache-Control: no-store\r\n' +
+      'Connection: close\r\n\r\n' +
+      body,
+  );
+}
+
+function clientErrorProblem(code: string | undefined): Problem {
+  if (code === 'HPE_HEADER_OVERFLOW') return { status: 431, error: 'invalid_request', error_description: 'Request header fields too large' };
+  if (code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, error: 'invalid_request', error_description: 'Request timed out' };
+  return { status: 400, error: 'invalid_request', error_description: 'Malformed HTTP request' };
+}
+
+function errorSummary(err: unknown): { code?: unknown; message: string } {
+  return err instanceof Error ? { code: (err as { code?: unknown }).code, message: err.message } : { message: String(err) };
+}

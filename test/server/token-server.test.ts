@@ -1,0 +1,527 @@
+// The js token server over real sockets: every check with its exact status and
+// body, the caller → identity → token flow, the proxy against a real upstream
+// stand-in, and the connection limits and lifecycle. The pod index, bindings
+// and token cache are small in-test implementations of their interfaces.
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { once } from 'node:events';
+import { Client, request } from 'undici';
+import { Registry } from 'prom-client';
+import type { AzureIdentity, PodIdentities } from '../../src/bindings/model.js';
+import type { Pod } from '../../src/kubelet/pod.js';
+import { silentLogger } from '../../src/log/logger.js';
+import type { Token } from '../../src/tokens/token.js';
+import { registerServerMetrics } from '../../src/server/metrics.js';
+import { createTokenServer, type TokenServer, type TokenServerOptions } from '../../src/server/token-server.js';
+import { startUpstream, DEFAULT_REPLY, type Upstream } from './upstream.js';
+
+const TOKEN = '/metadata/identity/oauth2/token';
+const QUERY = 'api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net';
+const DEFAULTS: TokenServerOptions = { metadataHeaderRequired: true, blockInstanceMetadata: false, retryAfter: false, proxyTimeoutMs: 2_000 };
+
+const pod: Pod = { uid: 'u1', namespace: 'default', name: 'app', labels: { aadpodidbinding: 'app' }, ips: ['127.0.0.1'], hostNetwork: false, phase: 'Running', nodeName: 'n1' };
+
+function identity(name: string, clientID: string, resourceID = ''): AzureIdentity {
+  return { name, namespace: 'default', type: 0, clientID, resourceID, tenantID: '', namespaced: false, version: '1' };
+}
+const idA = identity('a', 'AAAA-1111', '/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/a');
+const idB = identity('b', 'bbbb-2222', '/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/b');
+
+function tokenFor(id: AzureIdentity, resource: string): Token {
+  const now = Math.floor(Date.now() / 1000);
+  return { accessToken: `token-for-${id.name}`, clientId: id.clientID, expiresOn: now + 3600, extExpiresIn: 3600, notBefore: now - 300, resource, tokenType: 'Bearer' };
+}
+
+/** What the in-test pod index, bindings and token cache hold, and what they were asked. */
+interface World {
+  pods: Map<string, Pod>;
+  bound: PodIdentities;
+  getToken: (id: AzureIdentity, resource: string) => Promise<Token>;
+  lookups: string[];
+  tokenCalls: Array<{ identity: string; resource: string }>;
+}
+
+function newWorld(): World {
+  return {
+    pods: new Map([['127.0.0.1', pod]]),
+    bound: { exception: false, identities: [idA] },
+    getToken: async (id, resource) => tokenFor(id, resource),
+    lookups: [],
+    tokenCalls: [],
+  };
+}
+
+let upstream: Upstream;
+let world: World;
+const servers: TokenServer[] = [];
+
+async function startServer(options: Partial<TokenServerOptions> = {}, registry?: Registry, upstreamUrl?: URL) {
+  const server = createTokenServer({
+    callers: {
+      async lookup(ip) {
+        world.lookups.push(ip);
+        return world.pods.get(ip);
+      },
+    },
+    identitiesFor: () => world.bound,
+    getToken: (id, resource) => {
+      world.tokenCalls.push({ identity: id.name, resource });
+      return world.getToken(id, resource);
+    },
+    upstreamImds: upstreamUrl ?? upstream.url,
+    options: { ...DEFAULTS, ...options },
+    log: silentLogger,
+    ...(registry ? { metrics: registerServerMetrics(registry) } : {}),
+  });
+  await server.listen('127.0.0.1', 0);
+  servers.push(server);
+  return { server, port: (server.server.address() as net.AddressInfo).port };
+}
+
+let port: number;
+before(async () => {
+  upstream = await startUpstream();
+  world = newWorld();
+  ({ port } = await startServer());
+});
+after(async () => {
+  for (const s of servers) await s.close(1_000);
+  await upstream.close();
+});
+
+function reset(): void {
+  world = newWorld();
+  upstream.received = [];
+  upstream.reply = DEFAULT_REPLY;
+}
+
+interface RawAnswer {
+  status: number;
+  headers: Record<string, string>;
+  body: string;
+}
+
+/** One request written byte for byte (undici would refuse or rewrite the malformed ones), answer read to EOF. */
+async function raw(text: string, opts: { port?: number; localAddress?: string } = {}): Promise<RawAnswer> {
+  const socket = net.connect({ port: opts.port ?? port, host: '127.0.0.1', localAddress: opts.localAddress });
+  await once(socket, 'connect');
+  socket.write(text);
+  const chunks: Buffer[] = [];
+  socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+  await once(socket, 'close');
+  return parseAnswer(Buffer.concat(chunks).toString('latin1'));
+}
+
+function parseAnswer(text: string): RawAnswer {
+  const end = text.indexOf('\r\n\r\n');
+  assert.ok(end > 0, `no complete answer: ${JSON.stringify(text)}`);
+  const [statusLine, ...lines] = text.slice(0, end).split('\r\n');
+  const headers: Record<string, string> = {};
+  for (const line of lines) {
+    const colon = line.indexOf(':');
+    headers[line.slice(0, colon).toLowerCase()] = line.slice(colon + 1).trim();
+  }
+  const body = text.slice(end + 4);
+  return { status: Number(statusLine!.split(' ')[1]), headers, body: headers['transfer-encoding'] === 'chunked' ? unchunk(body) : body };
+}
+
+function unchunk(text: string): string {
+  let body = '';
+  for (let at = 0; ; ) {
+    const lineEnd = text.indexOf('\r\n', at);
+    const size = parseInt(text.slice(at, lineEnd), 16);
+    if (!(size > 0)) return body;
+    body += text.slice(lineEnd + 2, lineEnd + 2 + size);
+    at = lineEnd + 2 + size + 2;
+  }
+}
+
+/** A one-shot request with Connection: close. */
+function get(target: string, headers: Record<string, string> = { Metadata: 'true' }, opts: { method?: string; port?: number; localAddress?: string } = {}) {
+  const lines = Object.entries(headers).map(([name, value]) => `${name}: ${value}\r\n`).join('');
+  return raw(`${opts.method ?? 'GET'} ${target} HTTP/1.1\r\nHost: 169.254.169.254\r\n${lines}Connection: close\r\n\r\n`, opts);
+}
+
+function assertProblem(answer: RawAnswer, status: number, error: string, description: string): void {
+  assert.equal(answer.status, status, answer.body);
+  assert.equal(answer.headers['content-type'], 'application/json; charset=utf-8');
+  assert.equal(answer.headers['content-length'], String(Buffer.byteLength(answer.body)));
+  assert.equal(answer.body, JSON.stringify({ error, error_description: description }));
+}
+
+// ---- checks 1–5 ----
+
+test('1: a non-GET token request is 405 with Allow: GET, before any lookup', async () => {
+  reset();
+  for (const method of ['POST', 'PUT', 'DELETE', 'HEAD']) {
+    const answer = await get(`${TOKEN}?${QUERY}`, { Metadata: 'true', 'Content-Length': '0' }, { method });
+    assert.equal(answer.status, 405, method);
+    assert.equal(answer.headers['allow'], 'GET');
+    if (method !== 'HEAD') assertProblem(answer, 405, 'method_not_allowed', 'Only GET is allowed on the token endpoint');
+  }
+  assert.deepEqual(world.lookups, []);
+});
+
+test('2: a missing or wrong Metadata header is 400 before any lookup', async () => {
+  reset();
+  for (const headers of [{}, { Metadata: 'false' }, { Metadata: '1' }, { Metadata: '' }, { 'X-Metadata': 'true' }] as Array<Record<string, string>>) {
+    assertProblem(await get(`${TOKEN}?${QUERY}`, headers), 400, 'invalid_request', 'Required metadata header not specified');
+  }
+  assert.deepEqual(world.lookups, []);
+  assert.deepEqual(world.tokenCalls, []);
+  // Header name and value compare case-insensitively.
+  assert.equal((await get(`${TOKEN}?${QUERY}`, { mEtAdAtA: 'True' })).status, 200);
+});
+
+test('2: with --metadata-header-required=false the header is not needed', async () => {
+  reset();
+  const lax = await startServer({ metadataHeaderRequired: false });
+  assert.equal((await get(`${TOKEN}?${QUERY}`, {}, { port: lax.port })).status, 200);
+});
+
+test('3: X-Forwarded-For, Forwarded and Via are each refused with 400', async () => {
+  reset();
+  for (const header of ['X-Forwarded-For', 'Forwarded', 'Via']) {
+    const answer = await get(`${TOKEN}?${QUERY}`, { Metadata: 'true', [header]: '10.0.0.9' });
+    assertProblem(answer, 400, 'invalid_request', 'Forwarded requests are not allowed: X-Forwarded-For, Forwarded or Via header present');
+  }
+  assert.deepEqual(world.lookups, []);
+});
+
+test('4: a missing or unknown api-version is 400 bad_request', async () => {
+  reset();
+  assertProblem(await get(`${TOKEN}?resource=r`), 400, 'bad_request', 'Required api-version parameter not specified');
+  for (const version of ['2017-09-01', '2018-02-02', 'garbage', '']) {
+    assertProblem(await get(`${TOKEN}?resource=r&api-version=${version}`), 400, 'bad_request', 'Invalid or bad API version specified');
+  }
+  assert.equal((await get(`${TOKEN}?resource=r&api-version=2025-04-07`)).status, 200);
+  assert.deepEqual(world.lookups, ['127.0.0.1']);
+});
+
+test('5: a missing resource, a repeated parameter, or two ids is 400', async () => {
+  reset();
+  const v = 'api-version=2019-08-01';
+  assertProblem(await get(`${TOKEN}?${v}`), 400, 'invalid_request', 'Required audience parameter not specified');
+  assertProblem(await get(`${TOKEN}?${v}&resource=`), 400, 'invalid_request', 'Required audience parameter not specified');
+  for (const query of [`${QUERY}&resource=r2`, `${QUERY}&reso%75rce=r2`, `${QUERY}&api-version=2019-08-01`, `${QUERY}&client_id=a&client_id=a`]) {
+    assertProblem(await get(`${TOKEN}?${query}`), 400, 'invalid_request', 'A query parameter is specified more than once');
+  }
+  for (const ids of ['client_id=a&msi_res_id=b', 'client_id=a&object_id=b', 'msi_res_id=a&mi_res_id=a', 'object_id=a&mi_res_id=b']) {
+    assertProblem(await get(`${TOKEN}?${QUERY}&${ids}`), 400, 'invalid_request', 'Only one of client_id, object_id, msi_res_id or mi_res_id may be specified');
+  }
+  assertProblem(await get(`${TOKEN}?${QUERY}&a=%zz`), 400, 'invalid_request', 'Malformed query string');
+  assert.deepEqual(world.lookups, []);
+});
+
+// ---- path hygiene and routing ----
+
+test('backslashes, dot segments (also %2e), encoded slashes and doubled slashes are 400', async () => {
+  reset();
+  const cases: Array<[string, string]> = [
+    ['/metadata\\identity\\oauth2\\token', 'backslashes are not allowed'],
+    ['/metadata/identity/oauth2/x/../token', 'dot segments are not allowed'],
+    ['/metadata/identity/./oauth2/token', 'dot segments are not allowed'],
+    ['/metadata/identity/oauth2/x/%2e%2e/token', 'dot segments are not allowed'],
+    ['/metadata/identity/oauth2/x/%2E./token', 'dot segments are not allowed'],
+    ['/metadata/instance/%2e', 'dot segments are not allowed'],
+    ['/metadata/identity%2foauth2/token', 'encoded slashes are not allowed'],
+    ['/metadata/identity/oauth2%5Ctoken', 'encoded slashes are not allowed'],
+    ['/metadata//identity/oauth2/token', 'doubled slashes are not allowed'],
+    ['//metadata/instance', 'doubled slashes are not allowed'],
+  ];
+  for (const [path, why] of cases) {
+    assertProblem(await get(`${path}?${QUERY}`), 400, 'invalid_request', `Invalid request path: ${why}`);
+  }
+  assert.deepEqual(world.lookups, []);
+  assert.deepEqual(upstream.received, [], 'nothing reached the upstream');
+});
+
+test('unknown paths are 404 JSON', async () => {
+  reset();
+  for (const path of ['/', '/foo', '/metadata', '/metadata/identity/oauth2/tokens', '/metadata/INSTANCE', '/metadata/identity/info']) {
+    assertProblem(await get(path), 404, 'not_found', 'The requested metadata path was not found');
+  }
+  assert.deepEqual(upstream.received, []);
+});
+
+test('an absolute-form target and a malformed request are 400 JSON', async () => {
+  reset();
+  assertProblem(await get(`http://169.254.169.254${TOKEN}?${QUERY}`), 400, 'invalid_request', 'Invalid request target: only an absolute path is accepted');
+  assertProblem(await raw('NOT HTTP AT ALL\r\n\r\n'), 400, 'invalid_request', 'Malformed HTTP request');
+});
+
+// ---- steps 6–8 ----
+
+test('6: an address no pod owns is 404 not_found, after asking the lookup for that address', async () => {
+  reset();
+  const answer = await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { localAddress: '127.0.0.2' });
+  assertProblem(answer, 404, 'not_found', 'No pod of this node owns the source address of the request');
+  assert.deepEqual(world.lookups, ['127.0.0.2']);
+  assert.deepEqual(world.tokenCalls, []);
+});
+
+test('7: no bound identity, or none matching, is 400 Identity not found', async () => {
+  reset();
+  world.bound = { exception: false, identities: [] };
+  assertProblem(await get(`${TOKEN}?${QUERY}`), 400, 'invalid_request', 'Identity not found');
+  world.bound = { exception: false, identities: [idA, idB] };
+  for (const id of ['client_id=cccc', `msi_res_id=${encodeURIComponent(idA.resourceID)}x`, `object_id=${idA.clientID}`]) {
+    assertProblem(await get(`${TOKEN}?${QUERY}&${id}`), 400, 'invalid_request', 'Identity not found');
+  }
+  assert.deepEqual(world.tokenCalls, []);
+});
+
+test('7: with --retry-after a missing identity is 503 with Retry-After: 20', async () => {
+  reset();
+  world.bound = { exception: false, identities: [] };
+  const { port: retryPort } = await startServer({ retryAfter: true });
+  const answer = await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: retryPort });
+  assertProblem(answer, 503, 'invalid_request', 'Identity not found');
+  assert.equal(answer.headers['retry-after'], '20');
+});
+
+test('7: several identities and none requested is 400 Multiple user assigned identities exist', async () => {
+  reset();
+  world.bound = { exception: false, identities: [idA, idB] };
+  assertProblem(
+    await get(`${TOKEN}?${QUERY}`),
+    400,
+    'invalid_request',
+    'Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request',
+  );
+  assert.deepEqual(world.tokenCalls, []);
+});
+
+test('7: client_id, msi_res_id and mi_res_id select the identity, case-insensitively', async () => {
+  reset();
+  world.bound = { exception: false, identities: [idA, idB] };
+  const cases: Array<[string, string]> = [
+    ['client_id=BBBB-2222', 'b'],
+    ['client_id=aaaa-1111', 'a'],
+    [`msi_res_id=${encodeURIComponent(idB.resourceID.toUpperCase())}`, 'b'],
+    [`mi_res_id=${encodeURIComponent(idA.resourceID)}`, 'a'],
+  ];
+  for (const [id, name] of cases) {
+    world.tokenCalls = [];
+    const answer = await get(`${TOKEN}?${QUERY}&${id}`);
+    assert.equal(answer.status, 200, answer.body);
+    assert.deepEqual(world.tokenCalls, [{ identity: name, resource: 'https://vault.azure.net' }], id);
+    assert.equal(JSON.parse(answer.body).access_token, `token-for-${name}`);
+  }
+});
+
+test('8: a token answer has IMDS keys in order, every value a string, expires_in counted now', async () => {
+  reset();
+  const now = Math.floor(Date.now() / 1000);
+  world.getToken = async (id, resource) => ({ ...tokenFor(id, resource), expiresOn: now + 1000, notBefore: now - 5 });
+  const answer = await get(`${TOKEN}/?${QUERY}`);
+  assert.equal(answer.status, 200);
+  assert.equal(answer.headers['content-type'], 'application/json; charset=utf-8');
+  assert.equal(answer.headers['content-length'], String(Buffer.byteLength(answer.body)));
+  assert.equal(answer.headers['cache-control'], 'no-store');
+  const body = JSON.parse(answer.body) as Record<string, unknown>;
+  assert.deepEqual(Object.keys(body), ['access_token', 'client_id', 'expires_in', 'expires_on', 'ext_expires_in', 'not_before', 'resource', 'token_type']);
+  for (const [key, value] of Object.entries(body)) assert.equal(typeof value, 'string', key);
+  assert.equal(body['access_token'], 'token-for-a');
+  assert.equal(body['client_id'], idA.clientID);
+  assert.equal(body['expires_on'], String(now + 1000));
+  assert.equal(body['not_before'], String(now - 5));
+  assert.equal(body['resource'], 'https://vault.azure.net');
+  assert.equal(body['token_type'], 'Bearer');
+  const expiresIn = Number(body['expires_in']);
+  assert.ok(expiresIn <= 1000 && expiresIn >= 990, `expires_in ${expiresIn}`);
+});
+
+function upstreamError(fields: Record<string, unknown>): Error {
+  return Object.assign(new Error('upstream failed'), { code: 'NMI_ERR_UPSTREAM', ...fields });
+}
+
+test('8: an upstream 4xx is passed on with its status and body', async () => {
+  reset();
+  const body = { error: 'invalid_resource', error_description: 'AADSTS500011: The resource principal named x was not found.' };
+  world.getToken = async () => { throw upstreamError({ kind: 'client', status: 400, body }); };
+  assertProblem(await get(`${TOKEN}?${QUERY}`), 400, body.error, body.error_description);
+  world.getToken = async () => { throw upstreamError({ kind: 'client', status: 403, body: { error: 'forbidden', error_description: 'no' } }); };
+  assertProblem(await get(`${TOKEN}?${QUERY}`), 403, 'forbidden', 'no');
+});
+
+test('8: an upstream that stays unavailable is 503 with Retry-After in whole seconds, at least 1', async () => {
+  reset();
+  const description = 'The token service is temporarily unavailable, retry later';
+  const cases: Array<[Record<string, unknown>, string]> = [
+    [{ kind: 'network' }, '5'],
+    [{ kind: 'server', status: 500, retryAfterMs: 1_500 }, '2'],
+    [{ kind: 'throttled', status: 429, retryAfterMs: 10 }, '1'],
+    [{ kind: 'timeout', retryAfterMs: 30_000 }, '30'],
+  ];
+  for (const [fields, retryAfter] of cases) {
+    world.getToken = async () => { throw upstreamError(fields); };
+    const answer = await get(`${TOKEN}?${QUERY}`);
+    assertProblem(answer, 503, 'temporarily_unavailable', description);
+    assert.equal(answer.headers['retry-after'], retryAfter, JSON.stringify(fields));
+  }
+});
+
+test('a failure that is not the upstream is 500 and the server keeps serving', async () => {
+  reset();
+  world.getToken = async () => { throw new Error('secret default/sp not found'); };
+  assertProblem(await get(`${TOKEN}?${QUERY}`), 500, 'internal_error', 'The token request could not be completed');
+  world.getToken = newWorld().getToken;
+  assert.equal((await get(`${TOKEN}?${QUERY}`)).status, 200);
+});
+
+// ---- proxy and pass-through ----
+
+test('/metadata/instance is proxied unchanged, without forwarding headers or hop-by-hop ones', async () => {
+  reset();
+  const target = '/metadata/instance/compute?api-version=2021-02-01&format=json';
+  const answer = await get(target, { Metadata: 'true', 'X-Custom': 'kept', 'Keep-Alive': 'timeout=5', 'X-Hop': 'dropped', Connection: 'X-Hop' });
+  assert.equal(answer.status, 200);
+  assert.equal(answer.body, DEFAULT_REPLY.body);
+  assert.equal(answer.headers['x-upstream'], 'imds-standin');
+  assert.equal(upstream.received.length, 1);
+  const seen = upstream.received[0]!;
+  assert.equal(seen.method, 'GET');
+  assert.equal(seen.url, target);
+  assert.equal(seen.headers['metadata'], 'true');
+  assert.equal(seen.headers['x-custom'], 'kept');
+  for (const name of ['x-forwarded-for', 'forwarded', 'via', 'x-hop', 'keep-alive']) assert.equal(seen.headers[name], undefined, name);
+  assert.equal(seen.headers['host'], upstream.url.host);
+  assert.deepEqual(world.lookups, [], 'proxied categories need no caller');
+});
+
+test('method, body and upstream status pass through the proxy', async () => {
+  reset();
+  upstream.reply = { status: 400, headers: { 'Content-Type': 'application/json' }, body: '{"error":"Bad request"}' };
+  const body = '{"StartRequests":[{"EventId":"e1"}]}';
+  const answer = await raw(
+    `POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nContent-Type: application/json\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`,
+  );
+  assert.equal(answer.status, 400);
+  assert.equal(answer.body, '{"error":"Bad request"}');
+  assert.equal(upstream.received[0]?.method, 'POST');
+  assert.equal(upstream.received[0]?.body, body);
+  for (const path of ['/metadata/versions', '/metadata/attested/document?api-version=2020-09-01', '/metadata/loadbalancer?api-version=2020-10-01']) {
+    upstream.reply = DEFAULT_REPLY;
+    assert.equal((await get(path)).status, 200, path);
+  }
+  assert.deepEqual(upstream.received.map((r) => r.url).slice(1), ['/metadata/versions', '/metadata/attested/document?api-version=2020-09-01', '/metadata/loadbalancer?api-version=2020-10-01']);
+});
+
+test('an upstream that does not answer in time is 504 JSON', async () => {
+  reset();
+  upstream.reply = 'hang';
+  const { port: quick } = await startServer({ proxyTimeoutMs: 200 });
+  assertProblem(await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: quick }), 504, 'gateway_timeout', 'The instance metadata service did not answer in time');
+});
+
+test('an unreachable upstream is 502 JSON', async () => {
+  reset();
+  const closed = net.createServer();
+  closed.listen(0, '127.0.0.1');
+  await once(closed, 'listening');
+  const deadPort = (closed.address() as net.AddressInfo).port;
+  closed.close();
+  await once(closed, 'close');
+  const { port: p } = await startServer({}, undefined, new URL(`http://127.0.0.1:${deadPort}`));
+  assertProblem(await get('/metadata/instance', { Metadata: 'true' }, { port: p }), 502, 'bad_gateway', 'The instance metadata service could not be reached');
+});
+
+test('--block-instance-metadata answers 403 for /metadata/instance* only', async () => {
+  reset();
+  const { port: blocked } = await startServer({ blockInstanceMetadata: true });
+  for (const path of ['/metadata/instance', '/metadata/instance/compute?api-version=2021-02-01']) {
+    assertProblem(await get(path, { Metadata: 'true' }, { port: blocked }), 403, 'forbidden', 'Access to instance metadata is blocked on this node');
+  }
+  assert.deepEqual(upstream.received, []);
+  assert.equal((await get('/metadata/versions', { Metadata: 'true' }, { port: blocked })).status, 200);
+  assert.equal((await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: blocked })).status, 200);
+});
+
+test('an exception pod is passed through to the upstream verbatim, with no token from nmi', async () => {
+  reset();
+  world.bound = { exception: true, identities: [idA] };
+  upstream.reply = { status: 200, headers: { 'Content-Type': 'application/json' }, body: '{"access_token":"from-real-imds"}' };
+  const target = `${TOKEN}/?${QUERY}&client_id=Whatever`;
+  const answer = await get(target);
+  assert.equal(answer.status, 200);
+  assert.equal(answer.body, '{"access_token":"from-real-imds"}');
+  assert.deepEqual(world.tokenCalls, []);
+  assert.equal(upstream.received.length, 1);
+  assert.equal(upstream.received[0]!.url, target);
+  assert.equal(upstream.received[0]!.headers['metadata'], 'true');
+  assert.equal(upstream.received[0]!.headers['x-forwarded-for'], undefined);
+});
+
+// ---- connections and lifecycle ----
+
+test('keep-alive: several requests share one connection', async () => {
+  reset();
+  const { server, port: p } = await startServer();
+  let connections = 0;
+  server.server.on('connection', () => connections++);
+  const client = new Client(`http://127.0.0.1:${p}`);
+  try {
+    for (let i = 0; i < 3; i++) {
+      const res = await client.request({ method: 'GET', path: `${TOKEN}?${QUERY}`, headers: { Metadata: 'true' } });
+      assert.equal(res.statusCode, 200);
+      assert.equal(res.headers['connection'], 'keep-alive');
+      await res.body.text();
+    }
+  } finally {
+    await client.close();
+  }
+  assert.equal(connections, 1);
+});
+
+test('oversized headers are refused with 431 JSON and the server keeps serving', async () => {
+  reset();
+  const answer = await get(`${TOKEN}?${QUERY}`, { Metadata: 'true', 'X-Big': 'x'.repeat(20 * 1024) });
+  assertProblem(answer, 431, 'invalid_request', 'Request header fields too large');
+  assert.deepEqual(world.lookups, []);
+  assert.equal((await get(`${TOKEN}?${QUERY}`)).status, 200);
+});
+
+test('close() finishes an in-flight request, then stops', async () => {
+  reset();
+  const { server, port: p } = await startServer();
+  let release!: () => void;
+  const held = new Promise<void>((resolve) => (release = resolve));
+  let asked!: () => void;
+  const reached = new Promise<void>((resolve) => (asked = resolve));
+  world.getToken = async (id, resource) => {
+    asked();
+    await held;
+    return tokenFor(id, resource);
+  };
+  const pending = request(`http://127.0.0.1:${p}${TOKEN}?${QUERY}`, { headers: { Metadata: 'true' } });
+  await reached;
+  const closing = server.close(5_000);
+  // No new connection is accepted while draining.
+  await assert.rejects(request(`http://127.0.0.1:${p}${TOKEN}?${QUERY}`, { headers: { Metadata: 'true' } }), { code: 'ECONNREFUSED' });
+  release();
+  const res = await pending;
+  assert.equal(res.statusCode, 200);
+  assert.equal(res.headers['connection'], 'close');
+  assert.equal((JSON.parse(await res.body.text()) as { access_token: string }).access_token, 'token-for-a');
+  await closing;
+  assert.equal(server.server.listening, false);
+});
+
+test('metrics count answers by code and route and time them', async () => {
+  reset();
+  const registry = new Registry();
+  const { port: p } = await startServer({}, registry);
+  await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: p });
+  await get(`${TOKEN}?${QUERY}`, {}, { port: p });
+  await get('/metadata/instance', { Metadata: 'true' }, { port: p });
+  await get('/nope', {}, { port: p });
+  const text = await registry.metrics();
+  assert.match(text, /nmi_http_requests_total\{code="200",route="token"\} 1/);
+  assert.match(text, /nmi_http_requests_total\{code="400",route="token"\} 1/);
+  assert.match(text, /nmi_http_requests_total\{code="200",route="instance"\} 1/);
+  assert.match(text, /nmi_http_requests_total\{code="404",route="other"\} 1/);
+  assert.match(text, /nmi_http_request_duration_seconds_bucket\{le="0.0001",route="token"\}/);
+  assert.match(text, /nmi_http_request_duration_seconds_count\{route="token"\} 2/);
+});
