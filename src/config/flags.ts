@@ -63,7 +63,8 @@ export function parseFlags<S extends FlagSpecs>(
   try {
     parsed = parseArgs({ args: [...rest], options, strict: true, allowPositionals: false });
   } catch (err) {
-    throw new UsageError((err as Error).message.replace(/\. To specify.*$/s, ''));
+    // parseArgs explains itself over several lines; operators get the first.
+    throw new UsageError((err as Error).message.split('\n')[0]!.replace(/\. To specify.*$/, ''));
   }
   const values: Record<string, unknown> = {};
   for (const [name, spec] of Object.entries(specs)) {

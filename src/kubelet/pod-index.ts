@@ -85,12 +85,12 @@ export class PodIndex implements CallerLookup {
     return this.listed;
   }
 
-  /** First sync, then the background poll. Throws the kubelet error if the first sync fails. */
+  /** Starts the background poll, then the first sync. Throws the kubelet error if the first sync fails; the poll goes on. */
   async start(): Promise<void> {
-    await this.refresh('start');
     this.timer ??= setInterval(() => void this.refresh('interval').catch(() => {}), this.refreshIntervalMs);
     // The servers keep the daemon alive; a forgotten poll must not.
     this.timer.unref();
+    await this.refresh('start');
   }
 
   stop(): void {

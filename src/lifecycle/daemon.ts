@@ -1,38 +1,125 @@
-// `nmi run` wired together: probe server, rules keeper, and (as they land) the
-// pod index, bindings, token cache and token server. Order matters: the rules
-// go in only once nmi can answer what they redirect.
+// `nmi run` wired together. The data flow of a token request, by folder:
+//   server/ (checks) → kubelet/ (caller by source address) → bindings/ (its
+//   identities) → tokens/ (cached token) → server/ (IMDS-shaped answer).
+// Start order matters: the redirect goes in only once nmi can answer what it
+// redirects (first pod sync, first bindings sync, token server listening).
 import type http from 'node:http';
 import { Counter, Gauge } from 'prom-client';
 import type { RunConfig } from '../config/commands.js';
+import { UsageError } from '../errors/errors.js';
+import type { AzureIdentity } from '../bindings/model.js';
+import { identitiesFor, secretFor } from '../bindings/match.js';
+import { registerBindingMetrics } from '../bindings/metrics.js';
+import { BindingStore, createBindingSource } from '../bindings/store.js';
+import { KubeletClient } from '../kubelet/kubelet-client.js';
+import { registerKubeletMetrics } from '../kubelet/metrics.js';
+import { isCaller, PodIndex } from '../kubelet/pod-index.js';
 import { createLogger, type Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
 import { Readiness } from '../probe/readiness.js';
 import { startProbeServer } from '../probe/probe-server.js';
 import { RulesKeeper } from '../rules/keeper.js';
-import { selectBackend } from '../rules/select.js';
 import type { Redirect } from '../rules/redirect.js';
+import { selectBackend } from '../rules/select.js';
+import { registerServerMetrics } from '../server/metrics.js';
+import { createTokenServer } from '../server/token-server.js';
+import { registerTokenMetrics } from '../tokens/metrics.js';
+import { MsalTokenProvider } from '../tokens/msal-provider.js';
+import { NetworkClient } from '../tokens/network-client.js';
+import { identityKey, TokenCache } from '../tokens/token-cache.js';
+import { IdentityType } from '../bindings/model.js';
 
 export interface Daemon {
   log: Logger;
   readiness: Readiness;
-  /** Stops serving, then removes or keeps the rules as --on-exit says. */
+  /** Stops accepting, drains, then removes or keeps the rules as --on-exit says. */
   stop(): Promise<void>;
 }
 
-export async function startDaemon(config: RunConfig): Promise<Daemon> {
-  // Resolve everything that can be a usage error before touching the host.
+export interface DaemonHooks {
+  /** Progress for systemd's STATUS= line. */
+  status?(text: string): void;
+}
+
+export async function startDaemon(config: RunConfig, hooks: DaemonHooks = {}): Promise<Daemon> {
+  // Everything that can be a usage error is resolved before the host is touched.
   const backend = selectBackend(config.rules);
+  if (config.kubeletClientCert && !config.kubeletClientKey) throw new UsageError('--kubelet-client-key: required with --kubelet-client-cert');
+  if (config.kubeletClientKey && !config.kubeletClientCert) throw new UsageError('--kubelet-client-cert: required with --kubelet-client-key');
   const log = createLogger({ level: config.logLevel, format: config.logFormat });
+  if (config.server === 'native') log.warn('--server native: the C++ fast path is not in this build yet; serving with the js server');
+  if (config.hostTokenSocket) log.warn('--host-token-socket: not in this build yet; no socket is opened');
+  const status = (text: string) => {
+    hooks.status?.(text);
+    log.info(text);
+  };
+
   const registry = createRegistry();
   const readiness = new Readiness();
-  readiness.require('rules');
+  for (const condition of ['pods', 'bindings', 'server', 'rules']) readiness.require(condition);
+  const probe: http.Server = await startProbeServer(config.probeAddress, readiness, registry);
 
-  const redirect: Redirect = {
-    metadataIp: config.metadataIp,
-    metadataPort: config.metadataPort,
-    targetIp: config.nodeIp,
-    targetPort: config.port,
-  };
+  // Caller: the kubelet's pods, indexed by address.
+  const kubelet = new KubeletClient({
+    url: config.kubeletUrl,
+    ca: config.kubeletCa,
+    clientCert: config.kubeletClientCert,
+    clientKey: config.kubeletClientKey,
+    tokenFile: config.kubeletTokenFile,
+    serverName: config.kubeletServerName,
+  });
+  const pods = new PodIndex({
+    fetchPods: () => kubelet.fetchPods(),
+    refreshIntervalMs: config.podRefreshInterval,
+    log,
+    onChange: () => retainUsedTokens(),
+  });
+
+  // Identities: the custom resources, from the API server or files.
+  const store = new BindingStore(createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
+  const match = { forceNamespaced: config.forceNamespaced };
+
+  // Tokens: msal-node through one undici client, cached per (identity, resource).
+  const network = new NetworkClient();
+  const cache = new TokenCache({
+    provider: new MsalTokenProvider({ upstreamImds: config.upstreamImds.href, aadAuthorityHost: config.aadAuthorityHost.href, network, logger: log }),
+    logger: log,
+  });
+  const getToken = (identity: AzureIdentity, resource: string) =>
+    cache.get(identity, resource, identity.type === IdentityType.UserAssignedMSI ? undefined : secretFor(identity, store.snapshot));
+  // A changed or deleted identity or binding never gets another token from the old entry.
+  store.on('change', (keys) => {
+    keys.forEach((key) => cache.invalidate(key));
+    retainUsedTokens();
+  });
+  function retainUsedTokens(): void {
+    if (!store.ready || !pods.ready) return;
+    const used = new Set<string>();
+    for (const pod of pods.pods()) {
+      if (isCaller(pod)) for (const identity of identitiesFor(pod, store.snapshot, match).identities) used.add(identityKey(identity));
+    }
+    cache.retainOnly(used);
+  }
+
+  registerKubeletMetrics(registry, pods);
+  registerBindingMetrics(registry, store);
+  registerTokenMetrics(registry, cache);
+
+  const server = createTokenServer({
+    callers: pods,
+    identitiesFor: (pod) => identitiesFor(pod, store.snapshot, match),
+    getToken,
+    upstreamImds: config.upstreamImds,
+    options: {
+      metadataHeaderRequired: config.metadataHeaderRequired,
+      blockInstanceMetadata: config.blockInstanceMetadata,
+      retryAfter: config.retryAfter,
+    },
+    log,
+    metrics: registerServerMetrics(registry),
+  });
+
+  const redirect: Redirect = { metadataIp: config.metadataIp, metadataPort: config.metadataPort, targetIp: config.nodeIp, targetPort: config.port };
   const repairs = new Counter({ name: 'nmi_rule_repairs_total', help: 'Times the installed rules were found changed and repaired', registers: [registry] });
   const keeper = new RulesKeeper(backend, redirect, config.syncInterval, log, () => repairs.inc());
   new Gauge({
@@ -45,20 +132,57 @@ export async function startDaemon(config: RunConfig): Promise<Daemon> {
     },
   });
 
-  const probe: http.Server = await startProbeServer(config.probeAddress, readiness, registry);
-  log.info({ address: `${config.probeAddress.host}:${config.probeAddress.port}` }, 'probe server listening');
+  const stopAll = async () => {
+    readiness.set('server', false);
+    status('draining requests');
+    await server.close();
+    status(config.onExit === 'remove' ? 'removing rules' : 'keeping rules');
+    await keeper.stop(config.onExit === 'remove');
+    pods.stop();
+    store.stop();
+    await Promise.allSettled([kubelet.close(), network.close()]);
+    probe.close();
+    probe.closeAllConnections();
+  };
 
-  await keeper.install();
-  readiness.set('rules', true);
+  try {
+    status('syncing pods from the kubelet');
+    await syncPodsFirst(pods, log);
+    readiness.set('pods', true);
+    status('syncing bindings');
+    await store.start();
+    await store.whenReady();
+    readiness.set('bindings', true);
+    await server.listen(config.nodeIp, config.port);
+    readiness.set('server', true);
+    log.info({ address: `${config.nodeIp}:${config.port}` }, 'token server listening');
+    status(`installing ${backend.name} rules`);
+    await keeper.install();
+    readiness.set('rules', true);
+    retainUsedTokens();
+  } catch (err) {
+    // Leave nothing listening; rules are only ever installed last, so there are none to undo.
+    await stopAll().catch(() => {});
+    throw err;
+  }
 
   return {
     log,
     readiness,
-    async stop() {
-      readiness.set('rules', false);
-      await keeper.stop(config.onExit === 'remove');
-      probe.close();
-      probe.closeAllConnections();
-    },
+    stop: stopAll,
   };
+}
+
+/**
+ * A kubelet that refuses connections is not running yet (systemd starts nmi
+ * before it), so the node has no pods: that is a complete first sync. Any
+ * other failure (TLS, auth) is a misconfiguration and stops the start.
+ */
+async function syncPodsFirst(pods: PodIndex, log: Logger): Promise<void> {
+  try {
+    await pods.start();
+  } catch (err) {
+    if (!/ECONNREFUSED/.test((err as Error).message)) throw err;
+    log.warn('kubelet not listening yet: starting with no pods, polling until it answers');
+  }
 }

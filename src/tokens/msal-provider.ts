@@ -19,7 +19,7 @@ import type { Token } from './token.js';
 import { recordExchanges, type NetworkClient, type UpstreamExchange } from './network-client.js';
 import { errorBodyOf, kindForStatus, parseRetryAfter, UpstreamError } from './upstream-error.js';
 
-/** What a service principal signs in with, from the Secret its identity names. */
+/** What a service principal signs in with: the bindings resolve it from the Secret its identity names. */
 export type Credential = { clientSecret: string } | { certificate: string; password?: string };
 
 export interface TokenProvider {
@@ -157,19 +157,6 @@ export class MsalTokenProvider implements TokenProvider {
  */
 export function scopeForResource(resource: string): string {
   return resource.endsWith('/.default') ? resource : `${resource}/.default`;
-}
-
-/** The credential an identity's Secret holds (keys as aad-pod-identity names them). */
-export function credentialFromSecret(type: IdentityType, data: Record<string, string>): Credential {
-  if (type === IdentityType.ServicePrincipal) {
-    if (!data.clientSecret) throw new NmiError(codes.TOKEN, 'the secret has no clientSecret');
-    return { clientSecret: data.clientSecret };
-  }
-  if (type === IdentityType.ServicePrincipalCertificate) {
-    if (!data.certificate) throw new NmiError(codes.TOKEN, 'the secret has no certificate');
-    return { certificate: data.certificate, password: data.password };
-  }
-  throw new NmiError(codes.TOKEN, `identity type ${String(type)} takes no secret`);
 }
 
 function secretOptions(identity: AzureIdentity, credential: Credential | undefined): Pick<NodeAuthOptions, 'clientSecret' | 'clientCertificate'> {

@@ -13,6 +13,8 @@ import { nmi, startNmi, waitFor, type NmiProcess } from '../harness/nmi-process.
 export type Flavour = 'iptables-nft' | 'iptables-legacy' | 'nftables';
 
 const METADATA = '169.254.169.254';
+/** What nmi's token server answers the pod agent's probe request with. */
+const NMI = 'HTTP/1.1 404 Not Found';
 
 /** A PATH whose `iptables*` are the wanted flavour, as update-alternatives would set it. */
 function pathFor(flavour: Flavour): string {
@@ -27,7 +29,7 @@ function pathFor(flavour: Flavour): string {
 // A flow cut by the redirect leaves its server side open: after() destroys them all.
 const sockets = new Set<net.Socket>();
 
-/** A line server: greets with `name`, echoes lines back prefixed with it. */
+/** A line server (the real IMDS's stand-in): greets with `name`, echoes lines back prefixed with it. */
 async function lineServer(host: string, port: number, name: string): Promise<net.Server> {
   const server = net.createServer((socket) => {
     sockets.add(socket);
@@ -62,15 +64,20 @@ export function rulesSuite(flavour: Flavour): void {
       return '';
     }
   };
+  // No kubelet listening is a node with no pods yet; no bindings either: the rules are what is under test.
+  const bindings = mkdtempSync(path.join(tmpdir(), 'nmi-bindings-'));
   const start = (extra: string[] = []) =>
-    startNmi(['--node-ip', node.nodeIp, '--rules', rulesFlag, '--sync-interval', '100ms', ...extra], { env });
+    startNmi(
+      ['--node-ip', node.nodeIp, '--rules', rulesFlag, '--sync-interval', '100ms', '--server', 'js', '--kubelet-url', 'https://127.0.0.1:1', '--bindings', bindings, ...extra],
+      { env },
+    );
   let running: NmiProcess | undefined;
 
   before(async () => {
     node = createNode();
     node.exec('ip', ['addr', 'add', `${METADATA}/32`, 'dev', 'lo']);
     // What a pod would reach without the redirect, and the plain listener standing in for nmi's server.
-    servers.push(await lineServer(METADATA, 80, 'imds'), await lineServer(node.nodeIp, 2579, 'nmi'));
+    servers.push(await lineServer(METADATA, 80, 'imds'));
     node.addPod();
     agent = await node.pods[0]!.agent();
     // A stand-in kube-proxy: its chain and jump must survive everything nmi does.
@@ -96,7 +103,7 @@ export function rulesSuite(flavour: Flavour): void {
   test(`${flavour}: install redirects pods, SIGTERM removes everything and leaves nat as it was`, async () => {
     const before = saveNat();
     running = await start();
-    assert.deepEqual(await agent.connect(METADATA, 80), { line: 'nmi' });
+    assert.deepEqual(await agent.connect(METADATA, 80), { line: NMI });
     if (flavour === 'nftables') {
       assert.match(nftTable(), /priority dstnat - 1|priority -101/);
       assert.equal(saveNat(), before, 'iptables nat untouched by the nftables backend');
@@ -116,7 +123,8 @@ export function rulesSuite(flavour: Flavour): void {
   test(`${flavour}: SIGKILL leaves the rules (fail closed); a restart adopts them without duplicates`, async () => {
     running = await start();
     await running.stop('SIGKILL');
-    assert.deepEqual(await agent.connect(METADATA, 80), { line: 'nmi' }, 'still redirected after a crash');
+    // Still redirected to the dead server: refused, never the real IMDS.
+    assert.deepEqual(await agent.connect(METADATA, 80), { error: 'ECONNREFUSED' }, 'fail closed after a crash');
     running = await start();
     if (flavour === 'nftables') {
       assert.equal((nftTable().match(/dnat to/g) ?? []).length, 1);
@@ -150,7 +158,7 @@ export function rulesSuite(flavour: Flavour): void {
       tamper();
       expected += 1;
       await waitFor(`repair of ${what}`, async () => ((await running!.metric('nmi_rule_repairs_total')) ?? 0) >= expected || undefined, 10_000);
-      assert.deepEqual(await agent.connect(METADATA, 80), { line: 'nmi' }, `redirect restored after ${what}`);
+      assert.deepEqual(await agent.connect(METADATA, 80), { line: NMI }, `redirect restored after ${what}`);
       if (flavour !== 'nftables') {
         const prerouting = saveNat().split('\n').filter((l) => l.startsWith('-A PREROUTING'));
         assert.equal(prerouting[0], '-A PREROUTING -j aad-metadata', `jump first after ${what}`);
@@ -178,7 +186,7 @@ export function rulesSuite(flavour: Flavour): void {
     const counts = await loop;
     const repairs = (await running.metric('nmi_rule_repairs_total')) ?? 0;
     assert.ok(repairs >= 3, `repairs happened (${repairs})`);
-    assert.deepEqual(Object.keys(counts), ['nmi'], `every connect reached nmi: ${JSON.stringify(counts)}`);
+    assert.deepEqual(Object.keys(counts), [NMI], `every connect reached nmi: ${JSON.stringify(counts)}`);
     assert.equal(await running.stop('SIGTERM'), 0);
     running = undefined;
     if (flavour !== 'nftables') {

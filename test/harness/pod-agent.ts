@@ -13,9 +13,12 @@ interface Command {
 const held = new Map<number, { socket: net.Socket; lines: string[]; waiters: ((line: string) => void)[] }>();
 let heldId = 0;
 
+/** Sent on connect: nmi's server answers it with an HTTP status line, a raw line server greets regardless. */
+const PROBE = 'GET /nmi-probe HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n';
+
 function firstLine(host: string, port: number, timeoutMs: number): Promise<{ line?: string; error?: string }> {
   return new Promise((resolve) => {
-    const socket = net.connect({ host, port });
+    const socket = net.connect({ host, port }, () => socket.write(PROBE));
     let data = '';
     const done = (result: { line?: string; error?: string }) => {
       socket.destroy();
@@ -24,7 +27,7 @@ function firstLine(host: string, port: number, timeoutMs: number): Promise<{ lin
     socket.setTimeout(timeoutMs, () => done({ error: 'timeout' }));
     socket.on('data', (chunk) => {
       data += chunk.toString();
-      if (data.includes('\n')) done({ line: data.split('\n')[0] });
+      if (data.includes('\n')) done({ line: data.split('\n')[0]!.trim() });
     });
     socket.on('error', (err: NodeJS.ErrnoException) => done({ error: err.code ?? err.message }));
     socket.on('end', () => done(data ? { line: data } : { error: 'closed' }));

@@ -5,7 +5,7 @@ import { once } from 'node:events';
 import { createServer } from 'node:net';
 import { IdentityType, type AzureIdentity } from '../../src/bindings/model.js';
 import { codes, isNmiError } from '../../src/errors/errors.js';
-import { credentialFromSecret, MsalTokenProvider, scopeForResource } from '../../src/tokens/msal-provider.js';
+import { MsalTokenProvider, scopeForResource } from '../../src/tokens/msal-provider.js';
 import type { NetworkRequestOptions, NetworkResponse } from '@azure/msal-node';
 import { NetworkClient } from '../../src/tokens/network-client.js';
 import { TokenCache } from '../../src/tokens/token-cache.js';
@@ -124,7 +124,7 @@ test('an unknown tenant: 400 passed on', async () => {
 
 test('type 2 with an encrypted key and its password: a signed client assertion', async () => {
   const identity = sp({ type: IdentityType.ServicePrincipalCertificate, clientID: certClientId });
-  const credential = credentialFromSecret(IdentityType.ServicePrincipalCertificate, { certificate: encrypted.bundlePem, password });
+  const credential = { certificate: encrypted.bundlePem, password };
   const token = await provider.fetch(identity, 'https://vault.azure.net', credential);
   assert.equal(decodeStandinToken(token.accessToken).identity, `sp:${tenantId}/${certClientId}`);
   const form = entra.requests.at(-1)?.form;
@@ -157,12 +157,6 @@ test('type 2 with a wrong password, or no certificate: refused before any call',
   const noCredential = await rejection(provider.fetch(sp(), 'https://vault.azure.net'));
   assert.ok(isNmiError(noCredential, codes.TOKEN));
   assert.equal(entra.calls, calls);
-});
-
-test('credentialFromSecret reads aad-pod-identity secret keys', () => {
-  assert.deepEqual(credentialFromSecret(IdentityType.ServicePrincipal, { clientSecret: 'x' }), { clientSecret: 'x' });
-  assert.throws(() => credentialFromSecret(IdentityType.ServicePrincipal, {}), (err) => isNmiError(err, codes.TOKEN));
-  assert.throws(() => credentialFromSecret(IdentityType.ServicePrincipalCertificate, { password: 'x' }), (err) => isNmiError(err, codes.TOKEN));
 });
 
 test('503 with Retry-After from Entra ID: a server error carrying the delay', async () => {

@@ -1,0 +1,64 @@
+// Operators' mistakes: exit 2 and one line naming the flag, before anything on the host changes.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtempSync, symlinkSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { nmi } from '../harness/nmi-process.js';
+
+const base = ['run', '--node-ip', '10.240.0.4'];
+
+function oneLine(args: string[], flag: RegExp, env: NodeJS.ProcessEnv = process.env) {
+  const r = nmi(args, env);
+  assert.equal(r.code, 2, `exit 2 for ${args.join(' ')}: ${r.stderr}`);
+  const lines = r.stderr.trim().split('\n');
+  assert.equal(lines.length, 1, `one line: ${r.stderr}`);
+  assert.match(lines[0]!, flag);
+  assert.equal(r.stdout, '');
+}
+
+test('bad values name their flag', () => {
+  oneLine([...base, '--rules', 'ipfw'], /--rules: "ipfw" is not one of auto, iptables, nftables, ebpf, none/);
+  oneLine(['run', '--node-ip', '10.0.0'], /--node-ip: "10\.0\.0" is not an IPv4 address/);
+  oneLine(['run', '--node-ip', 'fe80::1'], /--node-ip: .* is not an IPv4 address/);
+  oneLine([...base, '--port', '65536'], /--port: "65536" is not a port/);
+  oneLine([...base, '--port', '0'], /--port: "0" is not a port/);
+  oneLine([...base, '--metadata-port', '-1'], /--metadata-port/);
+  oneLine([...base, '--sync-interval', 'soon'], /--sync-interval: "soon" is not a positive duration/);
+  oneLine([...base, '--upstream-imds', 'ftp://x'], /--upstream-imds: .* must be an http or https URL/);
+  oneLine([...base, '--probe-address', 'localhost'], /--probe-address: "localhost" is not ADDRESS:PORT/);
+  oneLine([...base, '--force-namespaced=maybe'], /--force-namespaced: "maybe" is not true or false/);
+  oneLine([...base, '--host-token-socket', 'relative.sock'], /--host-token-socket: .* must be an absolute path or off/);
+  oneLine([...base, '--no-such-flag'], /Unknown option '--no-such-flag'/);
+  oneLine([...base, '--kubelet-client-cert', '/x.crt', '--rules', 'none'], /--kubelet-client-key: required with --kubelet-client-cert/);
+  const unknown = nmi(['frobnicate']);
+  assert.equal(unknown.code, 2);
+  assert.match(unknown.stderr.split('\n')[0]!, /^nmi: unknown command "frobnicate"$/);
+});
+
+test('a flag beats its NMI_ variable, and a bad variable names the flag', () => {
+  oneLine(['run', '--node-ip', '10.240.0.4'], /--port: "99999"/, { ...process.env, NMI_PORT: '99999' });
+  oneLine(['run', '--node-ip', '10.240.0.4', '--port', '99998'], /--port: "99998"/, { ...process.env, NMI_PORT: '2579' });
+  oneLine(['run'], /--node-ip: "nope"/, { ...process.env, NMI_NODE_IP: 'nope' });
+});
+
+test('--rules iptables without the iptables tools is a usage error', () => {
+  // A PATH with node but no iptables-restore.
+  const dir = mkdtempSync(path.join(tmpdir(), 'nmi-nopath-'));
+  symlinkSync(process.execPath, path.join(dir, 'node'));
+  oneLine([...base, '--rules', 'iptables'], /--rules: iptables requested but iptables-restore\/iptables-save are not in PATH/, { ...process.env, PATH: dir });
+  oneLine([...base, '--rules', 'ebpf'], /--rules: ebpf is not in this build yet/);
+});
+
+test('--help on every command, exit 0', () => {
+  for (const command of ['run', 'cleanup', 'status', 'demo']) {
+    const r = nmi([command, '--help']);
+    assert.equal(r.code, 0);
+    assert.match(r.stdout, new RegExp(`^Usage: nmi ${command} \\[flags\\]`));
+  }
+  const run = nmi(['run', '--help']).stdout;
+  for (const flag of ['--node-ip', '--rules', '--on-exit', '--kubelet-server-name', '--retry-after', '--aad-authority-host', '--log-format']) {
+    assert.ok(run.includes(flag), `run --help lists ${flag}`);
+  }
+  assert.match(run, /NMI_NODE_IP/);
+});
