@@ -2,6 +2,7 @@
 // --pod-refresh-interval and on demand when an unknown address calls. At most
 // one kubelet call is in flight; everyone who needs fresh data waits on it.
 import { performance } from 'node:perf_hooks';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import type { CallerLookup, Pod } from './pod.js';
@@ -59,6 +60,7 @@ export class PodIndex implements CallerLookup {
   private failingSince = 0;
   private inflight: Promise<void> | undefined;
   private lastUnknownRefreshAt = -Infinity;
+  private pendingUnknown: Promise<void> | undefined;
   private timer: NodeJS.Timeout | undefined;
 
   constructor({ fetchPods, refreshIntervalMs, minRefreshGapMs = defaults.minRefreshGapMs, log, onChange }: PodIndexOptions) {
@@ -102,13 +104,26 @@ export class PodIndex implements CallerLookup {
     const address = plainAddress(ip);
     const known = this.byAddress.get(address);
     if (known) return known;
-    if (!this.inflight) {
-      if (performance.now() - this.lastUnknownRefreshAt < this.minRefreshGapMs) return undefined;
-      this.lastUnknownRefreshAt = performance.now();
-    }
-    // A failed refresh was counted and logged; the caller gets the last good index.
-    await this.refresh('unknown-caller').catch(() => {});
+    await this.unknownCallerRefresh();
     return this.byAddress.get(address);
+  }
+
+  /**
+   * Joins the kubelet call in flight, or makes one. Within minRefreshGapMs of the
+   * last such call it waits for the gap to end and then makes one call shared by
+   * every caller that waited: a new pod is answered late, never refused.
+   */
+  private unknownCallerRefresh(): Promise<void> {
+    // A failed refresh was counted and logged; the caller gets the last good index.
+    if (this.inflight) return this.inflight.catch(() => {});
+    const wait = this.minRefreshGapMs - (performance.now() - this.lastUnknownRefreshAt);
+    // `then` runs after this assignment, so the reset below cannot be overwritten by it.
+    this.pendingUnknown ??= (wait > 0 ? sleep(wait) : Promise.resolve()).then(() => {
+      this.pendingUnknown = undefined;
+      this.lastUnknownRefreshAt = performance.now();
+      return this.refresh('unknown-caller').catch(() => {});
+    });
+    return this.pendingUnknown;
   }
 
   /** Joins the kubelet call in flight, or makes one; rejects with the kubelet error. */

@@ -117,6 +117,8 @@ export interface HttpResult {
 
 export interface PodAgent {
   http(url: string, init?: { method?: string; headers?: Record<string, string> }): Promise<HttpResult>;
+  /** n concurrent GETs; counts of `<status> <body prefix>`. */
+  burst(url: string, n: number, headers?: Record<string, string>): Promise<Record<string, number>>;
   /** Opens a TCP connection and returns the first line the server sends, or the error code. */
   connect(host: string, port: number, timeoutMs?: number): Promise<{ line?: string; error?: string }>;
   /** Connects repeatedly for durationMs; counts first lines (or errors) seen. */
@@ -146,6 +148,7 @@ async function startPodAgent(ns: string): Promise<PodAgent> {
     });
   return {
     http: (url, init = {}) => call('http', { url, ...init }),
+    burst: (url, n, headers) => call('burst', { url, n, headers }),
     connect: (host, port, timeoutMs = 2000) => call('connect', { host, port, timeoutMs }),
     connectLoop: (host, port, durationMs) => call('connectLoop', { host, port, durationMs }),
     hold: (host, port) => call('hold', { host, port }),

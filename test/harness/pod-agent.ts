@@ -53,6 +53,15 @@ async function handle(cmd: Command): Promise<unknown> {
   switch (cmd.op) {
     case 'http':
       return request(cmd.url as string, cmd.method as string | undefined, cmd.headers as Record<string, string> | undefined);
+    case 'burst': {
+      // n requests at once; answers counted by status and body.
+      const results = (await Promise.all(
+        Array.from({ length: cmd.n as number }, () => request(cmd.url as string, 'GET', cmd.headers as Record<string, string> | undefined)),
+      )) as { status: number; body: string }[];
+      const counts: Record<string, number> = {};
+      for (const r of results) counts[`${r.status} ${r.body.slice(0, 200)}`] = (counts[`${r.status} ${r.body.slice(0, 200)}`] ?? 0) + 1;
+      return counts;
+    }
     case 'connect':
       return firstLine(host, port, cmd.timeoutMs as number);
     case 'connectLoop': {

@@ -116,18 +116,19 @@ test('lookups during a refresh in flight join it rather than making another call
   assert.deepEqual(index.refreshes, { start: 1, interval: 1, 'unknown-caller': 0 });
 });
 
-test('rate limit: within minRefreshGapMs an unknown address is answered from the index', async () => {
-  const { kubelet, index } = await setup([web], { minRefreshGapMs: 60_000 });
+test('rate limit: within minRefreshGapMs unknown addresses wait for one shared refresh after the gap', async () => {
+  const { kubelet, index } = await setup([web], { minRefreshGapMs: 300 });
   await index.start();
   assert.equal(await index.lookup('10.244.5.1'), undefined);
   assert.equal(kubelet.calls, 2);
   kubelet.pods.push(makePodJson({ name: 'too-soon', ip: '10.244.5.2' }));
-  assert.equal(await index.lookup('10.244.5.2'), undefined);
-  assert.equal(kubelet.calls, 2);
-  // Known callers are unaffected, and the next background refresh finds the new pod.
+  // Inside the gap: every caller waits, and the one refresh after it answers them all.
+  const answers = await Promise.all(Array.from({ length: 100 }, () => index.lookup('10.244.5.2')));
+  assert.deepEqual([...new Set(answers.map((p) => p?.name))], ['too-soon']);
+  assert.equal(kubelet.calls, 3);
+  assert.equal(index.refreshes['unknown-caller'], 2);
+  // Known callers never wait for the kubelet.
   assert.equal((await index.lookup('10.244.0.5'))?.name, 'web');
-  await index.refresh('interval');
-  assert.equal((await index.lookup('10.244.5.2'))?.name, 'too-soon');
   assert.equal(kubelet.calls, 3);
 });
 
