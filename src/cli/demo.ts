@@ -1,6 +1,6 @@
-// `nmi demo`: filled in by the demo work; until then it says so.
-import { NmiError, codes } from '../errors/errors.js';
+// `nmi demo`: see src/demo/.
+import { runDemo } from '../demo/demo.js';
 
 export async function demo(): Promise<number> {
-  throw new NmiError(codes.COMMAND_FAILED, 'demo: not built yet');
+  return runDemo();
 }

@@ -3,29 +3,19 @@
 // addon), so stand-ins it serves and the nmi it spawns live there; pod clients
 // run as child processes in their pod namespace. Names carry the pid, so test
 // files run in parallel; everything is removed in after() and at exit.
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { addon } from '../../src/native/addon.js';
+import { createNodeNamespace, createPodNamespace, deleteNamespace, enterNamespace, NODE_IP, nsExec } from '../../src/netns/netns.js';
 
-export const NODE_IP = '10.240.0.4';
-const GATEWAY = '10.240.0.1';
+export { NODE_IP, nsExec };
 export const projectRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const nmiBin = path.join(projectRoot, 'bin', 'nmi.js');
 
 let counter = 0;
 const created: string[] = [];
-
-function ip(args: string[]): string {
-  return execFileSync('ip', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
-}
-
-/** Runs a command in a namespace and returns its stdout; throws with stderr on failure. */
-export function nsExec(ns: string, cmd: string, args: string[], input?: string): string {
-  return execFileSync('ip', ['netns', 'exec', ns, cmd, ...args], { encoding: 'utf8', input, stdio: ['pipe', 'pipe', 'pipe'] });
-}
 
 export interface PodNs {
   name: string;
@@ -44,68 +34,33 @@ export interface NodeNs {
   destroy(): void;
 }
 
-function removeNs(name: string): void {
-  try {
-    ip(['netns', 'del', name]);
-  } catch {
-    // already gone
-  }
-}
-
-process.on('exit', () => created.forEach(removeNs));
+process.on('exit', () => created.forEach(deleteNamespace));
 
 /** Creates a node namespace with an "eth0" holding NODE_IP and a default route, and enters it. */
 export function createNode(): NodeNs {
   const base = `nmi-t${process.pid}-${counter++}`;
   const nodeName = `${base}-n`;
-  ip(['netns', 'add', nodeName]);
   created.push(nodeName);
-  const run = (args: string[]) => ip(['-n', nodeName, ...args]);
-  run(['link', 'set', 'lo', 'up']);
-  // The kernel here may lack the dummy driver: a veth whose peer stays in the node works as the uplink.
-  run(['link', 'add', 'eth0', 'type', 'veth', 'peer', 'name', 'uplink']);
-  run(['link', 'set', 'uplink', 'up']);
-  run(['addr', 'add', `${NODE_IP}/24`, 'dev', 'eth0']);
-  run(['link', 'set', 'eth0', 'up']);
-  run(['route', 'add', 'default', 'via', GATEWAY, 'dev', 'eth0', 'onlink']);
-  nsExec(nodeName, 'sysctl', ['-qw', 'net.ipv4.ip_forward=1']);
-  const error = addon().setNetns(`/var/run/netns/${nodeName}`);
-  if (error) throw new Error(`enter ${nodeName}: ${error}`);
-
+  createNodeNamespace(nodeName);
+  enterNamespace(nodeName);
   const pods: PodNs[] = [];
-  const node: NodeNs = {
+  return {
     name: nodeName,
     nodeIp: NODE_IP,
     pods,
     exec: (cmd, args, input) => nsExec(nodeName, cmd, args, input),
     addPod() {
-      const k = pods.length + 1;
-      const podName = `${base}-p${k}`;
-      const podIp = `10.244.${k}.2`;
-      ip(['netns', 'add', podName]);
+      const podName = `${base}-p${pods.length + 1}`;
       created.push(podName);
-      const hostSide = `veth${k}`;
-      run(['link', 'add', hostSide, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', podName]);
-      run(['addr', 'add', `10.244.${k}.1/24`, 'dev', hostSide]);
-      run(['link', 'set', hostSide, 'up']);
-      ip(['-n', podName, 'link', 'set', 'lo', 'up']);
-      ip(['-n', podName, 'addr', 'add', `${podIp}/24`, 'dev', 'eth0']);
-      ip(['-n', podName, 'link', 'set', 'eth0', 'up']);
-      ip(['-n', podName, 'route', 'add', 'default', 'via', `10.244.${k}.1`]);
-      const pod: PodNs = {
-        name: podName,
-        ip: podIp,
-        exec: (cmd, args) => nsExec(podName, cmd, args),
-        agent: () => startPodAgent(podName),
-      };
+      const podIp = createPodNamespace(nodeName, podName, pods.length + 1);
+      const pod: PodNs = { name: podName, ip: podIp, exec: (cmd, args) => nsExec(podName, cmd, args), agent: () => startPodAgent(podName) };
       pods.push(pod);
       return pod;
     },
     destroy() {
-      for (const name of [...pods.map((p) => p.name), nodeName]) removeNs(name);
+      for (const name of [...pods.map((p) => p.name), nodeName]) deleteNamespace(name);
     },
   };
-  return node;
 }
 
 export interface HttpResult {
