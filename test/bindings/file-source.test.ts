@@ -4,11 +4,11 @@ import { once } from 'node:events';
 import { mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { Writable } from 'node:stream';
 import { codes, isNmiError } from '../../src/errors/errors.js';
-import { createLogger, type Logger } from '../../src/log/logger.js';
+import type { Logger } from '../../src/log/logger.js';
 import { FileBindingSource, loadBindings } from '../../src/bindings/file-source.js';
 import { BindingStore } from '../../src/bindings/store.js';
+import { captureLogs } from '../harness/log-capture.js';
 
 const root = mkdtempSync(path.join(tmpdir(), 'nmi-bindings-'));
 const stores: BindingStore[] = [];
@@ -27,19 +27,7 @@ function scratch(): string {
   return dir;
 }
 
-function capture(): { log: Logger; lines: () => { level: number; msg: string; [k: string]: unknown }[] } {
-  const chunks: string[] = [];
-  const destination = new Writable({
-    write(chunk, _enc, done) {
-      chunks.push(String(chunk));
-      done();
-    },
-  });
-  return {
-    log: createLogger({ level: 'debug', format: 'json', destination }),
-    lines: () => chunks.join('').split('\n').filter(Boolean).map((l) => JSON.parse(l)),
-  };
-}
+const capture = captureLogs;
 
 async function open(target: string, log: Logger = capture().log): Promise<BindingStore> {
   const store = new BindingStore(new FileBindingSource(target, log, { pollIntervalMs: 200, debounceMs: 20 }), log);

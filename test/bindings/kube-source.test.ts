@@ -4,14 +4,14 @@ import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { Writable } from 'node:stream';
 import { codes, isNmiError } from '../../src/errors/errors.js';
-import { createLogger, type Logger } from '../../src/log/logger.js';
+import type { Logger } from '../../src/log/logger.js';
 import { KubeBindingSource, loadKubeConfig, type KubeSourceOptions } from '../../src/bindings/kube-source.js';
 import { secretFor } from '../../src/bindings/match.js';
 import { BindingStore } from '../../src/bindings/store.js';
 import { createPki } from '../standins/pki.js';
 import { startApiServer, writeKubeconfig, type ApiServer, type KubeObject } from '../standins/apiserver.js';
+import { captureLogs } from '../harness/log-capture.js';
 
 const pki = createPki('kube-source');
 const dir = mkdtempSync(path.join(tmpdir(), 'nmi-kube-'));
@@ -54,19 +54,7 @@ const secret = (name: string, clientSecret: string): KubeObject => ({
   data: { clientSecret: Buffer.from(clientSecret).toString('base64') },
 });
 
-function capture(): { log: Logger; lines: () => { level: number; msg: string; [k: string]: unknown }[] } {
-  const chunks: string[] = [];
-  const destination = new Writable({
-    write(chunk, _enc, done) {
-      chunks.push(String(chunk));
-      done();
-    },
-  });
-  return {
-    log: createLogger({ level: 'debug', format: 'json', destination }),
-    lines: () => chunks.join('').split('\n').filter(Boolean).map((l) => JSON.parse(l)),
-  };
-}
+const capture = captureLogs;
 
 async function api(): Promise<ApiServer> {
   const server = await startApiServer({ pki });

@@ -37,12 +37,21 @@ export async function waitFor<T>(what: string, check: () => Promise<T | undefine
   }
 }
 
+// A test that fails before stopping its daemon must not hang the file or leave it running.
+const children = new Set<ChildProcess>();
+process.on('exit', () => children.forEach((child) => child.kill('SIGKILL')));
+
 export async function startNmi(args: string[], options: { env?: NodeJS.ProcessEnv; probe?: string; waitReady?: boolean } = {}): Promise<NmiProcess> {
   const probe = options.probe ?? '127.0.0.1:8085';
   const child = spawn(process.execPath, [nmiBin, 'run', '--probe-address', probe, ...args], {
     env: options.env ?? process.env,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
+  children.add(child);
+  child.on('exit', () => children.delete(child));
+  child.unref();
+  (child.stdout as unknown as { unref(): void }).unref();
+  (child.stderr as unknown as { unref(): void }).unref();
   let output = '';
   child.stdout!.setEncoding('utf8').on('data', (d: string) => (output += d));
   child.stderr!.setEncoding('utf8').on('data', (d: string) => (output += d));
