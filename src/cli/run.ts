@@ -3,13 +3,22 @@
 import { once } from 'node:events';
 import type { RunConfig } from '../config/commands.js';
 import { startDaemon } from '../lifecycle/daemon.js';
+import { createLogger } from '../log/logger.js';
+import { SystemdNotifier } from '../systemd/notify.js';
 
 export async function run(config: RunConfig): Promise<number> {
-  const daemon = await startDaemon(config);
-  daemon.log.info({ nodeIp: config.nodeIp, port: config.port }, 'nmi ready');
-  const signal = await Promise.race([once(process, 'SIGTERM'), once(process, 'SIGINT')]).then(() => 'signal');
-  daemon.log.info({ signal }, 'stopping');
+  // Read (and unset) NOTIFY_SOCKET before any child process could inherit it.
+  const log = createLogger({ level: config.logLevel, format: config.logFormat });
+  const notifier = SystemdNotifier.fromEnv(process.env, log);
+  const daemon = await startDaemon(config, log, { status: (text) => notifier?.status(text) });
+  notifier?.ready('serving');
+  notifier?.startWatchdog();
+  log.info({ nodeIp: config.nodeIp, port: config.port }, 'nmi ready');
+  const [signal] = (await Promise.race([once(process, 'SIGTERM'), once(process, 'SIGINT')])) as [NodeJS.Signals];
+  log.info({ signal }, 'stopping');
+  notifier?.stopping('draining requests');
   await daemon.stop();
-  daemon.log.info('stopped');
+  notifier?.close();
+  log.info('stopped');
   return 0;
 }

@@ -14,7 +14,7 @@ import { BindingStore, createBindingSource } from '../bindings/store.js';
 import { KubeletClient } from '../kubelet/kubelet-client.js';
 import { registerKubeletMetrics } from '../kubelet/metrics.js';
 import { isCaller, PodIndex } from '../kubelet/pod-index.js';
-import { createLogger, type Logger } from '../log/logger.js';
+import type { Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
 import { Readiness } from '../probe/readiness.js';
 import { startProbeServer } from '../probe/probe-server.js';
@@ -30,7 +30,6 @@ import { identityKey, TokenCache } from '../tokens/token-cache.js';
 import { IdentityType } from '../bindings/model.js';
 
 export interface Daemon {
-  log: Logger;
   readiness: Readiness;
   /** Stops accepting, drains, then removes or keeps the rules as --on-exit says. */
   stop(): Promise<void>;
@@ -41,12 +40,11 @@ export interface DaemonHooks {
   status?(text: string): void;
 }
 
-export async function startDaemon(config: RunConfig, hooks: DaemonHooks = {}): Promise<Daemon> {
+export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
   // Everything that can be a usage error is resolved before the host is touched.
   const backend = selectBackend(config.rules);
   if (config.kubeletClientCert && !config.kubeletClientKey) throw new UsageError('--kubelet-client-key: required with --kubelet-client-cert');
   if (config.kubeletClientKey && !config.kubeletClientCert) throw new UsageError('--kubelet-client-cert: required with --kubelet-client-key');
-  const log = createLogger({ level: config.logLevel, format: config.logFormat });
   if (config.server === 'native') log.warn('--server native: the C++ fast path is not in this build yet; serving with the js server');
   if (config.hostTokenSocket) log.warn('--host-token-socket: not in this build yet; no socket is opened');
   const status = (text: string) => {
@@ -167,7 +165,6 @@ export async function startDaemon(config: RunConfig, hooks: DaemonHooks = {}): P
   }
 
   return {
-    log,
     readiness,
     stop: stopAll,
   };

@@ -6,11 +6,11 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { Writable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { createLogger, silentLogger } from '../../src/log/logger.js';
+import { silentLogger, type Logger } from '../../src/log/logger.js';
 import { SystemdNotifier } from '../../src/systemd/notify.js';
 import { isWatchdog, startReceiver, type Datagram, type Receiver } from './notify-receiver.js';
+import { captureLogs, type LogLine } from '../harness/log-capture.js';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'nmi-notify-'));
 const receivers: Receiver[] = [];
@@ -38,16 +38,9 @@ function notifier(env: NodeJS.ProcessEnv, log = silentLogger): SystemdNotifier {
 }
 
 /** A JSON logger whose lines the test can read. */
-function capturingLogger(): { log: ReturnType<typeof createLogger>; entries: () => Record<string, unknown>[] } {
-  const lines: string[] = [];
-  const destination = new Writable({
-    write(chunk, _encoding, done) {
-      lines.push(String(chunk));
-      done();
-    },
-  });
-  const log = createLogger({ level: 'debug', format: 'json', destination });
-  return { log, entries: () => lines.join('').split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>) };
+function capturingLogger(): { log: Logger; entries: () => LogLine[] } {
+  const { log, lines } = captureLogs();
+  return { log, entries: lines };
 }
 
 const data = (messages: Datagram[]) => messages.map((m) => m.data);

@@ -52,6 +52,9 @@ interface AtReady {
 }
 
 async function startUnderSystemd(name: string): Promise<{ receiver: Receiver; atReady: () => AtReady | undefined }> {
+  // A test that failed half-way leaves its nmi holding the probe port.
+  await running?.stop('SIGKILL');
+  nmi(['cleanup']);
   const bindings = mkdtempSync(path.join(dir, `${name}-bindings-`));
   const receiver = await startReceiver(path.join(dir, `${name}.sock`));
   receivers.push(receiver);
@@ -108,20 +111,40 @@ test('nmi run: READY=1 after the rules and the first kubelet read, then WATCHDOG
   assert.doesNotMatch(natRules(), /aad-metadata/, '--on-exit remove took the rules out');
 });
 
-test('nmi run: no READY=1 while the kubelet fails; it comes once the kubelet answers', async () => {
+test('nmi run: no READY=1 while the kubelet answers errors (it waits, or exits non-zero for systemd to restart it)', async () => {
   kubelet.failWith(500);
   try {
-    const { receiver } = await startUnderSystemd('kubelet-down');
+    const { receiver } = await startUnderSystemd('kubelet-500');
     const calls = kubelet.calls;
-    // nmi has tried the kubelet at least twice (it retries, it does not give up): still not ready.
-    await waitFor(`kubelet retries\n${running!.output()}`, () => running!.child.exitCode !== null || kubelet.calls >= calls + 2 || undefined, 20_000);
-    assert.equal(running!.child.exitCode, null, `nmi stays up while the kubelet fails: ${running!.output()}`);
-    assert.equal(receiver.messages.filter(isReady).length, 0, 'not READY while the first pod sync has not succeeded');
+    await waitFor(`nmi to retry or exit\n${running!.output()}`, () => running!.child.exitCode !== null || kubelet.calls >= calls + 2 || undefined, 20_000);
+    assert.equal(receiver.messages.filter(isReady).length, 0, 'not READY before a successful first pod sync');
+    if (running!.child.exitCode !== null) {
+      assert.notEqual(running!.child.exitCode, 0, 'a failed start is not a clean exit (Restart=on-failure)');
+      return;
+    }
     kubelet.failWith(null);
     await receiver.until(() => `READY=1 after the kubelet recovers\n${running!.output()}`, (m) => m.some(isReady), 20_000);
   } finally {
     kubelet.failWith(null);
   }
+  assert.equal(await running!.stop('SIGTERM'), 0);
+  running = undefined;
+});
+
+// nmi.service is ordered Before=kubelet.service, so at boot nothing listens on the
+// kubelet port yet: READY=1 must still come, or the kubelet would wait for nmi forever.
+test('nmi run: READY=1 while the kubelet is not listening yet (boot order), then the kubelet is polled', async () => {
+  await kubelet.stop();
+  try {
+    const { receiver, atReady } = await startUnderSystemd('kubelet-down');
+    await receiver.until(() => `READY=1 with the kubelet down\n${running!.output()}`, (m) => running!.child.exitCode !== null || m.some(isReady), 20_000);
+    assert.equal(running!.child.exitCode, null, running!.output());
+    assert.equal(atReady()?.chain, true, 'rules installed before READY=1');
+  } finally {
+    await kubelet.start();
+  }
+  const calls = kubelet.calls;
+  await waitFor('a kubelet poll once it listens', () => kubelet.calls > calls || undefined, 20_000);
   assert.equal(await running!.stop('SIGTERM'), 0);
   running = undefined;
 });
