@@ -22,7 +22,8 @@ import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:https';
 import type { ServerResponse } from 'node:http';
 import path from 'node:path';
-import { issueStandinToken, type Failure, type StandinRequest } from './imds.js';
+import { Faults, type Failure } from './faults.js';
+import { issueStandinToken, type StandinRequest } from './imds.js';
 import { createPki, type Pki } from './pki.js';
 
 export interface EntraApp {
@@ -63,9 +64,7 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
   const serving = pki.server('127.0.0.1', ['127.0.0.1', 'localhost']);
   const apps = new Map<string, EntraApp>();
   const requests: StandinRequest[] = [];
-  const failures: Failure[] = [];
-  let held: Array<() => void> = [];
-  let hanging = false;
+  const faults = new Faults();
   let calls = 0;
   let discoveryCalls = 0;
   let serial = 0;
@@ -101,13 +100,12 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
     }
     calls++;
     const answer = (): void => answerToken(res, tenant, form, `${base}${url.pathname}`);
-    if (hanging) held.push(answer);
-    else answer();
+    faults.run(answer);
   });
 
   function answerToken(res: ServerResponse, tenant: string, form: Record<string, string>, tokenUrl: string): void {
     if (res.destroyed) return;
-    const failure = failures.shift();
+    const failure = faults.next();
     if (failure) return send(res, failure.status, failure.body ?? entraError(failure.status === 429 ? 'temporarily_unavailable' : 'server_error', 50001, 'programmed failure'), failure.headers);
     const outcome = grant(tenant, form, tokenUrl);
     if ('status' in outcome) return send(res, outcome.status, outcome.body);
@@ -167,18 +165,10 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
     set expiresInSec(value: number) {
       standin.expiresInSec = value;
     },
-    failNext(n: number, failure: Failure) {
-      for (let i = 0; i < n; i++) failures.push(failure);
-    },
-    hang(on: boolean) {
-      hanging = on;
-      if (on) return;
-      const release = held;
-      held = [];
-      for (const go of release) go();
-    },
+    failNext: (n: number, failure: Failure) => faults.failNext(n, failure),
+    hang: (on: boolean) => faults.hang(on),
     async close() {
-      held = [];
+      faults.clear();
       server.closeAllConnections();
       server.close();
       await once(server, 'close');

@@ -12,6 +12,9 @@
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, type IncomingHttpHeaders, type ServerResponse } from 'node:http';
+import { Faults, type Failure } from './faults.js';
+
+export type { Failure };
 
 export interface StandinRequest {
   method: string;
@@ -20,13 +23,6 @@ export interface StandinRequest {
   headers: IncomingHttpHeaders;
   /** POST bodies as form fields (secrets redacted); {} for GET. */
   form: Record<string, string>;
-}
-
-export interface Failure {
-  status: number;
-  /** Default: the issuer's usual error body for the status. */
-  body?: unknown;
-  headers?: Record<string, string>;
 }
 
 /** What a stand-in token says about itself. */
@@ -77,9 +73,7 @@ export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin>
   const nowSec = options.nowSec ?? (() => Math.floor(Date.now() / 1000));
   const known = options.identities;
   const requests: StandinRequest[] = [];
-  const failures: Failure[] = [];
-  let held: Array<() => void> = [];
-  let hanging = false;
+  const faults = new Faults();
   let calls = 0;
   let serial = 0;
   const standin = { expiresInSec: options.expiresInSec ?? 86399 };
@@ -95,13 +89,12 @@ export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin>
     calls++;
     if (req.headers.metadata !== 'true') return send(res, 400, imdsError('invalid_request', 'Required metadata header not specified'));
     const answer = (): void => answerToken(res, query);
-    if (hanging) held.push(answer);
-    else answer();
+    faults.run(answer);
   });
 
   function answerToken(res: ServerResponse, query: Record<string, string>): void {
     if (res.destroyed) return;
-    const failure = failures.shift();
+    const failure = faults.next();
     if (failure) return send(res, failure.status, failure.body ?? defaultBody(failure.status), failure.headers);
     if (!query['api-version']) return send(res, 400, imdsError('invalid_request', "Required query variable 'api-version' is missing"));
     if (!query.resource) return send(res, 400, imdsError('invalid_request', 'Required audience variable not specified'));
@@ -138,18 +131,10 @@ export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin>
     set expiresInSec(value: number) {
       standin.expiresInSec = value;
     },
-    failNext(n: number, failure: Failure) {
-      for (let i = 0; i < n; i++) failures.push(failure);
-    },
-    hang(on: boolean) {
-      hanging = on;
-      if (on) return;
-      const release = held;
-      held = [];
-      for (const go of release) go();
-    },
+    failNext: (n: number, failure: Failure) => faults.failNext(n, failure),
+    hang: (on: boolean) => faults.hang(on),
     async close() {
-      held = [];
+      faults.clear();
       server.closeAllConnections();
       server.close();
       await once(server, 'close');
