@@ -46,9 +46,20 @@ function say(text: string): void {
   process.stdout.write(`${text}\n`);
 }
 
+/** Set by Ctrl-C: the main flow stops at the next check and cleans up once, itself. */
+let interrupted = false;
+
+class Interrupted extends Error {}
+
+function checkInterrupted(): void {
+  if (interrupted) throw new Interrupted('interrupted');
+}
+
 async function step<T>(n: number, what: string, fn: () => Promise<T> | T): Promise<T> {
+  checkInterrupted();
   const start = performance.now();
   const result = await fn();
+  checkInterrupted();
   say(`[${n}] ${what} (${(performance.now() - start).toFixed(1)} ms)`);
   return result;
 }
@@ -71,6 +82,7 @@ async function podRequest(): Promise<{ status: number; body: string }> {
 async function waitReady(daemon: ChildProcess, output: () => string): Promise<void> {
   const deadline = Date.now() + 30_000;
   while (Date.now() < deadline) {
+    checkInterrupted();
     if (daemon.exitCode !== null) throw new Error(`nmi run exited ${daemon.exitCode}:\n${output()}`);
     const ok = await fetch(`http://${PROBE}/readyz`).then((r) => r.ok, () => false);
     if (ok) return;
@@ -117,11 +129,10 @@ export async function runDemo(): Promise<number> {
     rmSync(tmp, { recursive: true, force: true });
     rmSync(PID_FILE, { force: true });
   };
-  let interrupted = false;
+  interrupted = false;
   const onSignal = () => {
     interrupted = true;
     say('interrupted: cleaning up');
-    void cleanup().finally(() => (process.exitCode = 130));
   };
   process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
 
@@ -178,10 +189,9 @@ export async function runDemo(): Promise<number> {
     say('nmi demo: done');
     return 0;
   } catch (err) {
-    if (interrupted) return 130;
-    process.stderr.write(`nmi demo: ${(err as Error).message}\n`);
+    if (!(err instanceof Interrupted)) process.stderr.write(`nmi demo: ${(err as Error).message}\n`);
     await cleanup();
-    return 1;
+    return interrupted ? 130 : 1;
   } finally {
     process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
   }

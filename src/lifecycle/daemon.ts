@@ -22,6 +22,7 @@ import { RulesKeeper } from '../rules/keeper.js';
 import type { Redirect } from '../rules/redirect.js';
 import { selectBackend } from '../rules/select.js';
 import { registerServerMetrics } from '../server/metrics.js';
+import { createHostTokenServer } from '../server/host-token.js';
 import { createTokenServer } from '../server/token-server.js';
 import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
@@ -42,11 +43,10 @@ export interface DaemonHooks {
 
 export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
   // Everything that can be a usage error is resolved before the host is touched.
-  const backend = selectBackend(config.rules);
+  const backend = await selectBackend(config.rules);
   if (config.kubeletClientCert && !config.kubeletClientKey) throw new UsageError('--kubelet-client-key: required with --kubelet-client-cert');
   if (config.kubeletClientKey && !config.kubeletClientCert) throw new UsageError('--kubelet-client-cert: required with --kubelet-client-key');
   if (config.server === 'native') log.warn('--server native: the C++ fast path is not in this build yet; serving with the js server');
-  if (config.hostTokenSocket) log.warn('--host-token-socket: not in this build yet; no socket is opened');
   const status = (text: string) => {
     hooks.status?.(text);
     log.info(text);
@@ -117,6 +117,17 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     metrics: registerServerMetrics(registry),
   });
 
+  // Host processes' tokens only through a root-only unix socket, never TCP.
+  const hostToken = config.hostTokenSocket
+    ? createHostTokenServer({
+        socketPath: config.hostTokenSocket,
+        findPod: (namespace, name) => pods.pods().find((p) => p.namespace === namespace && p.name === name && isCaller(p)),
+        identitiesFor: (pod) => identitiesFor(pod, store.snapshot, match),
+        getToken,
+        log,
+      })
+    : undefined;
+
   const redirect: Redirect = { metadataIp: config.metadataIp, metadataPort: config.metadataPort, targetIp: config.nodeIp, targetPort: config.port };
   const repairs = new Counter({ name: 'nmi_rule_repairs_total', help: 'Times the installed rules were found changed and repaired', registers: [registry] });
   const keeper = new RulesKeeper(backend, redirect, config.syncInterval, log, () => repairs.inc());
@@ -133,7 +144,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const stopAll = async () => {
     readiness.set('server', false);
     status('draining requests');
-    await server.close();
+    await Promise.all([server.close(), hostToken?.close()]);
     status(config.onExit === 'remove' ? 'removing rules' : 'keeping rules');
     await keeper.stop(config.onExit === 'remove');
     pods.stop();
@@ -152,6 +163,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     await store.whenReady();
     readiness.set('bindings', true);
     await server.listen(config.nodeIp, config.port);
+    await hostToken?.listen();
     readiness.set('server', true);
     log.info({ address: `${config.nodeIp}:${config.port}` }, 'token server listening');
     status(`installing ${backend.name} rules`);

@@ -3,7 +3,7 @@
 // functions and applied by one `iptables-restore --noflush -w` transaction, so a
 // repair never leaves a moment with the chain empty or the jump missing.
 import { NmiError, codes } from '../errors/errors.js';
-import { execOk, which } from './exec.js';
+import { exec, execOk, which } from './exec.js';
 import { CHAIN, type BackendStatus, type EnsureResult, type InstalledRule, type Redirect, type RulesBackend } from './redirect.js';
 
 /** Seconds to wait for the xtables lock: crash loops on a held lock are a peer's bug, not ours. */
@@ -79,20 +79,53 @@ export function renderRemove(state: NatState): string {
   return lines.join('\n');
 }
 
+/** One iptables flavour's tools. */
+export interface IptablesTools {
+  /** `iptables`, or the flavour's name when both are installed. */
+  label: string;
+  save: string;
+  restore: string;
+}
+
+const plain: IptablesTools = { label: 'iptables', save: 'iptables-save', restore: 'iptables-restore' };
+const flavours: IptablesTools[] = [
+  { label: 'iptables-nft', save: 'iptables-nft-save', restore: 'iptables-nft-restore' },
+  { label: 'iptables-legacy', save: 'iptables-legacy-save', restore: 'iptables-legacy-restore' },
+];
+
+/** The iptables tools on this host: both flavours when both are installed, else the plain commands, else none. */
+export function installedTools(): IptablesTools[] {
+  const both = flavours.filter((f) => which(f.save) !== undefined && which(f.restore) !== undefined);
+  if (both.length === 2) return both;
+  return which(plain.save) !== undefined && which(plain.restore) !== undefined ? [plain] : [];
+}
+
+function ruleCount(save: string): number {
+  return save.split('\n').filter((line) => line.startsWith('-A ')).length;
+}
+
+/**
+ * With both flavours installed (a container image on an unknown host), use the
+ * one the host's kube-proxy writes to, as kube-proxy's own iptables-wrapper
+ * decides: the flavour holding more rules; nft on a tie.
+ */
+export async function chooseTools(): Promise<IptablesTools | undefined> {
+  const tools = installedTools();
+  if (tools.length < 2) return tools[0];
+  const counts = await Promise.all(tools.map(async (t) => ruleCount((await exec(t.save, [])).stdout)));
+  return (counts[1] ?? 0) > (counts[0] ?? 0) ? tools[1] : tools[0];
+}
+
 export class IptablesBackend implements RulesBackend {
   readonly name = 'iptables' as const;
-
-  /** Checked at start, so `--rules iptables` without the tools is a usage error, not a failure at first sync. */
-  static available(): boolean {
-    return which('iptables-restore') !== undefined && which('iptables-save') !== undefined;
-  }
+  constructor(readonly tools: IptablesTools) {}
 
   async read(counters = false): Promise<NatState> {
-    return parseNat(await execOk('iptables-save', counters ? ['-c', '-t', 'nat'] : ['-t', 'nat'], '', codes.RULES_APPLY));
+    return parseNat(await execOk(this.tools.save, counters ? ['-c', '-t', 'nat'] : ['-t', 'nat'], '', codes.RULES_APPLY));
   }
 
   private async restore(text: string): Promise<void> {
-    await execOk('iptables-restore', ['-w', LOCK_WAIT_SECONDS, '--noflush'], text, codes.RULES_APPLY);
+    await execOk(this.tools.restore, ['-w', LOCK_WAIT_SECONDS, '--noflush'], text, codes.RULES_APPLY);
   }
 
   async ensure(r: Redirect): Promise<EnsureResult> {
@@ -106,7 +139,7 @@ export class IptablesBackend implements RulesBackend {
       state = await this.read();
       if (isCurrent(state, r)) return fresh ? 'installed' : 'repaired';
       await this.restore(renderEnsure(state, r)).catch((again: unknown) => {
-        throw new NmiError(codes.RULES_APPLY, `iptables: ${(again as Error).message}`, { cause: err });
+        throw new NmiError(codes.RULES_APPLY, `${this.tools.label}: ${(again as Error).message}`, { cause: err });
       });
     }
     return fresh ? 'installed' : 'repaired';
@@ -117,8 +150,8 @@ export class IptablesBackend implements RulesBackend {
     const text = renderRemove(state);
     if (text === '') return [];
     await this.restore(text);
-    const removed = jumpsTo(state).map((rule) => `iptables: nat ${rule.chain} ${rule.spec}`);
-    if (state.chains.has(CHAIN)) removed.push(`iptables: nat chain ${CHAIN} (${state.rules.filter((x) => x.chain === CHAIN).length} rules)`);
+    const removed = jumpsTo(state).map((rule) => `${this.tools.label}: nat ${rule.chain} ${rule.spec}`);
+    if (state.chains.has(CHAIN)) removed.push(`${this.tools.label}: nat chain ${CHAIN} (${state.rules.filter((x) => x.chain === CHAIN).length} rules)`);
     return removed;
   }
 
@@ -129,6 +162,6 @@ export class IptablesBackend implements RulesBackend {
       packets: rule.packets,
       bytes: rule.bytes,
     }));
-    return { backend: this.name, installed: state.chains.has(CHAIN), rules };
+    return { backend: this.tools.label, installed: state.chains.has(CHAIN), rules };
   }
 }

@@ -1,7 +1,7 @@
 // `--rules` to a backend, and the list every clean-up walks.
 import { UsageError } from '../errors/errors.js';
 import type { RulesChoice } from '../config/commands.js';
-import { IptablesBackend } from './iptables.js';
+import { chooseTools, IptablesBackend, installedTools } from './iptables.js';
 import { NftablesBackend } from './nftables.js';
 import type { BackendStatus, EnsureResult, Redirect, RulesBackend } from './redirect.js';
 
@@ -18,22 +18,25 @@ class NoRules implements RulesBackend {
   }
 }
 
-export function selectBackend(choice: RulesChoice): RulesBackend {
+export async function selectBackend(choice: RulesChoice): Promise<RulesBackend> {
   switch (choice) {
     case 'none':
       return new NoRules();
     case 'ebpf':
       throw new UsageError('--rules: ebpf is not in this build yet (coming: cgroup connect4 redirect); use iptables or nftables');
-    case 'iptables':
-      if (!IptablesBackend.available()) throw new UsageError('--rules: iptables requested but iptables-restore/iptables-save are not in PATH');
-      return new IptablesBackend();
+    case 'iptables': {
+      const tools = await chooseTools();
+      if (!tools) throw new UsageError('--rules: iptables requested but iptables-restore/iptables-save are not in PATH');
+      return new IptablesBackend(tools);
+    }
     case 'nftables': {
       const backend = NftablesBackend.create();
       if (!backend) throw new UsageError('--rules: nftables requested but neither libnftables nor the nft command is available');
       return backend;
     }
     case 'auto': {
-      if (IptablesBackend.available()) return new IptablesBackend();
+      const tools = await chooseTools();
+      if (tools) return new IptablesBackend(tools);
       const backend = NftablesBackend.create();
       if (!backend) throw new UsageError('--rules: auto found neither iptables nor nftables; install one or pass --rules none');
       return backend;
@@ -41,10 +44,9 @@ export function selectBackend(choice: RulesChoice): RulesBackend {
   }
 }
 
-/** Every backend present on this host, for cleanup and status. */
+/** Every backend present on this host (both iptables flavours when both are installed), for cleanup and status. */
 export function presentBackends(): RulesBackend[] {
-  const backends: RulesBackend[] = [];
-  if (IptablesBackend.available()) backends.push(new IptablesBackend());
+  const backends: RulesBackend[] = installedTools().map((tools) => new IptablesBackend(tools));
   const nft = NftablesBackend.create();
   if (nft) backends.push(nft);
   return backends;

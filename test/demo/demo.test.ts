@@ -64,5 +64,6 @@ test('nmi demo interrupted with Ctrl-C removes what it made', async () => {
   const before = hostState();
   const interrupted = await interruptAt(/^\[3\]/m, 'SIGINT');
   assert.match(interrupted.output, /interrupted: cleaning up/);
+  assert.equal(interrupted.code, 130);
   assert.equal(hostState(), before);
 });

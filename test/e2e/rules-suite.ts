@@ -112,6 +112,9 @@ export function rulesSuite(flavour: Flavour): void {
       const prerouting = saveNat().split('\n').filter((l) => l.startsWith('-A PREROUTING'));
       assert.equal(prerouting[0], '-A PREROUTING -j aad-metadata', 'jump first');
       assert.match(saveNat(), /-A aad-metadata -d 169\.254\.169\.254\/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10\.240\.0\.4:2579/);
+      // Both flavours are installed: nmi chose the one holding kube-proxy's rules, like kube-proxy's iptables-wrapper.
+      const other = flavour === 'iptables-legacy' ? 'iptables-nft-save' : 'iptables-legacy-save';
+      assert.doesNotMatch(node.exec(other, ['-t', 'nat']), /aad-metadata/);
     }
     assert.equal(await running.stop('SIGTERM'), 0);
     running = undefined;
@@ -223,7 +226,7 @@ export function rulesSuite(flavour: Flavour): void {
       ipt(['-t', 'nat', '-A', 'aad-metadata', '-j', 'RETURN']);
       r = nmi(['cleanup'], env);
       assert.equal(r.code, 0, r.stderr);
-      assert.match(r.stdout, /removed iptables: nat chain aad-metadata/);
+      assert.match(r.stdout, new RegExp(`removed ${flavour}: nat chain aad-metadata`));
       assert.equal(saveNat(), before);
       // duplicated jumps, not first, and a jump from another chain
       ipt(['-t', 'nat', '-N', 'aad-metadata']);
@@ -231,8 +234,8 @@ export function rulesSuite(flavour: Flavour): void {
       ipt(['-t', 'nat', '-A', 'OUTPUT', '-j', 'aad-metadata']);
       r = nmi(['cleanup'], env);
       assert.equal(r.code, 0, r.stderr);
-      assert.equal((r.stdout.match(/removed iptables: nat PREROUTING -j aad-metadata/g) ?? []).length, 3);
-      assert.match(r.stdout, /removed iptables: nat OUTPUT -j aad-metadata/);
+      assert.equal((r.stdout.match(new RegExp(`removed ${flavour}: nat PREROUTING -j aad-metadata`, 'g')) ?? []).length, 3);
+      assert.match(r.stdout, new RegExp(`removed ${flavour}: nat OUTPUT -j aad-metadata`));
     }
     assert.equal(saveNat(), before, 'nothing else touched');
     r = nmi(['cleanup'], env);
@@ -259,7 +262,7 @@ export function rulesSuite(flavour: Flavour): void {
     const r = nmi(['status', '--json'], env);
     assert.equal(r.code, 0, r.stderr);
     const status = JSON.parse(r.stdout) as { backends: { backend: string; installed: boolean; rules: { text: string; packets: number }[] }[]; daemon: { ready: boolean } };
-    const mine = status.backends.find((b) => b.backend === rulesFlag);
+    const mine = status.backends.find((b) => b.backend === flavour);
     assert.ok(mine?.installed);
     assert.ok(mine.rules.some((rule) => rule.packets > 0), 'the pod connect was counted');
     assert.equal(status.daemon.ready, true);

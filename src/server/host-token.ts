@@ -1,0 +1,246 @@
+// `--host-token-socket`: `/host/token` for processes of the node itself, which
+// name the pod they act for (headers `podns`, `podname`). aad-pod-identity's NMI
+// served this on TCP, so any host process could get any pod's token; here it is
+// served only on a unix socket that only root can connect to. Data flow:
+//   checkHostRequest (path, method, headers, query) → findPod → identitiesFor
+//   → selectIdentity → getToken → answers.ts.
+//
+// Who may connect: Node has no SO_PEERCRED API, so the peer's uid cannot be
+// read. The socket is instead created 0600 and owned by root (the daemon runs
+// as root), inside a directory no one else can write, so connect(2) itself
+// refuses every other user with EACCES. There is no moment where the socket is
+// more open: the umask is 0177 during the bind.
+import { chmod, lstat, mkdir, stat, unlink } from 'node:fs/promises';
+import http from 'node:http';
+import net from 'node:net';
+import path from 'node:path';
+import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
+import { UsageError } from '../errors/errors.js';
+import type { Pod } from '../kubelet/pod.js';
+import type { Logger } from '../log/logger.js';
+import type { Token } from '../tokens/token.js';
+import { problemAnswer, problems, tokenAnswer, writeAnswer, type Answer, type Problem } from './answers.js';
+import { checks, parseQuery, pathProblem, type IdSelector, type RequestHeaders } from './request.js';
+import { isUpstreamFailure, limits, selectIdentity, upstreamAnswer } from './token-server.js';
+
+export const HOST_TOKEN_PATH = '/host/token';
+const SOCKET_MODE = 0o600;
+const DIRECTORY_MODE = 0o700;
+const ID_PARAMS = ['client_id', 'object_id', 'msi_res_id', 'mi_res_id'] as const;
+
+export interface HostTokenServerDeps {
+  socketPath: string;
+  /** The pod named by `podns`/`podname`, or undefined when this node has none such. */
+  findPod(namespace: string, name: string): Pod | undefined;
+  identitiesFor(pod: Pod): PodIdentities;
+  /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
+  getToken(identity: AzureIdentity, resource: string): Promise<Token>;
+  log: Logger;
+}
+
+export interface HostTokenServer {
+  /** Prepares the directory, binds the socket 0600 and verifies it; rejects with a UsageError when the path cannot be made private. */
+  listen(): Promise<void>;
+  /** Stops accepting, lets in-flight requests finish (at most limits.drainTimeoutMs) and removes the socket file. Idempotent. */
+  close(): Promise<void>;
+}
+
+export interface HostTokenRequest {
+  namespace: string;
+  name: string;
+  resource: string;
+  selector?: IdSelector;
+}
+
+const bad = (error: string, error_description: string, status = 400): Problem => ({ status, error, error_description });
+
+/** The texts of this endpoint's own answers; the query checks are request.ts's. */
+export const hostChecks = {
+  notFound: bad('not_found', 'The requested path was not found', 404),
+  method: { ...bad('method_not_allowed', 'Only GET is allowed on the host token endpoint', 405), allow: 'GET' },
+  headerMissing: (name: string) => bad('invalid_request', `Required header ${name} not specified`),
+  headerRepeated: (name: string) => bad('invalid_request', `Header ${name} is specified more than once`),
+  podNotFound: (namespace: string, name: string) => bad('not_found', `Pod ${namespace}/${name} not found on this node`, 404),
+} as const;
+
+export function createHostTokenServer(deps: HostTokenServerDeps): HostTokenServer {
+  const { socketPath, log } = deps;
+  let stopped: Promise<void> | undefined;
+
+  async function answer(req: http.IncomingMessage): Promise<Answer> {
+    const checked = checkHostRequest(req.method ?? '', req.url ?? '', req.headersDistinct);
+    if ('status' in checked) return problemAnswer(checked);
+    const pod = deps.findPod(checked.namespace, checked.name);
+    if (!pod) return problemAnswer(hostChecks.podNotFound(checked.namespace, checked.name));
+
+    const identity = selectIdentity(deps.identitiesFor(pod).identities, checked.selector);
+    if (identity === 'none') return problemAnswer(problems.identityNotFound);
+    if (identity === 'ambiguous') return problemAnswer(problems.multipleIdentities);
+    try {
+      return tokenAnswer(await deps.getToken(identity, checked.resource));
+    } catch (err) {
+      if (!isUpstreamFailure(err)) throw err;
+      log.debug({ kind: err.kind, status: err.status, identity: identity.name, namespace: identity.namespace }, 'host token upstream failed');
+      return upstreamAnswer(err);
+    }
+  }
+
+  const server = http.createServer(
+    {
+      maxHeaderSize: limits.maxHeaderSize,
+      headersTimeout: limits.headersTimeoutMs,
+      requestTimeout: limits.requestTimeoutMs,
+      keepAliveTimeout: limits.keepAliveTimeoutMs,
+    },
+    (req, res) => {
+      answer(req).then(
+        (result) => writeAnswer(res, result),
+        (err: unknown) => {
+          log.warn({ err: err instanceof Error ? err.message : String(err) }, 'host token request failed');
+          writeAnswer(res, problemAnswer(problems.internal));
+        },
+      );
+    },
+  );
+
+  async function listen(): Promise<void> {
+    await preparePath(socketPath);
+    await bindPrivately(server, socketPath);
+    try {
+      await verifySocket(socketPath);
+    } catch (err) {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      throw err;
+    }
+    log.info({ socket: socketPath }, 'host token socket listening');
+  }
+
+  /** libuv unlinks a unix socket's file when its server closes, so this removes the socket too. */
+  async function stop(): Promise<void> {
+    const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+    server.closeIdleConnections();
+    const deadline = setTimeout(() => server.closeAllConnections(), limits.drainTimeoutMs);
+    await closed;
+    clearTimeout(deadline);
+  }
+
+  return {
+    listen,
+    close() {
+      stopped ??= stop();
+      return stopped;
+    },
+  };
+}
+
+/** Path, method, headers and query of one request (no I/O); the first failure wins. */
+export function checkHostRequest(method: string, target: string, headers: RequestHeaders): Problem | HostTokenRequest {
+  if (!target.startsWith('/')) return checks.target;
+  const queryAt = target.indexOf('?');
+  const pathname = queryAt < 0 ? target : target.slice(0, queryAt);
+  const hygiene = pathProblem(pathname);
+  if (hygiene) return hygiene;
+  if (pathname !== HOST_TOKEN_PATH && pathname !== `${HOST_TOKEN_PATH}/`) return hostChecks.notFound;
+  if (method !== 'GET') return hostChecks.method;
+
+  const namespace = singleHeader(headers, 'podns');
+  if (typeof namespace !== 'string') return namespace;
+  const name = singleHeader(headers, 'podname');
+  if (typeof name !== 'string') return name;
+
+  const params = parseQuery(queryAt < 0 ? '' : target.slice(queryAt + 1));
+  if (!params) return checks.badQuery;
+  const resource = params.get('resource')?.[0];
+  if (!resource) return checks.resourceMissing;
+  if ([...params.values()].some((values) => values.length > 1)) return checks.duplicate;
+  const given = ID_PARAMS.filter((param) => params.has(param));
+  if (given.length > 1) return checks.twoIds;
+  const [param] = given;
+  if (param === undefined) return { namespace, name, resource };
+  const value = params.get(param)?.[0] ?? '';
+  if (value === '') return checks.emptyId;
+  return { namespace, name, resource, selector: { param: param === 'mi_res_id' ? 'msi_res_id' : param, value } };
+}
+
+/** req.headersDistinct keeps repeated headers apart, so a second `podns` cannot hide behind a join. */
+function singleHeader(headers: RequestHeaders, name: string): string | Problem {
+  const value = headers[name];
+  const values = typeof value === 'string' ? [value] : (value ?? []);
+  if (values.length > 1) return hostChecks.headerRepeated(name);
+  const [only] = values;
+  return only ? only : hostChecks.headerMissing(name);
+}
+
+/** The directory must be private to root (made 0700 when missing); a stale socket is removed, anything else refused. */
+async function preparePath(socketPath: string): Promise<void> {
+  const dir = path.dirname(socketPath);
+  await mkdir(dir, { recursive: true, mode: DIRECTORY_MODE });
+  const info = await stat(dir);
+  if (!info.isDirectory()) throw new UsageError(`--host-token-socket: ${dir} is not a directory`);
+  if ((info.mode & 0o022) !== 0) {
+    throw new UsageError(`--host-token-socket: directory ${dir} is group- or world-writable (mode ${octal(info.mode)}): another user could replace the socket`);
+  }
+  if (info.uid !== 0 && info.uid !== process.geteuid?.()) {
+    throw new UsageError(`--host-token-socket: directory ${dir} is owned by uid ${info.uid}, not root`);
+  }
+
+  const existing = await lstatOrUndefined(socketPath);
+  if (!existing) return;
+  if (!existing.isSocket()) throw new UsageError(`--host-token-socket: ${socketPath} exists and is not a socket; not removing it`);
+  if (await answers(socketPath)) throw new UsageError(`--host-token-socket: ${socketPath} is in use by another process`);
+  await unlink(socketPath);
+}
+
+/** The bind is synchronous in node:net, so the 0177 umask covers exactly the socket's creation. */
+function bindPrivately(server: http.Server, socketPath: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    const previous = process.umask(0o177);
+    try {
+      server.listen(socketPath, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    } finally {
+      process.umask(previous);
+    }
+  });
+}
+
+/** chmod is a second line of defence; lstat proves the result (a socket, 0600, ours). */
+async function verifySocket(socketPath: string): Promise<void> {
+  await chmod(socketPath, SOCKET_MODE);
+  const info = await lstat(socketPath);
+  const owner = process.geteuid?.();
+  if (!info.isSocket() || (info.mode & 0o7777) !== SOCKET_MODE || (owner !== undefined && info.uid !== owner)) {
+    throw new UsageError(`--host-token-socket: ${socketPath} did not end up a ${octal(SOCKET_MODE)} socket owned by uid ${owner} (mode ${octal(info.mode)}, uid ${info.uid})`);
+  }
+}
+
+/** A socket file nobody listens on refuses the connection: that one is stale. */
+function answers(socketPath: string): Promise<boolean> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect(socketPath);
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once('error', (err: NodeJS.ErrnoException) => {
+      if (err.code === 'ECONNREFUSED' || err.code === 'ENOENT') resolve(false);
+      else reject(new UsageError(`--host-token-socket: cannot tell whether ${socketPath} is in use: ${err.code ?? err.message}`));
+    });
+  });
+}
+
+async function lstatOrUndefined(file: string) {
+  try {
+    return await lstat(file);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+}
+
+function octal(mode: number): string {
+  return `0${(mode & 0o7777).toString(8)}`;
+}
