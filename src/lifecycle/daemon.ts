@@ -21,9 +21,10 @@ import { startProbeServer } from '../probe/probe-server.js';
 import { RulesKeeper } from '../rules/keeper.js';
 import type { Redirect } from '../rules/redirect.js';
 import { selectBackend } from '../rules/select.js';
-import { registerServerMetrics } from '../server/metrics.js';
+import { registerNativeMetrics, registerServerMetrics } from '../server/metrics.js';
 import { createHostTokenServer } from '../server/host-token.js';
-import { createTokenServer } from '../server/token-server.js';
+import { attachNativeTables, createNativeTokenServer, type NativeTables } from '../server/native-server.js';
+import { createTokenServer, type TokenServerDeps } from '../server/token-server.js';
 import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
@@ -46,7 +47,6 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const backend = await selectBackend(config.rules);
   if (config.kubeletClientCert && !config.kubeletClientKey) throw new UsageError('--kubelet-client-key: required with --kubelet-client-cert');
   if (config.kubeletClientKey && !config.kubeletClientCert) throw new UsageError('--kubelet-client-cert: required with --kubelet-client-key');
-  if (config.server === 'native') log.warn('--server native: the C++ fast path is not in this build yet; serving with the js server');
   const status = (text: string) => {
     hooks.status?.(text);
     log.info(text);
@@ -56,6 +56,8 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const readiness = new Readiness();
   for (const condition of ['pods', 'bindings', 'server', 'rules']) readiness.require(condition);
   const probe: http.Server = await startProbeServer(config.probeAddress, readiness, registry);
+
+  let nativeTables: NativeTables | undefined;
 
   // Caller: the kubelet's pods, indexed by address.
   const kubelet = new KubeletClient({
@@ -70,7 +72,10 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     fetchPods: () => kubelet.fetchPods(),
     refreshIntervalMs: config.podRefreshInterval,
     log,
-    onChange: () => retainUsedTokens(),
+    onChange: () => {
+      retainUsedTokens();
+      nativeTables?.refresh();
+    },
   });
 
   // Identities: the custom resources, from the API server or files.
@@ -103,7 +108,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   registerBindingMetrics(registry, store);
   registerTokenMetrics(registry, cache);
 
-  const server = createTokenServer({
+  const serverDeps: TokenServerDeps = {
     callers: pods,
     identitiesFor: (pod) => identitiesFor(pod, store.snapshot, match),
     getToken,
@@ -115,7 +120,18 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     },
     log,
     metrics: registerServerMetrics(registry),
-  });
+  };
+  // native: cache hits answered in C++ from tables pushed here; everything else reaches the same js core.
+  const server = config.server === 'native' ? createNativeTokenServer(serverDeps) : createTokenServer(serverDeps);
+  if ('setRoutes' in server) {
+    registerNativeMetrics(registry, () => server.stats());
+    nativeTables = attachNativeTables(server, {
+      pods: () => pods.pods(),
+      identitiesFor: (pod) => identitiesFor(pod, store.snapshot, match),
+      store,
+      versions: () => [pods.pods(), store.snapshot],
+    });
+  }
 
   // Host processes' tokens only through a root-only unix socket, never TCP.
   const hostToken = config.hostTokenSocket
@@ -145,6 +161,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     readiness.set('server', false);
     status('draining requests');
     await Promise.all([server.close(), hostToken?.close()]);
+    nativeTables?.stop();
     status(config.onExit === 'remove' ? 'removing rules' : 'keeping rules');
     await keeper.stop(config.onExit === 'remove');
     pods.stop();

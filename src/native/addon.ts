@@ -10,6 +10,44 @@ export interface NftResult {
   error: string;
 }
 
+export interface NativeServerOptions {
+  host: string;
+  port: number;
+  maxConnections: number;
+  /** Request line + headers; a longer head is handed over with error "overflow". */
+  maxHeaderBytes: number;
+  /** A request partly received for this long is handed over with error "timeout". */
+  headerTimeoutMs: number;
+  metadataHeaderRequired: boolean;
+}
+
+/**
+ * Why the native server handed a request over without a complete, framed request:
+ * "malformed" (not HTTP/1.x), "overflow" (head too large), "timeout", "body"
+ * (a Transfer-Encoding body, not taken), and "stopped" once, after serverStop,
+ * when the thread has finished (connId 0).
+ */
+export type NativeHandoffError = 'malformed' | 'overflow' | 'timeout' | 'body' | 'stopped';
+
+/** Called on the JS thread for every request the native side does not answer itself. */
+export type NativeRequestHandler = (connId: number, requestId: number, raw: Buffer | null, remoteAddress: string, error: NativeHandoffError | null) => void;
+
+/** [address, exception, [[identityKey, clientIdLowercase, resourceIdLowercase], ...]] */
+export type NativeRouteRow = [string, boolean, Array<[string, string, string]>];
+/** [identityKey, resource, bodyBeforeExpiresIn, bodyAfterExpiresIn, expiresOnSeconds, serveUntilMs] */
+export type NativeTokenRow = [string, string, string, string, number, number];
+
+export interface NativeServerStats {
+  connections: number;
+  requests: number;
+  hits: number;
+  handedToJs: number;
+  malformed: number;
+  overflow: number;
+  timeout: number;
+  refusedConnections: number;
+}
+
 export interface NativeAddon {
   /** null when libnftables is usable, else why not. */
   nftLoad(): string | null;
@@ -19,6 +57,18 @@ export interface NativeAddon {
   sdNotify(socketPath: string, message: string): string | null;
   /** Moves the calling (main) thread into the network namespace at path; null on success. */
   setNetns(path: string): string | null;
+  /** Listens and starts the server's epoll thread; throws when the address cannot be bound. */
+  serverStart(options: NativeServerOptions, onRequest: NativeRequestHandler): { id: number; port: number };
+  /** Queues the complete answer bytes of one handed-over request; close ends the connection after it. */
+  serverRespond(server: number, connId: number, requestId: number, bytes: Buffer, close: boolean): void;
+  /** Replaces the route table (caller address → identities) in one swap. */
+  serverSetRoutes(server: number, routes: NativeRouteRow[]): void;
+  /** Replaces the token table in one swap. */
+  serverSetTokens(server: number, tokens: NativeTokenRow[]): void;
+  /** Stops accepting and drains (at most drainMs); false when already stopping or stopped. */
+  serverStop(server: number, drainMs: number): boolean;
+  /** null once the server has stopped. */
+  serverStats(server: number): NativeServerStats | null;
 }
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');

@@ -31,3 +31,23 @@ export function registerServerMetrics(registry: Registry): ServerMetrics {
     },
   };
 }
+
+/** The native fast path's own counters, read at scrape time. */
+export function registerNativeMetrics(registry: Registry, stats: () => { hits: number; handedToJs: number; malformed: number; overflow: number; timeout: number } | undefined): void {
+  const seen = { hit: 0, js: 0, malformed: 0, overflow: 0, timeout: 0 };
+  new Counter({
+    name: 'nmi_native_requests_total',
+    help: 'Requests the native server read: answered in C++ (hit), handed to JS (js), or refused (malformed, overflow, timeout)',
+    labelNames: ['result'],
+    registers: [registry],
+    collect() {
+      const s = stats();
+      if (!s) return;
+      const now = { hit: s.hits, js: s.handedToJs, malformed: s.malformed, overflow: s.overflow, timeout: s.timeout };
+      for (const key of Object.keys(now) as (keyof typeof now)[]) {
+        if (now[key] > seen[key]) this.inc({ result: key }, now[key] - seen[key]);
+        seen[key] = now[key];
+      }
+    },
+  });
+}

@@ -1,4 +1,5 @@
-// The `js` token server. Data flow of one token request:
+// The `js` token server, and the request core it shares with the native one
+// (native-server.ts). Data flow of one token request:
 //   request.ts (hygiene, route, checks 1–5) → caller by source address (6)
 //   → bound identities, filtered by the requested id (7) → getToken (8)
 //   → answers.ts. Other /metadata categories and exception pods go to proxy.ts.
@@ -9,10 +10,10 @@ import { codes } from '../errors/errors.js';
 import type { CallerLookup, Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
-import { problemAnswer, problems, tokenAnswer, unavailable, writeAnswer, type Problem } from './answers.js';
+import { problemAnswer, problems, tokenAnswer, unavailable, writeAnswer, type Answer, type Problem } from './answers.js';
 import type { ServerMetrics } from './metrics.js';
 import { createImdsProxy } from './proxy.js';
-import { classifyRequest, type Classification, type IdSelector, type RouteName, type TokenRequest } from './request.js';
+import { classifyRequest, type Classification, type IdSelector, type RequestHeaders, type RouteName, type TokenRequest } from './request.js';
 
 export interface TokenServerOptions {
   metadataHeaderRequired: boolean;
@@ -61,49 +62,87 @@ export const limits = {
   upstreamRetryAfterS: 5, // when the upstream gave no Retry-After
 } as const;
 
-export function createTokenServer(deps: TokenServerDeps): TokenServer {
-  const { options, log } = deps;
-  const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
-  const inFlight = new Set<http.ServerResponse>();
-  let closing = false;
-  let stopped: Promise<void> | undefined;
+/** A request as both servers see it: node's IncomingMessage (js) or the parsed raw bytes (native). */
+export interface IncomingRequest {
+  method: string;
+  /** The raw request-target. */
+  target: string;
+  headers: RequestHeaders;
+  /** The caller's address as the pod index keys it. */
+  remoteAddress: string | undefined;
+}
 
-  async function answerToken(req: http.IncomingMessage, res: http.ServerResponse, request: TokenRequest): Promise<void> {
-    const address = callerAddress(req.socket);
-    const pod = address === undefined ? undefined : await deps.callers.lookup(address);
-    if (!pod) return writeAnswer(res, problemAnswer(problems.unknownCaller));
+/** What to do with a request: write this answer, or forward it to the real IMDS. */
+export type Outcome = Answer | { proxy: string };
+
+export interface Handled {
+  /** Known before any I/O, for metrics. */
+  route: RouteName;
+  /** Never rejects: an unexpected failure is logged and answered 500. */
+  outcome: Promise<Outcome>;
+}
+
+export type RequestCore = (req: IncomingRequest) => Handled;
+
+/** request → caller → identity → token → answer, shared by the js and native servers. */
+export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'identitiesFor' | 'getToken' | 'options' | 'log'>): RequestCore {
+  const { options, log } = deps;
+
+  async function answerToken(remoteAddress: string | undefined, request: TokenRequest): Promise<Outcome> {
+    const pod = remoteAddress === undefined ? undefined : await deps.callers.lookup(remoteAddress);
+    if (!pod) return problemAnswer(problems.unknownCaller);
     const bound = deps.identitiesFor(pod);
-    if (bound.exception) return proxy.forward(req, res, request.target);
+    if (bound.exception) return { proxy: request.target };
 
     const identity = selectIdentity(bound.identities, request.selector);
-    if (identity === 'none') return writeAnswer(res, problemAnswer(options.retryAfter ? problems.identityNotYet : problems.identityNotFound));
-    if (identity === 'ambiguous') return writeAnswer(res, problemAnswer(problems.multipleIdentities));
+    if (identity === 'none') return problemAnswer(options.retryAfter ? problems.identityNotYet : problems.identityNotFound);
+    if (identity === 'ambiguous') return problemAnswer(problems.multipleIdentities);
     let token: Token;
     try {
       token = await deps.getToken(identity, request.resource);
     } catch (err) {
       if (!isUpstreamFailure(err)) throw err;
       log.debug({ kind: err.kind, status: err.status, identity: identity.name, namespace: identity.namespace }, 'token upstream failed');
-      return writeAnswer(res, upstreamAnswer(err));
+      return upstreamAnswer(err);
     }
-    writeAnswer(res, tokenAnswer(token));
+    return tokenAnswer(token);
   }
+
+  async function respond(classified: Classification, remoteAddress: string | undefined): Promise<Outcome> {
+    if (classified.kind === 'reject') return problemAnswer(classified.problem);
+    if (classified.kind === 'proxy') return { proxy: classified.target };
+    return answerToken(remoteAddress, classified.request);
+  }
+
+  return (req) => {
+    const classified = classifyRequest(req.method, req.target, req.headers, options);
+    const outcome = respond(classified, req.remoteAddress).catch((err: unknown): Outcome => {
+      log.warn({ err: errorSummary(err) }, 'token server request failed');
+      return problemAnswer(problems.internal);
+    });
+    return { route: classified.route, outcome };
+  };
+}
+
+export function createTokenServer(deps: TokenServerDeps): TokenServer {
+  const { options, log } = deps;
+  const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
+  const core = createRequestCore(deps);
+  const inFlight = new Set<http.ServerResponse>();
+  let closing = false;
+  let stopped: Promise<void> | undefined;
 
   function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     const started = process.hrtime.bigint();
-    const classified = classifyRequest(req.method ?? '', req.url ?? '', req.headers, options);
-    track(res, classified.route, started);
-    respond(classified, req, res).catch((err: unknown) => {
-      log.warn({ err: errorSummary(err) }, 'token server request failed');
-      if (res.headersSent) res.destroy();
-      else writeAnswer(res, problemAnswer(problems.internal));
-    });
-  }
-
-  async function respond(classified: Classification, req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
-    if (classified.kind === 'reject') return writeAnswer(res, problemAnswer(classified.problem));
-    if (classified.kind === 'proxy') return proxy.forward(req, res, classified.target);
-    return answerToken(req, res, classified.request);
+    const { route, outcome } = core({ method: req.method ?? '', target: req.url ?? '', headers: req.headers, remoteAddress: callerAddress(req.socket) });
+    track(res, route, started);
+    outcome
+      .then((result) => ('proxy' in result ? proxy.forward(req, res, result.proxy) : writeAnswer(res, result)))
+      .catch((err: unknown) => {
+        log.warn({ err: errorSummary(err) }, 'token server request failed');
+        if (res.headersSent) res.destroy();
+        else writeAnswer(res, problemAnswer(problems.internal));
+      });
   }
 
   function track(res: http.ServerResponse, route: RouteName, started: bigint): void {
@@ -205,15 +244,20 @@ function answerClientError(err: NodeJS.ErrnoException, socket: Socket): void {
     socket.destroy();
     return;
   }
-  const problem = clientErrorProblem(err.code);
+  socket.end(clientErrorBytes(err.code));
+}
+
+/** The whole answer to a request node's parser refused (llhttp error code), ending the connection. */
+export function clientErrorBytes(code: string | undefined): string {
+  const problem = clientErrorProblem(code);
   const body = JSON.stringify({ error: problem.error, error_description: problem.error_description });
-  socket.end(
+  return (
     `HTTP/1.1 ${problem.status} ${http.STATUS_CODES[problem.status]}\r\n` +
-      'Content-Type: application/json; charset=utf-8\r\n' +
-      `Content-Length: ${Buffer.byteLength(body)}\r\n` +
-      'Cache-Control: no-store\r\n' +
-      'Connection: close\r\n\r\n' +
-      body,
+    'Content-Type: application/json; charset=utf-8\r\n' +
+    `Content-Length: ${Buffer.byteLength(body)}\r\n` +
+    'Cache-Control: no-store\r\n' +
+    'Connection: close\r\n\r\n' +
+    body
   );
 }
 

@@ -1,0 +1,980 @@
+// The native token server: an HTTP/1.1 server on its own epoll thread that
+// answers the one hot case itself (a valid token request from a routed caller
+// whose token is in the table) and hands every other request, as raw bytes, to
+// TypeScript (src/server/native-server.ts), which answers through
+// serverRespond. Validation lives in TS: this file recognises the exact hit
+// case and, when unsure, hands the request over. Answers on a connection leave
+// in request order (pipelining), whoever wrote them.
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "addon.h"
+
+namespace nmi {
+namespace {
+
+constexpr const char* kTokenPath = "/metadata/identity/oauth2/token";
+constexpr size_t kMaxPendingPerConn = 32;      // pipelined requests awaiting an answer
+constexpr size_t kMaxBodyBytes = 1024 * 1024;  // request bodies (proxied categories only)
+constexpr int64_t kKeepAliveMs = 5000;         // idle keep-alive connection, as node's js server
+
+const std::unordered_set<std::string> kApiVersions = {
+    "2018-02-01", "2019-03-11", "2019-06-01", "2019-06-04", "2019-08-01", "2019-08-15", "2019-11-01",
+    "2020-06-01", "2020-07-15", "2020-09-01", "2020-10-01", "2020-12-01", "2021-01-01", "2021-02-01",
+    "2021-03-01", "2021-05-01", "2021-08-01", "2021-10-01", "2021-11-01", "2021-11-15", "2021-12-13",
+    "2022-02-01", "2022-03-01", "2022-07-01", "2022-08-01", "2022-09-01", "2023-07-01", "2023-11-15",
+    "2024-03-15", "2024-07-17", "2025-04-07",
+};
+
+struct RouteIdentity {
+  std::string key;            // namespace/name
+  std::string clientIdLower;  // lowercased in TS, as selectIdentity compares
+  std::string resourceIdLower;
+};
+struct Route {
+  bool exception = false;
+  std::vector<RouteIdentity> identities;
+};
+using RouteTable = std::unordered_map<std::string, Route>;  // caller address → route
+
+struct TokenEntry {
+  std::string prefix;  // body up to and including `"expires_in":"`
+  std::string suffix;  // body from the `"` after expires_in
+  int64_t expiresOn = 0;     // seconds since the epoch
+  int64_t serveUntilMs = 0;  // wall clock; past it TS answers (and refreshes)
+};
+using TokenTable = std::unordered_map<std::string, TokenEntry>;  // key '\n' resource → entry
+
+std::string TokenKey(const std::string& identity, const std::string& resource) { return identity + '\n' + resource; }
+
+int64_t NowMs() {
+  timespec ts{};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+int64_t MonoMs() {
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+// RFC 7231 IMF-fixdate, as node's Date header (no locale involved).
+std::string HttpDate(int64_t nowMs) {
+  static const char* days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+  static const char* months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  time_t secs = static_cast<time_t>(nowMs / 1000);
+  tm t{};
+  gmtime_r(&secs, &t);
+  char buf[40];
+  snprintf(buf, sizeof buf, "%s, %02d %s %04d %02d:%02d:%02d GMT", days[t.tm_wday], t.tm_mday, months[t.tm_mon],
+           t.tm_year + 1900, t.tm_hour, t.tm_min, t.tm_sec);
+  return buf;
+}
+
+bool IsTchar(unsigned char c) {
+  return isalnum(c) || strchr("!#$%&'*+-.^_`|~", c) != nullptr;
+}
+// RFC 3986 pchar and query characters; anything else is left to TS.
+bool IsTargetChar(unsigned char c) {
+  return isalnum(c) || strchr("-._~!$&'()*+,;=:@/?%", c) != nullptr;
+}
+std::string Lower(std::string s) {
+  for (auto& c : s) c = static_cast<char>(tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+int HexValue(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+// decodeURIComponent of form data, limited to ASCII: false when TS must judge.
+bool DecodeAscii(const std::string& in, std::string& out) {
+  out.clear();
+  for (size_t i = 0; i < in.size(); i++) {
+    char c = in[i];
+    if (c == '+') {
+      out += ' ';
+    } else if (c == '%') {
+      if (i + 2 >= in.size()) return false;
+      int hi = HexValue(in[i + 1]), lo = HexValue(in[i + 2]);
+      if (hi < 0 || lo < 0 || hi >= 8) return false;
+      out += static_cast<char>(hi * 16 + lo);
+      i += 2;
+    } else {
+      out += c;
+    }
+  }
+  return true;
+}
+
+// What the head says about framing and connection reuse; filled for every request.
+struct Head {
+  bool valid = false;         // request line and headers parsed
+  bool keepAlive = true;      // HTTP/1.1 without Connection: close
+  bool bodyUnsupported = false;  // Transfer-Encoding: nmi does not take chunked bodies
+  size_t contentLength = 0;
+  bool badLength = false;
+};
+
+struct Slot {
+  uint64_t requestId;
+  bool ready = false;
+  bool close = false;
+  std::string bytes;
+};
+
+struct Conn {
+  int fd = -1;
+  uint64_t id = 0;
+  std::string remote;
+  std::string in;
+  std::string out;
+  size_t outOffset = 0;
+  std::deque<Slot> slots;
+  uint64_t nextRequestId = 1;
+  bool noMoreRequests = false;  // a Connection: close request, an error, or EOF was seen
+  bool closeAfterFlush = false;
+  bool peerClosed = false;
+  uint32_t events = 0;
+  int64_t partialSinceMs = 0;  // monotonic; 0 when no request is partly received
+  int64_t idleSinceMs = 0;
+};
+
+struct Handoff {
+  uint32_t serverId;  // a handoff with connId 0 says the server has stopped
+  uint64_t connId;
+  uint64_t requestId;
+  std::string bytes;
+  std::string remote;
+  std::string error;  // "", "malformed", "overflow", "timeout", "body"
+};
+
+struct Response {
+  uint64_t connId;
+  uint64_t requestId;
+  std::string bytes;
+  bool close;
+};
+
+void CallJs(Napi::Env env, Napi::Function fn, Handoff* data);
+
+struct Stats {
+  std::atomic<uint64_t> connections{0}, requests{0}, hits{0}, handedToJs{0}, malformed{0}, overflow{0},
+      timeout{0}, refusedConnections{0};
+};
+
+class Server {
+ public:
+  int listenFd = -1;
+  int wakeFd = -1;
+  int epollFd = -1;
+  int port = 0;
+  size_t maxConnections = 4096;
+  size_t maxHeaderBytes = 16 * 1024;
+  int64_t headerTimeoutMs = 10000;
+  bool metadataHeaderRequired = true;
+  uint32_t id = 0;
+  Napi::ThreadSafeFunction onRequest;
+  std::thread thread;
+  std::mutex joinMutex;
+  Stats stats;
+
+  std::mutex tablesMutex;
+  std::shared_ptr<const RouteTable> routes = std::make_shared<RouteTable>();
+  std::shared_ptr<const TokenTable> tokens = std::make_shared<TokenTable>();
+
+  std::mutex queueMutex;
+  std::vector<Response> responses;
+  std::atomic<bool> stopping{false};
+  std::atomic<bool> hardStop{false};
+  std::atomic<int64_t> drainDeadlineMs{0};
+
+  ~Server() {
+    // process.exit() skips environment cleanup hooks: the last reference goes
+    // with the static table, and a joinable std::thread would abort the exit.
+    hardStop = true;
+    if (wakeFd >= 0) Wake();
+    Join();
+    if (epollFd >= 0) close(epollFd);
+    if (wakeFd >= 0) close(wakeFd);
+    if (listenFd >= 0) close(listenFd);
+  }
+
+  void Wake() {
+    uint64_t one = 1;
+    ssize_t n = write(wakeFd, &one, sizeof one);
+    (void)n;
+  }
+
+  void Run();
+
+  // Safe from both the stop path and the at-exit hook.
+  void Join() {
+    std::lock_guard<std::mutex> lock(joinMutex);
+    if (thread.joinable()) thread.join();
+  }
+
+ private:
+  std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns_;
+  uint64_t nextConnId_ = 1;
+
+  void Accept();
+  void OnReadable(Conn& c);
+  bool ProcessOne(Conn& c);
+  void HandOff(Conn& c, std::string bytes, const std::string& error);
+  void Pump(Conn& c);
+  void UpdateEvents(Conn& c);
+  void Destroy(uint64_t id);
+  void DrainResponses();
+  void CheckTimers();
+  bool TryAnswer(const std::string& head, const std::string& remote, bool keepAlive, std::string& out);
+};
+
+Head ParseHead(const std::string& head) {
+  Head h;
+  size_t lineEnd = head.find("\r\n");
+  std::string line = head.substr(0, lineEnd);
+  size_t sp1 = line.find(' ');
+  size_t sp2 = line.rfind(' ');
+  if (sp1 == std::string::npos || sp1 == sp2 || sp1 == 0) return h;
+  for (size_t i = 0; i < sp1; i++)
+    if (!IsTchar(line[i])) return h;
+  std::string version = line.substr(sp2 + 1);
+  if (version == "HTTP/1.0") h.keepAlive = false;
+  else if (version != "HTTP/1.1") return h;
+  bool sawLength = false;
+  size_t at = lineEnd + 2;
+  while (at < head.size()) {
+    size_t end = head.find("\r\n", at);
+    if (end == std::string::npos) end = head.size();
+    std::string field = head.substr(at, end - at);
+    at = end + 2;
+    if (field.empty()) break;  // the blank line ending the head
+    size_t colon = field.find(':');
+    if (colon == std::string::npos || colon == 0) return h;
+    std::string name = Lower(field.substr(0, colon));
+    size_t v = colon + 1;
+    while (v < field.size() && (field[v] == ' ' || field[v] == '\t')) v++;
+    size_t ve = field.size();
+    while (ve > v && (field[ve - 1] == ' ' || field[ve - 1] == '\t')) ve--;
+    std::string value = Lower(field.substr(v, ve - v));
+    if (name == "connection") {
+      // Token list; close wins, keep-alive revives an HTTP/1.0 connection.
+      size_t p = 0;
+      while (p <= value.size()) {
+        size_t q = value.find(',', p);
+        if (q == std::string::npos) q = value.size();
+        std::string tok = value.substr(p, q - p);
+        while (!tok.empty() && (tok.front() == ' ' || tok.front() == '\t')) tok.erase(0, 1);
+        while (!tok.empty() && (tok.back() == ' ' || tok.back() == '\t')) tok.pop_back();
+        if (tok == "close") h.keepAlive = false;
+        else if (tok == "keep-alive" && version == "HTTP/1.0") h.keepAlive = true;
+        p = q + 1;
+      }
+    } else if (name == "transfer-encoding") {
+      h.bodyUnsupported = true;
+    } else if (name == "content-length") {
+      if (value.empty() || value.size() > 12 || value.find_first_not_of("0123456789") != std::string::npos) {
+        h.badLength = true;
+      } else {
+        size_t n = std::stoull(value);
+        if (sawLength && n != h.contentLength) h.badLength = true;
+        h.contentLength = n;
+        sawLength = true;
+      }
+    }
+  }
+  // A kept-alive HTTP/1.0 connection has a Connection header that said so; a close later wins.
+  h.valid = true;
+  return h;
+}
+
+bool FirstLineLooksValid(const std::string& in) {
+  size_t end = in.find('\n');
+  if (end == std::string::npos) return true;  // not judged yet
+  std::string line = in.substr(0, end);
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  size_t sp1 = line.find(' ');
+  size_t sp2 = line.rfind(' ');
+  if (sp1 == std::string::npos || sp1 == 0 || sp1 == sp2) return false;
+  for (size_t i = 0; i < sp1; i++)
+    if (!IsTchar(line[i])) return false;
+  std::string version = line.substr(sp2 + 1);
+  return version == "HTTP/1.1" || version == "HTTP/1.0";
+}
+
+void Server::Run() {
+  epoll_event evs[128];
+  bool listening = true;
+  while (!hardStop.load()) {
+    if (stopping.load() && listening) {
+      epoll_ctl(epollFd, EPOLL_CTL_DEL, listenFd, nullptr);
+      close(listenFd);
+      listenFd = -1;
+      listening = false;
+      // Idle connections go now; the others after their last answer.
+      std::vector<uint64_t> idle;
+      for (auto& [id, c] : conns_) {
+        c->noMoreRequests = true;
+        if (c->slots.empty() && c->out.size() == c->outOffset) idle.push_back(id);
+      }
+      for (auto id : idle) Destroy(id);
+    }
+    if (!listening && (conns_.empty() || MonoMs() >= drainDeadlineMs.load())) break;
+    int n = epoll_wait(epollFd, evs, 128, 250);
+    if (n < 0 && errno != EINTR) break;
+    for (int i = 0; i < n; i++) {
+      uint64_t tag = evs[i].data.u64;
+      if (tag == 0) {
+        if (listening) Accept();
+        continue;
+      }
+      if (tag == 1) {
+        uint64_t v;
+        ssize_t r = read(wakeFd, &v, sizeof v);
+        (void)r;
+        DrainResponses();
+        continue;
+      }
+      auto it = conns_.find(tag);
+      if (it == conns_.end()) continue;
+      if (evs[i].events & EPOLLERR) {
+        Destroy(tag);
+        continue;
+      }
+      if (evs[i].events & (EPOLLIN | EPOLLHUP)) OnReadable(*it->second);
+      it = conns_.find(tag);
+      if (it != conns_.end() && (evs[i].events & EPOLLOUT)) Pump(*it->second);
+    }
+    CheckTimers();
+  }
+  std::vector<uint64_t> all;
+  for (auto& [id, c] : conns_) all.push_back(id);
+  for (auto id : all) Destroy(id);
+  if (hardStop.load()) return;  // the environment is going away: no JS left to tell
+  auto* done = new Handoff{this->id, 0, 0, {}, {}, {}};
+  if (onRequest.NonBlockingCall(done, CallJs) != napi_ok) delete done;
+  onRequest.Release();
+}
+
+void Server::Accept() {
+  while (true) {
+    sockaddr_storage addr{};
+    socklen_t len = sizeof addr;
+    int fd = accept4(listenFd, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) return;  // EAGAIN, or a transient error: the next readiness retries
+    if (conns_.size() >= maxConnections) {
+      stats.refusedConnections++;
+      close(fd);
+      continue;
+    }
+    char text[INET6_ADDRSTRLEN] = "";
+    if (addr.ss_family == AF_INET) {
+      inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&addr)->sin_addr, text, sizeof text);
+    } else if (addr.ss_family == AF_INET6) {
+      inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&addr)->sin6_addr, text, sizeof text);
+    }
+    std::string remote = text;
+    if (remote.rfind("::ffff:", 0) == 0 && remote.find('.') != std::string::npos) remote = remote.substr(7);
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    auto c = std::make_unique<Conn>();
+    c->fd = fd;
+    c->id = ++nextConnId_;  // 0 and 1 tag the listener and the wake fd
+    c->remote = remote;
+    c->idleSinceMs = MonoMs();
+    c->events = EPOLLIN;
+    epoll_event ev{};
+    ev.events = c->events;
+    ev.data.u64 = c->id;
+    epoll_ctl(epollFd, EPOLL_CTL_ADD, fd, &ev);
+    stats.connections++;
+    conns_[c->id] = std::move(c);
+  }
+}
+
+void Server::OnReadable(Conn& c) {
+  char buf[65536];
+  while (true) {
+    ssize_t n = read(c.fd, buf, sizeof buf);
+    if (n > 0) {
+      if (!c.noMoreRequests) c.in.append(buf, static_cast<size_t>(n));
+      if (c.in.size() > maxHeaderBytes + kMaxBodyBytes) break;
+      continue;
+    }
+    if (n == 0) {
+      c.peerClosed = true;
+    } else if (errno == EINTR) {
+      continue;
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
+      Destroy(c.id);
+      return;
+    }
+    break;
+  }
+  Pump(c);
+}
+
+// Parses what arrived, moves answers that are next in line to the output,
+// writes, and decides whether the connection stays.
+void Server::Pump(Conn& c) {
+  for (int round = 0; round < 1000; round++) {
+    while (c.slots.size() < kMaxPendingPerConn && ProcessOne(c)) {
+    }
+    bool moved = false;
+    while (!c.closeAfterFlush && !c.slots.empty() && c.slots.front().ready) {
+      Slot& s = c.slots.front();
+      c.out += s.bytes;
+      moved = true;
+      if (s.close) {
+        c.closeAfterFlush = true;
+        c.noMoreRequests = true;
+        c.slots.clear();
+        c.in.clear();
+        break;
+      }
+      c.slots.pop_front();
+    }
+    if (!moved) break;
+  }
+  while (c.outOffset < c.out.size()) {
+    ssize_t n = send(c.fd, c.out.data() + c.outOffset, c.out.size() - c.outOffset, MSG_NOSIGNAL);
+    if (n > 0) {
+      c.outOffset += static_cast<size_t>(n);
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      break;
+    } else {
+      Destroy(c.id);
+      return;
+    }
+  }
+  if (c.outOffset == c.out.size()) {
+    c.out.clear();
+    c.outOffset = 0;
+    if (c.slots.empty()) {
+      if (c.closeAfterFlush || c.peerClosed || (stopping.load() && c.noMoreRequests)) {
+        Destroy(c.id);
+        return;
+      }
+      c.idleSinceMs = MonoMs();
+    }
+  }
+  if (c.in.empty()) c.partialSinceMs = 0;
+  else if (c.partialSinceMs == 0) c.partialSinceMs = MonoMs();
+  UpdateEvents(c);
+}
+
+// Takes one complete request off c.in; false when there is none (yet).
+bool Server::ProcessOne(Conn& c) {
+  if (c.noMoreRequests || c.closeAfterFlush) return false;
+  // llhttp skips empty lines before a request line; so do we.
+  size_t skip = 0;
+  while (skip + 1 < c.in.size() && c.in[skip] == '\r' && c.in[skip + 1] == '\n') skip += 2;
+  if (skip) c.in.erase(0, skip);
+  if (c.in.empty()) return false;
+  if (!FirstLineLooksValid(c.in)) {
+    HandOff(c, std::move(c.in), "malformed");
+    c.in.clear();
+    return false;
+  }
+  size_t end = c.in.find("\r\n\r\n");
+  if (end == std::string::npos || end + 4 > maxHeaderBytes) {
+    if (c.in.size() > maxHeaderBytes || end != std::string::npos) {
+      stats.overflow++;
+      HandOff(c, c.in.substr(0, 256), "overflow");
+      c.in.clear();
+    }
+    return false;
+  }
+  std::string head = c.in.substr(0, end + 4);
+  Head h = ParseHead(head);
+  if (!h.valid || h.badLength || h.bodyUnsupported || h.contentLength > kMaxBodyBytes) {
+    HandOff(c, std::move(c.in), !h.valid || h.badLength ? "malformed" : "body");
+    c.in.clear();
+    return false;
+  }
+  if (c.in.size() < head.size() + h.contentLength) return false;
+  std::string request = c.in.substr(0, head.size() + h.contentLength);
+  c.in.erase(0, request.size());
+  c.partialSinceMs = 0;
+  stats.requests++;
+  // Nothing after a Connection: close request is read, as node does.
+  if (!h.keepAlive) {
+    c.noMoreRequests = true;
+    c.in.clear();
+  }
+  std::string answer;
+  if (h.contentLength == 0 && TryAnswer(head, c.remote, h.keepAlive, answer)) {
+    stats.hits++;
+    c.slots.push_back(Slot{c.nextRequestId++, true, !h.keepAlive, std::move(answer)});
+  } else {
+    HandOff(c, std::move(request), "");
+  }
+  return true;
+}
+
+void Server::HandOff(Conn& c, std::string bytes, const std::string& error) {
+  if (!error.empty()) {
+    if (error == "malformed") stats.malformed++;
+    c.noMoreRequests = true;
+  }
+  stats.handedToJs++;
+  uint64_t rid = c.nextRequestId++;
+  c.slots.push_back(Slot{rid, false, false, {}});
+  auto* h = new Handoff{id, c.id, rid, std::move(bytes), c.remote, error};
+  if (onRequest.NonBlockingCall(h, CallJs) != napi_ok) {
+    delete h;
+    // JS is gone: nobody will answer this request.
+    c.slots.back().ready = true;
+    c.slots.back().close = true;
+  }
+}
+
+bool Server::TryAnswer(const std::string& head, const std::string& remote, bool keepAlive, std::string& out) {
+  size_t lineEnd = head.find("\r\n");
+  std::string line = head.substr(0, lineEnd);
+  if (line.compare(0, 4, "GET ") != 0 || line.size() < 13 || line.compare(line.size() - 9, 9, " HTTP/1.1") != 0) return false;
+  std::string target = line.substr(4, line.size() - 13);
+  for (unsigned char ch : target)
+    if (!IsTargetChar(ch)) return false;
+  size_t q = target.find('?');
+  std::string path = target.substr(0, q);
+  if (path != kTokenPath && path != std::string(kTokenPath) + "/") return false;
+  std::string query = q == std::string::npos ? "" : target.substr(q + 1);
+
+  // Headers: anything the js server treats specially goes to it.
+  int metadataCount = 0, hostCount = 0;
+  std::string metadata;
+  size_t at = lineEnd + 2;
+  while (at + 2 < head.size()) {
+    size_t end = head.find("\r\n", at);
+    std::string field = head.substr(at, end - at);
+    at = end + 2;
+    size_t colon = field.find(':');
+    if (colon == std::string::npos || colon == 0) return false;
+    for (size_t i = 0; i < colon; i++)
+      if (!IsTchar(field[i])) return false;
+    std::string name = Lower(field.substr(0, colon));
+    size_t v = colon + 1;
+    while (v < field.size() && (field[v] == ' ' || field[v] == '\t')) v++;
+    size_t ve = field.size();
+    while (ve > v && (field[ve - 1] == ' ' || field[ve - 1] == '\t')) ve--;
+    for (size_t i = v; i < ve; i++) {
+      unsigned char ch = field[i];
+      if ((ch < 0x20 && ch != '\t') || ch >= 0x7f) return false;
+    }
+    std::string value = field.substr(v, ve - v);
+    if (name == "metadata") {
+      metadataCount++;
+      metadata = Lower(value);
+    } else if (name == "host") {
+      hostCount++;
+    } else if (name == "connection") {
+      std::string lv = Lower(value);
+      if (lv != "close" && lv != "keep-alive") return false;
+    } else if (name == "x-forwarded-for" || name == "forwarded" || name == "via" || name == "transfer-encoding" ||
+               name == "content-length" || name == "upgrade" || name == "expect") {
+      return false;
+    }
+  }
+  if (hostCount == 0) return false;
+  if (metadataHeaderRequired && (metadataCount != 1 || metadata != "true")) return false;
+
+  // Query: form-decoded; any parameter repeated, escaped beyond ASCII or malformed goes to TS.
+  std::map<std::string, std::string> params;
+  size_t p = 0;
+  while (p <= query.size()) {
+    size_t amp = query.find('&', p);
+    if (amp == std::string::npos) amp = query.size();
+    std::string pair = query.substr(p, amp - p);
+    p = amp + 1;
+    if (pair.empty()) continue;
+    size_t eq = pair.find('=');
+    std::string name, value;
+    if (!DecodeAscii(pair.substr(0, eq), name)) return false;
+    if (!DecodeAscii(eq == std::string::npos ? "" : pair.substr(eq + 1), value)) return false;
+    if (!params.emplace(name, value).second) return false;
+  }
+  auto api = params.find("api-version");
+  if (api == params.end() || !kApiVersions.count(api->second)) return false;
+  auto res = params.find("resource");
+  if (res == params.end() || res->second.empty()) return false;
+  int ids = 0;
+  std::string wanted;
+  bool byClient = false;
+  for (const char* name : {"client_id", "object_id", "msi_res_id", "mi_res_id"}) {
+    auto it = params.find(name);
+    if (it == params.end()) continue;
+    ids++;
+    if (strcmp(name, "object_id") == 0) return false;  // never matches: "Identity not found"
+    byClient = strcmp(name, "client_id") == 0;
+    wanted = Lower(it->second);
+  }
+  if (ids > 1 || (ids == 1 && wanted.empty())) return false;
+
+  std::shared_ptr<const RouteTable> routeTable;
+  std::shared_ptr<const TokenTable> tokenTable;
+  {
+    std::lock_guard<std::mutex> lock(tablesMutex);
+    routeTable = routes;
+    tokenTable = tokens;
+  }
+  auto route = routeTable->find(remote);
+  if (route == routeTable->end() || route->second.exception) return false;
+  const RouteIdentity* chosen = nullptr;
+  if (ids == 0) {
+    if (route->second.identities.size() != 1) return false;
+    chosen = &route->second.identities[0];
+  } else {
+    for (const auto& id : route->second.identities) {
+      const std::string& field = byClient ? id.clientIdLower : id.resourceIdLower;
+      if (!field.empty() && field == wanted) {
+        chosen = &id;
+        break;
+      }
+    }
+    if (!chosen) return false;
+  }
+  auto token = tokenTable->find(TokenKey(chosen->key, res->second));
+  int64_t now = NowMs();
+  if (token == tokenTable->end() || now >= token->second.serveUntilMs) return false;
+
+  int64_t expiresIn = token->second.expiresOn - now / 1000;
+  if (expiresIn < 0) expiresIn = 0;
+  std::string body = token->second.prefix + std::to_string(expiresIn) + token->second.suffix;
+  out.reserve(body.size() + 256);
+  out += "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ";
+  out += std::to_string(body.size());
+  out += "\r\nCache-Control: no-store\r\nDate: ";
+  out += HttpDate(now);
+  out += keepAlive ? "\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" : "\r\nConnection: close\r\n\r\n";
+  out += body;
+  return true;
+}
+
+void Server::UpdateEvents(Conn& c) {
+  uint32_t want = 0;
+  if (!c.peerClosed && c.slots.size() < kMaxPendingPerConn && !c.closeAfterFlush) want |= EPOLLIN;
+  if (c.outOffset < c.out.size()) want |= EPOLLOUT;
+  if (want == c.events) return;
+  c.events = want;
+  epoll_event ev{};
+  ev.events = want;
+  ev.data.u64 = c.id;
+  epoll_ctl(epollFd, EPOLL_CTL_MOD, c.fd, &ev);
+}
+
+void Server::Destroy(uint64_t id) {
+  auto it = conns_.find(id);
+  if (it == conns_.end()) return;
+  epoll_ctl(epollFd, EPOLL_CTL_DEL, it->second->fd, nullptr);
+  close(it->second->fd);
+  conns_.erase(it);
+}
+
+void Server::DrainResponses() {
+  std::vector<Response> batch;
+  {
+    std::lock_guard<std::mutex> lock(queueMutex);
+    batch.swap(responses);
+  }
+  std::unordered_set<uint64_t> touched;
+  for (auto& r : batch) {
+    auto it = conns_.find(r.connId);
+    if (it == conns_.end()) continue;  // the client went away meanwhile
+    for (auto& s : it->second->slots) {
+      if (s.requestId != r.requestId || s.ready) continue;
+      s.ready = true;
+      s.close = r.close;
+      s.bytes = std::move(r.bytes);
+      touched.insert(r.connId);
+      break;
+    }
+  }
+  for (auto id : touched) {
+    auto it = conns_.find(id);
+    if (it != conns_.end()) Pump(*it->second);
+  }
+}
+
+void Server::CheckTimers() {
+  int64_t now = MonoMs();
+  std::vector<uint64_t> idle;
+  for (auto& [id, c] : conns_) {
+    if (c->partialSinceMs != 0 && now - c->partialSinceMs > headerTimeoutMs && !c->noMoreRequests) {
+      stats.timeout++;
+      c->partialSinceMs = 0;
+      c->in.clear();
+      HandOff(*c, {}, "timeout");
+      continue;
+    }
+    if (c->slots.empty() && c->in.empty() && c->out.empty() && now - c->idleSinceMs > kKeepAliveMs) idle.push_back(id);
+  }
+  for (auto id : idle) Destroy(id);
+}
+
+// ---- JS surface ----
+
+std::mutex gServersMutex;
+std::unordered_map<uint32_t, std::shared_ptr<Server>> gServers;
+uint32_t gNextServer = 1;
+
+std::shared_ptr<Server> FindServer(const Napi::Value& v) {
+  if (!v.IsNumber()) return nullptr;
+  std::lock_guard<std::mutex> lock(gServersMutex);
+  auto it = gServers.find(v.As<Napi::Number>().Uint32Value());
+  return it == gServers.end() ? nullptr : it->second;
+}
+
+Napi::Value Usage(Napi::Env env, const char* usage) {
+  Napi::TypeError::New(env, std::string("Usage: ") + usage).ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+std::string ErrnoText(const char* what) { return std::string(what) + ": " + strerror(errno); }
+
+// At environment teardown: stop the thread without waiting for JS. Registered
+// after the server's thread-safe function, so it runs before node closes it.
+void StopAtExit(void* arg) {
+  auto* s = static_cast<Server*>(arg);
+  s->hardStop = true;
+  s->Wake();
+  s->Join();
+}
+
+void CallJs(Napi::Env env, Napi::Function fn, Handoff* data) {
+  std::unique_ptr<Handoff> owned(data);
+  if (env == nullptr || fn == nullptr) return;
+  if (data->connId == 0) {
+    // The thread has finished: join it and forget the server, then tell JS.
+    std::shared_ptr<Server> s;
+    {
+      std::lock_guard<std::mutex> lock(gServersMutex);
+      auto it = gServers.find(data->serverId);
+      if (it != gServers.end()) {
+        s = it->second;
+        gServers.erase(it);
+      }
+    }
+    if (s) {
+      s->Join();
+      napi_remove_env_cleanup_hook(env, StopAtExit, s.get());
+    }
+    fn.Call({Napi::Number::New(env, 0), Napi::Number::New(env, 0), env.Null(), Napi::String::New(env, ""),
+             Napi::String::New(env, "stopped")});
+    return;
+  }
+  fn.Call({Napi::Number::New(env, static_cast<double>(data->connId)),
+           Napi::Number::New(env, static_cast<double>(data->requestId)),
+           Napi::Buffer<char>::Copy(env, data->bytes.data(), data->bytes.size()), Napi::String::New(env, data->remote),
+           data->error.empty() ? env.Null() : Napi::String::New(env, data->error)});
+}
+
+}  // namespace
+
+static const char* const kStartUsage =
+    "serverStart({host, port, maxConnections, maxHeaderBytes, headerTimeoutMs, metadataHeaderRequired}, onRequest)";
+
+Napi::Value ServerStart(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 2 || !info[0].IsObject() || !info[1].IsFunction()) return Usage(env, kStartUsage);
+  Napi::Object o = info[0].As<Napi::Object>();
+  for (const char* k : {"port", "maxConnections", "maxHeaderBytes", "headerTimeoutMs"})
+    if (!o.Get(k).IsNumber()) return Usage(env, kStartUsage);
+  if (!o.Get("host").IsString() || !o.Get("metadataHeaderRequired").IsBoolean()) return Usage(env, kStartUsage);
+
+  auto s = std::make_shared<Server>();
+  s->maxConnections = o.Get("maxConnections").As<Napi::Number>().Uint32Value();
+  s->maxHeaderBytes = o.Get("maxHeaderBytes").As<Napi::Number>().Uint32Value();
+  s->headerTimeoutMs = o.Get("headerTimeoutMs").As<Napi::Number>().Int64Value();
+  s->metadataHeaderRequired = o.Get("metadataHeaderRequired").As<Napi::Boolean>();
+  std::string host = o.Get("host").As<Napi::String>();
+  int port = o.Get("port").As<Napi::Number>().Int32Value();
+
+  sockaddr_storage addr{};
+  socklen_t len;
+  auto* a4 = reinterpret_cast<sockaddr_in*>(&addr);
+  auto* a6 = reinterpret_cast<sockaddr_in6*>(&addr);
+  if (inet_pton(AF_INET, host.c_str(), &a4->sin_addr) == 1) {
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons(static_cast<uint16_t>(port));
+    len = sizeof *a4;
+  } else if (inet_pton(AF_INET6, host.c_str(), &a6->sin6_addr) == 1) {
+    a6->sin6_family = AF_INET6;
+    a6->sin6_port = htons(static_cast<uint16_t>(port));
+    len = sizeof *a6;
+  } else {
+    Napi::Error::New(env, "serverStart: host must be an IP address").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  s->listenFd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  int one = 1;
+  if (s->listenFd >= 0) setsockopt(s->listenFd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (s->listenFd < 0 || bind(s->listenFd, reinterpret_cast<sockaddr*>(&addr), len) < 0 || listen(s->listenFd, 511) < 0) {
+    Napi::Error err = Napi::Error::New(env, ErrnoText("serverStart: listen"));
+    err.Set("errno", Napi::Number::New(env, errno));
+    err.ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  len = sizeof addr;
+  getsockname(s->listenFd, reinterpret_cast<sockaddr*>(&addr), &len);
+  s->port = ntohs(addr.ss_family == AF_INET ? a4->sin_port : a6->sin6_port);
+  s->wakeFd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  s->epollFd = epoll_create1(EPOLL_CLOEXEC);
+  if (s->wakeFd < 0 || s->epollFd < 0) {
+    Napi::Error::New(env, ErrnoText("serverStart: epoll")).ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = 0;
+  epoll_ctl(s->epollFd, EPOLL_CTL_ADD, s->listenFd, &ev);
+  ev.data.u64 = 1;
+  epoll_ctl(s->epollFd, EPOLL_CTL_ADD, s->wakeFd, &ev);
+
+  s->onRequest = Napi::ThreadSafeFunction::New(env, info[1].As<Napi::Function>(), "nmi-native-server", 0, 1);
+  napi_add_env_cleanup_hook(env, StopAtExit, s.get());
+  uint32_t id;
+  {
+    std::lock_guard<std::mutex> lock(gServersMutex);
+    id = gNextServer++;
+    gServers[id] = s;
+  }
+  s->id = id;
+  Server* raw = s.get();
+  s->thread = std::thread([raw] { raw->Run(); });
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("id", Napi::Number::New(env, id));
+  result.Set("port", Napi::Number::New(env, s->port));
+  return result;
+}
+
+Napi::Value ServerRespond(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* usage = "serverRespond(server, connId, requestId, bytes: Buffer, close: boolean)";
+  if (info.Length() != 5 || !info[1].IsNumber() || !info[2].IsNumber() || !info[3].IsBuffer() || !info[4].IsBoolean())
+    return Usage(env, usage);
+  auto s = FindServer(info[0]);
+  if (!s) return env.Undefined();  // stopped meanwhile: the answer has nowhere to go
+  auto buf = info[3].As<Napi::Buffer<char>>();
+  {
+    std::lock_guard<std::mutex> lock(s->queueMutex);
+    s->responses.push_back(Response{static_cast<uint64_t>(info[1].As<Napi::Number>().Int64Value()),
+                                    static_cast<uint64_t>(info[2].As<Napi::Number>().Int64Value()),
+                                    std::string(buf.Data(), buf.Length()), info[4].As<Napi::Boolean>()});
+  }
+  s->Wake();
+  return env.Undefined();
+}
+
+// serverSetRoutes(server, [[address, exception, [[key, clientIdLower, resourceIdLower], ...]], ...])
+Napi::Value ServerSetRoutes(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* usage = "serverSetRoutes(server, [[address, exception, [[key, clientIdLower, resourceIdLower]]]])";
+  if (info.Length() != 2 || !info[1].IsArray()) return Usage(env, usage);
+  auto s = FindServer(info[0]);
+  if (!s) return env.Undefined();
+  auto table = std::make_shared<RouteTable>();
+  Napi::Array rows = info[1].As<Napi::Array>();
+  for (uint32_t i = 0; i < rows.Length(); i++) {
+    Napi::Value row = rows[i];
+    if (!row.IsArray()) return Usage(env, usage);
+    Napi::Array r = row.As<Napi::Array>();
+    Napi::Value addr = r[0u], exc = r[1u], ids = r[2u];
+    if (!addr.IsString() || !exc.IsBoolean() || !ids.IsArray()) return Usage(env, usage);
+    Route route;
+    route.exception = exc.As<Napi::Boolean>();
+    Napi::Array list = ids.As<Napi::Array>();
+    for (uint32_t j = 0; j < list.Length(); j++) {
+      Napi::Value item = list[j];
+      if (!item.IsArray()) return Usage(env, usage);
+      Napi::Array t = item.As<Napi::Array>();
+      Napi::Value k = t[0u], c = t[1u], rid = t[2u];
+      if (!k.IsString() || !c.IsString() || !rid.IsString()) return Usage(env, usage);
+      route.identities.push_back({k.As<Napi::String>(), c.As<Napi::String>(), rid.As<Napi::String>()});
+    }
+    (*table)[addr.As<Napi::String>()] = std::move(route);
+  }
+  std::lock_guard<std::mutex> lock(s->tablesMutex);
+  s->routes = std::move(table);
+  return env.Undefined();
+}
+
+// serverSetTokens(server, [[identityKey, resource, prefix, suffix, expiresOn, serveUntilMs], ...])
+Napi::Value ServerSetTokens(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* usage = "serverSetTokens(server, [[identityKey, resource, prefix, suffix, expiresOn, serveUntilMs]])";
+  if (info.Length() != 2 || !info[1].IsArray()) return Usage(env, usage);
+  auto s = FindServer(info[0]);
+  if (!s) return env.Undefined();
+  auto table = std::make_shared<TokenTable>();
+  Napi::Array rows = info[1].As<Napi::Array>();
+  for (uint32_t i = 0; i < rows.Length(); i++) {
+    Napi::Value row = rows[i];
+    if (!row.IsArray()) return Usage(env, usage);
+    Napi::Array r = row.As<Napi::Array>();
+    Napi::Value k = r[0u], res = r[1u], pre = r[2u], suf = r[3u], exp = r[4u], until = r[5u];
+    if (!k.IsString() || !res.IsString() || !pre.IsString() || !suf.IsString() || !exp.IsNumber() || !until.IsNumber())
+      return Usage(env, usage);
+    TokenEntry e{pre.As<Napi::String>(), suf.As<Napi::String>(), exp.As<Napi::Number>().Int64Value(),
+                 until.As<Napi::Number>().Int64Value()};
+    (*table)[TokenKey(k.As<Napi::String>(), res.As<Napi::String>())] = std::move(e);
+  }
+  std::lock_guard<std::mutex> lock(s->tablesMutex);
+  s->tokens = std::move(table);
+  return env.Undefined();
+}
+
+// serverStop(server, drainMs): stops accepting, lets queued answers go out (at
+// most drainMs), closes every connection; onRequest then gets error "stopped".
+Napi::Value ServerStop(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 2 || !info[1].IsNumber()) return Usage(env, "serverStop(server, drainMs)");
+  auto s = FindServer(info[0]);
+  if (!s || s->stopping.load()) return Napi::Boolean::New(env, false);
+  s->drainDeadlineMs = MonoMs() + info[1].As<Napi::Number>().Int64Value();
+  s->stopping = true;
+  s->Wake();
+  return Napi::Boolean::New(env, true);
+}
+
+Napi::Value ServerStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto s = FindServer(info[0]);
+  if (!s) return env.Null();
+  Napi::Object o = Napi::Object::New(env);
+  auto put = [&](const char* k, const std::atomic<uint64_t>& v) { o.Set(k, Napi::Number::New(env, static_cast<double>(v.load()))); };
+  put("connections", s->stats.connections);
+  put("requests", s->stats.requests);
+  put("hits", s->stats.hits);
+  put("handedToJs", s->stats.handedToJs);
+  put("malformed", s->stats.malformed);
+  put("overflow", s->stats.overflow);
+  put("timeout", s->stats.timeout);
+  put("refusedConnections", s->stats.refusedConnections);
+  return o;
+}
+
+}  // namespace nmi

@@ -1,0 +1,3 @@
+import { tokenSuite } from './token-suite.js';
+
+tokenSuite('js');
