@@ -161,7 +161,7 @@ export async function runDemo(): Promise<number> {
     await step(4, 'started nmi run in the node namespace; it synced pods and bindings and installed the redirect', async () => {
       daemon = spawn(
         process.execPath,
-        [nmiBin, 'run', '--node-ip', NODE_IP, '--kubelet-url', kubelet.url, '--bindings', tmp, '--upstream-imds', imds.url, '--probe-address', PROBE, '--server', 'js', '--log-level', process.env.NMI_DEMO_LOG_LEVEL ?? 'warn'],
+        [nmiBin, 'run', '--node-ip', NODE_IP, '--kubelet-url', kubelet.url, '--bindings', tmp, '--upstream-imds', imds.url, '--probe-address', PROBE, '--log-level', process.env.NMI_DEMO_LOG_LEVEL ?? 'warn'],
         { stdio: ['ignore', 'pipe', 'pipe'] },
       );
       writeFileSync(PID_FILE, String(daemon.pid));
@@ -184,6 +184,9 @@ export async function runDemo(): Promise<number> {
     const second = await step(6, 'the pod asked again: answered from the cache', () => podRequest());
     if (second.status !== 200) throw new Error(`the second request got ${second.status}: ${second.body}`);
     say(`    IMDS calls so far: ${imds.calls} (unchanged: a cache hit)`);
+    const metrics = await fetch(`http://${PROBE}/metrics`).then((r) => r.text(), () => '');
+    const hits = /^nmi_native_requests_total\{result="hit"\} (\d+)/m.exec(metrics)?.[1] ?? '0';
+    say(`    answered in C++ by the native fast path, without entering JavaScript: ${hits} request(s)`);
 
     await step(7, 'stopped nmi (SIGTERM): it drained and removed its rules; then removed the namespaces', cleanup);
     say('nmi demo: done');
