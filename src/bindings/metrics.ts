@@ -1,5 +1,6 @@
 // The bindings store as Prometheus metrics, read from the store at scrape time.
-import { Counter, Gauge, type Registry } from 'prom-client';
+import { exposeCount } from '../metrics/registry.js';
+import { Gauge, type Registry } from 'prom-client';
 import type { BindingStore } from './store.js';
 
 export function registerBindingMetrics(registry: Registry, store: BindingStore): void {
@@ -26,15 +27,5 @@ export function registerBindingMetrics(registry: Registry, store: BindingStore):
     },
   });
 
-  // Counters only go up, so each scrape adds what the store counted since the last one.
-  let seen = 0;
-  new Counter({
-    name: 'nmi_bindings_updates_total',
-    help: 'Binding sets applied from the source (file reloads, API server changes)',
-    registers: [registry],
-    collect() {
-      this.inc(store.updates - seen);
-      seen = store.updates;
-    },
-  });
+  exposeCount(registry, 'nmi_bindings_updates_total', 'Binding sets applied from the source (file reloads, API server changes)', () => store.updates);
 }

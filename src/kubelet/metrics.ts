@@ -1,4 +1,5 @@
 // The pod index as Prometheus metrics, read from the index at scrape time.
+import { exposeCount } from '../metrics/registry.js';
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { refreshReasons, type PodIndex } from './pod-index.js';
 
@@ -28,16 +29,7 @@ export function registerKubeletMetrics(registry: Registry, index: PodIndex): voi
     },
   });
 
-  let seenFailures = 0;
-  new Counter({
-    name: 'nmi_kubelet_errors_total',
-    help: 'Kubelet /pods calls that failed (the last good index was kept)',
-    registers: [registry],
-    collect() {
-      this.inc(index.failures - seenFailures);
-      seenFailures = index.failures;
-    },
-  });
+  exposeCount(registry, 'nmi_kubelet_errors_total', 'Kubelet /pods calls that failed (the last good index was kept)', () => index.failures);
 
   new Gauge({
     name: 'nmi_kubelet_last_sync_timestamp_seconds',

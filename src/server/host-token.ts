@@ -20,13 +20,12 @@ import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
 import { problemAnswer, problems, tokenAnswer, writeAnswer, type Answer, type Problem } from './answers.js';
-import { checks, parseQuery, pathProblem, type IdSelector, type RequestHeaders } from './request.js';
+import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, type RequestHeaders } from './request.js';
 import { isUpstreamFailure, limits, selectIdentity, upstreamAnswer } from './token-server.js';
 
 export const HOST_TOKEN_PATH = '/host/token';
 const SOCKET_MODE = 0o600;
 const DIRECTORY_MODE = 0o700;
-const ID_PARAMS = ['client_id', 'object_id', 'msi_res_id', 'mi_res_id'] as const;
 
 export interface HostTokenServerDeps {
   socketPath: string;
@@ -150,16 +149,8 @@ export function checkHostRequest(method: string, target: string, headers: Reques
 
   const params = parseQuery(queryAt < 0 ? '' : target.slice(queryAt + 1));
   if (!params) return checks.badQuery;
-  const resource = params.get('resource')?.[0];
-  if (!resource) return checks.resourceMissing;
-  if ([...params.values()].some((values) => values.length > 1)) return checks.duplicate;
-  const given = ID_PARAMS.filter((param) => params.has(param));
-  if (given.length > 1) return checks.twoIds;
-  const [param] = given;
-  if (param === undefined) return { namespace, name, resource };
-  const value = params.get(param)?.[0] ?? '';
-  if (value === '') return checks.emptyId;
-  return { namespace, name, resource, selector: { param: param === 'mi_res_id' ? 'msi_res_id' : param, value } };
+  const wanted = resourceAndSelector(params);
+  return 'status' in wanted ? wanted : { namespace, name, ...wanted };
 }
 
 /** req.headersDistinct keeps repeated headers apart, so a second `podns` cannot hide behind a join. */

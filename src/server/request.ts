@@ -127,17 +127,22 @@ export function checkTokenRequest(
   const apiVersion = params.get('api-version')?.[0];
   if (apiVersion === undefined) return checks.apiVersionMissing;
   if (!IDENTITY_API_VERSIONS.has(apiVersion)) return checks.apiVersionBad;
+  const target = resourceAndSelector(params);
+  return 'status' in target ? target : { apiVersion, ...target };
+}
+
+/** The end of check 5, shared with /host/token: resource present, no duplicated parameter, at most one id. */
+export function resourceAndSelector(params: Map<string, string[]>): Problem | { resource: string; selector?: IdSelector } {
   const resource = params.get('resource')?.[0];
   if (!resource) return checks.resourceMissing;
   if ([...params.values()].some((values) => values.length > 1)) return checks.duplicate;
-
   const given = ID_PARAMS.filter((name) => params.has(name));
   if (given.length > 1) return checks.twoIds;
   const [name] = given;
-  if (name === undefined) return { apiVersion, resource };
+  if (name === undefined) return { resource };
   const value = params.get(name)?.[0] ?? '';
   if (value === '') return checks.emptyId;
-  return { apiVersion, resource, selector: { param: name === 'mi_res_id' ? 'msi_res_id' : name, value } };
+  return { resource, selector: { param: name === 'mi_res_id' ? 'msi_res_id' : name, value } };
 }
 
 /**
