@@ -100,6 +100,10 @@ export class PodIndex implements CallerLookup {
     this.timer = undefined;
   }
 
+  known(ip: string): Pod | undefined {
+    return this.byAddress.get(plainAddress(ip));
+  }
+
   async lookup(ip: string): Promise<Pod | undefined> {
     const address = plainAddress(ip);
     const known = this.byAddress.get(address);

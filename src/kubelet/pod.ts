@@ -16,4 +16,6 @@ export interface Pod {
 export interface CallerLookup {
   /** The live pod that owns this address, after at most one coalesced kubelet refresh; undefined when none or ambiguous. */
   lookup(ip: string): Promise<Pod | undefined>;
+  /** The pod for an address already indexed, without waiting; undefined otherwise. */
+  known?(ip: string): Pod | undefined;
 }

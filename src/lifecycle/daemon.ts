@@ -112,6 +112,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     callers: pods,
     identitiesFor: (pod) => identitiesFor(pod, store.snapshot, match),
     getToken,
+    peekToken: (identity, resource) => cache.peek(identity, resource),
     upstreamImds: config.upstreamImds,
     options: {
       metadataHeaderRequired: config.metadataHeaderRequired,

@@ -49,13 +49,29 @@ export function problemAnswer(problem: Problem): Answer {
 }
 
 /** 200 with the token as IMDS answers it; expires_in is counted now. */
+/** The answer only changes when expires_in does, once a second: a busy pod's polls share it. */
+const recentAnswers = new WeakMap<Token, { second: number; answer: Answer }>();
+
 export function tokenAnswer(token: Token, nowMs = Date.now()): Answer {
-  return jsonAnswer(200, toAnswer(token, nowMs));
+  const second = Math.floor(nowMs / 1000);
+  const recent = recentAnswers.get(token);
+  if (recent?.second === second) return recent.answer;
+  const answer = jsonAnswer(200, toAnswer(token, nowMs));
+  recentAnswers.set(token, { second, answer });
+  return answer;
+}
+
+const flatByAnswer = new WeakMap<Answer, string[]>();
+
+function flatHeaders(answer: Answer): string[] {
+  let flat = flatByAnswer.get(answer);
+  if (!flat) flatByAnswer.set(answer, (flat = answer.headers.flat()));
+  return flat;
 }
 
 export function writeAnswer(res: ServerResponse, answer: Answer): void {
   if (res.headersSent || res.destroyed) return;
-  res.writeHead(answer.status, answer.headers.flat());
+  res.writeHead(answer.status, flatHeaders(answer));
   res.end(answer.body);
 }
 

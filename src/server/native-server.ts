@@ -112,7 +112,7 @@ export function createNativeTokenServer(deps: TokenServerDeps): NativeTokenServe
     if (request === 'no-host') return respond(connId, requestId, noHostBytes(), true);
     const started = process.hrtime.bigint();
     const { route, outcome } = core({ method: request.method, target: request.target, headers: request.headers, remoteAddress });
-    outcome
+    Promise.resolve(outcome)
       .then((result) => ('proxy' in result ? forward(request, result.proxy) : result))
       .then((answer) => {
         const keepAlive = request.keepAlive && !closing;

@@ -28,6 +28,8 @@ export interface TokenServerDeps {
   identitiesFor(pod: Pod): PodIdentities;
   /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
   getToken(identity: AzureIdentity, resource: string): Promise<Token>;
+  /** A fresh cached token without waiting, or undefined (then getToken decides). */
+  peekToken?(identity: AzureIdentity, resource: string): Token | undefined;
   /** The real IMDS: proxied categories and exception pods' pass-through. */
   upstreamImds: URL;
   options: TokenServerOptions;
@@ -78,15 +80,27 @@ export type Outcome = Answer | { proxy: string };
 export interface Handled {
   /** Known before any I/O, for metrics. */
   route: RouteName;
-  /** Never rejects: an unexpected failure is logged and answered 500. */
-  outcome: Promise<Outcome>;
+  /** A cache hit is known at once; anything else is a promise that never rejects (an unexpected failure is logged and answered 500). */
+  outcome: Outcome | Promise<Outcome>;
 }
 
 export type RequestCore = (req: IncomingRequest) => Handled;
 
 /** request → caller → identity → token → answer, shared by the js and native servers. */
-export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'identitiesFor' | 'getToken' | 'options' | 'log'>): RequestCore {
+export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'identitiesFor' | 'getToken' | 'peekToken' | 'options' | 'log'>): RequestCore {
   const { options, log } = deps;
+
+  /** The hit case without a single await: a known caller with one identity and a fresh cached token. */
+  function answerTokenNow(remoteAddress: string | undefined, request: TokenRequest): Outcome | undefined {
+    const pod = remoteAddress === undefined ? undefined : deps.callers.known?.(remoteAddress);
+    if (!pod || !deps.peekToken) return undefined;
+    const bound = deps.identitiesFor(pod);
+    if (bound.exception) return undefined;
+    const identity = selectIdentity(bound.identities, request.selector);
+    if (typeof identity === 'string') return undefined;
+    const token = deps.peekToken(identity, request.resource);
+    return token && tokenAnswer(token);
+  }
 
   async function answerToken(remoteAddress: string | undefined, request: TokenRequest): Promise<Outcome> {
     const pod = remoteAddress === undefined ? undefined : await deps.callers.lookup(remoteAddress);
@@ -116,6 +130,8 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'ident
 
   return (req) => {
     const classified = classifyRequest(req.method, req.target, req.headers, options);
+    const now = classified.kind === 'token' ? answerTokenNow(req.remoteAddress, classified.request) : undefined;
+    if (now) return { route: classified.route, outcome: now };
     const outcome = respond(classified, req.remoteAddress).catch((err: unknown): Outcome => {
       log.warn({ err: errorSummary(err) }, 'token server request failed');
       return problemAnswer(problems.internal);
@@ -136,6 +152,11 @@ export function createTokenServer(deps: TokenServerDeps): TokenServer {
     const started = process.hrtime.bigint();
     const { route, outcome } = core({ method: req.method ?? '', target: req.url ?? '', headers: req.headers, remoteAddress: callerAddress(req.socket) });
     track(res, route, started);
+    if (!(outcome instanceof Promise)) {
+      if ('proxy' in outcome) void proxy.forward(req, res, outcome.proxy);
+      else writeAnswer(res, outcome);
+      return;
+    }
     outcome
       .then((result) => ('proxy' in result ? proxy.forward(req, res, result.proxy) : writeAnswer(res, result)))
       .catch((err: unknown) => {

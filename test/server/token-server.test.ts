@@ -56,14 +56,17 @@ let upstream: Upstream;
 let world: World;
 const servers: TokenServer[] = [];
 
-async function startServer(options: Partial<TokenServerOptions> = {}, registry?: Registry, upstreamUrl?: URL) {
+/** With `cached`, the server also gets the synchronous hit path: known callers and a peek into these tokens. */
+async function startServer(options: Partial<TokenServerOptions> = {}, registry?: Registry, upstreamUrl?: URL, cached?: Map<string, Token>) {
   const server = createTokenServer({
     callers: {
       async lookup(ip) {
         world.lookups.push(ip);
         return world.pods.get(ip);
       },
+      ...(cached ? { known: (ip: string) => world.pods.get(ip) } : {}),
     },
+    ...(cached ? { peekToken: (id: AzureIdentity, resource: string) => cached.get(`${id.name} ${resource}`) } : {}),
     identitiesFor: () => world.bound,
     getToken: (id, resource) => {
       world.tokenCalls.push({ identity: id.name, resource });
@@ -524,4 +527,28 @@ test('metrics count answers by code and route and time them', async () => {
   assert.match(text, /nmi_http_requests_total\{code="404",route="other"\} 1/);
   assert.match(text, /nmi_http_request_duration_seconds_bucket\{le="0.0001",route="token"\}/);
   assert.match(text, /nmi_http_request_duration_seconds_count\{route="token"\} 2/);
+});
+
+test('the synchronous hit path answers a cached token without lookup or getToken, and only for a bound identity', async () => {
+  const cached = new Map<string, Token>([[`${idA.name} https://vault.azure.net`, tokenFor(idA, 'https://vault.azure.net')]]);
+  const { port: p } = await startServer({}, undefined, undefined, cached);
+  const lookups = world.lookups.length;
+  const calls = world.tokenCalls.length;
+  const hit = await request(`http://127.0.0.1:${p}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net`, { headers: { Metadata: 'true' } });
+  assert.equal(hit.statusCode, 200);
+  assert.equal(((await hit.body.json()) as { access_token: string }).access_token, `token-for-${idA.name}`);
+  assert.equal(world.lookups.length, lookups, 'no async caller lookup');
+  assert.equal(world.tokenCalls.length, calls, 'no getToken');
+  // Not cached: the ordinary path fetches it.
+  const miss = await request(`http://127.0.0.1:${p}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fstorage.azure.com`, { headers: { Metadata: 'true' } });
+  assert.equal(miss.statusCode, 200);
+  await miss.body.dump();
+  assert.equal(world.tokenCalls.length, calls + 1);
+  // The binding is gone: the cached token is never served.
+  const bound = world.bound;
+  world.bound = { exception: false, identities: [] };
+  const gone = await request(`http://127.0.0.1:${p}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net`, { headers: { Metadata: 'true' } });
+  assert.equal(gone.statusCode, 400);
+  assert.deepEqual(await gone.body.json(), { error: 'invalid_request', error_description: 'Identity not found' });
+  world.bound = bound;
 });
