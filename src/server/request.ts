@@ -73,19 +73,39 @@ export const checks = {
   emptyId: bad('invalid_request', 'The identity parameter (client_id, object_id, msi_res_id or mi_res_id) is empty'),
 } as const satisfies Record<string, Problem>;
 
+/** What a request-target alone decides; the same target is parsed once (pods poll with identical URLs). */
+interface ParsedTarget {
+  problem?: Problem;
+  route: RouteName;
+  /** Token route: checks 4-5 on the query, applied after the header checks 1-3. */
+  query?: Problem | Omit<TokenRequest, 'target'>;
+}
+
+const MEMO_LIMIT = 1024;
+const parsedTargets = new Map<string, ParsedTarget>();
+
+function parseTarget(target: string): ParsedTarget {
+  const memo = parsedTargets.get(target);
+  if (memo) return memo;
+  let parsed: ParsedTarget;
+  if (!target.startsWith('/')) parsed = { problem: checks.target, route: 'other' };
+  else {
+    const queryAt = target.indexOf('?');
+    const path = queryAt < 0 ? target : target.slice(0, queryAt);
+    const problem = pathProblem(path);
+    const route = problem ? 'other' : routeOf(path);
+    parsed = problem ? { problem, route } : { route, ...(route === 'token' ? { query: checkTokenQuery(queryAt < 0 ? '' : target.slice(queryAt + 1)) } : {}) };
+  }
+  if (parsedTargets.size >= MEMO_LIMIT) parsedTargets.clear();
+  parsedTargets.set(target, parsed);
+  return parsed;
+}
+
 export function classifyRequest(method: string, target: string, headers: RequestHeaders, policy: RequestPolicy): Classification {
-  // Origin-form only: nothing legitimate reaches IMDS through a forward proxy.
-  if (!target.startsWith('/')) return { kind: 'reject', route: 'other', problem: checks.target };
-  const queryAt = target.indexOf('?');
-  const path = queryAt < 0 ? target : target.slice(0, queryAt);
-  const query = queryAt < 0 ? '' : target.slice(queryAt + 1);
-
-  const hygiene = pathProblem(path);
-  if (hygiene) return { kind: 'reject', route: 'other', problem: hygiene };
-
-  const route = routeOf(path);
+  const { problem, route, query } = parseTarget(target);
+  if (problem) return { kind: 'reject', route, problem };
   if (route === 'token') {
-    const checked = checkTokenRequest(method, query, headers, policy);
+    const checked = checkTokenHeaders(method, headers, policy) ?? (query as Problem | Omit<TokenRequest, 'target'>);
     return 'status' in checked ? { kind: 'reject', route, problem: checked } : { kind: 'token', route, request: { ...checked, target } };
   }
   if (route === 'other') return { kind: 'reject', route, problem: checks.notFound };
@@ -117,10 +137,19 @@ export function checkTokenRequest(
   headers: RequestHeaders,
   policy: Pick<RequestPolicy, 'metadataHeaderRequired'>,
 ): Problem | Omit<TokenRequest, 'target'> {
+  return checkTokenHeaders(method, headers, policy) ?? checkTokenQuery(query);
+}
+
+/** Checks 1–3: method, Metadata header (before any lookup), no forwarding headers. */
+function checkTokenHeaders(method: string, headers: RequestHeaders, policy: Pick<RequestPolicy, 'metadataHeaderRequired'>): Problem | undefined {
   if (method !== 'GET') return checks.method;
   if (policy.metadataHeaderRequired && !isTrue(headers['metadata'])) return checks.metadataHeader;
   if (FORWARDING_HEADERS.some((name) => headers[name] !== undefined)) return checks.forwarded;
+  return undefined;
+}
 
+/** Checks 4–5, on the query alone. */
+function checkTokenQuery(query: string): Problem | Omit<TokenRequest, 'target'> {
   const params = parseQuery(query);
   if (!params) return checks.badQuery;
   // A repeated api-version or resource is judged by its first value here and refused as a duplicate below.
