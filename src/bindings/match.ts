@@ -23,7 +23,23 @@ export function isException(pod: Pod, snapshot: BindingSnapshot): boolean {
   return candidates.some((e) => Object.entries(e.podLabels).every(([k, v]) => pod.labels[k] === v));
 }
 
-export function identitiesFor(pod: Pod, snapshot: BindingSnapshot, { forceNamespaced }: MatchOptions): PodIdentities {
+/**
+ * Memoised per (snapshot, pod object): a new bindings snapshot or a kubelet
+ * refresh (which makes new Pod objects) starts afresh, so an answer can never
+ * outlive the bindings or the pod it was computed from.
+ */
+const memo = new WeakMap<BindingSnapshot, [WeakMap<Pod, PodIdentities>, WeakMap<Pod, PodIdentities>]>();
+
+export function identitiesFor(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions): PodIdentities {
+  let perSnapshot = memo.get(snapshot);
+  if (!perSnapshot) memo.set(snapshot, (perSnapshot = [new WeakMap(), new WeakMap()]));
+  const perPod = perSnapshot[options.forceNamespaced ? 1 : 0];
+  let result = perPod.get(pod);
+  if (!result) perPod.set(pod, (result = computeIdentities(pod, snapshot, options)));
+  return result;
+}
+
+function computeIdentities(pod: Pod, snapshot: BindingSnapshot, { forceNamespaced }: MatchOptions): PodIdentities {
   if (isException(pod, snapshot)) return { exception: true, identities: [] };
   const selector = pod.labels[BINDING_LABEL];
   if (selector === undefined || selector === '') return noIdentities;
