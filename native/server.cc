@@ -2,9 +2,9 @@
 // answers the one hot case itself (a valid token request from a routed caller
 // whose token is in the table) and hands every other request, as raw bytes, to
 // TypeScript (src/server/native-server.ts), which answers through
-// serverRespond. Validation lives in TS: this file recognises the exact hit
-// case and, when unsure, hands the request over. Answers on a connection leave
-// in request order (pipelining), whoever wrote them.
+// serverRespond. The parsing and the hit case itself are http-parse.cc; this
+// file owns the sockets and the tables. Answers on a connection leave in
+// request order (pipelining), whoever wrote them.
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -18,7 +18,6 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -28,43 +27,18 @@
 #include <vector>
 
 #include "addon.h"
+#include "http-parse.h"
 
 namespace nmi {
 namespace {
 
-constexpr const char* kTokenPath = "/metadata/identity/oauth2/token";
 constexpr size_t kMaxPendingPerConn = 32;      // pipelined requests awaiting an answer
-constexpr size_t kMaxBodyBytes = 1024 * 1024;  // request bodies (proxied categories only)
 constexpr int64_t kKeepAliveMs = 5000;         // idle keep-alive connection, as node's js server
 
-const std::unordered_set<std::string> kApiVersions = {
-    "2018-02-01", "2019-03-11", "2019-06-01", "2019-06-04", "2019-08-01", "2019-08-15", "2019-11-01",
-    "2020-06-01", "2020-07-15", "2020-09-01", "2020-10-01", "2020-12-01", "2021-01-01", "2021-02-01",
-    "2021-03-01", "2021-05-01", "2021-08-01", "2021-10-01", "2021-11-01", "2021-11-15", "2021-12-13",
-    "2022-02-01", "2022-03-01", "2022-07-01", "2022-08-01", "2022-09-01", "2023-07-01", "2023-11-15",
-    "2024-03-15", "2024-07-17", "2025-04-07",
-};
-
-struct RouteIdentity {
-  std::string key;            // namespace/name
-  std::string clientIdLower;  // lowercased in TS, as selectIdentity compares
-  std::string resourceIdLower;
-};
-struct Route {
-  bool exception = false;
-  std::vector<RouteIdentity> identities;
-};
-using RouteTable = std::unordered_map<std::string, Route>;  // caller address → route
-
-struct TokenEntry {
-  std::string prefix;  // body up to and including `"expires_in":"`
-  std::string suffix;  // body from the `"` after expires_in
-  int64_t expiresOn = 0;     // seconds since the epoch
-  int64_t serveUntilMs = 0;  // wall clock; past it TS answers (and refreshes)
-};
-using TokenTable = std::unordered_map<std::string, TokenEntry>;  // key '\n' resource → entry
-
-std::string TokenKey(const std::string& identity, const std::string& resource) { return identity + '\n' + resource; }
+using http::Framing;
+using http::kMaxBodyBytes;
+using http::RouteTable;
+using http::TokenTable;
 
 int64_t NowMs() {
   timespec ts{};
@@ -76,65 +50,6 @@ int64_t MonoMs() {
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
 }
-
-// RFC 7231 IMF-fixdate, as node's Date header (no locale involved).
-std::string HttpDate(int64_t nowMs) {
-  static const char* days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
-  static const char* months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-  time_t secs = static_cast<time_t>(nowMs / 1000);
-  tm t{};
-  gmtime_r(&secs, &t);
-  char buf[40];
-  snprintf(buf, sizeof buf, "%s, %02d %s %04d %02d:%02d:%02d GMT", days[t.tm_wday], t.tm_mday, months[t.tm_mon],
-           t.tm_year + 1900, t.tm_hour, t.tm_min, t.tm_sec);
-  return buf;
-}
-
-bool IsTchar(unsigned char c) {
-  return isalnum(c) || strchr("!#$%&'*+-.^_`|~", c) != nullptr;
-}
-// RFC 3986 pchar and query characters; anything else is left to TS.
-bool IsTargetChar(unsigned char c) {
-  return isalnum(c) || strchr("-._~!$&'()*+,;=:@/?%", c) != nullptr;
-}
-std::string Lower(std::string s) {
-  for (auto& c : s) c = static_cast<char>(tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-int HexValue(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-// decodeURIComponent of form data, limited to ASCII: false when TS must judge.
-bool DecodeAscii(const std::string& in, std::string& out) {
-  out.clear();
-  for (size_t i = 0; i < in.size(); i++) {
-    char c = in[i];
-    if (c == '+') {
-      out += ' ';
-    } else if (c == '%') {
-      if (i + 2 >= in.size()) return false;
-      int hi = HexValue(in[i + 1]), lo = HexValue(in[i + 2]);
-      if (hi < 0 || lo < 0 || hi >= 8) return false;
-      out += static_cast<char>(hi * 16 + lo);
-      i += 2;
-    } else {
-      out += c;
-    }
-  }
-  return true;
-}
-
-// What the head says about framing and connection reuse; filled for every request.
-struct Head {
-  bool valid = false;         // request line and headers parsed
-  bool keepAlive = true;      // HTTP/1.1 without Connection: close
-  bool bodyUnsupported = false;  // Transfer-Encoding: nmi does not take chunked bodies
-  size_t contentLength = 0;
-  bool badLength = false;
-};
 
 struct Slot {
   uint64_t requestId;
@@ -249,79 +164,6 @@ class Server {
   void CheckTimers();
   bool TryAnswer(const std::string& head, const std::string& remote, bool keepAlive, std::string& out);
 };
-
-Head ParseHead(const std::string& head) {
-  Head h;
-  size_t lineEnd = head.find("\r\n");
-  std::string line = head.substr(0, lineEnd);
-  size_t sp1 = line.find(' ');
-  size_t sp2 = line.rfind(' ');
-  if (sp1 == std::string::npos || sp1 == sp2 || sp1 == 0) return h;
-  for (size_t i = 0; i < sp1; i++)
-    if (!IsTchar(line[i])) return h;
-  std::string version = line.substr(sp2 + 1);
-  if (version == "HTTP/1.0") h.keepAlive = false;
-  else if (version != "HTTP/1.1") return h;
-  bool sawLength = false;
-  size_t at = lineEnd + 2;
-  while (at < head.size()) {
-    size_t end = head.find("\r\n", at);
-    if (end == std::string::npos) end = head.size();
-    std::string field = head.substr(at, end - at);
-    at = end + 2;
-    if (field.empty()) break;  // the blank line ending the head
-    size_t colon = field.find(':');
-    if (colon == std::string::npos || colon == 0) return h;
-    std::string name = Lower(field.substr(0, colon));
-    size_t v = colon + 1;
-    while (v < field.size() && (field[v] == ' ' || field[v] == '\t')) v++;
-    size_t ve = field.size();
-    while (ve > v && (field[ve - 1] == ' ' || field[ve - 1] == '\t')) ve--;
-    std::string value = Lower(field.substr(v, ve - v));
-    if (name == "connection") {
-      // Token list; close wins, keep-alive revives an HTTP/1.0 connection.
-      size_t p = 0;
-      while (p <= value.size()) {
-        size_t q = value.find(',', p);
-        if (q == std::string::npos) q = value.size();
-        std::string tok = value.substr(p, q - p);
-        while (!tok.empty() && (tok.front() == ' ' || tok.front() == '\t')) tok.erase(0, 1);
-        while (!tok.empty() && (tok.back() == ' ' || tok.back() == '\t')) tok.pop_back();
-        if (tok == "close") h.keepAlive = false;
-        else if (tok == "keep-alive" && version == "HTTP/1.0") h.keepAlive = true;
-        p = q + 1;
-      }
-    } else if (name == "transfer-encoding") {
-      h.bodyUnsupported = true;
-    } else if (name == "content-length") {
-      if (value.empty() || value.size() > 12 || value.find_first_not_of("0123456789") != std::string::npos) {
-        h.badLength = true;
-      } else {
-        size_t n = std::stoull(value);
-        if (sawLength && n != h.contentLength) h.badLength = true;
-        h.contentLength = n;
-        sawLength = true;
-      }
-    }
-  }
-  // A kept-alive HTTP/1.0 connection has a Connection header that said so; a close later wins.
-  h.valid = true;
-  return h;
-}
-
-bool FirstLineLooksValid(const std::string& in) {
-  size_t end = in.find('\n');
-  if (end == std::string::npos) return true;  // not judged yet
-  std::string line = in.substr(0, end);
-  if (!line.empty() && line.back() == '\r') line.pop_back();
-  size_t sp1 = line.find(' ');
-  size_t sp2 = line.rfind(' ');
-  if (sp1 == std::string::npos || sp1 == 0 || sp1 == sp2) return false;
-  for (size_t i = 0; i < sp1; i++)
-    if (!IsTchar(line[i])) return false;
-  std::string version = line.substr(sp2 + 1);
-  return version == "HTTP/1.1" || version == "HTTP/1.0";
-}
 
 void Server::Run() {
   epoll_event evs[128];
@@ -489,34 +331,29 @@ void Server::Pump(Conn& c) {
 // Takes one complete request off c.in; false when there is none (yet).
 bool Server::ProcessOne(Conn& c) {
   if (c.noMoreRequests || c.closeAfterFlush) return false;
-  // llhttp skips empty lines before a request line; so do we.
-  size_t skip = 0;
-  while (skip + 1 < c.in.size() && c.in[skip] == '\r' && c.in[skip + 1] == '\n') skip += 2;
+  size_t skip = http::LeadingEmptyLines(c.in);
   if (skip) c.in.erase(0, skip);
   if (c.in.empty()) return false;
-  if (!FirstLineLooksValid(c.in)) {
-    HandOff(c, std::move(c.in), "malformed");
-    c.in.clear();
-    return false;
-  }
-  size_t end = c.in.find("\r\n\r\n");
-  if (end == std::string::npos || end + 4 > maxHeaderBytes) {
-    if (c.in.size() > maxHeaderBytes || end != std::string::npos) {
+  Framing f = http::FrameRequest(c.in, maxHeaderBytes);
+  switch (f.kind) {
+    case Framing::kIncomplete:
+      return false;
+    case Framing::kOverflow:
       stats.overflow++;
       HandOff(c, c.in.substr(0, 256), "overflow");
       c.in.clear();
-    }
-    return false;
+      return false;
+    case Framing::kMalformed:
+    case Framing::kBody:
+      HandOff(c, std::move(c.in), f.kind == Framing::kMalformed ? "malformed" : "body");
+      c.in.clear();
+      return false;
+    case Framing::kRequest:
+      break;
   }
-  std::string head = c.in.substr(0, end + 4);
-  Head h = ParseHead(head);
-  if (!h.valid || h.badLength || h.bodyUnsupported || h.contentLength > kMaxBodyBytes) {
-    HandOff(c, std::move(c.in), !h.valid || h.badLength ? "malformed" : "body");
-    c.in.clear();
-    return false;
-  }
-  if (c.in.size() < head.size() + h.contentLength) return false;
-  std::string request = c.in.substr(0, head.size() + h.contentLength);
+  const http::Head& h = f.head;
+  std::string head = c.in.substr(0, f.headBytes);
+  std::string request = c.in.substr(0, f.headBytes + h.contentLength);
   c.in.erase(0, request.size());
   c.partialSinceMs = 0;
   stats.requests++;
@@ -553,87 +390,8 @@ void Server::HandOff(Conn& c, std::string bytes, const std::string& error) {
 }
 
 bool Server::TryAnswer(const std::string& head, const std::string& remote, bool keepAlive, std::string& out) {
-  size_t lineEnd = head.find("\r\n");
-  std::string line = head.substr(0, lineEnd);
-  if (line.compare(0, 4, "GET ") != 0 || line.size() < 13 || line.compare(line.size() - 9, 9, " HTTP/1.1") != 0) return false;
-  std::string target = line.substr(4, line.size() - 13);
-  for (unsigned char ch : target)
-    if (!IsTargetChar(ch)) return false;
-  size_t q = target.find('?');
-  std::string path = target.substr(0, q);
-  if (path != kTokenPath && path != std::string(kTokenPath) + "/") return false;
-  std::string query = q == std::string::npos ? "" : target.substr(q + 1);
-
-  // Headers: anything the js server treats specially goes to it.
-  int metadataCount = 0, hostCount = 0;
-  std::string metadata;
-  size_t at = lineEnd + 2;
-  while (at + 2 < head.size()) {
-    size_t end = head.find("\r\n", at);
-    std::string field = head.substr(at, end - at);
-    at = end + 2;
-    size_t colon = field.find(':');
-    if (colon == std::string::npos || colon == 0) return false;
-    for (size_t i = 0; i < colon; i++)
-      if (!IsTchar(field[i])) return false;
-    std::string name = Lower(field.substr(0, colon));
-    size_t v = colon + 1;
-    while (v < field.size() && (field[v] == ' ' || field[v] == '\t')) v++;
-    size_t ve = field.size();
-    while (ve > v && (field[ve - 1] == ' ' || field[ve - 1] == '\t')) ve--;
-    for (size_t i = v; i < ve; i++) {
-      unsigned char ch = field[i];
-      if ((ch < 0x20 && ch != '\t') || ch >= 0x7f) return false;
-    }
-    std::string value = field.substr(v, ve - v);
-    if (name == "metadata") {
-      metadataCount++;
-      metadata = Lower(value);
-    } else if (name == "host") {
-      hostCount++;
-    } else if (name == "connection") {
-      std::string lv = Lower(value);
-      if (lv != "close" && lv != "keep-alive") return false;
-    } else if (name == "x-forwarded-for" || name == "forwarded" || name == "via" || name == "transfer-encoding" ||
-               name == "content-length" || name == "upgrade" || name == "expect") {
-      return false;
-    }
-  }
-  if (hostCount == 0) return false;
-  if (metadataHeaderRequired && (metadataCount != 1 || metadata != "true")) return false;
-
-  // Query: form-decoded; any parameter repeated, escaped beyond ASCII or malformed goes to TS.
-  std::map<std::string, std::string> params;
-  size_t p = 0;
-  while (p <= query.size()) {
-    size_t amp = query.find('&', p);
-    if (amp == std::string::npos) amp = query.size();
-    std::string pair = query.substr(p, amp - p);
-    p = amp + 1;
-    if (pair.empty()) continue;
-    size_t eq = pair.find('=');
-    std::string name, value;
-    if (!DecodeAscii(pair.substr(0, eq), name)) return false;
-    if (!DecodeAscii(eq == std::string::npos ? "" : pair.substr(eq + 1), value)) return false;
-    if (!params.emplace(name, value).second) return false;
-  }
-  auto api = params.find("api-version");
-  if (api == params.end() || !kApiVersions.count(api->second)) return false;
-  auto res = params.find("resource");
-  if (res == params.end() || res->second.empty()) return false;
-  int ids = 0;
-  std::string wanted;
-  bool byClient = false;
-  for (const char* name : {"client_id", "object_id", "msi_res_id", "mi_res_id"}) {
-    auto it = params.find(name);
-    if (it == params.end()) continue;
-    ids++;
-    if (strcmp(name, "object_id") == 0) return false;  // never matches: "Identity not found"
-    byClient = strcmp(name, "client_id") == 0;
-    wanted = Lower(it->second);
-  }
-  if (ids > 1 || (ids == 1 && wanted.empty())) return false;
-
+  http::HitQuery q;
+  if (!http::ParseHitRequest(head, metadataHeaderRequired, q)) return false;
   std::shared_ptr<const RouteTable> routeTable;
   std::shared_ptr<const TokenTable> tokenTable;
   {
@@ -641,37 +399,7 @@ bool Server::TryAnswer(const std::string& head, const std::string& remote, bool 
     routeTable = routes;
     tokenTable = tokens;
   }
-  auto route = routeTable->find(remote);
-  if (route == routeTable->end() || route->second.exception) return false;
-  const RouteIdentity* chosen = nullptr;
-  if (ids == 0) {
-    if (route->second.identities.size() != 1) return false;
-    chosen = &route->second.identities[0];
-  } else {
-    for (const auto& id : route->second.identities) {
-      const std::string& field = byClient ? id.clientIdLower : id.resourceIdLower;
-      if (!field.empty() && field == wanted) {
-        chosen = &id;
-        break;
-      }
-    }
-    if (!chosen) return false;
-  }
-  auto token = tokenTable->find(TokenKey(chosen->key, res->second));
-  int64_t now = NowMs();
-  if (token == tokenTable->end() || now >= token->second.serveUntilMs) return false;
-
-  int64_t expiresIn = token->second.expiresOn - now / 1000;
-  if (expiresIn < 0) expiresIn = 0;
-  std::string body = token->second.prefix + std::to_string(expiresIn) + token->second.suffix;
-  out.reserve(body.size() + 256);
-  out += "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ";
-  out += std::to_string(body.size());
-  out += "\r\nCache-Control: no-store\r\nDate: ";
-  out += HttpDate(now);
-  out += keepAlive ? "\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" : "\r\nConnection: close\r\n\r\n";
-  out += body;
-  return true;
+  return http::AnswerFromTables(q, remote, keepAlive, *routeTable, *tokenTable, NowMs(), out);
 }
 
 void Server::UpdateEvents(Conn& c) {
@@ -904,7 +632,7 @@ Napi::Value ServerSetRoutes(const Napi::CallbackInfo& info) {
     Napi::Array r = row.As<Napi::Array>();
     Napi::Value addr = r[0u], exc = r[1u], ids = r[2u];
     if (!addr.IsString() || !exc.IsBoolean() || !ids.IsArray()) return Usage(env, usage);
-    Route route;
+    http::Route route;
     route.exception = exc.As<Napi::Boolean>();
     Napi::Array list = ids.As<Napi::Array>();
     for (uint32_t j = 0; j < list.Length(); j++) {
@@ -913,7 +641,7 @@ Napi::Value ServerSetRoutes(const Napi::CallbackInfo& info) {
       Napi::Array t = item.As<Napi::Array>();
       Napi::Value k = t[0u], c = t[1u], rid = t[2u];
       if (!k.IsString() || !c.IsString() || !rid.IsString()) return Usage(env, usage);
-      route.identities.push_back({k.As<Napi::String>(), c.As<Napi::String>(), rid.As<Napi::String>()});
+      route.identities.push_back(http::RouteIdentity{k.As<Napi::String>(), c.As<Napi::String>(), rid.As<Napi::String>()});
     }
     (*table)[addr.As<Napi::String>()] = std::move(route);
   }
@@ -938,9 +666,9 @@ Napi::Value ServerSetTokens(const Napi::CallbackInfo& info) {
     Napi::Value k = r[0u], res = r[1u], pre = r[2u], suf = r[3u], exp = r[4u], until = r[5u];
     if (!k.IsString() || !res.IsString() || !pre.IsString() || !suf.IsString() || !exp.IsNumber() || !until.IsNumber())
       return Usage(env, usage);
-    TokenEntry e{pre.As<Napi::String>(), suf.As<Napi::String>(), exp.As<Napi::Number>().Int64Value(),
+    http::TokenEntry e{pre.As<Napi::String>(), suf.As<Napi::String>(), exp.As<Napi::Number>().Int64Value(),
                  until.As<Napi::Number>().Int64Value()};
-    (*table)[TokenKey(k.As<Napi::String>(), res.As<Napi::String>())] = std::move(e);
+    (*table)[http::TokenKey(k.As<Napi::String>(), res.As<Napi::String>())] = std::move(e);
   }
   std::lock_guard<std::mutex> lock(s->tablesMutex);
   s->tokens = std::move(table);

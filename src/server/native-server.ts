@@ -220,7 +220,8 @@ export interface RawRequest {
   keepAlive: boolean;
 }
 
-const REQUEST_LINE = /^([A-Z]+) ([^\s]+) HTTP\/1\.([01])$/;
+// The target as llhttp accepts it: no control characters, no space (a raw NUL once slipped through).
+const REQUEST_LINE = /^([A-Z]+) ([^\x00-\x20\x7f]+) HTTP\/1\.([01])$/;
 const HEADER_LINE = /^([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*$/;
 const BAD_VALUE = /[\x00-\x08\x0a-\x1f\x7f]/;
 /** Headers node keeps only the first of (its matchKnownFields). */

@@ -271,6 +271,13 @@ test('what the native side leaves to js is still answered alike: HTTP/1.0, dupli
   await same(req(`${TOKEN}?${QUERY}&x=%C3%A9`));
   await same(req(`${TOKEN}?${QUERY}&x="<>`));
   await same(req(`${TOKEN}?${QUERY}`, { Metadata: 'true', 'Content-Length': '3' }).replace(/\r\n$/, '\r\nabc'));
+  // The fuzzer's finding: a raw NUL in the target or a header name was once a native hit; node refuses both.
+  const hits = native.stats()!.hits;
+  const [nulTarget] = await same(req(`${TOKEN}?${QUERY}&\0`));
+  const [nulHeader] = await same(`GET ${TOKEN}?${QUERY} HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nX\0y: 1\r\n\r\n`);
+  assert.match(nulTarget?.statusLine ?? '', /^HTTP\/1.1 400 /);
+  assert.match(nulHeader?.statusLine ?? '', /^HTTP\/1.1 400 /);
+  assert.equal(native.stats()!.hits, hits, 'neither was answered natively');
 });
 
 test('pipelined requests mixing hits and misses are answered in order', async () => {

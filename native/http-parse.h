@@ -1,0 +1,84 @@
+// The pure half of the native token server (server.cc): framing request heads
+// out of a connection's bytes, recognising the one hit case (a valid token
+// request) and answering it from the route and token tables. No sockets, no
+// Node, no clock: test/fuzz/parse_fuzzer.cc drives these directly.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace nmi {
+namespace http {
+
+constexpr const char* kTokenPath = "/metadata/identity/oauth2/token";
+constexpr size_t kMaxBodyBytes = 1024 * 1024;  // request bodies (proxied categories only)
+
+struct RouteIdentity {
+  std::string key;            // namespace/name
+  std::string clientIdLower;  // lowercased in TS, as selectIdentity compares
+  std::string resourceIdLower;
+};
+struct Route {
+  bool exception = false;
+  std::vector<RouteIdentity> identities;
+};
+using RouteTable = std::unordered_map<std::string, Route>;  // caller address → route
+
+struct TokenEntry {
+  std::string prefix;  // body up to and including `"expires_in":"`
+  std::string suffix;  // body from the `"` after expires_in
+  int64_t expiresOn = 0;     // seconds since the epoch
+  int64_t serveUntilMs = 0;  // wall clock; past it TS answers (and refreshes)
+};
+using TokenTable = std::unordered_map<std::string, TokenEntry>;  // key '\n' resource → entry
+
+std::string TokenKey(const std::string& identity, const std::string& resource);
+
+// RFC 7231 IMF-fixdate, as node's Date header (no locale involved).
+std::string HttpDate(int64_t nowMs);
+
+// What the head says about framing and connection reuse; filled for every request.
+struct Head {
+  bool valid = false;         // request line and headers parsed
+  bool keepAlive = true;      // HTTP/1.1 without Connection: close
+  bool bodyUnsupported = false;  // Transfer-Encoding: nmi does not take chunked bodies
+  size_t contentLength = 0;
+  bool badLength = false;
+};
+
+// `head` is the request head, its blank line included.
+Head ParseHead(const std::string& head);
+
+// What the front of a connection's input holds.
+struct Framing {
+  enum Kind { kIncomplete, kRequest, kMalformed, kOverflow, kBody };
+  Kind kind = kIncomplete;
+  size_t headBytes = 0;  // kRequest: the head, blank line included; contentLength body bytes follow
+  Head head;             // kRequest
+};
+
+// llhttp skips empty lines before a request line: the caller drops this many bytes first.
+size_t LeadingEmptyLines(const std::string& in);
+// `in` starts at a request line (LeadingEmptyLines already dropped).
+Framing FrameRequest(const std::string& in, size_t maxHeaderBytes);
+
+// A token request the fast path may answer, as far as the head alone tells.
+struct HitQuery {
+  enum class By { kOnly, kClientId, kResourceId };  // kOnly: no id given, the caller's single identity
+  std::string resource;
+  By by = By::kOnly;
+  std::string wanted;  // the requested id, lowercased
+};
+
+// false when TS must judge the request: anything but the exact, plain, valid case.
+bool ParseHitRequest(const std::string& head, bool metadataHeaderRequired, HitQuery& q);
+
+// The complete 200 answer from the tables; false when TS must answer (unknown
+// caller, exception pod, no single identity, no fresh token).
+bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAlive, const RouteTable& routes,
+                      const TokenTable& tokens, int64_t nowMs, std::string& out);
+
+}  // namespace http
+}  // namespace nmi
