@@ -20,7 +20,9 @@ test('SIGTERM while requests wait on the upstream: every one is answered 200, th
   const nmi = await cluster.startNmi(['--server', 'js']);
   cluster.imds.hang(true);
   const inFlight = agent.burst(`${TOKEN_URL}?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net`, 100, { Metadata: 'true' });
-  await waitFor('the upstream call to be held', () => cluster.imds.calls >= 1 || undefined);
+  // Every one of the 100 has reached the cache (a miss each, sharing the one held upstream call): all are in flight.
+  await waitFor('100 requests in flight', async () => ((await nmi.metric('nmi_token_cache_requests_total\\{result="miss"\\}')) ?? 0) >= 100 || undefined, 60_000);
+  assert.equal(cluster.imds.calls, 1);
   const stopped = nmi.stop('SIGTERM');
   await sleep(300); // nmi is draining now: the requests are still in flight
   cluster.imds.hang(false);

@@ -34,7 +34,11 @@ export interface NodeNs {
   destroy(): void;
 }
 
-process.on('exit', () => created.forEach(deleteNamespace));
+const agents = new Set<ChildProcess>();
+process.on('exit', () => {
+  agents.forEach((child) => child.kill('SIGKILL'));
+  created.forEach(deleteNamespace);
+});
 
 /** Creates a node namespace with an "eth0" holding NODE_IP and a default route, and enters it. */
 export function createNode(): NodeNs {
@@ -88,17 +92,26 @@ export interface PodAgent {
 async function startPodAgent(ns: string): Promise<PodAgent> {
   const script = path.join(projectRoot, 'dist', 'test', 'harness', 'pod-agent.js');
   const child: ChildProcess = spawn('ip', ['netns', 'exec', ns, process.execPath, script], { stdio: ['pipe', 'pipe', 'inherit'] });
+  // A test that fails before close() must not keep its file alive: unref'd, and killed at exit.
+  agents.add(child);
+  child.on('exit', () => agents.delete(child));
+  child.unref();
+  const stdout = child.stdout as unknown as { ref(): void; unref(): void };
+  (child.stdin as unknown as { unref(): void }).unref();
+  stdout.unref();
   const pending = new Map<number, (value: unknown) => void>();
   let next = 0;
   readline.createInterface({ input: child.stdout! }).on('line', (line) => {
     const message = JSON.parse(line) as { id: number; result: unknown };
     pending.get(message.id)?.(message.result);
     pending.delete(message.id);
+    if (pending.size === 0) stdout.unref();
   });
   const call = <T>(op: string, args: Record<string, unknown>): Promise<T> =>
     new Promise((resolve) => {
       const id = next++;
       pending.set(id, resolve as (value: unknown) => void);
+      stdout.ref(); // an answer is awaited: keep the process alive for it
       child.stdin!.write(`${JSON.stringify({ id, op, ...args })}\n`);
     });
   return {
