@@ -3,4 +3,4 @@
 set -eu
 cd "$(dirname "$0")/.."
 npx tsc -p . >/dev/null || true # tsc emits even when files elsewhere have type errors
-exec node dist/bench/js-server.js "$@"
+exec node dist/bench/bench.js "$@"

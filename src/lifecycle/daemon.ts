@@ -79,7 +79,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   });
 
   // Identities: the custom resources, from the API server or files.
-  const store = new BindingStore(createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
+  const store = new BindingStore(await createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
   const match = { forceNamespaced: config.forceNamespaced };
 
   // Tokens: msal-node through one undici client, cached per (identity, resource).

@@ -103,17 +103,17 @@ after(() => {
   if (saved.port !== undefined) process.env.KUBERNETES_SERVICE_PORT = saved.port;
 });
 
-test('createBindingSource picks the file or the API server by --bindings', () => {
-  assert.ok(createBindingSource({ bindings: dir }, silentLogger) instanceof FileBindingSource);
+test('createBindingSource picks the file or the API server by --bindings', async () => {
+  assert.ok((await createBindingSource({ bindings: dir }, silentLogger)) instanceof FileBindingSource);
   delete process.env.KUBERNETES_SERVICE_HOST;
   delete process.env.KUBERNETES_SERVICE_PORT;
-  assert.throws(
+  await assert.rejects(
     () => createBindingSource({ bindings: 'kubernetes' }, silentLogger),
     (err: unknown) => isNmiError(err, codes.USAGE) && /no --kubeconfig and not in a cluster/.test(err.message),
   );
   process.env.KUBERNETES_SERVICE_HOST = '127.0.0.1';
   process.env.KUBERNETES_SERVICE_PORT = '6443';
-  assert.ok(createBindingSource({ bindings: 'kubernetes', nodeName: 'n1' }, silentLogger) instanceof KubeBindingSource);
+  assert.ok((await createBindingSource({ bindings: 'kubernetes', nodeName: 'n1' }, silentLogger)) instanceof KubeBindingSource);
 });
 
 test('metrics read the store at scrape time', async () => {

@@ -1,0 +1,105 @@
+// nmi's benchmark (issue 4). Two modes:
+//
+//   node dist/bench/bench.js [--servers native,js,node,c] [--paths loopback,pod] [--trials 3] [--duration 8] [--warmup 2] [--connections 64] [--cpu-prof DIR]
+//     cache-hit throughput and latency of nmi's servers beside constant servers (servers.ts)
+//   node dist/bench/bench.js --rss [--pods 250] [--identities 200] [--resources 5] [--token-bytes 2000] [--bindings kubernetes|file] [--servers native,js]
+//     resident memory of the whole daemon with a full cache (rss.ts)
+//
+// See bench/README.md. The pod path needs root (network namespaces, iptables).
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { interrupt, running, say, type NmiServer } from './common.js';
+import { runRss, type RssParams } from './rss.js';
+import { PATHS, runThroughput, SERVERS, type PathName, type ServerName, type ThroughputParams } from './servers.js';
+
+const options = {
+  rss: { type: 'boolean', default: false },
+  servers: { type: 'string' },
+  paths: { type: 'string' },
+  connections: { type: 'string', default: '64' },
+  duration: { type: 'string', default: '8' },
+  warmup: { type: 'string', default: '2' },
+  trials: { type: 'string', default: '3' },
+  'cpu-prof': { type: 'string' },
+  pods: { type: 'string', default: '250' },
+  identities: { type: 'string', default: '200' },
+  resources: { type: 'string', default: '5' },
+  'token-bytes': { type: 'string', default: '2000' },
+  bindings: { type: 'string', default: 'kubernetes' },
+} as const;
+
+function count(name: string, text: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`--${name}: a whole number ≥ 1, got ${JSON.stringify(text)}`);
+  return n;
+}
+
+/** A comma-separated subset of `allowed`, in the order given. */
+function list<T extends string>(name: string, text: string, allowed: readonly T[]): T[] {
+  const items = text.split(',').filter(Boolean);
+  const wrong = items.filter((i) => !allowed.includes(i as T));
+  if (wrong.length > 0 || items.length === 0) throw new Error(`--${name}: a comma-separated list of ${allowed.join(', ')}; got ${JSON.stringify(text)}`);
+  return items as T[];
+}
+
+type Mode = { rss: true; params: RssParams } | { rss: false; params: ThroughputParams };
+
+function parseMode(argv: string[]): Mode {
+  const { values: v } = parseArgs({ args: argv, options });
+  if (v.rss) {
+    return {
+      rss: true,
+      params: {
+        pods: count('pods', v.pods),
+        identities: count('identities', v.identities),
+        resources: count('resources', v.resources),
+        tokenBytes: count('token-bytes', v['token-bytes']),
+        bindings: list<'kubernetes' | 'file'>('bindings', v.bindings, ['kubernetes', 'file'])[0]!,
+        servers: list<NmiServer>('servers', v.servers ?? 'native,js', ['native', 'js']),
+      },
+    };
+  }
+  const root = process.getuid?.() === 0;
+  const paths = list<PathName>('paths', v.paths ?? (root ? 'loopback,pod' : 'loopback'), PATHS);
+  if (paths.includes('pod') && !root) throw new Error('--paths pod needs root (network namespaces and iptables)');
+  if (!root && v.paths === undefined) say('not root: loopback only (the pod path needs network namespaces and iptables)');
+  const servers = list<ServerName>('servers', v.servers ?? SERVERS.join(','), SERVERS);
+  // The constant servers answer what nmi answered first; nmi goes first.
+  servers.sort((a, b) => SERVERS.indexOf(a) - SERVERS.indexOf(b));
+  if (!servers.includes('native') && !servers.includes('js')) throw new Error('--servers: include native or js (the constant servers answer what nmi answered)');
+  return {
+    rss: false,
+    params: {
+      connections: count('connections', v.connections),
+      durationS: count('duration', v.duration),
+      warmupS: count('warmup', v.warmup),
+      trials: count('trials', v.trials),
+      servers,
+      paths,
+      cpuProfDir: v['cpu-prof'] === undefined ? undefined : path.resolve(v['cpu-prof']),
+    },
+  };
+}
+
+async function main(argv: string[]): Promise<number> {
+  const onSignal = () => {
+    say('interrupted: stopping the servers and removing the namespaces');
+    interrupt.abort();
+    for (const stop of running) void stop();
+  };
+  process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
+  try {
+    const mode = parseMode(argv);
+    if (mode.rss) await runRss(mode.params);
+    else await runThroughput(mode.params);
+    return 0;
+  } catch (err) {
+    if (interrupt.signal.aborted) return 130;
+    process.stderr.write(`nmi bench: ${(err as Error).message}\n`);
+    return 1;
+  } finally {
+    process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));

@@ -1,0 +1,196 @@
+// What both bench modes share: output, child processes that are always stopped,
+// the nmi daemon under test, its bindings and its memory.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
+import http from 'node:http';
+import net, { type AddressInfo } from 'node:net';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import type { Standin } from '../src/demo/standins.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const nmiBin = path.resolve(here, '../../bin/nmi.js');
+
+/** The server under load gets one core, wrk the other. */
+export const SERVER_CPU = 0;
+export const LOAD_CPU = 1;
+
+export type NmiServer = 'native' | 'js';
+
+export function say(text: string): void {
+  process.stdout.write(`${text}\n`);
+}
+
+/** Children to stop if the bench fails or is interrupted. */
+export const running = new Set<() => Promise<void>>();
+/** Ctrl-C or SIGTERM: kills wrk, and nothing further starts. */
+export const interrupt = new AbortController();
+
+export async function stopChildren(): Promise<void> {
+  await Promise.all([...running].map((stop) => stop()));
+}
+
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer().once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address() as AddressInfo;
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+export interface Child {
+  process: ChildProcess;
+  output(): string;
+  /** SIGTERM (a --cpu-prof profile gets written), SIGKILL after 20 s. */
+  stop(): Promise<void>;
+}
+
+/** A child, pinned to the server cpu when `pin`; taskset execs it, so the pid is the program's own. */
+export function spawnChild(command: string[], pin: boolean): Child {
+  const env = { ...process.env };
+  delete env.NOTIFY_SOCKET;
+  const argv = pin ? ['taskset', '-c', String(SERVER_CPU), ...command] : command;
+  const child = spawn(argv[0]!, argv.slice(1), { stdio: ['ignore', 'pipe', 'pipe'], env });
+  let output = '';
+  child.stdout!.on('data', (d: Buffer) => (output += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (output += d.toString()));
+  const stop = async () => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const exited = once(child, 'exit');
+    child.kill('SIGTERM');
+    const killer = setTimeout(() => child.kill('SIGKILL'), 20_000);
+    await exited;
+    clearTimeout(killer);
+  };
+  running.add(stop);
+  child.once('exit', () => running.delete(stop));
+  return { process: child, output: () => output, stop };
+}
+
+/** Polls `check` until true; fails with the child's output if it exits or time runs out. */
+export async function waitFor(child: Child, what: string, timeoutMs: number, check: () => Promise<boolean> | boolean): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    interrupt.signal.throwIfAborted();
+    if (child.process.exitCode !== null) throw new Error(`${what} exited ${child.process.exitCode}:\n${child.output()}`);
+    if (await check()) return;
+    if (Date.now() > deadline) {
+      await child.stop();
+      throw new Error(`${what}: not ready after ${timeoutMs / 1000}s:\n${child.output()}`);
+    }
+    await sleep(50);
+  }
+}
+
+function getText(url: string): Promise<{ status: number; text: string }> {
+  return new Promise((resolve, reject) => {
+    http
+      .get(url, { agent: false, timeout: 10_000 }, (res) => {
+        let text = '';
+        res.on('data', (d: Buffer) => (text += d.toString()));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, text }));
+      })
+      .on('timeout', function (this: http.ClientRequest) {
+        this.destroy(new Error(`GET ${url}: no answer in 10s`));
+      })
+      .on('error', reject);
+  });
+}
+
+export interface NmiOptions {
+  server: NmiServer;
+  nodeIp: string;
+  port: number;
+  rules: 'none' | 'iptables';
+  /** --bindings: a folder, or `kubernetes` (with --kubeconfig in `extraArgs`). */
+  bindings: string;
+  extraArgs?: string[];
+  kubelet: Standin;
+  imds: Standin;
+  pin: boolean;
+  cpuProfDir?: string;
+}
+
+export interface Daemon {
+  pid: number;
+  /** Scrapes /metrics. */
+  metrics(): Promise<string>;
+  stop(): Promise<void>;
+}
+
+/** A fresh `nmi run`, once /readyz answers 200 (pods and bindings synced, rules installed). */
+export async function startNmi(o: NmiOptions): Promise<Daemon> {
+  const probe = `127.0.0.1:${await freePort()}`;
+  const profile = o.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [];
+  const child = spawnChild(
+    [process.execPath, ...profile, nmiBin, 'run', '--server', o.server, '--node-ip', o.nodeIp, '--port', String(o.port),
+      '--rules', o.rules, '--probe-address', probe, '--bindings', o.bindings, '--kubelet-url', o.kubelet.url,
+      '--upstream-imds', o.imds.url, '--log-level', 'warn', ...(o.extraArgs ?? [])],
+    o.pin,
+  );
+  await waitFor(child, `nmi run --server ${o.server}`, 30_000, () =>
+    getText(`http://${probe}/readyz`).then((r) => r.status === 200, () => false),
+  );
+  return {
+    pid: child.process.pid!,
+    metrics: async () => (await getText(`http://${probe}/metrics`)).text,
+    stop: child.stop,
+  };
+}
+
+/** Requests the native server answered in C++ and handed to JS, from its /metrics. */
+export function nativeCounts(metrics: string): { hit: number; js: number } {
+  const count = (result: string) => Number(new RegExp(`^nmi_native_requests_total\\{result="${result}"\\} (\\d+)`, 'm').exec(metrics)?.[1] ?? 0);
+  return { hit: count('hit'), js: count('js') };
+}
+
+export interface Memory {
+  rssKiB: number;
+  /** Peak RSS. */
+  hwmKiB: number;
+}
+
+export function memory(pid: number): Memory {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kib = (field: string) => {
+    const v = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status)?.[1];
+    if (v === undefined) throw new Error(`no ${field} for pid ${pid}`);
+    return Number(v);
+  };
+  return { rssKiB: kib('VmRSS'), hwmKiB: kib('VmHWM') };
+}
+
+export function mib(kib: number): string {
+  return `${(kib / 1024).toFixed(1)}MiB`;
+}
+
+export interface BenchIdentity {
+  name: string;
+  clientId: string;
+}
+
+/** AzureIdentities, each bound to `selector` by its own AzureIdentityBinding, as Kubernetes objects. */
+export function bindingObjects(identities: BenchIdentity[], selector: string): Array<{ apiVersion: string; kind: string; metadata: { name: string; namespace: string }; spec: Record<string, unknown> }> {
+  const apiVersion = 'aadpodidentity.k8s.io/v1';
+  const metadata = (name: string) => ({ name, namespace: 'default' });
+  return identities.flatMap((i) => [
+    {
+      apiVersion, kind: 'AzureIdentity', metadata: metadata(i.name),
+      spec: { type: 0, clientID: i.clientId, resourceID: `/subscriptions/bench/resourcegroups/bench/providers/Microsoft.ManagedIdentity/userAssignedIdentities/${i.name}` },
+    },
+    { apiVersion, kind: 'AzureIdentityBinding', metadata: metadata(`${i.name}-binding`), spec: { azureIdentity: i.name, selector } },
+  ]);
+}
+
+/** The same, as a --bindings file (JSON documents are YAML documents). */
+export function bindingsYaml(identities: BenchIdentity[], selector: string): string {
+  return bindingObjects(identities, selector).map((o) => JSON.stringify(o)).join('\n---\n');
+}
+
+export function row(cells: Array<string | number>, widths: number[]): string {
+  return cells.map((c, i) => (i === 0 ? String(c).padEnd(widths[i]!) : String(c).padStart(widths[i]!))).join('  ');
+}

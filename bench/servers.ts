@@ -1,0 +1,344 @@
+// Throughput mode: nmi's native fast path and js server on cache hits, beside a
+// node:http constant server and a C constant server answering the same bytes,
+// on loopback and from a pod namespace through the DNAT rule. Every trial is a
+// fresh server process pinned to one core, loaded by wrk pinned to the other,
+// warmed by a short wrk run first; trials interleave (native, js, node, c,
+// native, ...) so drift hits every server alike; the median trial is reported.
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { availableParallelism, loadavg, tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { startImds, startKubelet, type DemoPod, type Standin } from '../src/demo/standins.js';
+import {
+  bindingsYaml,
+  freePort,
+  interrupt,
+  LOAD_CPU,
+  memory,
+  mib,
+  nativeCounts,
+  row,
+  say,
+  SERVER_CPU,
+  spawnChild,
+  startNmi,
+  stopChildren,
+  waitFor,
+  type NmiServer,
+} from './common.js';
+import type { FixedAnswer } from './constant-server.js';
+import { METADATA_IP, NMI_PORT, NODE_IP, NODE_NS, podGet, POD_NS, redirectRule, removeNamespaces, setUpNamespaces, type RedirectRule } from './pod-path.js';
+import { parseAnswer, rawGet, timeless } from './raw.js';
+import { wrk, type WrkResult } from './wrk.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const constantServerJs = path.join(here, 'constant-server.js');
+const constantC = path.resolve(here, '../../bench/constant.c');
+
+export const SERVERS = ['native', 'js', 'node', 'c'] as const;
+export const PATHS = ['loopback', 'pod'] as const;
+export type ServerName = (typeof SERVERS)[number];
+export type PathName = (typeof PATHS)[number];
+
+const CLIENT_ID = '00000000-0000-0000-0000-0000000be4c0';
+const RESOURCE = 'https://management.azure.com/';
+const TARGET = `/metadata/identity/oauth2/token?api-version=2018-02-01&resource=${encodeURIComponent(RESOURCE)}`;
+/** Headers node:http writes itself, for nmi's js server and the node:http baseline alike. */
+const NODE_HEADERS = new Set(['date', 'connection', 'keep-alive']);
+
+export interface ThroughputParams {
+  connections: number;
+  durationS: number;
+  warmupS: number;
+  trials: number;
+  servers: ServerName[];
+  paths: PathName[];
+  cpuProfDir?: string;
+}
+
+interface Measured extends WrkResult {
+  path: PathName;
+  server: ServerName;
+  trial: number;
+  rssKiB: number;
+  /** Native only: share of the daemon's requests answered in C++. */
+  nativeShare?: number;
+}
+
+interface Started {
+  pid: number;
+  port: number;
+  /** Native only: the daemon's /metrics. */
+  metrics?: () => Promise<string>;
+  stop(): Promise<void>;
+}
+
+/** What every server must answer, byte for byte, times aside: nmi's first cache hit. */
+class Reference {
+  private bytes: Buffer | undefined;
+  readonly rawFile: string;
+  readonly jsonFile: string;
+
+  constructor(dir: string) {
+    this.rawFile = path.join(dir, 'answer.bin');
+    this.jsonFile = path.join(dir, 'answer.json');
+  }
+
+  get answer(): Buffer | undefined {
+    return this.bytes;
+  }
+
+  /** The first call sets the reference and writes the baselines' answer files; later calls compare. */
+  check(bytes: Buffer, who: string): void {
+    if (this.bytes === undefined) return this.set(bytes);
+    if (timeless(bytes) !== timeless(this.bytes)) {
+      throw new Error(`${who} does not answer what nmi answered (times aside):\n--- nmi\n${this.bytes.toString('latin1')}\n--- ${who}\n${bytes.toString('latin1')}`);
+    }
+  }
+
+  private set(bytes: Buffer): void {
+    const parsed = parseAnswer(bytes);
+    if (parsed.status !== 200) throw new Error(`nmi's cache hit answered ${parsed.status}: ${parsed.body.toString()}`);
+    const keepAlive = parsed.headers.find(([k]) => k.toLowerCase() === 'keep-alive')?.[1];
+    const fixed: FixedAnswer = {
+      status: parsed.status,
+      headers: parsed.headers.filter(([k]) => !NODE_HEADERS.has(k.toLowerCase())),
+      body: parsed.body.toString('base64'),
+      keepAliveTimeoutS: Number(/timeout=(\d+)/.exec(keepAlive ?? '')?.[1] ?? 5),
+    };
+    writeFileSync(this.rawFile, bytes);
+    writeFileSync(this.jsonFile, JSON.stringify(fixed));
+    this.bytes = bytes;
+  }
+}
+
+interface Setup {
+  params: ThroughputParams;
+  bindingsDir: string;
+  kubelet: Standin;
+  imds: Standin;
+  reference: Reference;
+  /** The compiled C constant server. */
+  constantBin: string;
+  rule?: RedirectRule;
+}
+
+function ask(p: PathName, port: number): Promise<Buffer> {
+  return p === 'pod' ? podGet(TARGET) : rawGet({ host: '127.0.0.1', port, target: TARGET });
+}
+
+/** A fresh daemon, its one cache miss (a 200), then one cache hit checked against the reference. */
+async function startDaemon(s: Setup, server: NmiServer, p: PathName): Promise<Started> {
+  const port = p === 'pod' ? NMI_PORT : await freePort();
+  const daemon = await startNmi({
+    server, port, pin: true, cpuProfDir: s.params.cpuProfDir,
+    nodeIp: p === 'pod' ? NODE_IP : '127.0.0.1',
+    rules: p === 'pod' ? 'iptables' : 'none',
+    bindings: s.bindingsDir, kubelet: s.kubelet, imds: s.imds,
+  });
+  try {
+    const miss = parseAnswer(await ask(p, port));
+    if (miss.status !== 200) throw new Error(`the warm-up request: nmi answered ${miss.status}: ${miss.body.toString()}`);
+    s.reference.check(await ask(p, port), `nmi --server ${server}`);
+  } catch (err) {
+    await daemon.stop();
+    throw err;
+  }
+  return { pid: daemon.pid, port, metrics: server === 'native' ? daemon.metrics : undefined, stop: daemon.stop };
+}
+
+/** A fresh constant server; on the pod path it listens where the DNAT rule, installed for it, sends pods. */
+async function startConstant(s: Setup, server: 'node' | 'c', p: PathName): Promise<Started> {
+  if (!s.reference.answer) throw new Error('the constant servers need nmi answered first: list native or js before them');
+  const [host, port] = p === 'pod' ? [NODE_IP, NMI_PORT] : ['127.0.0.1', 0];
+  const profile = s.params.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${s.params.cpuProfDir}`] : [];
+  const command = server === 'node'
+    ? [process.execPath, ...profile, constantServerJs, s.reference.jsonFile, host, String(port)]
+    : [s.constantBin, s.reference.rawFile, host, String(port)];
+  if (p === 'pod') await s.rule!.install();
+  const child = spawnChild(command, true);
+  const stop = async () => {
+    await child.stop();
+    if (p === 'pod') await s.rule!.remove();
+  };
+  try {
+    let listening: RegExpExecArray | null = null;
+    await waitFor(child, `the ${server} constant server`, 10_000, () => (listening = /^listening (\d+)$/m.exec(child.output())) !== null);
+    const bound = Number(listening![1]);
+    s.reference.check(await ask(p, bound), `the ${server} constant server`);
+    return { pid: child.process.pid!, port: bound, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+async function trial(s: Setup, server: ServerName, p: PathName, n: number): Promise<Measured> {
+  interrupt.signal.throwIfAborted();
+  const started = server === 'native' || server === 'js' ? await startDaemon(s, server, p) : await startConstant(s, server, p);
+  try {
+    const load = {
+      url: p === 'pod' ? `http://${METADATA_IP}${TARGET}` : `http://127.0.0.1:${started.port}${TARGET}`,
+      netns: p === 'pod' ? POD_NS : undefined,
+      connections: s.params.connections,
+    };
+    await wrk({ ...load, seconds: s.params.warmupS });
+    const result = await wrk({ ...load, seconds: s.params.durationS });
+    const measured: Measured = { path: p, server, trial: n, ...result, rssKiB: memory(started.pid).rssKiB };
+    if (started.metrics) {
+      const { hit, js } = nativeCounts(await started.metrics());
+      measured.nativeShare = hit / Math.max(1, hit + js);
+    }
+    return measured;
+  } finally {
+    await started.stop();
+  }
+}
+
+/** The trial with the median rate (for an even count, the upper middle one). */
+function median(results: Measured[]): Measured | undefined {
+  const sorted = [...results].sort((a, b) => a.rps - b.rps);
+  return sorted[Math.floor(sorted.length / 2)];
+}
+
+const WIDTHS = [9, 7, 6, 8, 9, 9, 10, 7];
+const HEADER = ['path', 'server', 'trial', 'req/s', 'p50', 'p99', 'RSS after', 'in C++'];
+
+function line(m: Measured): string {
+  const ms = (v: number) => `${v.toFixed(2)}ms`;
+  const share = m.nativeShare === undefined ? '' : `${(m.nativeShare * 100).toFixed(1)}%`;
+  return row([m.path, m.server, m.trial, m.rps.toFixed(0), ms(m.p50Ms), ms(m.p99Ms), mib(m.rssKiB), share], WIDTHS) + (m.socketErrors ? `  socket errors: ${m.socketErrors}` : '');
+}
+
+interface Goal {
+  what: string;
+  value: number;
+  met: boolean;
+}
+
+function goals(get: (server: ServerName) => Measured | undefined): Goal[] {
+  const native = get('native');
+  const c = get('c');
+  const node = get('node');
+  const out: Goal[] = [];
+  if (native && c) out.push({ what: 'fast path req/s ≥ 0.80 × C constant', value: native.rps / c.rps, met: native.rps >= 0.8 * c.rps });
+  if (native && node) out.push({ what: 'fast path req/s ≥ 2.50 × node:http constant', value: native.rps / node.rps, met: native.rps >= 2.5 * node.rps });
+  if (native && c) out.push({ what: 'fast path p99 ≤ 1.50 × C constant p99', value: native.p99Ms / c.p99Ms, met: native.p99Ms <= 1.5 * c.p99Ms });
+  return out;
+}
+
+function printResults(all: Measured[], params: ThroughputParams): void {
+  say('');
+  say(row(HEADER, WIDTHS));
+  for (const m of all) say(line(m));
+  say('');
+  say('median trial of each (by req/s):');
+  say(row(HEADER, WIDTHS));
+  const medians = new Map<string, Measured>();
+  for (const p of params.paths) {
+    for (const server of params.servers) {
+      const m = median(all.filter((x) => x.path === p && x.server === server));
+      if (m) {
+        medians.set(`${p}/${server}`, m);
+        say(line(m));
+      }
+    }
+  }
+  const ratio = (p: PathName, a: ServerName, b: ServerName) => {
+    const x = medians.get(`${p}/${a}`);
+    const y = medians.get(`${p}/${b}`);
+    return x && y ? `${a}/${b} ${(x.rps / y.rps).toFixed(2)}` : undefined;
+  };
+  say('');
+  say('req/s ratios of the median trials, per path:');
+  for (const p of params.paths) {
+    const pairs: Array<[ServerName, ServerName]> = [['native', 'c'], ['native', 'node'], ['native', 'js'], ['js', 'node'], ['node', 'c']];
+    say(`  ${p.padEnd(9)} ${pairs.map(([a, b]) => ratio(p, a, b)).filter(Boolean).join('   ')}`);
+  }
+  say('');
+  say(`goals (median trials, same path${params.connections === 64 ? '' : `; the p99 goal is defined at 64 connections, this run used ${params.connections}`}):`);
+  let met = 0;
+  let total = 0;
+  for (const p of params.paths) {
+    for (const g of goals((server) => medians.get(`${p}/${server}`))) {
+      total += 1;
+      if (g.met) met += 1;
+      say(`  ${p.padEnd(9)} ${g.what.padEnd(45)} ${g.value.toFixed(2).padStart(6)}  ${g.met ? 'met' : 'NOT met'}`);
+    }
+  }
+  say(`  ${met} of ${total} met`);
+}
+
+function kubeletPods(paths: PathName[], podIp: string | undefined): DemoPod[] {
+  const labels = { aadpodidbinding: 'bench' };
+  const pods: DemoPod[] = [];
+  if (paths.includes('loopback')) pods.push({ name: 'bench-loopback', namespace: 'default', ip: '127.0.0.1', labels });
+  if (podIp) pods.push({ name: 'bench-pod', namespace: 'default', ip: podIp, labels });
+  return pods;
+}
+
+function compileConstant(dir: string): string {
+  const bin = path.join(dir, 'constant');
+  execFileSync('cc', ['-O2', '-o', bin, constantC], { stdio: ['ignore', 'ignore', 'inherit'] });
+  return bin;
+}
+
+export async function runThroughput(params: ThroughputParams): Promise<void> {
+  if (availableParallelism() < 2) throw new Error('needs 2 cores: the server and wrk are pinned to different ones');
+  const tmp = mkdtempSync(path.join(tmpdir(), 'nmi-bench-'));
+  const standins: Standin[] = [];
+  const pod = params.paths.includes('pod');
+  try {
+    const podIp = pod ? setUpNamespaces() : undefined;
+    // The daemon reads every file of its --bindings folder: the answer files live beside it, not in it.
+    const bindingsDir = path.join(tmp, 'bindings');
+    mkdirSync(bindingsDir);
+    writeFileSync(path.join(bindingsDir, 'bindings.yaml'), bindingsYaml([{ name: 'bench-identity', clientId: CLIENT_ID }], 'bench'));
+    const kubelet = await startKubelet(kubeletPods(params.paths, podIp));
+    standins.push(kubelet);
+    const imds = await startImds();
+    standins.push(imds);
+    const s: Setup = {
+      params, bindingsDir, kubelet, imds,
+      reference: new Reference(tmp),
+      constantBin: params.servers.includes('c') ? compileConstant(tmp) : '',
+      rule: pod ? await redirectRule() : undefined,
+    };
+
+    say('nmi bench: token requests answered from the cache, beside constant servers answering the same bytes');
+    say(`  node ${process.version}; ${execFileSync('cc', ['--version'], { encoding: 'utf8' }).split('\n')[0]} (-O2)`);
+    say(`  wrk -t1 -c${params.connections} -d${params.durationS}s --latency -H 'Metadata: true' (keep-alive), after an unmeasured ${params.warmupS}s run`);
+    say(`  servers: ${params.servers.join(', ')}; paths: ${params.paths.join(', ')}; ${params.trials} trials each, interleaved, a fresh process each`);
+    if (pod) say(`  pod path: wrk in namespace ${POD_NS} (${podIp}) → ${METADATA_IP}:80 → DNAT (iptables, chain aad-metadata) → ${NODE_IP}:${NMI_PORT} in ${NODE_NS}`);
+    say(`  server pinned to cpu ${SERVER_CPU}, wrk to cpu ${LOAD_CPU}; load average at start ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+    if (params.cpuProfDir) say(`  profiling the node processes into ${params.cpuProfDir} (rates are lower while profiling)`);
+    say(`  GET ${TARGET}`);
+
+    const all: Measured[] = [];
+    let daemons = 0;
+    for (let n = 1; n <= params.trials; n++) {
+      for (const p of params.paths) {
+        for (const server of params.servers) {
+          const m = await trial(s, server, p, n);
+          if (server === 'native' || server === 'js') daemons += 1;
+          all.push(m);
+          say(`  ${line(m).trim()}`);
+          if (n === 1 && all.length === 1) {
+            const a = parseAnswer(s.reference.answer!);
+            say(`  answer: ${a.status}, ${s.reference.answer!.length} bytes (body ${a.body.length}), headers ${a.headers.map(([k]) => k).join(', ')}`);
+          }
+        }
+      }
+    }
+    printResults(all, params);
+    say('');
+    say(`IMDS calls: ${imds.calls} for ${daemons} daemon starts${imds.calls === daemons ? ': one miss each, every benchmarked request a cache hit' : ': MORE than one per daemon, so some benchmarked requests missed the cache'}`);
+    say(`load average at end ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+  } finally {
+    await stopChildren();
+    standins.forEach((x) => x.close());
+    if (pod) removeNamespaces();
+    rmSync(tmp, { recursive: true, force: true });
+  }
+}
