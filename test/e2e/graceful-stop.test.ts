@@ -22,7 +22,8 @@ test('SIGTERM while requests wait on the upstream: every one is answered 200, th
   const inFlight = agent.burst(`${TOKEN_URL}?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net`, 100, { Metadata: 'true' });
   // Every one of the 100 has reached the cache (a miss each, sharing the one held upstream call): all are in flight.
   await waitFor('100 requests in flight', async () => ((await nmi.metric('nmi_token_cache_requests_total\\{result="miss"\\}')) ?? 0) >= 100 || undefined, 60_000);
-  assert.equal(cluster.imds.calls, 1);
+  await waitFor('the shared upstream call to be held', () => cluster.imds.calls >= 1 || undefined);
+  assert.equal(cluster.imds.calls, 1, 'one upstream call for all 100');
   const stopped = nmi.stop('SIGTERM');
   await sleep(300); // nmi is draining now: the requests are still in flight
   cluster.imds.hang(false);
