@@ -3,13 +3,10 @@
 // resource). Pods live at 127.0.0.2, 127.0.0.3, ... (all of 127.0.0.0/8 is
 // loopback), so the bench can be each of them by choosing its source address.
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import http from 'node:http';
-import type { AddressInfo } from 'node:net';
-import { once } from 'node:events';
 import { loadavg, tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { startKubelet, type DemoPod, type Standin } from '../src/demo/standins.js';
+import { startImds, startKubelet, type DemoPod, type Standin } from '../src/demo/standins.js';
 import { startApiServer, type ApiServer } from '../test/standins/apiserver.js';
 import {
   bindingObjects,
@@ -81,39 +78,6 @@ function podAddress(n: number): string {
 
 function resource(r: number): string {
   return RESOURCES[r] ?? `https://resource-${r}.bench.example/`;
-}
-
-/**
- * IMDS as the demo stand-in answers it, but with tokens of a real access token's
- * size (Entra ID's are 1.5-2.5 KB): the memory of a cached token is mostly its bytes.
- */
-async function startSizedImds(tokenBytes: number): Promise<Standin> {
-  const server = http.createServer((req, res) => {
-    standin.calls += 1;
-    const url = new URL(req.url ?? '/', 'http://imds');
-    const resourceParam = url.searchParams.get('resource') ?? '';
-    const clientId = url.searchParams.get('client_id') ?? '';
-    const now = Math.floor(Date.now() / 1000);
-    const payload = Buffer.from(JSON.stringify({ aud: resourceParam, appid: clientId, bench: true })).toString('base64url');
-    const token = `eyJhbGciOiJub25lIn0.${payload}.`.padEnd(tokenBytes, 'x');
-    const body = JSON.stringify({
-      access_token: token, client_id: clientId, expires_in: '86399', expires_on: String(now + 86399),
-      ext_expires_in: '86399', not_before: String(now), resource: resourceParam, token_type: 'Bearer',
-    });
-    res.writeHead(200, { 'Content-Type': 'application/json; charset=utf-8', 'Content-Length': Buffer.byteLength(body) });
-    res.end(body);
-  });
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const standin: Standin = {
-    url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
-    calls: 0,
-    close: () => {
-      server.close();
-      server.closeAllConnections();
-    },
-  };
-  return standin;
 }
 
 interface Ask {
@@ -228,7 +192,7 @@ export async function runRss(params: RssParams): Promise<void> {
     }));
     const kubelet = await startKubelet(pods);
     standins.push(kubelet);
-    const imds = await startSizedImds(params.tokenBytes);
+    const imds = await startImds(params.tokenBytes);
     standins.push(imds);
 
     say('nmi bench --rss: resident memory of the whole daemon with a full cache');

@@ -59,8 +59,11 @@ export function startKubelet(pods: DemoPod[]): Promise<Standin> {
   });
 }
 
-/** GET /metadata/identity/oauth2/token/ as IMDS answers it, with a token that says it is a demo. */
-export function startImds(): Promise<Standin> {
+/**
+ * GET /metadata/identity/oauth2/token/ as IMDS answers it, with a token that says
+ * it is a demo, padded to tokenBytes (the bench uses real sizes, 1.5-2.5 KB).
+ */
+export function startImds(tokenBytes = 0): Promise<Standin> {
   return serve((req, res) => {
     const url = new URL(req.url ?? '/', 'http://imds');
     if (!url.pathname.startsWith('/metadata/identity/oauth2/token') || req.headers.metadata !== 'true') {
@@ -69,7 +72,7 @@ export function startImds(): Promise<Standin> {
     const now = Math.floor(Date.now() / 1000);
     const payload = Buffer.from(JSON.stringify({ aud: url.searchParams.get('resource'), appid: url.searchParams.get('client_id'), demo: true })).toString('base64url');
     json(res, 200, {
-      access_token: `eyJhbGciOiJub25lIn0.${payload}.demo-signature`,
+      access_token: `eyJhbGciOiJub25lIn0.${payload}.demo-signature`.padEnd(tokenBytes, 'x'),
       client_id: url.searchParams.get('client_id') ?? '',
       expires_in: '86399',
       expires_on: String(now + 86399),
