@@ -338,6 +338,18 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
     server.setTokens([...tokens.values()]);
   }
 
+  // Additions are batched per turn of the event loop: pushing the whole table for
+  // every token served made filling n tokens O(n²). Removals still push at once.
+  let pushScheduled = false;
+  function schedulePush(): void {
+    if (pushScheduled) return;
+    pushScheduled = true;
+    setImmediate(() => {
+      pushScheduled = false;
+      pushTokens();
+    });
+  }
+
   function refresh(): void {
     seen = sources.versions?.() ?? [];
     const routes = buildRoutes(sources.pods(), sources.identitiesFor);
@@ -354,7 +366,7 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
     const key = identityKey(identity);
     if (serveUntilMs <= now || !routed.has(key)) return;
     tokens.set(`${key}\n${resource}`, { identityKey: key, resource, token, serveUntilMs });
-    pushTokens();
+    schedulePush();
   });
   sources.store?.on('change', (keys) => {
     for (const [key, entry] of tokens) if (keys.has(entry.identityKey)) tokens.delete(key);
