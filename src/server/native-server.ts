@@ -11,7 +11,6 @@
 // is never served natively past the point where the cache would refresh or
 // drop it by more than that window.
 import http from 'node:http';
-import { Pool } from 'undici';
 import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
 import type { Pod } from '../kubelet/pod.js';
 import { isCaller } from '../kubelet/pod-index.js';
@@ -25,7 +24,7 @@ import {
 import { identityKey } from '../tokens/token-cache.js';
 import { toAnswer, type Token } from '../tokens/token.js';
 import { problemAnswer, problems, type Answer } from './answers.js';
-import { endToEnd } from './proxy.js';
+import { createImdsProxy } from './proxy.js';
 import type { RequestHeaders } from './request.js';
 import { clientErrorBytes, createRequestCore, limits, type TokenServerDeps } from './token-server.js';
 
@@ -64,7 +63,6 @@ export interface NativeToken {
 }
 
 const KEEP_ALIVE_HEADER = `timeout=${limits.keepAliveTimeoutMs / 1000}`;
-const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT']);
 const HANDOFF_ERROR_CODES: Record<Exclude<NativeHandoffError, 'stopped'>, string> = {
   malformed: 'HPE_INVALID',
   overflow: 'HPE_HEADER_OVERFLOW',
@@ -84,12 +82,7 @@ export function createNativeTokenServer(deps: TokenServerDeps): NativeTokenServe
       return token;
     },
   });
-  const pool = new Pool(deps.upstreamImds.origin, {
-    connections: 32,
-    connect: { timeout: options.proxyTimeoutMs ?? limits.proxyTimeoutMs },
-    headersTimeout: options.proxyTimeoutMs ?? limits.proxyTimeoutMs,
-    bodyTimeout: options.proxyTimeoutMs ?? limits.proxyTimeoutMs,
-  });
+  const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
   const native = addon();
   let id: number | undefined;
   let port: number | undefined;
@@ -113,7 +106,7 @@ export function createNativeTokenServer(deps: TokenServerDeps): NativeTokenServe
     const started = process.hrtime.bigint();
     const { route, outcome } = core({ method: request.method, target: request.target, headers: request.headers, remoteAddress });
     Promise.resolve(outcome)
-      .then((result) => ('proxy' in result ? forward(request, result.proxy) : result))
+      .then((result) => ('proxy' in result ? proxy.fetch(request.method, result.proxy, request.rawHeaders, request.body) : result))
       .then((answer) => {
         const keepAlive = request.keepAlive && !closing;
         respond(connId, requestId, serializeAnswer(answer, request.method === 'HEAD', keepAlive), !keepAlive);
@@ -125,23 +118,6 @@ export function createNativeTokenServer(deps: TokenServerDeps): NativeTokenServe
       });
   }
 
-  /** The proxy of proxy.ts, answered as a whole: same headers kept and dropped, nothing added. */
-  async function forward(request: RawRequest, target: string): Promise<Answer> {
-    try {
-      const answer = await pool.request({
-        method: request.method,
-        path: target,
-        headers: endToEnd(request.rawHeaders),
-        body: request.body.length > 0 ? request.body : null,
-      });
-      const body = Buffer.from(await answer.body.arrayBuffer());
-      return { status: answer.statusCode, headers: endToEndPairs(answer.headers), body };
-    } catch (err) {
-      const code = String((err as { code?: unknown }).code);
-      return problemAnswer(TIMEOUT_CODES.has(code) ? problems.upstreamTimeout : problems.upstreamUnreachable);
-    }
-  }
-
   async function stop(drainMs: number): Promise<void> {
     closing = true;
     if (id !== undefined) {
@@ -149,7 +125,7 @@ export function createNativeTokenServer(deps: TokenServerDeps): NativeTokenServe
       if (native.serverStop(id, drainMs)) await done;
       id = undefined;
     }
-    await pool.close();
+    await proxy.close();
   }
 
   return {
@@ -286,20 +262,6 @@ export function serializeAnswer(answer: Answer, head: boolean, keepAlive: boolea
 /** What node:http answers an HTTP/1.1 request without Host (requireHostHeader). */
 function noHostBytes(nowMs = Date.now()): string {
   return `HTTP/1.1 400 Bad Request\r\nConnection: close\r\nDate: ${new Date(nowMs).toUTCString()}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`;
-}
-
-const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'proxy-connection', 'te', 'trailer', 'transfer-encoding', 'upgrade', 'proxy-authenticate', 'proxy-authorization', 'host', 'expect']);
-
-/** The upstream's answer headers minus hop-by-hop ones, as proxy.ts passes them to writeHead. */
-function endToEndPairs(headers: Record<string, string | string[] | undefined>): Array<[string, string]> {
-  const drop = new Set(HOP_BY_HOP);
-  for (const token of [headers['connection'] ?? []].flat().join(',').split(',')) drop.add(token.trim().toLowerCase());
-  const pairs: Array<[string, string]> = [];
-  for (const [name, value] of Object.entries(headers)) {
-    if (value === undefined || drop.has(name)) continue;
-    for (const one of [value].flat()) pairs.push([name, one]);
-  }
-  return pairs;
 }
 
 // ---- the tables ----

@@ -4,12 +4,14 @@
 // IMDS would refuse. Only the upstream URL's origin is used.
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { pipeline } from 'node:stream/promises';
-import { Pool } from 'undici';
-import { problemAnswer, problems, writeAnswer } from './answers.js';
+import { Pool, type Dispatcher } from 'undici';
+import { problemAnswer, problems, writeAnswer, type Answer } from './answers.js';
 
 export interface ImdsProxy {
   /** Answers `res` with the upstream's answer to `target` (a raw origin-form request-target). */
   forward(req: IncomingMessage, res: ServerResponse, target: string): Promise<void>;
+  /** The same exchange for a request read whole (the native server's hand-over): the upstream's answer as a whole. */
+  fetch(method: string, target: string, rawHeaders: string[], body: Buffer): Promise<Answer>;
   /** Waits for forwarded requests to finish, then closes upstream connections. */
   close(): Promise<void>;
 }
@@ -34,25 +36,31 @@ export function createImdsProxy({ upstream, timeoutMs }: ProxyOptions): ImdsProx
     headersTimeout: timeoutMs,
     bodyTimeout: timeoutMs,
   });
+
+  /** The upstream's answer, or the IMDS-shaped answer for why there is none. */
+  async function send(options: Omit<Parameters<Pool['request']>[0], 'path'> & { target: string }): Promise<Awaited<ReturnType<Pool['request']>> | Answer> {
+    const { target, ...rest } = options;
+    try {
+      return await pool.request({ ...rest, path: target });
+    } catch (err) {
+      const code = (err as { code?: unknown }).code;
+      return problemAnswer(TIMEOUT_CODES.has(String(code)) ? problems.upstreamTimeout : problems.upstreamUnreachable);
+    }
+  }
+
   return {
     async forward(req, res, target) {
       // A client that goes away takes its upstream request with it.
       const abort = new AbortController();
       res.once('close', () => abort.abort());
-      let answer: Awaited<ReturnType<Pool['request']>>;
-      try {
-        answer = await pool.request({
-          method: req.method ?? 'GET',
-          path: target,
-          headers: endToEnd(req.rawHeaders),
-          body: hasBody(req) ? req : null,
-          signal: abort.signal,
-        });
-      } catch (err) {
-        const code = (err as { code?: unknown }).code;
-        writeAnswer(res, problemAnswer(TIMEOUT_CODES.has(String(code)) ? problems.upstreamTimeout : problems.upstreamUnreachable));
-        return;
-      }
+      const answer = await send({
+        method: (req.method ?? 'GET') as Dispatcher.HttpMethod,
+        target,
+        headers: endToEnd(req.rawHeaders),
+        body: hasBody(req) ? req : null,
+        signal: abort.signal,
+      });
+      if ('status' in answer) return writeAnswer(res, answer);
       res.writeHead(answer.statusCode, endToEndObject(answer.headers));
       try {
         await pipeline(answer.body, res);
@@ -60,6 +68,12 @@ export function createImdsProxy({ upstream, timeoutMs }: ProxyOptions): ImdsProx
         // The status line is gone already: cutting the connection is the only honest signal left.
         res.destroy();
       }
+    },
+    async fetch(method, target, rawHeaders, body) {
+      const answer = await send({ method: method as Dispatcher.HttpMethod, target, headers: endToEnd(rawHeaders), body: body.length > 0 ? body : null });
+      if ('status' in answer) return answer;
+      const headers = Object.entries(endToEndObject(answer.headers)).flatMap(([name, value]) => [value].flat().map((one): [string, string] => [name, one]));
+      return { status: answer.statusCode, headers, body: Buffer.from(await answer.body.arrayBuffer()) };
     },
     close: () => pool.close(),
   };
@@ -71,7 +85,7 @@ function hasBody(req: IncomingMessage): boolean {
 }
 
 /** rawHeaders (name, value, name, value...) minus hop-by-hop ones and those the Connection header names. */
-export function endToEnd(rawHeaders: string[]): string[] {
+function endToEnd(rawHeaders: string[]): string[] {
   const drop = connectionScoped(rawHeaders);
   const kept: string[] = [];
   for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
