@@ -97,6 +97,8 @@ export function changedIdentities(prev: BindingSnapshot, next: BindingSnapshot):
 
 interface StoreEvents {
   change: [keys: Set<string>];
+  /** Every applied set, after any 'change': what an exception-only edit announces. */
+  update: [];
   ready: [];
 }
 
@@ -156,6 +158,7 @@ export class BindingStore extends EventEmitter<StoreEvents> {
       this.#log.debug({ identities: [...keys] }, 'bindings changed');
     }
     if (keys.size > 0) this.emit('change', keys);
+    this.emit('update');
   }
 }
 

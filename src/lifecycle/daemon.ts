@@ -7,13 +7,14 @@ import type http from 'node:http';
 import { Counter, Gauge } from 'prom-client';
 import type { RunConfig } from '../config/commands.js';
 import { UsageError } from '../errors/errors.js';
-import type { AzureIdentity } from '../bindings/model.js';
+import { IdentityType, type AzureIdentity } from '../bindings/model.js';
 import { identitiesFor, secretFor } from '../bindings/match.js';
 import { registerBindingMetrics } from '../bindings/metrics.js';
 import { BindingStore, createBindingSource } from '../bindings/store.js';
 import { KubeletClient } from '../kubelet/kubelet-client.js';
 import { registerKubeletMetrics } from '../kubelet/metrics.js';
 import { isCaller, PodIndex } from '../kubelet/pod-index.js';
+import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
 import { Readiness } from '../probe/readiness.js';
@@ -29,7 +30,6 @@ import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
 import { identityKey, TokenCache } from '../tokens/token-cache.js';
-import { IdentityType } from '../bindings/model.js';
 
 export interface Daemon {
   readiness: Readiness;
@@ -81,6 +81,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   // Identities: the custom resources, from the API server or files.
   const store = new BindingStore(await createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
   const match = { forceNamespaced: config.forceNamespaced };
+  const podIdentities = (pod: Pod) => identitiesFor(pod, store.snapshot, match);
 
   // Tokens: msal-node through one undici client, cached per (identity, resource).
   const network = new NetworkClient();
@@ -99,7 +100,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     if (!store.ready || !pods.ready) return;
     const used = new Set<string>();
     for (const pod of pods.pods()) {
-      if (isCaller(pod)) for (const identity of identitiesFor(pod, store.snapshot, match).identities) used.add(identityKey(identity));
+      if (isCaller(pod)) for (const identity of podIdentities(pod).identities) used.add(identityKey(identity));
     }
     cache.retainOnly(used);
   }
@@ -110,7 +111,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
 
   const serverDeps: TokenServerDeps = {
     callers: pods,
-    identitiesFor: (pod) => identitiesFor(pod, store.snapshot, match),
+    identitiesFor: podIdentities,
     getToken,
     peekToken: (identity, resource) => cache.peek(identity, resource),
     upstreamImds: config.upstreamImds,
@@ -128,9 +129,8 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     registerNativeMetrics(registry, () => server.stats());
     nativeTables = attachNativeTables(server, {
       pods: () => pods.pods(),
-      identitiesFor: (pod) => identitiesFor(pod, store.snapshot, match),
+      identitiesFor: podIdentities,
       store,
-      versions: () => [pods.pods(), store.snapshot],
     });
   }
 
@@ -139,7 +139,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     ? createHostTokenServer({
         socketPath: config.hostTokenSocket,
         findPod: (namespace, name) => pods.pods().find((p) => p.namespace === namespace && p.name === name && isCaller(p)),
-        identitiesFor: (pod) => identitiesFor(pod, store.snapshot, match),
+        identitiesFor: podIdentities,
         getToken,
         log,
       })

@@ -271,13 +271,14 @@ export interface NativeTableSources {
   pods(): readonly Pod[];
   /** The pod's identities as the js path sees them. */
   identitiesFor(pod: Pod): PodIdentities;
-  /** BindingStore: 'change' names identities whose tokens must not be served again. */
-  store?: { on(event: 'change', listener: (keys: Set<string>) => void): unknown };
-  /** Polled: when any element changes (by identity), routes are rebuilt. Catches changes no event announces. */
-  versions?(): unknown[];
+  /** BindingStore: 'change' names identities whose tokens must not be served again; 'update' follows every applied set. */
+  store?: {
+    on(event: 'change', listener: (keys: Set<string>) => void): unknown;
+    on(event: 'update', listener: () => void): unknown;
+  };
   /** How long a token the js path served may be served natively [30 s]. */
   serveWindowMs?: number;
-  /** How often versions() is polled [200 ms]. */
+  /** How often tokens past their serving window are dropped [200 ms]. */
   pollMs?: number;
 }
 
@@ -294,7 +295,6 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
   const serveWindowMs = sources.serveWindowMs ?? 30_000;
   const tokens = new Map<string, NativeToken>();
   let routed = new Set<string>();
-  let seen: unknown[] = [];
 
   function pushTokens(): void {
     server.setTokens([...tokens.values()]);
@@ -313,7 +313,6 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
   }
 
   function refresh(): void {
-    seen = sources.versions?.() ?? [];
     const routes = buildRoutes(sources.pods(), sources.identitiesFor);
     routed = new Set(routes.flatMap((route) => route.identities.map(identityKey)));
     server.setRoutes(routes);
@@ -333,11 +332,10 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
   sources.store?.on('change', (keys) => {
     for (const [key, entry] of tokens) if (keys.has(entry.identityKey)) tokens.delete(key);
     pushTokens();
-    refresh();
   });
+  // Routes follow every bindings set (an exception alone changes no identity) and, through refresh(), every pod change.
+  sources.store?.on('update', refresh);
   const timer = setInterval(() => {
-    const now = sources.versions?.() ?? [];
-    if (now.length !== seen.length || now.some((value, i) => value !== seen[i])) refresh();
     const before = tokens.size;
     for (const [key, entry] of tokens) if (entry.serveUntilMs <= Date.now()) tokens.delete(key);
     if (tokens.size !== before) pushTokens();

@@ -71,7 +71,6 @@ before(async () => {
   tables = attachNativeTables(native, {
     pods: () => [pod, exceptionPod],
     identitiesFor: (p) => (p === exceptionPod ? { exception: true, identities: [] } : world.bound),
-    versions: () => [world.bound],
   });
 });
 
