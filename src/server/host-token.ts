@@ -19,9 +19,9 @@ import { UsageError } from '../errors/errors.js';
 import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
-import { problemAnswer, problems, tokenAnswer, writeAnswer, type Answer, type Problem } from './answers.js';
+import { problemAnswer, problems, writeAnswer, type Answer, type Problem } from './answers.js';
 import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, type RequestHeaders } from './request.js';
-import { isUpstreamFailure, limits, selectIdentity, upstreamAnswer } from './token-server.js';
+import { answerIdentityToken, limits } from './token-server.js';
 
 export const HOST_TOKEN_PATH = '/host/token';
 const SOCKET_MODE = 0o600;
@@ -72,16 +72,7 @@ export function createHostTokenServer(deps: HostTokenServerDeps): HostTokenServe
     const pod = deps.findPod(checked.namespace, checked.name);
     if (!pod) return problemAnswer(hostChecks.podNotFound(checked.namespace, checked.name));
 
-    const identity = selectIdentity(deps.identitiesFor(pod).identities, checked.selector);
-    if (identity === 'none') return problemAnswer(problems.identityNotFound);
-    if (identity === 'ambiguous') return problemAnswer(problems.multipleIdentities);
-    try {
-      return tokenAnswer(await deps.getToken(identity, checked.resource));
-    } catch (err) {
-      if (!isUpstreamFailure(err)) throw err;
-      log.debug({ kind: err.kind, status: err.status, identity: identity.name, namespace: identity.namespace }, 'host token upstream failed');
-      return upstreamAnswer(err);
-    }
+    return answerIdentityToken(deps, deps.identitiesFor(pod).identities, checked, problems.identityNotFound);
   }
 
   const server = http.createServer(

@@ -108,18 +108,7 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'ident
     const bound = deps.identitiesFor(pod);
     if (bound.exception) return { proxy: request.target };
 
-    const identity = selectIdentity(bound.identities, request.selector);
-    if (identity === 'none') return problemAnswer(options.retryAfter ? problems.identityNotYet : problems.identityNotFound);
-    if (identity === 'ambiguous') return problemAnswer(problems.multipleIdentities);
-    let token: Token;
-    try {
-      token = await deps.getToken(identity, request.resource);
-    } catch (err) {
-      if (!isUpstreamFailure(err)) throw err;
-      log.debug({ kind: err.kind, status: err.status, identity: identity.name, namespace: identity.namespace }, 'token upstream failed');
-      return upstreamAnswer(err);
-    }
-    return tokenAnswer(token);
+    return answerIdentityToken(deps, bound.identities, request, options.retryAfter ? problems.identityNotYet : problems.identityNotFound);
   }
 
   async function respond(classified: Classification, remoteAddress: string | undefined): Promise<Outcome> {
@@ -138,6 +127,27 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'ident
     });
     return { route: classified.route, outcome };
   };
+}
+
+/** Steps 7 and 8, shared with /host/token: the one bound identity the request names, then its token. */
+export async function answerIdentityToken(
+  deps: Pick<TokenServerDeps, 'getToken' | 'log'>,
+  identities: AzureIdentity[],
+  request: { resource: string; selector?: IdSelector },
+  notFound: Problem,
+): Promise<Answer> {
+  const identity = selectIdentity(identities, request.selector);
+  if (identity === 'none') return problemAnswer(notFound);
+  if (identity === 'ambiguous') return problemAnswer(problems.multipleIdentities);
+  let token: Token;
+  try {
+    token = await deps.getToken(identity, request.resource);
+  } catch (err) {
+    if (!isUpstreamFailure(err)) throw err;
+    deps.log.debug({ kind: err.kind, status: err.status, identity: identity.name, namespace: identity.namespace }, 'token upstream failed');
+    return upstreamAnswer(err);
+  }
+  return tokenAnswer(token);
 }
 
 export function createTokenServer(deps: TokenServerDeps): TokenServer {
