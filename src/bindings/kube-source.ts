@@ -5,10 +5,10 @@
 // Per resource, a small reflector: list (paged) → watch from the list's
 // resourceVersion → on a dropped connection watch again from the last
 // resourceVersion seen → on 410 Gone (HTTP status or ERROR event) list again.
-import { createHash } from 'node:crypto';
 import type https from 'node:https';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { KubeConfig } from '@kubernetes/client-node';
+import { TlsAgent } from '../net/tls-agent.js';
 import { Agent, request, type Dispatcher } from 'undici';
 import { codes, NmiError, UsageError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
@@ -81,8 +81,7 @@ export class KubeClient {
   readonly server: string;
   readonly #kc: KubeConfig;
   readonly #userAgent: string;
-  #agent: Agent | undefined;
-  #tlsDigest = '';
+  readonly #agent = new TlsAgent((tls) => new Agent({ connect: tls }));
 
   constructor(kc: KubeConfig, userAgent: string) {
     const cluster = kc.getCurrentCluster();
@@ -106,19 +105,14 @@ export class KubeClient {
       servername: opts.servername,
       rejectUnauthorized: opts.rejectUnauthorized,
     };
-    const digest = createHash('sha256').update(JSON.stringify(tls)).digest('hex');
-    if (!this.#agent || digest !== this.#tlsDigest) {
-      // In-flight requests (a watch) finish on the old agent.
-      void this.#agent?.close().catch(() => undefined);
-      this.#agent = new Agent({ connect: tls });
-      this.#tlsDigest = digest;
-    }
+    // In-flight requests (a watch) finish on the old agent.
+    const dispatcher = this.#agent.for(tls);
     const headers: Record<string, string> = { accept: 'application/json', 'user-agent': this.#userAgent };
     for (const [k, v] of Object.entries(opts.headers ?? {})) {
       if (v !== undefined) headers[k.toLowerCase()] = (Array.isArray(v) ? v.join(', ') : String(v)).trim();
     }
     if (opts.auth) headers.authorization = `Basic ${Buffer.from(opts.auth).toString('base64')}`;
-    return { dispatcher: this.#agent, headers };
+    return { dispatcher, headers };
   }
 
   /** Fails early when the credentials named by the config cannot be read. */
@@ -159,7 +153,7 @@ export class KubeClient {
   }
 
   async close(): Promise<void> {
-    await this.#agent?.destroy().catch(() => undefined);
+    await this.#agent.close('destroy');
   }
 }
 

@@ -4,6 +4,7 @@
 import { readFile } from 'node:fs/promises';
 import { Agent, request } from 'undici';
 import { codes, NmiError } from '../errors/errors.js';
+import { TlsAgent } from '../net/tls-agent.js';
 import type { Pod } from './pod.js';
 
 export interface KubeletClientOptions {
@@ -27,19 +28,16 @@ const defaults = {
   maxBodyBytes: 64 * 1024 * 1024, // 64 MiB: 250 pods of very large specs fit with room to spare
 };
 
-interface TlsMaterial {
+type TlsMaterial = {
   ca?: string;
   cert?: string;
   key?: string;
-}
+};
 
 export class KubeletClient {
   private readonly podsUrl: URL;
   private readonly timeoutMs: number;
-  private readonly maxBodyBytes: number;
-  private agent: Agent | undefined;
-  /** The TLS material the current agent was built with; a change means a rotation. */
-  private agentMaterial = '';
+  private readonly agent: TlsAgent;
 
   constructor(private readonly options: KubeletClientOptions) {
     const { url, clientCert, clientKey, timeoutMs = defaults.timeoutMs, maxBodyBytes = defaults.maxBodyBytes } = options;
@@ -51,7 +49,15 @@ export class KubeletClient {
     }
     this.podsUrl = new URL(`${url.pathname.replace(/\/*$/, '')}/pods`, url);
     this.timeoutMs = timeoutMs;
-    this.maxBodyBytes = maxBodyBytes;
+    this.agent = new TlsAgent(
+      (tls) =>
+        new Agent({
+          connect: { ...tls, servername: options.serverName, timeout: timeoutMs },
+          headersTimeout: timeoutMs,
+          bodyTimeout: timeoutMs,
+          maxResponseSize: maxBodyBytes,
+        }),
+    );
   }
 
   /** Every pod the kubelet runs, parsed; throws NmiError(KUBELET) on any failure. */
@@ -79,9 +85,7 @@ export class KubeletClient {
   }
 
   async close(): Promise<void> {
-    const agent = this.agent;
-    this.agent = undefined;
-    await agent?.close();
+    await this.agent.close();
   }
 
   private async readToken(): Promise<string | undefined> {
@@ -101,20 +105,7 @@ export class KubeletClient {
       material.cert = await readCredential(clientCert, '--kubelet-client-cert');
       material.key = await readCredential(clientKey, '--kubelet-client-key');
     }
-    const fingerprint = JSON.stringify(material);
-    if (this.agent && fingerprint === this.agentMaterial) return this.agent;
-
-    const old = this.agent;
-    this.agent = new Agent({
-      connect: { ...material, servername: this.options.serverName, timeout: this.timeoutMs },
-      headersTimeout: this.timeoutMs,
-      bodyTimeout: this.timeoutMs,
-      maxResponseSize: this.maxBodyBytes,
-    });
-    this.agentMaterial = fingerprint;
-    // Let an in-flight request on the old agent finish; new ones use the new material.
-    void old?.close().catch(() => {});
-    return this.agent;
+    return this.agent.for(material);
   }
 }
 
