@@ -21,7 +21,7 @@ import {
   type NativeServerStats,
   type NativeTokenRow,
 } from '../native/addon.js';
-import { identityKey } from '../tokens/token-cache.js';
+import { EXPIRY_MARGIN_MS, identityKey } from '../tokens/token-cache.js';
 import { toAnswer, type Token } from '../tokens/token.js';
 import { problemAnswer, problems, type Answer } from './answers.js';
 import { createImdsProxy } from './proxy.js';
@@ -288,8 +288,6 @@ export interface NativeTables {
   stop(): void;
 }
 
-/** No token is served natively this close to its expiry: the cache's expiry margin (token-cache.ts). */
-const EXPIRY_MARGIN_MS = 5 * 60_000;
 
 export function attachNativeTables(server: NativeTokenServer, sources: NativeTableSources): NativeTables {
   const serveWindowMs = sources.serveWindowMs ?? 30_000;

@@ -53,11 +53,14 @@ export interface TokenCacheStats {
   upstreamErrors: Record<UpstreamKind, number>;
 }
 
+/** Clients treat a token this close to its expiry as expired; the native table uses the same margin. */
+export const EXPIRY_MARGIN_MS = 5 * 60_000;
+
 const defaults = {
   max: 10_000,
   refreshFraction: 0.8,
   refreshJitter: 0.05,
-  expiryMarginMs: 5 * 60_000, // 5 min: clients treat a token this close to expiry as expired
+  expiryMarginMs: EXPIRY_MARGIN_MS,
   refreshRetryMs: 30_000,
   retry: { attempts: 4, baseDelayMs: 250, maxDelayMs: 4_000, budgetMs: 10_000 },
 };
