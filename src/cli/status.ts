@@ -1,5 +1,6 @@
 // `nmi status`: installed rules with counters, and the daemon's state if one answers.
 import { request } from 'undici';
+import { readMetric } from '../metrics/read.js';
 import type { HostPort } from '../config/values.js';
 import { presentBackends } from '../rules/select.js';
 import type { BackendStatus } from '../rules/redirect.js';
@@ -14,11 +15,6 @@ interface DaemonState {
   ruleRepairs?: number;
 }
 
-function metric(text: string, name: string): number | undefined {
-  const m = new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'm').exec(text);
-  return m ? Number(m[1]) : undefined;
-}
-
 async function probeDaemon(address: HostPort): Promise<DaemonState> {
   const base = `http://${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
   const state: DaemonState = { address: base, answering: false };
@@ -29,9 +25,9 @@ async function probeDaemon(address: HostPort): Promise<DaemonState> {
     state.answering = true;
     const metrics = await request(`${base}/metrics`, { headersTimeout: 2000, bodyTimeout: 2000 });
     const text = await metrics.body.text();
-    state.podsIndexed = metric(text, 'nmi_pods_indexed');
-    state.tokensCached = metric(text, 'nmi_tokens_cached');
-    state.ruleRepairs = metric(text, 'nmi_rule_repairs_total');
+    state.podsIndexed = readMetric(text, 'nmi_pods_indexed');
+    state.tokensCached = readMetric(text, 'nmi_tokens_cached');
+    state.ruleRepairs = readMetric(text, 'nmi_rule_repairs_total');
   } catch {
     // no daemon there: the rules alone are still worth showing
   }

@@ -9,6 +9,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { createNodeNamespace, createPodNamespace, deleteNamespace, enterNamespace, listNamespaces, NODE_IP } from '../netns/netns.js';
+import { readMetric } from '../metrics/read.js';
 import { startImds, startKubelet, type Standin } from './standins.js';
 
 const NODE_NS = 'nmi-demo-node';
@@ -185,7 +186,7 @@ export async function runDemo(): Promise<number> {
     if (second.status !== 200) throw new Error(`the second request got ${second.status}: ${second.body}`);
     say(`    IMDS calls so far: ${imds.calls} (unchanged: a cache hit)`);
     const metrics = await fetch(`http://${PROBE}/metrics`).then((r) => r.text(), () => '');
-    const hits = /^nmi_native_requests_total\{result="hit"\} (\d+)/m.exec(metrics)?.[1] ?? '0';
+    const hits = readMetric(metrics, 'nmi_native_requests_total\\{result="hit"\\}') ?? 0;
     say(`    answered in C++ by the native fast path, without entering JavaScript: ${hits} request(s)`);
 
     await step(7, 'stopped nmi (SIGTERM): it drained and removed its rules; then removed the namespaces', cleanup);

@@ -4,6 +4,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { request } from 'undici';
+import { readMetric } from '../../src/metrics/read.js';
 import { nmiBin } from './netns.js';
 
 export interface NmiProcess {
@@ -75,8 +76,7 @@ export async function startNmi(args: string[], options: { env?: NodeJS.ProcessEn
     },
     async metric(name) {
       const res = await get('/metrics');
-      const m = res && new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'm').exec(res.body);
-      return m ? Number(m[1]) : undefined;
+      return res && readMetric(res.body, name);
     },
   };
   if (options.waitReady !== false) {
