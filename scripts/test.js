@@ -26,6 +26,9 @@ const filter = process.argv.slice(2);
 const all = files(path.join(root, 'dist', 'test')).filter((f) => filter.length === 0 || filter.some((x) => f.includes(x)));
 const result = spawnSync(process.execPath, ['--test', '--test-concurrency=4', '--test-timeout=300000', ...all], { stdio: 'inherit', cwd: root });
 
-const leftovers = spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').map((l) => l.split(' ')[0]).filter((n) => n?.startsWith('nmi-t'));
+// Only namespaces of test processes that are gone: another run may be going on.
+const alive = (pid) => { try { process.kill(pid, 0); return true; } catch { return false; } };
+const leftovers = spawnSync('ip', ['netns', 'list'], { encoding: 'utf8' }).stdout.split('\n').map((l) => l.split(' ')[0])
+  .filter((n) => /^nmi-t\d+-/.test(n ?? '') && !alive(Number(/^nmi-t(\d+)-/.exec(n)[1])));
 for (const ns of leftovers) spawnSync('ip', ['netns', 'del', ns]);
 process.exit(result.status ?? 1);
