@@ -44,7 +44,7 @@ export interface DaemonHooks {
 
 export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
   // Everything that can be a usage error is resolved before the host is touched.
-  const backend = await selectBackend(config.rules);
+  const backend = await selectBackend(config.rules, config.cgroupRoot);
   if (config.kubeletClientCert && !config.kubeletClientKey) throw new UsageError('--kubelet-client-key: required with --kubelet-client-cert');
   if (config.kubeletClientKey && !config.kubeletClientCert) throw new UsageError('--kubelet-client-cert: required with --kubelet-client-key');
   const status = (text: string) => {

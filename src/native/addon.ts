@@ -69,11 +69,38 @@ export interface NativeAddon {
   serverStop(server: number, drainMs: number): boolean;
   /** null once the server has stopped. */
   serverStats(server: number): NativeServerStats | null;
+  /** null when the eBPF entry points below are built in, else why not (then they are absent). */
+  bpfSupport(): string | null;
+  /** Loads an eBPF object, its maps pinned (or reused when pinned) as pinDir/<map name>; returns a handle. */
+  bpfLoad(objectPath: string, pinDir: string): number;
+  bpfUnload(handle: number): void;
+  /** The kernel's id of a loaded program. */
+  bpfProgramId(handle: number, program: string): number;
+  /** Attaches the program to the cgroup through a new link pinned over linkPin in one rename. */
+  bpfAttach(handle: number, program: string, cgroupPath: string, linkPin: string): void;
+  /** Swaps the program of the link pinned at linkPin, which stays attached throughout. */
+  bpfReplace(handle: number, program: string, linkPin: string): void;
+  /** null when nothing is pinned there; cgroupId 0n once the link was detached. */
+  bpfLinkInfo(linkPin: string): BpfLinkInfo | null;
+  /** Removes a pin (detaching a link first when detach is set); false when nothing was pinned. */
+  bpfUnpin(pin: string, detach: boolean): boolean;
+  bpfMapOpen(pin: string): number;
+  bpfClose(fd: number): void;
+  /** The value under key, or null when absent. */
+  bpfMapLookup(fd: number, key: Buffer, valueSize: number): Buffer | null;
+  bpfMapUpdate(fd: number, key: Buffer, value: Buffer): void;
+}
+
+export interface BpfLinkInfo {
+  id: number;
+  programId: number;
+  cgroupId: bigint;
 }
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 const candidates = ['build/Release/nmi.node', 'build/Debug/nmi.node'];
 let loaded: NativeAddon | undefined;
+let loadedFrom = '';
 
 export function addon(): NativeAddon {
   if (loaded) return loaded;
@@ -82,10 +109,17 @@ export function addon(): NativeAddon {
   for (const candidate of candidates) {
     try {
       loaded = require(path.join(root, candidate)) as NativeAddon;
+      loadedFrom = path.dirname(path.join(root, candidate));
       return loaded;
     } catch (err) {
       errors.push(`${candidate}: ${(err as Error).message.split('\n')[0]}`);
     }
   }
   throw new NmiError(codes.NATIVE_LOAD, `Failed to load native module nmi.node, checked: ${errors.join('; ')}`);
+}
+
+/** A file built beside the addon (the eBPF object). */
+export function builtFile(name: string): string {
+  addon();
+  return path.join(loadedFrom, name);
 }

@@ -28,7 +28,7 @@ export interface BackendStatus {
 }
 
 export interface RulesBackend {
-  readonly name: 'iptables' | 'nftables' | 'none';
+  readonly name: 'iptables' | 'nftables' | 'ebpf' | 'none';
   /** Makes the installed rules exactly the wanted ones, in one transaction; says what it had to do. */
   ensure(redirect: Redirect): Promise<EnsureResult>;
   /** Removes everything this backend may have installed; returns a line per removed thing. */

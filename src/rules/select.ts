@@ -1,6 +1,7 @@
 // `--rules` to a backend, and the list every clean-up walks.
 import { UsageError } from '../errors/errors.js';
 import type { RulesChoice } from '../config/commands.js';
+import { EbpfBackend } from './ebpf.js';
 import { chooseTools, IptablesBackend, installedTools } from './iptables.js';
 import { NftablesBackend } from './nftables.js';
 import type { BackendStatus, EnsureResult, Redirect, RulesBackend } from './redirect.js';
@@ -18,12 +19,12 @@ class NoRules implements RulesBackend {
   }
 }
 
-export async function selectBackend(choice: RulesChoice): Promise<RulesBackend> {
+export async function selectBackend(choice: RulesChoice, cgroupRoot: string): Promise<RulesBackend> {
   switch (choice) {
     case 'none':
       return new NoRules();
     case 'ebpf':
-      throw new UsageError('--rules: ebpf is not in this build yet (coming: cgroup connect4 redirect); use iptables or nftables');
+      return EbpfBackend.forRun(cgroupRoot);
     case 'iptables': {
       const tools = await chooseTools();
       if (!tools) throw new UsageError('--rules: iptables requested but iptables-restore/iptables-save are not in PATH');
@@ -44,10 +45,12 @@ export async function selectBackend(choice: RulesChoice): Promise<RulesBackend> 
   }
 }
 
-/** Every backend present on this host (both iptables flavours when both are installed), for cleanup and status. */
+/** Every backend present on this host (both iptables flavours when both are installed; eBPF when pinned), for cleanup and status. */
 export function presentBackends(): RulesBackend[] {
   const backends: RulesBackend[] = installedTools().map((tools) => new IptablesBackend(tools));
   const nft = NftablesBackend.create();
   if (nft) backends.push(nft);
+  const ebpf = EbpfBackend.present();
+  if (ebpf) backends.push(ebpf);
   return backends;
 }

@@ -1,0 +1,217 @@
+// The eBPF backend (--rules ebpf): native/bpf/nmi.bpf.c attached at
+// --cgroup-root through bpf_links pinned in /sys/fs/bpf/nmi, so they outlive
+// a crashed daemon (pods then fail closed, as with iptables) and a restarted
+// one adopts them. Verify/repair compares the pins with what this process
+// loaded and fixes only what differs: a link running another program is
+// swapped in place, a missing or detached one is attached anew.
+import { mkdirSync, readFileSync, readdirSync, rmdirSync, statSync } from 'node:fs';
+import path from 'node:path';
+import { codes, NmiError, UsageError } from '../errors/errors.js';
+import { addon, builtFile, type NativeAddon } from '../native/addon.js';
+import { execOk } from './exec.js';
+import type { BackendStatus, EnsureResult, Redirect, RulesBackend } from './redirect.js';
+
+export const BPF_FS = '/sys/fs/bpf';
+export const PIN_DIR = `${BPF_FS}/nmi`;
+const OBJECT = 'nmi.bpf.o';
+
+/** Program → the name of its link's pin; order is attach order (the recorder before the redirect). */
+const programs = [
+  { program: 'nmi_sockops', pin: 'sockops', hook: 'sockops' },
+  { program: 'nmi_getpeername4', pin: 'getpeername4', hook: 'cgroup/getpeername4' },
+  { program: 'nmi_connect4', pin: 'connect4', hook: 'cgroup/connect4' },
+] as const;
+export const maps = { config: 'nmi_config', peers: 'nmi_peers', socks: 'nmi_socks' } as const;
+
+/** Why this build or host cannot run the eBPF backend, or undefined when it can. */
+export function ebpfUnsupported(): string | undefined {
+  let native: NativeAddon;
+  try {
+    native = addon();
+  } catch (err) {
+    return (err as Error).message;
+  }
+  return native.bpfSupport() ?? undefined;
+}
+
+function ipBytes(ip: string): Buffer {
+  return Buffer.from(ip.split('.').map(Number));
+}
+
+/** struct nmi_config in nmi.bpf.c: addresses and ports in network order, then nmi's own cgroup. */
+export function configBytes(redirect: Redirect, selfCgroup: bigint): Buffer {
+  const b = Buffer.alloc(24);
+  ipBytes(redirect.metadataIp).copy(b, 0);
+  ipBytes(redirect.targetIp).copy(b, 4);
+  b.writeUInt16BE(redirect.metadataPort, 8);
+  b.writeUInt16BE(redirect.targetPort, 10);
+  b.writeBigUInt64LE(selfCgroup, 16);
+  return b;
+}
+
+/** struct peer_key in nmi.bpf.c: the connection as the pod's socket sees it. */
+export function peerKey(srcIp: string, srcPort: number, dstIp: string, dstPort: number): Buffer {
+  const b = Buffer.alloc(12);
+  ipBytes(srcIp).copy(b, 0);
+  ipBytes(dstIp).copy(b, 4);
+  b.writeUInt16BE(srcPort, 8);
+  b.writeUInt16BE(dstPort, 10);
+  return b;
+}
+
+/** A cgroup v2 folder's id, as bpf_get_current_cgroup_id() reports it: the folder's inode number. */
+export function cgroupId(folder: string): bigint {
+  return statSync(folder, { bigint: true }).ino;
+}
+
+function mountsOfType(type: string): string[] {
+  return readFileSync('/proc/self/mounts', 'utf8')
+    .split('\n')
+    .map((line) => line.split(' '))
+    .filter((fields) => fields[2] === type)
+    .map((fields) => fields[1] ?? '');
+}
+
+/** This process's own cgroup v2 folder (where its calls to the real IMDS come from). */
+export function ownCgroup(): string {
+  const line = readFileSync('/proc/self/cgroup', 'utf8').split('\n').find((l) => l.startsWith('0::'));
+  const mount = mountsOfType('cgroup2')[0];
+  if (!line || !mount) throw new NmiError(codes.RULES_APPLY, 'ebpf: no cgroup v2 hierarchy is mounted');
+  return path.join(mount, line.slice(3));
+}
+
+function bpffsMounted(): boolean {
+  return mountsOfType('bpf').includes(BPF_FS);
+}
+
+export class EbpfBackend implements RulesBackend {
+  readonly name = 'ebpf' as const;
+  private handle: number | undefined;
+
+  /** cgroupRoot undefined: only remove() and status() (cleanup needs no config). */
+  constructor(
+    private readonly cgroupRoot: string | undefined,
+    private readonly pinDir = PIN_DIR,
+  ) {}
+
+  /** The backend nmi run uses; a usage error when this build or --cgroup-root cannot work. */
+  static forRun(cgroupRoot: string): EbpfBackend {
+    const why = ebpfUnsupported();
+    if (why) throw new UsageError(`--rules: ebpf is not available: ${why}`);
+    let root;
+    try {
+      root = statSync(cgroupRoot);
+    } catch (err) {
+      throw new UsageError(`--cgroup-root: ${cgroupRoot}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+    }
+    if (!root.isDirectory() || !mountsOfType('cgroup2').some((m) => cgroupRoot === m || cgroupRoot.startsWith(`${m}/`)))
+      throw new UsageError(`--cgroup-root: ${cgroupRoot} is not a folder of a cgroup v2 hierarchy`);
+    return new EbpfBackend(cgroupRoot);
+  }
+
+  /** Present on this host: eBPF built in and something pinned (for cleanup and status). */
+  static present(): EbpfBackend | undefined {
+    if (ebpfUnsupported() !== undefined || !bpffsMounted()) return undefined;
+    try {
+      statSync(PIN_DIR);
+    } catch {
+      return undefined;
+    }
+    return new EbpfBackend(undefined);
+  }
+
+  private pin(name: string): string {
+    return path.join(this.pinDir, name);
+  }
+
+  async ensure(redirect: Redirect): Promise<EnsureResult> {
+    const root = this.cgroupRoot;
+    if (root === undefined) throw new NmiError(codes.RULES_APPLY, 'ebpf: no --cgroup-root to attach to');
+    const native = addon();
+    if (!bpffsMounted()) await execOk('mount', ['-t', 'bpf', 'bpf', BPF_FS], '', codes.RULES_APPLY);
+    mkdirSync(this.pinDir, { recursive: true, mode: 0o700 });
+
+    const changes: string[] = [];
+    // A map pin that went away means the loaded programs write to maps nobody can read: load anew.
+    const pinned = new Set(readdirSync(this.pinDir));
+    if (this.handle !== undefined && !Object.values(maps).every((m) => pinned.has(m))) {
+      native.bpfUnload(this.handle);
+      this.handle = undefined;
+      changes.push('maps');
+    }
+    this.handle ??= this.call(() => native.bpfLoad(builtFile(OBJECT), this.pinDir));
+    const handle = this.handle;
+
+    const wanted = configBytes(redirect, cgroupId(ownCgroup()));
+    const fd = native.bpfMapOpen(this.pin(maps.config));
+    try {
+      const key = Buffer.alloc(4);
+      if (!native.bpfMapLookup(fd, key, wanted.length)?.equals(wanted)) {
+        native.bpfMapUpdate(fd, key, wanted);
+        changes.push('config');
+      }
+    } finally {
+      native.bpfClose(fd);
+    }
+
+    const rootId = cgroupId(root);
+    let found = 0;
+    for (const { program, pin } of programs) {
+      const link = native.bpfLinkInfo(this.pin(pin));
+      const programId = native.bpfProgramId(handle, program);
+      if (link && link.cgroupId === rootId) {
+        found += 1;
+        if (link.programId === programId) continue;
+        this.call(() => native.bpfReplace(handle, program, this.pin(pin)));
+      } else {
+        // Missing, detached, or attached elsewhere (another --cgroup-root): a new link replaces the pin.
+        if (link) found += 1;
+        this.call(() => native.bpfAttach(handle, program, root, this.pin(pin)));
+      }
+      changes.push(pin);
+    }
+    if (changes.length === 0) return 'unchanged';
+    return found === 0 ? 'installed' : 'repaired';
+  }
+
+  async remove(): Promise<string[]> {
+    const removed: string[] = [];
+    const native = addon();
+    for (const { pin, hook } of programs) {
+      if (native.bpfUnpin(this.pin(pin), true)) removed.push(`ebpf ${hook} link ${this.pin(pin)}`);
+    }
+    for (const map of Object.values(maps)) {
+      if (native.bpfUnpin(this.pin(map), false)) removed.push(`ebpf map ${this.pin(map)}`);
+    }
+    try {
+      rmdirSync(this.pinDir);
+    } catch {
+      // not there, or holding something not ours: left as it is
+    }
+    if (this.handle !== undefined) native.bpfUnload(this.handle);
+    this.handle = undefined;
+    return removed;
+  }
+
+  async status(): Promise<BackendStatus> {
+    const native = addon();
+    const rules = [];
+    let attached = 0;
+    for (const { pin, hook } of programs) {
+      const link = native.bpfLinkInfo(this.pin(pin));
+      if (!link) continue;
+      if (link.cgroupId !== 0n) attached += 1;
+      const where = link.cgroupId === 0n ? 'detached' : `cgroup id ${link.cgroupId}${this.cgroupRoot ? ` (${this.cgroupRoot})` : ''}`;
+      rules.push({ text: `${hook} link ${link.id} program ${link.programId} on ${where}`, packets: 0, bytes: 0 });
+    }
+    return { backend: this.name, installed: attached === programs.length, rules };
+  }
+
+  private call<T>(fn: () => T): T {
+    try {
+      return fn();
+    } catch (err) {
+      throw new NmiError(codes.RULES_APPLY, `ebpf: ${(err as Error).message}`, { cause: err });
+    }
+  }
+}
