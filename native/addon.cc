@@ -15,13 +15,13 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
 #ifdef NMI_HAVE_BPF
   exports.Set("bpfLoad", Napi::Function::New(env, nmi::BpfLoad, "bpfLoad"));
   exports.Set("bpfUnload", Napi::Function::New(env, nmi::BpfUnload, "bpfUnload"));
+  exports.Set("bpfRepinMaps", Napi::Function::New(env, nmi::BpfRepinMaps, "bpfRepinMaps"));
+  exports.Set("bpfMapFd", Napi::Function::New(env, nmi::BpfMapFd, "bpfMapFd"));
   exports.Set("bpfProgramId", Napi::Function::New(env, nmi::BpfProgramId, "bpfProgramId"));
   exports.Set("bpfAttach", Napi::Function::New(env, nmi::BpfAttach, "bpfAttach"));
   exports.Set("bpfReplace", Napi::Function::New(env, nmi::BpfReplace, "bpfReplace"));
   exports.Set("bpfLinkInfo", Napi::Function::New(env, nmi::BpfLinkInfo, "bpfLinkInfo"));
   exports.Set("bpfUnpin", Napi::Function::New(env, nmi::BpfUnpin, "bpfUnpin"));
-  exports.Set("bpfMapOpen", Napi::Function::New(env, nmi::BpfMapOpen, "bpfMapOpen"));
-  exports.Set("bpfClose", Napi::Function::New(env, nmi::BpfClose, "bpfClose"));
   exports.Set("bpfMapLookup", Napi::Function::New(env, nmi::BpfMapLookup, "bpfMapLookup"));
   exports.Set("bpfMapUpdate", Napi::Function::New(env, nmi::BpfMapUpdate, "bpfMapUpdate"));
 #endif

@@ -18,13 +18,13 @@ Napi::Value BpfSupport(const Napi::CallbackInfo& info);
 #ifdef NMI_HAVE_BPF
 Napi::Value BpfLoad(const Napi::CallbackInfo& info);
 Napi::Value BpfUnload(const Napi::CallbackInfo& info);
+Napi::Value BpfRepinMaps(const Napi::CallbackInfo& info);
+Napi::Value BpfMapFd(const Napi::CallbackInfo& info);
 Napi::Value BpfProgramId(const Napi::CallbackInfo& info);
 Napi::Value BpfAttach(const Napi::CallbackInfo& info);
 Napi::Value BpfReplace(const Napi::CallbackInfo& info);
 Napi::Value BpfLinkInfo(const Napi::CallbackInfo& info);
 Napi::Value BpfUnpin(const Napi::CallbackInfo& info);
-Napi::Value BpfMapOpen(const Napi::CallbackInfo& info);
-Napi::Value BpfClose(const Napi::CallbackInfo& info);
 Napi::Value BpfMapLookup(const Napi::CallbackInfo& info);
 Napi::Value BpfMapUpdate(const Napi::CallbackInfo& info);
 #endif

@@ -60,7 +60,7 @@ bpf_program* Program(const Napi::CallbackInfo& info, int handle_arg, int name_ar
 }
 
 Napi::Value NoProgram(Napi::Env env) {
-  Napi::Error::New(env, "no such eBPF object or program").ThrowAsJavaScriptException();
+  Napi::Error::New(env, "no such eBPF object, program or map").ThrowAsJavaScriptException();
   return env.Undefined();
 }
 
@@ -98,6 +98,23 @@ Napi::Value BpfLoad(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, handle);
 }
 
+// bpfRepinMaps(handle): pins again every map of the object whose pin was removed; how many.
+Napi::Value BpfRepinMaps(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!Args(info, "bpfRepinMaps(handle: number)", {napi_number})) return env.Undefined();
+  auto found = g_objects.find(info[0].As<Napi::Number>().Int32Value());
+  if (found == g_objects.end()) return NoProgram(env);
+  int repinned = 0;
+  bpf_map* map;
+  bpf_object__for_each_map(map, found->second) {
+    const char* pin = bpf_map__pin_path(map);
+    if (pin == nullptr || access(pin, F_OK) == 0) continue;
+    if (bpf_obj_pin(bpf_map__fd(map), pin) != 0) return Fail(env, std::string("pin ") + pin, errno);
+    repinned++;
+  }
+  return Napi::Number::New(env, repinned);
+}
+
 Napi::Value BpfUnload(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!Args(info, "bpfUnload(handle: number)", {napi_number})) return env.Undefined();
@@ -107,6 +124,17 @@ Napi::Value BpfUnload(const Napi::CallbackInfo& info) {
     g_objects.erase(found);
   }
   return env.Undefined();
+}
+
+// bpfMapFd(handle, map): the loaded object's descriptor of a map (valid until bpfUnload).
+Napi::Value BpfMapFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!Args(info, "bpfMapFd(handle: number, map: string)", {napi_number, napi_string})) return env.Undefined();
+  auto found = g_objects.find(info[0].As<Napi::Number>().Int32Value());
+  std::string name = info[1].As<Napi::String>();
+  bpf_map* map = found == g_objects.end() ? nullptr : bpf_object__find_map_by_name(found->second, name.c_str());
+  if (map == nullptr) return NoProgram(env);
+  return Napi::Number::New(env, bpf_map__fd(map));
 }
 
 // bpfProgramId(handle, program): the kernel's id of the loaded program.
@@ -213,23 +241,6 @@ Napi::Value BpfUnpin(const Napi::CallbackInfo& info) {
     return Fail(env, "unpin " + pin, errno);
   }
   return Napi::Boolean::New(env, true);
-}
-
-// bpfMapOpen(pin): a file descriptor for the pinned map (close it with bpfClose).
-Napi::Value BpfMapOpen(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (!Args(info, "bpfMapOpen(pin: string)", {napi_string})) return env.Undefined();
-  std::string pin = info[0].As<Napi::String>();
-  int fd = bpf_obj_get(pin.c_str());
-  if (fd < 0) return Fail(env, "open " + pin, errno);
-  return Napi::Number::New(env, fd);
-}
-
-Napi::Value BpfClose(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (!Args(info, "bpfClose(fd: number)", {napi_number})) return env.Undefined();
-  close(info[0].As<Napi::Number>().Int32Value());
-  return env.Undefined();
 }
 
 // bpfMapLookup(fd, key, valueSize): the value, or null when the key is absent.

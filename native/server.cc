@@ -7,11 +7,14 @@
 // request order (pipelining), whoever wrote them.
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/bpf.h>
 #include <netinet/in.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -49,6 +52,25 @@ int64_t MonoMs() {
   timespec ts{};
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+// --rules ebpf: the cgroup that made an accepted IPv4 connection, from the eBPF
+// peers map (struct peer_key in bpf/nmi.bpf.c); 0 when none was recorded.
+uint64_t PeerCgroup(int mapFd, int fd, const sockaddr_in& peer) {
+  sockaddr_in local{};
+  socklen_t len = sizeof local;
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) != 0 || local.sin_family != AF_INET) return 0;
+  struct {
+    uint32_t srcIp, dstIp;
+    uint16_t srcPort, dstPort;
+  } key = {peer.sin_addr.s_addr, local.sin_addr.s_addr, peer.sin_port, local.sin_port};
+  uint64_t cgroup = 0;
+  bpf_attr attr{};
+  attr.map_fd = static_cast<uint32_t>(mapFd);
+  attr.key = reinterpret_cast<uintptr_t>(&key);
+  attr.value = reinterpret_cast<uintptr_t>(&cgroup);
+  if (syscall(__NR_bpf, BPF_MAP_LOOKUP_ELEM, &attr, sizeof attr) != 0) return 0;
+  return cgroup;
 }
 
 struct Slot {
@@ -108,6 +130,7 @@ class Server {
   size_t maxHeaderBytes = 16 * 1024;
   int64_t headerTimeoutMs = 10000;
   bool metadataHeaderRequired = true;
+  int peerMapFd = -1;  // --rules ebpf: callers are keyed "address#cgroup"
   uint32_t id = 0;
   Napi::ThreadSafeFunction onRequest;
   std::thread thread;
@@ -133,6 +156,7 @@ class Server {
     if (epollFd >= 0) close(epollFd);
     if (wakeFd >= 0) close(wakeFd);
     if (listenFd >= 0) close(listenFd);
+    if (peerMapFd >= 0) close(peerMapFd);
   }
 
   void Wake() {
@@ -238,6 +262,10 @@ void Server::Accept() {
     }
     std::string remote = text;
     if (remote.rfind("::ffff:", 0) == 0 && remote.find('.') != std::string::npos) remote = remote.substr(7);
+    if (peerMapFd >= 0) {
+      uint64_t cgroup = addr.ss_family == AF_INET ? PeerCgroup(peerMapFd, fd, reinterpret_cast<sockaddr_in&>(addr)) : 0;
+      remote += "#" + std::to_string(cgroup);
+    }
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
     auto c = std::make_unique<Conn>();
@@ -523,7 +551,7 @@ void CallJs(Napi::Env env, Napi::Function fn, Handoff* data) {
 }  // namespace
 
 static const char* const kStartUsage =
-    "serverStart({host, port, maxConnections, maxHeaderBytes, headerTimeoutMs, metadataHeaderRequired}, onRequest)";
+    "serverStart({host, port, maxConnections, maxHeaderBytes, headerTimeoutMs, metadataHeaderRequired, peerMapFd?}, onRequest)";
 
 Napi::Value ServerStart(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -538,6 +566,14 @@ Napi::Value ServerStart(const Napi::CallbackInfo& info) {
   s->maxHeaderBytes = o.Get("maxHeaderBytes").As<Napi::Number>().Uint32Value();
   s->headerTimeoutMs = o.Get("headerTimeoutMs").As<Napi::Number>().Int64Value();
   s->metadataHeaderRequired = o.Get("metadataHeaderRequired").As<Napi::Boolean>();
+  // The server keeps its own descriptor of the map: the caller's may be closed first.
+  if (o.Get("peerMapFd").IsNumber()) {
+    s->peerMapFd = fcntl(o.Get("peerMapFd").As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 0);
+    if (s->peerMapFd < 0) {
+      Napi::Error::New(env, std::string("serverStart: peerMapFd: ") + strerror(errno)).ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+  }
   std::string host = o.Get("host").As<Napi::String>();
   int port = o.Get("port").As<Napi::Number>().Int32Value();
 

@@ -1,6 +1,6 @@
 // The pod index as Prometheus metrics, read from the index at scrape time.
-import { exposeCount } from '../metrics/registry.js';
-import { Counter, Gauge, type Registry } from 'prom-client';
+import { exposeCount, exposeCounts } from '../metrics/registry.js';
+import { Gauge, type Registry } from 'prom-client';
 import { refreshReasons, type PodIndex } from './pod-index.js';
 
 export function registerKubeletMetrics(registry: Registry, index: PodIndex): void {
@@ -13,21 +13,7 @@ export function registerKubeletMetrics(registry: Registry, index: PodIndex): voi
     },
   });
 
-  // Counters only go up, so each scrape adds what the index counted since the last one.
-  const seen: Record<string, number> = {};
-  new Counter({
-    name: 'nmi_kubelet_refreshes_total',
-    help: 'Kubelet /pods calls, by what asked for them',
-    labelNames: ['reason'],
-    registers: [registry],
-    collect() {
-      for (const reason of refreshReasons) {
-        const now = index.refreshes[reason];
-        this.inc({ reason }, now - (seen[reason] ?? 0));
-        seen[reason] = now;
-      }
-    },
-  });
+  exposeCounts(registry, 'nmi_kubelet_refreshes_total', 'Kubelet /pods calls, by what asked for them', 'reason', refreshReasons, () => index.refreshes);
 
   exposeCount(registry, 'nmi_kubelet_errors_total', 'Kubelet /pods calls that failed (the last good index was kept)', () => index.failures);
 

@@ -53,6 +53,8 @@ export class PodIndex implements CallerLookup {
   private readonly onChange: ((pods: Pod[]) => void) | undefined;
 
   private byAddress = new Map<string, Pod>();
+  /** Live pods (Pending/Running) by UID, hostNetwork ones too: the eBPF backend attests callers by cgroup. */
+  private byUid = new Map<string, Pod>();
   private listed: readonly Pod[] = [];
   private indexedPods = 0;
   private listedFingerprint = '';
@@ -102,6 +104,18 @@ export class PodIndex implements CallerLookup {
 
   known(ip: string): Pod | undefined {
     return this.byAddress.get(plainAddress(ip));
+  }
+
+  knownUid(uid: string): Pod | undefined {
+    return this.byUid.get(uid);
+  }
+
+  /** The live pod with this UID, after at most one coalesced refresh (shared with unknown addresses). */
+  async lookupUid(uid: string): Promise<Pod | undefined> {
+    const known = this.byUid.get(uid);
+    if (known) return known;
+    await this.unknownCallerRefresh();
+    return this.byUid.get(uid);
   }
 
   async lookup(ip: string): Promise<Pod | undefined> {
@@ -177,6 +191,7 @@ export class PodIndex implements CallerLookup {
       else conflicts.push(`${ip}: ${[...set].map(podName).sort().join(', ')}`);
     }
     this.byAddress = byAddress;
+    this.byUid = new Map(pods.filter((p) => p.phase === 'Pending' || p.phase === 'Running').map((p) => [p.uid, p]));
     this.indexedPods = new Set(byAddress.values()).size;
     this.listed = pods;
     this.reportConflicts(conflicts.sort());

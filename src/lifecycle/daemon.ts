@@ -5,6 +5,9 @@
 // redirects (first pod sync, first bindings sync, token server listening).
 import type http from 'node:http';
 import { Counter, Gauge } from 'prom-client';
+import { CgroupAttestation } from '../attest/attestation.js';
+import { CgroupPods } from '../attest/cgroup-pods.js';
+import { registerAttestationMetrics } from '../attest/metrics.js';
 import type { RunConfig } from '../config/commands.js';
 import { UsageError } from '../errors/errors.js';
 import { IdentityType, type AzureIdentity } from '../bindings/model.js';
@@ -20,6 +23,7 @@ import { createRegistry } from '../metrics/registry.js';
 import { Readiness } from '../probe/readiness.js';
 import { startProbeServer } from '../probe/probe-server.js';
 import { RulesKeeper } from '../rules/keeper.js';
+import { EbpfBackend } from '../rules/ebpf.js';
 import type { Redirect } from '../rules/redirect.js';
 import { selectBackend } from '../rules/select.js';
 import { registerNativeMetrics, registerServerMetrics } from '../server/metrics.js';
@@ -58,6 +62,9 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const probe: http.Server = await startProbeServer(config.probeAddress, readiness, registry);
 
   let nativeTables: NativeTables | undefined;
+  // --rules ebpf: callers attested by the cgroup that made the connection.
+  const ebpf = backend instanceof EbpfBackend ? backend : undefined;
+  const cgroupPods = ebpf && new CgroupPods(config.cgroupRoot, { onWalk: () => nativeTables?.refresh() });
 
   // Caller: the kubelet's pods, indexed by address.
   const kubelet = new KubeletClient({
@@ -75,8 +82,11 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     onChange: () => {
       retainUsedTokens();
       nativeTables?.refresh();
+      // New pods bring new cgroups; the walk refreshes the native routes when done.
+      void cgroupPods?.walk();
     },
   });
+  const attestation = ebpf && cgroupPods && new CgroupAttestation(ebpf, cgroupPods, pods, log);
 
   // Identities: the custom resources, from the API server or files.
   const store = new BindingStore(await createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
@@ -108,9 +118,11 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   registerKubeletMetrics(registry, pods);
   registerBindingMetrics(registry, store);
   registerTokenMetrics(registry, cache);
+  if (attestation) registerAttestationMetrics(registry, attestation);
 
   const serverDeps: TokenServerDeps = {
     callers: pods,
+    attestation,
     identitiesFor: podIdentities,
     getToken,
     peekToken: (identity, resource) => cache.peek(identity, resource),
@@ -124,13 +136,16 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     metrics: registerServerMetrics(registry),
   };
   // native: cache hits answered in C++ from tables pushed here; everything else reaches the same js core.
-  const server = config.server === 'native' ? createNativeTokenServer(serverDeps) : createTokenServer(serverDeps);
+  // The peers map must exist before the server; loading attaches nothing yet.
+  const peerMapFd = ebpf && (await ebpf.load(), ebpf.peerMapFd);
+  const server = config.server === 'native' ? createNativeTokenServer(serverDeps, { peerMapFd }) : createTokenServer(serverDeps);
   if ('setRoutes' in server) {
     registerNativeMetrics(registry, () => server.stats());
     nativeTables = attachNativeTables(server, {
       pods: () => pods.pods(),
       identitiesFor: podIdentities,
       store,
+      cgroupsOf: cgroupPods && ((pod) => cgroupPods.idsOf(pod.uid)),
     });
   }
 

@@ -22,3 +22,23 @@ export function exposeCount(registry: Registry, name: string, help: string, read
     },
   });
 }
+
+/** exposeCount for a count kept per label value, e.g. refusals by reason. */
+export function exposeCounts<K extends string>(registry: Registry, name: string, help: string, label: string, keys: readonly K[], read: () => Record<K, number>): void {
+  const seen = new Map<K, number>();
+  new Counter({
+    name,
+    help,
+    labelNames: [label],
+    registers: [registry],
+    collect() {
+      const now = read();
+      for (const key of keys) {
+        const delta = now[key] - (seen.get(key) ?? 0);
+        // inc with 0 still exposes the series, so a dashboard sees 0 rather than nothing.
+        if (delta >= 0) this.inc({ [label]: key }, delta);
+        seen.set(key, now[key]);
+      }
+    },
+  });
+}

@@ -19,6 +19,8 @@ export interface NativeServerOptions {
   /** A request partly received for this long is handed over with error "timeout". */
   headerTimeoutMs: number;
   metadataHeaderRequired: boolean;
+  /** --rules ebpf: the eBPF peers map; callers are then keyed "address#cgroup" (0: none recorded). */
+  peerMapFd?: number;
 }
 
 /**
@@ -74,6 +76,10 @@ export interface NativeAddon {
   /** Loads an eBPF object, its maps pinned (or reused when pinned) as pinDir/<map name>; returns a handle. */
   bpfLoad(objectPath: string, pinDir: string): number;
   bpfUnload(handle: number): void;
+  /** Pins again the object's maps whose pins were removed; returns how many. */
+  bpfRepinMaps(handle: number): number;
+  /** The loaded object's descriptor of a map, valid until bpfUnload. */
+  bpfMapFd(handle: number, map: string): number;
   /** The kernel's id of a loaded program. */
   bpfProgramId(handle: number, program: string): number;
   /** Attaches the program to the cgroup through a new link pinned over linkPin in one rename. */
@@ -84,8 +90,6 @@ export interface NativeAddon {
   bpfLinkInfo(linkPin: string): BpfLinkInfo | null;
   /** Removes a pin (detaching a link first when detach is set); false when nothing was pinned. */
   bpfUnpin(pin: string, detach: boolean): boolean;
-  bpfMapOpen(pin: string): number;
-  bpfClose(fd: number): void;
   /** The value under key, or null when absent. */
   bpfMapLookup(fd: number, key: Buffer, valueSize: number): Buffer | null;
   bpfMapUpdate(fd: number, key: Buffer, value: Buffer): void;

@@ -4,11 +4,12 @@
 // one adopts them. Verify/repair compares the pins with what this process
 // loaded and fixes only what differs: a link running another program is
 // swapped in place, a missing or detached one is attached anew.
-import { mkdirSync, readFileSync, readdirSync, rmdirSync, statSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { codes, NmiError, UsageError } from '../errors/errors.js';
 import { addon, builtFile, type NativeAddon } from '../native/addon.js';
 import { execOk } from './exec.js';
+import type { PeerRecords } from '../attest/attestation.js';
 import type { BackendStatus, EnsureResult, Redirect, RulesBackend } from './redirect.js';
 
 export const BPF_FS = '/sys/fs/bpf';
@@ -84,7 +85,7 @@ function bpffsMounted(): boolean {
   return mountsOfType('bpf').includes(BPF_FS);
 }
 
-export class EbpfBackend implements RulesBackend {
+export class EbpfBackend implements RulesBackend, PeerRecords {
   readonly name = 'ebpf' as const;
   private handle: number | undefined;
 
@@ -124,34 +125,40 @@ export class EbpfBackend implements RulesBackend {
     return path.join(this.pinDir, name);
   }
 
+  /**
+   * Loads the programs and maps (maps pinned, or the pinned ones of a previous
+   * run reused), attaching nothing yet; the servers need the peers map before
+   * the redirect exists. Idempotent.
+   */
+  async load(): Promise<number> {
+    if (this.handle !== undefined) return this.handle;
+    if (!bpffsMounted()) await execOk('mount', ['-t', 'bpf', 'bpf', BPF_FS], '', codes.RULES_APPLY);
+    mkdirSync(this.pinDir, { recursive: true, mode: 0o700 });
+    this.handle = this.call(() => addon().bpfLoad(builtFile(OBJECT), this.pinDir));
+    return this.handle;
+  }
+
+  /** The loaded peers map (connection → cgroup), for the native server; undefined before load(). */
+  get peerMapFd(): number | undefined {
+    return this.handle === undefined ? undefined : addon().bpfMapFd(this.handle, maps.peers);
+  }
+
   async ensure(redirect: Redirect): Promise<EnsureResult> {
     const root = this.cgroupRoot;
     if (root === undefined) throw new NmiError(codes.RULES_APPLY, 'ebpf: no --cgroup-root to attach to');
     const native = addon();
-    if (!bpffsMounted()) await execOk('mount', ['-t', 'bpf', 'bpf', BPF_FS], '', codes.RULES_APPLY);
-    mkdirSync(this.pinDir, { recursive: true, mode: 0o700 });
-
+    const handle = await this.load();
     const changes: string[] = [];
-    // A map pin that went away means the loaded programs write to maps nobody can read: load anew.
-    const pinned = new Set(readdirSync(this.pinDir));
-    if (this.handle !== undefined && !Object.values(maps).every((m) => pinned.has(m))) {
-      native.bpfUnload(this.handle);
-      this.handle = undefined;
-      changes.push('maps');
-    }
-    this.handle ??= this.call(() => native.bpfLoad(builtFile(OBJECT), this.pinDir));
-    const handle = this.handle;
+    // A removed map pin is put back on the very map the programs use.
+    mkdirSync(this.pinDir, { recursive: true, mode: 0o700 });
+    if (this.call(() => native.bpfRepinMaps(handle)) > 0) changes.push('maps');
 
     const wanted = configBytes(redirect, cgroupId(ownCgroup()));
-    const fd = native.bpfMapOpen(this.pin(maps.config));
-    try {
-      const key = Buffer.alloc(4);
-      if (!native.bpfMapLookup(fd, key, wanted.length)?.equals(wanted)) {
-        native.bpfMapUpdate(fd, key, wanted);
-        changes.push('config');
-      }
-    } finally {
-      native.bpfClose(fd);
+    const config = native.bpfMapFd(handle, maps.config);
+    const key = Buffer.alloc(4);
+    if (!native.bpfMapLookup(config, key, wanted.length)?.equals(wanted)) {
+      native.bpfMapUpdate(config, key, wanted);
+      changes.push('config');
     }
 
     const rootId = cgroupId(root);
@@ -188,9 +195,23 @@ export class EbpfBackend implements RulesBackend {
     } catch {
       // not there, or holding something not ours: left as it is
     }
-    if (this.handle !== undefined) native.bpfUnload(this.handle);
-    this.handle = undefined;
+    this.unload();
     return removed;
+  }
+
+  private unload(): void {
+    if (this.handle !== undefined) addon().bpfUnload(this.handle);
+    this.handle = undefined;
+  }
+
+  peerCgroup(srcIp: string, srcPort: number, dstIp: string, dstPort: number): bigint | null {
+    const fd = this.peerMapFd;
+    if (fd === undefined) return null;
+    try {
+      return addon().bpfMapLookup(fd, peerKey(srcIp, srcPort, dstIp, dstPort), 8)?.readBigUInt64LE(0) ?? null;
+    } catch {
+      return null; // unreadable counts as unrecorded: the caller is refused, never waved through
+    }
   }
 
   async status(): Promise<BackendStatus> {

@@ -82,6 +82,18 @@ export const problems = {
     error: 'not_found',
     error_description: 'No pod of this node owns the source address of the request',
   },
+  /** --rules ebpf: the connection came from one pod's cgroup but another pod's address. */
+  callerMismatch: {
+    status: 403,
+    error: 'access_denied',
+    error_description: 'The calling socket does not belong to the pod that owns the source address',
+  },
+  /** --rules ebpf: no pod's cgroup made the connection. */
+  callerUnattested: {
+    status: 403,
+    error: 'access_denied',
+    error_description: 'The calling socket could not be attested to a pod of this node',
+  },
   identityNotFound: { status: 400, error: 'invalid_request', error_description: 'Identity not found' },
   /** --retry-after: the binding may not have landed yet, so ask the client to come back. */
   identityNotYet: { status: 503, error: 'invalid_request', error_description: 'Identity not found', retryAfter: 20 },

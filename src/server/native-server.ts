@@ -71,7 +71,16 @@ const HANDOFF_ERROR_CODES: Record<Exclude<NativeHandoffError, 'stopped'>, string
   body: 'HPE_UNEXPECTED_CONTENT_LENGTH',
 };
 
-export function createNativeTokenServer(deps: TokenServerDeps): NativeTokenServer {
+/** The native side keys callers "address#cgroup" when it reads the eBPF peers map (0: none recorded). */
+function splitCaller(remote: string): { remoteAddress: string; cgroup?: bigint | null } {
+  const hash = remote.indexOf('#');
+  if (hash < 0) return { remoteAddress: remote };
+  const cgroup = BigInt(remote.slice(hash + 1));
+  return { remoteAddress: remote.slice(0, hash), cgroup: cgroup === 0n ? null : cgroup };
+}
+
+/** peerMapFd: --rules ebpf's peers map, so the C++ side can attest connections as it accepts them. */
+export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: number } = {}): NativeTokenServer {
   const { options, log } = deps;
   const listeners: TokenServedListener[] = [];
   const core = createRequestCore({
@@ -104,7 +113,7 @@ export function createNativeTokenServer(deps: TokenServerDeps): NativeTokenServe
     if (request === 'malformed') return respond(connId, requestId, clientErrorBytes(undefined), true);
     if (request === 'no-host') return respond(connId, requestId, noHostBytes(), true);
     const started = process.hrtime.bigint();
-    const { route, outcome } = core({ method: request.method, target: request.target, headers: request.headers, remoteAddress });
+    const { route, outcome } = core({ method: request.method, target: request.target, headers: request.headers, ...splitCaller(remoteAddress) });
     Promise.resolve(outcome)
       .then((result) => ('proxy' in result ? proxy.fetch(request.method, result.proxy, request.rawHeaders, request.body) : result))
       .then((answer) => {
@@ -141,6 +150,7 @@ export function createNativeTokenServer(deps: TokenServerDeps): NativeTokenServe
           maxHeaderBytes: limits.maxHeaderSize,
           headerTimeoutMs: limits.headersTimeoutMs,
           metadataHeaderRequired: options.metadataHeaderRequired,
+          ...attest,
         },
         onRequest,
       );
@@ -276,6 +286,8 @@ export interface NativeTableSources {
     on(event: 'change', listener: (keys: Set<string>) => void): unknown;
     on(event: 'update', listener: () => void): unknown;
   };
+  /** --rules ebpf: the pod's cgroups; routes are then keyed "address#cgroup", one per cgroup. */
+  cgroupsOf?(pod: Pod): readonly bigint[];
   /** How long a token the js path served may be served natively [30 s]. */
   serveWindowMs?: number;
   /** How often tokens past their serving window are dropped [200 ms]. */
@@ -311,7 +323,7 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
   }
 
   function refresh(): void {
-    const routes = buildRoutes(sources.pods(), sources.identitiesFor);
+    const routes = buildRoutes(sources.pods(), sources.identitiesFor, sources.cgroupsOf);
     routed = new Set(routes.flatMap((route) => route.identities.map(identityKey)));
     server.setRoutes(routes);
     const before = tokens.size;
@@ -348,8 +360,11 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
   };
 }
 
-/** Addresses of exactly one live pod, as PodIndex indexes them; an address two pods claim is left to the js path. */
-export function buildRoutes(pods: readonly Pod[], identitiesFor: (pod: Pod) => PodIdentities): NativeRoute[] {
+/**
+ * Addresses of exactly one live pod, as PodIndex indexes them; an address two pods claim is left to the js path.
+ * With cgroupsOf, a route per (address, cgroup of that pod): a socket of any other cgroup is left to the js path.
+ */
+export function buildRoutes(pods: readonly Pod[], identitiesFor: (pod: Pod) => PodIdentities, cgroupsOf?: (pod: Pod) => readonly bigint[]): NativeRoute[] {
   const owners = new Map<string, Set<Pod>>();
   for (const pod of pods) {
     if (!isCaller(pod)) continue;
@@ -360,7 +375,8 @@ export function buildRoutes(pods: readonly Pod[], identitiesFor: (pod: Pod) => P
     const [pod] = set;
     if (!pod || set.size > 1) continue;
     const bound = identitiesFor(pod);
-    routes.push({ address, exception: bound.exception, identities: bound.exception ? [] : bound.identities });
+    const keys = cgroupsOf ? cgroupsOf(pod).map((id) => `${address}#${id}`) : [address];
+    for (const key of keys) routes.push({ address: key, exception: bound.exception, identities: bound.exception ? [] : bound.identities });
   }
   return routes;
 }

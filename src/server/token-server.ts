@@ -1,10 +1,12 @@
 // The `js` token server, and the request core it shares with the native one
 // (native-server.ts). Data flow of one token request:
-//   request.ts (hygiene, route, checks 1–5) → caller by source address (6)
+//   request.ts (hygiene, route, checks 1–5) → caller by source address (6),
+//   attested by the connection's cgroup with --rules ebpf (attest/)
 //   → bound identities, filtered by the requested id (7) → getToken (8)
 //   → answers.ts. Other /metadata categories and exception pods go to proxy.ts.
 import http from 'node:http';
 import type { Socket } from 'node:net';
+import type { CgroupAttestation } from '../attest/attestation.js';
 import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
 import { codes } from '../errors/errors.js';
 import type { CallerLookup, Pod } from '../kubelet/pod.js';
@@ -25,6 +27,8 @@ export interface TokenServerOptions {
 export interface TokenServerDeps {
   /** Caller's source IPv4 → its pod (after one coalesced refresh), or undefined. */
   callers: CallerLookup;
+  /** --rules ebpf: callers are the pods whose cgroups made the connections, checked against their addresses. */
+  attestation?: Pick<CgroupAttestation, 'cgroupOf' | 'resolve' | 'resolveNow'>;
   identitiesFor(pod: Pod): PodIdentities;
   /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
   getToken(identity: AzureIdentity, resource: string): Promise<Token>;
@@ -72,6 +76,8 @@ export interface IncomingRequest {
   headers: RequestHeaders;
   /** The caller's address as the pod index keys it. */
   remoteAddress: string | undefined;
+  /** With attestation: the cgroup that made the connection, null when none was recorded. */
+  cgroup?: bigint | null;
 }
 
 /** What to do with a request: write this answer, or forward it to the real IMDS. */
@@ -87,12 +93,13 @@ export interface Handled {
 export type RequestCore = (req: IncomingRequest) => Handled;
 
 /** request → caller → identity → token → answer, shared by the js and native servers. */
-export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'identitiesFor' | 'getToken' | 'peekToken' | 'options' | 'log'>): RequestCore {
-  const { options, log } = deps;
+export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attestation' | 'identitiesFor' | 'getToken' | 'peekToken' | 'options' | 'log'>): RequestCore {
+  const { options, log, attestation } = deps;
 
   /** The hit case without a single await: a known caller with one identity and a fresh cached token. */
-  function answerTokenNow(remoteAddress: string | undefined, request: TokenRequest): Outcome | undefined {
-    const pod = remoteAddress === undefined ? undefined : deps.callers.known?.(remoteAddress);
+  function answerTokenNow({ remoteAddress, cgroup = null }: IncomingRequest, request: TokenRequest): Outcome | undefined {
+    if (remoteAddress === undefined) return undefined;
+    const pod = attestation ? attestation.resolveNow(remoteAddress, cgroup) : deps.callers.known?.(remoteAddress);
     if (!pod || !deps.peekToken) return undefined;
     const bound = deps.identitiesFor(pod);
     if (bound.exception) return undefined;
@@ -102,26 +109,35 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'ident
     return token && tokenAnswer(token);
   }
 
-  async function answerToken(remoteAddress: string | undefined, request: TokenRequest): Promise<Outcome> {
-    const pod = remoteAddress === undefined ? undefined : await deps.callers.lookup(remoteAddress);
-    if (!pod) return problemAnswer(problems.unknownCaller);
+  /** Step 6: the pod that owns the source address; with attestation, the pod whose cgroup connected, if it does. */
+  async function findCaller({ remoteAddress, cgroup = null }: IncomingRequest): Promise<Pod | Problem> {
+    if (remoteAddress === undefined) return problems.unknownCaller;
+    const caller = attestation ? await attestation.resolve(remoteAddress, cgroup) : await deps.callers.lookup(remoteAddress);
+    if (caller === 'spoof') return problems.callerMismatch;
+    if (caller === 'unattested') return problems.callerUnattested;
+    return caller ?? problems.unknownCaller;
+  }
+
+  async function answerToken(req: IncomingRequest, request: TokenRequest): Promise<Outcome> {
+    const pod = await findCaller(req);
+    if ('status' in pod) return problemAnswer(pod);
     const bound = deps.identitiesFor(pod);
     if (bound.exception) return { proxy: request.target };
 
     return answerIdentityToken(deps, bound.identities, request, options.retryAfter ? problems.identityNotYet : problems.identityNotFound);
   }
 
-  async function respond(classified: Classification, remoteAddress: string | undefined): Promise<Outcome> {
+  async function respond(classified: Classification, req: IncomingRequest): Promise<Outcome> {
     if (classified.kind === 'reject') return problemAnswer(classified.problem);
     if (classified.kind === 'proxy') return { proxy: classified.target };
-    return answerToken(remoteAddress, classified.request);
+    return answerToken(req, classified.request);
   }
 
   return (req) => {
     const classified = classifyRequest(req.method, req.target, req.headers, options);
-    const now = classified.kind === 'token' ? answerTokenNow(req.remoteAddress, classified.request) : undefined;
+    const now = classified.kind === 'token' ? answerTokenNow(req, classified.request) : undefined;
     if (now) return { route: classified.route, outcome: now };
-    const outcome = respond(classified, req.remoteAddress).catch((err: unknown): Outcome => {
+    const outcome = respond(classified, req).catch((err: unknown): Outcome => {
       log.warn({ err: errorSummary(err) }, 'token server request failed');
       return problemAnswer(problems.internal);
     });
@@ -155,12 +171,20 @@ export function createTokenServer(deps: TokenServerDeps): TokenServer {
   const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
   const core = createRequestCore(deps);
   const inFlight = new Set<http.ServerResponse>();
+  /** With attestation, read once per connection, when it is accepted. */
+  const cgroups = new WeakMap<Socket, bigint | null>();
   let closing = false;
   let stopped: Promise<void> | undefined;
 
   function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     const started = process.hrtime.bigint();
-    const { route, outcome } = core({ method: req.method ?? '', target: req.url ?? '', headers: req.headers, remoteAddress: callerAddress(req.socket) });
+    const { route, outcome } = core({
+      method: req.method ?? '',
+      target: req.url ?? '',
+      headers: req.headers,
+      remoteAddress: callerAddress(req.socket),
+      cgroup: cgroups.get(req.socket),
+    });
     track(res, route, started);
     if (!(outcome instanceof Promise)) {
       if ('proxy' in outcome) void proxy.forward(req, res, outcome.proxy);
@@ -211,6 +235,8 @@ export function createTokenServer(deps: TokenServerDeps): TokenServer {
   );
   server.maxConnections = limits.maxConnections;
   server.on('clientError', answerClientError);
+  const { attestation } = deps;
+  if (attestation) server.on('connection', (socket: Socket) => cgroups.set(socket, attestation.cgroupOf(socket)));
 
   return {
     server,

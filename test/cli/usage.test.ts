@@ -31,6 +31,8 @@ test('bad values name their flag', () => {
   oneLine([...base, '--host-token-socket', 'relative.sock'], /--host-token-socket: .* must be an absolute path or off/);
   oneLine([...base, '--no-such-flag'], /Unknown option '--no-such-flag'/);
   oneLine([...base, '--kubelet-client-cert', '/x.crt', '--rules', 'none'], /--kubelet-client-key: required with --kubelet-client-cert/);
+  oneLine([...base, '--rules', 'ebpf', '--cgroup-root', '/nonexistent/kubepods.slice'], /--cgroup-root: \/nonexistent\/kubepods\.slice: ENOENT/);
+  oneLine([...base, '--rules', 'ebpf', '--cgroup-root', tmpdir()], /--cgroup-root: .* is not a folder of a cgroup v2 hierarchy/);
   const unknown = nmi(['frobnicate']);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr.split('\n')[0]!, /^nmi: unknown command "frobnicate"$/);
@@ -47,7 +49,6 @@ test('--rules iptables without the iptables tools is a usage error', () => {
   const dir = mkdtempSync(path.join(tmpdir(), 'nmi-nopath-'));
   symlinkSync(process.execPath, path.join(dir, 'node'));
   oneLine([...base, '--rules', 'iptables'], /--rules: iptables requested but iptables-restore\/iptables-save are not in PATH/, { ...process.env, PATH: dir });
-  oneLine([...base, '--rules', 'ebpf'], /--rules: ebpf is not in this build yet/);
 });
 
 test('--help on every command, exit 0', () => {

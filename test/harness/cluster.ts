@@ -29,12 +29,15 @@ export interface Cluster {
   /** Writes the bindings folder's one file. */
   writeBindings(objects: object[]): void;
   nmiFlags(): string[];
-  startNmi(extra?: string[], options?: { waitReady?: boolean; env?: NodeJS.ProcessEnv }): Promise<NmiProcess>;
+  startNmi(extra?: string[], options?: { waitReady?: boolean; env?: NodeJS.ProcessEnv; prefix?: string[] }): Promise<NmiProcess>;
   close(): Promise<void>;
 }
 
 export async function createCluster(options: { imds?: ImdsOptions } = {}): Promise<Cluster> {
   const node = createNode();
+  // An IMDS stand-in at a node address other than loopback (the real one's, for the eBPF tests) needs it on lo.
+  const imdsHost = options.imds?.host;
+  if (imdsHost && imdsHost !== '127.0.0.1') node.exec('ip', ['addr', 'add', `${imdsHost}/32`, 'dev', 'lo']);
   const pki = createPki();
   const kubelet = await startKubelet({ pki });
   const imds = await startImds(options.imds);

@@ -22,9 +22,10 @@ export interface CliResult {
   stderr: string;
 }
 
-/** Runs an nmi command to completion. */
-export function nmi(args: string[], env: NodeJS.ProcessEnv = process.env): CliResult {
-  const r = spawnSync(process.execPath, [nmiBin, ...args], { encoding: 'utf8', env, timeout: 60_000 });
+/** Runs an nmi command to completion; prefix is a command to run it under (e.g. nsenter into a mount namespace). */
+export function nmi(args: string[], env: NodeJS.ProcessEnv = process.env, prefix: string[] = []): CliResult {
+  const [file, ...rest] = [...prefix, process.execPath, nmiBin, ...args] as [string, ...string[]];
+  const r = spawnSync(file, rest, { encoding: 'utf8', env, timeout: 60_000 });
   return { code: r.status ?? 128, stdout: r.stdout, stderr: r.stderr };
 }
 
@@ -42,9 +43,10 @@ export async function waitFor<T>(what: string, check: () => Promise<T | undefine
 const children = new Set<ChildProcess>();
 process.on('exit', () => children.forEach((child) => child.kill('SIGKILL')));
 
-export async function startNmi(args: string[], options: { env?: NodeJS.ProcessEnv; probe?: string; waitReady?: boolean } = {}): Promise<NmiProcess> {
+export async function startNmi(args: string[], options: { env?: NodeJS.ProcessEnv; probe?: string; waitReady?: boolean; prefix?: string[] } = {}): Promise<NmiProcess> {
   const probe = options.probe ?? '127.0.0.1:8085';
-  const child = spawn(process.execPath, [nmiBin, 'run', '--probe-address', probe, ...args], {
+  const [file, ...rest] = [...(options.prefix ?? []), process.execPath, nmiBin, 'run', '--probe-address', probe, ...args] as [string, ...string[]];
+  const child = spawn(file, rest, {
     env: options.env ?? process.env,
     stdio: ['ignore', 'pipe', 'pipe'],
   });

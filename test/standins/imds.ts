@@ -53,6 +53,9 @@ export interface ImdsOptions {
   identities?: MsiRecord[];
   /** Seconds since the epoch, for expires_on/not_before. */
   nowSec?: () => number;
+  /** Where to listen [127.0.0.1, any port]; the eBPF tests put it where the real IMDS is. */
+  host?: string;
+  port?: number;
 }
 
 export interface ImdsStandin {
@@ -115,12 +118,13 @@ export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin>
     });
   }
 
-  server.listen(0, '127.0.0.1');
+  const host = options.host ?? '127.0.0.1';
+  server.listen(options.port ?? 0, host);
   await once(server, 'listening');
   const { port } = server.address() as { port: number };
 
   return {
-    url: `http://127.0.0.1:${port}`,
+    url: port === 80 ? `http://${host}` : `http://${host}:${port}`,
     get calls() {
       return calls;
     },

@@ -1,0 +1,15 @@
+// Attestation refusals as a Prometheus counter: a spoof attempt is an alert.
+import type { Registry } from 'prom-client';
+import { exposeCounts } from '../metrics/registry.js';
+import { refusals, type CgroupAttestation } from './attestation.js';
+
+export function registerAttestationMetrics(registry: Registry, attestation: CgroupAttestation): void {
+  exposeCounts(
+    registry,
+    'nmi_caller_refusals_total',
+    'Token requests refused by cgroup attestation (--rules ebpf): spoof = the socket belongs to another pod than the source address, unattested = no pod cgroup made the connection',
+    'reason',
+    refusals,
+    () => attestation.refused,
+  );
+}

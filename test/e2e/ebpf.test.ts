@@ -1,0 +1,191 @@
+// --rules ebpf end to end: pods in cgroups of a test cgroup root, the real
+// eBPF programs attached there, no iptables or nft rule anywhere. nmi itself
+// runs in a pod cgroup under the same root (as a DaemonSet would) and the IMDS
+// stand-in listens on the real metadata address, so a redirect of nmi's own
+// upstream calls would loop back to itself.
+import { after, before, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFileSync } from 'node:fs';
+import { createBpfMountNamespace, createCgroupTree, callFrom, type CallResult, type CgroupTree, type MountNamespace } from '../harness/cgroups.js';
+import { createCluster, crd, TOKEN_URL, type Cluster, type ClusterPod } from '../harness/cluster.js';
+import { nmi, waitFor, type NmiProcess } from '../harness/nmi-process.js';
+import { makePodJson } from '../standins/kubelet.js';
+import { decodeStandinToken } from '../standins/imds.js';
+
+const query = `${TOKEN_URL}?api-version=2018-02-01&resource=${encodeURIComponent('https://vault.azure.net')}`;
+const uid = { a: 'aaaaaaaa-0000-4000-8000-00000000000a', b: 'bbbbbbbb-0000-4000-8000-00000000000b', host: 'cccccccc-0000-4000-8000-00000000000c', nmi: 'dddddddd-0000-4000-8000-00000000000d' };
+const client = { a: '11111111-1111-1111-1111-111111111111', host: '33333333-3333-3333-3333-333333333333' };
+
+let cluster: Cluster;
+let cgroups: CgroupTree;
+let mnt: MountNamespace;
+let podA: ClusterPod;
+let podB: ClusterPod;
+const cg = { a: '', b: '', host: '', nmi: '', plain: '' };
+
+function identityOf(r: CallResult): string {
+  assert.equal(r.status, 200, JSON.stringify(r));
+  return decodeStandinToken((JSON.parse(r.body!) as { access_token: string }).access_token).identity;
+}
+
+function errorOf(r: CallResult): { status?: number; error?: string; error_description?: string } {
+  return { status: r.status, ...(JSON.parse(r.body ?? '{}') as { error?: string }) };
+}
+
+async function startNmi(rules: 'ebpf' | 'iptables', server: 'native' | 'js' = 'native'): Promise<NmiProcess> {
+  const proc = await cluster.startNmi(['--rules', rules, '--cgroup-root', cgroups.root, '--server', server], { prefix: mnt.prefix, waitReady: false });
+  // Where a DaemonSet's nmi lives: in a pod cgroup under the root the programs are attached to.
+  writeFileSync(`${cg.nmi}/cgroup.procs`, String(proc.child.pid));
+  await waitFor(`nmi ready\n${proc.output()}`, async () => {
+    if (proc.child.exitCode !== null) throw new Error(`nmi exited ${proc.child.exitCode}: ${proc.output()}`);
+    return (await proc.metric('nmi_rules_installed\\{backend="' + rules + '"\\}')) === 1 ? true : undefined;
+  });
+  return proc;
+}
+
+const fromA = () => callFrom({ cgroup: cg.a, netns: podA.ns.name }, query);
+const pinned = () => mnt.exec('sh', ['-c', 'ls /sys/fs/bpf/nmi 2>/dev/null || true']).trim();
+const nmiPrograms = () => mnt.exec('bpftool', ['prog', 'show']).split('\n').filter((l) => / name nmi_/.test(l));
+const attachedAtRoot = () => mnt.exec('bpftool', ['cgroup', 'show', cgroups.root]).split('\n').filter((l) => /nmi_/.test(l));
+
+before(async () => {
+  cluster = await createCluster({ imds: { host: '169.254.169.254', port: 80 } });
+  cgroups = createCgroupTree();
+  mnt = await createBpfMountNamespace();
+  cg.a = cgroups.podCgroup(uid.a, 'systemd');
+  cg.b = cgroups.podCgroup(uid.b, 'cgroupfs');
+  cg.host = cgroups.podCgroup(uid.host, 'systemd', 'h0st');
+  cg.nmi = cgroups.podCgroup(uid.nmi, 'systemd', 'nm1');
+  cg.plain = cgroups.plainCgroup('system.slice/some-daemon.service');
+  podA = cluster.addPod({ name: 'pod-a', listed: false });
+  podB = cluster.addPod({ name: 'pod-b', listed: false });
+  cluster.kubelet.pods.push(
+    makePodJson({ name: 'pod-a', uid: uid.a, ip: podA.ns.ip, labels: { aadpodidbinding: 'a' } }),
+    makePodJson({ name: 'pod-b', uid: uid.b, ip: podB.ns.ip, labels: { app: 'b' } }),
+    makePodJson({ name: 'host-agent', uid: uid.host, ip: cluster.node.nodeIp, hostNetwork: true, labels: { aadpodidbinding: 'host' } }),
+  );
+  cluster.writeBindings([
+    crd.userAssigned('id-a', client.a, '/subscriptions/s/rg/a'),
+    crd.userAssigned('id-host', client.host, '/subscriptions/s/rg/host'),
+    crd.binding('bind-a', 'id-a', 'a'),
+    crd.binding('bind-host', 'id-host', 'host'),
+  ]);
+});
+
+after(async () => {
+  await cluster?.close();
+  // Leave nothing attached even when a test failed half-way.
+  if (mnt) nmi(['cleanup'], process.env, mnt.prefix);
+  mnt?.close();
+  cgroups?.remove();
+});
+
+for (const server of ['native', 'js'] as const) {
+  test(`ebpf (${server}): a pod gets its token through the cgroup redirect, with no iptables or nft rule, and sees 169.254.169.254`, async () => {
+    const proc = await startNmi('ebpf', server);
+    try {
+      const r = await fromA();
+      assert.equal(identityOf(r), `client_id:${client.a}`);
+      assert.equal(r.peer, '169.254.169.254:80', 'getpeername shows the address the pod asked for');
+      assert.ok(cluster.imds.calls >= 1, "nmi's own call reached the real IMDS address, not itself");
+      assert.doesNotMatch(cluster.node.exec('iptables-save', []), /aad-metadata/);
+      assert.doesNotMatch(cluster.node.exec('sh', ['-c', 'nft list ruleset 2>/dev/null || true']), /aad-metadata/);
+      assert.equal(attachedAtRoot().length, 3, 'connect4, getpeername4 and sockops at the cgroup root');
+      if (server === 'native') {
+        for (let i = 0; i < 3; i++) assert.equal(identityOf(await fromA()), `client_id:${client.a}`);
+        assert.ok(((await proc.metric('nmi_native_requests_total\\{result="hit"\\}')) ?? 0) >= 1, 'attested hits are answered in C++');
+      }
+    } finally {
+      assert.equal(await proc.stop(), 0);
+    }
+  });
+}
+
+test('spoofing: a pod wearing another pod\'s address gets its token with iptables, is refused with ebpf', async () => {
+  // What ARP spoofing on a kubenet bridge achieves, in this routed test network:
+  // B holds A's address and the node's replies to that address reach B.
+  podB.ns.exec('ip', ['addr', 'add', `${podA.ns.ip}/32`, 'dev', 'eth0']);
+  cluster.node.exec('ip', ['route', 'add', `${podA.ns.ip}/32`, 'dev', 'veth2']);
+  const fromBAsA = () => callFrom({ cgroup: cg.b, netns: podB.ns.name, localAddress: podA.ns.ip }, query);
+  try {
+    const iptables = await startNmi('iptables');
+    try {
+      assert.equal(identityOf(await fromBAsA()), `client_id:${client.a}`, "the weakness of every address-based agent: B gets A's token");
+    } finally {
+      assert.equal(await iptables.stop(), 0);
+    }
+    for (const server of ['native', 'js'] as const) {
+      const ebpf = await startNmi('ebpf', server);
+      try {
+        assert.deepEqual(errorOf(await fromBAsA()), {
+          status: 403,
+          error: 'access_denied',
+          error_description: 'The calling socket does not belong to the pod that owns the source address',
+        });
+        assert.ok(((await ebpf.metric('nmi_caller_refusals_total\\{reason="spoof"\\}')) ?? 0) >= 1);
+        assert.match(ebpf.output(), /spoof attempt/);
+      } finally {
+        assert.equal(await ebpf.stop(), 0);
+      }
+    }
+  } finally {
+    cluster.node.exec('ip', ['route', 'del', `${podA.ns.ip}/32`, 'dev', 'veth2']);
+    podB.ns.exec('ip', ['addr', 'del', `${podA.ns.ip}/32`, 'dev', 'eth0']);
+  }
+  const ebpf = await startNmi('ebpf');
+  try {
+    assert.equal(identityOf(await fromA()), `client_id:${client.a}`, 'A still gets its own token');
+  } finally {
+    await ebpf.stop();
+  }
+});
+
+test('a hostNetwork-style caller (node namespace, pod cgroup) is resolved by cgroup with ebpf, refused by address with iptables', async () => {
+  const direct = `http://${cluster.node.nodeIp}:2579/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x`;
+  const iptables = await startNmi('iptables');
+  try {
+    assert.equal(errorOf(await callFrom({ cgroup: cg.host }, direct)).status, 404);
+  } finally {
+    await iptables.stop();
+  }
+  const ebpf = await startNmi('ebpf');
+  try {
+    assert.equal(identityOf(await callFrom({ cgroup: cg.host }, query)), `client_id:${client.host}`);
+    // A process in no pod's cgroup under the root, and one outside the root entirely, are not attested.
+    const unattested = { status: 403, error: 'access_denied', error_description: 'The calling socket could not be attested to a pod of this node' };
+    assert.deepEqual(errorOf(await callFrom({ cgroup: cg.plain, netns: podA.ns.name }, query)), unattested);
+    assert.deepEqual(errorOf(await callFrom({ cgroup: cgroups.root.replace(/\/[^/]+$/, ''), netns: podA.ns.name }, direct)), unattested);
+    assert.ok(((await ebpf.metric('nmi_caller_refusals_total\\{reason="unattested"\\}')) ?? 0) >= 2);
+  } finally {
+    await ebpf.stop();
+  }
+});
+
+test('ebpf: a removed pin is repaired; SIGTERM removes everything; after SIGKILL pods fail closed and nmi cleanup removes it all', async () => {
+  const proc = await startNmi('ebpf');
+  mnt.exec('rm', ['/sys/fs/bpf/nmi/connect4']);
+  await waitFor('the repair', async () => ((await proc.metric('nmi_rule_repairs_total')) ?? 0) >= 1);
+  assert.equal(identityOf(await fromA()), `client_id:${client.a}`);
+  const status = nmi(['status', '--probe-address', proc.probe], process.env, mnt.prefix);
+  assert.match(status.stdout, /^ebpf: installed$/m);
+  assert.equal(await proc.stop('SIGTERM'), 0);
+  assert.equal(pinned(), '');
+  assert.deepEqual(attachedAtRoot(), []);
+  await waitFor('programs freed', () => nmiPrograms().length === 0 || undefined);
+
+  const killed = await startNmi('ebpf');
+  await killed.stop('SIGKILL');
+  assert.equal(attachedAtRoot().length, 3, 'a crash leaves the redirect in place');
+  assert.equal((await fromA()).error, 'ECONNREFUSED', 'so pods fail closed, never reaching the real IMDS');
+  const cleanup = nmi(['cleanup'], process.env, mnt.prefix);
+  assert.equal(cleanup.code, 0, cleanup.stderr);
+  assert.match(cleanup.stdout, /removed ebpf cgroup\/connect4 link/);
+  assert.match(cleanup.stdout, /removed ebpf map \/sys\/fs\/bpf\/nmi\/nmi_peers/);
+  assert.equal(nmi(['cleanup'], process.env, mnt.prefix).stdout.trim(), 'nothing to remove');
+  assert.equal(pinned(), '');
+  assert.deepEqual(attachedAtRoot(), []);
+  await waitFor('programs and maps freed', () => {
+    const maps = mnt.exec('bpftool', ['map', 'show']).split('\n').filter((l) => / name nmi_/.test(l));
+    return (nmiPrograms().length === 0 && maps.length === 0) || undefined;
+  });
+});
