@@ -254,7 +254,7 @@ test('Containerfile: node 20 build and slim runtime with the rule tools, `nmi ru
   assert.deepEqual(from, [['node:20-bookworm', 'build'], ['node:20-bookworm-slim', undefined]]);
   const runtime = text.slice(text.lastIndexOf('\nFROM '));
   const install = /apt-get install[^\n]*/.exec(runtime)?.[0] ?? '';
-  for (const pkg of ['iptables', 'nftables', 'conntrack', 'libnftables1']) assert.match(install, new RegExp(`\\s${pkg}(\\s|$)`), pkg);
+  for (const pkg of ['iptables', 'nftables', 'conntrack', 'libnftables1', 'libbpf1']) assert.match(install, new RegExp(`\\s${pkg}(\\s|$)`), pkg);
   assert.match(text, /^RUN npm ci\b/m);
   assert.match(text, /^ENTRYPOINT \["nmi", "run"\]$/m);
   // Build-context copies (not --from) must name files that exist.
@@ -264,5 +264,7 @@ test('Containerfile: node 20 build and slim runtime with the rule tools, `nmi ru
   }
   // The addon's loader looks for build/Release/nmi.node next to dist/ (src/native/addon.ts).
   assert.match(runtime, /COPY --from=build \/src\/build\/Release\/nmi\.node build\/Release\/nmi\.node/);
+  // The eBPF object is found next to the addon (builtFile in src/native/addon.ts).
+  assert.match(runtime, /COPY --from=build \/src\/build\/Release\/nmi\.bpf\.o build\/Release\/nmi\.bpf\.o/);
   assert.match(runtime, /COPY --from=build \/src\/dist\/src\/ dist\/src\//);
 });
