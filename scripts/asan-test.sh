@@ -9,7 +9,7 @@
 # such file fails the run, whatever the tests said. Needs root, as npm test.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-default_tests=(server/native-differential systemd/notify e2e/token-native e2e/graceful-stop e2e/rules-nftables)
+default_tests=(server/native-differential systemd/notify e2e/token-native e2e/graceful-stop e2e/rules-nftables e2e/ebpf)
 filters=("${@:-${default_tests[@]}}")
 work="$(mktemp -d "${TMPDIR:-/tmp}/nmi-asan.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
