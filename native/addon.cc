@@ -8,7 +8,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("serverStart", Napi::Function::New(env, nmi::ServerStart, "serverStart"));
   exports.Set("serverRespond", Napi::Function::New(env, nmi::ServerRespond, "serverRespond"));
   exports.Set("serverSetRoutes", Napi::Function::New(env, nmi::ServerSetRoutes, "serverSetRoutes"));
-  exports.Set("serverSetTokens", Napi::Function::New(env, nmi::ServerSetTokens, "serverSetTokens"));
+  exports.Set("serverUpdateTokens", Napi::Function::New(env, nmi::ServerUpdateTokens, "serverUpdateTokens"));
   exports.Set("serverStop", Napi::Function::New(env, nmi::ServerStop, "serverStop"));
   exports.Set("serverStats", Napi::Function::New(env, nmi::ServerStats, "serverStats"));
   exports.Set("bpfSupport", Napi::Function::New(env, nmi::BpfSupport, "bpfSupport"));

@@ -11,7 +11,7 @@ Napi::Value SetNetns(const Napi::CallbackInfo& info);
 Napi::Value ServerStart(const Napi::CallbackInfo& info);
 Napi::Value ServerRespond(const Napi::CallbackInfo& info);
 Napi::Value ServerSetRoutes(const Napi::CallbackInfo& info);
-Napi::Value ServerSetTokens(const Napi::CallbackInfo& info);
+Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info);
 Napi::Value ServerStop(const Napi::CallbackInfo& info);
 Napi::Value ServerStats(const Napi::CallbackInfo& info);
 Napi::Value BpfSupport(const Napi::CallbackInfo& info);

@@ -5,6 +5,8 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -20,9 +22,24 @@ struct RouteIdentity {
   std::string clientIdLower;  // lowercased in TS, as selectIdentity compares
   std::string resourceIdLower;
 };
+// One list per distinct set of identities, shared by every route that has it: on
+// a node, pods of one deployment (or every pod, with one selector) are bound alike.
+class IdentityList {
+ public:
+  IdentityList() : list_(std::make_shared<const std::vector<RouteIdentity>>()) {}
+  IdentityList(std::initializer_list<RouteIdentity> ids) : list_(std::make_shared<const std::vector<RouteIdentity>>(ids)) {}
+  explicit IdentityList(std::shared_ptr<const std::vector<RouteIdentity>> list) : list_(std::move(list)) {}
+  size_t size() const { return list_->size(); }
+  const RouteIdentity& operator[](size_t i) const { return (*list_)[i]; }
+  std::vector<RouteIdentity>::const_iterator begin() const { return list_->begin(); }
+  std::vector<RouteIdentity>::const_iterator end() const { return list_->end(); }
+
+ private:
+  std::shared_ptr<const std::vector<RouteIdentity>> list_;
+};
 struct Route {
   bool exception = false;
-  std::vector<RouteIdentity> identities;
+  IdentityList identities;
 };
 using RouteTable = std::unordered_map<std::string, Route>;  // caller address → route
 

@@ -653,48 +653,63 @@ Napi::Value ServerRespond(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// serverSetRoutes(server, [[address, exception, [[key, clientIdLower, resourceIdLower], ...]], ...])
+// serverSetRoutes(server, [[[key, clientIdLower, resourceIdLower], ...], ...], [[address, exception, list], ...]):
+// each route names its identities by index into the lists, so routes with the same identities share one list.
 Napi::Value ServerSetRoutes(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const char* usage = "serverSetRoutes(server, [[address, exception, [[key, clientIdLower, resourceIdLower]]]])";
-  if (info.Length() != 2 || !info[1].IsArray()) return Usage(env, usage);
+  const char* usage = "serverSetRoutes(server, [[[key, clientIdLower, resourceIdLower]]], [[address, exception, list]])";
+  if (info.Length() != 3 || !info[1].IsArray() || !info[2].IsArray()) return Usage(env, usage);
   auto s = FindServer(info[0]);
   if (!s) return env.Undefined();
+  std::vector<http::IdentityList> lists;
+  Napi::Array listRows = info[1].As<Napi::Array>();
+  for (uint32_t i = 0; i < listRows.Length(); i++) {
+    Napi::Value item = listRows[i];
+    if (!item.IsArray()) return Usage(env, usage);
+    Napi::Array ids = item.As<Napi::Array>();
+    auto list = std::make_shared<std::vector<http::RouteIdentity>>();
+    list->reserve(ids.Length());
+    for (uint32_t j = 0; j < ids.Length(); j++) {
+      Napi::Value id = ids[j];
+      if (!id.IsArray()) return Usage(env, usage);
+      Napi::Array t = id.As<Napi::Array>();
+      Napi::Value k = t[0u], c = t[1u], rid = t[2u];
+      if (!k.IsString() || !c.IsString() || !rid.IsString()) return Usage(env, usage);
+      list->push_back(http::RouteIdentity{k.As<Napi::String>(), c.As<Napi::String>(), rid.As<Napi::String>()});
+    }
+    lists.emplace_back(std::move(list));
+  }
   auto table = std::make_shared<RouteTable>();
-  Napi::Array rows = info[1].As<Napi::Array>();
+  Napi::Array rows = info[2].As<Napi::Array>();
+  table->reserve(rows.Length());
   for (uint32_t i = 0; i < rows.Length(); i++) {
     Napi::Value row = rows[i];
     if (!row.IsArray()) return Usage(env, usage);
     Napi::Array r = row.As<Napi::Array>();
-    Napi::Value addr = r[0u], exc = r[1u], ids = r[2u];
-    if (!addr.IsString() || !exc.IsBoolean() || !ids.IsArray()) return Usage(env, usage);
-    http::Route route;
-    route.exception = exc.As<Napi::Boolean>();
-    Napi::Array list = ids.As<Napi::Array>();
-    for (uint32_t j = 0; j < list.Length(); j++) {
-      Napi::Value item = list[j];
-      if (!item.IsArray()) return Usage(env, usage);
-      Napi::Array t = item.As<Napi::Array>();
-      Napi::Value k = t[0u], c = t[1u], rid = t[2u];
-      if (!k.IsString() || !c.IsString() || !rid.IsString()) return Usage(env, usage);
-      route.identities.push_back(http::RouteIdentity{k.As<Napi::String>(), c.As<Napi::String>(), rid.As<Napi::String>()});
-    }
-    (*table)[addr.As<Napi::String>()] = std::move(route);
+    Napi::Value addr = r[0u], exc = r[1u], list = r[2u];
+    if (!addr.IsString() || !exc.IsBoolean() || !list.IsNumber()) return Usage(env, usage);
+    uint32_t index = list.As<Napi::Number>().Uint32Value();
+    if (index >= lists.size()) return Usage(env, usage);
+    (*table)[addr.As<Napi::String>()] = http::Route{exc.As<Napi::Boolean>(), lists[index]};
   }
   std::lock_guard<std::mutex> lock(s->tablesMutex);
   s->routes = std::move(table);
   return env.Undefined();
 }
 
-// serverSetTokens(server, [[identityKey, resource, prefix, suffix, expiresOn, serveUntilMs], ...])
-Napi::Value ServerSetTokens(const Napi::CallbackInfo& info) {
+// serverUpdateTokens(server, [[identityKey, resource, prefix, suffix, expiresOn, serveUntilMs], ...], [[identityKey, resource], ...]):
+// adds or replaces the first list's tokens and removes the second's, in one swap. Only what changed
+// crosses from JS: the table is copied here (a copy of the bytes, not a rebuild from JS values).
+Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const char* usage = "serverSetTokens(server, [[identityKey, resource, prefix, suffix, expiresOn, serveUntilMs]])";
-  if (info.Length() != 2 || !info[1].IsArray()) return Usage(env, usage);
+  const char* usage =
+      "serverUpdateTokens(server, [[identityKey, resource, prefix, suffix, expiresOn, serveUntilMs]], [[identityKey, resource]])";
+  if (info.Length() != 3 || !info[1].IsArray() || !info[2].IsArray()) return Usage(env, usage);
   auto s = FindServer(info[0]);
   if (!s) return env.Undefined();
-  auto table = std::make_shared<TokenTable>();
+  std::vector<std::pair<std::string, http::TokenEntry>> upserts;
   Napi::Array rows = info[1].As<Napi::Array>();
+  upserts.reserve(rows.Length());
   for (uint32_t i = 0; i < rows.Length(); i++) {
     Napi::Value row = rows[i];
     if (!row.IsArray()) return Usage(env, usage);
@@ -702,10 +717,29 @@ Napi::Value ServerSetTokens(const Napi::CallbackInfo& info) {
     Napi::Value k = r[0u], res = r[1u], pre = r[2u], suf = r[3u], exp = r[4u], until = r[5u];
     if (!k.IsString() || !res.IsString() || !pre.IsString() || !suf.IsString() || !exp.IsNumber() || !until.IsNumber())
       return Usage(env, usage);
-    http::TokenEntry e{pre.As<Napi::String>(), suf.As<Napi::String>(), exp.As<Napi::Number>().Int64Value(),
-                 until.As<Napi::Number>().Int64Value()};
-    (*table)[http::TokenKey(k.As<Napi::String>(), res.As<Napi::String>())] = std::move(e);
+    upserts.emplace_back(http::TokenKey(k.As<Napi::String>(), res.As<Napi::String>()),
+                         http::TokenEntry{pre.As<Napi::String>(), suf.As<Napi::String>(), exp.As<Napi::Number>().Int64Value(),
+                                          until.As<Napi::Number>().Int64Value()});
   }
+  std::vector<std::string> removals;
+  Napi::Array keys = info[2].As<Napi::Array>();
+  for (uint32_t i = 0; i < keys.Length(); i++) {
+    Napi::Value row = keys[i];
+    if (!row.IsArray()) return Usage(env, usage);
+    Napi::Array r = row.As<Napi::Array>();
+    Napi::Value k = r[0u], res = r[1u];
+    if (!k.IsString() || !res.IsString()) return Usage(env, usage);
+    removals.push_back(http::TokenKey(k.As<Napi::String>(), res.As<Napi::String>()));
+  }
+  std::shared_ptr<const TokenTable> current;
+  {
+    std::lock_guard<std::mutex> lock(s->tablesMutex);
+    current = s->tokens;
+  }
+  // Only this (JS) thread writes the table, so nothing changes it between the read above and the swap below.
+  auto table = std::make_shared<TokenTable>(*current);
+  for (auto& key : removals) table->erase(key);
+  for (auto& [key, entry] : upserts) (*table)[key] = std::move(entry);
   std::lock_guard<std::mutex> lock(s->tablesMutex);
   s->tokens = std::move(table);
   return env.Undefined();

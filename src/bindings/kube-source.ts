@@ -1,29 +1,21 @@
 // --bindings kubernetes: list + watch aad-pod-identity's three custom resources and
 // get the Secrets their identities name. The kubeconfig (or in-cluster service
-// account) is read with @kubernetes/client-node; every request goes through undici.
+// account) is read by kubeconfig.ts; every request goes through undici.
 //
 // Per resource, a small reflector: list (paged) → watch from the list's
 // resourceVersion → on a dropped connection watch again from the last
 // resourceVersion seen → on 410 Gone (HTTP status or ERROR event) list again.
-import type https from 'node:https';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { KubeConfig } from '@kubernetes/client-node';
 import { TlsAgent } from '../net/tls-agent.js';
 import { Agent, request, type Dispatcher } from 'undici';
-import { codes, NmiError, UsageError } from '../errors/errors.js';
+import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret } from './model.js';
 import { objectKey, parseBinding, parseException, parseIdentity, parseSecret, type BindingSet } from './parse.js';
 import type { BindingSource } from './store.js';
+import { kubeCredentials, loadKubeConfig, type KubeConfig, type KubeConfigOptions } from './kubeconfig.js';
 
 export const CRD_PATH = '/apis/aadpodidentity.k8s.io/v1';
-
-export interface KubeConfigOptions {
-  /** --kubeconfig; without it the in-cluster service account is used. */
-  kubeconfig?: string;
-  /** Prefix for /var/run/secrets/kubernetes.io/serviceaccount (tests). */
-  pathPrefix?: string;
-}
 
 export interface KubeSourceOptions extends KubeConfigOptions {
   nodeName?: string;
@@ -57,62 +49,24 @@ export class ApiError extends NmiError {
   }
 }
 
-/** Reads --kubeconfig, or the in-cluster config; a missing or unusable config is a usage error. */
-export function loadKubeConfig({ kubeconfig, pathPrefix = '' }: KubeConfigOptions): KubeConfig {
-  const kc = new KubeConfig();
-  if (kubeconfig) {
-    try {
-      kc.loadFromFile(kubeconfig);
-    } catch (err) {
-      throw new UsageError(`--kubeconfig ${kubeconfig}: ${message(err)}`);
-    }
-    if (!kc.getCurrentCluster()) throw new UsageError(`--kubeconfig ${kubeconfig}: the current context names no cluster`);
-    return kc;
-  }
-  if (!process.env.KUBERNETES_SERVICE_HOST || !process.env.KUBERNETES_SERVICE_PORT) {
-    throw new UsageError('--bindings kubernetes: no --kubeconfig and not in a cluster (KUBERNETES_SERVICE_HOST/PORT unset)');
-  }
-  kc.loadFromCluster(pathPrefix);
-  return kc;
-}
-
-/** The API server over undici, with TLS and auth taken from a KubeConfig on every request. */
+/** The API server over undici, with TLS and auth read from the config's files on every request. */
 export class KubeClient {
   readonly server: string;
-  readonly #kc: KubeConfig;
+  readonly #config: KubeConfig;
   readonly #userAgent: string;
   readonly #agent = new TlsAgent((tls) => new Agent({ connect: tls }));
 
-  constructor(kc: KubeConfig, userAgent: string) {
-    const cluster = kc.getCurrentCluster();
-    if (!cluster) throw new UsageError('kubeconfig: the current context names no cluster');
-    this.server = cluster.server.replace(/\/+$/, '');
-    this.#kc = kc;
+  constructor(config: KubeConfig, userAgent: string) {
+    this.server = config.server;
+    this.#config = config;
     this.#userAgent = userAgent;
   }
 
-  // Asked again per request: the service account token and certificates rotate
-  // on disk, and client-node re-reads them.
+  // Read again per request: the service account token and certificates rotate on disk.
   async #prepare(): Promise<{ dispatcher: Agent; headers: Record<string, string> }> {
-    const opts: https.RequestOptions = {};
-    await this.#kc.applyToHTTPSOptions(opts);
-    const tls = {
-      ca: opts.ca,
-      cert: opts.cert,
-      key: opts.key,
-      pfx: opts.pfx,
-      passphrase: opts.passphrase,
-      servername: opts.servername,
-      rejectUnauthorized: opts.rejectUnauthorized,
-    };
+    const { tls, headers } = await kubeCredentials(this.#config);
     // In-flight requests (a watch) finish on the old agent.
-    const dispatcher = this.#agent.for(tls);
-    const headers: Record<string, string> = { accept: 'application/json', 'user-agent': this.#userAgent };
-    for (const [k, v] of Object.entries(opts.headers ?? {})) {
-      if (v !== undefined) headers[k.toLowerCase()] = (Array.isArray(v) ? v.join(', ') : String(v)).trim();
-    }
-    if (opts.auth) headers.authorization = `Basic ${Buffer.from(opts.auth).toString('base64')}`;
-    return { dispatcher, headers };
+    return { dispatcher: this.#agent.for(tls), headers: { accept: 'application/json', 'user-agent': this.#userAgent, ...headers } };
   }
 
   /** Fails early when the credentials named by the config cannot be read. */

@@ -23,26 +23,39 @@ export function isException(pod: Pod, snapshot: BindingSnapshot): boolean {
   return candidates.some((e) => Object.entries(e.podLabels).every(([k, v]) => pod.labels[k] === v));
 }
 
+interface Memo {
+  byPod: WeakMap<Pod, PodIdentities>;
+  /** By namespace and selector, all a non-exception pod's identities depend on: pods bound alike share one answer. */
+  bySelector: Map<string, PodIdentities>;
+}
+
 /**
  * Memoised per (snapshot, pod object): a new bindings snapshot or a kubelet
  * refresh (which makes new Pod objects) starts afresh, so an answer can never
  * outlive the bindings or the pod it was computed from.
  */
-const memo = new WeakMap<BindingSnapshot, [WeakMap<Pod, PodIdentities>, WeakMap<Pod, PodIdentities>]>();
+const memo = new WeakMap<BindingSnapshot, [Memo, Memo]>();
 
 export function identitiesFor(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions): PodIdentities {
   let perSnapshot = memo.get(snapshot);
-  if (!perSnapshot) memo.set(snapshot, (perSnapshot = [new WeakMap(), new WeakMap()]));
-  const perPod = perSnapshot[options.forceNamespaced ? 1 : 0];
-  let result = perPod.get(pod);
-  if (!result) perPod.set(pod, (result = computeIdentities(pod, snapshot, options)));
+  if (!perSnapshot) memo.set(snapshot, (perSnapshot = [0, 1].map(() => ({ byPod: new WeakMap(), bySelector: new Map() })) as [Memo, Memo]));
+  const forOptions = perSnapshot[options.forceNamespaced ? 1 : 0];
+  let result = forOptions.byPod.get(pod);
+  if (!result) forOptions.byPod.set(pod, (result = computeIdentities(pod, snapshot, options, forOptions.bySelector)));
   return result;
 }
 
-function computeIdentities(pod: Pod, snapshot: BindingSnapshot, { forceNamespaced }: MatchOptions): PodIdentities {
+function computeIdentities(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions, bySelector: Map<string, PodIdentities>): PodIdentities {
   if (isException(pod, snapshot)) return { exception: true, identities: [] };
   const selector = pod.labels[BINDING_LABEL];
   if (selector === undefined || selector === '') return noIdentities;
+  const key = `${pod.namespace}/${selector}`;
+  let result = bySelector.get(key);
+  if (!result) bySelector.set(key, (result = selectorIdentities(pod.namespace, selector, snapshot, options)));
+  return result;
+}
+
+function selectorIdentities(namespace: string, selector: string, snapshot: BindingSnapshot, { forceNamespaced }: MatchOptions): PodIdentities {
   const bindings = snapshot.bindingsBySelector.get(selector);
   if (!bindings) return noIdentities;
   const found = new Map<string, AzureIdentity>();
@@ -52,7 +65,7 @@ function computeIdentities(pod: Pod, snapshot: BindingSnapshot, { forceNamespace
     if (!identity) continue;
     // Namespaced: identity, binding and pod all in one namespace (the identity's
     // and the binding's already match by construction of the key).
-    if ((forceNamespaced || identity.namespaced) && binding.namespace !== pod.namespace) continue;
+    if ((forceNamespaced || identity.namespaced) && binding.namespace !== namespace) continue;
     found.set(key, identity);
   }
   return found.size === 0 ? noIdentities : { exception: false, identities: [...found.values()] };

@@ -6,6 +6,7 @@ import type { Logger } from '../log/logger.js';
 import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret } from './model.js';
 import { objectKey, type BindingSet } from './parse.js';
 import { FileBindingSource } from './file-source.js';
+import { KubeBindingSource } from './kube-source.js';
 
 /** What feeds the store: a bindings file or folder, or the API server. */
 export interface BindingSource {
@@ -170,10 +171,8 @@ export interface BindingsConfig {
 }
 
 /** Chooses the source the --bindings flag names. Throws UsageError when the API server config cannot be read. */
-/** The API-server source is imported only when used: @kubernetes/client-node alone costs ~85 MB of RSS. */
 export async function createBindingSource(config: BindingsConfig, log: Logger): Promise<BindingSource> {
   if (config.bindings === 'kubernetes') {
-    const { KubeBindingSource } = await import('./kube-source.js');
     return new KubeBindingSource(log, { kubeconfig: config.kubeconfig, nodeName: config.nodeName });
   }
   return new FileBindingSource(config.bindings, log);

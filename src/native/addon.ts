@@ -34,10 +34,14 @@ export type NativeHandoffError = 'malformed' | 'overflow' | 'timeout' | 'body' |
 /** Called on the JS thread for every request the native side does not answer itself. */
 export type NativeRequestHandler = (connId: number, requestId: number, raw: Buffer | null, remoteAddress: string, error: NativeHandoffError | null) => void;
 
-/** [address, exception, [[identityKey, clientIdLowercase, resourceIdLowercase], ...]] */
-export type NativeRouteRow = [string, boolean, Array<[string, string, string]>];
+/** [identityKey, clientIdLowercase, resourceIdLowercase] */
+export type NativeIdentityRow = [string, string, string];
+/** [address, exception, index of its identity list] */
+export type NativeRouteRow = [string, boolean, number];
 /** [identityKey, resource, bodyBeforeExpiresIn, bodyAfterExpiresIn, expiresOnSeconds, serveUntilMs] */
 export type NativeTokenRow = [string, string, string, string, number, number];
+/** [identityKey, resource] */
+export type NativeTokenKey = [string, string];
 
 export interface NativeServerStats {
   connections: number;
@@ -63,10 +67,10 @@ export interface NativeAddon {
   serverStart(options: NativeServerOptions, onRequest: NativeRequestHandler): { id: number; port: number };
   /** Queues the complete answer bytes of one handed-over request; close ends the connection after it. */
   serverRespond(server: number, connId: number, requestId: number, bytes: Buffer, close: boolean): void;
-  /** Replaces the route table (caller address → identities) in one swap. */
-  serverSetRoutes(server: number, routes: NativeRouteRow[]): void;
-  /** Replaces the token table in one swap. */
-  serverSetTokens(server: number, tokens: NativeTokenRow[]): void;
+  /** Replaces the route table (caller address → identities) in one swap; routes with the same identities share a list. */
+  serverSetRoutes(server: number, lists: NativeIdentityRow[][], routes: NativeRouteRow[]): void;
+  /** Adds or replaces `upserts` and removes `removals` from the token table, in one swap. */
+  serverUpdateTokens(server: number, upserts: NativeTokenRow[], removals: NativeTokenKey[]): void;
   /** Stops accepting and drains (at most drainMs); false when already stopping or stopped. */
   serverStop(server: number, drainMs: number): boolean;
   /** null once the server has stopped. */

@@ -6,10 +6,11 @@
 // back as the bytes node:http would have written for the js server.
 //
 // The tables: routes (caller address → bound identities) are rebuilt from the
-// pods and bindings on every change by attachNativeTables; a token enters the
-// table when the js path has just served it, for a short window, so a token
-// is never served natively past the point where the cache would refresh or
-// drop it by more than that window.
+// pods and bindings on every change by attachNativeTables, one identity list per
+// distinct set; a token enters the table when the js path has just served it,
+// for a short window, so a token is never served natively past the point where
+// the cache would refresh or drop it by more than that window. Only changed
+// tokens cross to C++.
 import http from 'node:http';
 import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
 import type { Pod } from '../kubelet/pod.js';
@@ -17,6 +18,7 @@ import { isCaller } from '../kubelet/pod-index.js';
 import {
   addon,
   type NativeHandoffError,
+  type NativeIdentityRow,
   type NativeRouteRow,
   type NativeServerStats,
   type NativeTokenRow,
@@ -36,8 +38,8 @@ export interface NativeTokenServer {
   readonly port: number | undefined;
   /** Replaces the route table in one swap. */
   setRoutes(routes: NativeRoute[]): void;
-  /** Replaces the token table in one swap. */
-  setTokens(tokens: NativeToken[]): void;
+  /** Adds or replaces `upserts` and removes `removals` from the token table, in one swap. */
+  updateTokens(upserts: NativeToken[], removals: NativeTokenId[]): void;
   /** Called each time the js path answers a token, with what it answered. */
   onTokenServed(listener: TokenServedListener): void;
   /** Counters of the native side; undefined unless listening. */
@@ -50,13 +52,18 @@ export interface NativeRoute {
   address: string;
   /** Exception pods are always handed to the js path (it passes them through). */
   exception: boolean;
-  identities: AzureIdentity[];
+  /** Routes given the same array share one list in the native table. */
+  identities: readonly AzureIdentity[];
 }
 
-export interface NativeToken {
+/** Which token: one per (identity, resource). */
+export interface NativeTokenId {
   identityKey: string;
   /** The resource exactly as requested (after form decoding). */
   resource: string;
+}
+
+export interface NativeToken extends NativeTokenId {
   token: Token;
   /** Wall-clock ms; from then on the js path answers again. */
   serveUntilMs: number;
@@ -99,8 +106,13 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
   let stopped: Promise<void> | undefined;
   let onStopped: () => void = () => {};
   // Tables set before listen() are pushed once the native server exists.
-  let routeRows: NativeRouteRow[] = [];
-  let tokenRows: NativeTokenRow[] = [];
+  let earlyRoutes: NativeRoute[] = [];
+  const earlyTokens = new Map<string, NativeToken>();
+
+  function pushRoutes(serverId: number, routes: NativeRoute[]): void {
+    const { lists, rows } = packRoutes(routes);
+    native.serverSetRoutes(serverId, lists, rows);
+  }
 
   function respond(connId: number, requestId: number, bytes: Buffer | string, close: boolean): void {
     if (id !== undefined) native.serverRespond(id, connId, requestId, Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes, 'latin1'), close);
@@ -156,20 +168,23 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
       );
       id = started.id;
       port = started.port;
-      native.serverSetRoutes(id, routeRows);
-      native.serverSetTokens(id, tokenRows);
+      pushRoutes(id, earlyRoutes);
+      native.serverUpdateTokens(id, [...earlyTokens.values()].map(tokenRow), []);
+      earlyRoutes = [];
+      earlyTokens.clear();
     },
     close(drainMs = limits.drainTimeoutMs) {
       stopped ??= stop(drainMs);
       return stopped;
     },
     setRoutes(routes) {
-      routeRows = routes.map(routeRow);
-      if (id !== undefined) native.serverSetRoutes(id, routeRows);
+      if (id === undefined) earlyRoutes = routes;
+      else pushRoutes(id, routes);
     },
-    setTokens(tokens) {
-      tokenRows = tokens.map(tokenRow);
-      if (id !== undefined) native.serverSetTokens(id, tokenRows);
+    updateTokens(upserts, removals) {
+      if (id !== undefined) return native.serverUpdateTokens(id, upserts.map(tokenRow), removals.map((t) => [t.identityKey, t.resource]));
+      for (const t of removals) earlyTokens.delete(tokenKey(t));
+      for (const t of upserts) earlyTokens.set(tokenKey(t), t);
     },
     onTokenServed(listener) {
       listeners.push(listener);
@@ -180,9 +195,24 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
   };
 }
 
-function routeRow(route: NativeRoute): NativeRouteRow {
-  // Lowercased here with toLowerCase, as selectIdentity compares.
-  return [route.address, route.exception, route.identities.map((i) => [identityKey(i), i.clientID.toLowerCase(), i.resourceID.toLowerCase()])];
+/** One identity list per distinct identities array: 250 pods bound alike are one list, not 250. */
+function packRoutes(routes: NativeRoute[]): { lists: NativeIdentityRow[][]; rows: NativeRouteRow[] } {
+  const index = new Map<readonly AzureIdentity[], number>();
+  const lists: NativeIdentityRow[][] = [];
+  const rows = routes.map(({ address, exception, identities }): NativeRouteRow => {
+    let i = index.get(identities);
+    if (i === undefined) {
+      index.set(identities, (i = lists.length));
+      // Lowercased here with toLowerCase, as selectIdentity compares.
+      lists.push(identities.map((id) => [identityKey(id), id.clientID.toLowerCase(), id.resourceID.toLowerCase()]));
+    }
+    return [address, exception, i];
+  });
+  return { lists, rows };
+}
+
+function tokenKey({ identityKey: key, resource }: NativeTokenId): string {
+  return `${key}\n${resource}`;
 }
 
 /** The answer body split around expires_in, which the native side counts at answer time. */
@@ -304,31 +334,42 @@ export interface NativeTables {
 export function attachNativeTables(server: NativeTokenServer, sources: NativeTableSources): NativeTables {
   const serveWindowMs = sources.serveWindowMs ?? 30_000;
   const tokens = new Map<string, NativeToken>();
+  // What changed since the last push: only that crosses to C++.
+  const upserts = new Map<string, NativeToken>();
+  const removals = new Map<string, NativeToken>();
   let routed = new Set<string>();
 
-  function pushTokens(): void {
-    server.setTokens([...tokens.values()]);
+  function push(): void {
+    if (upserts.size === 0 && removals.size === 0) return;
+    server.updateTokens([...upserts.values()], [...removals.values()]);
+    upserts.clear();
+    removals.clear();
   }
 
-  // Additions are batched per turn of the event loop: pushing the whole table for
-  // every token served made filling n tokens O(n²). Removals still push at once.
+  function remove(key: string, entry: NativeToken): void {
+    tokens.delete(key);
+    upserts.delete(key);
+    removals.set(key, entry);
+  }
+
+  // Additions are batched per turn of the event loop; removals are pushed at once.
   let pushScheduled = false;
   function schedulePush(): void {
     if (pushScheduled) return;
     pushScheduled = true;
     setImmediate(() => {
       pushScheduled = false;
-      pushTokens();
+      push();
     });
   }
 
   function refresh(): void {
     const routes = buildRoutes(sources.pods(), sources.identitiesFor, sources.cgroupsOf);
-    routed = new Set(routes.flatMap((route) => route.identities.map(identityKey)));
+    routed = new Set<string>();
+    for (const identities of new Set(routes.map((route) => route.identities))) for (const identity of identities) routed.add(identityKey(identity));
     server.setRoutes(routes);
-    const before = tokens.size;
-    for (const [key, entry] of tokens) if (!routed.has(entry.identityKey)) tokens.delete(key);
-    if (tokens.size !== before) pushTokens();
+    for (const [key, entry] of tokens) if (!routed.has(entry.identityKey)) remove(key, entry);
+    push();
   }
 
   server.onTokenServed((identity, resource, token) => {
@@ -336,19 +377,22 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
     const serveUntilMs = Math.min(now + serveWindowMs, token.expiresOn * 1000 - EXPIRY_MARGIN_MS);
     const key = identityKey(identity);
     if (serveUntilMs <= now || !routed.has(key)) return;
-    tokens.set(`${key}\n${resource}`, { identityKey: key, resource, token, serveUntilMs });
+    const entry = { identityKey: key, resource, token, serveUntilMs };
+    const id = tokenKey(entry);
+    tokens.set(id, entry);
+    removals.delete(id);
+    upserts.set(id, entry);
     schedulePush();
   });
   sources.store?.on('change', (keys) => {
-    for (const [key, entry] of tokens) if (keys.has(entry.identityKey)) tokens.delete(key);
-    pushTokens();
+    for (const [key, entry] of tokens) if (keys.has(entry.identityKey)) remove(key, entry);
+    push();
   });
   // Routes follow every bindings set (an exception alone changes no identity) and, through refresh(), every pod change.
   sources.store?.on('update', refresh);
   const timer = setInterval(() => {
-    const before = tokens.size;
-    for (const [key, entry] of tokens) if (entry.serveUntilMs <= Date.now()) tokens.delete(key);
-    if (tokens.size !== before) pushTokens();
+    for (const [key, entry] of tokens) if (entry.serveUntilMs <= Date.now()) remove(key, entry);
+    push();
   }, sources.pollMs ?? 200);
   timer.unref();
   refresh();
@@ -359,6 +403,8 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
     },
   };
 }
+
+const none: readonly AzureIdentity[] = [];
 
 /**
  * Addresses of exactly one live pod, as PodIndex indexes them; an address two pods claim is left to the js path.
@@ -376,7 +422,7 @@ export function buildRoutes(pods: readonly Pod[], identitiesFor: (pod: Pod) => P
     if (!pod || set.size > 1) continue;
     const bound = identitiesFor(pod);
     const keys = cgroupsOf ? cgroupsOf(pod).map((id) => `${address}#${id}`) : [address];
-    for (const key of keys) routes.push({ address: key, exception: bound.exception, identities: bound.exception ? [] : bound.identities });
+    for (const key of keys) routes.push({ address: key, exception: bound.exception, identities: bound.exception ? none : bound.identities });
   }
   return routes;
 }

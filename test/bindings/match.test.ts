@@ -75,6 +75,15 @@ test('several bindings to one identity give it once; several identities come in 
   assert.deepEqual(names(s, pod('a', { aadpodidbinding: 'sel' })), ['a/x', 'a/y']);
 });
 
+test('pods bound alike (namespace and selector) share one identity list; the namespace still counts', () => {
+  const s = snapshot(id('shared', 'ns-id', { namespaced: true }), binding('shared', 'b1', 'ns-id', 'sel'), id('shared', 'open-id'), binding('shared', 'b2', 'open-id', 'sel'));
+  const of = (ns: string, labels: Record<string, string>) => identitiesFor(pod(ns, labels), s, { forceNamespaced: false }).identities;
+  // The native route table keeps one list per distinct array: 250 pods bound alike are one list.
+  assert.equal(of('shared', { aadpodidbinding: 'sel', app: 'one' }), of('shared', { aadpodidbinding: 'sel', app: 'two' }));
+  assert.deepEqual(of('app', { aadpodidbinding: 'sel' }).map((i) => i.name), ['open-id']);
+  assert.deepEqual(of('shared', { aadpodidbinding: 'sel' }).map((i) => i.name), ['ns-id', 'open-id']);
+});
+
 test('a binding whose identity is missing binds nothing', () => {
   const s = snapshot(binding('a', 'b', 'ghost', 'sel'));
   assert.deepEqual(identitiesFor(pod('a', { aadpodidbinding: 'sel' }), s, { forceNamespaced: false }), { exception: false, identities: [] });
