@@ -14,15 +14,17 @@ export const DURATION_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 
 // which showed in the cache-hit profile: the token server counts in plain
 // numbers and hands them over at scrape time.
 export function registerServerMetrics(registry: Registry): ServerMetrics {
-  // Per (route, code): counted, and counted by the last scrape.
-  const requests = new Map<string, { labels: { code: string; route: RouteName }; count: number; seen: number }>();
+  // Per route, per code (looked up without building a key); listed in the order first seen, as prom-client would.
+  type Counted = { labels: { code: string; route: RouteName }; count: number; seen: number };
+  const requests = new Map<RouteName, Map<string, Counted>>();
+  const listed: Counted[] = [];
   new Counter({
     name: 'nmi_http_requests_total',
     help: 'Requests answered by the token server, by status code and route',
     labelNames: ['code', 'route'] as const,
     registers: [registry],
     collect() {
-      for (const r of requests.values()) {
+      for (const r of listed) {
         if (r.count > r.seen) this.inc(r.labels, r.count - r.seen);
         r.seen = r.count;
       }
@@ -37,9 +39,13 @@ export function registerServerMetrics(registry: Registry): ServerMetrics {
   registry.registerMetric(duration as unknown as Histogram<'route'>);
   return {
     observe(route, code, seconds) {
-      const key = `${route} ${code}`;
-      let counted = requests.get(key);
-      if (!counted) requests.set(key, (counted = { labels: { code, route }, count: 0, seen: 0 }));
+      let byCode = requests.get(route);
+      if (!byCode) requests.set(route, (byCode = new Map()));
+      let counted = byCode.get(code);
+      if (!counted) {
+        byCode.set(code, (counted = { labels: { code, route }, count: 0, seen: 0 }));
+        listed.push(counted);
+      }
       counted.count++;
       duration.observe(route, seconds);
     },
@@ -67,8 +73,9 @@ class RouteDurations {
   observe(route: RouteName, seconds: number): void {
     let counts = this.routes.get(route);
     if (!counts) this.routes.set(route, (counts = { buckets: this.bounds.map(() => 0), sum: 0, count: 0 }));
-    const bucket = this.bounds.findIndex((le) => seconds <= le);
-    if (bucket >= 0) counts.buckets[bucket]! += 1;
+    let bucket = 0;
+    while (bucket < this.bounds.length && seconds > this.bounds[bucket]!) bucket++;
+    if (bucket < this.bounds.length) counts.buckets[bucket]! += 1;
     counts.sum += seconds;
     counts.count += 1;
   }

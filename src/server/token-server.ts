@@ -271,10 +271,17 @@ export function upstreamAnswer(err: UpstreamFailure) {
   return problemAnswer(unavailable(seconds));
 }
 
+/** Per keep-alive connection: socket.remoteAddress costs more than a lookup here, on every request. */
+const callerAddresses = new WeakMap<Socket, string | undefined>();
+
 /** The pod's address as the pod index keys it: IPv4-mapped IPv6 unwrapped. */
 export function callerAddress(socket: Socket): string | undefined {
+  const known = callerAddresses.get(socket);
+  if (known !== undefined) return known;
   const address = socket.remoteAddress;
-  return address?.startsWith('::ffff:') ? address.slice('::ffff:'.length) : address;
+  const caller = address?.startsWith('::ffff:') ? address.slice('::ffff:'.length) : address;
+  if (caller !== undefined) callerAddresses.set(socket, caller);
+  return caller;
 }
 
 /** Malformed requests never reach the handler: answer them in IMDS's shape, then hang up. */
