@@ -2,7 +2,7 @@
 // the nmi daemon under test, its bindings and its memory.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import http from 'node:http';
 import net, { type AddressInfo } from 'node:net';
 import path from 'node:path';
@@ -164,6 +164,19 @@ export function memory(pid: number): Memory {
     return Number(v);
   };
   return { rssKiB: kib('VmRSS'), hwmKiB: kib('VmHWM') };
+}
+
+/** CPU time the process's live threads have had, in µs (schedstat: ns, unlike /proc/pid/stat's 10 ms ticks). */
+export function cpuUs(pid: number): number {
+  let ns = 0;
+  for (const task of readdirSync(`/proc/${pid}/task`)) {
+    try {
+      ns += Number(readFileSync(`/proc/${pid}/task/${task}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return ns / 1000;
 }
 
 export function mib(kib: number): string {

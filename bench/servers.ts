@@ -15,6 +15,7 @@ import {
   freePort,
   interrupt,
   LOAD_CPU,
+  cpuUs,
   memory,
   mib,
   nativeCounts,
@@ -62,6 +63,8 @@ interface Measured extends WrkResult {
   server: ServerName;
   trial: number;
   rssKiB: number;
+  /** The server process's CPU time (all threads, kernel included) over the measured run, per request: what a request costs it, however busy the machine. */
+  cpuUsPerRequest: number;
   /** Native only: share of the daemon's requests answered in C++. */
   nativeShare?: number;
 }
@@ -184,8 +187,10 @@ async function trial(s: Setup, server: ServerName, p: PathName, n: number): Prom
       connections: s.params.connections,
     };
     await wrk({ ...load, seconds: s.params.warmupS });
+    const cpuBefore = cpuUs(started.pid);
     const result = await wrk({ ...load, seconds: s.params.durationS });
-    const measured: Measured = { path: p, server, trial: n, ...result, rssKiB: memory(started.pid).rssKiB };
+    const cpuUsPerRequest = (cpuUs(started.pid) - cpuBefore) / Math.max(1, result.requests);
+    const measured: Measured = { path: p, server, trial: n, ...result, rssKiB: memory(started.pid).rssKiB, cpuUsPerRequest };
     if (started.metrics) {
       const { hit, js } = nativeCounts(await started.metrics());
       measured.nativeShare = hit / Math.max(1, hit + js);
@@ -196,19 +201,24 @@ async function trial(s: Setup, server: ServerName, p: PathName, n: number): Prom
   }
 }
 
+function medianCpu(all: Measured[], p: PathName, server: ServerName): number | undefined {
+  const sorted = all.filter((x) => x.path === p && x.server === server).map((x) => x.cpuUsPerRequest).sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)];
+}
+
 /** The trial with the median rate (for an even count, the upper middle one). */
 function median(results: Measured[]): Measured | undefined {
   const sorted = [...results].sort((a, b) => a.rps - b.rps);
   return sorted[Math.floor(sorted.length / 2)];
 }
 
-const WIDTHS = [9, 7, 6, 8, 9, 9, 10, 7];
-const HEADER = ['path', 'server', 'trial', 'req/s', 'p50', 'p99', 'RSS after', 'in C++'];
+const WIDTHS = [9, 7, 6, 8, 9, 9, 9, 10, 7];
+const HEADER = ['path', 'server', 'trial', 'req/s', 'p50', 'p99', 'cpu/req', 'RSS after', 'in C++'];
 
 function line(m: Measured): string {
   const ms = (v: number) => `${v.toFixed(2)}ms`;
   const share = m.nativeShare === undefined ? '' : `${(m.nativeShare * 100).toFixed(1)}%`;
-  return row([m.path, m.server, m.trial, m.rps.toFixed(0), ms(m.p50Ms), ms(m.p99Ms), mib(m.rssKiB), share], WIDTHS) + (m.socketErrors ? `  socket errors: ${m.socketErrors}` : '');
+  return row([m.path, m.server, m.trial, m.rps.toFixed(0), ms(m.p50Ms), ms(m.p99Ms), `${m.cpuUsPerRequest.toFixed(1)}µs`, mib(m.rssKiB), share], WIDTHS) + (m.socketErrors ? `  socket errors: ${m.socketErrors}` : '');
 }
 
 interface Goal {
@@ -250,11 +260,22 @@ function printResults(all: Measured[], params: ThroughputParams): void {
     const y = medians.get(`${p}/${b}`);
     return x && y ? `${a}/${b} ${(x.rps / y.rps).toFixed(2)}` : undefined;
   };
+  // Inverted, so it reads like the rate ratio it predicts when the server's core is the bottleneck.
+  const cpuRatio = (p: PathName, a: ServerName, b: ServerName) => {
+    const x = medianCpu(all, p, a);
+    const y = medianCpu(all, p, b);
+    return x !== undefined && y !== undefined ? `${a}/${b} ${(y / x).toFixed(2)}` : undefined;
+  };
   say('');
   say('req/s ratios of the median trials, per path:');
   for (const p of params.paths) {
     const pairs: Array<[ServerName, ServerName]> = [['native', 'c'], ['native', 'node'], ['native', 'js'], ['js', 'node'], ['node', 'c']];
     say(`  ${p.padEnd(9)} ${pairs.map(([a, b]) => ratio(p, a, b)).filter(Boolean).join('   ')}`);
+  }
+  say('cpu per request, inverted (b\'s cpu/req ÷ a\'s), medians of all trials, per path: less sensitive to a busy machine');
+  for (const p of params.paths) {
+    const pairs: Array<[ServerName, ServerName]> = [['native', 'c'], ['native', 'node'], ['js', 'node'], ['node', 'c']];
+    say(`  ${p.padEnd(9)} ${pairs.map(([a, b]) => cpuRatio(p, a, b)).filter(Boolean).join('   ')}`);
   }
   say('');
   say(`goals (median trials, same path${params.connections === 64 ? '' : `; the p99 goal is defined at 64 connections, this run used ${params.connections}`}):`);

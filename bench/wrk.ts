@@ -7,6 +7,7 @@ const run = promisify(execFile);
 
 export interface WrkResult {
   rps: number;
+  requests: number;
   p50Ms: number;
   p99Ms: number;
   socketErrors?: string;
@@ -19,14 +20,15 @@ function toMs(value: string, unit: string): number {
 
 export function parseWrk(text: string): WrkResult {
   const rps = /^Requests\/sec:\s+([\d.]+)/m.exec(text);
+  const requests = /^\s*(\d+) requests in /m.exec(text);
   const p50 = /^\s+50%\s+([\d.]+)(us|ms|s)\b/m.exec(text);
   const p99 = /^\s+99%\s+([\d.]+)(us|ms|s)\b/m.exec(text);
-  if (!rps || !p50 || !p99) throw new Error(`unexpected wrk output:\n${text}`);
+  if (!rps || !requests || !p50 || !p99) throw new Error(`unexpected wrk output:\n${text}`);
   // A fast 404 is not a cache hit.
   const non2xx = /Non-2xx or 3xx responses: (\d+)/.exec(text);
   if (non2xx) throw new Error(`wrk saw ${non2xx[1]} answers other than 2xx/3xx: not a cache-hit benchmark\n${text}`);
   const errors = /Socket errors: (.*)/.exec(text)?.[1];
-  return { rps: Number(rps[1]), p50Ms: toMs(p50[1]!, p50[2]!), p99Ms: toMs(p99[1]!, p99[2]!), socketErrors: errors };
+  return { rps: Number(rps[1]), requests: Number(requests[1]), p50Ms: toMs(p50[1]!, p50[2]!), p99Ms: toMs(p99[1]!, p99[2]!), socketErrors: errors };
 }
 
 export interface WrkRun {

@@ -6,16 +6,19 @@
 #include <string.h>
 #include <time.h>
 
-#include <cctype>
+#include <charconv>
+#include <climits>
 #include <cstdio>
-#include <map>
 #include <unordered_set>
 
 namespace nmi {
 namespace http {
 namespace {
 
-const std::unordered_set<std::string> kApiVersions = {
+using std::string_view;
+constexpr size_t npos = string_view::npos;
+
+const std::unordered_set<string_view> kApiVersions = {
     "2018-02-01", "2019-03-11", "2019-06-01", "2019-06-04", "2019-08-01", "2019-08-15", "2019-11-01",
     "2020-06-01", "2020-07-15", "2020-09-01", "2020-10-01", "2020-12-01", "2021-01-01", "2021-02-01",
     "2021-03-01", "2021-05-01", "2021-08-01", "2021-10-01", "2021-11-01", "2021-11-15", "2021-12-13",
@@ -23,16 +26,36 @@ const std::unordered_set<std::string> kApiVersions = {
     "2024-03-15", "2024-07-17", "2025-04-07",
 };
 
-// c != 0 because strchr finds the terminator: a NUL byte is no tchar (llhttp refuses it).
-bool IsTchar(unsigned char c) {
-  return isalnum(c) || (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != nullptr);
+// Byte classes as tables: isalnum and strchr per byte showed in the profile.
+struct CharClasses {
+  bool tchar[256] = {};   // RFC 9110 tchar (a NUL byte is none: llhttp refuses it)
+  bool target[256] = {};  // RFC 3986 pchar and query characters; anything else is left to TS
+};
+constexpr CharClasses MakeCharClasses() {
+  CharClasses c;
+  for (int i = 0; i < 256; i++) {
+    bool alnum = (i >= '0' && i <= '9') || (i >= 'a' && i <= 'z') || (i >= 'A' && i <= 'Z');
+    c.tchar[i] = c.target[i] = alnum;
+  }
+  for (const char* p = "!#$%&'*+-.^_`|~"; *p; p++) c.tchar[static_cast<unsigned char>(*p)] = true;
+  for (const char* p = "-._~!$&'()*+,;=:@/?%"; *p; p++) c.target[static_cast<unsigned char>(*p)] = true;
+  return c;
 }
-// RFC 3986 pchar and query characters; anything else is left to TS.
-bool IsTargetChar(unsigned char c) {
-  return isalnum(c) || (c != 0 && strchr("-._~!$&'()*+,;=:@/?%", c) != nullptr);
+constexpr CharClasses kClasses = MakeCharClasses();
+
+bool IsTchar(unsigned char c) { return kClasses.tchar[c]; }
+bool IsTargetChar(unsigned char c) { return kClasses.target[c]; }
+char LowerAscii(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c + 32) : c; }
+// `lower` is already lower case.
+bool EqualsIgnoreCase(string_view s, string_view lower) {
+  if (s.size() != lower.size()) return false;
+  for (size_t i = 0; i < s.size(); i++)
+    if (LowerAscii(s[i]) != lower[i]) return false;
+  return true;
 }
-std::string Lower(std::string s) {
-  for (auto& c : s) c = static_cast<char>(tolower(static_cast<unsigned char>(c)));
+string_view TrimBlanks(string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
   return s;
 }
 int HexValue(char c) {
@@ -42,103 +65,119 @@ int HexValue(char c) {
   return -1;
 }
 // decodeURIComponent of form data, limited to ASCII: false when TS must judge.
-bool DecodeAscii(const std::string& in, std::string& out) {
-  out.clear();
+// A null out only checks.
+bool DecodeAscii(string_view in, std::string* out) {
+  if (out) out->clear();
   for (size_t i = 0; i < in.size(); i++) {
     char c = in[i];
     if (c == '+') {
-      out += ' ';
+      c = ' ';
     } else if (c == '%') {
       if (i + 2 >= in.size()) return false;
       int hi = HexValue(in[i + 1]), lo = HexValue(in[i + 2]);
       if (hi < 0 || lo < 0 || hi >= 8) return false;
-      out += static_cast<char>(hi * 16 + lo);
+      c = static_cast<char>(hi * 16 + lo);
       i += 2;
-    } else {
-      out += c;
     }
+    if (out) *out += c;
   }
   return true;
 }
 
-bool FirstLineLooksValid(const std::string& in) {
+bool FirstLineLooksValid(string_view in) {
   size_t end = in.find('\n');
-  if (end == std::string::npos) return true;  // not judged yet
-  std::string line = in.substr(0, end);
-  if (!line.empty() && line.back() == '\r') line.pop_back();
+  if (end == npos) return true;  // not judged yet
+  string_view line = in.substr(0, end);
+  if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
   size_t sp1 = line.find(' ');
   size_t sp2 = line.rfind(' ');
-  if (sp1 == std::string::npos || sp1 == 0 || sp1 == sp2) return false;
+  if (sp1 == npos || sp1 == 0 || sp1 == sp2) return false;
   for (size_t i = 0; i < sp1; i++)
     if (!IsTchar(line[i])) return false;
-  std::string version = line.substr(sp2 + 1);
+  string_view version = line.substr(sp2 + 1);
   return version == "HTTP/1.1" || version == "HTTP/1.0";
+}
+
+void AppendDecimal(int64_t n, std::string& out) {
+  char digits[24];
+  auto end = std::to_chars(digits, digits + sizeof digits, n).ptr;
+  out.append(digits, static_cast<size_t>(end - digits));
 }
 
 }  // namespace
 
-std::string TokenKey(const std::string& identity, const std::string& resource) { return identity + '\n' + resource; }
-
-std::string HttpDate(int64_t nowMs) {
-  static const char* days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
-  static const char* months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-  time_t secs = static_cast<time_t>(nowMs / 1000);
-  tm t{};
-  gmtime_r(&secs, &t);
-  char buf[40];
-  snprintf(buf, sizeof buf, "%s, %02d %s %04d %02d:%02d:%02d GMT", days[t.tm_wday], t.tm_mday, months[t.tm_mon],
-           t.tm_year + 1900, t.tm_hour, t.tm_min, t.tm_sec);
-  return buf;
+void TokenKey(const std::string& identity, const std::string& resource, std::string& key) {
+  key.assign(identity).append(1, '\n').append(resource);
+}
+std::string TokenKey(const std::string& identity, const std::string& resource) {
+  std::string key;
+  TokenKey(identity, resource, key);
+  return key;
 }
 
-Head ParseHead(const std::string& head) {
+void AppendHttpDate(int64_t nowMs, std::string& out) {
+  static const char* days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
+  static const char* months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  thread_local int64_t renderedSecond = INT64_MIN;
+  thread_local char text[40];
+  thread_local size_t length = 0;
+  int64_t second = nowMs / 1000;
+  if (second != renderedSecond) {
+    time_t secs = static_cast<time_t>(second);
+    tm t{};
+    gmtime_r(&secs, &t);
+    int n = snprintf(text, sizeof text, "%s, %02d %s %04d %02d:%02d:%02d GMT", days[t.tm_wday], t.tm_mday,
+                     months[t.tm_mon], t.tm_year + 1900, t.tm_hour, t.tm_min, t.tm_sec);
+    length = n > 0 ? static_cast<size_t>(n) : 0;
+    renderedSecond = second;
+  }
+  out.append(text, length);
+}
+
+Head ParseHead(string_view head) {
   Head h;
   size_t lineEnd = head.find("\r\n");
-  std::string line = head.substr(0, lineEnd);
+  string_view line = head.substr(0, lineEnd);
   size_t sp1 = line.find(' ');
   size_t sp2 = line.rfind(' ');
-  if (sp1 == std::string::npos || sp1 == sp2 || sp1 == 0) return h;
+  if (sp1 == npos || sp1 == sp2 || sp1 == 0) return h;
   for (size_t i = 0; i < sp1; i++)
     if (!IsTchar(line[i])) return h;
-  std::string version = line.substr(sp2 + 1);
-  if (version == "HTTP/1.0") h.keepAlive = false;
+  string_view version = line.substr(sp2 + 1);
+  bool http10 = version == "HTTP/1.0";
+  if (http10) h.keepAlive = false;
   else if (version != "HTTP/1.1") return h;
   bool sawLength = false;
   size_t at = lineEnd + 2;
   while (at < head.size()) {
     size_t end = head.find("\r\n", at);
-    if (end == std::string::npos) end = head.size();
-    std::string field = head.substr(at, end - at);
+    if (end == npos) end = head.size();
+    string_view field = head.substr(at, end - at);
     at = end + 2;
     if (field.empty()) break;  // the blank line ending the head
     size_t colon = field.find(':');
-    if (colon == std::string::npos || colon == 0) return h;
-    std::string name = Lower(field.substr(0, colon));
-    size_t v = colon + 1;
-    while (v < field.size() && (field[v] == ' ' || field[v] == '\t')) v++;
-    size_t ve = field.size();
-    while (ve > v && (field[ve - 1] == ' ' || field[ve - 1] == '\t')) ve--;
-    std::string value = Lower(field.substr(v, ve - v));
-    if (name == "connection") {
+    if (colon == npos || colon == 0) return h;
+    string_view name = field.substr(0, colon);
+    string_view value = TrimBlanks(field.substr(colon + 1));
+    if (EqualsIgnoreCase(name, "connection")) {
       // Token list; close wins, keep-alive revives an HTTP/1.0 connection.
       size_t p = 0;
       while (p <= value.size()) {
         size_t q = value.find(',', p);
-        if (q == std::string::npos) q = value.size();
-        std::string tok = value.substr(p, q - p);
-        while (!tok.empty() && (tok.front() == ' ' || tok.front() == '\t')) tok.erase(0, 1);
-        while (!tok.empty() && (tok.back() == ' ' || tok.back() == '\t')) tok.pop_back();
-        if (tok == "close") h.keepAlive = false;
-        else if (tok == "keep-alive" && version == "HTTP/1.0") h.keepAlive = true;
+        if (q == npos) q = value.size();
+        string_view tok = TrimBlanks(value.substr(p, q - p));
+        if (EqualsIgnoreCase(tok, "close")) h.keepAlive = false;
+        else if (EqualsIgnoreCase(tok, "keep-alive") && http10) h.keepAlive = true;
         p = q + 1;
       }
-    } else if (name == "transfer-encoding") {
+    } else if (EqualsIgnoreCase(name, "transfer-encoding")) {
       h.bodyUnsupported = true;
-    } else if (name == "content-length") {
-      if (value.empty() || value.size() > 12 || value.find_first_not_of("0123456789") != std::string::npos) {
+    } else if (EqualsIgnoreCase(name, "content-length")) {
+      if (value.empty() || value.size() > 12 || value.find_first_not_of("0123456789") != npos) {
         h.badLength = true;
       } else {
-        size_t n = std::stoull(value);
+        size_t n = 0;
+        for (char c : value) n = n * 10 + static_cast<size_t>(c - '0');
         if (sawLength && n != h.contentLength) h.badLength = true;
         h.contentLength = n;
         sawLength = true;
@@ -150,21 +189,21 @@ Head ParseHead(const std::string& head) {
   return h;
 }
 
-size_t LeadingEmptyLines(const std::string& in) {
+size_t LeadingEmptyLines(string_view in) {
   size_t skip = 0;
   while (skip + 1 < in.size() && in[skip] == '\r' && in[skip + 1] == '\n') skip += 2;
   return skip;
 }
 
-Framing FrameRequest(const std::string& in, size_t maxHeaderBytes) {
+Framing FrameRequest(string_view in, size_t maxHeaderBytes) {
   Framing f;
   if (!FirstLineLooksValid(in)) {
     f.kind = Framing::kMalformed;
     return f;
   }
   size_t end = in.find("\r\n\r\n");
-  if (end == std::string::npos || end + 4 > maxHeaderBytes) {
-    if (in.size() > maxHeaderBytes || end != std::string::npos) f.kind = Framing::kOverflow;
+  if (end == npos || end + 4 > maxHeaderBytes) {
+    if (in.size() > maxHeaderBytes || end != npos) f.kind = Framing::kOverflow;
     return f;
   }
   f.headBytes = end + 4;
@@ -176,87 +215,101 @@ Framing FrameRequest(const std::string& in, size_t maxHeaderBytes) {
   return f;
 }
 
-bool ParseHitRequest(const std::string& head, bool metadataHeaderRequired, HitQuery& q) {
+bool ParseHitRequest(string_view head, bool metadataHeaderRequired, HitQuery& q) {
   size_t lineEnd = head.find("\r\n");
-  std::string line = head.substr(0, lineEnd);
-  if (line.compare(0, 4, "GET ") != 0 || line.size() < 13 || line.compare(line.size() - 9, 9, " HTTP/1.1") != 0) return false;
-  std::string target = line.substr(4, line.size() - 13);
+  string_view line = head.substr(0, lineEnd);
+  if (line.size() < 13 || line.substr(0, 4) != "GET " || line.substr(line.size() - 9) != " HTTP/1.1") return false;
+  string_view target = line.substr(4, line.size() - 13);
   for (unsigned char ch : target)
     if (!IsTargetChar(ch)) return false;
   size_t qm = target.find('?');
-  std::string path = target.substr(0, qm);
-  if (path != kTokenPath && path != std::string(kTokenPath) + "/") return false;
-  std::string query = qm == std::string::npos ? "" : target.substr(qm + 1);
+  string_view path = target.substr(0, qm);
+  if (!path.empty() && path.back() == '/') path.remove_suffix(1);  // the token path with one trailing slash
+  if (path != kTokenPath) return false;
+  string_view query = qm == npos ? string_view() : target.substr(qm + 1);
 
   // Headers: anything the js server treats specially goes to it.
   int metadataCount = 0, hostCount = 0;
-  std::string metadata;
+  bool metadataTrue = false;
   size_t at = lineEnd + 2;
   while (at + 2 < head.size()) {
     size_t end = head.find("\r\n", at);
-    std::string field = head.substr(at, end - at);
+    if (end == npos) return false;  // not a head FrameRequest gave
+    string_view field = head.substr(at, end - at);
     at = end + 2;
     size_t colon = field.find(':');
-    if (colon == std::string::npos || colon == 0) return false;
-    for (size_t i = 0; i < colon; i++)
-      if (!IsTchar(field[i])) return false;
-    std::string name = Lower(field.substr(0, colon));
-    size_t v = colon + 1;
-    while (v < field.size() && (field[v] == ' ' || field[v] == '\t')) v++;
-    size_t ve = field.size();
-    while (ve > v && (field[ve - 1] == ' ' || field[ve - 1] == '\t')) ve--;
-    for (size_t i = v; i < ve; i++) {
-      unsigned char ch = field[i];
+    if (colon == npos || colon == 0) return false;
+    string_view name = field.substr(0, colon);
+    for (unsigned char ch : name)
+      if (!IsTchar(ch)) return false;
+    string_view value = TrimBlanks(field.substr(colon + 1));
+    for (unsigned char ch : value)
       if ((ch < 0x20 && ch != '\t') || ch >= 0x7f) return false;
-    }
-    std::string value = field.substr(v, ve - v);
-    if (name == "metadata") {
+    if (EqualsIgnoreCase(name, "metadata")) {
       metadataCount++;
-      metadata = Lower(value);
-    } else if (name == "host") {
+      metadataTrue = EqualsIgnoreCase(value, "true");
+    } else if (EqualsIgnoreCase(name, "host")) {
       hostCount++;
-    } else if (name == "connection") {
-      std::string lv = Lower(value);
-      if (lv != "close" && lv != "keep-alive") return false;
-    } else if (name == "x-forwarded-for" || name == "forwarded" || name == "via" || name == "transfer-encoding" ||
-               name == "content-length" || name == "upgrade" || name == "expect") {
+    } else if (EqualsIgnoreCase(name, "connection")) {
+      if (!EqualsIgnoreCase(value, "close") && !EqualsIgnoreCase(value, "keep-alive")) return false;
+    } else if (EqualsIgnoreCase(name, "x-forwarded-for") || EqualsIgnoreCase(name, "forwarded") ||
+               EqualsIgnoreCase(name, "via") || EqualsIgnoreCase(name, "transfer-encoding") ||
+               EqualsIgnoreCase(name, "content-length") || EqualsIgnoreCase(name, "upgrade") ||
+               EqualsIgnoreCase(name, "expect")) {
       return false;
     }
   }
   if (hostCount == 0) return false;
-  if (metadataHeaderRequired && (metadataCount != 1 || metadata != "true")) return false;
+  if (metadataHeaderRequired && (metadataCount != 1 || !metadataTrue)) return false;
 
-  // Query: form-decoded; any parameter repeated, escaped beyond ASCII or malformed goes to TS.
-  std::map<std::string, std::string> params;
+  // Query: form-decoded; any parameter repeated, escaped beyond ASCII or malformed goes to TS,
+  // and so does a query of more parameters than a token request has.
+  struct Param {
+    std::string name;  // decoded
+    string_view value;  // raw, known to decode
+  };
+  constexpr size_t kMaxParams = 8;
+  Param params[kMaxParams];
+  size_t count = 0;
   size_t p = 0;
   while (p <= query.size()) {
     size_t amp = query.find('&', p);
-    if (amp == std::string::npos) amp = query.size();
-    std::string pair = query.substr(p, amp - p);
+    if (amp == npos) amp = query.size();
+    string_view pair = query.substr(p, amp - p);
     p = amp + 1;
     if (pair.empty()) continue;
+    if (count == kMaxParams) return false;
     size_t eq = pair.find('=');
-    std::string name, value;
-    if (!DecodeAscii(pair.substr(0, eq), name)) return false;
-    if (!DecodeAscii(eq == std::string::npos ? "" : pair.substr(eq + 1), value)) return false;
-    if (!params.emplace(name, value).second) return false;
+    Param& param = params[count];
+    param.value = eq == npos ? string_view() : pair.substr(eq + 1);
+    if (!DecodeAscii(pair.substr(0, eq), &param.name) || !DecodeAscii(param.value, nullptr)) return false;
+    for (size_t i = 0; i < count; i++)
+      if (params[i].name == param.name) return false;
+    count++;
   }
-  auto api = params.find("api-version");
-  if (api == params.end() || !kApiVersions.count(api->second)) return false;
-  auto res = params.find("resource");
-  if (res == params.end() || res->second.empty()) return false;
+  auto find = [&](string_view name) -> const Param* {
+    for (size_t i = 0; i < count; i++)
+      if (params[i].name == name) return &params[i];
+    return nullptr;
+  };
+  const Param* api = find("api-version");
+  std::string apiVersion;
+  if (!api || !DecodeAscii(api->value, &apiVersion) || !kApiVersions.count(apiVersion)) return false;
+  const Param* res = find("resource");
+  if (!res || !DecodeAscii(res->value, &q.resource) || q.resource.empty()) return false;
   int ids = 0;
-  q = HitQuery{};
+  q.by = HitQuery::By::kOnly;
+  q.wanted.clear();
   for (const char* name : {"client_id", "object_id", "msi_res_id", "mi_res_id"}) {
-    auto it = params.find(name);
-    if (it == params.end()) continue;
+    const Param* id = find(name);
+    if (!id) continue;
     ids++;
     if (strcmp(name, "object_id") == 0) return false;  // never matches: "Identity not found"
     q.by = strcmp(name, "client_id") == 0 ? HitQuery::By::kClientId : HitQuery::By::kResourceId;
-    q.wanted = Lower(it->second);
+    DecodeAscii(id->value, &q.wanted);
+    for (auto& c : q.wanted) c = LowerAscii(c);
   }
   if (ids > 1 || (ids == 1 && q.wanted.empty())) return false;
-  q.resource = res->second;
   return true;
 }
 
@@ -278,19 +331,28 @@ bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAli
     }
     if (!chosen) return false;
   }
-  auto token = tokens.find(TokenKey(chosen->key, q.resource));
+  thread_local std::string key;  // reused: no allocation per request
+  TokenKey(chosen->key, q.resource, key);
+  auto token = tokens.find(key);
   if (token == tokens.end() || nowMs >= token->second.serveUntilMs) return false;
 
-  int64_t expiresIn = token->second.expiresOn - nowMs / 1000;
+  const TokenEntry& e = token->second;
+  int64_t expiresIn = e.expiresOn - nowMs / 1000;
   if (expiresIn < 0) expiresIn = 0;
-  std::string body = token->second.prefix + std::to_string(expiresIn) + token->second.suffix;
-  out.reserve(body.size() + 256);
+  char digits[24];
+  size_t digitCount = static_cast<size_t>(std::to_chars(digits, digits + sizeof digits, expiresIn).ptr - digits);
+  size_t bodyBytes = e.prefix.size() + digitCount + e.suffix.size();
+  // Appended in place, one growth at most: this is every hit's answer.
+  size_t needed = out.size() + bodyBytes + 256;
+  if (out.capacity() < needed) out.reserve(needed);
   out += "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ";
-  out += std::to_string(body.size());
+  AppendDecimal(static_cast<int64_t>(bodyBytes), out);
   out += "\r\nCache-Control: no-store\r\nDate: ";
-  out += HttpDate(nowMs);
+  AppendHttpDate(nowMs, out);
   out += keepAlive ? "\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" : "\r\nConnection: close\r\n\r\n";
-  out += body;
+  out += e.prefix;
+  out.append(digits, digitCount);
+  out += e.suffix;
   return true;
 }
 

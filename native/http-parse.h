@@ -8,6 +8,7 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -52,9 +53,12 @@ struct TokenEntry {
 using TokenTable = std::unordered_map<std::string, TokenEntry>;  // key '\n' resource → entry
 
 std::string TokenKey(const std::string& identity, const std::string& resource);
+// The same key into a reused string.
+void TokenKey(const std::string& identity, const std::string& resource, std::string& key);
 
-// RFC 7231 IMF-fixdate, as node's Date header (no locale involved).
-std::string HttpDate(int64_t nowMs);
+// Appends the RFC 7231 IMF-fixdate of nowMs, as node's Date header (no locale
+// involved); the text is rendered once per second per thread.
+void AppendHttpDate(int64_t nowMs, std::string& out);
 
 // What the head says about framing and connection reuse; filled for every request.
 struct Head {
@@ -66,7 +70,7 @@ struct Head {
 };
 
 // `head` is the request head, its blank line included.
-Head ParseHead(const std::string& head);
+Head ParseHead(std::string_view head);
 
 // What the front of a connection's input holds.
 struct Framing {
@@ -77,9 +81,9 @@ struct Framing {
 };
 
 // llhttp skips empty lines before a request line: the caller drops this many bytes first.
-size_t LeadingEmptyLines(const std::string& in);
-// `in` starts at a request line (LeadingEmptyLines already dropped).
-Framing FrameRequest(const std::string& in, size_t maxHeaderBytes);
+size_t LeadingEmptyLines(std::string_view in);
+// `in` starts at a request line (LeadingEmptyLines already dropped). Views, no copies: per request.
+Framing FrameRequest(std::string_view in, size_t maxHeaderBytes);
 
 // A token request the fast path may answer, as far as the head alone tells.
 struct HitQuery {
@@ -90,10 +94,12 @@ struct HitQuery {
 };
 
 // false when TS must judge the request: anything but the exact, plain, valid case.
-bool ParseHitRequest(const std::string& head, bool metadataHeaderRequired, HitQuery& q);
+// A reused q keeps its strings' capacity.
+bool ParseHitRequest(std::string_view head, bool metadataHeaderRequired, HitQuery& q);
 
-// The complete 200 answer from the tables; false when TS must answer (unknown
-// caller, exception pod, no single identity, no fresh token).
+// The complete 200 answer from the tables, appended to out (left as it was
+// when false: TS must answer an unknown caller, an exception pod, no single
+// identity, no fresh token).
 bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAlive, const RouteTable& routes,
                       const TokenTable& tokens, int64_t nowMs, std::string& out);
 

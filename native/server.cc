@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <linux/bpf.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -24,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
@@ -85,6 +87,7 @@ struct Conn {
   uint64_t id = 0;
   std::string remote;
   std::string in;
+  size_t inStart = 0;  // bytes of `in` already taken, dropped once per Pump (always 0 outside it)
   std::string out;
   size_t outOffset = 0;
   std::deque<Slot> slots;
@@ -140,6 +143,8 @@ class Server {
   std::mutex tablesMutex;
   std::shared_ptr<const RouteTable> routes = std::make_shared<RouteTable>();
   std::shared_ptr<const TokenTable> tokens = std::make_shared<TokenTable>();
+  // Bumped under tablesMutex after each swap: the thread takes the lock only when it moved.
+  std::atomic<uint64_t> tablesVersion{0};
 
   std::mutex queueMutex;
   std::vector<Response> responses;
@@ -176,6 +181,12 @@ class Server {
  private:
   std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns_;
   uint64_t nextConnId_ = 1;
+  // The thread's copy of the tables, as of tablesVersion seenTables_.
+  std::shared_ptr<const RouteTable> routesNow_;
+  std::shared_ptr<const TokenTable> tokensNow_;
+  uint64_t seenTables_ = UINT64_MAX;
+  http::HitQuery query_;  // reused: its strings keep their capacity
+  int64_t timersCheckedMs_ = 0;
 
   void Accept();
   void OnReadable(Conn& c);
@@ -186,7 +197,8 @@ class Server {
   void Destroy(uint64_t id);
   void DrainResponses();
   void CheckTimers();
-  bool TryAnswer(const std::string& head, const std::string& remote, bool keepAlive, std::string& out);
+  void RefreshTables();
+  bool TryAnswer(std::string_view head, const std::string& remote, bool keepAlive, std::string& out);
 };
 
 void Server::Run() {
@@ -232,7 +244,13 @@ void Server::Run() {
       it = conns_.find(tag);
       if (it != conns_.end() && (evs[i].events & EPOLLOUT)) Pump(*it->second);
     }
-    CheckTimers();
+    // Timers are seconds long: walking every connection after each wake-up cost more than it bought.
+    int64_t now = MonoMs();
+    if (now - timersCheckedMs_ >= 100) {
+      timersCheckedMs_ = now;
+      CheckTimers();
+    }
+    RefreshTables();  // lets a replaced table go within one wake-up
   }
   std::vector<uint64_t> all;
   for (auto& [id, c] : conns_) all.push_back(id);
@@ -268,6 +286,7 @@ void Server::Accept() {
     }
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // as node's http server: answers leave at once
     auto c = std::make_unique<Conn>();
     c->fd = fd;
     c->id = ++nextConnId_;  // 0 and 1 tag the listener and the wake fd
@@ -290,6 +309,8 @@ void Server::OnReadable(Conn& c) {
     if (n > 0) {
       if (!c.noMoreRequests) c.in.append(buf, static_cast<size_t>(n));
       if (c.in.size() > maxHeaderBytes + kMaxBodyBytes) break;
+      // A short read drained the socket; epoll is level-triggered, so a read that would say EAGAIN is saved.
+      if (static_cast<size_t>(n) < sizeof buf) break;
       continue;
     }
     if (n == 0) {
@@ -311,6 +332,8 @@ void Server::Pump(Conn& c) {
   for (int round = 0; round < 1000; round++) {
     while (c.slots.size() < kMaxPendingPerConn && ProcessOne(c)) {
     }
+    c.in.erase(0, c.inStart);
+    c.inStart = 0;
     bool moved = false;
     while (!c.closeAfterFlush && !c.slots.empty() && c.slots.front().ready) {
       Slot& s = c.slots.front();
@@ -356,46 +379,58 @@ void Server::Pump(Conn& c) {
   UpdateEvents(c);
 }
 
-// Takes one complete request off c.in; false when there is none (yet).
+// Takes one complete request off c.in (from c.inStart, parsed in place); false when there is none (yet).
 bool Server::ProcessOne(Conn& c) {
   if (c.noMoreRequests || c.closeAfterFlush) return false;
-  size_t skip = http::LeadingEmptyLines(c.in);
-  if (skip) c.in.erase(0, skip);
-  if (c.in.empty()) return false;
-  Framing f = http::FrameRequest(c.in, maxHeaderBytes);
+  std::string_view in(c.in);
+  in.remove_prefix(c.inStart);
+  size_t skip = http::LeadingEmptyLines(in);
+  c.inStart += skip;
+  in.remove_prefix(skip);
+  if (in.empty()) return false;
+  Framing f = http::FrameRequest(in, maxHeaderBytes);
   switch (f.kind) {
     case Framing::kIncomplete:
       return false;
     case Framing::kOverflow:
       stats.overflow++;
-      HandOff(c, c.in.substr(0, 256), "overflow");
+      HandOff(c, std::string(in.substr(0, 256)), "overflow");
       c.in.clear();
+      c.inStart = 0;
       return false;
     case Framing::kMalformed:
     case Framing::kBody:
-      HandOff(c, std::move(c.in), f.kind == Framing::kMalformed ? "malformed" : "body");
+      HandOff(c, std::string(in), f.kind == Framing::kMalformed ? "malformed" : "body");
       c.in.clear();
+      c.inStart = 0;
       return false;
     case Framing::kRequest:
       break;
   }
   const http::Head& h = f.head;
-  std::string head = c.in.substr(0, f.headBytes);
-  std::string request = c.in.substr(0, f.headBytes + h.contentLength);
-  c.in.erase(0, request.size());
+  std::string_view head = in.substr(0, f.headBytes);
+  std::string_view request = in.substr(0, f.headBytes + h.contentLength);
+  c.inStart += request.size();
   c.partialSinceMs = 0;
   stats.requests++;
+  bool hit = false;
+  if (h.contentLength == 0) {
+    if (c.slots.empty() && h.keepAlive) {
+      // Next in line and the connection stays: the answer goes straight to the output.
+      hit = TryAnswer(head, c.remote, true, c.out);
+    } else {
+      std::string answer;
+      hit = TryAnswer(head, c.remote, h.keepAlive, answer);
+      if (hit) c.slots.push_back(Slot{c.nextRequestId++, true, !h.keepAlive, std::move(answer)});
+    }
+  }
+  if (hit) stats.hits++;
+  else HandOff(c, std::string(request), "");
   // Nothing after a Connection: close request is read, as node does.
   if (!h.keepAlive) {
     c.noMoreRequests = true;
     c.in.clear();
-  }
-  std::string answer;
-  if (h.contentLength == 0 && TryAnswer(head, c.remote, h.keepAlive, answer)) {
-    stats.hits++;
-    c.slots.push_back(Slot{c.nextRequestId++, true, !h.keepAlive, std::move(answer)});
-  } else {
-    HandOff(c, std::move(request), "");
+    c.inStart = 0;
   }
   return true;
 }
@@ -417,17 +452,20 @@ void Server::HandOff(Conn& c, std::string bytes, const std::string& error) {
   }
 }
 
-bool Server::TryAnswer(const std::string& head, const std::string& remote, bool keepAlive, std::string& out) {
-  http::HitQuery q;
-  if (!http::ParseHitRequest(head, metadataHeaderRequired, q)) return false;
-  std::shared_ptr<const RouteTable> routeTable;
-  std::shared_ptr<const TokenTable> tokenTable;
-  {
-    std::lock_guard<std::mutex> lock(tablesMutex);
-    routeTable = routes;
-    tokenTable = tokens;
-  }
-  return http::AnswerFromTables(q, remote, keepAlive, *routeTable, *tokenTable, NowMs(), out);
+void Server::RefreshTables() {
+  uint64_t version = tablesVersion.load(std::memory_order_acquire);
+  if (version == seenTables_) return;
+  std::lock_guard<std::mutex> lock(tablesMutex);
+  routesNow_ = routes;
+  tokensNow_ = tokens;
+  seenTables_ = version;
+}
+
+bool Server::TryAnswer(std::string_view head, const std::string& remote, bool keepAlive, std::string& out) {
+  if (!http::ParseHitRequest(head, metadataHeaderRequired, query_)) return false;
+  // A swap that returned before this request was read is seen: the version is read after the read().
+  RefreshTables();
+  return http::AnswerFromTables(query_, remote, keepAlive, *routesNow_, *tokensNow_, NowMs(), out);
 }
 
 void Server::UpdateEvents(Conn& c) {
@@ -694,6 +732,7 @@ Napi::Value ServerSetRoutes(const Napi::CallbackInfo& info) {
   }
   std::lock_guard<std::mutex> lock(s->tablesMutex);
   s->routes = std::move(table);
+  s->tablesVersion.fetch_add(1, std::memory_order_release);
   return env.Undefined();
 }
 
@@ -742,6 +781,7 @@ Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info) {
   for (auto& [key, entry] : upserts) (*table)[key] = std::move(entry);
   std::lock_guard<std::mutex> lock(s->tablesMutex);
   s->tokens = std::move(table);
+  s->tablesVersion.fetch_add(1, std::memory_order_release);
   return env.Undefined();
 }
 

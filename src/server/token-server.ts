@@ -6,6 +6,7 @@
 //   → answers.ts. Other /metadata categories and exception pods go to proxy.ts.
 import http from 'node:http';
 import type { Socket } from 'node:net';
+import { performance } from 'node:perf_hooks';
 import type { CgroupAttestation } from '../attest/attestation.js';
 import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
 import { codes } from '../errors/errors.js';
@@ -177,7 +178,7 @@ export function createTokenServer(deps: TokenServerDeps): TokenServer {
   let stopped: Promise<void> | undefined;
 
   function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
-    const started = process.hrtime.bigint();
+    const started = performance.now();
     const { route, outcome } = core({
       method: req.method ?? '',
       target: req.url ?? '',
@@ -185,10 +186,16 @@ export function createTokenServer(deps: TokenServerDeps): TokenServer {
       remoteAddress: callerAddress(req.socket),
       cgroup: cgroups.get(req.socket),
     });
+    if (!(outcome instanceof Promise) && !('proxy' in outcome)) {
+      // A cache hit, written before this returns: a finished answer needs no tracking for close() or metrics.
+      if (closing) res.setHeader('Connection', 'close');
+      writeAnswer(res, outcome);
+      observe(res, route, started);
+      return;
+    }
     track(res, route, started);
     if (!(outcome instanceof Promise)) {
-      if ('proxy' in outcome) void proxy.forward(req, res, outcome.proxy);
-      else writeAnswer(res, outcome);
+      void proxy.forward(req, res, outcome.proxy);
       return;
     }
     outcome
@@ -200,13 +207,16 @@ export function createTokenServer(deps: TokenServerDeps): TokenServer {
       });
   }
 
-  function track(res: http.ServerResponse, route: RouteName, started: bigint): void {
+  function observe(res: http.ServerResponse, route: RouteName, started: number): void {
+    deps.metrics?.observe(route, res.headersSent ? String(res.statusCode) : 'aborted', (performance.now() - started) / 1000);
+  }
+
+  function track(res: http.ServerResponse, route: RouteName, started: number): void {
     inFlight.add(res);
     if (closing) res.setHeader('Connection', 'close');
     res.once('close', () => {
       inFlight.delete(res);
-      const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-      deps.metrics?.observe(route, res.headersSent ? String(res.statusCode) : 'aborted', seconds);
+      observe(res, route, started);
       // A keep-alive connection whose answer was already under way when close() began is idle now.
       if (closing) setImmediate(() => server.closeIdleConnections());
     });
@@ -287,10 +297,17 @@ export function upstreamAnswer(err: UpstreamFailure) {
   return problemAnswer(unavailable(seconds));
 }
 
+/** Per keep-alive connection: socket.remoteAddress costs more than a lookup here, on every request. */
+const callerAddresses = new WeakMap<Socket, string | undefined>();
+
 /** The pod's address as the pod index keys it: IPv4-mapped IPv6 unwrapped. */
 export function callerAddress(socket: Socket): string | undefined {
+  const known = callerAddresses.get(socket);
+  if (known !== undefined) return known;
   const address = socket.remoteAddress;
-  return address?.startsWith('::ffff:') ? address.slice('::ffff:'.length) : address;
+  const caller = address?.startsWith('::ffff:') ? address.slice('::ffff:'.length) : address;
+  if (caller !== undefined) callerAddresses.set(socket, caller);
+  return caller;
 }
 
 /** Malformed requests never reach the handler: answer them in IMDS's shape, then hang up. */
