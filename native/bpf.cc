@@ -217,7 +217,6 @@ Napi::Value BpfLinkInfo(const Napi::CallbackInfo& info) {
   out.Set("programId", link_info.prog_id);
   bool cgroup = link_info.type == BPF_LINK_TYPE_CGROUP;
   out.Set("cgroupId", Napi::BigInt::New(env, static_cast<uint64_t>(cgroup ? link_info.cgroup.cgroup_id : 0)));
-  out.Set("attachType", cgroup ? link_info.cgroup.attach_type : -1);
   return out;
 }
 

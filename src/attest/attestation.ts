@@ -5,7 +5,7 @@
 // address: a pod that took another pod's address (ARP spoofing on kubenet,
 // CVE-2021-1677) or a connection nothing recorded is refused.
 import type { Pod } from '../kubelet/pod.js';
-import type { PodIndex } from '../kubelet/pod-index.js';
+import { plainAddress, type PodIndex } from '../kubelet/pod-index.js';
 import type { Logger } from '../log/logger.js';
 import type { CgroupPods } from './cgroup-pods.js';
 
@@ -29,10 +29,6 @@ export type Refusal = (typeof refusals)[number];
 
 const LOG_EVERY_MS = 10_000; // per (reason, address): a spoofing loop must not flood the log
 
-function plain(address: string): string {
-  return address.startsWith('::ffff:') ? address.slice('::ffff:'.length) : address;
-}
-
 export class CgroupAttestation {
   readonly refused: Record<Refusal, number> = { unattested: 0, spoof: 0 };
   private readonly lastLogged = new Map<string, number>();
@@ -48,8 +44,8 @@ export class CgroupAttestation {
   cgroupOf(ends: ConnectionEnds): bigint | null {
     const { remoteAddress, remotePort, localAddress, localPort } = ends;
     if (!remoteAddress || !localAddress || remotePort === undefined || localPort === undefined) return null;
-    const src = plain(remoteAddress);
-    const dst = plain(localAddress);
+    const src = plainAddress(remoteAddress);
+    const dst = plainAddress(localAddress);
     if (src.includes(':') || dst.includes(':')) return null; // the eBPF programs cover IPv4 only
     return this.peers.peerCgroup(src, remotePort, dst, localPort);
   }

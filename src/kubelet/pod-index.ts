@@ -30,7 +30,7 @@ export function isCaller(pod: Pod): boolean {
 }
 
 /** A socket on a dual-stack listener reports IPv4 peers as `::ffff:a.b.c.d`; the kubelet lists `a.b.c.d`. */
-function plainAddress(ip: string): string {
+export function plainAddress(ip: string): string {
   return ip.startsWith('::ffff:') && ip.includes('.') ? ip.slice('::ffff:'.length) : ip;
 }
 

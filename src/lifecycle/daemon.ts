@@ -137,7 +137,8 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   };
   // native: cache hits answered in C++ from tables pushed here; everything else reaches the same js core.
   // The peers map must exist before the server; loading attaches nothing yet.
-  const peerMapFd = ebpf && (await ebpf.load(), ebpf.peerMapFd);
+  await ebpf?.load();
+  const peerMapFd = ebpf?.peerMapFd;
   const server = config.server === 'native' ? createNativeTokenServer(serverDeps, { peerMapFd }) : createTokenServer(serverDeps);
   if ('setRoutes' in server) {
     registerNativeMetrics(registry, () => server.stats());

@@ -65,7 +65,8 @@ export function cgroupId(folder: string): bigint {
   return statSync(folder, { bigint: true }).ino;
 }
 
-function mountsOfType(type: string): string[] {
+/** Mount points of a filesystem type, from /proc/self/mounts. */
+export function mountsOfType(type: string): string[] {
   return readFileSync('/proc/self/mounts', 'utf8')
     .split('\n')
     .map((line) => line.split(' '))
@@ -88,6 +89,8 @@ function bpffsMounted(): boolean {
 export class EbpfBackend implements RulesBackend, PeerRecords {
   readonly name = 'ebpf' as const;
   private handle: number | undefined;
+  /** The loaded object's peers map (connection → cgroup), valid until unload(). */
+  private peersFd: number | undefined;
 
   /** cgroupRoot undefined: only remove() and status() (cleanup needs no config). */
   constructor(
@@ -134,13 +137,15 @@ export class EbpfBackend implements RulesBackend, PeerRecords {
     if (this.handle !== undefined) return this.handle;
     if (!bpffsMounted()) await execOk('mount', ['-t', 'bpf', 'bpf', BPF_FS], '', codes.RULES_APPLY);
     mkdirSync(this.pinDir, { recursive: true, mode: 0o700 });
-    this.handle = this.call(() => addon().bpfLoad(builtFile(OBJECT), this.pinDir));
-    return this.handle;
+    const handle = this.call(() => addon().bpfLoad(builtFile(OBJECT), this.pinDir));
+    this.handle = handle;
+    this.peersFd = addon().bpfMapFd(handle, maps.peers);
+    return handle;
   }
 
   /** The loaded peers map (connection → cgroup), for the native server; undefined before load(). */
   get peerMapFd(): number | undefined {
-    return this.handle === undefined ? undefined : addon().bpfMapFd(this.handle, maps.peers);
+    return this.peersFd;
   }
 
   async ensure(redirect: Redirect): Promise<EnsureResult> {
@@ -202,10 +207,11 @@ export class EbpfBackend implements RulesBackend, PeerRecords {
   private unload(): void {
     if (this.handle !== undefined) addon().bpfUnload(this.handle);
     this.handle = undefined;
+    this.peersFd = undefined;
   }
 
   peerCgroup(srcIp: string, srcPort: number, dstIp: string, dstPort: number): bigint | null {
-    const fd = this.peerMapFd;
+    const fd = this.peersFd;
     if (fd === undefined) return null;
     try {
       return addon().bpfMapLookup(fd, peerKey(srcIp, srcPort, dstIp, dstPort), 8)?.readBigUInt64LE(0) ?? null;

@@ -10,6 +10,7 @@ import { performance } from 'node:perf_hooks';
 import type { CgroupAttestation } from '../attest/attestation.js';
 import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
 import { codes } from '../errors/errors.js';
+import { plainAddress } from '../kubelet/pod-index.js';
 import type { CallerLookup, Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
@@ -172,19 +173,20 @@ export function createTokenServer(deps: TokenServerDeps): TokenServer {
   const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
   const core = createRequestCore(deps);
   const inFlight = new Set<http.ServerResponse>();
-  /** With attestation, read once per connection, when it is accepted. */
-  const cgroups = new WeakMap<Socket, bigint | null>();
+  /** The caller of each connection, read once when it is accepted (socket.remoteAddress costs more per request). */
+  const callers = new WeakMap<Socket, Pick<IncomingRequest, 'remoteAddress' | 'cgroup'>>();
   let closing = false;
   let stopped: Promise<void> | undefined;
 
   function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     const started = performance.now();
+    const caller = callers.get(req.socket);
     const { route, outcome } = core({
       method: req.method ?? '',
       target: req.url ?? '',
       headers: req.headers,
-      remoteAddress: callerAddress(req.socket),
-      cgroup: cgroups.get(req.socket),
+      remoteAddress: caller?.remoteAddress,
+      cgroup: caller?.cgroup,
     });
     if (!(outcome instanceof Promise) && !('proxy' in outcome)) {
       // A cache hit, written before this returns: a finished answer needs no tracking for close() or metrics.
@@ -246,7 +248,9 @@ export function createTokenServer(deps: TokenServerDeps): TokenServer {
   server.maxConnections = limits.maxConnections;
   server.on('clientError', answerClientError);
   const { attestation } = deps;
-  if (attestation) server.on('connection', (socket: Socket) => cgroups.set(socket, attestation.cgroupOf(socket)));
+  server.on('connection', (socket: Socket) =>
+    callers.set(socket, { remoteAddress: socket.remoteAddress && plainAddress(socket.remoteAddress), cgroup: attestation?.cgroupOf(socket) }),
+  );
 
   return {
     server,
@@ -295,19 +299,6 @@ export function upstreamAnswer(err: UpstreamFailure) {
   }
   const seconds = err.retryAfterMs === undefined ? limits.upstreamRetryAfterS : Math.max(1, Math.ceil(err.retryAfterMs / 1000));
   return problemAnswer(unavailable(seconds));
-}
-
-/** Per keep-alive connection: socket.remoteAddress costs more than a lookup here, on every request. */
-const callerAddresses = new WeakMap<Socket, string | undefined>();
-
-/** The pod's address as the pod index keys it: IPv4-mapped IPv6 unwrapped. */
-export function callerAddress(socket: Socket): string | undefined {
-  const known = callerAddresses.get(socket);
-  if (known !== undefined) return known;
-  const address = socket.remoteAddress;
-  const caller = address?.startsWith('::ffff:') ? address.slice('::ffff:'.length) : address;
-  if (caller !== undefined) callerAddresses.set(socket, caller);
-  return caller;
 }
 
 /** Malformed requests never reach the handler: answer them in IMDS's shape, then hang up. */

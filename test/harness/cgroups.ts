@@ -5,15 +5,13 @@
 // (an `nmi cleanup` of a parallel test file must not remove them).
 import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { promisify } from 'node:util';
-import { mkdirSync, readFileSync, readlinkSync, rmdirSync, readdirSync, statSync } from 'node:fs';
+import { mkdirSync, readlinkSync, rmdirSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
+import { mountsOfType } from '../../src/rules/ebpf.js';
 import { waitFor } from './nmi-process.js';
 
 function cgroup2Mount(): string {
-  const mount = readFileSync('/proc/self/mounts', 'utf8')
-    .split('\n')
-    .map((l) => l.split(' '))
-    .find((f) => f[2] === 'cgroup2')?.[1];
+  const [mount] = mountsOfType('cgroup2');
   if (!mount) throw new Error('no cgroup v2 hierarchy is mounted');
   return mount;
 }
