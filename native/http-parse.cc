@@ -67,6 +67,10 @@ int HexValue(char c) {
 // decodeURIComponent of form data, limited to ASCII: false when TS must judge.
 // A null out only checks.
 bool DecodeAscii(string_view in, std::string* out) {
+  if (in.find_first_of("%+") == npos) {  // the usual case: nothing to decode
+    if (out) out->assign(in.data(), in.size());
+    return true;
+  }
   if (out) out->clear();
   for (size_t i = 0; i < in.size(); i++) {
     char c = in[i];

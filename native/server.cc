@@ -98,6 +98,9 @@ struct Conn {
   uint32_t events = 0;
   int64_t partialSinceMs = 0;  // monotonic; 0 when no request is partly received
   int64_t idleSinceMs = 0;
+  // The head of this connection's last hit and what it asked: a pod polls with identical heads.
+  std::string hitHead;
+  http::HitQuery hitQuery;
 };
 
 struct Handoff {
@@ -185,7 +188,6 @@ class Server {
   std::shared_ptr<const RouteTable> routesNow_;
   std::shared_ptr<const TokenTable> tokensNow_;
   uint64_t seenTables_ = UINT64_MAX;
-  http::HitQuery query_;  // reused: its strings keep their capacity
   int64_t timersCheckedMs_ = 0;
 
   void Accept();
@@ -198,7 +200,7 @@ class Server {
   void DrainResponses();
   void CheckTimers();
   void RefreshTables();
-  bool TryAnswer(std::string_view head, const std::string& remote, bool keepAlive, std::string& out);
+  bool TryAnswer(Conn& c, std::string_view head, bool keepAlive, std::string& out);
 };
 
 void Server::Run() {
@@ -417,10 +419,10 @@ bool Server::ProcessOne(Conn& c) {
   if (h.contentLength == 0) {
     if (c.slots.empty() && h.keepAlive) {
       // Next in line and the connection stays: the answer goes straight to the output.
-      hit = TryAnswer(head, c.remote, true, c.out);
+      hit = TryAnswer(c, head, true, c.out);
     } else {
       std::string answer;
-      hit = TryAnswer(head, c.remote, h.keepAlive, answer);
+      hit = TryAnswer(c, head, h.keepAlive, answer);
       if (hit) c.slots.push_back(Slot{c.nextRequestId++, true, !h.keepAlive, std::move(answer)});
     }
   }
@@ -461,11 +463,19 @@ void Server::RefreshTables() {
   seenTables_ = version;
 }
 
-bool Server::TryAnswer(std::string_view head, const std::string& remote, bool keepAlive, std::string& out) {
-  if (!http::ParseHitRequest(head, metadataHeaderRequired, query_)) return false;
+// Heads longer than this are parsed every time rather than kept per connection.
+constexpr size_t kMaxRememberedHead = 1024;
+
+bool Server::TryAnswer(Conn& c, std::string_view head, bool keepAlive, std::string& out) {
+  // ParseHitRequest depends on the head's bytes alone (and a per-server flag): an equal head asks the same.
+  if (c.hitHead.empty() || head != c.hitHead) {
+    c.hitHead.clear();
+    if (!http::ParseHitRequest(head, metadataHeaderRequired, c.hitQuery)) return false;
+    if (head.size() <= kMaxRememberedHead) c.hitHead.assign(head.data(), head.size());
+  }
   // A swap that returned before this request was read is seen: the version is read after the read().
   RefreshTables();
-  return http::AnswerFromTables(query_, remote, keepAlive, *routesNow_, *tokensNow_, NowMs(), out);
+  return http::AnswerFromTables(c.hitQuery, c.remote, keepAlive, *routesNow_, *tokensNow_, NowMs(), out);
 }
 
 void Server::UpdateEvents(Conn& c) {
