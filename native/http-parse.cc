@@ -279,11 +279,11 @@ bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAli
     if (!chosen) return false;
   }
   auto token = tokens.find(TokenKey(chosen->key, q.resource));
-  if (token == tokens.end() || nowMs >= token->second.serveUntilMs) return false;
+  if (token == tokens.end() || nowMs >= token->second->serveUntilMs) return false;
 
-  int64_t expiresIn = token->second.expiresOn - nowMs / 1000;
+  int64_t expiresIn = token->second->expiresOn - nowMs / 1000;
   if (expiresIn < 0) expiresIn = 0;
-  std::string body = token->second.prefix + std::to_string(expiresIn) + token->second.suffix;
+  std::string body = token->second->prefix + std::to_string(expiresIn) + token->second->suffix;
   out.reserve(body.size() + 256);
   out += "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ";
   out += std::to_string(body.size());
