@@ -152,6 +152,9 @@ export function nativeCounts(metrics: string): { hit: number; js: number } {
 
 export interface Memory {
   rssKiB: number;
+  /** The part of the RSS that is file pages (mostly node's own binary) and the anonymous rest (heaps). */
+  fileKiB: number;
+  anonKiB: number;
   /** Peak RSS. */
   hwmKiB: number;
 }
@@ -163,7 +166,7 @@ export function memory(pid: number): Memory {
     if (v === undefined) throw new Error(`no ${field} for pid ${pid}`);
     return Number(v);
   };
-  return { rssKiB: kib('VmRSS'), hwmKiB: kib('VmHWM') };
+  return { rssKiB: kib('VmRSS'), fileKiB: kib('RssFile'), anonKiB: kib('RssAnon'), hwmKiB: kib('VmHWM') };
 }
 
 /** CPU time the process's live threads have had, in µs (schedstat: ns, unlike /proc/pid/stat's 10 ms ticks). */

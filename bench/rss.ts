@@ -142,12 +142,12 @@ async function measure(params: RssParams, server: NmiServer, setup: { flags: Bin
 }
 
 function printResults(params: RssParams, results: RssResult[]): void {
-  const widths = [7, 10, 11, 11, 11, 11, 11, 11, 14, 16];
+  const widths = [7, 10, 11, 11, 19, 11, 11, 11, 11, 14, 16];
   say('');
-  say(row(['server', 'RSS ready', 'RSS filled', `RSS +${SETTLE_S}s`, 'peak (HWM)', 'heap filled', `heap +${SETTLE_S}s`, 'IMDS calls', '2nd-pass IMDS', '2nd-pass in C++'], widths));
+  say(row(['server', 'RSS ready', 'RSS filled', `RSS +${SETTLE_S}s`, `file/anon +${SETTLE_S}s`, 'peak (HWM)', 'heap filled', `heap +${SETTLE_S}s`, 'IMDS calls', '2nd-pass IMDS', '2nd-pass in C++'], widths));
   for (const r of results) {
     say(row([
-      r.server, mib(r.ready.rssKiB), mib(r.filled.rssKiB), mib(r.settled.rssKiB), mib(r.settled.hwmKiB),
+      r.server, mib(r.ready.rssKiB), mib(r.filled.rssKiB), mib(r.settled.rssKiB), `${mib(r.settled.fileKiB)}/${mib(r.settled.anonKiB)}`, mib(r.settled.hwmKiB),
       mib(r.heapUsedBytes / 1024), mib(r.settledHeapUsedBytes / 1024), r.imdsCalls, r.secondPassImdsCalls,
       r.secondPassNative === undefined ? '' : `${r.secondPassNative}/${r.tokens}`,
     ], widths));

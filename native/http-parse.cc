@@ -338,9 +338,9 @@ bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAli
   thread_local std::string key;  // reused: no allocation per request
   TokenKey(chosen->key, q.resource, key);
   auto token = tokens.find(key);
-  if (token == tokens.end() || nowMs >= token->second.serveUntilMs) return false;
+  if (token == tokens.end() || nowMs >= token->second->serveUntilMs) return false;
 
-  const TokenEntry& e = token->second;
+  const TokenEntry& e = *token->second;
   int64_t expiresIn = e.expiresOn - nowMs / 1000;
   if (expiresIn < 0) expiresIn = 0;
   char digits[24];

@@ -50,7 +50,8 @@ struct TokenEntry {
   int64_t expiresOn = 0;     // seconds since the epoch
   int64_t serveUntilMs = 0;  // wall clock; past it TS answers (and refreshes)
 };
-using TokenTable = std::unordered_map<std::string, TokenEntry>;  // key '\n' resource → entry
+// key '\n' resource → entry; entries are shared, so a table updated by copy copies pointers, not tokens.
+using TokenTable = std::unordered_map<std::string, std::shared_ptr<const TokenEntry>>;
 
 std::string TokenKey(const std::string& identity, const std::string& resource);
 // The same key into a reused string.

@@ -748,7 +748,7 @@ Napi::Value ServerSetRoutes(const Napi::CallbackInfo& info) {
 
 // serverUpdateTokens(server, [[identityKey, resource, prefix, suffix, expiresOn, serveUntilMs], ...], [[identityKey, resource], ...]):
 // adds or replaces the first list's tokens and removes the second's, in one swap. Only what changed
-// crosses from JS: the table is copied here (a copy of the bytes, not a rebuild from JS values).
+// crosses from JS; the copy made here shares every unchanged entry with the table it replaces.
 Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* usage =
@@ -756,7 +756,7 @@ Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info) {
   if (info.Length() != 3 || !info[1].IsArray() || !info[2].IsArray()) return Usage(env, usage);
   auto s = FindServer(info[0]);
   if (!s) return env.Undefined();
-  std::vector<std::pair<std::string, http::TokenEntry>> upserts;
+  std::vector<std::pair<std::string, std::shared_ptr<const http::TokenEntry>>> upserts;
   Napi::Array rows = info[1].As<Napi::Array>();
   upserts.reserve(rows.Length());
   for (uint32_t i = 0; i < rows.Length(); i++) {
@@ -767,8 +767,9 @@ Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info) {
     if (!k.IsString() || !res.IsString() || !pre.IsString() || !suf.IsString() || !exp.IsNumber() || !until.IsNumber())
       return Usage(env, usage);
     upserts.emplace_back(http::TokenKey(k.As<Napi::String>(), res.As<Napi::String>()),
-                         http::TokenEntry{pre.As<Napi::String>(), suf.As<Napi::String>(), exp.As<Napi::Number>().Int64Value(),
-                                          until.As<Napi::Number>().Int64Value()});
+                         std::make_shared<const http::TokenEntry>(http::TokenEntry{
+                             pre.As<Napi::String>(), suf.As<Napi::String>(), exp.As<Napi::Number>().Int64Value(),
+                             until.As<Napi::Number>().Int64Value()}));
   }
   std::vector<std::string> removals;
   Napi::Array keys = info[2].As<Napi::Array>();

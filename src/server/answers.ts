@@ -48,16 +48,23 @@ export function problemAnswer(problem: Problem): Answer {
   return jsonAnswer(status, { error, error_description }, { allow, retryAfter });
 }
 
-/** 200 with the token as IMDS answers it; expires_in is counted now. */
-/** The answer only changes when expires_in does, once a second: a busy pod's polls share it. */
-const recentAnswers = new WeakMap<Token, { second: number; answer: Answer }>();
+/**
+ * The answer only changes when expires_in does, once a second: a busy pod's polls
+ * share it. Only this second's answers are kept: one kept per cached token held its
+ * body's 8 KiB Buffer pool slab alive.
+ */
+let recentSecond = NaN;
+let recentAnswers = new Map<Token, Answer>();
 
+/** 200 with the token as IMDS answers it; expires_in is counted now. */
 export function tokenAnswer(token: Token, nowMs = Date.now()): Answer {
   const second = Math.floor(nowMs / 1000);
-  const recent = recentAnswers.get(token);
-  if (recent?.second === second) return recent.answer;
-  const answer = jsonAnswer(200, toAnswer(token, nowMs));
-  recentAnswers.set(token, { second, answer });
+  if (second !== recentSecond) {
+    recentSecond = second;
+    recentAnswers = new Map();
+  }
+  let answer = recentAnswers.get(token);
+  if (!answer) recentAnswers.set(token, (answer = jsonAnswer(200, toAnswer(token, nowMs))));
   return answer;
 }
 

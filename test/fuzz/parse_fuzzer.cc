@@ -43,9 +43,9 @@ const RouteTable& Routes() {
   return table;
 }
 
-TokenEntry Entry(const std::string& name, const std::string& resource, int64_t expiresOn, int64_t serveUntilMs) {
-  return TokenEntry{"{\"access_token\":\"token-for-" + name + "\",\"expires_in\":\"",
-                    "\",\"resource\":\"" + resource + "\",\"token_type\":\"Bearer\"}", expiresOn, serveUntilMs};
+std::shared_ptr<const TokenEntry> Entry(const std::string& name, const std::string& resource, int64_t expiresOn, int64_t serveUntilMs) {
+  return std::make_shared<const TokenEntry>(TokenEntry{"{\"access_token\":\"token-for-" + name + "\",\"expires_in\":\"",
+                    "\",\"resource\":\"" + resource + "\",\"token_type\":\"Bearer\"}", expiresOn, serveUntilMs});
 }
 
 const TokenTable& Tokens() {
@@ -151,7 +151,7 @@ void CheckAnswer(const std::string& out, const HitQuery& q, const std::string& r
   for (const auto& identity : route->second.identities) {
     auto entry = Tokens().find(TokenKey(identity.key, q.resource));
     if (entry == Tokens().end()) continue;
-    const TokenEntry& e = entry->second;
+    const TokenEntry& e = *entry->second;
     if (body.size() < e.prefix.size() + e.suffix.size() + 1) continue;
     if (body.compare(0, e.prefix.size(), e.prefix) != 0) continue;
     if (body.compare(body.size() - e.suffix.size(), e.suffix.size(), e.suffix) != 0) continue;
