@@ -6,8 +6,7 @@
 // gap they wait for the walk at its end, so a new container is late, not refused.
 import { opendir, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { performance } from 'node:perf_hooks';
-import { setTimeout as sleep } from 'node:timers/promises';
+import { SpacedRefresh } from '../util/spaced-refresh.js';
 
 const UID = '[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}';
 /** systemd driver: kubepods-burstable-pod<uid with _>.slice; cgroupfs driver: pod<uid>. */
@@ -31,14 +30,15 @@ export class CgroupPods {
   private byId = new Map<bigint, string | null>();
   private byUid = new Map<string, bigint[]>();
   private walking: Promise<void> | undefined;
-  private pending: Promise<void> | undefined;
-  private lastWalkAt = -Infinity;
+  private readonly spaced: SpacedRefresh;
   walks = 0;
 
   constructor(
     private readonly root: string,
     private readonly options: { minWalkGapMs?: number; onWalk?: () => void } = {},
-  ) {}
+  ) {
+    this.spaced = new SpacedRefresh(options.minWalkGapMs ?? 1_000, () => this.walk());
+  }
 
   /** Every cgroup of the pod with this UID, as of the last walk. */
   idsOf(uid: string): readonly bigint[] {
@@ -54,25 +54,15 @@ export class CgroupPods {
   async uidOf(id: bigint): Promise<string | null> {
     const known = this.byId.get(id);
     if (known !== undefined) return known;
-    await (this.walking ?? this.nextWalk());
+    await (this.walking ?? this.spaced.request());
     return this.byId.get(id) ?? null;
   }
 
   /** Joins the walk in flight, or makes one now. */
   walk(): Promise<void> {
-    this.lastWalkAt = performance.now();
+    this.spaced.ran();
     this.walking ??= this.scan().finally(() => (this.walking = undefined));
     return this.walking;
-  }
-
-  /** One walk for everyone who asks within the gap, when the gap ends. */
-  private nextWalk(): Promise<void> {
-    const wait = (this.options.minWalkGapMs ?? 1_000) - (performance.now() - this.lastWalkAt);
-    this.pending ??= (wait > 0 ? sleep(wait) : Promise.resolve()).then(() => {
-      this.pending = undefined;
-      return this.walk();
-    });
-    return this.pending;
   }
 
   private async scan(): Promise<void> {

@@ -1,10 +1,9 @@
 // Source address → live pod, rebuilt from the kubelet's pod list every
 // --pod-refresh-interval and on demand when an unknown address calls. At most
 // one kubelet call is in flight; everyone who needs fresh data waits on it.
-import { performance } from 'node:perf_hooks';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
+import { SpacedRefresh } from '../util/spaced-refresh.js';
 import type { CallerLookup, Pod } from './pod.js';
 
 export const refreshReasons = ['start', 'interval', 'unknown-caller'] as const;
@@ -48,7 +47,6 @@ export class PodIndex implements CallerLookup {
 
   private readonly fetchPods: () => Promise<Pod[]>;
   private readonly refreshIntervalMs: number;
-  private readonly minRefreshGapMs: number;
   private readonly log: Logger;
   private readonly onChange: ((pods: Pod[]) => void) | undefined;
 
@@ -61,15 +59,15 @@ export class PodIndex implements CallerLookup {
   private conflictsLogged = '';
   private failingSince = 0;
   private inflight: Promise<void> | undefined;
-  private lastUnknownRefreshAt = -Infinity;
-  private pendingUnknown: Promise<void> | undefined;
+  /** Refreshes for unknown callers: one per minRefreshGapMs, shared by every caller who waited. */
+  private readonly unknownCaller: SpacedRefresh;
   private timer: NodeJS.Timeout | undefined;
 
   constructor({ fetchPods, refreshIntervalMs, minRefreshGapMs = defaults.minRefreshGapMs, log, onChange }: PodIndexOptions) {
     if (!(refreshIntervalMs > 0)) throw new NmiError(codes.KUBELET, `pod index refreshIntervalMs must be positive, got ${refreshIntervalMs}`);
     this.fetchPods = fetchPods;
     this.refreshIntervalMs = refreshIntervalMs;
-    this.minRefreshGapMs = minRefreshGapMs;
+    this.unknownCaller = new SpacedRefresh(minRefreshGapMs, () => this.refresh('unknown-caller').catch(() => {}));
     this.log = log;
     this.onChange = onChange;
   }
@@ -134,14 +132,7 @@ export class PodIndex implements CallerLookup {
   private unknownCallerRefresh(): Promise<void> {
     // A failed refresh was counted and logged; the caller gets the last good index.
     if (this.inflight) return this.inflight.catch(() => {});
-    const wait = this.minRefreshGapMs - (performance.now() - this.lastUnknownRefreshAt);
-    // `then` runs after this assignment, so the reset below cannot be overwritten by it.
-    this.pendingUnknown ??= (wait > 0 ? sleep(wait) : Promise.resolve()).then(() => {
-      this.pendingUnknown = undefined;
-      this.lastUnknownRefreshAt = performance.now();
-      return this.refresh('unknown-caller').catch(() => {});
-    });
-    return this.pendingUnknown;
+    return this.unknownCaller.request();
   }
 
   /** Joins the kubelet call in flight, or makes one; rejects with the kubelet error. */
