@@ -1,14 +1,15 @@
 // nmi's benchmark (issue 4). Two modes:
 //
-//   node dist/bench/bench.js [--servers native,js,node,c] [--paths loopback,pod] [--trials 3] [--duration 8] [--warmup 2] [--connections 64] [--cpu-prof DIR]
+//   node dist/bench/bench.js [--servers native,js,node,c] [--paths loopback,pod,ebpf] [--trials 3] [--duration 8] [--warmup 2] [--connections 64] [--cpu-prof DIR]
 //     cache-hit throughput and latency of nmi's servers beside constant servers (servers.ts)
 //   node dist/bench/bench.js --rss [--pods 250] [--identities 200] [--resources 5] [--token-bytes 2000] [--bindings kubernetes|file] [--servers native,js]
 //     resident memory of the whole daemon with a full cache (rss.ts)
 //
-// See bench/README.md. The pod path needs root (network namespaces, iptables).
+// See bench/README.md. The pod paths need root (network namespaces, iptables, eBPF).
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { interrupt, running, say, type NmiServer } from './common.js';
+import { ebpfPathUnsupported, runInPrivateMounts } from './pod-path.js';
 import { runRss, type RssParams } from './rss.js';
 import { PATHS, runThroughput, SERVERS, type PathName, type ServerName, type ThroughputParams } from './servers.js';
 
@@ -60,9 +61,13 @@ function parseMode(argv: string[]): Mode {
     };
   }
   const root = process.getuid?.() === 0;
-  const paths = list<PathName>('paths', v.paths ?? (root ? 'loopback,pod' : 'loopback'), PATHS);
-  if (paths.includes('pod') && !root) throw new Error('--paths pod needs root (network namespaces and iptables)');
-  if (!root && v.paths === undefined) say('not root: loopback only (the pod path needs network namespaces and iptables)');
+  const noEbpf = ebpfPathUnsupported();
+  const paths = list<PathName>('paths', v.paths ?? (!root ? 'loopback' : noEbpf ? 'loopback,pod' : 'loopback,pod,ebpf'), PATHS);
+  const needRoot = paths.find((p) => p !== 'loopback');
+  if (needRoot && !root) throw new Error(`--paths ${needRoot} needs root (network namespaces, iptables, eBPF)`);
+  if (paths.includes('ebpf') && noEbpf) throw new Error(`--paths ebpf: ${noEbpf}`);
+  if (!root && v.paths === undefined) say('not root: loopback only (the pod paths need network namespaces, iptables, eBPF)');
+  if (root && noEbpf && v.paths === undefined) say(`no ebpf path: ${noEbpf}`);
   const servers = list<ServerName>('servers', v.servers ?? SERVERS.join(','), SERVERS);
   // The constant servers answer what nmi answered first; nmi goes first.
   servers.sort((a, b) => SERVERS.indexOf(a) - SERVERS.indexOf(b));
@@ -90,6 +95,13 @@ async function main(argv: string[]): Promise<number> {
   process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
   try {
     const mode = parseMode(argv);
+    if (!mode.rss && mode.params.paths.includes('ebpf')) {
+      // Its pins must not meet another nmi's: the bench is run again in a mount namespace of its own.
+      process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+      const code = await runInPrivateMounts();
+      if (code !== undefined) return code;
+      process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
+    }
     if (mode.rss) await runRss(mode.params);
     else await runThroughput(mode.params);
     return 0;

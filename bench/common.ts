@@ -107,7 +107,7 @@ export interface NmiOptions {
   server: NmiServer;
   nodeIp: string;
   port: number;
-  rules: 'none' | 'iptables';
+  rules: 'none' | 'iptables' | 'ebpf';
   /** --bindings: a folder, or `kubernetes` (with --kubeconfig in `extraArgs`). */
   bindings: string;
   extraArgs?: string[];

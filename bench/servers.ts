@@ -1,6 +1,7 @@
 // Throughput mode: nmi's native fast path and js server on cache hits, beside a
 // node:http constant server and a C constant server answering the same bytes,
-// on loopback and from a pod namespace through the DNAT rule. Every trial is a
+// on loopback and from a pod namespace through the DNAT rule or the eBPF
+// connect redirect (pod-path.ts). Every trial is a
 // fresh server process pinned to one core, loaded by wrk pinned to the other,
 // warmed by a short wrk run first; trials interleave (native, js, node, c,
 // native, ...) so drift hits every server alike; the median trial is reported.
@@ -29,7 +30,22 @@ import {
   type NmiServer,
 } from './common.js';
 import type { FixedAnswer } from './constant-server.js';
-import { METADATA_IP, NMI_PORT, NODE_IP, NODE_NS, podGet, POD_NS, redirectRule, removeNamespaces, setUpNamespaces, type RedirectRule } from './pod-path.js';
+import {
+  createPodCgroups,
+  inPod,
+  METADATA_IP,
+  NMI_PORT,
+  NODE_IP,
+  NODE_NS,
+  podGet,
+  POD_NS,
+  POD_UID,
+  redirectRule,
+  removeNamespaces,
+  setUpNamespaces,
+  type PodCgroups,
+  type RedirectRule,
+} from './pod-path.js';
 import { parseAnswer, rawGet, timeless } from './raw.js';
 import { wrk, type WrkResult } from './wrk.js';
 
@@ -38,9 +54,14 @@ const constantServerJs = path.join(here, 'constant-server.js');
 const constantC = path.resolve(here, '../../bench/constant.c');
 
 export const SERVERS = ['native', 'js', 'node', 'c'] as const;
-export const PATHS = ['loopback', 'pod'] as const;
+export const PATHS = ['loopback', 'pod', 'ebpf'] as const;
 export type ServerName = (typeof SERVERS)[number];
 export type PathName = (typeof PATHS)[number];
+type PodPath = Exclude<PathName, 'loopback'>;
+
+function fromPod(p: PathName): p is PodPath {
+  return p !== 'loopback';
+}
 
 const CLIENT_ID = '00000000-0000-0000-0000-0000000be4c0';
 const RESOURCE = 'https://management.azure.com/';
@@ -124,26 +145,38 @@ interface Setup {
   reference: Reference;
   /** The compiled C constant server. */
   constantBin: string;
-  rule?: RedirectRule;
+  /** The redirect of each pod path, for the constant servers (nmi installs its own). */
+  rules: Partial<Record<PodPath, RedirectRule>>;
+  /** The ebpf path's cgroup tree (--cgroup-root) and the pod's container cgroup, where its requests come from. */
+  cgroups?: PodCgroups;
 }
 
-function ask(p: PathName, port: number): Promise<Buffer> {
-  return p === 'pod' ? podGet(TARGET) : rawGet({ host: '127.0.0.1', port, target: TARGET });
+/** Runs a command as the pod's container does on this path (undefined: on the node, loopback). */
+function podWrap(s: Setup, p: PathName): ((command: string[]) => string[]) | undefined {
+  if (!fromPod(p)) return undefined;
+  const cgroup = p === 'ebpf' ? s.cgroups!.container : undefined;
+  return (command) => inPod(command, cgroup);
+}
+
+function ask(s: Setup, p: PathName, port: number): Promise<Buffer> {
+  if (!fromPod(p)) return rawGet({ host: '127.0.0.1', port, target: TARGET });
+  return podGet(TARGET, p === 'ebpf' ? s.cgroups!.container : undefined);
 }
 
 /** A fresh daemon, its one cache miss (a 200), then one cache hit checked against the reference. */
 async function startDaemon(s: Setup, server: NmiServer, p: PathName): Promise<Started> {
-  const port = p === 'pod' ? NMI_PORT : await freePort();
+  const port = fromPod(p) ? NMI_PORT : await freePort();
   const daemon = await startNmi({
     server, port, pin: true, cpuProfDir: s.params.cpuProfDir,
-    nodeIp: p === 'pod' ? NODE_IP : '127.0.0.1',
-    rules: p === 'pod' ? 'iptables' : 'none',
+    nodeIp: fromPod(p) ? NODE_IP : '127.0.0.1',
+    rules: p === 'pod' ? 'iptables' : p === 'ebpf' ? 'ebpf' : 'none',
+    extraArgs: p === 'ebpf' ? ['--cgroup-root', s.cgroups!.tree.root] : [],
     bindings: s.bindingsDir, kubelet: s.kubelet, imds: s.imds,
   });
   try {
-    const miss = parseAnswer(await ask(p, port));
+    const miss = parseAnswer(await ask(s, p, port));
     if (miss.status !== 200) throw new Error(`the warm-up request: nmi answered ${miss.status}: ${miss.body.toString()}`);
-    s.reference.check(await ask(p, port), `nmi --server ${server}`);
+    s.reference.check(await ask(s, p, port), `nmi --server ${server}`);
   } catch (err) {
     await daemon.stop();
     throw err;
@@ -151,25 +184,26 @@ async function startDaemon(s: Setup, server: NmiServer, p: PathName): Promise<St
   return { pid: daemon.pid, port, metrics: server === 'native' ? daemon.metrics : undefined, stop: daemon.stop };
 }
 
-/** A fresh constant server; on the pod path it listens where the DNAT rule, installed for it, sends pods. */
+/** A fresh constant server; on a pod path it listens where the redirect, installed for it, sends pods. */
 async function startConstant(s: Setup, server: 'node' | 'c', p: PathName): Promise<Started> {
   if (!s.reference.answer) throw new Error('the constant servers need nmi answered first: list native or js before them');
-  const [host, port] = p === 'pod' ? [NODE_IP, NMI_PORT] : ['127.0.0.1', 0];
+  const [host, port] = fromPod(p) ? [NODE_IP, NMI_PORT] : ['127.0.0.1', 0];
+  const rule = fromPod(p) ? s.rules[p]! : undefined;
   const profile = s.params.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${s.params.cpuProfDir}`] : [];
   const command = server === 'node'
     ? [process.execPath, ...profile, constantServerJs, s.reference.jsonFile, host, String(port)]
     : [s.constantBin, s.reference.rawFile, host, String(port)];
-  if (p === 'pod') await s.rule!.install();
+  await rule?.install();
   const child = spawnChild(command, true);
   const stop = async () => {
     await child.stop();
-    if (p === 'pod') await s.rule!.remove();
+    await rule?.remove();
   };
   try {
     let listening: RegExpExecArray | null = null;
     await waitFor(child, `the ${server} constant server`, 10_000, () => (listening = /^listening (\d+)$/m.exec(child.output())) !== null);
     const bound = Number(listening![1]);
-    s.reference.check(await ask(p, bound), `the ${server} constant server`);
+    s.reference.check(await ask(s, p, bound), `the ${server} constant server`);
     return { pid: child.process.pid!, port: bound, stop };
   } catch (err) {
     await stop();
@@ -182,8 +216,8 @@ async function trial(s: Setup, server: ServerName, p: PathName, n: number): Prom
   const started = server === 'native' || server === 'js' ? await startDaemon(s, server, p) : await startConstant(s, server, p);
   try {
     const load = {
-      url: p === 'pod' ? `http://${METADATA_IP}${TARGET}` : `http://127.0.0.1:${started.port}${TARGET}`,
-      netns: p === 'pod' ? POD_NS : undefined,
+      url: fromPod(p) ? `http://${METADATA_IP}${TARGET}` : `http://127.0.0.1:${started.port}${TARGET}`,
+      wrap: podWrap(s, p),
       connections: s.params.connections,
     };
     await wrk({ ...load, seconds: s.params.warmupS });
@@ -295,7 +329,7 @@ function kubeletPods(paths: PathName[], podIp: string | undefined): DemoPod[] {
   const labels = { aadpodidbinding: 'bench' };
   const pods: DemoPod[] = [];
   if (paths.includes('loopback')) pods.push({ name: 'bench-loopback', namespace: 'default', ip: '127.0.0.1', labels });
-  if (podIp) pods.push({ name: 'bench-pod', namespace: 'default', ip: podIp, labels });
+  if (podIp) pods.push({ name: 'bench-pod', namespace: 'default', ip: podIp, labels, uid: POD_UID });
   return pods;
 }
 
@@ -309,7 +343,8 @@ export async function runThroughput(params: ThroughputParams): Promise<void> {
   if (availableParallelism() < 2) throw new Error('needs 2 cores: the server and wrk are pinned to different ones');
   const tmp = mkdtempSync(path.join(tmpdir(), 'nmi-bench-'));
   const standins: Standin[] = [];
-  const pod = params.paths.includes('pod');
+  const pod = params.paths.some(fromPod);
+  const cgroups = params.paths.includes('ebpf') ? createPodCgroups() : undefined;
   try {
     const podIp = pod ? setUpNamespaces() : undefined;
     // The daemon reads every file of its --bindings folder: the answer files live beside it, not in it.
@@ -324,14 +359,19 @@ export async function runThroughput(params: ThroughputParams): Promise<void> {
       params, bindingsDir, kubelet, imds,
       reference: new Reference(tmp),
       constantBin: params.servers.includes('c') ? compileConstant(tmp) : '',
-      rule: pod ? await redirectRule() : undefined,
+      rules: {
+        pod: params.paths.includes('pod') ? await redirectRule('iptables') : undefined,
+        ebpf: cgroups ? await redirectRule('ebpf', cgroups.tree.root) : undefined,
+      },
+      cgroups,
     };
 
     say('nmi bench: token requests answered from the cache, beside constant servers answering the same bytes');
     say(`  node ${process.version}; ${execFileSync('cc', ['--version'], { encoding: 'utf8' }).split('\n')[0]} (-O2)`);
     say(`  wrk -t1 -c${params.connections} -d${params.durationS}s --latency -H 'Metadata: true' (keep-alive), after an unmeasured ${params.warmupS}s run`);
     say(`  servers: ${params.servers.join(', ')}; paths: ${params.paths.join(', ')}; ${params.trials} trials each, interleaved, a fresh process each`);
-    if (pod) say(`  pod path: wrk in namespace ${POD_NS} (${podIp}) → ${METADATA_IP}:80 → DNAT (iptables, chain aad-metadata) → ${NODE_IP}:${NMI_PORT} in ${NODE_NS}`);
+    if (params.paths.includes('pod')) say(`  pod path: wrk in namespace ${POD_NS} (${podIp}) → ${METADATA_IP}:80 → DNAT (iptables, chain aad-metadata) → ${NODE_IP}:${NMI_PORT} in ${NODE_NS}`);
+    if (cgroups) say(`  ebpf path: wrk in namespace ${POD_NS} and cgroup ${cgroups.container} → ${METADATA_IP}:80 → connect rewritten by cgroup/connect4 at ${cgroups.tree.root} (no iptables rule, no NAT) → ${NODE_IP}:${NMI_PORT}; nmi attests each connection by cgroup`);
     say(`  server pinned to cpu ${SERVER_CPU}, wrk to cpu ${LOAD_CPU}; load average at start ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     if (params.cpuProfDir) say(`  profiling the node processes into ${params.cpuProfDir} (rates are lower while profiling)`);
     say(`  GET ${TARGET}`);
@@ -360,6 +400,7 @@ export async function runThroughput(params: ThroughputParams): Promise<void> {
     await stopChildren();
     standins.forEach((x) => x.close());
     if (pod) removeNamespaces();
+    cgroups?.tree.remove();
     rmSync(tmp, { recursive: true, force: true });
   }
 }

@@ -1,4 +1,4 @@
-// wrk, pinned to the load cpu, optionally from inside a network namespace.
+// wrk, pinned to the load cpu, optionally from inside a pod.
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { interrupt, LOAD_CPU } from './common.js';
@@ -35,13 +35,13 @@ export interface WrkRun {
   url: string;
   connections: number;
   seconds: number;
-  /** Run inside this network namespace (`ip netns exec`). */
-  netns?: string;
+  /** Runs the command somewhere else (a pod's namespace and cgroup). */
+  wrap?: (command: string[]) => string[];
 }
 
-export async function wrk({ url, connections, seconds, netns }: WrkRun): Promise<WrkResult> {
+export async function wrk({ url, connections, seconds, wrap }: WrkRun): Promise<WrkResult> {
   const load = ['taskset', '-c', String(LOAD_CPU), 'wrk', '-t1', `-c${connections}`, `-d${seconds}s`, '--latency', '-H', 'Metadata: true', url];
-  const argv = netns ? ['ip', 'netns', 'exec', netns, ...load] : load;
+  const argv = wrap ? wrap(load) : load;
   const { stdout } = await run(argv[0]!, argv.slice(1), { signal: interrupt.signal });
   return parseWrk(stdout);
 }

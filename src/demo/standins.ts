@@ -41,6 +41,8 @@ export interface DemoPod {
   namespace: string;
   ip: string;
   labels: Record<string, string>;
+  /** metadata.uid; `demo-<name>` when not given (the eBPF bench needs a real UUID: it names the pod's cgroup). */
+  uid?: string;
 }
 
 /** GET /pods as a v1 PodList. */
@@ -51,7 +53,7 @@ export function startKubelet(pods: DemoPod[]): Promise<Standin> {
       kind: 'PodList',
       apiVersion: 'v1',
       items: pods.map((p) => ({
-        metadata: { name: p.name, namespace: p.namespace, uid: `demo-${p.name}`, labels: p.labels },
+        metadata: { name: p.name, namespace: p.namespace, uid: p.uid ?? `demo-${p.name}`, labels: p.labels },
         spec: { nodeName: 'demo-node' },
         status: { phase: 'Running', podIP: p.ip, podIPs: [{ ip: p.ip }] },
       })),

@@ -26,8 +26,9 @@ export interface CgroupTree {
   remove(): void;
 }
 
-export function createCgroupTree(): CgroupTree {
-  const root = path.join(cgroup2Mount(), `nmi-t${process.pid}`);
+/** A tree named `name` at the top of the cgroup v2 hierarchy. */
+export function createCgroupTree(name = `nmi-t${process.pid}`): CgroupTree {
+  const root = path.join(cgroup2Mount(), name);
   mkdirSync(root, { recursive: true });
   const make = (relative: string) => {
     const full = path.join(root, relative);
