@@ -29,7 +29,8 @@ import { parseAnswer, rawGet } from './raw.js';
 const RESOURCES = ['https://management.azure.com/', 'https://vault.azure.net', 'https://storage.azure.com/', 'https://graph.microsoft.com/', 'https://database.windows.net/'];
 /** Requests in flight at once while filling the cache. */
 const CONCURRENCY = 16;
-const GOAL_MIB = 80;
+/** Issue 4's 80 MB, in KiB (80 × 10⁶ bytes: 76.3 MiB). */
+const GOAL_KIB = 80e6 / 1024;
 /** Idle seconds before the last measurement: garbage of the fill gets collected (or not). */
 const SETTLE_S = 10;
 
@@ -153,12 +154,12 @@ function printResults(params: RssParams, results: RssResult[]): void {
     ], widths));
   }
   say('');
-  say(`goal: RSS of the whole daemon ≤ ${GOAL_MIB} MB with ${params.pods} pods × ${params.identities} identities × ${params.resources} resources cached (judged on the larger of RSS filled and RSS +${SETTLE_S}s)`);
+  say(`goal: RSS of the whole daemon ≤ 80 MB (${mib(GOAL_KIB)}) with ${params.pods} pods × ${params.identities} identities × ${params.resources} resources cached (judged on the larger of RSS filled and RSS +${SETTLE_S}s)`);
   for (const r of results) {
     const cached = r.imdsCalls === r.tokens && r.secondPassImdsCalls === 0;
     const rss = Math.max(r.filled.rssKiB, r.settled.rssKiB);
-    const verdict = !cached ? 'not judged: the cache did not hold every token' : rss <= GOAL_MIB * 1024 ? 'met' : 'NOT met';
-    say(`  ${r.server.padEnd(7)} ${mib(rss)} (${(rss / 1024 / GOAL_MIB).toFixed(2)} × the goal): ${verdict}`);
+    const verdict = !cached ? 'not judged: the cache did not hold every token' : rss <= GOAL_KIB ? 'met' : 'NOT met';
+    say(`  ${r.server.padEnd(7)} ${mib(rss)} (${(rss / GOAL_KIB).toFixed(2)} × the goal): ${verdict}`);
   }
 }
 

@@ -21,6 +21,7 @@ import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
 import { Readiness } from '../probe/readiness.js';
+import { dropStartupPages } from './startup-pages.js';
 import { startProbeServer } from '../probe/probe-server.js';
 import { RulesKeeper } from '../rules/keeper.js';
 import { EbpfBackend } from '../rules/ebpf.js';
@@ -204,6 +205,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     await keeper.install();
     readiness.set('rules', true);
     retainUsedTokens();
+    releaseStartupPages(log);
   } catch (err) {
     // Leave nothing listening; rules are only ever installed last, so there are none to undo.
     await stopAll().catch(() => {});
@@ -214,6 +216,17 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     readiness,
     stop: stopAll,
   };
+}
+
+/** Startup is over: its code pages need not stay mapped (startup-pages.ts). */
+function releaseStartupPages(log: Logger): void {
+  try {
+    const { mappings, rssFileKiB, errors } = dropStartupPages();
+    const mib = (kib: number) => Math.round(kib / 102.4) / 10;
+    log.info({ mappings, rssFileMiB: rssFileKiB.map(mib), errors: errors.length > 0 ? errors : undefined }, 'dropped the pages of startup-only code');
+  } catch (err) {
+    log.warn({ err: (err as Error).message }, 'could not drop the pages of startup-only code');
+  }
 }
 
 /**

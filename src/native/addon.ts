@@ -63,6 +63,8 @@ export interface NativeAddon {
   sdNotify(socketPath: string, message: string): string | null;
   /** Moves the calling (main) thread into the network namespace at path; null on success. */
   setNetns(path: string): string | null;
+  /** madvise(MADV_DONTNEED) on [start, start + length); null on success, else the errno text. */
+  dropPages(start: bigint, length: bigint): string | null;
   /** Listens and starts the server's epoll thread; throws when the address cannot be bound. */
   serverStart(options: NativeServerOptions, onRequest: NativeRequestHandler): { id: number; port: number };
   /** Queues the complete answer bytes of one handed-over request; close ends the connection after it. */
