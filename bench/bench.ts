@@ -86,31 +86,37 @@ function parseMode(argv: string[]): Mode {
   };
 }
 
-async function main(argv: string[]): Promise<number> {
+/** Runs the mode; Ctrl-C or SIGTERM stops every process it started. */
+async function measure(mode: Mode): Promise<number> {
+  // A second signal (Ctrl-C twice, or one to each process of an unshare'd run) must not cut the clean-up short.
   const onSignal = () => {
+    if (interrupt.signal.aborted) return;
     say('interrupted: stopping the servers and removing the namespaces');
     interrupt.abort();
     for (const stop of running) void stop();
   };
-  process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
   try {
-    const mode = parseMode(argv);
-    if (!mode.rss && mode.params.paths.includes('ebpf')) {
-      // Its pins must not meet another nmi's: the bench is run again in a mount namespace of its own.
-      process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
-      const code = await runInPrivateMounts();
-      if (code !== undefined) return code;
-      process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
-    }
     if (mode.rss) await runRss(mode.params);
     else await runThroughput(mode.params);
     return 0;
   } catch (err) {
     if (interrupt.signal.aborted) return 130;
-    process.stderr.write(`nmi bench: ${(err as Error).message}\n`);
-    return 1;
+    throw err;
   } finally {
     process.off('SIGINT', onSignal).off('SIGTERM', onSignal);
+  }
+}
+
+async function main(argv: string[]): Promise<number> {
+  try {
+    const mode = parseMode(argv);
+    // Its pins must not meet another nmi's: with the ebpf path the bench runs again in a mount namespace of its own.
+    const code = !mode.rss && mode.params.paths.includes('ebpf') ? await runInPrivateMounts() : undefined;
+    return code ?? (await measure(mode));
+  } catch (err) {
+    process.stderr.write(`nmi bench: ${(err as Error).message}\n`);
+    return 1;
   }
 }
 

@@ -5,6 +5,7 @@
 // requests then coming from a process in the pod's cgroup (`ebpf`).
 import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { readdirSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -19,7 +20,7 @@ import {
 import { EbpfBackend, ebpfUnsupported, mountsOfType } from '../src/rules/ebpf.js';
 import { chooseTools, IptablesBackend } from '../src/rules/iptables.js';
 import type { Redirect, RulesBackend } from '../src/rules/redirect.js';
-import { createCgroupTree, type CgroupTree } from '../test/harness/cgroups.js';
+import { createCgroupTree, removeTree, type CgroupTree } from '../test/harness/cgroups.js';
 import { interrupt } from './common.js';
 
 export { NODE_IP };
@@ -125,8 +126,25 @@ export interface PodCgroups {
   container: string;
 }
 
-/** A kubepods-like cgroup tree for the bench, named after its process, with the pod's container cgroup in it. */
+const alive = (pid: number) => {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+};
+
+/**
+ * A kubepods-like cgroup tree for the bench, named after its process, with the
+ * pod's container cgroup in it; trees a killed bench left (its pid gone) are removed first.
+ */
 export function createPodCgroups(): PodCgroups {
+  const top = mountsOfType('cgroup2')[0]!;
+  for (const name of readdirSync(top)) {
+    const pid = /^nmi-bench-(\d+)$/.exec(name)?.[1];
+    if (pid && !alive(Number(pid))) removeTree(path.join(top, name));
+  }
   const tree = createCgroupTree(`nmi-bench-${process.pid}`);
   return { tree, container: tree.podCgroup(POD_UID, 'systemd') };
 }

@@ -43,18 +43,18 @@ export function createCgroupTree(name = `nmi-t${process.pid}`): CgroupTree {
         : make(`kubepods/burstable/pod${uid}/${container}`);
     },
     plainCgroup: make,
-    remove() {
-      const rmTree = (dir: string) => {
-        for (const entry of readdirSync(dir, { withFileTypes: true })) if (entry.isDirectory()) rmTree(path.join(dir, entry.name));
-        try {
-          rmdirSync(dir);
-        } catch {
-          // a process is still in it; the next run's tree has another name
-        }
-      };
-      rmTree(root);
-    },
+    remove: () => removeTree(root),
   };
+}
+
+/** Removes a cgroup folder and those under it; one a process is still in stays (the next run's tree has another name). */
+export function removeTree(dir: string): void {
+  for (const entry of readdirSync(dir, { withFileTypes: true })) if (entry.isDirectory()) removeTree(path.join(dir, entry.name));
+  try {
+    rmdirSync(dir);
+  } catch {
+    // not empty of processes
+  }
 }
 
 export interface CallResult {
