@@ -1,13 +1,14 @@
-// Once started, the daemon drops its mappings of the clean file pages it
-// touched while starting: node's own binary above all (V8's bootstrap, the
-// module compiler, code run once), ~35 MiB of RSS a long-running agent never
-// needs again. A page still in use is faulted back in from the page cache, so
-// what stays resident is the working set. Only mappings that cannot hold
-// private changes are dropped: file-backed, not writable, not locked or device
-// memory, and without one anonymous (copied-on-write) page, as the kernel
-// reports in /proc/self/smaps; dropping a page that was written to would lose
-// what was written.
-import { readFileSync } from 'node:fs';
+// Once started, the daemon drops its mappings of the clean pages of node's own
+// binary it touched while starting (V8's bootstrap, the module compiler, code
+// run once): ~35 MiB of RSS a long-running agent never needs again. A page
+// still in use is faulted back in from the page cache, so what stays resident
+// is the working set. Only node's binary: the addon and the C libraries carry
+// the native server's hot path, whose thread must not take page faults while
+// it serves. Only mappings that cannot hold private changes are dropped: not
+// writable, not locked, and without one anonymous (copied-on-write) page, as
+// the kernel reports in /proc/self/smaps; dropping a page that was written to
+// would lose what was written.
+import { readFileSync, realpathSync } from 'node:fs';
 import { addon, type NativeAddon } from '../native/addon.js';
 
 export interface Mapping {
@@ -20,8 +21,8 @@ const header = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+ *(.*)$/;
 /** smaps VmFlags that madvise(MADV_DONTNEED) refuses or that are not plain page-cache pages: locked, I/O, PFN-mapped, hugetlb. */
 const refusedFlags = new Set(['lo', 'io', 'pf', 'ht']);
 
-/** The mappings of a /proc/<pid>/smaps text whose pages can be dropped and read back from their files unchanged. */
-export function cleanFileMappings(smaps: string): Mapping[] {
+/** The mappings of `file` in a /proc/<pid>/smaps text whose pages can be dropped and read back from the file unchanged. */
+export function cleanFileMappings(smaps: string, file: string): Mapping[] {
   const out: Mapping[] = [];
   let current: (Mapping & { eligible: boolean; anonymous?: number; flags?: string[] }) | undefined;
   const finish = () => {
@@ -38,7 +39,7 @@ export function cleanFileMappings(smaps: string): Mapping[] {
         start: BigInt(`0x${start}`),
         end: BigInt(`0x${end}`),
         path,
-        eligible: !perms.includes('w') && path.startsWith('/') && !path.startsWith('/dev/'),
+        eligible: !perms.includes('w') && path === file,
       };
     } else if (current && line.startsWith('Anonymous:')) {
       current.anonymous = Number(/(\d+)/.exec(line)?.[1] ?? NaN);
@@ -65,7 +66,7 @@ export interface Dropped {
 
 export function dropStartupPages(native: NativeAddon = addon()): Dropped {
   const before = rssFileKiB();
-  const mappings = cleanFileMappings(readFileSync('/proc/self/smaps', 'utf8'));
+  const mappings = cleanFileMappings(readFileSync('/proc/self/smaps', 'utf8'), realpathSync(process.execPath));
   const errors: string[] = [];
   for (const m of mappings) {
     const error = native.dropPages(m.start, m.end - m.start);
