@@ -6,6 +6,7 @@
 import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { readdirSync } from 'node:fs';
+import { constants } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -114,7 +115,7 @@ export async function runInPrivateMounts(): Promise<number | undefined> {
   process.on('SIGTERM', forward).on('SIGINT', wait);
   const [code, signal] = (await once(child, 'exit')) as [number | null, NodeJS.Signals | null];
   process.off('SIGTERM', forward).off('SIGINT', wait);
-  return code ?? (signal ? 128 + 15 : 1);
+  return code ?? 128 + (signal ? constants.signals[signal] : 0);
 }
 
 /** The pod's UID (a UUID: the kubelet names the pod's cgroup after it). */
