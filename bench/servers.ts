@@ -341,6 +341,10 @@ function compileConstant(dir: string): string {
 
 export async function runThroughput(params: ThroughputParams): Promise<void> {
   if (availableParallelism() < 2) throw new Error('needs 2 cores: the server and wrk are pinned to different ones');
+  // The server's core is the server's alone: this process hosts the stand-ins a
+  // daemon polls (the kubelet's pod list), and perf sched showed it taking the
+  // server's core for milliseconds at a time while unpinned.
+  execFileSync('taskset', ['-a', '-p', '-c', String(LOAD_CPU), String(process.pid)], { stdio: 'ignore' });
   const tmp = mkdtempSync(path.join(tmpdir(), 'nmi-bench-'));
   const standins: Standin[] = [];
   const pod = params.paths.some(fromPod);
@@ -372,7 +376,7 @@ export async function runThroughput(params: ThroughputParams): Promise<void> {
     say(`  servers: ${params.servers.join(', ')}; paths: ${params.paths.join(', ')}; ${params.trials} trials each, interleaved, a fresh process each`);
     if (params.paths.includes('pod')) say(`  pod path: wrk in namespace ${POD_NS} (${podIp}) → ${METADATA_IP}:80 → DNAT (iptables, chain aad-metadata) → ${NODE_IP}:${NMI_PORT} in ${NODE_NS}`);
     if (cgroups) say(`  ebpf path: wrk in namespace ${POD_NS} and cgroup ${cgroups.container} → ${METADATA_IP}:80 → connect rewritten by cgroup/connect4 at ${cgroups.tree.root} (no iptables rule, no NAT) → ${NODE_IP}:${NMI_PORT}; nmi attests each connection by cgroup`);
-    say(`  server pinned to cpu ${SERVER_CPU}, wrk to cpu ${LOAD_CPU}; load average at start ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+    say(`  server pinned to cpu ${SERVER_CPU}; wrk, and this process with its stand-ins, to cpu ${LOAD_CPU}; load average at start ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     if (params.cpuProfDir) say(`  profiling the node processes into ${params.cpuProfDir} (rates are lower while profiling)`);
     say(`  GET ${TARGET}`);
 
