@@ -21,7 +21,7 @@ import {
 import { EbpfBackend, ebpfUnsupported, mountsOfType } from '../src/rules/ebpf.js';
 import { chooseTools, IptablesBackend } from '../src/rules/iptables.js';
 import type { Redirect, RulesBackend } from '../src/rules/redirect.js';
-import { createCgroupTree, removeTree, type CgroupTree } from '../test/harness/cgroups.js';
+import { cgroup2Mount, createCgroupTree, removeTree, type CgroupTree } from '../test/harness/cgroups.js';
 import { interrupt } from './common.js';
 
 export { NODE_IP };
@@ -141,7 +141,7 @@ const alive = (pid: number) => {
  * pod's container cgroup in it; trees a killed bench left (its pid gone) are removed first.
  */
 export function createPodCgroups(): PodCgroups {
-  const top = mountsOfType('cgroup2')[0]!;
+  const top = cgroup2Mount();
   for (const name of readdirSync(top)) {
     const pid = /^nmi-bench-(\d+)$/.exec(name)?.[1];
     if (pid && !alive(Number(pid))) removeTree(path.join(top, name));

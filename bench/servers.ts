@@ -151,16 +151,20 @@ interface Setup {
   cgroups?: PodCgroups;
 }
 
+/** The cgroup the pod's processes run in on this path: only the ebpf path places them in one. */
+function podCgroup(s: Setup, p: PathName): string | undefined {
+  return p === 'ebpf' ? s.cgroups!.container : undefined;
+}
+
 /** Runs a command as the pod's container does on this path (undefined: on the node, loopback). */
 function podWrap(s: Setup, p: PathName): ((command: string[]) => string[]) | undefined {
   if (!fromPod(p)) return undefined;
-  const cgroup = p === 'ebpf' ? s.cgroups!.container : undefined;
-  return (command) => inPod(command, cgroup);
+  return (command) => inPod(command, podCgroup(s, p));
 }
 
 function ask(s: Setup, p: PathName, port: number): Promise<Buffer> {
   if (!fromPod(p)) return rawGet({ host: '127.0.0.1', port, target: TARGET });
-  return podGet(TARGET, p === 'ebpf' ? s.cgroups!.container : undefined);
+  return podGet(TARGET, podCgroup(s, p));
 }
 
 /** A fresh daemon, its one cache miss (a 200), then one cache hit checked against the reference. */

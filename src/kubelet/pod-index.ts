@@ -23,9 +23,14 @@ const defaults = {
   minRefreshGapMs: 1_000, // 1 second: bounds kubelet load from pods that are not in the index
 };
 
-/** Only these pods can be callers; a finished pod's address may already belong to a new one. */
+/** A pod that runs or is about to; a finished pod's address or cgroup may already be a new one's. */
+function isLive(pod: Pod): boolean {
+  return pod.phase === 'Pending' || pod.phase === 'Running';
+}
+
+/** Only these pods can be callers by address. */
 export function isCaller(pod: Pod): boolean {
-  return !pod.hostNetwork && (pod.phase === 'Pending' || pod.phase === 'Running');
+  return !pod.hostNetwork && isLive(pod);
 }
 
 /** A socket on a dual-stack listener reports IPv4 peers as `::ffff:a.b.c.d`; the kubelet lists `a.b.c.d`. */
@@ -182,7 +187,7 @@ export class PodIndex implements CallerLookup {
       else conflicts.push(`${ip}: ${[...set].map(podName).sort().join(', ')}`);
     }
     this.byAddress = byAddress;
-    this.byUid = new Map(pods.filter((p) => p.phase === 'Pending' || p.phase === 'Running').map((p) => [p.uid, p]));
+    this.byUid = new Map(pods.filter(isLive).map((p) => [p.uid, p]));
     this.indexedPods = new Set(byAddress.values()).size;
     this.listed = pods;
     this.reportConflicts(conflicts.sort());

@@ -21,7 +21,6 @@ import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
 import { Readiness } from '../probe/readiness.js';
-import { dropStartupPages } from './startup-pages.js';
 import { startProbeServer } from '../probe/probe-server.js';
 import { RulesKeeper } from '../rules/keeper.js';
 import { EbpfBackend } from '../rules/ebpf.js';
@@ -35,6 +34,7 @@ import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
 import { identityKey, TokenCache } from '../tokens/token-cache.js';
+import { dropStartupPages } from './startup-pages.js';
 
 export interface Daemon {
   readiness: Readiness;

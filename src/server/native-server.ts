@@ -330,7 +330,6 @@ export interface NativeTables {
   stop(): void;
 }
 
-
 export function attachNativeTables(server: NativeTokenServer, sources: NativeTableSources): NativeTables {
   const serveWindowMs = sources.serveWindowMs ?? 30_000;
   const tokens = new Map<string, NativeToken>();

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { mountsOfType } from '../../src/rules/ebpf.js';
 import { waitFor } from './nmi-process.js';
 
-function cgroup2Mount(): string {
+export function cgroup2Mount(): string {
   const [mount] = mountsOfType('cgroup2');
   if (!mount) throw new Error('no cgroup v2 hierarchy is mounted');
   return mount;
