@@ -12,8 +12,6 @@ import type { Standin } from '../src/demo/standins.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const nmiBin = path.resolve(here, '../../bin/nmi.js');
-/** The node flags on bin/nmi.js's #! line: the daemon runs with them when deployed, so in the bench too. */
-export const nmiNodeFlags = (/^#!\/usr\/bin\/env -S node((?: --\S+)*)\n/.exec(readFileSync(nmiBin, 'utf8'))?.[1] ?? '').split(' ').filter(Boolean);
 
 /** The server under load gets one core, wrk the other. */
 export const SERVER_CPU = 0;
@@ -129,7 +127,7 @@ export async function startNmi(o: NmiOptions): Promise<Daemon> {
   const probe = `127.0.0.1:${await freePort()}`;
   const profile = o.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [];
   const child = spawnChild(
-    [process.execPath, ...nmiNodeFlags, ...profile, nmiBin, 'run', '--server', o.server, '--node-ip', o.nodeIp, '--port', String(o.port),
+    [process.execPath, ...profile, nmiBin, 'run', '--server', o.server, '--node-ip', o.nodeIp, '--port', String(o.port),
       '--rules', o.rules, '--probe-address', probe, '--bindings', o.bindings, '--kubelet-url', o.kubelet.url,
       '--upstream-imds', o.imds.url, '--log-level', 'warn', ...(o.extraArgs ?? [])],
     o.pin,

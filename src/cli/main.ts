@@ -2,11 +2,14 @@
 // (0 clean stop, 1 runtime failure, 2 bad usage or config).
 import { isNmiError, codes } from '../errors/errors.js';
 import { parseFlags, usage, type FlagSpecs } from '../config/flags.js';
-import { runFlags, cleanupFlags, statusFlags, demoFlags } from '../config/commands.js';
+import { runFlags, cleanupFlags, statusFlags, demoFlags, type RunConfig } from '../config/commands.js';
+import { NODE_FLAGS, useNodeFlags } from '../lifecycle/node-flags.js';
 
 interface Command {
   summary: string;
   flags: FlagSpecs;
+  /** V8's flags the command runs with: it re-executes itself with them before loading anything else. */
+  nodeFlags?: (values: never) => readonly string[];
   load: () => Promise<(values: never) => Promise<number>>;
 }
 
@@ -14,6 +17,7 @@ const commands: Record<string, Command> = {
   run: {
     summary: 'The daemon: installs the redirect, answers pods\' token requests, keeps the rules repaired.',
     flags: runFlags,
+    nodeFlags: (values: RunConfig) => NODE_FLAGS[values.server],
     load: async () => (await import('./run.js')).run,
   },
   cleanup: {
@@ -59,6 +63,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stdout.write(`${usage(name, command.summary, command.flags)}\n`);
       return 0;
     }
+    if (command.nodeFlags) useNodeFlags(command.nodeFlags(values as never));
     const handler = await command.load();
     return await handler(values as never);
   } catch (err) {

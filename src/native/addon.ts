@@ -65,6 +65,8 @@ export interface NativeAddon {
   setNetns(path: string): string | null;
   /** madvise(MADV_DONTNEED) on [start, start + length); null on success, else the errno text. */
   dropPages(start: bigint, length: bigint): string | null;
+  /** execve(2): replaces the process image (same pid); returns the errno text only when that failed. */
+  exec(file: string, argv: string[], env: string[]): string;
   /** Listens and starts the server's epoll thread; throws when the address cannot be bound. */
   serverStart(options: NativeServerOptions, onRequest: NativeRequestHandler): { id: number; port: number };
   /** Queues the complete answer bytes of one handed-over request; close ends the connection after it. */
