@@ -139,6 +139,28 @@ export function checkTokenRequest(
   return checkTokenHeaders(method, headers, policy) ?? checkTokenQuery(query);
 }
 
+/** The request headers checks 1-3 read; no other header decides an answer nmi writes itself. */
+const CHECKED_HEADERS: ReadonlySet<string> = new Set(['metadata', 'x-forwarded-for', 'forwarded', 'via']);
+const CHECKED_LENGTHS: ReadonlySet<number> = new Set([...CHECKED_HEADERS].map((name) => name.length));
+
+/**
+ * The checked headers from node's rawHeaders, repeats joined with ", " as
+ * req.headers joins them. Reading req.headers makes node build an object of
+ * every header, which costs a cache hit more than this.
+ */
+export function checkedHeaders(rawHeaders: readonly string[]): RequestHeaders {
+  const headers: Record<string, string> = {};
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+    const raw = rawHeaders[i]!;
+    if (!CHECKED_LENGTHS.has(raw.length)) continue;
+    const name = raw.toLowerCase();
+    if (!CHECKED_HEADERS.has(name)) continue;
+    const seen = headers[name];
+    headers[name] = seen === undefined ? rawHeaders[i + 1]! : `${seen}, ${rawHeaders[i + 1]!}`;
+  }
+  return headers;
+}
+
 /** Checks 1–3: method, Metadata header (before any lookup), no forwarding headers. */
 function checkTokenHeaders(method: string, headers: RequestHeaders, policy: Pick<RequestPolicy, 'metadataHeaderRequired'>): Problem | undefined {
   if (method !== 'GET') return checks.method;

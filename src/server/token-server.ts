@@ -17,7 +17,7 @@ import type { Token } from '../tokens/token.js';
 import { problemAnswer, problems, tokenAnswer, unavailable, writeAnswer, type Answer, type Problem } from './answers.js';
 import type { ServerMetrics } from './metrics.js';
 import { createImdsProxy } from './proxy.js';
-import { classifyRequest, type Classification, type IdSelector, type RequestHeaders, type RouteName, type TokenRequest } from './request.js';
+import { checkedHeaders, classifyRequest, type Classification, type IdSelector, type RequestHeaders, type RouteName, type TokenRequest } from './request.js';
 
 export interface TokenServerOptions {
   metadataHeaderRequired: boolean;
@@ -184,7 +184,7 @@ export function createTokenServer(deps: TokenServerDeps): TokenServer {
     const { route, outcome } = core({
       method: req.method ?? '',
       target: req.url ?? '',
-      headers: req.headers,
+      headers: checkedHeaders(req.rawHeaders),
       remoteAddress: caller?.remoteAddress,
       cgroup: caller?.cgroup,
     });

@@ -4,6 +4,7 @@
 // and token cache are small in-test implementations of their interfaces.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
+import http from 'node:http';
 import net from 'node:net';
 import { once } from 'node:events';
 import { Client, request } from 'undici';
@@ -13,6 +14,7 @@ import type { Pod } from '../../src/kubelet/pod.js';
 import { silentLogger } from '../../src/log/logger.js';
 import type { Token } from '../../src/tokens/token.js';
 import { registerServerMetrics } from '../../src/server/metrics.js';
+import { checkedHeaders, type RequestHeaders } from '../../src/server/request.js';
 import { createTokenServer, type TokenServer, type TokenServerOptions } from '../../src/server/token-server.js';
 import { startUpstream, DEFAULT_REPLY, type Upstream } from './upstream.js';
 
@@ -175,6 +177,44 @@ test('2: a missing or wrong Metadata header is 400 before any lookup', async () 
   assert.deepEqual(world.tokenCalls, []);
   // Header name and value compare case-insensitively.
   assert.equal((await get(`${TOKEN}?${QUERY}`, { mEtAdAtA: 'True' })).status, 200);
+});
+
+test('2-3: the headers are read as node:http joins them: a repeated Metadata header is refused, an empty Via counts', async () => {
+  reset();
+  const head = `GET ${TOKEN}?${QUERY} HTTP/1.1\r\nHost: 169.254.169.254\r\nConnection: close\r\n`;
+  assertProblem(await raw(`${head}Metadata: true\r\nmetadata: true\r\n\r\n`), 400, 'invalid_request', 'Required metadata header not specified');
+  assertProblem(await raw(`${head}Metadata: true\r\nvia:\r\n\r\n`), 400, 'invalid_request', 'Forwarded requests are not allowed: X-Forwarded-For, Forwarded or Via header present');
+  assert.equal((await raw(`${head}Metadata:   TRUE  \r\nVia-Proxy: x\r\nMetadatas: false\r\n\r\n`)).status, 200);
+  assert.deepEqual(world.tokenCalls.length, 1);
+});
+
+test('checkedHeaders gives what req.headers holds for the checked names, for the same bytes', async () => {
+  const seen: Array<[RequestHeaders, RequestHeaders]> = [];
+  const plain = http.createServer((req, res) => {
+    const fromNode = Object.fromEntries(['metadata', 'x-forwarded-for', 'forwarded', 'via'].filter((n) => req.headers[n] !== undefined).map((n) => [n, req.headers[n]]));
+    seen.push([fromNode, checkedHeaders(req.rawHeaders)]);
+    res.end();
+  });
+  plain.listen(0, '127.0.0.1');
+  await once(plain, 'listening');
+  const blocks = [
+    'Metadata: true\r\nMETADATA: True\r\nmetadata:\r\n',
+    'X-Forwarded-For: 10.0.0.1\r\nx-forwarded-for: 10.0.0.2\r\nForwarded: for=10.0.0.3\r\nVIA: 1.1 a\r\nVia: 1.1 b\r\n',
+    'Metadatx: true\r\nVix: x\r\nForwardes: x\r\nX-Forwarded-Fox: x\r\nUser-Agent: t\r\n',
+    'metadata: \ttrue \r\n',
+    '',
+  ];
+  try {
+    for (const block of blocks) {
+      const answer = await raw(`GET / HTTP/1.1\r\nHost: x\r\n${block}Connection: close\r\n\r\n`, { port: (plain.address() as net.AddressInfo).port });
+      assert.equal(answer.status, 200);
+    }
+  } finally {
+    plain.close();
+  }
+  assert.equal(seen.length, blocks.length);
+  for (const [fromNode, checked] of seen) assert.deepEqual(checked, fromNode);
+  assert.deepEqual(seen[0]![1], { metadata: 'true, True, ' });
 });
 
 test('2: with --metadata-header-required=false the header is not needed', async () => {
