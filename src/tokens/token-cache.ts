@@ -66,6 +66,8 @@ const defaults = {
 };
 
 interface Entry {
+  /** Its key in the LRU map. */
+  readonly key: string;
   readonly identityKey: string;
   readonly identity: AzureIdentity;
   readonly resource: string;
@@ -88,6 +90,12 @@ export function identityKey(identity: Pick<AzureIdentity, 'namespace' | 'name'>)
 export class TokenCache {
   private readonly provider: TokenProvider;
   private readonly entries: LRUCache<string, Entry>;
+  /**
+   * Entries by the identity object a request resolved to, then resource: a cache
+   * hit builds and hashes no key string. Holds dropped entries until they are
+   * met (then replaced); an identity object of an old bindings set goes with it.
+   */
+  private readonly byIdentity = new WeakMap<AzureIdentity, Map<string, Entry>>();
   private readonly refreshFraction: number;
   private readonly refreshJitter: number;
   private readonly expiryMarginMs: number;
@@ -136,26 +144,27 @@ export class TokenCache {
 
   /** A token for identity and resource: from memory when fresh, else from the issuer (one call for all concurrent askers). */
   get(identity: AzureIdentity, resource: string, credential?: Credential): Promise<Token> {
-    const key = entryKey(identity, resource);
-    const cached = this.fresh(key);
-    if (cached) {
-      if (credential) cached.credential = credential;
-      return Promise.resolve(this.hit(cached));
+    let entry = this.find(identity, resource);
+    const now = this.now();
+    if (entry && this.servable(entry, now)) {
+      if (credential) entry.credential = credential;
+      return Promise.resolve(this.hit(entry, now));
     }
     this.counters.misses++;
-    let entry = this.entries.get(key);
     if (!entry) {
       entry = newEntry(identity, resource);
-      this.entries.set(key, entry);
+      this.entries.set(entry.key, entry);
+      this.remember(identity, entry);
     }
     entry.credential = credential;
-    return entry.inflight ?? this.startFetch(key, entry);
+    return entry.inflight ?? this.startFetch(entry);
   }
 
-  /** The fresh token in memory, if any, without waiting: the native fast path. */
+  /** The fresh token in memory, if any, without waiting: the js server's cache hits, and what the native fast path is given. */
   peek(identity: AzureIdentity, resource: string): Token | undefined {
-    const entry = this.fresh(entryKey(identity, resource));
-    return entry && this.hit(entry);
+    const entry = this.find(identity, resource);
+    const now = this.now();
+    return entry && this.servable(entry, now) ? this.hit(entry, now) : undefined;
   }
 
   /** Drops every entry of the identity (changed or deleted); fetches in flight for it are never stored. */
@@ -182,33 +191,45 @@ export class TokenCache {
     return { ...this.counters, upstreamRequests: { ...upstreamRequests }, upstreamErrors: { ...upstreamErrors } };
   }
 
-  private fresh(key: string): Entry | undefined {
-    const entry = this.entries.get(key);
-    return entry && this.servable(entry) ? entry : undefined;
+  /** The entry in the cache for identity and resource (marked most recently used), if any. */
+  private find(identity: AzureIdentity, resource: string): Entry | undefined {
+    const known = this.byIdentity.get(identity)?.get(resource);
+    if (known && !known.dropped.signal.aborted) {
+      this.entries.get(known.key);
+      return known;
+    }
+    const entry = this.entries.get(entryKey(identity, resource));
+    if (entry) this.remember(identity, entry);
+    return entry;
   }
 
-  private servable(entry: Entry): boolean {
-    return entry.token !== undefined && this.now() < entry.staleAtMs;
+  private remember(identity: AzureIdentity, entry: Entry): void {
+    let byResource = this.byIdentity.get(identity);
+    if (!byResource) this.byIdentity.set(identity, (byResource = new Map()));
+    byResource.set(entry.resource, entry);
   }
 
-  private hit(entry: Entry): Token {
+  private servable(entry: Entry, now = this.now()): boolean {
+    return entry.token !== undefined && now < entry.staleAtMs;
+  }
+
+  private hit(entry: Entry, now: number): Token {
     this.counters.hits++;
     const token = entry.token as Token;
-    if (!entry.inflight && this.now() >= entry.refreshAtMs) this.refreshInBackground(entry);
+    if (!entry.inflight && now >= entry.refreshAtMs) this.refreshInBackground(entry);
     return token;
   }
 
   private refreshInBackground(entry: Entry): void {
     this.counters.refreshes++;
-    const key = entryKey(entry.identity, entry.resource);
-    this.startFetch(key, entry).catch((err: unknown) => {
+    this.startFetch(entry).catch((err: unknown) => {
       // The current token stays served until it goes stale; try again later.
       entry.refreshAtMs = this.now() + this.refreshRetryMs;
       this.logger?.warn({ identity: entry.identityKey, resource: entry.resource, err: describe(err) }, 'token refresh failed');
     });
   }
 
-  private startFetch(key: string, entry: Entry): Promise<Token> {
+  private startFetch(entry: Entry): Promise<Token> {
     const fetched = this.fetchWithRetry(entry).then(
       (token) => {
         // An entry dropped meanwhile is out of the map: what it holds is never served.
@@ -217,7 +238,7 @@ export class TokenCache {
       },
       (err: unknown) => {
         // A failed refresh keeps the token it meant to replace; an entry with nothing servable goes.
-        if (!this.servable(entry) && this.entries.peek(key) === entry) this.entries.delete(key);
+        if (!this.servable(entry) && this.entries.peek(entry.key) === entry) this.entries.delete(entry.key);
         throw err;
       },
     );
@@ -275,6 +296,7 @@ function entryKey(identity: AzureIdentity, resource: string): string {
 
 function newEntry(identity: AzureIdentity, resource: string): Entry {
   return {
+    key: entryKey(identity, resource),
     identityKey: identityKey(identity),
     identity,
     resource,

@@ -315,6 +315,18 @@ test('the size is bounded: the least recently used entry goes', async () => {
   assert.ok(tokens.peek(identity, 'https://d.example'));
 });
 
+test('a hit makes its entry the most recently used, and an equal identity object finds the same entry', async () => {
+  const tokens = cache({ max: 3 });
+  const identity = msi();
+  for (const resource of ['https://a.example', 'https://b.example', 'https://c.example']) await tokens.get(identity, resource);
+  const a = tokens.peek(identity, 'https://a.example');
+  assert.ok(a);
+  await tokens.get(identity, 'https://d.example');
+  assert.equal(tokens.peek({ ...identity }, 'https://a.example'), a);
+  assert.equal(tokens.peek(identity, 'https://b.example'), undefined);
+  assert.equal(tokens.stats().upstreamRequests.imds, 4);
+});
+
 test('metrics read the counters at scrape time', async () => {
   const tokens = cache();
   const registry = new Registry();
