@@ -3,6 +3,7 @@
 // container's init). Which flags, and whether to re-execute at all, is decided in
 // TypeScript (src/lifecycle/node-flags.ts); this only makes the call.
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -58,8 +59,19 @@ Napi::Value Exec(const Napi::CallbackInfo& info) {
   std::vector<std::string> argv, envp;
   if (!Strings(env, info[1], "argv", &argv) || !Strings(env, info[2], "env", &envp)) return env.Undefined();
   std::vector<char*> argvPointers = Pointers(argv), envPointers = Pointers(envp);
+  // node marks the descriptors it inherited close-on-exec when it starts
+  // (uv_disable_stdio_inheritance): the new image must keep stdin, stdout and stderr.
+  int saved[3];
+  for (int fd = 0; fd < 3; fd++) {
+    saved[fd] = fcntl(fd, F_GETFD);
+    if (saved[fd] >= 0) fcntl(fd, F_SETFD, saved[fd] & ~FD_CLOEXEC);
+  }
   execve(file.c_str(), argvPointers.data(), envPointers.data());
-  return Napi::String::New(env, strerror(errno));
+  int error = errno;
+  for (int fd = 0; fd < 3; fd++) {
+    if (saved[fd] >= 0) fcntl(fd, F_SETFD, saved[fd]);
+  }
+  return Napi::String::New(env, strerror(error));
 }
 
 }  // namespace nmi

@@ -2,7 +2,7 @@
 // builds, and the real thing (same pid, the flags in /proc/<pid>/cmdline).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import net from 'node:net';
@@ -35,8 +35,11 @@ test('a managed flag spelled with underscores, negated or with another value cou
   }
 });
 
-test('exec reports why it failed and leaves the process running', () => {
+test('exec reports why it failed and leaves the process running, its descriptors as they were', () => {
+  const fdFlags = () => [0, 1, 2].map((fd) => /^flags:\s+(\d+)$/m.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))?.[1]);
+  const before = fdFlags();
   assert.match(addon().exec('/nonexistent/node', ['/nonexistent/node'], []), /No such file/);
+  assert.deepEqual(fdFlags(), before);
   assert.throws(() => addon().exec('/bin/true', ['a\0b'] as string[], []), /NUL/);
   assert.throws(() => addon().exec('/bin/true', [1] as unknown as string[], []), /array of strings/);
 });
@@ -71,6 +74,12 @@ async function cmdlineOf(server: 'native' | 'js', nodeOptions: string[]): Promis
     rmSync(bindings, { recursive: true, force: true });
   }
 }
+
+test('a re-executed nmi writes to the stderr it was started with (node marks inherited descriptors close-on-exec)', () => {
+  const r = spawnSync(process.execPath, [nmiBin, 'run', '--server', 'js', '--node-ip', '10.240.0.4', '--rules', 'none', '--kubelet-client-cert', '/x.crt'], { encoding: 'utf8' });
+  assert.equal(r.status, 2);
+  assert.equal(r.stderr, 'nmi run: --kubelet-client-key: required with --kubelet-client-cert\n');
+});
 
 test('nmi run re-executes itself with its server flags under the same pid, keeping node options it was given', async () => {
   const js = await cmdlineOf('js', ['--stack-size=900']);
