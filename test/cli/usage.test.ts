@@ -1,7 +1,7 @@
 // Operators' mistakes: exit 2 and one line naming the flag, before anything on the host changes.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, symlinkSync } from 'node:fs';
+import { mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { nmi } from '../harness/nmi-process.js';
@@ -48,7 +48,11 @@ test('--rules iptables without the iptables tools is a usage error', () => {
   // A PATH with node but no iptables-restore.
   const dir = mkdtempSync(path.join(tmpdir(), 'nmi-nopath-'));
   symlinkSync(process.execPath, path.join(dir, 'node'));
-  oneLine([...base, '--rules', 'iptables'], /--rules: iptables requested but iptables-restore\/iptables-save are not in PATH/, { ...process.env, PATH: dir });
+  try {
+    oneLine([...base, '--rules', 'iptables'], /--rules: iptables requested but iptables-restore\/iptables-save are not in PATH/, { ...process.env, PATH: dir });
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('--help on every command, exit 0', () => {

@@ -2,7 +2,7 @@
 // node namespace, a pod namespace connecting to 169.254.169.254:80.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, symlinkSync } from 'node:fs';
+import { mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -16,9 +16,8 @@ const METADATA = '169.254.169.254';
 /** What nmi's token server answers the pod agent's probe request with. */
 const NMI = 'HTTP/1.1 404 Not Found';
 
-/** A PATH whose `iptables*` are the wanted flavour, as update-alternatives would set it. */
-function pathFor(flavour: Flavour): string {
-  const dir = mkdtempSync(path.join(tmpdir(), 'nmi-bin-'));
+/** A PATH whose `iptables*` are the wanted flavour, as update-alternatives would set it, in `dir`. */
+function pathFor(flavour: Flavour, dir: string): string {
   const variant = flavour === 'iptables-legacy' ? 'legacy' : 'nft';
   for (const tool of ['iptables', 'iptables-save', 'iptables-restore']) {
     symlinkSync(`/usr/sbin/${tool.replace('iptables', `iptables-${variant}`)}`, path.join(dir, tool));
@@ -47,7 +46,8 @@ export function rulesSuite(flavour: Flavour): void {
   let node: NodeNs;
   let agent: PodAgent;
   const servers: net.Server[] = [];
-  const env = { ...process.env, PATH: pathFor(flavour) };
+  const binDir = mkdtempSync(path.join(tmpdir(), 'nmi-bin-'));
+  const env = { ...process.env, PATH: pathFor(flavour, binDir) };
   const rulesFlag = flavour === 'nftables' ? 'nftables' : 'iptables';
   const saveNat = () =>
     node
@@ -93,6 +93,7 @@ export function rulesSuite(flavour: Flavour): void {
     sockets.forEach((socket) => socket.destroy());
     nmi(['cleanup'], env);
     node?.destroy();
+    for (const dir of [binDir, bindings]) rmSync(dir, { recursive: true, force: true });
   });
 
 

@@ -1,7 +1,7 @@
 // A whole node for end-to-end tests: a node namespace (entered), a stand-in
 // kubelet (mTLS), a stand-in IMDS, a bindings folder, and pods in their own
 // namespaces listed by the kubelet.
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { stringify } from 'yaml';
@@ -81,6 +81,7 @@ export async function createCluster(options: { imds?: ImdsOptions } = {}): Promi
       await Promise.allSettled([kubelet.close(), imds.close()]);
       node.destroy();
       pki.remove();
+      rmSync(bindingsDir, { recursive: true, force: true });
     },
   };
   return cluster;
