@@ -15,8 +15,13 @@ import { startImds, startKubelet, type Standin } from './standins.js';
 const NODE_NS = 'nmi-demo-node';
 const POD_NS = 'nmi-demo-pod';
 const PROBE = '127.0.0.1:8085';
-/** The daemon of a demo killed halfway outlives it; the next demo stops it by this. */
-const PID_FILE = path.join(tmpdir(), 'nmi-demo-daemon.pid');
+/** The folder and daemon of a demo killed halfway outlive it; the next demo removes them by this. */
+const STATE_FILE = path.join(tmpdir(), 'nmi-demo-state.json');
+
+interface DemoState {
+  folder: string;
+  pid?: number;
+}
 const CLIENT_ID = '00000000-0000-0000-0000-00000000d3m0'.replace('d3m0', 'de00');
 const RESOURCE = 'https://management.azure.com/';
 const nmiBin = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../bin/nmi.js');
@@ -92,23 +97,27 @@ async function waitReady(daemon: ChildProcess, output: () => string): Promise<vo
   throw new Error(`nmi run not ready after 30s:\n${output()}`);
 }
 
-function stopLeftoverDaemon(): void {
-  let pid: number;
+function removeLeftovers(): void {
+  let state: Partial<DemoState>;
   try {
-    pid = Number(readFileSync(PID_FILE, 'utf8'));
+    state = JSON.parse(readFileSync(STATE_FILE, 'utf8')) as Partial<DemoState>;
   } catch {
     return;
   }
   // Only if that pid is still an nmi daemon, not a recycled pid.
   const cmdline = (() => {
     try {
-      return readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+      return readFileSync(`/proc/${state.pid}/cmdline`, 'utf8');
     } catch {
       return '';
     }
   })();
-  if (cmdline.includes('nmi.js') && cmdline.includes('run')) process.kill(pid, 'SIGKILL');
-  rmSync(PID_FILE, { force: true });
+  if (typeof state.pid === 'number' && cmdline.includes('nmi.js') && cmdline.includes('run')) process.kill(state.pid, 'SIGKILL');
+  // Only a folder this demo would have made.
+  if (typeof state.folder === 'string' && path.dirname(state.folder) === tmpdir() && path.basename(state.folder).startsWith('nmi-demo-')) {
+    rmSync(state.folder, { recursive: true, force: true });
+  }
+  rmSync(STATE_FILE, { force: true });
 }
 
 export async function runDemo(): Promise<number> {
@@ -128,7 +137,7 @@ export async function runDemo(): Promise<number> {
     deleteNamespace(POD_NS);
     deleteNamespace(NODE_NS);
     rmSync(tmp, { recursive: true, force: true });
-    rmSync(PID_FILE, { force: true });
+    rmSync(STATE_FILE, { force: true });
   };
   interrupted = false;
   const onSignal = () => {
@@ -140,8 +149,9 @@ export async function runDemo(): Promise<number> {
   try {
     say('nmi demo: a throwaway node and pod, a stand-in kubelet and IMDS, and a token through 169.254.169.254');
     await step(0, 'removed what an interrupted demo left', () => {
-      stopLeftoverDaemon();
+      removeLeftovers();
       for (const ns of [POD_NS, NODE_NS]) if (listNamespaces().includes(ns)) deleteNamespace(ns);
+      writeFileSync(STATE_FILE, JSON.stringify({ folder: tmp } satisfies DemoState));
     });
     await step(1, `created namespace ${NODE_NS} (node address ${NODE_IP}) and ${POD_NS}`, () => {
       createNodeNamespace(NODE_NS);
@@ -165,7 +175,7 @@ export async function runDemo(): Promise<number> {
         [nmiBin, 'run', '--node-ip', NODE_IP, '--kubelet-url', kubelet.url, '--bindings', tmp, '--upstream-imds', imds.url, '--probe-address', PROBE, '--log-level', process.env.NMI_DEMO_LOG_LEVEL ?? 'warn'],
         { stdio: ['ignore', 'pipe', 'pipe'] },
       );
-      writeFileSync(PID_FILE, String(daemon.pid));
+      writeFileSync(STATE_FILE, JSON.stringify({ folder: tmp, pid: daemon.pid } satisfies DemoState));
       daemon.stdout!.on('data', (d: Buffer) => (output += d.toString()));
       daemon.stderr!.on('data', (d: Buffer) => (output += d.toString()));
       await waitReady(daemon, () => output);

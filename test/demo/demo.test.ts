@@ -4,6 +4,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { readdirSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { nmiBin } from '../harness/netns.js';
 import { nmi, waitFor } from '../harness/nmi-process.js';
 
@@ -25,7 +27,8 @@ function hostState(): string {
     .split('\n')
     .filter((l) => l.startsWith('nmi-demo'))
     .join('\n');
-  return [demoNs, strip(run('iptables-save', [])), run('nft', ['list', 'ruleset']), run('ip', ['-4', 'addr']), run('ip', ['route'])].join('\n----\n');
+  const demoFolders = readdirSync(tmpdir()).filter((name) => name.startsWith('nmi-demo')).join('\n');
+  return [demoNs, demoFolders, strip(run('iptables-save', [])), run('nft', ['list', 'ruleset']), run('ip', ['-4', 'addr']), run('ip', ['route'])].join('\n----\n');
 }
 
 /** Runs the demo until its output shows `marker`, then sends `signal`. */
