@@ -154,11 +154,12 @@ function printResults(params: RssParams, results: RssResult[]): void {
     ], widths));
   }
   say('');
-  say(`goal: RSS of the whole daemon ≤ 80 MB (${mib(GOAL_KIB)}) with ${params.pods} pods × ${params.identities} identities × ${params.resources} resources cached (judged on the larger of RSS filled and RSS +${SETTLE_S}s)`);
+  say(`goal (issue 4, the fast path's daemon): RSS of the whole daemon ≤ 80 MB (${mib(GOAL_KIB)}) with ${params.pods} pods × ${params.identities} identities × ${params.resources} resources cached (judged on the larger of RSS filled and RSS +${SETTLE_S}s)`);
   for (const r of results) {
     const cached = r.imdsCalls === r.tokens && r.secondPassImdsCalls === 0;
     const rss = Math.max(r.filled.rssKiB, r.settled.rssKiB);
-    const verdict = !cached ? 'not judged: the cache did not hold every token' : rss <= GOAL_KIB ? 'met' : 'NOT met';
+    // The js server runs with V8's speed defaults (src/lifecycle/node-flags.ts): shown beside, not judged.
+    const verdict = r.server === 'js' ? 'for comparison (the goal is the native server\'s)' : !cached ? 'not judged: the cache did not hold every token' : rss <= GOAL_KIB ? 'met' : 'NOT met';
     say(`  ${r.server.padEnd(7)} ${mib(rss)} (${(rss / GOAL_KIB).toFixed(2)} × the goal): ${verdict}`);
   }
 }
