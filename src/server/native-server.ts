@@ -320,7 +320,7 @@ export interface NativeTableSources {
   cgroupsOf?(pod: Pod): readonly bigint[];
   /** How long a token the js path served may be served natively [30 s]. */
   serveWindowMs?: number;
-  /** How often tokens past their serving window are dropped [200 ms]. */
+  /** How often tokens past their serving window are dropped [5 s]; C++ checks the window on every answer, so this only frees them. */
   pollMs?: number;
 }
 
@@ -392,7 +392,7 @@ export function attachNativeTables(server: NativeTokenServer, sources: NativeTab
   const timer = setInterval(() => {
     for (const [key, entry] of tokens) if (entry.serveUntilMs <= Date.now()) remove(key, entry);
     push();
-  }, sources.pollMs ?? 200);
+  }, sources.pollMs ?? 5_000);
   timer.unref();
   refresh();
   return {
