@@ -104,20 +104,23 @@ function removeLeftovers(): void {
   } catch {
     return;
   }
+  const { pid, folder } = state;
   // Only if that pid is still an nmi daemon, not a recycled pid.
-  const cmdline = (() => {
-    try {
-      return readFileSync(`/proc/${state.pid}/cmdline`, 'utf8');
-    } catch {
-      return '';
-    }
-  })();
-  if (typeof state.pid === 'number' && cmdline.includes('nmi.js') && cmdline.includes('run')) process.kill(state.pid, 'SIGKILL');
+  if (typeof pid === 'number' && isNmiDaemon(pid)) process.kill(pid, 'SIGKILL');
   // Only a folder this demo would have made.
-  if (typeof state.folder === 'string' && path.dirname(state.folder) === tmpdir() && path.basename(state.folder).startsWith('nmi-demo-')) {
-    rmSync(state.folder, { recursive: true, force: true });
+  if (typeof folder === 'string' && path.dirname(folder) === tmpdir() && path.basename(folder).startsWith('nmi-demo-')) {
+    rmSync(folder, { recursive: true, force: true });
   }
   rmSync(STATE_FILE, { force: true });
+}
+
+function isNmiDaemon(pid: number): boolean {
+  try {
+    const cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    return cmdline.includes('nmi.js') && cmdline.includes('run');
+  } catch {
+    return false;
+  }
 }
 
 export async function runDemo(): Promise<number> {
