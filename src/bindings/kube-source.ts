@@ -7,7 +7,7 @@
 // resourceVersion seen → on 410 Gone (HTTP status or ERROR event) list again.
 import { setTimeout as sleep } from 'node:timers/promises';
 import { TlsAgent } from '../net/tls-agent.js';
-import { Agent, request, type Dispatcher } from 'undici';
+import { Agent, request, type Dispatcher } from '../net/undici.js';
 import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret } from './model.js';

@@ -1,5 +1,5 @@
 // `nmi status`: installed rules with counters, and the daemon's state if one answers.
-import { request } from 'undici';
+import { request } from '../net/undici.js';
 import { readMetric } from '../metrics/read.js';
 import type { HostPort } from '../config/values.js';
 import { presentBackends } from '../rules/select.js';

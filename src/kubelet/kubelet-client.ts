@@ -2,7 +2,7 @@
 // mTLS and/or a bearer token. Credential files are re-read on every call, so
 // rotated certificates and tokens are picked up without a restart.
 import { readFile } from 'node:fs/promises';
-import { Agent, request } from 'undici';
+import { Agent, request } from '../net/undici.js';
 import { codes, NmiError } from '../errors/errors.js';
 import { TlsAgent } from '../net/tls-agent.js';
 import type { Pod } from './pod.js';

@@ -2,7 +2,7 @@
 // rotate on disk; when the material changes the Agent is rebuilt, and the old
 // one closes once its requests (a long watch, say) have finished.
 import { createHash } from 'node:crypto';
-import { Agent } from 'undici';
+import { Agent } from './undici.js';
 
 export type TlsMaterial = Record<string, unknown>;
 

@@ -4,7 +4,7 @@
 // IMDS would refuse. Only the upstream URL's origin is used.
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import { pipeline } from 'node:stream/promises';
-import { Pool, type Dispatcher } from 'undici';
+import { Pool, type Dispatcher } from '../net/undici.js';
 import { problemAnswer, problems, writeAnswer, type Answer } from './answers.js';
 
 export interface ImdsProxy {

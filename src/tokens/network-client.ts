@@ -4,7 +4,7 @@
 // recorded for the caller (see recordExchanges) to classify what happened.
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { INetworkModule, NetworkRequestOptions, NetworkResponse } from '@azure/msal-node';
-import { Agent, request } from 'undici';
+import { Agent, request } from '../net/undici.js';
 import { UpstreamError } from './upstream-error.js';
 
 export interface NetworkClientOptions {
