@@ -6,6 +6,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("sdNotify", Napi::Function::New(env, nmi::SdNotify, "sdNotify"));
   exports.Set("setNetns", Napi::Function::New(env, nmi::SetNetns, "setNetns"));
   exports.Set("dropPages", Napi::Function::New(env, nmi::DropPages, "dropPages"));
+  exports.Set("setMallocThresholds", Napi::Function::New(env, nmi::SetMallocThresholds, "setMallocThresholds"));
   exports.Set("exec", Napi::Function::New(env, nmi::Exec, "exec"));
   exports.Set("serverStart", Napi::Function::New(env, nmi::ServerStart, "serverStart"));
   exports.Set("serverRespond", Napi::Function::New(env, nmi::ServerRespond, "serverRespond"));

@@ -9,6 +9,7 @@ Napi::Value NftRun(const Napi::CallbackInfo& info);
 Napi::Value SdNotify(const Napi::CallbackInfo& info);
 Napi::Value SetNetns(const Napi::CallbackInfo& info);
 Napi::Value DropPages(const Napi::CallbackInfo& info);
+Napi::Value SetMallocThresholds(const Napi::CallbackInfo& info);
 Napi::Value Exec(const Napi::CallbackInfo& info);
 Napi::Value ServerStart(const Napi::CallbackInfo& info);
 Napi::Value ServerRespond(const Napi::CallbackInfo& info);

@@ -1,7 +1,9 @@
-// madvise(MADV_DONTNEED) on clean file-backed mappings: the daemon drops the
-// pages of code it ran only while starting. Which ranges are safe is decided
-// in TypeScript (src/lifecycle/startup-pages.ts); this only makes the call.
+// The daemon's memory calls: madvise(MADV_DONTNEED) on clean file-backed
+// mappings, so the daemon drops the pages of code it ran only while starting
+// (which ranges are safe is decided in src/lifecycle/startup-pages.ts), and
+// mallopt for malloc's thresholds (src/lifecycle/malloc.ts). Only the calls.
 #include <errno.h>
+#include <malloc.h>
 #include <string.h>
 #include <sys/mman.h>
 
@@ -28,6 +30,20 @@ Napi::Value DropPages(const Napi::CallbackInfo& info) {
   if (madvise(reinterpret_cast<void*>(static_cast<uintptr_t>(start)), static_cast<size_t>(length), MADV_DONTNEED) != 0) {
     return Napi::String::New(env, strerror(errno));
   }
+  return env.Null();
+}
+
+// setMallocThresholds(bytes: number): M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; null on success, else which one
+// malloc refused (musl's mallopt refuses all: it has neither).
+Napi::Value SetMallocThresholds(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 1 || !info[0].IsNumber()) {
+    Napi::TypeError::New(env, "Usage: setMallocThresholds(bytes: number)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int bytes = info[0].As<Napi::Number>().Int32Value();
+  if (mallopt(M_MMAP_THRESHOLD, bytes) != 1) return Napi::String::New(env, "mallopt(M_MMAP_THRESHOLD) refused the value");
+  if (mallopt(M_TRIM_THRESHOLD, bytes) != 1) return Napi::String::New(env, "mallopt(M_TRIM_THRESHOLD) refused the value");
   return env.Null();
 }
 

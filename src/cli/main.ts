@@ -3,12 +3,13 @@
 import { isNmiError, codes } from '../errors/errors.js';
 import { parseFlags, usage, type FlagSpecs } from '../config/flags.js';
 import { runFlags, cleanupFlags, statusFlags, demoFlags, type RunConfig } from '../config/commands.js';
+import { fixMallocThresholds } from '../lifecycle/malloc.js';
 import { NODE_FLAGS, useNodeFlags } from '../lifecycle/node-flags.js';
 
 interface Command {
   summary: string;
   flags: FlagSpecs;
-  /** V8's flags the command runs with: it re-executes itself with them before loading anything else. */
+  /** V8's flags the command runs with: it re-executes itself with them, and fixes malloc's thresholds (lifecycle/malloc.ts), before loading anything else. */
   nodeFlags?: (values: never) => readonly string[];
   load: () => Promise<(values: never) => Promise<number>>;
 }
@@ -63,7 +64,11 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stdout.write(`${usage(name, command.summary, command.flags)}\n`);
       return 0;
     }
-    if (command.nodeFlags) useNodeFlags(command.nodeFlags(values as never));
+    if (command.nodeFlags) {
+      useNodeFlags(command.nodeFlags(values as never));
+      const mallocProblem = fixMallocThresholds();
+      if (mallocProblem) process.stderr.write(`nmi: malloc keeps its default thresholds (${mallocProblem})\n`);
+    }
     const handler = await command.load();
     return await handler(values as never);
   } catch (err) {

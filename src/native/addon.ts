@@ -65,6 +65,8 @@ export interface NativeAddon {
   setNetns(path: string): string | null;
   /** madvise(MADV_DONTNEED) on [start, start + length); null on success, else the errno text. */
   dropPages(start: bigint, length: bigint): string | null;
+  /** mallopt(M_MMAP_THRESHOLD, bytes) and mallopt(M_TRIM_THRESHOLD, bytes); null on success, else which one was refused. */
+  setMallocThresholds(bytes: number): string | null;
   /** execve(2): replaces the process image (same pid); returns the errno text only when that failed. */
   exec(file: string, argv: string[], env: string[]): string;
   /** Listens and starts the server's epoll thread; throws when the address cannot be bound. */
