@@ -20,7 +20,10 @@ const OBJECT = 'nmi.bpf.o';
 const programs = [
   { program: 'nmi_sockops', pin: 'sockops', hook: 'sockops' },
   { program: 'nmi_getpeername4', pin: 'getpeername4', hook: 'cgroup/getpeername4' },
+  { program: 'nmi_getpeername6', pin: 'getpeername6', hook: 'cgroup/getpeername6' },
   { program: 'nmi_connect4', pin: 'connect4', hook: 'cgroup/connect4' },
+  // A dual-stack IPv6 socket reaches the metadata address as ::ffff:169.254.169.254, past connect4.
+  { program: 'nmi_connect6', pin: 'connect6', hook: 'cgroup/connect6' },
 ] as const;
 export const maps = { config: 'nmi_config', peers: 'nmi_peers', socks: 'nmi_socks' } as const;
 

@@ -90,7 +90,12 @@ for (const server of ['native', 'js'] as const) {
       assert.ok(cluster.imds.calls >= 1, "nmi's own call reached the real IMDS address, not itself");
       assert.doesNotMatch(cluster.node.exec('iptables-save', []), /aad-metadata/);
       assert.doesNotMatch(cluster.node.exec('sh', ['-c', 'nft list ruleset 2>/dev/null || true']), /aad-metadata/);
-      assert.equal(attachedAtRoot().length, 3, 'connect4, getpeername4 and sockops at the cgroup root');
+      assert.equal(attachedAtRoot().length, 5, 'connect4, connect6, getpeername4, getpeername6 and sockops at the cgroup root');
+      // A dual-stack IPv6 socket (Java's default) reaches the metadata address as ::ffff:169.254.169.254, past connect4.
+      const mapped = await callFrom({ cgroup: cg.a, netns: podA.ns.name }, query.replace('//169.254.169.254/', '//[::ffff:169.254.169.254]/'));
+      assert.equal(identityOf(mapped), `client_id:${client.a}`);
+      assert.equal(mapped.peer, '::ffff:169.254.169.254:80', 'getpeername shows the v4-mapped address the pod asked for');
+      assert.ok(!cluster.imds.requests.some((r) => String(r.headers.host).includes('ffff')), 'the pod never reached the real IMDS itself');
       if (server === 'native') {
         for (let i = 0; i < 3; i++) assert.equal(identityOf(await fromA()), `client_id:${client.a}`);
         assert.ok(((await proc.metric('nmi_native_requests_total\\{result="hit"\\}')) ?? 0) >= 1, 'attested hits are answered in C++');
@@ -175,11 +180,12 @@ test('ebpf: a removed pin is repaired; SIGTERM removes everything; after SIGKILL
 
   const killed = await startNmi('ebpf');
   await killed.stop('SIGKILL');
-  assert.equal(attachedAtRoot().length, 3, 'a crash leaves the redirect in place');
+  assert.equal(attachedAtRoot().length, 5, 'a crash leaves the redirect in place');
   assert.equal((await fromA()).error, 'ECONNREFUSED', 'so pods fail closed, never reaching the real IMDS');
   const cleanup = nmi(['cleanup'], process.env, mnt.prefix);
   assert.equal(cleanup.code, 0, cleanup.stderr);
   assert.match(cleanup.stdout, /removed ebpf cgroup\/connect4 link/);
+  assert.match(cleanup.stdout, /removed ebpf cgroup\/connect6 link/);
   assert.match(cleanup.stdout, /removed ebpf map \/sys\/fs\/bpf\/nmi\/nmi_peers/);
   assert.equal(nmi(['cleanup'], process.env, mnt.prefix).stdout.trim(), 'nothing to remove');
   assert.equal(pinned(), '');
