@@ -66,6 +66,10 @@ export function tokenSuite(server: 'js' | 'native'): void {
     assert.equal(decodeStandinToken(body.access_token as string).identity, `client_id:${idA.client}`);
     const expiresIn = Number(body.expires_in);
     assert.ok(expiresIn > 0 && expiresIn <= 86400);
+    // A dual-stack IPv6 socket (Java's default) asks ::ffff:169.254.169.254: IPv4 on the wire, so the same rule takes it.
+    const mapped = await agentA.http(query().replace('//169.254.169.254/', '//[::ffff:169.254.169.254]/'), { headers: META });
+    assert.equal(mapped.status, 200, mapped.body);
+    assert.equal(json(mapped.body).client_id, idA.client);
     if (server === 'native') {
       // The first answer filled the native table: the next ones are answered in C++, identically.
       for (let i = 0; i < 5; i++) {
