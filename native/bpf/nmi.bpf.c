@@ -146,12 +146,18 @@ int nmi_sockops(struct bpf_sock_ops *ops) {
   return 1;
 }
 
+// The config when the socket's connect was redirected, so getpeername shows the metadata address; else 0.
+static __always_inline struct nmi_config *redirected(struct bpf_sock_addr *ctx) {
+  struct nmi_config *c = config();
+  if (!c) return 0;
+  struct sock_mark *mark = bpf_sk_storage_get(&nmi_socks, ctx->sk, 0, 0);
+  return mark && mark->redirected ? c : 0;
+}
+
 SEC("cgroup/getpeername4")
 int nmi_getpeername4(struct bpf_sock_addr *ctx) {
-  struct nmi_config *c = config();
-  if (!c) return 1;
-  struct sock_mark *mark = bpf_sk_storage_get(&nmi_socks, ctx->sk, 0, 0);
-  if (mark && mark->redirected) {
+  struct nmi_config *c = redirected(ctx);
+  if (c) {
     ctx->user_ip4 = c->metadata_ip;
     ctx->user_port = c->metadata_port;
   }
@@ -160,11 +166,9 @@ int nmi_getpeername4(struct bpf_sock_addr *ctx) {
 
 SEC("cgroup/getpeername6")
 int nmi_getpeername6(struct bpf_sock_addr *ctx) {
-  struct nmi_config *c = config();
-  if (!c) return 1;
-  // Marked and redirected only by connect6, so the peer is v4-mapped: its last word is the IPv4 address.
-  struct sock_mark *mark = bpf_sk_storage_get(&nmi_socks, ctx->sk, 0, 0);
-  if (mark && mark->redirected) {
+  // Redirected only by connect6, so the peer is v4-mapped: its last word is the IPv4 address.
+  struct nmi_config *c = redirected(ctx);
+  if (c) {
     ctx->user_ip6[3] = c->metadata_ip;
     ctx->user_port = c->metadata_port;
   }
