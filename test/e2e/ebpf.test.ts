@@ -7,7 +7,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { createBpfMountNamespace, createCgroupTree, callFrom, type CallResult, type CgroupTree, type MountNamespace } from '../harness/cgroups.js';
-import { createCluster, crd, TOKEN_URL, type Cluster, type ClusterPod } from '../harness/cluster.js';
+import { createCluster, crd, TOKEN_URL, viaV4Mapped, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import { nmi, waitFor, type NmiProcess } from '../harness/nmi-process.js';
 import { makePodJson } from '../standins/kubelet.js';
 import { decodeStandinToken } from '../standins/imds.js';
@@ -92,7 +92,7 @@ for (const server of ['native', 'js'] as const) {
       assert.doesNotMatch(cluster.node.exec('sh', ['-c', 'nft list ruleset 2>/dev/null || true']), /aad-metadata/);
       assert.equal(attachedAtRoot().length, 5, 'connect4, connect6, getpeername4, getpeername6 and sockops at the cgroup root');
       // A dual-stack IPv6 socket (Java's default) reaches the metadata address as ::ffff:169.254.169.254, past connect4.
-      const mapped = await callFrom({ cgroup: cg.a, netns: podA.ns.name }, query.replace('//169.254.169.254/', '//[::ffff:169.254.169.254]/'));
+      const mapped = await callFrom({ cgroup: cg.a, netns: podA.ns.name }, viaV4Mapped(query));
       assert.equal(identityOf(mapped), `client_id:${client.a}`);
       assert.equal(mapped.peer, '::ffff:169.254.169.254:80', 'getpeername shows the v4-mapped address the pod asked for');
       assert.ok(!cluster.imds.requests.some((r) => String(r.headers.host).includes('ffff')), 'the pod never reached the real IMDS itself');

@@ -4,7 +4,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { request } from 'undici';
-import { createCluster, crd, TOKEN_URL, type Cluster, type ClusterPod } from '../harness/cluster.js';
+import { createCluster, crd, TOKEN_URL, viaV4Mapped, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import { projectRoot, type PodAgent } from '../harness/netns.js';
 import { waitFor, type NmiProcess } from '../harness/nmi-process.js';
 import { makePodJson } from '../standins/kubelet.js';
@@ -67,7 +67,7 @@ export function tokenSuite(server: 'js' | 'native'): void {
     const expiresIn = Number(body.expires_in);
     assert.ok(expiresIn > 0 && expiresIn <= 86400);
     // A dual-stack IPv6 socket (Java's default) asks ::ffff:169.254.169.254: IPv4 on the wire, so the same rule takes it.
-    const mapped = await agentA.http(query().replace('//169.254.169.254/', '//[::ffff:169.254.169.254]/'), { headers: META });
+    const mapped = await agentA.http(viaV4Mapped(query()), { headers: META });
     assert.equal(mapped.status, 200, mapped.body);
     assert.equal(json(mapped.body).client_id, idA.client);
     if (server === 'native') {

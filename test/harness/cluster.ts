@@ -112,3 +112,8 @@ export const crd = {
 };
 
 export const TOKEN_URL = 'http://169.254.169.254/metadata/identity/oauth2/token';
+
+/** The same URL as a dual-stack IPv6 socket asks it (Java's default): ::ffff:169.254.169.254. */
+export function viaV4Mapped(url: string): string {
+  return url.replace('//169.254.169.254/', '//[::ffff:169.254.169.254]/');
+}

@@ -28,7 +28,7 @@ function keptKiB(fixed: boolean): number {
     blocks = null;
     await collect();
     process.stdout.write(String(rss() - before));
-    above.fill(2);
+    above.fill(2); // live until measured: the freed blocks lie below it
   `;
   const child = spawnSync(process.execPath, ['--expose-gc', '--input-type=module', '-e', script], { encoding: 'utf8' });
   assert.equal(child.status, 0, child.stderr);
