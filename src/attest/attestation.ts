@@ -5,23 +5,9 @@
 // address: a pod that took another pod's address (ARP spoofing on kubenet,
 // CVE-2021-1677) or a connection nothing recorded is refused.
 import type { Pod } from '../kubelet/pod.js';
-import { plainAddress, type PodIndex } from '../kubelet/pod-index.js';
+import type { PodIndex } from '../kubelet/pod-index.js';
 import type { Logger } from '../log/logger.js';
 import type { CgroupPods } from './cgroup-pods.js';
-
-/** The eBPF map of connection → cgroup of the socket that made it (rules/ebpf.ts). */
-export interface PeerRecords {
-  /** null when no connection with this 4-tuple was recorded. */
-  peerCgroup(srcIp: string, srcPort: number, dstIp: string, dstPort: number): bigint | null;
-}
-
-/** The ends of an accepted connection, as node:net reports them. */
-export interface ConnectionEnds {
-  remoteAddress?: string;
-  remotePort?: number;
-  localAddress?: string;
-  localPort?: number;
-}
 
 export const refusals = ['unattested', 'spoof'] as const;
 /** unattested: no pod's cgroup made the connection; spoof: one did, but the source address is another's. */
@@ -34,21 +20,10 @@ export class CgroupAttestation {
   private readonly lastLogged = new Map<string, number>();
 
   constructor(
-    private readonly peers: PeerRecords,
     private readonly cgroups: CgroupPods,
     private readonly pods: Pick<PodIndex, 'known' | 'lookup' | 'knownUid' | 'lookupUid'>,
     private readonly log: Logger,
   ) {}
-
-  /** The cgroup that made this connection, or null; read once per connection when it is accepted. */
-  cgroupOf(ends: ConnectionEnds): bigint | null {
-    const { remoteAddress, remotePort, localAddress, localPort } = ends;
-    if (!remoteAddress || !localAddress || remotePort === undefined || localPort === undefined) return null;
-    const src = plainAddress(remoteAddress);
-    const dst = plainAddress(localAddress);
-    if (src.includes(':') || dst.includes(':')) return null; // the eBPF programs cover IPv4 only
-    return this.peers.peerCgroup(src, remotePort, dst, localPort);
-  }
 
   /** The hit path: the caller when everything is already known and agrees, else undefined (then resolve() decides). */
   resolveNow(address: string, cgroup: bigint | null): Pod | undefined {

@@ -28,6 +28,11 @@ export interface AzureIdentity {
   version: string;
 }
 
+/** `namespace/name`: how the token cache, its invalidations and the servers' tables name an identity. */
+export function identityKey(identity: Pick<AzureIdentity, 'namespace' | 'name'>): string {
+  return `${identity.namespace}/${identity.name}`;
+}
+
 export interface AzureIdentityBinding {
   name: string;
   namespace: string;

@@ -10,7 +10,7 @@ import { CgroupPods } from '../attest/cgroup-pods.js';
 import { registerAttestationMetrics } from '../attest/metrics.js';
 import type { RunConfig } from '../config/commands.js';
 import { UsageError } from '../errors/errors.js';
-import { IdentityType, type AzureIdentity } from '../bindings/model.js';
+import { identityKey, IdentityType, type AzureIdentity } from '../bindings/model.js';
 import { identitiesFor, secretFor } from '../bindings/match.js';
 import { registerBindingMetrics } from '../bindings/metrics.js';
 import { BindingStore, createBindingSource } from '../bindings/store.js';
@@ -28,12 +28,13 @@ import type { Redirect } from '../rules/redirect.js';
 import { selectBackend } from '../rules/select.js';
 import { registerNativeMetrics, registerServerMetrics } from '../server/metrics.js';
 import { createHostTokenServer } from '../server/host-token.js';
-import { attachNativeTables, createNativeTokenServer, type NativeTables } from '../server/native-server.js';
+import { createNativeTokenServer } from '../server/native-server.js';
+import { attachTables, type Tables } from '../server/tables.js';
 import { createTokenServer, type TokenServerDeps } from '../server/token-server.js';
 import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
-import { identityKey, TokenCache } from '../tokens/token-cache.js';
+import { TokenCache } from '../tokens/token-cache.js';
 import { dropStartupPages } from './startup-pages.js';
 
 export interface Daemon {
@@ -62,10 +63,10 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   for (const condition of ['pods', 'bindings', 'server', 'rules']) readiness.require(condition);
   const probe: http.Server = await startProbeServer(config.probeAddress, readiness, registry);
 
-  let nativeTables: NativeTables | undefined;
+  let tables: Tables | undefined;
   // --rules ebpf: callers attested by the cgroup that made the connection.
   const ebpf = backend instanceof EbpfBackend ? backend : undefined;
-  const cgroupPods = ebpf && new CgroupPods(config.cgroupRoot, { onWalk: () => nativeTables?.refresh() });
+  const cgroupPods = ebpf && new CgroupPods(config.cgroupRoot, { onWalk: () => tables?.refresh() });
 
   // Caller: the kubelet's pods, indexed by address.
   const kubelet = new KubeletClient({
@@ -82,12 +83,12 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     log,
     onChange: () => {
       retainUsedTokens();
-      nativeTables?.refresh();
-      // New pods bring new cgroups; the walk refreshes the native routes when done.
+      tables?.refresh();
+      // New pods bring new cgroups; the walk refreshes the routes when done.
       void cgroupPods?.walk();
     },
   });
-  const attestation = ebpf && cgroupPods && new CgroupAttestation(ebpf, cgroupPods, pods, log);
+  const attestation = ebpf && cgroupPods && new CgroupAttestation(cgroupPods, pods, log);
 
   // Identities: the custom resources, from the API server or files.
   const store = new BindingStore(await createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
@@ -136,20 +137,19 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     log,
     metrics: registerServerMetrics(registry),
   };
-  // native: cache hits answered in C++ from tables pushed here; everything else reaches the same js core.
-  // The peers map must exist before the server; loading attaches nothing yet.
+  // Cache hits are answered from tables pushed here (in C++ by native, in the js server's worker thread by js);
+  // everything else reaches the same token core. The peers map must exist before the server; loading attaches nothing yet.
   await ebpf?.load();
   const peerMapFd = ebpf?.peerMapFd;
-  const server = config.server === 'native' ? createNativeTokenServer(serverDeps, { peerMapFd }) : createTokenServer(serverDeps);
-  if ('setRoutes' in server) {
-    registerNativeMetrics(registry, () => server.stats());
-    nativeTables = attachNativeTables(server, {
-      pods: () => pods.pods(),
-      identitiesFor: podIdentities,
-      store,
-      cgroupsOf: cgroupPods && ((pod) => cgroupPods.idsOf(pod.uid)),
-    });
-  }
+  const native = config.server === 'native' ? createNativeTokenServer(serverDeps, { peerMapFd }) : undefined;
+  const server = native ?? createTokenServer(serverDeps, { peerMapFd });
+  if (native) registerNativeMetrics(registry, () => native.stats());
+  tables = attachTables(server, {
+    pods: () => pods.pods(),
+    identitiesFor: podIdentities,
+    store,
+    cgroupsOf: cgroupPods && ((pod) => cgroupPods.idsOf(pod.uid)),
+  });
 
   // Host processes' tokens only through a root-only unix socket, never TCP.
   const hostToken = config.hostTokenSocket
@@ -179,7 +179,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     readiness.set('server', false);
     status('draining requests');
     await Promise.all([server.close(), hostToken?.close()]);
-    nativeTables?.stop();
+    tables?.stop();
     status(config.onExit === 'remove' ? 'removing rules' : 'keeping rules');
     await keeper.stop(config.onExit === 'remove');
     pods.stop();

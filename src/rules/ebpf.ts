@@ -9,7 +9,7 @@ import path from 'node:path';
 import { codes, NmiError, UsageError } from '../errors/errors.js';
 import { addon, builtFile, type NativeAddon } from '../native/addon.js';
 import { execOk } from './exec.js';
-import type { PeerRecords } from '../attest/attestation.js';
+import { ipv4Bytes } from '../attest/peers.js';
 import type { BackendStatus, EnsureResult, Redirect, RulesBackend } from './redirect.js';
 
 export const BPF_FS = '/sys/fs/bpf';
@@ -38,28 +38,14 @@ export function ebpfUnsupported(): string | undefined {
   return native.bpfSupport() ?? undefined;
 }
 
-function ipBytes(ip: string): Buffer {
-  return Buffer.from(ip.split('.').map(Number));
-}
-
 /** struct nmi_config in nmi.bpf.c: addresses and ports in network order, then nmi's own cgroup. */
 export function configBytes(redirect: Redirect, selfCgroup: bigint): Buffer {
   const b = Buffer.alloc(24);
-  ipBytes(redirect.metadataIp).copy(b, 0);
-  ipBytes(redirect.targetIp).copy(b, 4);
+  ipv4Bytes(redirect.metadataIp).copy(b, 0);
+  ipv4Bytes(redirect.targetIp).copy(b, 4);
   b.writeUInt16BE(redirect.metadataPort, 8);
   b.writeUInt16BE(redirect.targetPort, 10);
   b.writeBigUInt64LE(selfCgroup, 16);
-  return b;
-}
-
-/** struct peer_key in nmi.bpf.c: the connection as the pod's socket sees it. */
-export function peerKey(srcIp: string, srcPort: number, dstIp: string, dstPort: number): Buffer {
-  const b = Buffer.alloc(12);
-  ipBytes(srcIp).copy(b, 0);
-  ipBytes(dstIp).copy(b, 4);
-  b.writeUInt16BE(srcPort, 8);
-  b.writeUInt16BE(dstPort, 10);
   return b;
 }
 
@@ -89,7 +75,7 @@ function bpffsMounted(): boolean {
   return mountsOfType('bpf').includes(BPF_FS);
 }
 
-export class EbpfBackend implements RulesBackend, PeerRecords {
+export class EbpfBackend implements RulesBackend {
   readonly name = 'ebpf' as const;
   private handle: number | undefined;
   /** The loaded object's peers map (connection → cgroup), valid until unload(). */
@@ -146,7 +132,7 @@ export class EbpfBackend implements RulesBackend, PeerRecords {
     return handle;
   }
 
-  /** The loaded peers map (connection → cgroup), for the native server; undefined before load(). */
+  /** The loaded peers map (connection → cgroup), for the token servers to read; undefined before load(). */
   get peerMapFd(): number | undefined {
     return this.peersFd;
   }
@@ -213,15 +199,6 @@ export class EbpfBackend implements RulesBackend, PeerRecords {
     this.peersFd = undefined;
   }
 
-  peerCgroup(srcIp: string, srcPort: number, dstIp: string, dstPort: number): bigint | null {
-    const fd = this.peersFd;
-    if (fd === undefined) return null;
-    try {
-      return addon().bpfMapLookup(fd, peerKey(srcIp, srcPort, dstIp, dstPort), 8)?.readBigUInt64LE(0) ?? null;
-    } catch {
-      return null; // unreadable counts as unrecorded: the caller is refused, never waved through
-    }
-  }
 
   async status(): Promise<BackendStatus> {
     const native = addon();

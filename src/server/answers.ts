@@ -11,7 +11,7 @@
 // node:http then adds Date, and Connection: keep-alive + Keep-Alive: timeout=5
 // (or Connection: close). The body is compact JSON (no spaces), every value a
 // string, keys in the order written here or by toAnswer.
-import type { ServerResponse } from 'node:http';
+import http, { type ServerResponse } from 'node:http';
 import { toAnswer, type Token } from '../tokens/token.js';
 
 /** An error answer: IMDS's `{"error","error_description"}` body with a status. */
@@ -112,6 +112,7 @@ export const problems = {
   },
   internal: { status: 500, error: 'internal_error', error_description: 'The token request could not be completed' },
   upstreamTimeout: { status: 504, error: 'gateway_timeout', error_description: 'The instance metadata service did not answer in time' },
+  bodyTooLarge: { status: 413, error: 'invalid_request', error_description: 'Request body too large' },
   upstreamUnreachable: { status: 502, error: 'bad_gateway', error_description: 'The instance metadata service could not be reached' },
 } as const satisfies Record<string, Problem>;
 
@@ -123,4 +124,24 @@ export function unavailable(retryAfterSeconds: number): Problem {
     error_description: 'The token service is temporarily unavailable, retry later',
     retryAfter: retryAfterSeconds,
   };
+}
+
+/** The whole answer to a request node's parser refused (llhttp error code), ending the connection. */
+export function clientErrorBytes(code: string | undefined): string {
+  const problem = clientErrorProblem(code);
+  const body = JSON.stringify({ error: problem.error, error_description: problem.error_description });
+  return (
+    `HTTP/1.1 ${problem.status} ${http.STATUS_CODES[problem.status]}\r\n` +
+    'Content-Type: application/json; charset=utf-8\r\n' +
+    `Content-Length: ${Buffer.byteLength(body)}\r\n` +
+    'Cache-Control: no-store\r\n' +
+    'Connection: close\r\n\r\n' +
+    body
+  );
+}
+
+function clientErrorProblem(code: string | undefined): Problem {
+  if (code === 'HPE_HEADER_OVERFLOW') return { status: 431, error: 'invalid_request', error_description: 'Request header fields too large' };
+  if (code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, error: 'invalid_request', error_description: 'Request timed out' };
+  return { status: 400, error: 'invalid_request', error_description: 'Malformed HTTP request' };
 }

@@ -21,7 +21,8 @@ import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
 import { problemAnswer, problems, writeAnswer, type Answer, type Problem } from './answers.js';
 import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, type RequestHeaders } from './request.js';
-import { answerIdentityToken, limits } from './token-server.js';
+import { limits } from './limits.js';
+import { answerIdentityToken } from './token-server.js';
 
 export const HOST_TOKEN_PATH = '/host/token';
 const SOCKET_MODE = 0o600;

@@ -1,53 +1,47 @@
-// The token server's request metrics. Labels stay bounded: route is one of
-// RouteName, code an HTTP status (or "aborted" when no answer was sent).
-import { Counter, Histogram, type Registry } from 'prom-client';
+// The token servers' request metrics. Labels stay bounded: route is one of
+// RouteName, code an HTTP status (or "aborted" when no answer was sent). Counted
+// in plain numbers by request-counts.ts, read here at scrape time.
+import { Counter, type Histogram, type Registry } from 'prom-client';
+import { DURATION_BUCKETS, RequestCounts, sumCounts, type Code } from './request-counts.js';
 import type { RouteName } from './request.js';
 
 export interface ServerMetrics {
-  observe(route: RouteName, code: string, seconds: number): void;
+  observe(route: RouteName, code: Code, seconds: number): void;
+  /** Counts kept in shared memory by another thread (the js server's worker), added to these at scrape time. */
+  segment(): RequestCounts;
 }
 
-/** Most answers come from the cache in well under a millisecond, so the buckets start at 100µs. */
-export const DURATION_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
-
-// prom-client's observe and inc hash the label set and allocate on every call,
-// which showed in the cache-hit profile: the token server counts in plain
-// numbers and hands them over at scrape time.
 export function registerServerMetrics(registry: Registry): ServerMetrics {
-  // Per route, per code (looked up without building a key); listed in the order first seen, as prom-client would.
-  type Counted = { labels: { code: string; route: RouteName }; count: number; seen: number };
-  const requests = new Map<RouteName, Map<string, Counted>>();
-  const listed: Counted[] = [];
-  new Counter({
-    name: 'nmi_http_requests_total',
-    help: 'Requests answered by the token server, by status code and route',
-    labelNames: ['code', 'route'] as const,
-    registers: [registry],
-    collect() {
-      for (const r of listed) {
-        if (r.count > r.seen) this.inc(r.labels, r.count - r.seen);
-        r.seen = r.count;
-      }
-    },
-  });
-  const duration = new RouteDurations(
-    'nmi_http_request_duration_seconds',
-    'Time from request to the end of its answer, by route',
-    DURATION_BUCKETS,
+  const own = new RequestCounts();
+  const segments = [own];
+  const read = () => sumCounts(segments);
+  // prom-client's registry reads any metric through name, help, type and get(); its own classes have no way to take counts kept elsewhere.
+  registry.registerMetric(
+    new Shared('nmi_http_requests_total', 'Requests answered by the token server, by status code and route', 'counter', () =>
+      read().flatMap(({ route, codes }) => [...codes].map(([code, value]) => ({ metricName: 'nmi_http_requests_total', labels: { code, route }, value }))),
+    ) as unknown as Counter,
   );
-  // prom-client's registry reads any metric through name, help, type and get(); its own Histogram has no way to take counts kept elsewhere.
-  registry.registerMetric(duration as unknown as Histogram<'route'>);
+  const duration = 'nmi_http_request_duration_seconds';
+  registry.registerMetric(
+    new Shared(duration, 'Time from request to the end of its answer, by route', 'histogram', () =>
+      read()
+        .filter(({ count }) => count > 0)
+        .flatMap(({ route, buckets, sum, count }) => {
+          let cumulative = 0;
+          const values: Sample[] = buckets.map((n, i) => ({ metricName: `${duration}_bucket`, labels: { le: DURATION_BUCKETS[i]!, route }, value: (cumulative += n) }));
+          values.push({ metricName: `${duration}_bucket`, labels: { le: '+Inf', route }, value: count });
+          values.push({ metricName: `${duration}_sum`, labels: { route }, value: sum });
+          values.push({ metricName: `${duration}_count`, labels: { route }, value: count });
+          return values;
+        }),
+    ) as unknown as Histogram,
+  );
   return {
-    observe(route, code, seconds) {
-      let byCode = requests.get(route);
-      if (!byCode) requests.set(route, (byCode = new Map()));
-      let counted = byCode.get(code);
-      if (!counted) {
-        byCode.set(code, (counted = { labels: { code, route }, count: 0, seen: 0 }));
-        listed.push(counted);
-      }
-      counted.count++;
-      duration.observe(route, seconds);
+    observe: (route, code, seconds) => own.observe(route, code, seconds),
+    segment() {
+      const counts = new RequestCounts();
+      segments.push(counts);
+      return counts;
     },
   };
 }
@@ -58,47 +52,23 @@ interface Sample {
   value: number;
 }
 
-/** A histogram by route in plain numbers, exposed as prom-client exposes its own (buckets, +Inf, sum, count). */
-class RouteDurations {
-  readonly type = 'histogram';
+/** A metric whose samples are computed at scrape time, exposed as prom-client exposes its own. */
+class Shared {
   readonly aggregator = 'sum';
-  private readonly routes = new Map<RouteName, { buckets: number[]; sum: number; count: number }>();
 
   constructor(
     readonly name: string,
     readonly help: string,
-    private readonly bounds: readonly number[],
+    readonly type: 'counter' | 'histogram',
+    private readonly samples: () => Sample[],
   ) {}
 
-  observe(route: RouteName, seconds: number): void {
-    let counts = this.routes.get(route);
-    if (!counts) this.routes.set(route, (counts = { buckets: this.bounds.map(() => 0), sum: 0, count: 0 }));
-    let bucket = 0;
-    while (bucket < this.bounds.length && seconds > this.bounds[bucket]!) bucket++;
-    if (bucket < this.bounds.length) counts.buckets[bucket]! += 1;
-    counts.sum += seconds;
-    counts.count += 1;
-  }
-
   get(): Promise<{ name: string; help: string; type: string; aggregator: string; values: Sample[] }> {
-    const { name } = this;
-    const values: Sample[] = [];
-    for (const [route, counts] of this.routes) {
-      let cumulative = 0;
-      for (const [i, le] of this.bounds.entries()) {
-        cumulative += counts.buckets[i]!;
-        values.push({ metricName: `${name}_bucket`, labels: { le, route }, value: cumulative });
-      }
-      values.push({ metricName: `${name}_bucket`, labels: { le: '+Inf', route }, value: counts.count });
-      values.push({ metricName: `${name}_sum`, labels: { route }, value: counts.sum });
-      values.push({ metricName: `${name}_count`, labels: { route }, value: counts.count });
-    }
-    return Promise.resolve({ name, help: this.help, type: this.type, aggregator: this.aggregator, values });
+    return Promise.resolve({ name: this.name, help: this.help, type: this.type, aggregator: this.aggregator, values: this.samples() });
   }
 
-  reset(): void {
-    this.routes.clear();
-  }
+  /** Counts are only ever added to: there is nothing of the registry's to reset. */
+  reset(): void {}
 }
 
 /** The native fast path's own counters, read at scrape time. */

@@ -5,68 +5,32 @@
 // (token-server.ts: request → caller → identity → token → answer), and goes
 // back as the bytes node:http would have written for the js server.
 //
-// The tables: routes (caller address → bound identities) are rebuilt from the
-// pods and bindings on every change by attachNativeTables, one identity list per
-// distinct set; a token enters the table when the js path has just served it,
-// for a short window, so a token is never served natively past the point where
-// the cache would refresh or drop it by more than that window. Only changed
-// tokens cross to C++.
+// The tables it answers hits from are tables.ts's, pushed here.
 import http from 'node:http';
-import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
-import type { Pod } from '../kubelet/pod.js';
-import { isCaller } from '../kubelet/pod-index.js';
+import { identityKey } from '../bindings/model.js';
 import {
   addon,
   type NativeHandoffError,
   type NativeIdentityRow,
-  type NativeRouteRow,
   type NativeServerStats,
   type NativeTokenRow,
 } from '../native/addon.js';
-import { EXPIRY_MARGIN_MS, identityKey } from '../tokens/token-cache.js';
-import { toAnswer, type Token } from '../tokens/token.js';
-import { problemAnswer, problems, type Answer } from './answers.js';
+import { toAnswer } from '../tokens/token.js';
+import { clientErrorBytes, type Answer } from './answers.js';
 import { createImdsProxy } from './proxy.js';
 import type { RequestHeaders } from './request.js';
-import { clientErrorBytes, createRequestCore, limits, type TokenServerDeps } from './token-server.js';
+import { packRoutes, tellingServed, tokenKey, type Route, type TableFedServer, type TableToken, type TokenServedListener } from './tables.js';
+import { limits } from './limits.js';
+import { answerWhole, createRequestCore, type TokenServerDeps } from './token-server.js';
 
-export interface NativeTokenServer {
+export interface NativeTokenServer extends TableFedServer {
   listen(host: string, port: number): Promise<void>;
   /** Stops accepting, lets answers under way go out (at most drainMs), then closes every connection. Idempotent. */
   close(drainMs?: number): Promise<void>;
   /** The bound port, once listening. */
   readonly port: number | undefined;
-  /** Replaces the route table in one swap. */
-  setRoutes(routes: NativeRoute[]): void;
-  /** Adds or replaces `upserts` and removes `removals` from the token table, in one swap. */
-  updateTokens(upserts: NativeToken[], removals: NativeTokenId[]): void;
-  /** Called each time the js path answers a token, with what it answered. */
-  onTokenServed(listener: TokenServedListener): void;
   /** Counters of the native side; undefined unless listening. */
   stats(): NativeServerStats | undefined;
-}
-
-export type TokenServedListener = (identity: AzureIdentity, resource: string, token: Token) => void;
-
-export interface NativeRoute {
-  address: string;
-  /** Exception pods are always handed to the js path (it passes them through). */
-  exception: boolean;
-  /** Routes given the same array share one list in the native table. */
-  identities: readonly AzureIdentity[];
-}
-
-/** Which token: one per (identity, resource). */
-export interface NativeTokenId {
-  identityKey: string;
-  /** The resource exactly as requested (after form decoding). */
-  resource: string;
-}
-
-export interface NativeToken extends NativeTokenId {
-  token: Token;
-  /** Wall-clock ms; from then on the js path answers again. */
-  serveUntilMs: number;
 }
 
 const KEEP_ALIVE_HEADER = `timeout=${limits.keepAliveTimeoutMs / 1000}`;
@@ -90,14 +54,7 @@ function splitCaller(remote: string): { remoteAddress: string; cgroup?: bigint |
 export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: number } = {}): NativeTokenServer {
   const { options, log } = deps;
   const listeners: TokenServedListener[] = [];
-  const core = createRequestCore({
-    ...deps,
-    async getToken(identity, resource) {
-      const token = await deps.getToken(identity, resource);
-      for (const listener of listeners) listener(identity, resource, token);
-      return token;
-    },
-  });
+  const core = createRequestCore(tellingServed(deps, listeners));
   const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
   const native = addon();
   let id: number | undefined;
@@ -106,11 +63,12 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
   let stopped: Promise<void> | undefined;
   let onStopped: () => void = () => {};
   // Tables set before listen() are pushed once the native server exists.
-  let earlyRoutes: NativeRoute[] = [];
-  const earlyTokens = new Map<string, NativeToken>();
+  let earlyRoutes: Route[] = [];
+  const earlyTokens = new Map<string, TableToken>();
 
-  function pushRoutes(serverId: number, routes: NativeRoute[]): void {
-    const { lists, rows } = packRoutes(routes);
+  function pushRoutes(serverId: number, routes: Route[]): void {
+    // Lowercased here with toLowerCase, as selectIdentity compares.
+    const { lists, rows } = packRoutes(routes, (id): NativeIdentityRow => [identityKey(id), id.clientID.toLowerCase(), id.resourceID.toLowerCase()]);
     native.serverSetRoutes(serverId, lists, rows);
   }
 
@@ -125,18 +83,12 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
     if (request === 'malformed') return respond(connId, requestId, clientErrorBytes(undefined), true);
     if (request === 'no-host') return respond(connId, requestId, noHostBytes(), true);
     const started = process.hrtime.bigint();
-    const { route, outcome } = core({ method: request.method, target: request.target, headers: request.headers, ...splitCaller(remoteAddress) });
-    Promise.resolve(outcome)
-      .then((result) => ('proxy' in result ? proxy.fetch(request.method, result.proxy, request.rawHeaders, request.body) : result))
-      .then((answer) => {
-        const keepAlive = request.keepAlive && !closing;
-        respond(connId, requestId, serializeAnswer(answer, request.method === 'HEAD', keepAlive), !keepAlive);
-        deps.metrics?.observe(route, String(answer.status), Number(process.hrtime.bigint() - started) / 1e9);
-      })
-      .catch((err: unknown) => {
-        log.warn({ err: (err as Error).message }, 'native server request failed');
-        respond(connId, requestId, serializeAnswer(problemAnswer(problems.internal), false, false), true);
-      });
+    const { route, answer } = answerWhole(core, proxy, log, { ...request, ...splitCaller(remoteAddress) });
+    void answer.then((whole) => {
+      const keepAlive = request.keepAlive && !closing;
+      respond(connId, requestId, serializeAnswer(whole, request.method === 'HEAD', keepAlive), !keepAlive);
+      deps.metrics?.observe(route, whole.status, Number(process.hrtime.bigint() - started) / 1e9);
+    });
   }
 
   async function stop(drainMs: number): Promise<void> {
@@ -195,28 +147,8 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
   };
 }
 
-/** One identity list per distinct identities array: 250 pods bound alike are one list, not 250. */
-function packRoutes(routes: NativeRoute[]): { lists: NativeIdentityRow[][]; rows: NativeRouteRow[] } {
-  const index = new Map<readonly AzureIdentity[], number>();
-  const lists: NativeIdentityRow[][] = [];
-  const rows = routes.map(({ address, exception, identities }): NativeRouteRow => {
-    let i = index.get(identities);
-    if (i === undefined) {
-      index.set(identities, (i = lists.length));
-      // Lowercased here with toLowerCase, as selectIdentity compares.
-      lists.push(identities.map((id) => [identityKey(id), id.clientID.toLowerCase(), id.resourceID.toLowerCase()]));
-    }
-    return [address, exception, i];
-  });
-  return { lists, rows };
-}
-
-function tokenKey({ identityKey: key, resource }: NativeTokenId): string {
-  return `${key}\n${resource}`;
-}
-
 /** The answer body split around expires_in, which the native side counts at answer time. */
-export function tokenRow({ identityKey: key, resource, token, serveUntilMs }: NativeToken): NativeTokenRow {
+export function tokenRow({ identityKey: key, resource, token, serveUntilMs }: TableToken): NativeTokenRow {
   const { access_token, client_id, expires_in: _, ...rest } = toAnswer(token);
   const prefix = `${JSON.stringify({ access_token, client_id }).slice(0, -1)},"expires_in":"`;
   const suffix = `",${JSON.stringify(rest).slice(1)}`;
@@ -304,124 +236,3 @@ function noHostBytes(nowMs = Date.now()): string {
   return `HTTP/1.1 400 Bad Request\r\nConnection: close\r\nDate: ${new Date(nowMs).toUTCString()}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n`;
 }
 
-// ---- the tables ----
-
-export interface NativeTableSources {
-  /** Every pod of the last kubelet sync (PodIndex.pods). */
-  pods(): readonly Pod[];
-  /** The pod's identities as the js path sees them. */
-  identitiesFor(pod: Pod): PodIdentities;
-  /** BindingStore: 'change' names identities whose tokens must not be served again; 'update' follows every applied set. */
-  store?: {
-    on(event: 'change', listener: (keys: Set<string>) => void): unknown;
-    on(event: 'update', listener: () => void): unknown;
-  };
-  /** --rules ebpf: the pod's cgroups; routes are then keyed "address#cgroup", one per cgroup. */
-  cgroupsOf?(pod: Pod): readonly bigint[];
-  /** How long a token the js path served may be served natively [30 s]. */
-  serveWindowMs?: number;
-  /** How often tokens past their serving window are dropped [5 s]; C++ checks the window on every answer, so this only frees them. */
-  pollMs?: number;
-}
-
-export interface NativeTables {
-  /** Rebuilds the routes from scratch now (call on every pod or bindings change). */
-  refresh(): void;
-  stop(): void;
-}
-
-export function attachNativeTables(server: NativeTokenServer, sources: NativeTableSources): NativeTables {
-  const serveWindowMs = sources.serveWindowMs ?? 30_000;
-  const tokens = new Map<string, NativeToken>();
-  // What changed since the last push: only that crosses to C++.
-  const upserts = new Map<string, NativeToken>();
-  const removals = new Map<string, NativeToken>();
-  let routed = new Set<string>();
-
-  function push(): void {
-    if (upserts.size === 0 && removals.size === 0) return;
-    server.updateTokens([...upserts.values()], [...removals.values()]);
-    upserts.clear();
-    removals.clear();
-  }
-
-  function remove(key: string, entry: NativeToken): void {
-    tokens.delete(key);
-    upserts.delete(key);
-    removals.set(key, entry);
-  }
-
-  // Additions are batched per turn of the event loop; removals are pushed at once.
-  let pushScheduled = false;
-  function schedulePush(): void {
-    if (pushScheduled) return;
-    pushScheduled = true;
-    setImmediate(() => {
-      pushScheduled = false;
-      push();
-    });
-  }
-
-  function refresh(): void {
-    const routes = buildRoutes(sources.pods(), sources.identitiesFor, sources.cgroupsOf);
-    routed = new Set<string>();
-    for (const identities of new Set(routes.map((route) => route.identities))) for (const identity of identities) routed.add(identityKey(identity));
-    server.setRoutes(routes);
-    for (const [key, entry] of tokens) if (!routed.has(entry.identityKey)) remove(key, entry);
-    push();
-  }
-
-  server.onTokenServed((identity, resource, token) => {
-    const now = Date.now();
-    const serveUntilMs = Math.min(now + serveWindowMs, token.expiresOn * 1000 - EXPIRY_MARGIN_MS);
-    const key = identityKey(identity);
-    if (serveUntilMs <= now || !routed.has(key)) return;
-    const entry = { identityKey: key, resource, token, serveUntilMs };
-    const id = tokenKey(entry);
-    tokens.set(id, entry);
-    removals.delete(id);
-    upserts.set(id, entry);
-    schedulePush();
-  });
-  sources.store?.on('change', (keys) => {
-    for (const [key, entry] of tokens) if (keys.has(entry.identityKey)) remove(key, entry);
-    push();
-  });
-  // Routes follow every bindings set (an exception alone changes no identity) and, through refresh(), every pod change.
-  sources.store?.on('update', refresh);
-  const timer = setInterval(() => {
-    for (const [key, entry] of tokens) if (entry.serveUntilMs <= Date.now()) remove(key, entry);
-    push();
-  }, sources.pollMs ?? 5_000);
-  timer.unref();
-  refresh();
-  return {
-    refresh,
-    stop() {
-      clearInterval(timer);
-    },
-  };
-}
-
-const none: readonly AzureIdentity[] = [];
-
-/**
- * Addresses of exactly one live pod, as PodIndex indexes them; an address two pods claim is left to the js path.
- * With cgroupsOf, a route per (address, cgroup of that pod): a socket of any other cgroup is left to the js path.
- */
-export function buildRoutes(pods: readonly Pod[], identitiesFor: (pod: Pod) => PodIdentities, cgroupsOf?: (pod: Pod) => readonly bigint[]): NativeRoute[] {
-  const owners = new Map<string, Set<Pod>>();
-  for (const pod of pods) {
-    if (!isCaller(pod)) continue;
-    for (const ip of pod.ips) owners.set(ip, (owners.get(ip) ?? new Set<Pod>()).add(pod));
-  }
-  const routes: NativeRoute[] = [];
-  for (const [address, set] of owners) {
-    const [pod] = set;
-    if (!pod || set.size > 1) continue;
-    const bound = identitiesFor(pod);
-    const keys = cgroupsOf ? cgroupsOf(pod).map((id) => `${address}#${id}`) : [address];
-    for (const key of keys) routes.push({ address: key, exception: bound.exception, identities: bound.exception ? none : bound.identities });
-  }
-  return routes;
-}

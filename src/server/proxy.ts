@@ -2,17 +2,13 @@
 // body and end-to-end headers (Metadata included). Hop-by-hop headers are
 // dropped and nothing is added: no X-Forwarded-For, Forwarded or Via, which
 // IMDS would refuse. Only the upstream URL's origin is used.
-import type { IncomingMessage, ServerResponse } from 'node:http';
-import { pipeline } from 'node:stream/promises';
 import { Pool, type Dispatcher } from '../net/undici.js';
-import { problemAnswer, problems, writeAnswer, type Answer } from './answers.js';
+import { problemAnswer, problems, type Answer } from './answers.js';
 
 export interface ImdsProxy {
-  /** Answers `res` with the upstream's answer to `target` (a raw origin-form request-target). */
-  forward(req: IncomingMessage, res: ServerResponse, target: string): Promise<void>;
-  /** The same exchange for a request read whole (the native server's hand-over): the upstream's answer as a whole. */
+  /** The upstream's answer, whole, to `target` (a raw origin-form request-target) asked as the request was: both servers hand requests over read whole. */
   fetch(method: string, target: string, rawHeaders: string[], body: Buffer): Promise<Answer>;
-  /** Waits for forwarded requests to finish, then closes upstream connections. */
+  /** Waits for requests under way to finish, then closes upstream connections. */
   close(): Promise<void>;
 }
 
@@ -49,26 +45,6 @@ export function createImdsProxy({ upstream, timeoutMs }: ProxyOptions): ImdsProx
   }
 
   return {
-    async forward(req, res, target) {
-      // A client that goes away takes its upstream request with it.
-      const abort = new AbortController();
-      res.once('close', () => abort.abort());
-      const answer = await send({
-        method: (req.method ?? 'GET') as Dispatcher.HttpMethod,
-        target,
-        headers: endToEnd(req.rawHeaders),
-        body: hasBody(req) ? req : null,
-        signal: abort.signal,
-      });
-      if ('status' in answer) return writeAnswer(res, answer);
-      res.writeHead(answer.statusCode, endToEndObject(answer.headers));
-      try {
-        await pipeline(answer.body, res);
-      } catch {
-        // The status line is gone already: cutting the connection is the only honest signal left.
-        res.destroy();
-      }
-    },
     async fetch(method, target, rawHeaders, body) {
       const answer = await send({ method: method as Dispatcher.HttpMethod, target, headers: endToEnd(rawHeaders), body: body.length > 0 ? body : null });
       if ('status' in answer) return answer;
@@ -77,11 +53,6 @@ export function createImdsProxy({ upstream, timeoutMs }: ProxyOptions): ImdsProx
     },
     close: () => pool.close(),
   };
-}
-
-function hasBody(req: IncomingMessage): boolean {
-  const length = req.headers['content-length'];
-  return req.headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0');
 }
 
 /** rawHeaders (name, value, name, value...) minus hop-by-hop ones and those the Connection header names. */

@@ -4,20 +4,23 @@
 //   attested by the connection's cgroup with --rules ebpf (attest/)
 //   → bound identities, filtered by the requested id (7) → getToken (8)
 //   → answers.ts. Other /metadata categories and exception pods go to proxy.ts.
-import http from 'node:http';
-import type { Socket } from 'node:net';
-import { performance } from 'node:perf_hooks';
+// The js server's HTTP runs in a worker thread (js-worker.ts), which answers
+// cache hits from tables.ts's tables and hands every other request here whole.
+import { Worker } from 'node:worker_threads';
 import type { CgroupAttestation } from '../attest/attestation.js';
-import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
+import { identityKey, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
 import { codes } from '../errors/errors.js';
-import { plainAddress } from '../kubelet/pod-index.js';
 import type { CallerLookup, Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
-import { problemAnswer, problems, tokenAnswer, unavailable, writeAnswer, type Answer, type Problem } from './answers.js';
+import { problemAnswer, problems, tokenAnswer, unavailable, type Answer, type Problem } from './answers.js';
+import type { FromWorker, ToWorker, WorkerSetup } from './js-worker.js';
+import { limits } from './limits.js';
 import type { ServerMetrics } from './metrics.js';
-import { createImdsProxy } from './proxy.js';
-import { checkedHeaders, classifyRequest, type Classification, type IdSelector, type RequestHeaders, type RouteName, type TokenRequest } from './request.js';
+import { createImdsProxy, type ImdsProxy } from './proxy.js';
+import { classifyRequest, type Classification, type IdSelector, type RequestHeaders, type RouteName, type TokenRequest } from './request.js';
+import { selectIdentity } from './select-identity.js';
+import { packRoutes, tellingServed, type TableFedServer, type TokenServedListener } from './tables.js';
 
 export interface TokenServerOptions {
   metadataHeaderRequired: boolean;
@@ -30,7 +33,7 @@ export interface TokenServerDeps {
   /** Caller's source IPv4 → its pod (after one coalesced refresh), or undefined. */
   callers: CallerLookup;
   /** --rules ebpf: callers are the pods whose cgroups made the connections, checked against their addresses. */
-  attestation?: Pick<CgroupAttestation, 'cgroupOf' | 'resolve' | 'resolveNow'>;
+  attestation?: Pick<CgroupAttestation, 'resolve' | 'resolveNow'>;
   identitiesFor(pod: Pod): PodIdentities;
   /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
   getToken(identity: AzureIdentity, resource: string): Promise<Token>;
@@ -43,9 +46,10 @@ export interface TokenServerDeps {
   metrics?: ServerMetrics;
 }
 
-export interface TokenServer {
-  server: http.Server;
+export interface TokenServer extends TableFedServer {
   listen(host: string, port: number): Promise<void>;
+  /** The bound port, once listening. */
+  readonly port: number | undefined;
   /** Stops accepting, lets in-flight requests finish (at most drainMs), then closes every connection. Idempotent. */
   close(drainMs?: number): Promise<void>;
 }
@@ -59,17 +63,6 @@ export interface UpstreamFailure {
   retryAfterMs?: number;
 }
 
-export const limits = {
-  maxHeaderSize: 16 * 1024, // bytes, request line + headers
-  headersTimeoutMs: 10_000, // to receive the headers
-  requestTimeoutMs: 30_000, // to receive the whole request
-  keepAliveTimeoutMs: 5_000, // idle keep-alive connection
-  maxConnections: 4_096,
-  drainTimeoutMs: 10_000, // close(): in-flight requests get this long
-  proxyTimeoutMs: 10_000,
-  upstreamRetryAfterS: 5, // when the upstream gave no Retry-After
-} as const;
-
 /** A request as both servers see it: node's IncomingMessage (js) or the parsed raw bytes (native). */
 export interface IncomingRequest {
   method: string;
@@ -80,6 +73,13 @@ export interface IncomingRequest {
   remoteAddress: string | undefined;
   /** With attestation: the cgroup that made the connection, null when none was recorded. */
   cgroup?: bigint | null;
+}
+
+/** A request read whole, as the native server and the js server's worker hand it over. */
+export interface WholeRequest extends IncomingRequest {
+  /** name, value, name, value... as node's rawHeaders. */
+  rawHeaders: string[];
+  body: Uint8Array;
 }
 
 /** What to do with a request: write this answer, or forward it to the real IMDS. */
@@ -147,6 +147,18 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attes
   };
 }
 
+/** A request handed over whole: its route at once, its answer (the upstream's, when proxied) in time; the promise never rejects. */
+export function answerWhole(core: RequestCore, proxy: ImdsProxy, log: Logger, request: WholeRequest): { route: RouteName; answer: Promise<Answer> } {
+  const { route, outcome } = core(request);
+  const answer = Promise.resolve(outcome)
+    .then((result) => ('proxy' in result ? proxy.fetch(request.method, result.proxy, request.rawHeaders, Buffer.from(request.body)) : result))
+    .catch((err: unknown) => {
+      log.warn({ err: errorSummary(err) }, 'token server request failed');
+      return problemAnswer(problems.internal);
+    });
+  return { route, answer };
+}
+
 /** Steps 7 and 8, shared with /host/token: the one bound identity the request names, then its token. */
 export async function answerIdentityToken(
   deps: Pick<TokenServerDeps, 'getToken' | 'log'>,
@@ -168,123 +180,87 @@ export async function answerIdentityToken(
   return tokenAnswer(token);
 }
 
-export function createTokenServer(deps: TokenServerDeps): TokenServer {
+/** peerMapFd: --rules ebpf's peers map, so the worker can attest connections as it accepts them. */
+export function createTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: number } = {}): TokenServer {
   const { options, log } = deps;
+  const listeners: TokenServedListener[] = [];
+  const core = createRequestCore(tellingServed(deps, listeners));
   const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
-  const core = createRequestCore(deps);
-  const inFlight = new Set<http.ServerResponse>();
-  /** The caller of each connection, read once when it is accepted (socket.remoteAddress costs more per request). */
-  const callers = new WeakMap<Socket, Pick<IncomingRequest, 'remoteAddress' | 'cgroup'>>();
-  let closing = false;
+  const setup: WorkerSetup = {
+    policy: { metadataHeaderRequired: options.metadataHeaderRequired, blockInstanceMetadata: options.blockInstanceMetadata },
+    peerMapFd: attest.peerMapFd,
+    counts: deps.metrics?.segment().buffer,
+  };
+  const worker = new Worker(new URL('./js-worker.js', import.meta.url), { workerData: setup });
+  const send = (message: ToWorker) => worker.postMessage(message);
+  let port: number | undefined;
+  let listening: { resolve(): void; reject(err: Error): void } | undefined;
+  let closed: () => void = () => {};
   let stopped: Promise<void> | undefined;
+  let exited = false;
+  worker.once('exit', () => {
+    exited = true;
+    closed();
+  });
 
-  function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
-    const started = performance.now();
-    const caller = callers.get(req.socket);
-    const { route, outcome } = core({
-      method: req.method ?? '',
-      target: req.url ?? '',
-      headers: checkedHeaders(req.rawHeaders),
-      remoteAddress: caller?.remoteAddress,
-      cgroup: caller?.cgroup,
-    });
-    if (!(outcome instanceof Promise) && !('proxy' in outcome)) {
-      // A cache hit, written before this returns: a finished answer needs no tracking for close() or metrics.
-      if (closing) res.setHeader('Connection', 'close');
-      writeAnswer(res, outcome);
-      observe(res, route, started);
-      return;
+  worker.on('message', (message: FromWorker) => {
+    switch (message.type) {
+      case 'listening':
+        port = message.port;
+        return listening?.resolve();
+      case 'listen-failed':
+        return listening?.reject(Object.assign(new Error(message.message), { code: message.code }));
+      case 'request': {
+        const { id, request } = message;
+        void answerWhole(core, proxy, log, request).answer.then((answer) => send({ type: 'answer', id, answer }));
+        return;
+      }
+      case 'closed':
+        return closed();
     }
-    track(res, route, started);
-    if (!(outcome instanceof Promise)) {
-      void proxy.forward(req, res, outcome.proxy);
-      return;
+  });
+  // A server without its HTTP thread answers nobody: fail as a crash does, leaving the rules (pods fail closed).
+  worker.on('error', (err) => {
+    log.error({ err: errorSummary(err) }, 'the js server thread failed');
+    if (listening) listening.reject(err);
+    else throw err;
+  });
+
+  async function stop(drainMs: number): Promise<void> {
+    if (!exited) {
+      const done = new Promise<void>((resolve) => (closed = resolve));
+      send({ type: 'close', drainMs });
+      await done;
     }
-    outcome
-      .then((result) => ('proxy' in result ? proxy.forward(req, res, result.proxy) : writeAnswer(res, result)))
-      .catch((err: unknown) => {
-        log.warn({ err: errorSummary(err) }, 'token server request failed');
-        if (res.headersSent) res.destroy();
-        else writeAnswer(res, problemAnswer(problems.internal));
-      });
-  }
-
-  function observe(res: http.ServerResponse, route: RouteName, started: number): void {
-    deps.metrics?.observe(route, res.headersSent ? String(res.statusCode) : 'aborted', (performance.now() - started) / 1000);
-  }
-
-  function track(res: http.ServerResponse, route: RouteName, started: number): void {
-    inFlight.add(res);
-    if (closing) res.setHeader('Connection', 'close');
-    res.once('close', () => {
-      inFlight.delete(res);
-      observe(res, route, started);
-      // A keep-alive connection whose answer was already under way when close() began is idle now.
-      if (closing) setImmediate(() => server.closeIdleConnections());
-    });
-  }
-
-  async function drain(drainMs: number): Promise<void> {
-    closing = true;
-    for (const res of inFlight) if (!res.headersSent) res.setHeader('Connection', 'close');
-    const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-    server.closeIdleConnections();
-    const deadline = setTimeout(() => server.closeAllConnections(), drainMs);
-    await closed;
-    clearTimeout(deadline);
+    await worker.terminate();
     await proxy.close();
   }
 
-  const server = http.createServer(
-    {
-      maxHeaderSize: limits.maxHeaderSize,
-      headersTimeout: limits.headersTimeoutMs,
-      requestTimeout: limits.requestTimeoutMs,
-      keepAliveTimeout: limits.keepAliveTimeoutMs,
-      keepAlive: true, // TCP keep-alive probes, so dead peers do not hold connection slots
-    },
-    handle,
-  );
-  server.maxConnections = limits.maxConnections;
-  server.on('clientError', answerClientError);
-  const { attestation } = deps;
-  server.on('connection', (socket: Socket) =>
-    callers.set(socket, { remoteAddress: socket.remoteAddress && plainAddress(socket.remoteAddress), cgroup: attestation?.cgroupOf(socket) }),
-  );
-
   return {
-    server,
-    listen(host, port) {
-      return new Promise((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(port, host, () => {
-          server.off('error', reject);
-          resolve();
-        });
-      });
+    get port() {
+      return port;
+    },
+    listen(host, wanted) {
+      return new Promise<void>((resolve, reject) => {
+        listening = { resolve, reject };
+        send({ type: 'listen', host, port: wanted });
+      }).finally(() => (listening = undefined));
     },
     close(drainMs = limits.drainTimeoutMs) {
-      stopped ??= drain(drainMs);
+      stopped ??= stop(drainMs);
       return stopped;
     },
+    setRoutes(routes) {
+      const { lists, rows } = packRoutes(routes, (id) => ({ key: identityKey(id), clientID: id.clientID, resourceID: id.resourceID }));
+      send({ type: 'routes', lists, rows });
+    },
+    updateTokens(upserts, removals) {
+      send({ type: 'tokens', upserts, removals });
+    },
+    onTokenServed(listener) {
+      listeners.push(listener);
+    },
   };
-}
-
-/**
- * Step 7: the pod's identities filtered by the requested id. client_id and
- * msi_res_id compare case-insensitively (Azure ids are). The CRs carry no
- * object id, so an object_id request never matches: "Identity not found".
- * Several identities sharing the requested id are one Azure identity: the first wins.
- */
-export function selectIdentity(identities: AzureIdentity[], selector?: IdSelector): AzureIdentity | 'none' | 'ambiguous' {
-  if (!selector) {
-    if (identities.length > 1) return 'ambiguous';
-    return identities[0] ?? 'none';
-  }
-  const wanted = selector.value.toLowerCase();
-  const field = selector.param === 'client_id' ? 'clientID' : selector.param === 'msi_res_id' ? 'resourceID' : undefined;
-  const match = field && identities.find((identity) => identity[field] !== '' && identity[field].toLowerCase() === wanted);
-  return match || 'none';
 }
 
 export function isUpstreamFailure(err: unknown): err is UpstreamFailure {
@@ -299,37 +275,6 @@ export function upstreamAnswer(err: UpstreamFailure) {
   }
   const seconds = err.retryAfterMs === undefined ? limits.upstreamRetryAfterS : Math.max(1, Math.ceil(err.retryAfterMs / 1000));
   return problemAnswer(unavailable(seconds));
-}
-
-/** Malformed requests never reach the handler: answer them in IMDS's shape, then hang up. */
-function answerClientError(err: NodeJS.ErrnoException, socket: Socket): void {
-  // An answer already on this connection cannot be followed by another status line.
-  const busy = (socket as { _httpMessage?: unknown })._httpMessage != null;
-  if (err.code === 'ECONNRESET' || !socket.writable || busy) {
-    socket.destroy();
-    return;
-  }
-  socket.end(clientErrorBytes(err.code));
-}
-
-/** The whole answer to a request node's parser refused (llhttp error code), ending the connection. */
-export function clientErrorBytes(code: string | undefined): string {
-  const problem = clientErrorProblem(code);
-  const body = JSON.stringify({ error: problem.error, error_description: problem.error_description });
-  return (
-    `HTTP/1.1 ${problem.status} ${http.STATUS_CODES[problem.status]}\r\n` +
-    'Content-Type: application/json; charset=utf-8\r\n' +
-    `Content-Length: ${Buffer.byteLength(body)}\r\n` +
-    'Cache-Control: no-store\r\n' +
-    'Connection: close\r\n\r\n' +
-    body
-  );
-}
-
-function clientErrorProblem(code: string | undefined): Problem {
-  if (code === 'HPE_HEADER_OVERFLOW') return { status: 431, error: 'invalid_request', error_description: 'Request header fields too large' };
-  if (code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, error: 'invalid_request', error_description: 'Request timed out' };
-  return { status: 400, error: 'invalid_request', error_description: 'Malformed HTTP request' };
 }
 
 function errorSummary(err: unknown): { code?: unknown; message: string } {

@@ -5,7 +5,7 @@
 // in-flight fetch, whose result is then handed to its waiters but never stored.
 import { setTimeout as sleepFor } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
-import { IdentityType, type AzureIdentity } from '../bindings/model.js';
+import { identityKey, IdentityType, type AzureIdentity } from '../bindings/model.js';
 import type { Logger } from '../log/logger.js';
 import type { Credential, TokenProvider } from './msal-provider.js';
 import type { Token } from './token.js';
@@ -80,11 +80,6 @@ interface Entry {
   inflight: Promise<Token> | undefined;
   /** Aborted when the entry leaves the cache: stops retries of its fetch. */
   readonly dropped: AbortController;
-}
-
-/** `namespace/name`: what invalidate and retainOnly take. */
-export function identityKey(identity: Pick<AzureIdentity, 'namespace' | 'name'>): string {
-  return `${identity.namespace}/${identity.name}`;
 }
 
 export class TokenCache {

@@ -6,11 +6,12 @@ import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import pino from 'pino';
-import { CgroupAttestation, type PeerRecords } from '../../src/attest/attestation.js';
+import { CgroupAttestation } from '../../src/attest/attestation.js';
+import { connectionCgroup, peerKey, type PeerRecords } from '../../src/attest/peers.js';
 import { CgroupPods, podUidFromPath } from '../../src/attest/cgroup-pods.js';
 import { PodIndex } from '../../src/kubelet/pod-index.js';
 import type { Pod } from '../../src/kubelet/pod.js';
-import { configBytes, peerKey } from '../../src/rules/ebpf.js';
+import { configBytes } from '../../src/rules/ebpf.js';
 
 const UID_A = '0f3c6a4e-1b2d-4c5e-8f90-a1b2c3d4e5f6';
 const UID_B = '9e8d7c6b-5a49-4838-a726-150493827160';
@@ -86,10 +87,10 @@ test('verdicts: own address → the pod; another pod\'s address → spoof; no re
     index.stop();
     const records = new Map<string, bigint>();
     const peers: PeerRecords = { peerCgroup: (s, sp, d, dp) => records.get(`${s}:${sp}>${d}:${dp}`) ?? null };
-    const attest = new CgroupAttestation(peers, new CgroupPods(t.root, { minWalkGapMs: 0 }), index, log);
+    const attest = new CgroupAttestation(new CgroupPods(t.root, { minWalkGapMs: 0 }), index, log);
 
     records.set('10.244.1.2:40000>10.240.0.4:2579', t.ids.a!);
-    const a = attest.cgroupOf({ remoteAddress: '::ffff:10.244.1.2', remotePort: 40000, localAddress: '10.240.0.4', localPort: 2579 });
+    const a = connectionCgroup(peers, { remoteAddress: '::ffff:10.244.1.2', remotePort: 40000, localAddress: '10.240.0.4', localPort: 2579 });
     assert.equal(a, t.ids.a);
     assert.equal(attest.resolveNow('10.244.1.2', a), undefined, 'nothing walked yet: the slow path decides');
     assert.equal(((await attest.resolve('10.244.1.2', a)) as Pod).name, 'a');
@@ -100,8 +101,8 @@ test('verdicts: own address → the pod; another pod\'s address → spoof; no re
     assert.equal(await attest.resolve('10.244.9.9', t.ids.b!), 'spoof', 'an address nobody owns');
     assert.equal(await attest.resolve('10.244.1.2', null), 'unattested');
     assert.equal(await attest.resolve('10.244.1.2', t.ids.plain!), 'unattested');
-    assert.equal(attest.cgroupOf({ remoteAddress: '10.244.1.2', remotePort: 1, localAddress: '10.240.0.4', localPort: 2579 }), null);
-    assert.equal(attest.cgroupOf({ remoteAddress: 'fe80::1', remotePort: 1, localAddress: 'fe80::2', localPort: 2579 }), null);
+    assert.equal(connectionCgroup(peers, { remoteAddress: '10.244.1.2', remotePort: 1, localAddress: '10.240.0.4', localPort: 2579 }), null);
+    assert.equal(connectionCgroup(peers, { remoteAddress: 'fe80::1', remotePort: 1, localAddress: 'fe80::2', localPort: 2579 }), null);
 
     assert.equal(((await attest.resolve('10.240.0.4', t.ids.h!)) as Pod).name, 'h', 'hostNetwork: by cgroup');
     assert.equal(await attest.resolve('10.244.2.2', t.ids.h!), 'spoof', "a hostNetwork pod wearing B's address");

@@ -1,8 +1,9 @@
-// The native server against the js server: the same raw bytes to both, the
-// same in-test pod index, bindings and tokens behind both, and the answers
-// compared status line, header names, values and order (Date aside), and body.
-// Then what only the native side has: answers from its tables without
-// JavaScript, pipelining across the two, and table swaps under load.
+// The servers that answer hits from tables (native, and js with its worker's
+// tables) against the js server without tables, where every request goes
+// through the token core: the same raw bytes to all three, the same in-test pod
+// index, bindings and tokens behind them, and the answers compared status line,
+// header names, values and order (Date aside), and body. Then what only the
+// native side has: pipelining across C++ and JavaScript, and table swaps under load.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
@@ -12,7 +13,8 @@ import type { Pod } from '../../src/kubelet/pod.js';
 import { silentLogger } from '../../src/log/logger.js';
 import type { Token } from '../../src/tokens/token.js';
 import { createTokenServer, type TokenServer, type TokenServerDeps } from '../../src/server/token-server.js';
-import { attachNativeTables, createNativeTokenServer, type NativeTables, type NativeTokenServer } from '../../src/server/native-server.js';
+import { createNativeTokenServer, type NativeTokenServer } from '../../src/server/native-server.js';
+import { attachTables, type Tables } from '../../src/server/tables.js';
 import { startUpstream, type Upstream } from './upstream.js';
 
 const TOKEN = '/metadata/identity/oauth2/token';
@@ -39,10 +41,13 @@ const world = {
 };
 
 let upstream: Upstream;
+/** Every request through the token core: the reference. */
 let js: TokenServer;
+let jsTabled: TokenServer;
 let native: NativeTokenServer;
-let tables: NativeTables;
+let tables: Tables[];
 let jsPort: number;
+let jsTabledPort: number;
 let nativePort: number;
 
 function deps(): TokenServerDeps {
@@ -64,26 +69,32 @@ before(async () => {
   upstream = await startUpstream();
   js = createTokenServer(deps());
   await js.listen('127.0.0.1', 0);
-  jsPort = (js.server.address() as net.AddressInfo).port;
+  jsPort = js.port!;
+  jsTabled = createTokenServer(deps());
+  await jsTabled.listen('127.0.0.1', 0);
+  jsTabledPort = jsTabled.port!;
   native = createNativeTokenServer(deps());
   await native.listen('127.0.0.1', 0);
   nativePort = native.port!;
-  tables = attachNativeTables(native, {
-    pods: () => [pod, exceptionPod],
-    identitiesFor: (p) => (p === exceptionPod ? { exception: true, identities: [] } : world.bound),
-  });
+  tables = [native, jsTabled].map((server) =>
+    attachTables(server, {
+      pods: () => [pod, exceptionPod],
+      identitiesFor: (p) => (p === exceptionPod ? { exception: true, identities: [] } : world.bound),
+    }),
+  );
 });
 
 after(async () => {
-  tables.stop();
+  for (const t of tables) t.stop();
   await native.close(1_000);
+  await jsTabled.close(1_000);
   await js.close(1_000);
   await upstream.close();
 });
 
 function setBound(identities: AzureIdentity[]): void {
   world.bound = { exception: false, identities };
-  tables.refresh();
+  for (const t of tables) t.refresh();
 }
 
 interface Parsed {
@@ -156,8 +167,10 @@ async function same(pieces: string[] | string, count = 1, localAddress?: string)
   const list = typeof pieces === 'string' ? [pieces] : pieces;
   const fromJs = await exchange(jsPort, list, count, localAddress);
   const fromNative = await exchange(nativePort, list, count, localAddress);
+  const fromTables = await exchange(jsTabledPort, list, count, localAddress);
   assert.equal(fromJs.length, count, `js answered ${fromJs.length} of ${count}: ${JSON.stringify(list)}`);
-  assert.deepEqual(normalize(fromNative), normalize(fromJs), JSON.stringify(list));
+  assert.deepEqual(normalize(fromNative), normalize(fromJs), `native: ${JSON.stringify(list)}`);
+  assert.deepEqual(normalize(fromTables), normalize(fromJs), `js with tables: ${JSON.stringify(list)}`);
   for (const [i, a] of fromNative.entries()) {
     const date = a.headers.find(([name]) => name.toLowerCase() === 'date');
     if (date && fromJs[i]!.headers.some(([name]) => name === 'Date')) assert.match(date[1], /^[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT$/);
@@ -170,9 +183,10 @@ function req(target: string, headers: Record<string, string> = { Metadata: 'true
   return `${method} ${target} HTTP/${version}\r\nHost: 169.254.169.254\r\n${lines}\r\n`;
 }
 
-/** Makes sure the native token table holds idA's token for RESOURCE (the js path puts it there). */
+/** Makes sure the token tables hold idA's token for RESOURCE (the token core puts it there). */
 async function warm(): Promise<void> {
   await exchange(nativePort, [req(`${TOKEN}?${QUERY}`)], 1);
+  await exchange(jsTabledPort, [req(`${TOKEN}?${QUERY}`)], 1);
 }
 
 test('the contract error cases answer byte for byte as the js server does', async () => {
@@ -236,12 +250,13 @@ test('identity selection, multiple identities and the exception pod agree', asyn
   setBound([idA]);
   upstream.received = [];
   await same(req(`${TOKEN}/?${QUERY}&client_id=Whatever`), 1, '127.0.0.3');
-  assert.equal(upstream.received.length, 2, 'both passed the exception pod through');
+  assert.equal(upstream.received.length, 3, 'all three passed the exception pod through');
   await same(req('/metadata/instance/compute?api-version=2021-02-01', { Metadata: 'true', 'X-Custom': 'kept' }));
-  assert.deepEqual(upstream.received[2]!.headers, upstream.received[3]!.headers);
+  assert.deepEqual(upstream.received[4]!.headers, upstream.received[3]!.headers);
+  assert.deepEqual(upstream.received[5]!.headers, upstream.received[3]!.headers);
 });
 
-test('a hit is answered from the native tables without JavaScript, as the js server answers it', async () => {
+test('a hit is answered from the tables, by C++ or the js worker, as the token core answers it', async () => {
   setBound([idA]);
   await warm();
   const calls = world.tokenCalls;
@@ -256,9 +271,9 @@ test('a hit is answered from the native tables without JavaScript, as the js ser
     req(`${TOKEN}?${QUERY}&client_id=aaaa-1111`),
   ];
   for (const bytes of variants) await same(bytes);
-  // Only the native side counts: each variant was one native hit and js called getToken once per variant.
+  // Each variant was one native hit, and only the js server without tables called getToken, once per variant.
   assert.equal(native.stats()!.hits - hitsBefore, variants.length);
-  assert.equal(world.tokenCalls - calls, variants.length, 'only the js server asked for tokens');
+  assert.equal(world.tokenCalls - calls, variants.length, 'only the js server without tables asked for tokens');
 });
 
 test('what the native side leaves to js is still answered alike: HTTP/1.0, duplicate Metadata, odd characters', async () => {

@@ -1,0 +1,199 @@
+// The tables a server answers cache hits from without asking the token core:
+// routes (caller address → bound identities), rebuilt from the pods and
+// bindings on every change, and tokens, each entering when the core has just
+// served it, for a short window, so a token is never served from a table past
+// the point where the cache would refresh or drop it by more than that window.
+// Only changes cross to the server. Fed to the native server (C++) and to the
+// js server's worker thread alike.
+import { attestedKey } from '../attest/peers.js';
+import { identityKey, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
+import { isCaller } from '../kubelet/pod-index.js';
+import type { Pod } from '../kubelet/pod.js';
+import { EXPIRY_MARGIN_MS } from '../tokens/token-cache.js';
+import type { Token } from '../tokens/token.js';
+import type { TokenServerDeps } from './token-server.js';
+
+/** A server that answers hits from tables. */
+export interface TableFedServer {
+  /** Replaces the route table in one swap. */
+  setRoutes(routes: Route[]): void;
+  /** Adds or replaces `upserts` and removes `removals` from the token table, in one swap. */
+  updateTokens(upserts: TableToken[], removals: TokenId[]): void;
+  /** Called each time the token core answers a token, with what it answered. */
+  onTokenServed(listener: TokenServedListener): void;
+}
+
+export type TokenServedListener = (identity: AzureIdentity, resource: string, token: Token) => void;
+
+export interface Route {
+  /** The caller's address; with --rules ebpf "address#cgroup". */
+  address: string;
+  /** Exception pods are always handed to the token core (it passes them through). */
+  exception: boolean;
+  /** Routes given the same array share one list in the table. */
+  identities: readonly AzureIdentity[];
+}
+
+/** Which token: one per (identity, resource). */
+export interface TokenId {
+  identityKey: string;
+  /** The resource exactly as requested (after form decoding). */
+  resource: string;
+}
+
+export interface TableToken extends TokenId {
+  token: Token;
+  /** Wall-clock ms; from then on the token core answers again. */
+  serveUntilMs: number;
+}
+
+/** The token core's dependencies with getToken telling `listeners` what it served. */
+export function tellingServed<D extends Pick<TokenServerDeps, 'getToken'>>(deps: D, listeners: readonly TokenServedListener[]): D {
+  return {
+    ...deps,
+    async getToken(identity, resource) {
+      const token = await deps.getToken(identity, resource);
+      for (const listener of listeners) listener(identity, resource, token);
+      return token;
+    },
+  };
+}
+
+/** One list per distinct identities array, each identity as `row` makes it: 250 pods bound alike are one list, not 250. */
+export function packRoutes<R>(routes: readonly Route[], row: (identity: AzureIdentity) => R): { lists: R[][]; rows: Array<[string, boolean, number]> } {
+  const index = new Map<readonly AzureIdentity[], number>();
+  const lists: R[][] = [];
+  const rows = routes.map(({ address, exception, identities }): [string, boolean, number] => {
+    let i = index.get(identities);
+    if (i === undefined) {
+      index.set(identities, (i = lists.length));
+      lists.push(identities.map(row));
+    }
+    return [address, exception, i];
+  });
+  return { lists, rows };
+}
+
+export function tokenKey({ identityKey: key, resource }: TokenId): string {
+  return `${key}\n${resource}`;
+}
+
+export interface TableSources {
+  /** Every pod of the last kubelet sync (PodIndex.pods). */
+  pods(): readonly Pod[];
+  /** The pod's identities as the js path sees them. */
+  identitiesFor(pod: Pod): PodIdentities;
+  /** BindingStore: 'change' names identities whose tokens must not be served again; 'update' follows every applied set. */
+  store?: {
+    on(event: 'change', listener: (keys: Set<string>) => void): unknown;
+    on(event: 'update', listener: () => void): unknown;
+  };
+  /** --rules ebpf: the pod's cgroups; routes are then keyed "address#cgroup", one per cgroup. */
+  cgroupsOf?(pod: Pod): readonly bigint[];
+  /** How long a token the js path served may be served natively [30 s]. */
+  serveWindowMs?: number;
+  /** How often tokens past their serving window are dropped [5 s]; C++ checks the window on every answer, so this only frees them. */
+  pollMs?: number;
+}
+
+export interface Tables {
+  /** Rebuilds the routes from scratch now (call on every pod or bindings change). */
+  refresh(): void;
+  stop(): void;
+}
+
+export function attachTables(server: TableFedServer, sources: TableSources): Tables {
+  const serveWindowMs = sources.serveWindowMs ?? 30_000;
+  const tokens = new Map<string, TableToken>();
+  // What changed since the last push: only that crosses to C++.
+  const upserts = new Map<string, TableToken>();
+  const removals = new Map<string, TableToken>();
+  let routed = new Set<string>();
+
+  function push(): void {
+    if (upserts.size === 0 && removals.size === 0) return;
+    server.updateTokens([...upserts.values()], [...removals.values()]);
+    upserts.clear();
+    removals.clear();
+  }
+
+  function remove(key: string, entry: TableToken): void {
+    tokens.delete(key);
+    upserts.delete(key);
+    removals.set(key, entry);
+  }
+
+  // Additions are batched per turn of the event loop; removals are pushed at once.
+  let pushScheduled = false;
+  function schedulePush(): void {
+    if (pushScheduled) return;
+    pushScheduled = true;
+    setImmediate(() => {
+      pushScheduled = false;
+      push();
+    });
+  }
+
+  function refresh(): void {
+    const routes = buildRoutes(sources.pods(), sources.identitiesFor, sources.cgroupsOf);
+    routed = new Set<string>();
+    for (const identities of new Set(routes.map((route) => route.identities))) for (const identity of identities) routed.add(identityKey(identity));
+    server.setRoutes(routes);
+    for (const [key, entry] of tokens) if (!routed.has(entry.identityKey)) remove(key, entry);
+    push();
+  }
+
+  server.onTokenServed((identity, resource, token) => {
+    const now = Date.now();
+    const serveUntilMs = Math.min(now + serveWindowMs, token.expiresOn * 1000 - EXPIRY_MARGIN_MS);
+    const key = identityKey(identity);
+    if (serveUntilMs <= now || !routed.has(key)) return;
+    const entry = { identityKey: key, resource, token, serveUntilMs };
+    const id = tokenKey(entry);
+    tokens.set(id, entry);
+    removals.delete(id);
+    upserts.set(id, entry);
+    schedulePush();
+  });
+  sources.store?.on('change', (keys) => {
+    for (const [key, entry] of tokens) if (keys.has(entry.identityKey)) remove(key, entry);
+    push();
+  });
+  // Routes follow every bindings set (an exception alone changes no identity) and, through refresh(), every pod change.
+  sources.store?.on('update', refresh);
+  const timer = setInterval(() => {
+    for (const [key, entry] of tokens) if (entry.serveUntilMs <= Date.now()) remove(key, entry);
+    push();
+  }, sources.pollMs ?? 5_000);
+  timer.unref();
+  refresh();
+  return {
+    refresh,
+    stop() {
+      clearInterval(timer);
+    },
+  };
+}
+
+const none: readonly AzureIdentity[] = [];
+
+/**
+ * Addresses of exactly one live pod, as PodIndex indexes them; an address two pods claim is left to the js path.
+ * With cgroupsOf, a route per (address, cgroup of that pod): a socket of any other cgroup is left to the js path.
+ */
+export function buildRoutes(pods: readonly Pod[], identitiesFor: (pod: Pod) => PodIdentities, cgroupsOf?: (pod: Pod) => readonly bigint[]): Route[] {
+  const owners = new Map<string, Set<Pod>>();
+  for (const pod of pods) {
+    if (!isCaller(pod)) continue;
+    for (const ip of pod.ips) owners.set(ip, (owners.get(ip) ?? new Set<Pod>()).add(pod));
+  }
+  const routes: Route[] = [];
+  for (const [address, set] of owners) {
+    const [pod] = set;
+    if (!pod || set.size > 1) continue;
+    const bound = identitiesFor(pod);
+    const keys = cgroupsOf ? cgroupsOf(pod).map((id) => attestedKey(address, id)) : [address];
+    for (const key of keys) routes.push({ address: key, exception: bound.exception, identities: bound.exception ? none : bound.identities });
+  }
+  return routes;
+}
