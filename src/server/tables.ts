@@ -47,15 +47,29 @@ export interface TableToken extends TokenId {
   serveUntilMs: number;
 }
 
-/** The token core's dependencies with getToken telling `listeners` what it served. */
-export function tellingServed<D extends Pick<TokenServerDeps, 'getToken'>>(deps: D, listeners: readonly TokenServedListener[]): D {
+/**
+ * The token core's dependencies with getToken and peekToken telling `listeners` what the core served: a token
+ * whose serving window ended comes back to the tables the next time the core answers it, from the cache or not.
+ */
+export function tellingServed<D extends Pick<TokenServerDeps, 'getToken' | 'peekToken'>>(deps: D, listeners: readonly TokenServedListener[]): D {
+  const tell = (identity: AzureIdentity, resource: string, token: Token) => {
+    for (const listener of listeners) listener(identity, resource, token);
+  };
+  const { peekToken } = deps;
   return {
     ...deps,
     async getToken(identity, resource) {
       const token = await deps.getToken(identity, resource);
-      for (const listener of listeners) listener(identity, resource, token);
+      tell(identity, resource, token);
       return token;
     },
+    ...(peekToken && {
+      peekToken(identity: AzureIdentity, resource: string) {
+        const token = peekToken(identity, resource);
+        if (token) tell(identity, resource, token);
+        return token;
+      },
+    }),
   };
 }
 
@@ -81,7 +95,7 @@ export function tokenKey({ identityKey: key, resource }: TokenId): string {
 export interface TableSources {
   /** Every pod of the last kubelet sync (PodIndex.pods). */
   pods(): readonly Pod[];
-  /** The pod's identities as the js path sees them. */
+  /** The pod's identities as the token core sees them. */
   identitiesFor(pod: Pod): PodIdentities;
   /** BindingStore: 'change' names identities whose tokens must not be served again; 'update' follows every applied set. */
   store?: {
@@ -90,9 +104,9 @@ export interface TableSources {
   };
   /** --rules ebpf: the pod's cgroups; routes are then keyed "address#cgroup", one per cgroup. */
   cgroupsOf?(pod: Pod): readonly bigint[];
-  /** How long a token the js path served may be served natively [30 s]. */
+  /** How long a token the core served may be served from the tables [30 s]. */
   serveWindowMs?: number;
-  /** How often tokens past their serving window are dropped [5 s]; C++ checks the window on every answer, so this only frees them. */
+  /** How often tokens past their serving window are dropped [5 s]; servers check the window on every answer, so this only frees them. */
   pollMs?: number;
 }
 
@@ -105,7 +119,7 @@ export interface Tables {
 export function attachTables(server: TableFedServer, sources: TableSources): Tables {
   const serveWindowMs = sources.serveWindowMs ?? 30_000;
   const tokens = new Map<string, TableToken>();
-  // What changed since the last push: only that crosses to C++.
+  // What changed since the last push: only that crosses to the server.
   const upserts = new Map<string, TableToken>();
   const removals = new Map<string, TableToken>();
   let routed = new Set<string>();
@@ -178,8 +192,8 @@ export function attachTables(server: TableFedServer, sources: TableSources): Tab
 const none: readonly AzureIdentity[] = [];
 
 /**
- * Addresses of exactly one live pod, as PodIndex indexes them; an address two pods claim is left to the js path.
- * With cgroupsOf, a route per (address, cgroup of that pod): a socket of any other cgroup is left to the js path.
+ * Addresses of exactly one live pod, as PodIndex indexes them; an address two pods claim is left to the token core.
+ * With cgroupsOf, a route per (address, cgroup of that pod): a socket of any other cgroup is left to the token core.
  */
 export function buildRoutes(pods: readonly Pod[], identitiesFor: (pod: Pod) => PodIdentities, cgroupsOf?: (pod: Pod) => readonly bigint[]): Route[] {
   const owners = new Map<string, Set<Pod>>();

@@ -357,3 +357,55 @@ test('table swaps under load: once an identity leaves the routes, no further 200
   assert.equal(answered, 64 * 40);
   assert.equal(okAfterRemoval, 0);
 });
+
+test('a token whose serving window ended is served from the tables again once the core has answered it', async () => {
+  world.bound = { exception: false, identities: [idA] };
+  // As in the daemon: the core answers a cached token through peekToken without getToken.
+  const cache = new Map<string, Token>();
+  let coreAnswers = 0;
+  const base = deps();
+  const cached: TokenServerDeps = {
+    ...base,
+    callers: {
+      lookup: base.callers.lookup,
+      known: (ip) => {
+        coreAnswers++;
+        return ip === pod.ips[0] ? pod : undefined;
+      },
+    },
+    peekToken: (id, resource) => cache.get(`${id.name} ${resource}`),
+    getToken: async (id, resource) => {
+      const token = await base.getToken(id, resource);
+      cache.set(`${id.name} ${resource}`, token);
+      return token;
+    },
+  };
+  const servers = [createNativeTokenServer(cached), createTokenServer(cached)];
+  const windows: Tables[] = [];
+  try {
+    for (const server of servers) {
+      await server.listen('127.0.0.1', 0);
+      windows.push(attachTables(server, { pods: () => [pod], identitiesFor: () => world.bound, serveWindowMs: 150, pollMs: 25 }));
+      const ask = async () => {
+        const [answer] = await exchange(server.port!, [req(`${TOKEN}?${QUERY}`)], 1);
+        assert.equal(answer?.statusLine, 'HTTP/1.1 200 OK');
+        // The js server's tables follow a message behind the answer.
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      };
+      const name = 'stats' in server ? 'native' : 'js';
+      await ask();
+      const first = coreAnswers;
+      await ask();
+      assert.equal(coreAnswers, first, `${name}: served from the tables`);
+      await new Promise((resolve) => setTimeout(resolve, 250));
+      await ask();
+      assert.equal(coreAnswers, first + 1, `${name}: the window ended, the core answered from the cache`);
+      await ask();
+      await ask();
+      assert.equal(coreAnswers, first + 1, `${name}: back in the tables`);
+    }
+  } finally {
+    for (const t of windows) t.stop();
+    await Promise.all(servers.map((server) => server.close(1_000)));
+  }
+});
