@@ -12,9 +12,10 @@
 //   --no-memory-reducer      no full GC when the heap goes quiet after start: that ~20 ms
 //                            pause (with its helper threads) stalled the native server
 //                            thread on a shared core (p99 1.1-2.0 ms -> 0.5-0.95 ms in `bench`).
-// js: every request runs in JavaScript, where the first two cost 10-15% of the
-// rate (`bench --servers js,node`: 0.75 -> 0.79-0.82 × node:http), so it keeps
-// V8's speed defaults and only the two that cost it nothing.
+// js: every request runs in JavaScript (hits in its worker thread), where the
+// first two cost 10-15% of the rate (`bench --servers js,node`, before the worker:
+// 0.75 -> 0.79-0.82 × node:http), so it keeps V8's speed defaults and only the two
+// that cost it nothing.
 import { addon } from '../native/addon.js';
 
 export const NODE_FLAGS = {

@@ -63,7 +63,7 @@ export interface UpstreamFailure {
   retryAfterMs?: number;
 }
 
-/** A request as both servers see it: node's IncomingMessage (js) or the parsed raw bytes (native). */
+/** A request as the token core sees it, from either server's hand-over. */
 export interface IncomingRequest {
   method: string;
   /** The raw request-target. */
@@ -255,7 +255,7 @@ export function createTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: n
       send({ type: 'routes', lists, rows });
     },
     updateTokens(upserts, removals) {
-      send({ type: 'tokens', upserts, removals });
+      send({ type: 'tokens', upserts, removals: removals.map(({ identityKey: key, resource }) => ({ identityKey: key, resource })) });
     },
     onTokenServed(listener) {
       listeners.push(listener);
