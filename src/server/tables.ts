@@ -73,11 +73,14 @@ export function tellingServed<D extends Pick<TokenServerDeps, 'getToken' | 'peek
   };
 }
 
+/** A route as the servers take it: [address, exception, index of its identity list]. */
+export type RouteRow = [string, boolean, number];
+
 /** One list per distinct identities array, each identity as `row` makes it: 250 pods bound alike are one list, not 250. */
-export function packRoutes<R>(routes: readonly Route[], row: (identity: AzureIdentity) => R): { lists: R[][]; rows: Array<[string, boolean, number]> } {
+export function packRoutes<R>(routes: readonly Route[], row: (identity: AzureIdentity) => R): { lists: R[][]; rows: RouteRow[] } {
   const index = new Map<readonly AzureIdentity[], number>();
   const lists: R[][] = [];
-  const rows = routes.map(({ address, exception, identities }): [string, boolean, number] => {
+  const rows = routes.map(({ address, exception, identities }): RouteRow => {
     let i = index.get(identities);
     if (i === undefined) {
       index.set(identities, (i = lists.length));
@@ -164,6 +167,9 @@ export function attachTables(server: TableFedServer, sources: TableSources): Tab
     if (serveUntilMs <= now || !routed.has(key)) return;
     const entry = { identityKey: key, resource, token, serveUntilMs };
     const id = tokenKey(entry);
+    // Requests the server leaves to the core (HTTP/1.0, say) would otherwise push the same token on every answer.
+    const held = tokens.get(id);
+    if (held && held.token === token && held.serveUntilMs > now) return;
     tokens.set(id, entry);
     removals.delete(id);
     upserts.set(id, entry);
