@@ -199,7 +199,6 @@ export class EbpfBackend implements RulesBackend {
     this.peersFd = undefined;
   }
 
-
   async status(): Promise<BackendStatus> {
     const native = addon();
     const rules = [];

@@ -16,13 +16,12 @@ import { performance } from 'node:perf_hooks';
 import { parentPort, workerData } from 'node:worker_threads';
 import { attestedKey, connectionCgroup, PeerMap } from '../attest/peers.js';
 import { plainAddress } from '../kubelet/pod-index.js';
-import type { Token } from '../tokens/token.js';
 import { clientErrorBytes, problemAnswer, problems, tokenAnswer, writeAnswer, type Answer } from './answers.js';
 import { limits } from './limits.js';
 import { RequestCounts } from './request-counts.js';
 import { checkedHeaders, classifyRequest, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
 import { selectIdentity } from './select-identity.js';
-import type { TokenId } from './tables.js';
+import type { RouteRow, TableToken, TokenId } from './tables.js';
 import type { WholeRequest } from './token-server.js';
 
 export interface WorkerSetup {
@@ -40,16 +39,10 @@ export interface TableIdentity {
   resourceID: string;
 }
 
-export interface WorkerToken extends TokenId {
-  token: Token;
-  serveUntilMs: number;
-}
-
 export type ToWorker =
   | { type: 'listen'; host: string; port: number }
-  /** rows: [caller, exception, index into lists]. */
-  | { type: 'routes'; lists: TableIdentity[][]; rows: Array<[string, boolean, number]> }
-  | { type: 'tokens'; upserts: WorkerToken[]; removals: TokenId[] }
+  | { type: 'routes'; lists: TableIdentity[][]; rows: RouteRow[] }
+  | { type: 'tokens'; upserts: TableToken[]; removals: TokenId[] }
   | { type: 'answer'; id: number; answer: Answer }
   | { type: 'close'; drainMs: number };
 
@@ -77,7 +70,7 @@ const post = (message: FromWorker) => port.postMessage(message);
 const callers = new WeakMap<Socket, Caller>();
 let routes = new Map<string, { exception: boolean; identities: TableIdentity[] }>();
 /** identity key → resource → token. */
-const tokens = new Map<string, Map<string, WorkerToken>>();
+const tokens = new Map<string, Map<string, TableToken>>();
 /** Requests handed to the main thread, by id, until answered or gone. */
 const handedOver = new Map<number, http.ServerResponse>();
 let nextId = 0;
@@ -90,15 +83,14 @@ function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
   const headers = checkedHeaders(req.rawHeaders);
   const classified = classifyRequest(req.method ?? '', req.url ?? '', headers, setup.policy);
   const now = classified.kind === 'reject' ? problemAnswer(classified.problem) : classified.kind === 'token' ? fromTables(caller, classified.request) : undefined;
+  if (closing) res.setHeader('Connection', 'close');
   if (now) {
-    if (closing) res.setHeader('Connection', 'close');
     writeAnswer(res, now);
     observe(res, classified.route, started);
     return;
   }
   const id = nextId++;
   handedOver.set(id, res);
-  if (closing) res.setHeader('Connection', 'close');
   res.once('close', () => {
     handedOver.delete(id);
     observe(res, classified.route, started);
@@ -146,19 +138,19 @@ function readBody(req: http.IncomingMessage): Promise<Uint8Array | 'too-large'> 
 
 function answer(id: number, given: Answer): void {
   const res = handedOver.get(id);
-  if (!res) return; // the client went away meanwhile
-  if (closing && !res.headersSent) res.setHeader('Connection', 'close');
+  // Gone: the client went away meanwhile. Once closing, handle() or drain() has already said Connection: close.
+  if (!res) return;
   // Structured cloning made the body a plain Uint8Array.
   writeAnswer(res, { ...given, body: Buffer.from(given.body.buffer, given.body.byteOffset, given.body.byteLength) });
 }
 
-function setRoutes(lists: TableIdentity[][], rows: Array<[string, boolean, number]>): void {
+function setRoutes(lists: TableIdentity[][], rows: RouteRow[]): void {
   const next = new Map<string, { exception: boolean; identities: TableIdentity[] }>();
   for (const [address, exception, list] of rows) next.set(address, { exception, identities: lists[list] ?? [] });
   routes = next;
 }
 
-function updateTokens(upserts: WorkerToken[], removals: TokenId[]): void {
+function updateTokens(upserts: TableToken[], removals: TokenId[]): void {
   for (const { identityKey, resource } of removals) {
     const byResource = tokens.get(identityKey);
     byResource?.delete(resource);
