@@ -175,18 +175,25 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     },
   });
 
-  const stopAll = async () => {
+  /** touchRules false: a start that failed before installing leaves whatever rules there are alone. */
+  const stopAll = async (touchRules: boolean) => {
     readiness.set('server', false);
     status('draining requests');
-    await Promise.all([server.close(), hostToken?.close()]);
-    tables?.stop();
-    status(config.onExit === 'remove' ? 'removing rules' : 'keeping rules');
-    await keeper.stop(config.onExit === 'remove');
-    pods.stop();
-    store.stop();
-    await Promise.allSettled([kubelet.close(), network.close()]);
-    probe.close();
-    probe.closeAllConnections();
+    try {
+      await Promise.all([server.close(), hostToken?.close()]);
+      tables?.stop();
+      if (touchRules) {
+        status(config.onExit === 'remove' ? 'removing rules' : 'keeping rules');
+        await keeper.stop(config.onExit === 'remove');
+      }
+    } finally {
+      // Whatever failed above (a rule tool refused, say), no timer or socket may keep the process alive.
+      pods.stop();
+      store.stop();
+      await Promise.allSettled([kubelet.close(), network.close()]);
+      probe.close();
+      probe.closeAllConnections();
+    }
   };
 
   try {
@@ -207,14 +214,16 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     retainUsedTokens();
     releaseStartupPages(log);
   } catch (err) {
-    // Leave nothing listening; rules are only ever installed last, so there are none to undo.
-    await stopAll().catch(() => {});
+    // Leave nothing listening. Rules are only ever installed last, so any rules
+    // there are a crashed predecessor's: they stay, and pods keep failing closed
+    // (removing them would hand pods the node's identities at the real IMDS).
+    await stopAll(keeper.installed).catch(() => {});
     throw err;
   }
 
   return {
     readiness,
-    stop: stopAll,
+    stop: () => stopAll(true),
   };
 }
 
