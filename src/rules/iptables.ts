@@ -2,6 +2,7 @@
 // PREROUTING. State is read with iptables-save, the wanted state rendered by pure
 // functions and applied by one `iptables-restore --noflush -w` transaction, so a
 // repair never leaves a moment with the chain empty or the jump missing.
+import { readFileSync } from 'node:fs';
 import { NmiError, codes } from '../errors/errors.js';
 import { exec, execOk, which } from './exec.js';
 import { CHAIN, type BackendStatus, type EnsureResult, type InstalledRule, type Redirect, type RulesBackend } from './redirect.js';
@@ -85,13 +86,30 @@ export interface IptablesTools {
   label: string;
   save: string;
   restore: string;
+  /** Known for the named flavours; the plain commands say theirs in `--version`. */
+  legacy?: boolean;
 }
 
 const plain: IptablesTools = { label: 'iptables', save: 'iptables-save', restore: 'iptables-restore' };
 const flavours: IptablesTools[] = [
-  { label: 'iptables-nft', save: 'iptables-nft-save', restore: 'iptables-nft-restore' },
-  { label: 'iptables-legacy', save: 'iptables-legacy-save', restore: 'iptables-legacy-restore' },
+  { label: 'iptables-nft', save: 'iptables-nft-save', restore: 'iptables-nft-restore', legacy: false },
+  { label: 'iptables-legacy', save: 'iptables-legacy-save', restore: 'iptables-legacy-restore', legacy: true },
 ];
+
+/**
+ * Whether this network namespace has an iptables-legacy nat table. Asking
+ * iptables-legacy about a table creates it, and from then on every
+ * iptables-nft-save warns "iptables-legacy tables present"; the kernel lists
+ * the tables that exist without creating any.
+ */
+function legacyNatExists(): boolean {
+  try {
+    return readFileSync('/proc/net/ip_tables_names', 'utf8').split('\n').includes('nat');
+  } catch (err) {
+    // No ip_tables in this kernel (or no /proc/net): there is no legacy table to read.
+    return (err as NodeJS.ErrnoException).code !== 'ENOENT';
+  }
+}
 
 /** The iptables tools on this host: both flavours when both are installed, else the plain commands, else none. */
 export function installedTools(): IptablesTools[] {
@@ -118,9 +136,17 @@ export async function chooseTools(): Promise<IptablesTools | undefined> {
 
 export class IptablesBackend implements RulesBackend {
   readonly name = 'iptables' as const;
+  private legacy: Promise<boolean> | undefined;
   constructor(readonly tools: IptablesTools) {}
 
+  private isLegacy(): Promise<boolean> {
+    const known = this.tools.legacy;
+    this.legacy ??= known !== undefined ? Promise.resolve(known) : exec(this.tools.save, ['--version']).then((r) => /\(legacy\)/.test(r.stdout));
+    return this.legacy;
+  }
+
   async read(counters = false): Promise<NatState> {
+    if ((await this.isLegacy()) && !legacyNatExists()) return { chains: new Set(), rules: [] };
     return parseNat(await execOk(this.tools.save, counters ? ['-c', '-t', 'nat'] : ['-t', 'nat'], '', codes.RULES_APPLY));
   }
 
