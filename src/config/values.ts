@@ -1,5 +1,6 @@
 // Parsers for flag values. Each returns the parsed value or throws UsageError
 // naming the flag, so every bad value becomes one line on stderr and exit 2.
+import { closeSync, fstatSync, openSync } from 'node:fs';
 import net from 'node:net';
 import { UsageError } from '../errors/errors.js';
 
@@ -9,6 +10,28 @@ export const str: Parser<string> = (raw) => raw;
 
 export function nonEmpty(raw: string, flag: string): string {
   if (raw.trim() === '') throw new UsageError(`--${flag}: must not be empty`);
+  return raw;
+}
+
+/**
+ * A file nmi reads again while it runs (certificates, keys and tokens rotate):
+ * one it cannot read at start is a configuration error (exit 2, so systemd does
+ * not restart it in a loop), where a read failing later is retried.
+ */
+export function readableFile(raw: string, flag: string): string {
+  nonEmpty(raw, flag);
+  let fd: number;
+  try {
+    // Opened, not access(2)ed: under the unit's sandbox root has no CAP_DAC_OVERRIDE, and open is what counts.
+    fd = openSync(raw, 'r');
+  } catch (err) {
+    throw new UsageError(`--${flag}: cannot read ${raw}: ${(err as NodeJS.ErrnoException).code ?? 'error'}`);
+  }
+  try {
+    if (!fstatSync(fd).isFile()) throw new UsageError(`--${flag}: ${raw} is not a file`);
+  } finally {
+    closeSync(fd);
+  }
   return raw;
 }
 

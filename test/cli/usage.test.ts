@@ -1,7 +1,7 @@
 // Operators' mistakes: exit 2 and one line naming the flag, before anything on the host changes.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync, symlinkSync } from 'node:fs';
+import { chmodSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { nmi } from '../harness/nmi-process.js';
@@ -30,12 +30,32 @@ test('bad values name their flag', () => {
   oneLine([...base, '--force-namespaced=maybe'], /--force-namespaced: "maybe" is not true or false/);
   oneLine([...base, '--host-token-socket', 'relative.sock'], /--host-token-socket: .* must be an absolute path or off/);
   oneLine([...base, '--no-such-flag'], /Unknown option '--no-such-flag'/);
-  oneLine([...base, '--kubelet-client-cert', '/x.crt', '--rules', 'none'], /--kubelet-client-key: required with --kubelet-client-cert/);
+  oneLine([...base, '--kubelet-client-cert', process.execPath, '--rules', 'none'], /--kubelet-client-key: required with --kubelet-client-cert/);
   oneLine([...base, '--rules', 'ebpf', '--cgroup-root', '/nonexistent/kubepods.slice'], /--cgroup-root: \/nonexistent\/kubepods\.slice: ENOENT/);
   oneLine([...base, '--rules', 'ebpf', '--cgroup-root', tmpdir()], /--cgroup-root: .* is not a folder of a cgroup v2 hierarchy/);
   const unknown = nmi(['frobnicate']);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr.split('\n')[0]!, /^nmi: unknown command "frobnicate"$/);
+});
+
+test('a configured file that cannot be read exits 2 naming its flag, so systemd does not restart in a loop', () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'nmi-files-'));
+  try {
+    const locked = path.join(dir, 'client.key');
+    writeFileSync(locked, 'key');
+    chmodSync(locked, 0o000);
+    oneLine([...base, '--kubelet-ca', path.join(dir, 'ca.crt')], new RegExp(`--kubelet-ca: cannot read ${dir}/ca\\.crt: ENOENT`));
+    oneLine([...base, '--kubelet-client-cert', dir, '--kubelet-client-key', locked], new RegExp(`--kubelet-client-cert: ${dir} is not a file`));
+    oneLine([...base, '--kubelet-token-file', path.join(dir, 'token')], /--kubelet-token-file: cannot read .*: ENOENT/);
+    oneLine([...base, '--kubeconfig', path.join(dir, 'kubeconfig')], /--kubeconfig: cannot read .*: ENOENT/);
+    oneLine([...base], /--kubelet-client-key: cannot read .*: ENOENT/, { ...process.env, NMI_KUBELET_CLIENT_KEY: path.join(dir, 'nope.key') });
+    // The unit's root holds no CAP_DAC_OVERRIDE: a mode-000 key is unreadable there, as open(2) finds and access(2) would not.
+    const r = nmi([...base, '--kubelet-client-cert', process.execPath, '--kubelet-client-key', locked], process.env, ['setpriv', '--bounding-set', '-dac_override,-dac_read_search', '--']);
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr.trim(), new RegExp(`^nmi run: --kubelet-client-key: cannot read ${locked}: EACCES$`));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('a flag beats its NMI_ variable, and a bad variable names the flag', () => {
