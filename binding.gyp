@@ -11,6 +11,8 @@
       "cflags": ["-fvisibility=hidden", "-fstack-protector-strong", "-Wall", "-Wextra"],
       "cflags_cc": ["-fvisibility=hidden", "-fstack-protector-strong", "-Wall", "-Wextra", "-std=c++17"],
       "libraries": ["-ldl", "-lpthread"],
+      # The Debian package ships libbpf.so.1 beside the addon (Ubuntu 22.04 has only libbpf0).
+      "ldflags": ["-Wl,-rpath,'$$ORIGIN'"],
       "conditions": [
         ["have_bpf==1", {
           "defines": ["NMI_HAVE_BPF"],
