@@ -3,7 +3,7 @@
 // namespace tests need root; each makes its own namespaces, so files run in
 // parallel. Leftover namespaces of a crashed run are removed at the end.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { readdirSync, statSync } from 'node:fs';
+import { readdirSync, rmSync, statSync } from 'node:fs';
 import path from 'node:path';
 
 if (process.getuid?.() !== 0) {
@@ -24,7 +24,14 @@ function files(dir) {
 
 const filter = process.argv.slice(2);
 const all = files(path.join(root, 'dist', 'test')).filter((f) => filter.length === 0 || filter.some((x) => f.includes(x)));
-const result = spawnSync(process.execPath, ['--test', '--test-concurrency=4', '--test-timeout=300000', ...all], { stdio: 'inherit', cwd: root });
+// NMI_TEST_RUN: the files of this run share one Debian package (test/harness/runtime.ts), removed at the end.
+const result = spawnSync(process.execPath, ['--test', '--test-concurrency=4', '--test-timeout=300000', ...all], {
+  stdio: 'inherit',
+  cwd: root,
+  env: { ...process.env, NMI_TEST_RUN: String(process.pid) },
+});
+rmSync(`/tmp/nmi-pkg-${process.pid}`, { recursive: true, force: true });
+rmSync(`/tmp/nmi-pkg-${process.pid}.lock`, { force: true });
 
 // Only namespaces of test processes that are gone: another run may be going on.
 const alive = (pid) => { try { process.kill(pid, 0); return true; } catch { return false; } };

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Prints the path of a Debian 12 root file system for the tests under real
+# systemd (systemd-nspawn --boot) and podman (imported as the image's base),
+# building it with debootstrap the first time. Slow (minutes) and the same every
+# run, so it is cached under /var/cache/nmi-test, keyed by what goes into it;
+# a flock makes parallel test files wait for one build instead of racing.
+#
+# minbase plus what a Kubernetes node has anyway (systemd, iptables, nftables,
+# conntrack, iproute2): stricter than a stock Debian 12, so a dependency the
+# package forgot to declare shows up here as a failed `dpkg -i`.
+set -euo pipefail
+if [ "$(id -u)" -ne 0 ]; then echo "debian-root: run as root" >&2; exit 2; fi
+suite=bookworm
+include=systemd,systemd-sysv,dbus,iptables,nftables,conntrack,iproute2,kmod,procps,libelf1
+key=$(printf '%s %s %s' "$suite" "$include" "$(dpkg --print-architecture)" | sha256sum | cut -c1-12)
+cache=${NMI_TEST_CACHE:-/var/cache/nmi-test}
+root="$cache/debian-$suite-$key"
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
+if [ ! -e "$root/.complete" ]; then
+  # The mirror this machine's apt already uses, so no host is written here.
+  mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
+  [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $3 == "'"$suite"'" { print $2; exit }' /etc/apt/sources.list 2>/dev/null)
+  [ -n "$mirror" ] || { echo "debian-root: no Debian mirror in apt's sources" >&2; exit 1; }
+  rm -rf "$root.tmp" "$root"
+  debootstrap --variant=minbase --include="$include" "$suite" "$root.tmp" "$mirror" >"$cache/debootstrap.log" 2>&1 \
+    || { echo "debian-root: debootstrap failed, see $cache/debootstrap.log" >&2; tail -n 5 "$cache/debootstrap.log" >&2; exit 1; }
+  # A booted container's getty and resolver have nothing to do here.
+  rm -f "$root.tmp/etc/systemd/system/getty.target.wants/"* || true
+  echo "nmi-test" >"$root.tmp/etc/hostname"
+  : >"$root.tmp/etc/machine-id"
+  chroot "$root.tmp" apt-get clean
+  touch "$root.tmp/.complete"
+  mv "$root.tmp" "$root"
+fi
+echo "$root"
