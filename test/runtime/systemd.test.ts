@@ -10,6 +10,7 @@
 // backend with nmi run directly.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { createCluster, crd, TOKEN_URL, type Cluster } from '../harness/cluster.js';
 import type { PodAgent } from '../harness/netns.js';
 import { waitFor } from '../harness/nmi-process.js';
@@ -177,6 +178,19 @@ test('systemctl stop keeps the rules with NMI_ON_EXIT=keep, start adopts them; w
   assert.match(await node.journal(), /nothing to remove/);
   assert.doesNotMatch(cluster.node.exec('cat', ['/proc/net/ip_tables_names']), /^nat$/m);
   assert.doesNotMatch(cluster.node.exec('iptables-nft-save', []), /legacy tables present/);
+});
+
+test('a kubelet certificate that cannot be read: exit 2, one line naming the flag, and no restart loop', async () => {
+  configure(node.root, { NMI_KUBELET_CA: '/etc/kubernetes/certs/missing.crt' });
+  const restarts = await node.show('NRestarts');
+  await assert.rejects(node.systemctl('start', 'nmi'));
+  await sleep(5_000); // past RestartSec=2s: RestartPreventExitStatus=2 keeps it down
+  assert.equal(await node.show('ActiveState'), 'failed');
+  assert.equal(await node.show('ExecMainStatus'), '2');
+  assert.equal(await node.show('NRestarts'), restarts);
+  assert.match(await node.journal(), /^nmi run: --kubelet-ca: cannot read \/etc\/kubernetes\/certs\/missing\.crt: ENOENT$/m);
+  configure(node.root, { NMI_KUBELET_CA: '/etc/kubernetes/certs/ca.crt' });
+  await node.systemctl('reset-failed', 'nmi');
 });
 
 test('dpkg --purge: stops nmi, removes rules NMI_ON_EXIT=keep left, its files and its configuration', async () => {
