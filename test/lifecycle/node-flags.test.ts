@@ -78,7 +78,7 @@ async function cmdlineOf(server: 'native' | 'js', nodeOptions: string[]): Promis
 test('a re-executed nmi writes to the stderr it was started with (node marks inherited descriptors close-on-exec)', () => {
   const r = spawnSync(process.execPath, [nmiBin, 'run', '--server', 'js', '--node-ip', '10.240.0.4', '--rules', 'none', '--kubelet-client-cert', '/x.crt'], { encoding: 'utf8' });
   assert.equal(r.status, 2);
-  assert.equal(r.stderr, 'nmi run: --kubelet-client-key: required with --kubelet-client-cert\n');
+  assert.equal(r.stderr, 'nmi run: --kubelet-client-cert: cannot read /x.crt: ENOENT\n');
 });
 
 test('nmi run re-executes itself with its server flags under the same pid, keeping node options it was given', async () => {
