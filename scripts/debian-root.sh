@@ -23,9 +23,15 @@ if [ ! -e "$root/.complete" ]; then
   mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
   [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $3 == "'"$suite"'" { print $2; exit }' /etc/apt/sources.list 2>/dev/null)
   [ -n "$mirror" ] || { echo "debian-root: no Debian mirror in apt's sources" >&2; exit 1; }
-  rm -rf "$root.tmp" "$root"
-  debootstrap --variant=minbase --include="$include" "$suite" "$root.tmp" "$mirror" >"$cache/debootstrap.log" 2>&1 \
-    || { echo "debian-root: debootstrap failed, see $cache/debootstrap.log" >&2; tail -n 5 "$cache/debootstrap.log" >&2; exit 1; }
+  # A mirror's answer is sometimes lost ("Failed getting release file"): three tries.
+  for try in 1 2 3; do
+    rm -rf "$root.tmp" "$root"
+    debootstrap --variant=minbase --include="$include" "$suite" "$root.tmp" "$mirror" >"$cache/debootstrap.log" 2>&1 && break
+    echo "debian-root: debootstrap failed (try $try of 3), see $cache/debootstrap.log" >&2
+    tail -n 3 "$cache/debootstrap.log" >&2
+    [ "$try" -lt 3 ] || exit 1
+    sleep $((try * 10))
+  done
   # A booted container's getty and resolver have nothing to do here.
   rm -f "$root.tmp/etc/systemd/system/getty.target.wants/"* || true
   echo "nmi-test" >"$root.tmp/etc/hostname"
