@@ -5,7 +5,7 @@
 // reads, and their schemas keep every field it parses.
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -248,23 +248,19 @@ test('CRD schemas keep every field nmi parses (nothing it reads is pruned)', () 
   assert.deepEqual(prune({ clientID: 'c', undeclared: 1 }, identity.properties.spec), { clientID: 'c' });
 });
 
-test('Containerfile: node 20 build and slim runtime with the rule tools, `nmi run` as entrypoint, only existing sources copied', () => {
+test('Containerfile: the Debian package installed with dpkg on a Debian 12 base, nothing fetched, `nmi run` as entrypoint', () => {
   const text = readFileSync(path.join(deployDir, 'Containerfile'), 'utf8');
-  const from = [...text.matchAll(/^FROM (\S+)(?: AS (\S+))?$/gm)].map((m) => [m[1], m[2]]);
-  assert.deepEqual(from, [['node:20-bookworm', 'build'], ['node:20-bookworm-slim', undefined]]);
-  const runtime = text.slice(text.lastIndexOf('\nFROM '));
-  const install = /apt-get install[^\n]*/.exec(runtime)?.[0] ?? '';
-  for (const pkg of ['iptables', 'nftables', 'conntrack', 'libnftables1', 'libbpf1']) assert.match(install, new RegExp(`\\s${pkg}(\\s|$)`), pkg);
-  assert.match(text, /^RUN npm ci\b/m);
-  assert.match(text, /^ENTRYPOINT \["nmi", "run"\]$/m);
-  // Build-context copies (not --from) must name files that exist.
-  for (const [, args] of text.matchAll(/^COPY (?!--from)(.+)$/gm)) {
-    const sources = args!.trim().split(/\s+/).slice(0, -1);
-    for (const src of sources) assert.ok(existsSync(path.join(root, src)), `COPY source ${src} exists`);
-  }
-  // The addon's loader looks for build/Release/nmi.node next to dist/ (src/native/addon.ts).
-  assert.match(runtime, /COPY --from=build \/src\/build\/Release\/nmi\.node build\/Release\/nmi\.node/);
-  // The eBPF object is found next to the addon (builtFile in src/native/addon.ts).
-  assert.match(runtime, /COPY --from=build \/src\/build\/Release\/nmi\.bpf\.o build\/Release\/nmi\.bpf\.o/);
-  assert.match(runtime, /COPY --from=build \/src\/dist\/src\/ dist\/src\//);
+  const instructions = text.replace(/^#.*\n/gm, '').replace(/\\\n/g, ' ');
+  // One stage, on the base deploy/base-image.sh makes (test/runtime/image.test.ts builds and runs it).
+  assert.deepEqual([...instructions.matchAll(/^(?:ARG|FROM) (.+)$/gm)].map((m) => m[1]), ['BASE=localhost/nmi-base:bookworm', '${BASE}']);
+  assert.match(readFileSync(path.join(deployDir, 'base-image.sh'), 'utf8'), /^tag=\$\{1:-localhost\/nmi-base:bookworm\}$/m);
+  // Offline: no package manager but dpkg, no download; from the context only the package, installed and removed.
+  assert.doesNotMatch(instructions, /\b(apt|apt-get|npm (ci|install)|curl|wget)\b|https?:\/\/|^ADD /m);
+  assert.deepEqual([...instructions.matchAll(/^COPY (.+)$/gm)].map((m) => m[1]), ['nmi_*.deb /tmp/nmi/']);
+  const script = /^RUN (.*)$/m.exec(instructions)?.[1] ?? assert.fail('a RUN installing the package');
+  assert.match(script, /set -- \/tmp\/nmi\/nmi_\*\.deb;.*dpkg -i "\$1" && rm -r \/tmp\/nmi\b/);
+  // The base is checked for what the rule backends run and the addon dlopen()s.
+  assert.deepEqual(/for tool in ([^;]+); do/.exec(script)?.[1]?.split(' '), ['iptables', 'iptables-save', 'iptables-restore', 'nft', 'conntrack']);
+  assert.match(script, /ldconfig -p \| grep -q 'libnftables\\\.so\\\.1 '/);
+  assert.match(instructions, /^ENTRYPOINT \["nmi", "run"\]$/m);
 });
