@@ -68,8 +68,21 @@ function selectorIdentities(namespace: string, selector: string, snapshot: Bindi
     if ((forceNamespaced || identity.namespaced) && binding.namespace !== namespace) continue;
     found.set(key, identity);
   }
-  return found.size === 0 ? noIdentities : { exception: false, identities: [...found.values()] };
+  if (found.size === 0) return noIdentities;
+  return { exception: false, identities: [...found.values()].sort((a, b) => servedFirst(namespace, a, b)) };
 }
+
+/**
+ * The documented order of a pod's identities, which --multiple-identities first serves from: the pod's own
+ * namespace first (as NMI looked there first), then by identity name, then by namespace; the same for every
+ * pod bound alike and on every node, whatever order the API server listed them in.
+ */
+function servedFirst(namespace: string, a: AzureIdentity, b: AzureIdentity): number {
+  const own = Number(b.namespace === namespace) - Number(a.namespace === namespace);
+  return own || compare(a.name, b.name) || compare(a.namespace, b.namespace);
+}
+
+const compare = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
 
 /** What a service principal signs in with. */
 export type Credential =
@@ -91,11 +104,17 @@ export function secretFor(identity: AzureIdentity, snapshot: BindingSnapshot): C
   if (!secret) throw new NmiError(codes.BINDINGS, `${label}: secret ${secretKey} not found`);
   const value = (key: string): string => {
     const v = secret.data[key];
-    if (v === undefined || v === '') throw new NmiError(codes.BINDINGS, `${label}: secret ${secretKey} has no key ${key}`);
+    if (v === undefined) throw new NmiError(codes.BINDINGS, `${label}: secret ${secretKey} has no key ${key}`);
+    if (v === '') throw new NmiError(codes.BINDINGS, `${label}: secret ${secretKey} has an empty ${key}`);
     return v;
   };
   if (identity.type === IdentityType.ServicePrincipal) {
-    return { type: IdentityType.ServicePrincipal, clientSecret: value('clientSecret') };
+    // NMI took the Secret's only value whatever its key; with several, only clientSecret says which.
+    const keys = Object.keys(secret.data);
+    if (keys.length > 1 && !('clientSecret' in secret.data)) {
+      throw new NmiError(codes.BINDINGS, `${label}: secret ${secretKey} has ${keys.length} keys and none is clientSecret: keep one key, or name the client secret's key clientSecret`);
+    }
+    return { type: IdentityType.ServicePrincipal, clientSecret: value(keys.length === 1 ? keys[0]! : 'clientSecret') };
   }
   // The certificate's private key may be unencrypted: no password then.
   return { type: IdentityType.ServicePrincipalCertificate, certificate: value('certificate'), password: secret.data.password ?? '' };

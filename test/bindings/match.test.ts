@@ -75,6 +75,21 @@ test('several bindings to one identity give it once; several identities come in 
   assert.deepEqual(names(s, pod('a', { aadpodidbinding: 'sel' })), ['a/x', 'a/y']);
 });
 
+test("the order --multiple-identities first serves from: the pod's namespace first, then by identity name, then namespace", () => {
+  const objects = [
+    id('z', 'a-id'), binding('z', 'b1', 'a-id', 'sel'),
+    id('app', 'm-id'), binding('app', 'b2', 'm-id', 'sel'),
+    id('app', 'b-id'), binding('app', 'b0', 'b-id', 'sel'),
+    id('k', 'a-id'), binding('k', 'b3', 'a-id', 'sel'),
+    id('k', 'c-id'), binding('k', 'a9', 'c-id', 'sel'),
+  ];
+  const order = ['app/b-id', 'app/m-id', 'k/a-id', 'z/a-id', 'k/c-id'];
+  assert.deepEqual(names(snapshot(...objects), pod('app', { aadpodidbinding: 'sel' })), order);
+  // Whatever order the objects arrive in.
+  assert.deepEqual(names(snapshot(...[...objects].reverse()), pod('app', { aadpodidbinding: 'sel' })), order);
+  assert.deepEqual(names(snapshot(...objects), pod('k', { aadpodidbinding: 'sel' })), ['k/a-id', 'k/c-id', 'z/a-id', 'app/b-id', 'app/m-id']);
+});
+
 test('pods bound alike (namespace and selector) share one identity list; the namespace still counts', () => {
   const s = snapshot(id('shared', 'ns-id', { namespaced: true }), binding('shared', 'b1', 'ns-id', 'sel'), id('shared', 'open-id'), binding('shared', 'b2', 'open-id', 'sel'));
   const of = (ns: string, labels: Record<string, string>) => identitiesFor(pod(ns, labels), s, { forceNamespaced: false }).identities;
@@ -120,6 +135,16 @@ test('secretFor resolves a client secret or a certificate and password', () => {
   assert.deepEqual(secretFor(s.identities.get('a/sp2')!, s), { type: 2, certificate: 'PEM', password: 'pw' });
 });
 
+test("a client secret in a Secret's only key, whatever its name, as NMI read it; with several keys, clientSecret", () => {
+  const s = snapshot(sp(1), secretObject('sp', { 'client-secret': 'hunter2' }));
+  assert.deepEqual(secretFor(s.identities.get('a/sp1')!, s), { type: 1, clientSecret: 'hunter2' });
+  const several = snapshot(sp(1), secretObject('sp', { note: 'n', clientSecret: 'hunter2' }));
+  assert.deepEqual(secretFor(several.identities.get('a/sp1')!, several), { type: 1, clientSecret: 'hunter2' });
+  // A certificate's Secret keeps its named keys: one key is not enough to tell certificate from password.
+  const cert = snapshot(sp(2), secretObject('sp', { pem: 'PEM' }));
+  assert.throws(() => secretFor(cert.identities.get('a/sp2')!, cert), /secret vault\/sp has no key certificate$/);
+});
+
 test('a certificate secret without a password gives an empty password', () => {
   const s = snapshot(sp(2, 'cert'), secretObject('cert', { certificate: 'PEM' }));
   assert.deepEqual(secretFor(s.identities.get('a/sp2')!, s), { type: 2, certificate: 'PEM', password: '' });
@@ -131,9 +156,13 @@ test('secretFor errors name what is missing, never a value', () => {
   };
   const missing = snapshot(sp(1));
   expect(() => secretFor(missing.identities.get('a/sp1')!, missing), /^AzureIdentity a\/sp1: secret vault\/sp not found$/);
-  const wrongKey = snapshot(sp(1), sp(2), secretObject('sp', { password: 'hunter2' }));
-  expect(() => secretFor(wrongKey.identities.get('a/sp1')!, wrongKey), /secret vault\/sp has no key clientSecret$/);
+  const wrongKey = snapshot(sp(1), sp(2), secretObject('sp', { password: 'hunter2', other: 'hunter2' }));
+  expect(() => secretFor(wrongKey.identities.get('a/sp1')!, wrongKey), /secret vault\/sp has 2 keys and none is clientSecret: keep one key, or name the client secret's key clientSecret$/);
   expect(() => secretFor(wrongKey.identities.get('a/sp2')!, wrongKey), /secret vault\/sp has no key certificate$/);
+  const empty = snapshot(sp(1), secretObject('sp', { token: '' }));
+  expect(() => secretFor(empty.identities.get('a/sp1')!, empty), /secret vault\/sp has an empty token$/);
+  const none = snapshot(sp(1), secretObject('sp', {}));
+  expect(() => secretFor(none.identities.get('a/sp1')!, none), /secret vault\/sp has no key clientSecret$/);
   const msi = snapshot(id('a', 'msi'));
   expect(() => secretFor(msi.identities.get('a/msi')!, msi), /user-assigned identity has no secret/);
 });
