@@ -22,6 +22,8 @@ export interface AzureIdentity {
   tenantID: string;
   /** Types 1 and 2: the v1 Secret holding clientSecret (type 1) or certificate + password (type 2). */
   clientPassword?: SecretRef;
+  /** Types 1 and 2: spec.adEndpoint, the Entra ID authority host (no trailing slash); unset: --aad-authority-host. */
+  adEndpoint?: string;
   /** Set when the identity carries annotation aadpodidentity.k8s.io/Behavior: namespaced. */
   namespaced: boolean;
   /** metadata.resourceVersion or a content hash: changes whenever the identity changes. */

@@ -122,6 +122,26 @@ function secretRef(m: Meta, spec: Obj): SecretRef {
   };
 }
 
+/**
+ * spec.adEndpoint, the Entra ID authority host of a service principal (sovereign and other clouds), as NMI read
+ * it: an https URL such as https://login.microsoftonline.us/, kept without its trailing slashes. Unset or empty:
+ * --aad-authority-host. A user-assigned identity's is ignored, as NMI ignored it (IMDS knows its own cloud).
+ */
+function adEndpoint(m: Meta, spec: Obj): Pick<AzureIdentity, 'adEndpoint'> {
+  const raw = optionalString(m, spec, 'adEndpoint').trim();
+  if (raw === '') return {};
+  let url: URL | undefined;
+  try {
+    url = new URL(raw);
+  } catch {
+    // said below
+  }
+  if (!url || url.protocol !== 'https:' || url.username || url.password || url.search || url.hash) {
+    fail(m.label, 'spec.adEndpoint must be an https URL with no credentials, query or fragment (such as https://login.microsoftonline.us/)');
+  }
+  return { adEndpoint: `${url.origin}${url.pathname}`.replace(/\/+$/, '') };
+}
+
 export function parseIdentity(raw: unknown, defaultNamespace = 'default'): AzureIdentity {
   const { meta: m, obj } = meta('AzureIdentity', raw, defaultNamespace);
   const spec = specOf(m, obj);
@@ -147,7 +167,7 @@ export function parseIdentity(raw: unknown, defaultNamespace = 'default'): Azure
     case IdentityType.ServicePrincipalCertificate:
       requiredString(m, spec, 'tenantID');
       requiredString(m, spec, 'clientID');
-      identity = { ...base, type, clientPassword: secretRef(m, spec) };
+      identity = { ...base, type, clientPassword: secretRef(m, spec), ...adEndpoint(m, spec) };
       break;
     case undefined:
       fail(m.label, 'spec.type is required (0, 1 or 2)');

@@ -131,7 +131,9 @@ export class MsalTokenProvider implements TokenProvider {
     const name = `${identity.namespace}/${identity.name}`;
     if (!/^[A-Za-z0-9][A-Za-z0-9.-]*$/.test(tenantID)) throw new NmiError(codes.TOKEN, `identity ${name}: tenantID ${JSON.stringify(tenantID)} is not a tenant id or domain`);
     if (!clientID) throw new NmiError(codes.TOKEN, `identity ${name}: clientID is empty`);
-    const authority = `${this.authorityHost}/${tenantID}`;
+    // spec.adEndpoint (validated by the bindings parser) beats --aad-authority-host for this identity.
+    const host = identity.adEndpoint ?? this.authorityHost;
+    const authority = `${host}/${tenantID}`;
     // A fresh app per fetch: msal keeps tokens and throttling state per app, and we want neither.
     const app = new ConfidentialClientApplication({
       auth: {
@@ -139,7 +141,7 @@ export class MsalTokenProvider implements TokenProvider {
         authority,
         ...secretOptions(identity, credential),
         // Both given, so msal never asks the public cloud for instance discovery or OIDC metadata.
-        knownAuthorities: [this.authorityHost],
+        knownAuthorities: [host],
         authorityMetadata: JSON.stringify(authorityMetadata(authority)),
       },
       system: { networkClient: this.network, loggerOptions: this.loggerOptions },

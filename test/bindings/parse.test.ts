@@ -74,6 +74,30 @@ test('type 1 and 2 need tenantID, clientID and clientPassword {name, namespace}'
   }
 });
 
+test('spec.adEndpoint: a type 1 or 2 identity\'s authority host, an https URL kept without trailing slashes; a type 0\'s is ignored', () => {
+  const sp = { tenantID: TENANT, clientID: CLIENT, clientPassword: { name: 'sp', namespace: 'secrets' } };
+  for (const type of [1, 2]) {
+    assert.equal(parseIdentity(identity({ type, ...sp, adEndpoint: 'https://login.microsoftonline.us/' })).adEndpoint, 'https://login.microsoftonline.us');
+    assert.equal(parseIdentity(identity({ type, ...sp, ADEndpoint: 'https://login.chinacloudapi.cn' })).adEndpoint, 'https://login.chinacloudapi.cn');
+    assert.equal(parseIdentity(identity({ type, ...sp, adEndpoint: 'https://adfs.contoso.test:8443/adfs//' })).adEndpoint, 'https://adfs.contoso.test:8443/adfs');
+    for (const unset of [undefined, '', '  ']) assert.equal(parseIdentity(identity({ type, ...sp, adEndpoint: unset })).adEndpoint, undefined);
+    for (const bad of ['login.microsoftonline.us', 'http://login.microsoftonline.us/', 'https://user:pw@login.test/', 'https://login.test/?x=1', 'https://login.test/#f', 'https://']) {
+      rejects(() => parseIdentity(identity({ type, ...sp, adEndpoint: bad })), /^AzureIdentity ns\/id: spec.adEndpoint must be an https URL with no credentials, query or fragment/);
+    }
+    rejects(() => parseIdentity(identity({ type, ...sp, adEndpoint: 7 })), /^AzureIdentity ns\/id: spec.adEndpoint must be a string$/);
+  }
+  // The host is part of the identity: editing it is a change (its cached tokens go).
+  assert.notEqual(parseIdentity(identity({ type: 1, ...sp })).version, parseIdentity(identity({ type: 1, ...sp, adEndpoint: 'https://login.microsoftonline.us' })).version);
+  assert.equal(parseIdentity(identity({ type: 0, clientID: CLIENT, adEndpoint: 'not a url' })).adEndpoint, undefined);
+});
+
+test('a bad adEndpoint rejects that identity alone', () => {
+  const sp = { tenantID: TENANT, clientID: CLIENT, clientPassword: { name: 'sp', namespace: 'secrets' } };
+  const result = parseObjects([identity({ type: 1, ...sp, adEndpoint: 'http://login.test' }, { name: 'bad' }), identity({ type: 1, ...sp }, { name: 'good' })]);
+  assert.deepEqual(result.identities.map((i) => i.name), ['good']);
+  assert.deepEqual(result.errors.map((e) => e.message), ['AzureIdentity ns/bad: spec.adEndpoint must be an https URL with no credentials, query or fragment (such as https://login.microsoftonline.us/)']);
+});
+
 test('an unknown or missing type is an error naming the object', () => {
   rejects(() => parseIdentity(identity({ type: 3, clientID: CLIENT })), /^AzureIdentity ns\/id: spec.type must be 0 .*, 1 .* or 2/);
   rejects(() => parseIdentity(identity({ type: '0', clientID: CLIENT })), /^AzureIdentity ns\/id: spec.type must be/);

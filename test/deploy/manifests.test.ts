@@ -227,7 +227,7 @@ function prune(value: unknown, schema: Doc): unknown {
 
 const samples: Doc[] = [
   { kind: 'AzureIdentity', spec: { type: 0, clientID: 'c', resourceID: '/subscriptions/s/resourcegroups/r/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u' } },
-  { kind: 'AzureIdentity', spec: { type: 1, tenantID: 't', clientID: 'c', clientPassword: { name: 's', namespace: 'vault' } } },
+  { kind: 'AzureIdentity', spec: { type: 1, tenantID: 't', clientID: 'c', clientPassword: { name: 's', namespace: 'vault' }, adEndpoint: 'https://login.microsoftonline.us/' } },
   { kind: 'AzureIdentity', spec: { type: 2, tenantID: 't', clientID: 'c', clientPassword: { name: 's', namespace: 'vault' } } },
   { kind: 'AzureIdentityBinding', spec: { azureIdentity: 'id', selector: 'sel' } },
   { kind: 'AzurePodIdentityException', spec: { podLabels: { app: 'x', tier: 'y' } } },

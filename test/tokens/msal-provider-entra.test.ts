@@ -132,6 +132,32 @@ test('type 2 with an encrypted key and its password: a signed client assertion',
   assert.equal(form?.client_secret, undefined);
 });
 
+test("spec.adEndpoint: the identity's own Entra ID (another cloud) is asked, never --aad-authority-host's", async () => {
+  // Another cloud: a second stand-in with the same apps, at another address.
+  const sovereign = await startEntra({ pki });
+  try {
+    sovereign.register(secretApp);
+    sovereign.register({ tenantId, clientId: plainCertClientId, certificatePem: plain.certificatePem });
+    const before = entra.calls;
+    network.urls.length = 0;
+    const secret = await provider.fetch(sp({ adEndpoint: sovereign.url }), 'https://vault.usgovcloudapi.net', { clientSecret: secretApp.clientSecret });
+    // A certificate's signed assertion names the token endpoint it is for: the stand-in checks it is its own.
+    const cert = sp({ type: IdentityType.ServicePrincipalCertificate, clientID: plainCertClientId, adEndpoint: sovereign.url });
+    const signed = await provider.fetch(cert, 'https://vault.usgovcloudapi.net', { certificate: plain.bundlePem });
+    assert.equal(decodeStandinToken(secret.accessToken).appid, secretApp.clientId);
+    assert.equal(decodeStandinToken(signed.accessToken).appid, plainCertClientId);
+    assert.equal(sovereign.calls, 2);
+    assert.equal(sovereign.discoveryCalls, 0);
+    assert.equal(entra.calls, before, "the default authority host is not asked");
+    assert.deepEqual(new Set(network.urls.map((u) => u.split('?')[0])), new Set([`${sovereign.url}/${tenantId}/oauth2/v2.0/token`]));
+    // And an identity without one still goes to the default.
+    await provider.fetch(sp(), 'https://vault.azure.net', { clientSecret: secretApp.clientSecret });
+    assert.equal(entra.calls, before + 1);
+  } finally {
+    await sovereign.close();
+  }
+});
+
 test('type 2 with an unencrypted key', async () => {
   const identity = sp({ type: IdentityType.ServicePrincipalCertificate, clientID: plainCertClientId });
   const token = await provider.fetch(identity, 'https://vault.azure.net', { certificate: plain.bundlePem });
