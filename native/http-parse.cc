@@ -317,13 +317,14 @@ bool ParseHitRequest(string_view head, bool metadataHeaderRequired, HitQuery& q)
   return true;
 }
 
-bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAlive, const RouteTable& routes,
-                      const TokenTable& tokens, int64_t nowMs, std::string& out) {
+bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAlive, bool firstOfSeveral,
+                      const RouteTable& routes, const TokenTable& tokens, int64_t nowMs, std::string& out) {
   auto route = routes.find(remote);
   if (route == routes.end() || route->second.exception) return false;
   const RouteIdentity* chosen = nullptr;
   if (q.by == HitQuery::By::kOnly) {
-    if (route->second.identities.size() != 1) return false;
+    size_t count = route->second.identities.size();
+    if (count == 0 || (count > 1 && !firstOfSeveral)) return false;
     chosen = &route->second.identities[0];
   } else {
     for (const auto& id : route->second.identities) {

@@ -88,7 +88,7 @@ Framing FrameRequest(std::string_view in, size_t maxHeaderBytes);
 
 // A token request the fast path may answer, as far as the head alone tells.
 struct HitQuery {
-  enum class By { kOnly, kClientId, kResourceId };  // kOnly: no id given, the caller's single identity
+  enum class By { kOnly, kClientId, kResourceId };  // kOnly: no id given, the caller's single (or first) identity
   std::string resource;
   By by = By::kOnly;
   std::string wanted;  // the requested id, lowercased
@@ -99,10 +99,12 @@ struct HitQuery {
 bool ParseHitRequest(std::string_view head, bool metadataHeaderRequired, HitQuery& q);
 
 // The complete 200 answer from the tables, appended to out (left as it was
-// when false: TS must answer an unknown caller, an exception pod, no single
-// identity, no fresh token).
-bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAlive, const RouteTable& routes,
-                      const TokenTable& tokens, int64_t nowMs, std::string& out);
+// when false: TS must answer an unknown caller, an exception pod, no identity
+// to serve, no fresh token). firstOfSeveral (--multiple-identities first): a
+// request naming no id is served the route's first identity (TS ordered them)
+// when it has several; else only a route with exactly one is.
+bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAlive, bool firstOfSeveral,
+                      const RouteTable& routes, const TokenTable& tokens, int64_t nowMs, std::string& out);
 
 }  // namespace http
 }  // namespace nmi

@@ -136,6 +136,7 @@ class Server {
   size_t maxHeaderBytes = 16 * 1024;
   int64_t headerTimeoutMs = 10000;
   bool metadataHeaderRequired = true;
+  bool firstOfSeveral = true;  // --multiple-identities first
   int peerMapFd = -1;  // --rules ebpf: callers are keyed "address#cgroup"
   uint32_t id = 0;
   Napi::ThreadSafeFunction onRequest;
@@ -475,7 +476,7 @@ bool Server::TryAnswer(Conn& c, std::string_view head, bool keepAlive, std::stri
   }
   // A swap that returned before this request was read is seen: the version is read after the read().
   RefreshTables();
-  return http::AnswerFromTables(c.hitQuery, c.remote, keepAlive, *routesNow_, *tokensNow_, NowMs(), out);
+  return http::AnswerFromTables(c.hitQuery, c.remote, keepAlive, firstOfSeveral, *routesNow_, *tokensNow_, NowMs(), out);
 }
 
 void Server::UpdateEvents(Conn& c) {
@@ -599,7 +600,7 @@ void CallJs(Napi::Env env, Napi::Function fn, Handoff* data) {
 }  // namespace
 
 static const char* const kStartUsage =
-    "serverStart({host, port, maxConnections, maxHeaderBytes, headerTimeoutMs, metadataHeaderRequired, peerMapFd?}, onRequest)";
+    "serverStart({host, port, maxConnections, maxHeaderBytes, headerTimeoutMs, metadataHeaderRequired, firstOfSeveral, peerMapFd?}, onRequest)";
 
 Napi::Value ServerStart(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -607,13 +608,15 @@ Napi::Value ServerStart(const Napi::CallbackInfo& info) {
   Napi::Object o = info[0].As<Napi::Object>();
   for (const char* k : {"port", "maxConnections", "maxHeaderBytes", "headerTimeoutMs"})
     if (!o.Get(k).IsNumber()) return Usage(env, kStartUsage);
-  if (!o.Get("host").IsString() || !o.Get("metadataHeaderRequired").IsBoolean()) return Usage(env, kStartUsage);
+  if (!o.Get("host").IsString() || !o.Get("metadataHeaderRequired").IsBoolean() || !o.Get("firstOfSeveral").IsBoolean())
+    return Usage(env, kStartUsage);
 
   auto s = std::make_shared<Server>();
   s->maxConnections = o.Get("maxConnections").As<Napi::Number>().Uint32Value();
   s->maxHeaderBytes = o.Get("maxHeaderBytes").As<Napi::Number>().Uint32Value();
   s->headerTimeoutMs = o.Get("headerTimeoutMs").As<Napi::Number>().Int64Value();
   s->metadataHeaderRequired = o.Get("metadataHeaderRequired").As<Napi::Boolean>();
+  s->firstOfSeveral = o.Get("firstOfSeveral").As<Napi::Boolean>();
   // The server keeps its own descriptor of the map: the caller's may be closed first.
   if (o.Get("peerMapFd").IsNumber()) {
     s->peerMapFd = fcntl(o.Get("peerMapFd").As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 0);

@@ -133,6 +133,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
       metadataHeaderRequired: config.metadataHeaderRequired,
       blockInstanceMetadata: config.blockInstanceMetadata,
       retryAfter: config.retryAfter,
+      multipleIdentities: config.multipleIdentities,
     },
     log,
     metrics: registerServerMetrics(registry),
@@ -158,6 +159,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
         findPod: (namespace, name) => pods.pods().find((p) => p.namespace === namespace && p.name === name && isCaller(p)),
         identitiesFor: podIdentities,
         getToken,
+        multipleIdentities: config.multipleIdentities,
         log,
       })
     : undefined;

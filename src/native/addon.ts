@@ -19,6 +19,8 @@ export interface NativeServerOptions {
   /** A request partly received for this long is handed over with error "timeout". */
   headerTimeoutMs: number;
   metadataHeaderRequired: boolean;
+  /** --multiple-identities first: a request naming no id is served the first of several identities (TS orders them). */
+  firstOfSeveral: boolean;
   /** --rules ebpf: the eBPF peers map; callers are then keyed "address#cgroup" (0: none recorded). */
   peerMapFd?: number;
 }

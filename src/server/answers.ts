@@ -111,6 +111,12 @@ export const problems = {
       'Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request',
   },
   internal: { status: 500, error: 'internal_error', error_description: 'The token request could not be completed' },
+  /** The bound identity's own configuration is wrong (its Secret, key or certificate): said in the log, never here. */
+  identityUnusable: {
+    status: 500,
+    error: 'internal_error',
+    error_description: "The identity bound to this pod cannot be used as configured; the node agent's log says why",
+  },
   upstreamTimeout: { status: 504, error: 'gateway_timeout', error_description: 'The instance metadata service did not answer in time' },
   bodyTooLarge: { status: 413, error: 'invalid_request', error_description: 'Request body too large' },
   upstreamUnreachable: { status: 502, error: 'bad_gateway', error_description: 'The instance metadata service could not be reached' },

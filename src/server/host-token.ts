@@ -22,6 +22,7 @@ import type { Token } from '../tokens/token.js';
 import { problemAnswer, problems, writeAnswer, type Answer, type Problem } from './answers.js';
 import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, type RequestHeaders } from './request.js';
 import { limits } from './limits.js';
+import type { SeveralPolicy } from './select-identity.js';
 import { answerIdentityToken } from './token-server.js';
 
 export const HOST_TOKEN_PATH = '/host/token';
@@ -35,6 +36,8 @@ export interface HostTokenServerDeps {
   identitiesFor(pod: Pod): PodIdentities;
   /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
   getToken(identity: AzureIdentity, resource: string): Promise<Token>;
+  /** --multiple-identities, as on the token endpoint. */
+  multipleIdentities: SeveralPolicy;
   log: Logger;
 }
 
@@ -73,7 +76,7 @@ export function createHostTokenServer(deps: HostTokenServerDeps): HostTokenServe
     const pod = deps.findPod(checked.namespace, checked.name);
     if (!pod) return problemAnswer(hostChecks.podNotFound(checked.namespace, checked.name));
 
-    return answerIdentityToken(deps, deps.identitiesFor(pod).identities, checked, problems.identityNotFound);
+    return answerIdentityToken(deps, pod, deps.identitiesFor(pod).identities, checked, { notFound: problems.identityNotFound, several: deps.multipleIdentities });
   }
 
   const server = http.createServer(

@@ -20,12 +20,13 @@ import { clientErrorBytes, problemAnswer, problems, tokenAnswer, writeAnswer, ty
 import { limits } from './limits.js';
 import { RequestCounts } from './request-counts.js';
 import { checkedHeaders, classifyRequest, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
-import { selectIdentity } from './select-identity.js';
+import { selectIdentity, type SeveralPolicy } from './select-identity.js';
 import type { RouteRow, TableToken, TokenId } from './tables.js';
 import type { WholeRequest } from './token-server.js';
 
 export interface WorkerSetup {
   policy: RequestPolicy;
+  several: SeveralPolicy;
   /** --rules ebpf: the peers map; callers are then routed by address and the cgroup that connected. */
   peerMapFd?: number;
   /** Where to count requests (ServerMetrics.segment()), when metrics are kept. */
@@ -108,7 +109,7 @@ function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
 function fromTables(caller: Caller, request: TokenRequest): Answer | undefined {
   const route = caller.route === undefined ? undefined : routes.get(caller.route);
   if (!route || route.exception) return undefined;
-  const identity = selectIdentity(route.identities, request.selector);
+  const identity = selectIdentity(route.identities, request.selector, setup.several);
   if (typeof identity === 'string') return undefined;
   const entry = tokens.get(identity.key)?.get(request.resource);
   return entry && entry.serveUntilMs > Date.now() ? tokenAnswer(entry.token) : undefined;

@@ -114,6 +114,7 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
           maxHeaderBytes: limits.maxHeaderSize,
           headerTimeoutMs: limits.headersTimeoutMs,
           metadataHeaderRequired: options.metadataHeaderRequired,
+          firstOfSeveral: options.multipleIdentities === 'first',
           ...attest,
         },
         onRequest,

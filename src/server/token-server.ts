@@ -9,7 +9,7 @@
 import { Worker } from 'node:worker_threads';
 import type { CgroupAttestation } from '../attest/attestation.js';
 import { identityKey, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
-import { codes } from '../errors/errors.js';
+import { codes, isNmiError } from '../errors/errors.js';
 import type { CallerLookup, Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
@@ -19,13 +19,14 @@ import { limits } from './limits.js';
 import type { ServerMetrics } from './metrics.js';
 import { createImdsProxy, type ImdsProxy } from './proxy.js';
 import { classifyRequest, type Classification, type IdSelector, type RequestHeaders, type RouteName, type TokenRequest } from './request.js';
-import { selectIdentity } from './select-identity.js';
+import { selectIdentity, type SeveralPolicy } from './select-identity.js';
 import { packRoutes, tellingServed, type TableFedServer, type TokenServedListener } from './tables.js';
 
 export interface TokenServerOptions {
   metadataHeaderRequired: boolean;
   blockInstanceMetadata: boolean;
   retryAfter: boolean;
+  multipleIdentities: SeveralPolicy;
   proxyTimeoutMs?: number;
 }
 
@@ -105,7 +106,7 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attes
     if (!pod || !deps.peekToken) return undefined;
     const bound = deps.identitiesFor(pod);
     if (bound.exception) return undefined;
-    const identity = selectIdentity(bound.identities, request.selector);
+    const identity = selectIdentity(bound.identities, request.selector, options.multipleIdentities);
     if (typeof identity === 'string') return undefined;
     const token = deps.peekToken(identity, request.resource);
     return token && tokenAnswer(token);
@@ -126,7 +127,8 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attes
     const bound = deps.identitiesFor(pod);
     if (bound.exception) return { proxy: request.target };
 
-    return answerIdentityToken(deps, bound.identities, request, options.retryAfter ? problems.identityNotYet : problems.identityNotFound);
+    const notFound = options.retryAfter ? problems.identityNotYet : problems.identityNotFound;
+    return answerIdentityToken(deps, pod, bound.identities, request, { notFound, several: options.multipleIdentities });
   }
 
   async function respond(classified: Classification, req: IncomingRequest): Promise<Outcome> {
@@ -159,20 +161,39 @@ export function answerWhole(core: RequestCore, proxy: ImdsProxy, log: Logger, re
   return { route, answer };
 }
 
-/** Steps 7 and 8, shared with /host/token: the one bound identity the request names, then its token. */
+/**
+ * Identity lists (one per pods bound alike, new with every bindings change) whose first was served to a
+ * request naming none: said once per list, not per request.
+ */
+const firstServed = new WeakSet<readonly AzureIdentity[]>();
+
+/** Steps 7 and 8, shared with /host/token: the bound identity the request names (or the policy picks), then its token. */
 export async function answerIdentityToken(
   deps: Pick<TokenServerDeps, 'getToken' | 'log'>,
-  identities: AzureIdentity[],
+  pod: Pod,
+  identities: readonly AzureIdentity[],
   request: { resource: string; selector?: IdSelector },
-  notFound: Problem,
+  choice: { notFound: Problem; several: SeveralPolicy },
 ): Promise<Answer> {
-  const identity = selectIdentity(identities, request.selector);
-  if (identity === 'none') return problemAnswer(notFound);
+  const identity = selectIdentity(identities, request.selector, choice.several);
+  if (identity === 'none') return problemAnswer(choice.notFound);
   if (identity === 'ambiguous') return problemAnswer(problems.multipleIdentities);
+  if (!request.selector && identities.length > 1 && !firstServed.has(identities)) {
+    firstServed.add(identities);
+    deps.log.info(
+      { namespace: pod.namespace, pod: pod.name, served: identityKey(identity), bound: identities.map(identityKey) },
+      'several identities bound and none requested: serving the first (--multiple-identities first)',
+    );
+  }
   let token: Token;
   try {
     token = await deps.getToken(identity, request.resource);
   } catch (err) {
+    // Its Secret or certificate, named in the message (never a value): the operator's to fix, the pod's to retry.
+    if (isNmiError(err, codes.BINDINGS) || isNmiError(err, codes.TOKEN)) {
+      deps.log.warn({ namespace: pod.namespace, pod: pod.name, identity: identityKey(identity), err: errorSummary(err) }, 'the bound identity cannot be used');
+      return problemAnswer(problems.identityUnusable);
+    }
     if (!isUpstreamFailure(err)) throw err;
     deps.log.debug({ kind: err.kind, status: err.status, identity: identity.name, namespace: identity.namespace }, 'token upstream failed');
     return upstreamAnswer(err);
@@ -188,6 +209,7 @@ export function createTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: n
   const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
   const setup: WorkerSetup = {
     policy: { metadataHeaderRequired: options.metadataHeaderRequired, blockInstanceMetadata: options.blockInstanceMetadata },
+    several: options.multipleIdentities,
     peerMapFd: attest.peerMapFd,
     counts: deps.metrics?.segment().buffer,
   };

@@ -29,6 +29,8 @@ test('bad values name their flag', () => {
   oneLine([...base, '--probe-address', 'localhost'], /--probe-address: "localhost" is not ADDRESS:PORT/);
   oneLine([...base, '--force-namespaced=maybe'], /--force-namespaced: "maybe" is not true or false/);
   oneLine([...base, '--host-token-socket', 'relative.sock'], /--host-token-socket: .* must be an absolute path or off/);
+  oneLine([...base, '--multiple-identities', 'any'], /^nmi run: --multiple-identities: "any" is not one of first, refuse$/);
+  oneLine([...base], /^nmi run: --multiple-identities: "" is not one of first, refuse$/, { ...process.env, NMI_MULTIPLE_IDENTITIES: '' });
   oneLine([...base, '--no-such-flag'], /Unknown option '--no-such-flag'/);
   oneLine([...base, '--kubelet-client-cert', process.execPath, '--rules', 'none'], /--kubelet-client-key: required with --kubelet-client-cert/);
   oneLine([...base, '--rules', 'ebpf', '--cgroup-root', '/nonexistent/kubepods.slice'], /--cgroup-root: \/nonexistent\/kubepods\.slice: ENOENT/);
@@ -82,7 +84,7 @@ test('--help on every command, exit 0', () => {
     assert.match(r.stdout, new RegExp(`^Usage: nmi ${command} \\[flags\\]`));
   }
   const run = nmi(['run', '--help']).stdout;
-  for (const flag of ['--node-ip', '--rules', '--on-exit', '--kubelet-server-name', '--retry-after', '--aad-authority-host', '--log-format']) {
+  for (const flag of ['--node-ip', '--rules', '--on-exit', '--kubelet-server-name', '--retry-after', '--multiple-identities', '--aad-authority-host', '--log-format']) {
     assert.ok(run.includes(flag), `run --help lists ${flag}`);
   }
   assert.match(run, /NMI_NODE_IP/);

@@ -138,7 +138,7 @@ void CheckHitHead(const std::string& head, const HitQuery& q, bool metadataRequi
   for (unsigned char c : q.wanted) CHECK(!(c >= 'A' && c <= 'Z'));
 }
 
-void CheckAnswer(const std::string& out, const HitQuery& q, const std::string& remote, bool keepAlive) {
+void CheckAnswer(const std::string& out, const HitQuery& q, const std::string& remote, bool keepAlive, bool firstOfSeveral) {
   auto route = Routes().find(remote);
   CHECK(route != Routes().end() && !route->second.exception);
   CHECK(out.rfind("HTTP/1.1 200 OK\r\n", 0) == 0);
@@ -147,8 +147,12 @@ void CheckAnswer(const std::string& out, const HitQuery& q, const std::string& r
   std::string head = out.substr(0, headEnd + 2), body = out.substr(headEnd + 4);
   CHECK(head.find("\r\nContent-Length: " + std::to_string(body.size()) + "\r\n") != std::string::npos);
   CHECK((head.find("\r\nConnection: close\r\n") != std::string::npos) == !keepAlive);
+  const auto& identities = route->second.identities;
+  // No id asked: the only identity, or with firstOfSeveral the first; never another.
+  if (q.by == HitQuery::By::kOnly) CHECK(firstOfSeveral ? identities.size() >= 1 : identities.size() == 1);
   bool matched = false;
-  for (const auto& identity : route->second.identities) {
+  for (const auto& identity : identities) {
+    if (q.by == HitQuery::By::kOnly && &identity != &identities[0]) break;
     auto entry = Tokens().find(TokenKey(identity.key, q.resource));
     if (entry == Tokens().end()) continue;
     const TokenEntry& e = *entry->second;
@@ -175,9 +179,11 @@ void CheckRouting(const std::string& head, bool keepAlive) {
   if (!laxHit) return;
   CheckHitHead(head, lax, false);
   for (const char* remote : kRemotes) {
-    std::string out;
-    if (AnswerFromTables(lax, remote, keepAlive, Routes(), Tokens(), kNowMs, out)) CheckAnswer(out, lax, remote, keepAlive);
-    else CHECK(out.empty());
+    for (bool first : {false, true}) {
+      std::string out;
+      if (AnswerFromTables(lax, remote, keepAlive, first, Routes(), Tokens(), kNowMs, out)) CheckAnswer(out, lax, remote, keepAlive, first);
+      else CHECK(out.empty());
+    }
   }
 }
 

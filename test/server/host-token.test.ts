@@ -21,6 +21,7 @@ import { problems } from '../../src/server/answers.js';
 import { checks } from '../../src/server/request.js';
 import type { Token } from '../../src/tokens/token.js';
 import { UpstreamError } from '../../src/tokens/upstream-error.js';
+import type { SeveralPolicy } from '../../src/server/select-identity.js';
 import { captureLogs } from '../harness/log-capture.js';
 
 const NOBODY = 65534;
@@ -55,7 +56,7 @@ const tokenCalls: Array<{ identity: string; resource: string }> = [];
 const servers: HostTokenServer[] = [];
 const logs = captureLogs();
 
-function startServer(socketPath: string, log = silentLogger): HostTokenServer {
+function startServer(socketPath: string, log = silentLogger, multipleIdentities: SeveralPolicy = 'refuse'): HostTokenServer {
   const server = createHostTokenServer({
     socketPath,
     findPod: (namespace, name) => pods.find((p) => p.namespace === namespace && p.name === name),
@@ -64,6 +65,7 @@ function startServer(socketPath: string, log = silentLogger): HostTokenServer {
       tokenCalls.push({ identity: id.name, resource });
       return getToken(id, resource);
     },
+    multipleIdentities,
     log,
   });
   servers.push(server);
@@ -289,6 +291,12 @@ test('identity selection: none, several, and the requested one', async () => {
   assert.equal((JSON.parse(byResourceId.body) as Record<string, string>)['access_token'], 'token-for-a');
   const byMsiResId = await ask(`/host/token?${QUERY}&msi_res_id=${encodeURIComponent(idB.resourceID)}`, forPod('default', 'multi'));
   assert.equal((JSON.parse(byMsiResId.body) as Record<string, string>)['access_token'], 'token-for-b');
+
+  // --multiple-identities first, as on the token endpoint.
+  const firstSocket = path.join(root, 'run', 'first.sock');
+  await startServer(firstSocket, silentLogger, 'first').listen();
+  const first = await ask(`/host/token?${QUERY}`, forPod('default', 'multi'), 'GET', firstSocket);
+  assert.equal((JSON.parse(first.body) as Record<string, string>)['access_token'], 'token-for-a');
 });
 
 test('upstream failures: a 4xx is passed on as it came, an outage is 503 with Retry-After, anything else 500', async () => {

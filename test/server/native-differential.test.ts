@@ -14,6 +14,7 @@ import { silentLogger } from '../../src/log/logger.js';
 import type { Token } from '../../src/tokens/token.js';
 import { createTokenServer, type TokenServer, type TokenServerDeps } from '../../src/server/token-server.js';
 import { createNativeTokenServer, type NativeTokenServer } from '../../src/server/native-server.js';
+import type { SeveralPolicy } from '../../src/server/select-identity.js';
 import { attachTables, type Tables } from '../../src/server/tables.js';
 import { startUpstream, type Upstream } from './upstream.js';
 
@@ -50,7 +51,7 @@ let jsPort: number;
 let jsTabledPort: number;
 let nativePort: number;
 
-function deps(): TokenServerDeps {
+function deps(several: SeveralPolicy = 'first'): TokenServerDeps {
   const pods = new Map([[pod.ips[0]!, pod], [exceptionPod.ips[0]!, exceptionPod]]);
   return {
     callers: { lookup: async (ip) => pods.get(ip) },
@@ -60,7 +61,7 @@ function deps(): TokenServerDeps {
       return tokenFor(id, resource);
     },
     upstreamImds: upstream.url,
-    options: { metadataHeaderRequired: true, blockInstanceMetadata: false, retryAfter: false, proxyTimeoutMs: 2_000 },
+    options: { metadataHeaderRequired: true, blockInstanceMetadata: false, retryAfter: false, multipleIdentities: several, proxyTimeoutMs: 2_000 },
     log: silentLogger,
   };
 }
@@ -163,11 +164,18 @@ function normalize(answers: Parsed[]): Parsed[] {
   });
 }
 
-async function same(pieces: string[] | string, count = 1, localAddress?: string): Promise<Parsed[]> {
+/** The three servers' ports: the suite's, or others started with other options. */
+interface Ports {
+  js: number;
+  native: number;
+  jsTabled: number;
+}
+
+async function same(pieces: string[] | string, count = 1, localAddress?: string, ports: Ports = { js: jsPort, native: nativePort, jsTabled: jsTabledPort }): Promise<Parsed[]> {
   const list = typeof pieces === 'string' ? [pieces] : pieces;
-  const fromJs = await exchange(jsPort, list, count, localAddress);
-  const fromNative = await exchange(nativePort, list, count, localAddress);
-  const fromTables = await exchange(jsTabledPort, list, count, localAddress);
+  const fromJs = await exchange(ports.js, list, count, localAddress);
+  const fromNative = await exchange(ports.native, list, count, localAddress);
+  const fromTables = await exchange(ports.jsTabled, list, count, localAddress);
   assert.equal(fromJs.length, count, `js answered ${fromJs.length} of ${count}: ${JSON.stringify(list)}`);
   assert.deepEqual(normalize(fromNative), normalize(fromJs), `native: ${JSON.stringify(list)}`);
   assert.deepEqual(normalize(fromTables), normalize(fromJs), `js with tables: ${JSON.stringify(list)}`);
@@ -240,6 +248,11 @@ test('a HEAD request gets the same head and no body', async () => {
 test('identity selection, multiple identities and the exception pod agree', async () => {
   setBound([idA, idB]);
   await same(req(`${TOKEN}?${QUERY}`));
+  // --multiple-identities first (the default): no id asked is the first identity's token, from the tables too.
+  const hits = native.stats()!.hits;
+  const [first] = await same(req(`${TOKEN}?${QUERY}`));
+  assert.match(first?.body ?? '', /"access_token":"token-for-a"/);
+  assert.equal(native.stats()!.hits, hits + 1, 'answered by C++ from the tables');
   await warm();
   for (const id of ['client_id=BBBB-2222', 'client_id=aaaa-1111', `msi_res_id=${encodeURIComponent(idB.resourceID.toUpperCase())}`, `mi_res_id=${encodeURIComponent(idA.resourceID)}`]) {
     await same(req(`${TOKEN}?${QUERY}&${id}`));
@@ -254,6 +267,29 @@ test('identity selection, multiple identities and the exception pod agree', asyn
   await same(req('/metadata/instance/compute?api-version=2021-02-01', { Metadata: 'true', 'X-Custom': 'kept' }));
   assert.deepEqual(upstream.received[4]!.headers, upstream.received[3]!.headers);
   assert.deepEqual(upstream.received[5]!.headers, upstream.received[3]!.headers);
+});
+
+test('--multiple-identities refuse: several identities and no id is IMDS\'s 400 from all three; a named one is still a hit', async () => {
+  const refusing = { js: createTokenServer(deps('refuse')), jsTabled: createTokenServer(deps('refuse')), native: createNativeTokenServer(deps('refuse')) };
+  const servers = Object.values(refusing);
+  const refusingTables = [refusing.native, refusing.jsTabled].map((server) => attachTables(server, { pods: () => [pod], identitiesFor: () => world.bound }));
+  try {
+    for (const server of servers) await server.listen('127.0.0.1', 0);
+    const ports = { js: refusing.js.port!, native: refusing.native.port!, jsTabled: refusing.jsTabled.port! };
+    setBound([idA, idB]);
+    for (const t of refusingTables) t.refresh();
+    for (const id of ['', '&client_id=aaaa-1111']) await same(req(`${TOKEN}?${QUERY}${id}`), 1, undefined, ports);
+    const hits = refusing.native.stats()!.hits;
+    const [refused] = await same(req(`${TOKEN}?${QUERY}`), 1, undefined, ports);
+    const [named] = await same(req(`${TOKEN}?${QUERY}&client_id=aaaa-1111`), 1, undefined, ports);
+    assert.match(refused?.statusLine ?? '', /^HTTP\/1.1 400 /);
+    assert.match(refused?.body ?? '', /Multiple user assigned identities exist/);
+    assert.match(named?.body ?? '', /"access_token":"token-for-a"/);
+    assert.equal(refusing.native.stats()!.hits, hits + 1, 'only the named one was a native hit');
+  } finally {
+    for (const t of refusingTables) t.stop();
+    for (const server of servers) await server.close(1_000);
+  }
 });
 
 test('a hit is answered from the tables, by C++ or the js worker, as the token core answers it', async () => {

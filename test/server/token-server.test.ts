@@ -11,6 +11,8 @@ import { Client, request } from 'undici';
 import { Registry } from 'prom-client';
 import type { AzureIdentity, PodIdentities } from '../../src/bindings/model.js';
 import type { Pod } from '../../src/kubelet/pod.js';
+import { codes, NmiError } from '../../src/errors/errors.js';
+import { captureLogs } from '../harness/log-capture.js';
 import { silentLogger } from '../../src/log/logger.js';
 import type { Token } from '../../src/tokens/token.js';
 import { registerServerMetrics } from '../../src/server/metrics.js';
@@ -20,7 +22,7 @@ import { startUpstream, DEFAULT_REPLY, type Upstream } from './upstream.js';
 
 const TOKEN = '/metadata/identity/oauth2/token';
 const QUERY = 'api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net';
-const DEFAULTS: TokenServerOptions = { metadataHeaderRequired: true, blockInstanceMetadata: false, retryAfter: false, proxyTimeoutMs: 2_000 };
+const DEFAULTS: TokenServerOptions = { metadataHeaderRequired: true, blockInstanceMetadata: false, retryAfter: false, multipleIdentities: 'first', proxyTimeoutMs: 2_000 };
 
 const pod: Pod = { uid: 'u1', namespace: 'default', name: 'app', labels: { aadpodidbinding: 'app' }, ips: ['127.0.0.1'], hostNetwork: false, phase: 'Running', nodeName: 'n1' };
 
@@ -59,7 +61,7 @@ let world: World;
 const servers: TokenServer[] = [];
 
 /** With `cached`, the server also gets the synchronous hit path: known callers and a peek into these tokens. */
-async function startServer(options: Partial<TokenServerOptions> = {}, registry?: Registry, upstreamUrl?: URL, cached?: Map<string, Token>) {
+async function startServer(options: Partial<TokenServerOptions> = {}, registry?: Registry, upstreamUrl?: URL, cached?: Map<string, Token>, log = silentLogger) {
   const server = createTokenServer({
     callers: {
       async lookup(ip) {
@@ -76,7 +78,7 @@ async function startServer(options: Partial<TokenServerOptions> = {}, registry?:
     },
     upstreamImds: upstreamUrl ?? upstream.url,
     options: { ...DEFAULTS, ...options },
-    log: silentLogger,
+    log,
     ...(registry ? { metrics: registerServerMetrics(registry) } : {}),
   });
   await server.listen('127.0.0.1', 0);
@@ -324,11 +326,34 @@ test('7: with --retry-after a missing identity is 503 with Retry-After: 20', asy
   assert.equal(answer.headers['retry-after'], '20');
 });
 
-test('7: several identities and none requested is 400 Multiple user assigned identities exist', async () => {
+test('7: several identities and none requested, --multiple-identities first: the first, said once in the log', async () => {
+  reset();
+  const logs = captureLogs('info');
+  const { port: firstPort } = await startServer({}, undefined, undefined, undefined, logs.log);
+  world.bound = { exception: false, identities: [idB, idA] };
+  for (let i = 0; i < 3; i++) {
+    const answer = await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: firstPort });
+    assert.equal(answer.status, 200, answer.body);
+    assert.equal(JSON.parse(answer.body).access_token, 'token-for-b', 'the first of the list, as bindings/match.ts ordered it');
+  }
+  // A request naming one is not the policy's business.
+  assert.equal(JSON.parse((await get(`${TOKEN}?${QUERY}&client_id=aaaa-1111`, { Metadata: 'true' }, { port: firstPort })).body).access_token, 'token-for-a');
+  const said = logs.lines().filter((line) => /several identities bound/.test(line.msg));
+  assert.deepEqual(said.map(({ namespace, pod: name, served, bound }) => ({ namespace, pod: name, served, bound })), [
+    { namespace: 'default', pod: 'app', served: 'default/b', bound: ['default/b', 'default/a'] },
+  ]);
+  // A new list (the bindings changed) is said again.
+  world.bound = { exception: false, identities: [idA, idB] };
+  assert.equal(JSON.parse((await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: firstPort })).body).access_token, 'token-for-a');
+  assert.equal(logs.lines().filter((line) => /several identities bound/.test(line.msg)).length, 2);
+});
+
+test('7: several identities and none requested, --multiple-identities refuse: 400 Multiple user assigned identities exist', async () => {
   reset();
   world.bound = { exception: false, identities: [idA, idB] };
+  const { port: refusePort } = await startServer({ multipleIdentities: 'refuse' });
   assertProblem(
-    await get(`${TOKEN}?${QUERY}`),
+    await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: refusePort }),
     400,
     'invalid_request',
     'Multiple user assigned identities exist, please specify the clientId / resourceId of the identity in the token request',
@@ -412,6 +437,22 @@ test('a failure that is not the upstream is 500 and the server keeps serving', a
   assertProblem(await get(`${TOKEN}?${QUERY}`), 500, 'internal_error', 'The token request could not be completed');
   world.getToken = newWorld().getToken;
   assert.equal((await get(`${TOKEN}?${QUERY}`)).status, 200);
+});
+
+test("an identity its Secret or certificate makes unusable: 500 saying so to the pod, the reason (never a value) in the log", async () => {
+  reset();
+  const logs = captureLogs('info');
+  const { port: logged } = await startServer({}, undefined, undefined, undefined, logs.log);
+  for (const err of [
+    new NmiError(codes.BINDINGS, 'AzureIdentity default/a: secret vault/sp has 2 keys and none is clientSecret'),
+    new NmiError(codes.TOKEN, 'identity default/a: cannot read the private key (wrong or missing password?)'),
+  ]) {
+    world.getToken = async () => { throw err; };
+    assertProblem(await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: logged }), 500, 'internal_error', "The identity bound to this pod cannot be used as configured; the node agent's log says why");
+    const line = logs.lines().at(-1)!;
+    assert.equal(line.msg, 'the bound identity cannot be used');
+    assert.deepEqual([line.namespace, line.pod, line.identity, (line.err as { message: string }).message], ['default', 'app', 'default/a', err.message]);
+  }
 });
 
 // ---- proxy and pass-through ----
