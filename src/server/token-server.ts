@@ -13,6 +13,7 @@ import { codes, isNmiError } from '../errors/errors.js';
 import type { CallerLookup, Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
+import type { UpstreamKind } from '../tokens/upstream-error.js';
 import { problemAnswer, problems, tokenAnswer, unavailable, type Answer, type Problem } from './answers.js';
 import type { FromWorker, ToWorker, WorkerSetup } from './js-worker.js';
 import { limits } from './limits.js';
@@ -58,7 +59,7 @@ export interface TokenServer extends TableFedServer {
 /** How getToken fails when the upstream does (the token cache defines the class; matched by shape). */
 export interface UpstreamFailure {
   code: typeof codes.UPSTREAM;
-  kind: 'client' | 'throttled' | 'server' | 'timeout' | 'network';
+  kind: UpstreamKind;
   status?: number;
   body?: { error: string; error_description: string };
   retryAfterMs?: number;

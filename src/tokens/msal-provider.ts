@@ -17,7 +17,7 @@ import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from './token.js';
 import { recordExchanges, type NetworkClient, type UpstreamExchange } from './network-client.js';
-import { errorBodyOf, kindForStatus, parseRetryAfter, UpstreamError } from './upstream-error.js';
+import { errorBodyOf, kindForStatus, parseRetryAfter, UpstreamError, type Issuer } from './upstream-error.js';
 
 /** What a service principal signs in with: the bindings resolve it from the Secret its identity names. */
 export type Credential = { clientSecret: string } | { certificate: string; password?: string };
@@ -66,7 +66,7 @@ export class MsalTokenProvider implements TokenProvider {
   async fetch(identity: AzureIdentity, resource: string, credential?: Credential): Promise<Token> {
     if (!resource) throw new NmiError(codes.TOKEN, 'a token needs a resource');
     const requestedAtMs = Date.now();
-    const issuer = identity.type === IdentityType.UserAssignedMSI ? 'IMDS' : 'Entra ID';
+    const issuer: Issuer = identity.type === IdentityType.UserAssignedMSI ? 'IMDS' : 'Entra ID';
     const log: UpstreamExchange[] = [];
     let result: AuthenticationResult;
     try {
@@ -212,13 +212,13 @@ function authorityMetadata(authority: string): Record<string, string> {
   };
 }
 
-function classify(err: unknown, last: UpstreamExchange | undefined, issuer: string): NmiError {
+function classify(err: unknown, last: UpstreamExchange | undefined, issuer: Issuer): NmiError {
   if (err instanceof NmiError && !(err instanceof UpstreamError)) return err;
   const status = last?.status ?? (err instanceof ServerError ? err.status : undefined);
   if (status !== undefined && (status < 200 || status >= 300)) {
     const body = errorBodyOf(last?.errorBody);
     const detail = body ? `${body.error}: ${body.error_description}` : `HTTP ${status}`;
-    return new UpstreamError(kindForStatus(status), `${issuer} refused the token request: ${detail}`, {
+    return new UpstreamError(kindForStatus(status, issuer), `${issuer} refused the token request: ${detail}`, {
       status,
       body,
       retryAfterMs: parseRetryAfter(last?.headers?.['retry-after'], Date.now()),

@@ -18,6 +18,8 @@ export interface RetryOptions {
   maxDelayMs?: number;
   /** No retry starts once this much time has gone since the first attempt. */
   budgetMs?: number;
+  /** The same for IMDS being updated (its 404 and 410), retried without a count: IMDS documents 70 s. */
+  updatingBudgetMs?: number;
 }
 
 export interface TokenCacheOptions {
@@ -62,7 +64,7 @@ const defaults = {
   refreshJitter: 0.05,
   expiryMarginMs: EXPIRY_MARGIN_MS,
   refreshRetryMs: 30_000,
-  retry: { attempts: 4, baseDelayMs: 250, maxDelayMs: 4_000, budgetMs: 10_000 },
+  retry: { attempts: 4, baseDelayMs: 250, maxDelayMs: 4_000, budgetMs: 10_000, updatingBudgetMs: 70_000 },
 };
 
 interface Entry {
@@ -264,8 +266,8 @@ export class TokenCache {
         return await this.provider.fetch(entry.identity, entry.resource, entry.credential);
       } catch (err) {
         if (err instanceof UpstreamError) this.counters.upstreamErrors[err.kind]++;
-        const delay = this.retryDelay(err, attempt);
-        if (delay === undefined || this.now() - startedAt + delay > this.retry.budgetMs || entry.dropped.signal.aborted) throw err;
+        const delay = this.retryDelay(err, attempt, this.now() - startedAt);
+        if (delay === undefined || entry.dropped.signal.aborted) throw err;
         try {
           await this.sleep(delay, entry.dropped.signal);
         } catch {
@@ -275,12 +277,14 @@ export class TokenCache {
     }
   }
 
-  /** How long to wait before the next attempt, or undefined for none. */
-  private retryDelay(err: unknown, attempt: number): number | undefined {
-    if (!(err instanceof UpstreamError) || !err.retryable || attempt >= this.retry.attempts) return undefined;
-    if (err.retryAfterMs !== undefined) return err.retryAfterMs;
-    const ceiling = Math.min(this.retry.maxDelayMs, this.retry.baseDelayMs * 2 ** (attempt - 1));
-    return Math.round(ceiling * (0.5 + this.random() / 2));
+  /** How long to wait before the next attempt, or undefined for none: past the count, or when it would end past the budget. */
+  private retryDelay(err: unknown, attempt: number, elapsedMs: number): number | undefined {
+    if (!(err instanceof UpstreamError) || !err.retryable) return undefined;
+    const updating = err.kind === 'updating';
+    if (!updating && attempt >= this.retry.attempts) return undefined;
+    const ceiling = Math.min(this.retry.maxDelayMs, this.retry.baseDelayMs * 2 ** Math.min(attempt - 1, 30));
+    const delay = err.retryAfterMs ?? Math.round(ceiling * (0.5 + this.random() / 2));
+    return elapsedMs + delay > (updating ? this.retry.updatingBudgetMs : this.retry.budgetMs) ? undefined : delay;
   }
 }
 

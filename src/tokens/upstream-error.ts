@@ -5,12 +5,14 @@ import { codes, NmiError } from '../errors/errors.js';
 /**
  * - `client`: a 4xx other than 429; passed on to the pod as it came, never retried.
  * - `throttled`: 429; retried, honouring Retry-After.
+ * - `updating`: IMDS's 404 or 410, which it documents as "being updated" (410: back within 70 s);
+ *   retried for longer than the others (RetryOptions.updatingBudgetMs).
  * - `server`: 5xx, or a 2xx the issuer got wrong; retried.
  * - `timeout`, `network`: no answer; retried.
  */
-export type UpstreamKind = 'client' | 'throttled' | 'server' | 'timeout' | 'network';
+export type UpstreamKind = 'client' | 'throttled' | 'updating' | 'server' | 'timeout' | 'network';
 
-export const upstreamKinds: readonly UpstreamKind[] = ['client', 'throttled', 'server', 'timeout', 'network'];
+export const upstreamKinds: readonly UpstreamKind[] = ['client', 'throttled', 'updating', 'server', 'timeout', 'network'];
 
 /** The issuer's own error, as IMDS and Entra ID both spell it. */
 export interface UpstreamErrorBody {
@@ -48,8 +50,13 @@ export class UpstreamError extends NmiError {
   }
 }
 
-export function kindForStatus(status: number): UpstreamKind {
+/** Who issues a token: IMDS for managed identities, Entra ID for service principals. */
+export type Issuer = 'IMDS' | 'Entra ID';
+
+/** IMDS's 404 and 410 mean it is being updated; Entra ID's are the client's. */
+export function kindForStatus(status: number, issuer: Issuer): UpstreamKind {
   if (status === 429) return 'throttled';
+  if (issuer === 'IMDS' && (status === 404 || status === 410)) return 'updating';
   if (status >= 400 && status < 500) return 'client';
   return 'server';
 }

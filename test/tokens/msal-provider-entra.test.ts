@@ -194,6 +194,14 @@ test('503 with Retry-After from Entra ID: a server error carrying the delay', as
   assert.equal(err.body?.error, 'server_error');
 });
 
+test("Entra ID's 404 is the client's (IMDS's means updating): passed on, not retried", async () => {
+  entra.failNext(1, { status: 404 });
+  const err = await rejection(provider.fetch(sp(), 'https://vault.azure.net', { clientSecret: secretApp.clientSecret }));
+  assert.ok(err instanceof UpstreamError);
+  assert.equal(err.kind, 'client');
+  assert.equal(err.retryable, false);
+});
+
 test('Entra ID not answering: timeout', async () => {
   entra.hang(true);
   try {

@@ -113,6 +113,17 @@ test('429 is throttled with Retry-After, and msal does not retry on its own', as
   assert.equal(imds.calls, calls + 1);
 });
 
+test('404 and 410 are IMDS being updated: retryable, not the client\'s', async () => {
+  for (const status of [404, 410]) {
+    imds.failNext(1, { status });
+    const err = await rejection(provider.fetch(msi(), 'https://vault.azure.net'));
+    assert.ok(err instanceof UpstreamError);
+    assert.equal(err.kind, 'updating', String(status));
+    assert.equal(err.status, status);
+    assert.equal(err.retryable, true);
+  }
+});
+
 test('500 is a server error', async () => {
   imds.failNext(1, { status: 500 });
   const err = await rejection(provider.fetch(msi(), 'https://vault.azure.net'));

@@ -242,6 +242,34 @@ test('an IMDS that hangs: timeouts, retried a bounded number of times', async ()
   }
 });
 
+test("IMDS's 410 and 404 (being updated): retried with backoff for up to 70 s, then the last error", async () => {
+  // Sleeps move the clock, so the budget is spent as it would be.
+  const moving = { sleep: async (ms: number) => { sleeps.push(ms); clock.advanceSec(ms / 1000); } };
+  for (const status of [410, 404]) {
+    sleeps = [];
+    const tokens = cache({ ...moving, random: () => 0 });
+    imds.failNext(5, { status });
+    const calls = imds.calls;
+    assert.ok((await tokens.get(msi(), 'https://vault.azure.net')).accessToken, `${status} then a token`);
+    assert.equal(imds.calls, calls + 6, 'more than the 4 attempts other errors get');
+    assert.deepEqual(sleeps, [125, 250, 500, 1000, 2000]);
+    assert.equal(tokens.stats().upstreamErrors.updating, 5);
+    assert.equal(tokens.stats().upstreamErrors.client, 0);
+
+    sleeps = [];
+    imds.failNext(100, { status });
+    const before = imds.calls;
+    const err = await rejection(tokens.get(msi(), 'https://vault.azure.net'));
+    imds.failNext(0, { status });
+    assert.ok(err instanceof UpstreamError);
+    assert.equal(err.kind, 'updating');
+    assert.equal(err.status, status);
+    const waited = sleeps.reduce((a, b) => a + b, 0);
+    assert.ok(waited <= 70_000 && waited > 60_000, `waited ${waited} ms`);
+    assert.equal(imds.calls - before, sleeps.length + 1);
+  }
+});
+
 test('a 400 is passed on once: not retried, not cached', async () => {
   const tokens = cache();
   const identity = msi();
