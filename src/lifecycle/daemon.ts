@@ -30,7 +30,8 @@ import { registerNativeMetrics, registerServerMetrics } from '../server/metrics.
 import { createHostTokenServer } from '../server/host-token.js';
 import { createNativeTokenServer } from '../server/native-server.js';
 import { attachTables, type Tables } from '../server/tables.js';
-import { createTokenServer, type TokenServerDeps } from '../server/token-server.js';
+import type { TokenServerDeps } from '../server/core.js';
+import { createTokenServer } from '../server/token-server.js';
 import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';

@@ -23,7 +23,7 @@ import { problemAnswer, problems, writeAnswer, type Answer, type Problem } from 
 import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, type RequestHeaders } from './request.js';
 import { limits } from './limits.js';
 import type { SeveralPolicy } from './select-identity.js';
-import { answerIdentityToken } from './token-server.js';
+import { answerIdentityToken } from './core.js';
 
 export const HOST_TOKEN_PATH = '/host/token';
 const SOCKET_MODE = 0o600;

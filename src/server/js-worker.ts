@@ -22,7 +22,7 @@ import { RequestCounts } from './request-counts.js';
 import { checkedHeaders, classifyRequest, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
 import { selectIdentity, type SeveralPolicy } from './select-identity.js';
 import type { RouteRow, TableToken, TokenId } from './tables.js';
-import type { WholeRequest } from './token-server.js';
+import type { WholeRequest } from './core.js';
 
 export interface WorkerSetup {
   policy: RequestPolicy;

@@ -2,7 +2,7 @@
 // owns the socket and answers the one hot case itself: a valid token request
 // from a routed caller whose token is in its table. Everything else arrives
 // here as raw bytes, goes through the same request core as the js server
-// (token-server.ts: request → caller → identity → token → answer), and goes
+// (core.ts: request → caller → identity → token → answer), and goes
 // back as the bytes node:http would have written for the js server.
 //
 // The tables it answers hits from are tables.ts's, pushed here.
@@ -21,7 +21,7 @@ import { createImdsProxy } from './proxy.js';
 import type { RequestHeaders } from './request.js';
 import { packRoutes, tellingServed, tokenKey, type Route, type TableFedServer, type TableToken, type TokenServedListener } from './tables.js';
 import { limits } from './limits.js';
-import { answerWhole, createRequestCore, type TokenServerDeps } from './token-server.js';
+import { answerWhole, createRequestCore, type TokenServerDeps } from './core.js';
 
 export interface NativeTokenServer extends TableFedServer {
   listen(host: string, port: number): Promise<void>;

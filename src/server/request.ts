@@ -1,7 +1,7 @@
 // What a request is, from its method, raw request-target and headers alone (no
 // I/O): path hygiene first, then the route, then the token endpoint's checks
 // 1–5 in the contract's order. Steps 6–8 need the caller and live in
-// token-server.ts.
+// core.ts.
 import type { Problem } from './answers.js';
 
 export const TOKEN_PATH = '/metadata/identity/oauth2/token';

@@ -11,7 +11,7 @@ import { isCaller } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
 import { EXPIRY_MARGIN_MS } from '../tokens/token-cache.js';
 import type { Token } from '../tokens/token.js';
-import type { TokenServerDeps } from './token-server.js';
+import type { TokenServerDeps } from './core.js';
 
 /** A server that answers hits from tables. */
 export interface TableFedServer {

@@ -17,7 +17,8 @@ import { silentLogger } from '../../src/log/logger.js';
 import type { Token } from '../../src/tokens/token.js';
 import { registerServerMetrics } from '../../src/server/metrics.js';
 import { checkedHeaders, type RequestHeaders } from '../../src/server/request.js';
-import { createTokenServer, type TokenServer, type TokenServerOptions } from '../../src/server/token-server.js';
+import type { TokenServerOptions } from '../../src/server/core.js';
+import { createTokenServer, type TokenServer } from '../../src/server/token-server.js';
 import { startUpstream, DEFAULT_REPLY, type Upstream } from './upstream.js';
 
 const TOKEN = '/metadata/identity/oauth2/token';
