@@ -10,7 +10,7 @@ import { LineCounter, parseAllDocuments } from 'yaml';
 import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import { parseObjects, type BindingSet } from './parse.js';
-import type { BindingSource } from './store.js';
+import type { BindingSource } from './source.js';
 
 export interface FileSourceOptions {
   /** Re-stat interval, the fallback when fs.watch misses an event. */

@@ -12,7 +12,7 @@ import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret } from './model.js';
 import { objectKey, parseBinding, parseException, parseIdentity, parseSecret, type BindingSet } from './parse.js';
-import type { BindingSource } from './store.js';
+import type { BindingSource } from './source.js';
 import { kubeCredentials, loadKubeConfig, type KubeConfig, type KubeConfigOptions } from './kubeconfig.js';
 
 export const CRD_PATH = '/apis/aadpodidentity.k8s.io/v1';

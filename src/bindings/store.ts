@@ -7,13 +7,7 @@ import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Se
 import { objectKey, type BindingSet } from './parse.js';
 import { FileBindingSource } from './file-source.js';
 import { KubeBindingSource } from './kube-source.js';
-
-/** What feeds the store: a bindings file or folder, or the API server. */
-export interface BindingSource {
-  /** Starts delivering complete sets (each replaces the last). Resolves once started, not once synced. */
-  start(onSet: (set: BindingSet) => void): Promise<void>;
-  stop(): void;
-}
+import type { BindingSource } from './source.js';
 
 export interface BindingSnapshot {
   /** All maps keyed by namespace/name. */
