@@ -5,7 +5,8 @@
 // authority host and another cloud's) as stand-ins over real TLS.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
 import { createCluster, crd, TOKEN_URL, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import { projectRoot, type PodAgent } from '../harness/netns.js';
 import type { NmiProcess } from '../harness/nmi-process.js';
@@ -112,18 +113,19 @@ test('several identities and none requested: the first in the documented order, 
   assert.deepEqual(JSON.parse(said[0]!).bound, ['apps/beta', 'apps/zeta', 'shared/alpha']);
 });
 
-test("msal-node's ManagedIdentityApplication asking for no particular identity gets the first", () => {
+test("msal-node's ManagedIdentityApplication asking for no particular identity gets the first", async () => {
   // A system-assigned request, as an app written for a VM makes it.
   const script = `
     import { ManagedIdentityApplication } from '@azure/msal-node';
     const r = await new ManagedIdentityApplication().acquireToken({ resource: '${VAULT}' });
     console.log(r.accessToken);`;
-  const token = execFileSync('ip', ['netns', 'exec', multi.ns.name, process.execPath, '--input-type=module', '-e', script], {
+  // Asynchronous: the stand-ins nmi may ask are served by this process.
+  const { stdout } = await promisify(execFile)('ip', ['netns', 'exec', multi.ns.name, process.execPath, '--input-type=module', '-e', script], {
     cwd: projectRoot,
     encoding: 'utf8',
     env: { ...process.env, AZURE_POD_IDENTITY_AUTHORITY_HOST: '' },
-  }).trim();
-  assert.equal(decodeStandinToken(token).identity, `client_id:${beta.client}`);
+  });
+  assert.equal(decodeStandinToken(stdout.trim()).identity, `client_id:${beta.client}`);
 });
 
 test("adEndpoint: the service principal's token comes from its own cloud's Entra ID, with the Secret's only key", async () => {
