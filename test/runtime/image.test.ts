@@ -48,8 +48,8 @@ let cluster: Cluster;
 let agent: PodAgent;
 
 /** The context is the package's folder (nmiPackage's: the .deb and a marker file), as the README builds it from dist/. */
-function build(baseImage: string, tag: string, context = path.dirname(deb)): void {
-  podman(['build', '--network', 'none', '--build-arg', `BASE=${baseImage}`, '-f', path.join(projectRoot, 'deploy', 'Containerfile'), '-t', tag, context], 300_000);
+function build(baseImage: string, tag: string, context = path.dirname(deb), extra: string[] = []): void {
+  podman(['build', '--network', 'none', ...extra, '--build-arg', `BASE=${baseImage}`, '-f', path.join(projectRoot, 'deploy', 'Containerfile'), '-t', tag, context], 300_000);
 }
 
 /** The manifest's environment as the kubelet would give it on the test's node: downward API and service account replaced by the stand-ins. */
@@ -193,7 +193,8 @@ test('a base without conntrack: the build stops with one line naming what is mis
   mkdirSync(dir);
   writeFileSync(path.join(dir, 'Containerfile'), `FROM ${base}\nRUN rm "$(command -v conntrack)"\n`);
   podman(['build', '--network', 'none', '-t', noConntrackBase, dir]);
-  assert.throws(() => build(noConntrackBase, refused), /^nmi image: the base lacks conntrack; use Debian 12 with iptables, nftables, libnftables1 and conntrack \(deploy\/base-image\.sh\)$/m);
+  // --layers=false: a refused build would otherwise leave its COPY layer behind as an untagged image.
+  assert.throws(() => build(noConntrackBase, refused, undefined, ['--layers=false']), /^nmi image: the base lacks conntrack; use Debian 12 with iptables, nftables, libnftables1 and conntrack \(deploy\/base-image\.sh\)$/m);
 });
 
 test("as the DaemonSet runs it: installs the chain in the node's namespace, a pod gets its token, podman stop with NMI_ON_EXIT=remove removes the rules", async () => {
