@@ -3,6 +3,7 @@
 // never quote a value: a Secret's data, or a field next to it, must not reach a log.
 import { createHash } from 'node:crypto';
 import { codes, NmiError } from '../errors/errors.js';
+import { urlBase } from '../util/url-base.js';
 import {
   IdentityType,
   type AzureIdentity,
@@ -139,7 +140,7 @@ function adEndpoint(m: Meta, spec: Obj): Pick<AzureIdentity, 'adEndpoint'> {
   if (!url || url.protocol !== 'https:' || url.username || url.password || url.search || url.hash) {
     fail(m.label, 'spec.adEndpoint must be an https URL with no credentials, query or fragment (such as https://login.microsoftonline.us/)');
   }
-  return { adEndpoint: `${url.origin}${url.pathname}`.replace(/\/+$/, '') };
+  return { adEndpoint: urlBase(url) };
 }
 
 export function parseIdentity(raw: unknown, defaultNamespace = 'default'): AzureIdentity {

@@ -15,6 +15,7 @@ import {
 import { IdentityType, type AzureIdentity } from '../bindings/model.js';
 import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
+import { urlBase } from '../util/url-base.js';
 import type { Token } from './token.js';
 import { recordExchanges, type NetworkClient, type UpstreamExchange } from './network-client.js';
 import { errorBodyOf, kindForStatus, parseRetryAfter, UpstreamError, type Issuer } from './upstream-error.js';
@@ -277,5 +278,5 @@ function normalizedBase(value: string, what: string, protocols: string[]): strin
     throw new NmiError(codes.TOKEN, `${what} ${JSON.stringify(value)} is not a URL`);
   }
   if (!protocols.includes(url.protocol)) throw new NmiError(codes.TOKEN, `${what} ${value} must use ${protocols.join(' or ')}`);
-  return `${url.origin}${url.pathname}`.replace(/\/+$/, '');
+  return urlBase(url);
 }
