@@ -282,7 +282,7 @@ export class TokenCache {
     if (!(err instanceof UpstreamError) || !err.retryable) return undefined;
     const updating = err.kind === 'updating';
     if (!updating && attempt >= this.retry.attempts) return undefined;
-    const ceiling = Math.min(this.retry.maxDelayMs, this.retry.baseDelayMs * 2 ** Math.min(attempt - 1, 30));
+    const ceiling = Math.min(this.retry.maxDelayMs, this.retry.baseDelayMs * 2 ** (attempt - 1));
     const delay = err.retryAfterMs ?? Math.round(ceiling * (0.5 + this.random() / 2));
     return elapsedMs + delay > (updating ? this.retry.updatingBudgetMs : this.retry.budgetMs) ? undefined : delay;
   }
