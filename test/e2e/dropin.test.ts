@@ -5,10 +5,8 @@
 // authority host and another cloud's) as stand-ins over real TLS.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
 import { createCluster, crd, TOKEN_URL, type Cluster, type ClusterPod } from '../harness/cluster.js';
-import { projectRoot, type PodAgent } from '../harness/netns.js';
+import { nodeScriptInPod, type PodAgent } from '../harness/netns.js';
 import type { NmiProcess } from '../harness/nmi-process.js';
 import { startApiServer, type ApiServer, type KubeObject } from '../standins/apiserver.js';
 import { startEntra, type EntraStandin } from '../standins/entra.js';
@@ -119,12 +117,7 @@ test("msal-node's ManagedIdentityApplication asking for no particular identity g
     import { ManagedIdentityApplication } from '@azure/msal-node';
     const r = await new ManagedIdentityApplication().acquireToken({ resource: '${VAULT}' });
     console.log(r.accessToken);`;
-  // Asynchronous: the stand-ins nmi may ask are served by this process.
-  const { stdout } = await promisify(execFile)('ip', ['netns', 'exec', multi.ns.name, process.execPath, '--input-type=module', '-e', script], {
-    cwd: projectRoot,
-    encoding: 'utf8',
-    env: { ...process.env, AZURE_POD_IDENTITY_AUTHORITY_HOST: '' },
-  });
+  const stdout = await nodeScriptInPod(multi.ns, script, { AZURE_POD_IDENTITY_AUTHORITY_HOST: '' });
   assert.equal(decodeStandinToken(stdout.trim()).identity, `client_id:${beta.client}`);
 });
 

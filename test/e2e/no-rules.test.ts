@@ -4,10 +4,8 @@
 // them apart by their source address.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
 import { createCluster, crd, type Cluster, type ClusterPod } from '../harness/cluster.js';
-import { projectRoot } from '../harness/netns.js';
+import { nodeScriptInPod } from '../harness/netns.js';
 import { decodeStandinToken } from '../standins/imds.js';
 
 const VAULT = 'https://vault.azure.net';
@@ -29,10 +27,7 @@ after(async () => {
   await cluster?.close();
 });
 
-/**
- * msal-node's ManagedIdentityApplication in the pod's namespace, pointed at nmi by the variable alone.
- * Asynchronous: the stand-ins nmi asks are served by this process.
- */
+/** msal-node's ManagedIdentityApplication in the pod's namespace, pointed at nmi by the variable alone. */
 async function msalInPod(pod: ClusterPod): Promise<{ token?: string; error?: string }> {
   const script = `
     import { ManagedIdentityApplication } from '@azure/msal-node';
@@ -42,11 +37,7 @@ async function msalInPod(pod: ClusterPod): Promise<{ token?: string; error?: str
     } catch (err) {
       console.log(JSON.stringify({ error: err.errorCode ?? err.message }));
     }`;
-  const { stdout } = await promisify(execFile)('ip', ['netns', 'exec', pod.ns.name, process.execPath, '--input-type=module', '-e', script], {
-    cwd: projectRoot,
-    encoding: 'utf8',
-    env: { ...process.env, AZURE_POD_IDENTITY_AUTHORITY_HOST: `http://${cluster.node.nodeIp}:2579` },
-  });
+  const stdout = await nodeScriptInPod(pod.ns, script, { AZURE_POD_IDENTITY_AUTHORITY_HOST: `http://${cluster.node.nodeIp}:2579` });
   return JSON.parse(stdout) as { token?: string; error?: string };
 }
 

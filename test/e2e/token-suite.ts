@@ -2,10 +2,9 @@
 // the bindings file, and msal-node against the IMDS stand-in.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
 import { request } from 'undici';
 import { createCluster, crd, TOKEN_URL, viaV4Mapped, type Cluster, type ClusterPod } from '../harness/cluster.js';
-import { projectRoot, type PodAgent } from '../harness/netns.js';
+import { nodeScriptInPod, type PodAgent } from '../harness/netns.js';
 import { waitFor, type NmiProcess } from '../harness/nmi-process.js';
 import { makePodJson } from '../standins/kubelet.js';
 import { decodeStandinToken } from '../standins/imds.js';
@@ -81,18 +80,14 @@ export function tokenSuite(server: 'js' | 'native'): void {
     }
   });
 
-  test(`${server}: msal-node's own managed-identity client in the pod gets the token unchanged`, () => {
+  test(`${server}: msal-node's own managed-identity client in the pod gets the token unchanged`, async () => {
     // The SDK a pod would run, in the pod's namespace, talking to the default IMDS address.
     const script = `
       import { ManagedIdentityApplication } from '@azure/msal-node';
       const app = new ManagedIdentityApplication({ managedIdentityIdParams: { userAssignedClientId: '${idA.client}' } });
       const r = await app.acquireToken({ resource: '${MGMT}' });
       console.log(JSON.stringify({ token: r.accessToken, expiresOn: r.expiresOn }));`;
-    const out = execFileSync('ip', ['netns', 'exec', podA.ns.name, process.execPath, '--input-type=module', '-e', script], {
-      cwd: projectRoot,
-      encoding: 'utf8',
-      env: { ...process.env, AZURE_POD_IDENTITY_AUTHORITY_HOST: '' },
-    });
+    const out = await nodeScriptInPod(podA.ns, script, { AZURE_POD_IDENTITY_AUTHORITY_HOST: '' });
     const r = JSON.parse(out) as { token: string };
     assert.equal(decodeStandinToken(r.token).identity, `client_id:${idA.client}`);
   });

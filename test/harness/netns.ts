@@ -3,11 +3,12 @@
 // addon), so stand-ins it serves and the nmi it spawns live there; pod clients
 // run as child processes in their pod namespace. Names carry the pid, so test
 // files run in parallel; everything is removed in after() and at exit.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
 import { createNodeNamespace, createPodNamespace, deleteNamespace, enterNamespace, NODE_IP, nsExec } from '../../src/netns/netns.js';
 
 export { NODE_IP, nsExec };
@@ -16,6 +17,17 @@ export const nmiBin = path.join(projectRoot, 'bin', 'nmi.js');
 
 let counter = 0;
 const created: string[] = [];
+
+/**
+ * Runs an ES module script with this node in the pod's namespace, from the project root (so it imports the
+ * project's packages, msal-node among them), with `env` over this process's environment; its stdout.
+ * Asynchronous: the stand-ins nmi asks meanwhile are served by this process, which a synchronous call would block.
+ */
+export async function nodeScriptInPod(pod: Pick<PodNs, 'name'>, script: string, env: NodeJS.ProcessEnv = {}): Promise<string> {
+  const args = ['netns', 'exec', pod.name, process.execPath, '--input-type=module', '-e', script];
+  const { stdout } = await promisify(execFile)('ip', args, { cwd: projectRoot, encoding: 'utf8', env: { ...process.env, ...env } });
+  return stdout;
+}
 
 export interface PodNs {
   name: string;
