@@ -18,7 +18,8 @@ import {
   listNamespaces,
   NODE_IP,
 } from '../src/netns/netns.js';
-import { EbpfBackend, ebpfUnsupported, mountsOfType } from '../src/rules/ebpf.js';
+import { EbpfBackend, ebpfUnsupported } from '../src/rules/ebpf.js';
+import { mountsOfType } from '../src/util/mounts.js';
 import { chooseTools, IptablesBackend } from '../src/rules/iptables.js';
 import type { Redirect, RulesBackend } from '../src/rules/redirect.js';
 import { cgroup2Mount, createCgroupTree, removeTree, type CgroupTree } from '../test/harness/cgroups.js';

@@ -11,6 +11,7 @@ Napi::Value SetNetns(const Napi::CallbackInfo& info);
 Napi::Value DropPages(const Napi::CallbackInfo& info);
 Napi::Value SetMallocThresholds(const Napi::CallbackInfo& info);
 Napi::Value Exec(const Napi::CallbackInfo& info);
+Napi::Value SocketOwner(const Napi::CallbackInfo& info);
 Napi::Value ServerStart(const Napi::CallbackInfo& info);
 Napi::Value ServerRespond(const Napi::CallbackInfo& info);
 Napi::Value ServerSetRoutes(const Napi::CallbackInfo& info);

@@ -35,7 +35,7 @@ export class CgroupAttestation {
   /** The attested caller; a refusal; or undefined when no live pod of this node has that cgroup's UID. */
   async resolve(address: string, cgroup: bigint | null): Promise<Pod | Refusal | undefined> {
     const uid = cgroup === null ? null : await this.cgroups.uidOf(cgroup);
-    if (uid === null) return this.refuse('unattested', address, { cgroup: cgroup?.toString() ?? null });
+    if (!uid) return this.refuse('unattested', address, { cgroup: cgroup?.toString() ?? null });
     const pod = await this.pods.lookupUid(uid);
     if (!pod) return undefined;
     // A hostNetwork pod has no address of its own to compare; it may only not wear another pod's.

@@ -50,12 +50,12 @@ export class CgroupPods {
     return this.byId.get(id);
   }
 
-  /** The pod UID of a cgroup, walking the tree again if the id is new; null when it is no pod's. */
-  async uidOf(id: bigint): Promise<string | null> {
+  /** The pod UID of a cgroup, walking the tree again if the id is new; null when it is no pod's, undefined when no walk found it. */
+  async uidOf(id: bigint): Promise<string | null | undefined> {
     const known = this.byId.get(id);
     if (known !== undefined) return known;
     await (this.walking ?? this.spaced.request());
-    return this.byId.get(id) ?? null;
+    return this.byId.get(id);
   }
 
   /** Joins the walk in flight, or makes one now. */

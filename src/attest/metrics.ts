@@ -2,6 +2,7 @@
 import type { Registry } from 'prom-client';
 import { exposeCounts } from '../metrics/registry.js';
 import { refusals, type CgroupAttestation } from './attestation.js';
+import { hostRefusals, type HostCallers } from './host-callers.js';
 
 export function registerAttestationMetrics(registry: Registry, attestation: CgroupAttestation): void {
   exposeCounts(
@@ -11,5 +12,16 @@ export function registerAttestationMetrics(registry: Registry, attestation: Cgro
     'reason',
     refusals,
     () => attestation.refused,
+  );
+}
+
+export function registerHostCallerMetrics(registry: Registry, callers: HostCallers): void {
+  exposeCounts(
+    registry,
+    'nmi_host_token_refusals_total',
+    'Connections to --host-token-address refused: unattested = the kernel could not name the socket\'s cgroup, unknown-pod = a pod cgroup the kubelet does not list, not-allowed = no --host-token-allow entry matches',
+    'reason',
+    hostRefusals,
+    () => callers.refused,
   );
 }

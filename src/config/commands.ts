@@ -5,6 +5,7 @@ import { flag, type FlagSpecs, type Parsed } from './flags.js';
 import { defaultNodeIp } from './node-ip.js';
 import * as v from './values.js';
 import { severalPolicies } from '../server/select-identity.js';
+import { hostCallerRules } from '../attest/host-callers.js';
 
 export const rulesBackends = ['auto', 'iptables', 'nftables', 'ebpf', 'none'] as const;
 export type RulesChoice = (typeof rulesBackends)[number];
@@ -46,6 +47,8 @@ export const runFlags = {
   server: flag({ parse: v.oneOf(['native', 'js'] as const), default: 'native', help: 'native (C++ fast path) or js' }),
   'probe-address': flag({ parse: v.hostPort, default: '127.0.0.1:8085', help: '/healthz, /readyz, /metrics' }),
   'host-token-socket': flag({ parse: v.offOrPath, default: 'off', help: 'root-only unix socket serving /host/token' }),
+  'host-token-address': flag({ parse: v.offOrHostPort, default: 'off', help: "/host/token/ on TCP in NMI's shape, for the Key Vault CSI provider (NMI's: 127.0.0.1:2579)" }),
+  'host-token-allow': flag({ parse: hostCallerRules, default: '', help: 'who may call --host-token-address: namespace/label=value pod selectors and host-root, comma-separated' }),
   'multiple-identities': flag({ parse: v.oneOf(severalPolicies), default: 'first', help: 'several identities bound and none requested: first (by namespace, then name, as NMI) or refuse (IMDS\'s 400)' }),
   'aad-authority-host': flag({ parse: v.httpUrl, default: 'https://login.microsoftonline.com', help: 'Entra ID, for service-principal identities' }),
   'log-level': flag({ parse: v.oneOf(['trace', 'debug', 'info', 'warn', 'error'] as const), default: 'info', help: 'log level' }),

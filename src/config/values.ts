@@ -104,6 +104,11 @@ export function hostPort(raw: string, flag: string): HostPort {
   return { host, port: port(raw.slice(i + 1), flag) };
 }
 
+/** `off` or ADDRESS:PORT. */
+export function offOrHostPort(raw: string, flag: string): HostPort | null {
+  return raw === 'off' || raw === '' ? null : hostPort(raw, flag);
+}
+
 /** `off` or a filesystem path. */
 export function offOrPath(raw: string, flag: string): string | null {
   if (raw === 'off' || raw === '') return null;

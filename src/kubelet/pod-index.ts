@@ -121,6 +121,15 @@ export class PodIndex implements CallerLookup {
     return this.byUid.get(uid);
   }
 
+  /** The live pod (hostNetwork ones too) with this name, after at most one coalesced refresh: /host/token names pods. */
+  async lookupName(namespace: string, name: string): Promise<Pod | undefined> {
+    const find = () => this.listed.find((p) => p.namespace === namespace && p.name === name && isLive(p));
+    const known = find();
+    if (known) return known;
+    await this.unknownCallerRefresh();
+    return find();
+  }
+
   async lookup(ip: string): Promise<Pod | undefined> {
     const address = plainAddress(ip);
     const known = this.byAddress.get(address);

@@ -7,8 +7,10 @@ import type http from 'node:http';
 import { Counter, Gauge } from 'prom-client';
 import { CgroupAttestation } from '../attest/attestation.js';
 import { CgroupPods } from '../attest/cgroup-pods.js';
-import { registerAttestationMetrics } from '../attest/metrics.js';
+import { HostCallers, socketCgroupsUnsupported } from '../attest/host-callers.js';
+import { registerAttestationMetrics, registerHostCallerMetrics } from '../attest/metrics.js';
 import type { RunConfig } from '../config/commands.js';
+import type { HostPort } from '../config/values.js';
 import { UsageError } from '../errors/errors.js';
 import { identityKey, IdentityType, type AzureIdentity } from '../bindings/model.js';
 import { identitiesFor, secretFor } from '../bindings/match.js';
@@ -27,7 +29,7 @@ import { EbpfBackend } from '../rules/ebpf.js';
 import type { Redirect } from '../rules/redirect.js';
 import { selectBackend } from '../rules/select.js';
 import { registerNativeMetrics, registerServerMetrics } from '../server/metrics.js';
-import { createHostTokenServer } from '../server/host-token.js';
+import { createHostTokenServer, createHostTokenTcpServer } from '../server/host-token.js';
 import { createNativeTokenServer } from '../server/native-server.js';
 import { attachTables, type Tables } from '../server/tables.js';
 import type { TokenServerDeps } from '../server/core.js';
@@ -36,6 +38,7 @@ import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
 import { TokenCache } from '../tokens/token-cache.js';
+import { mountsOfType } from '../util/mounts.js';
 import { dropStartupPages } from './startup-pages.js';
 
 export interface Daemon {
@@ -54,6 +57,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const backend = await selectBackend(config.rules, config.cgroupRoot);
   if (config.kubeletClientCert && !config.kubeletClientKey) throw new UsageError('--kubelet-client-key: required with --kubelet-client-cert');
   if (config.kubeletClientKey && !config.kubeletClientCert) throw new UsageError('--kubelet-client-cert: required with --kubelet-client-key');
+  const hostTcp = await hostTokenTcpConfig(config);
   const status = (text: string) => {
     hooks.status?.(text);
     log.info(text);
@@ -153,17 +157,19 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     cgroupsOf: cgroupPods && ((pod) => cgroupPods.idsOf(pod.uid)),
   });
 
-  // Host processes' tokens only through a root-only unix socket, never TCP.
-  const hostToken = config.hostTokenSocket
-    ? createHostTokenServer({
-        socketPath: config.hostTokenSocket,
-        findPod: (namespace, name) => pods.pods().find((p) => p.namespace === namespace && p.name === name && isCaller(p)),
-        identitiesFor: podIdentities,
-        getToken,
-        multipleIdentities: config.multipleIdentities,
-        log,
-      })
-    : undefined;
+  // /host/token: root through the unix socket; on TCP, only the processes --host-token-allow names, attested by cgroup.
+  const hostDeps = {
+    findPod: (namespace: string, name: string) => pods.lookupName(namespace, name),
+    identitiesFor: podIdentities,
+    getToken,
+    multipleIdentities: config.multipleIdentities,
+    log,
+  };
+  const hostSocket = config.hostTokenSocket ? createHostTokenServer({ ...hostDeps, socketPath: config.hostTokenSocket }) : undefined;
+  const hostCallers = hostTcp && new HostCallers(new CgroupPods(hostTcp.cgroupMount), pods, config.hostTokenAllow, log);
+  const hostTokenTcp = hostTcp && hostCallers && createHostTokenTcpServer({ ...hostDeps, address: hostTcp.address, admit: (socket) => hostCallers.admit(socket) });
+  if (hostCallers) registerHostCallerMetrics(registry, hostCallers);
+  const hostServers = [hostSocket, hostTokenTcp].filter((s) => s !== undefined);
 
   const redirect: Redirect = { metadataIp: config.metadataIp, metadataPort: config.metadataPort, targetIp: config.nodeIp, targetPort: config.port };
   const repairs = new Counter({ name: 'nmi_rule_repairs_total', help: 'Times the installed rules were found changed and repaired', registers: [registry] });
@@ -183,7 +189,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     readiness.set('server', false);
     status('draining requests');
     try {
-      await Promise.all([server.close(), hostToken?.close()]);
+      await Promise.all([server.close(), ...hostServers.map((s) => s.close())]);
       tables?.stop();
       if (touchRules) {
         status(config.onExit === 'remove' ? 'removing rules' : 'keeping rules');
@@ -208,7 +214,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     await store.whenReady();
     readiness.set('bindings', true);
     await server.listen(config.nodeIp, config.port);
-    await hostToken?.listen();
+    for (const host of hostServers) await host.listen();
     readiness.set('server', true);
     log.info({ address: `${config.nodeIp}:${config.port}` }, 'token server listening');
     status(`installing ${backend.name} rules`);
@@ -228,6 +234,21 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     readiness,
     stop: () => stopAll(true),
   };
+}
+
+/** --host-token-address and --host-token-allow make sense together, and only where the kernel names sockets' cgroups. */
+async function hostTokenTcpConfig(config: RunConfig): Promise<{ address: HostPort; cgroupMount: string } | undefined> {
+  const address = config.hostTokenAddress;
+  if (!address) {
+    if (config.hostTokenAllow.length > 0) throw new UsageError('--host-token-allow: needs --host-token-address');
+    return undefined;
+  }
+  if (config.hostTokenAllow.length === 0) throw new UsageError('--host-token-address: needs --host-token-allow (no caller would be let in)');
+  const [cgroupMount] = mountsOfType('cgroup2');
+  if (!cgroupMount) throw new UsageError('--host-token-address: no cgroup v2 hierarchy is mounted, so callers cannot be attested');
+  const unsupported = await socketCgroupsUnsupported();
+  if (unsupported) throw new UsageError(`--host-token-address: callers cannot be attested here: ${unsupported}`);
+  return { address, cgroupMount };
 }
 
 /** Startup is over: its code pages need not stay mapped (startup-pages.ts). */

@@ -71,6 +71,11 @@ export interface NativeAddon {
   setMallocThresholds(bytes: number): string | null;
   /** execve(2): replaces the process image (same pid); returns the errno text only when that failed. */
   exec(file: string, argv: string[], env: string[]): string;
+  /**
+   * The TCP socket of this network namespace whose own end is local and whose peer is remote (sock_diag):
+   * its owner's uid and the cgroup v2 id it was created in (null before Linux 5.7); null when there is none.
+   */
+  socketOwner(localAddress: string, localPort: number, remoteAddress: string, remotePort: number): SocketOwner | null;
   /** Listens and starts the server's epoll thread; throws when the address cannot be bound. */
   serverStart(options: NativeServerOptions, onRequest: NativeRequestHandler): { id: number; port: number };
   /** Queues the complete answer bytes of one handed-over request; close ends the connection after it. */
@@ -105,6 +110,12 @@ export interface NativeAddon {
   /** The value under key, or null when absent. */
   bpfMapLookup(fd: number, key: Buffer, valueSize: number): Buffer | null;
   bpfMapUpdate(fd: number, key: Buffer, value: Buffer): void;
+}
+
+export interface SocketOwner {
+  uid: number;
+  inode: number;
+  cgroupId: bigint | null;
 }
 
 export interface BpfLinkInfo {

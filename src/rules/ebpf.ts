@@ -9,6 +9,7 @@ import path from 'node:path';
 import { codes, NmiError, UsageError } from '../errors/errors.js';
 import { addon, builtFile, type NativeAddon } from '../native/addon.js';
 import { execOk } from './exec.js';
+import { mountsOfType } from '../util/mounts.js';
 import { ipv4Bytes } from '../attest/peers.js';
 import type { BackendStatus, EnsureResult, Redirect, RulesBackend } from './redirect.js';
 
@@ -52,15 +53,6 @@ export function configBytes(redirect: Redirect, selfCgroup: bigint): Buffer {
 /** A cgroup v2 folder's id, as bpf_get_current_cgroup_id() reports it: the folder's inode number. */
 export function cgroupId(folder: string): bigint {
   return statSync(folder, { bigint: true }).ino;
-}
-
-/** Mount points of a filesystem type, from /proc/self/mounts. */
-export function mountsOfType(type: string): string[] {
-  return readFileSync('/proc/self/mounts', 'utf8')
-    .split('\n')
-    .map((line) => line.split(' '))
-    .filter((fields) => fields[2] === type)
-    .map((fields) => fields[1] ?? '');
 }
 
 /** This process's own cgroup v2 folder (where its calls to the real IMDS come from). */

@@ -68,6 +68,15 @@ export function tokenAnswer(token: Token, nowMs = Date.now()): Answer {
   return answer;
 }
 
+/**
+ * 200 in aad-pod-identity's /host/token/ shape, which the Key Vault CSI provider reads: the token
+ * (numbers as strings, as NMI wrote them) beside the identity's client id.
+ */
+export function nmiTokenAnswer(token: Token, nowMs = Date.now()): Answer {
+  const { access_token, expires_in, expires_on, not_before, resource, token_type, client_id } = toAnswer(token, nowMs);
+  return jsonAnswer(200, { token: { access_token, expires_in, expires_on, not_before, resource, token_type }, clientid: client_id });
+}
+
 const flatByAnswer = new WeakMap<Answer, string[]>();
 
 function flatHeaders(answer: Answer): string[] {
@@ -94,6 +103,12 @@ export const problems = {
     status: 403,
     error: 'access_denied',
     error_description: 'The calling socket does not belong to the pod that owns the source address',
+  },
+  /** --host-token-address: the connecting socket is not one --host-token-allow lets in. */
+  hostCallerRefused: {
+    status: 403,
+    error: 'access_denied',
+    error_description: 'The calling process is not allowed to request tokens for pods on this node',
   },
   /** --rules ebpf: no pod's cgroup made the connection. */
   callerUnattested: {

@@ -161,7 +161,7 @@ export async function answerIdentityToken(
   pod: Pod,
   identities: readonly AzureIdentity[],
   request: { resource: string; selector?: IdSelector },
-  choice: { notFound: Problem; several: SeveralPolicy },
+  choice: { notFound: Problem; several: SeveralPolicy; render?: (token: Token) => Answer },
 ): Promise<Answer> {
   const identity = selectIdentity(identities, request.selector, choice.several);
   if (identity === 'none') return problemAnswer(choice.notFound);
@@ -186,7 +186,7 @@ export async function answerIdentityToken(
     deps.log.debug({ kind: err.kind, status: err.status, identity: identity.name, namespace: identity.namespace }, 'token upstream failed');
     return upstreamAnswer(err);
   }
-  return tokenAnswer(token);
+  return (choice.render ?? tokenAnswer)(token);
 }
 
 export function isUpstreamFailure(err: unknown): err is UpstreamFailure {

@@ -1,25 +1,31 @@
-// `--host-token-socket`: `/host/token` for processes of the node itself, which
-// name the pod they act for (headers `podns`, `podname`). aad-pod-identity's NMI
-// served this on TCP, so any host process could get any pod's token; here it is
-// served only on a unix socket that only root can connect to. Data flow:
-//   checkHostRequest (path, method, headers, query) → findPod → identitiesFor
-//   → selectIdentity → getToken → answers.ts.
+// /host/token for processes of the node itself, which name the pod they act
+// for (headers `podns`, `podname`). aad-pod-identity's NMI served it on TCP, so
+// any host process could get any pod's token. Here it is served two ways:
+// - `--host-token-socket`: a unix socket only root can connect to, answering in
+//   IMDS's shape;
+// - `--host-token-address`: TCP at NMI's address in NMI's shape, for the Key
+//   Vault CSI provider, every connection attested first (attest/host-callers.ts)
+//   and refused 403 unless --host-token-allow lets its process in.
+// Data flow: (TCP: the caller's verdict) → checkHostRequest (path, method,
+// headers, query) → findPod → identitiesFor → selectIdentity → getToken → answers.ts.
 //
-// Who may connect: Node has no SO_PEERCRED API, so the peer's uid cannot be
-// read. The socket is instead created 0600 and owned by root (the daemon runs
-// as root), inside a directory no one else can write, so connect(2) itself
-// refuses every other user with EACCES. There is no moment where the socket is
-// more open: the umask is 0177 during the bind.
+// Who may connect to the socket: Node has no SO_PEERCRED API, so the peer's uid
+// cannot be read. The socket is instead created 0600 and owned by root (the
+// daemon runs as root), inside a directory no one else can write, so connect(2)
+// itself refuses every other user with EACCES. There is no moment where the
+// socket is more open: the umask is 0177 during the bind.
 import { chmod, lstat, mkdir, stat, unlink } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
+import type { HostVerdict } from '../attest/host-callers.js';
 import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
+import type { HostPort } from '../config/values.js';
 import { UsageError } from '../errors/errors.js';
 import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
-import { problemAnswer, problems, writeAnswer, type Answer, type Problem } from './answers.js';
+import { nmiTokenAnswer, problemAnswer, problems, tokenAnswer, writeAnswer, type Answer, type Problem } from './answers.js';
 import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, type RequestHeaders } from './request.js';
 import { limits } from './limits.js';
 import type { SeveralPolicy } from './select-identity.js';
@@ -29,10 +35,9 @@ export const HOST_TOKEN_PATH = '/host/token';
 const SOCKET_MODE = 0o600;
 const DIRECTORY_MODE = 0o700;
 
-export interface HostTokenServerDeps {
-  socketPath: string;
-  /** The pod named by `podns`/`podname`, or undefined when this node has none such. */
-  findPod(namespace: string, name: string): Pod | undefined;
+export interface HostTokenDeps {
+  /** The live pod named by `podns`/`podname` (after at most one coalesced kubelet refresh), or undefined when this node has none such. */
+  findPod(namespace: string, name: string): Promise<Pod | undefined>;
   identitiesFor(pod: Pod): PodIdentities;
   /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
   getToken(identity: AzureIdentity, resource: string): Promise<Token>;
@@ -41,10 +46,20 @@ export interface HostTokenServerDeps {
   log: Logger;
 }
 
+export interface HostTokenServerDeps extends HostTokenDeps {
+  socketPath: string;
+}
+
+export interface HostTokenTcpDeps extends HostTokenDeps {
+  address: HostPort;
+  /** The verdict on one accepted connection (attest/host-callers.ts); never rejects. */
+  admit(socket: net.Socket): Promise<HostVerdict>;
+}
+
 export interface HostTokenServer {
-  /** Prepares the directory, binds the socket 0600 and verifies it; rejects with a UsageError when the path cannot be made private. */
+  /** Binds (the socket 0600, and verified); rejects with a UsageError when the socket's path cannot be made private. */
   listen(): Promise<void>;
-  /** Stops accepting, lets in-flight requests finish (at most limits.drainTimeoutMs) and removes the socket file. Idempotent. */
+  /** Stops accepting, lets in-flight requests finish (at most limits.drainTimeoutMs); a unix socket's file is removed. Idempotent. */
   close(): Promise<void>;
 }
 
@@ -66,20 +81,55 @@ export const hostChecks = {
   podNotFound: (namespace: string, name: string) => bad('not_found', `Pod ${namespace}/${name} not found on this node`, 404),
 } as const;
 
+/** The socket: root only, IMDS's shape. */
 export function createHostTokenServer(deps: HostTokenServerDeps): HostTokenServer {
   const { socketPath, log } = deps;
-  let stopped: Promise<void> | undefined;
+  const server = hostHttpServer(deps, (req) => answerHost(deps, req, tokenAnswer));
+  return closingOnce(server, async () => {
+    await preparePath(socketPath);
+    await bindPrivately(server, socketPath);
+    try {
+      await verifySocket(socketPath);
+    } catch (err) {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      throw err;
+    }
+    log.info({ socket: socketPath }, 'host token socket listening');
+  });
+}
 
-  async function answer(req: http.IncomingMessage): Promise<Answer> {
-    const checked = checkHostRequest(req.method ?? '', req.url ?? '', req.headersDistinct);
-    if ('status' in checked) return problemAnswer(checked);
-    const pod = deps.findPod(checked.namespace, checked.name);
-    if (!pod) return problemAnswer(hostChecks.podNotFound(checked.namespace, checked.name));
+/** TCP: NMI's shape, for callers --host-token-allow lets in; the verdict is reached once per connection, when it is accepted. */
+export function createHostTokenTcpServer(deps: HostTokenTcpDeps): HostTokenServer {
+  const { address, log } = deps;
+  const verdicts = new WeakMap<net.Socket, Promise<HostVerdict>>();
+  const server = hostHttpServer(deps, async (req) => {
+    const verdict = await (verdicts.get(req.socket) ?? deps.admit(req.socket));
+    if (!verdict.allowed) return problemAnswer(problems.hostCallerRefused);
+    return answerHost(deps, req, nmiTokenAnswer);
+  });
+  server.on('connection', (socket: net.Socket) => verdicts.set(socket, deps.admit(socket)));
+  return closingOnce(server, async () => {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(address.port, address.host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
+    log.info({ address: `${address.host}:${address.port}` }, 'host token endpoint listening');
+  });
+}
 
-    return answerIdentityToken(deps, pod, deps.identitiesFor(pod).identities, checked, { notFound: problems.identityNotFound, several: deps.multipleIdentities });
-  }
+async function answerHost(deps: HostTokenDeps, req: http.IncomingMessage, render: (token: Token) => Answer): Promise<Answer> {
+  const checked = checkHostRequest(req.method ?? '', req.url ?? '', req.headersDistinct);
+  if ('status' in checked) return problemAnswer(checked);
+  const pod = await deps.findPod(checked.namespace, checked.name);
+  if (!pod) return problemAnswer(hostChecks.podNotFound(checked.namespace, checked.name));
+  return answerIdentityToken(deps, pod, deps.identitiesFor(pod).identities, checked, { notFound: problems.identityNotFound, several: deps.multipleIdentities, render });
+}
 
-  const server = http.createServer(
+function hostHttpServer(deps: HostTokenDeps, answer: (req: http.IncomingMessage) => Promise<Answer>): http.Server {
+  return http.createServer(
     {
       maxHeaderSize: limits.maxHeaderSize,
       headersTimeout: limits.headersTimeoutMs,
@@ -90,26 +140,17 @@ export function createHostTokenServer(deps: HostTokenServerDeps): HostTokenServe
       answer(req).then(
         (result) => writeAnswer(res, result),
         (err: unknown) => {
-          log.warn({ err: err instanceof Error ? err.message : String(err) }, 'host token request failed');
+          deps.log.warn({ err: err instanceof Error ? err.message : String(err) }, 'host token request failed');
           writeAnswer(res, problemAnswer(problems.internal));
         },
       );
     },
   );
+}
 
-  async function listen(): Promise<void> {
-    await preparePath(socketPath);
-    await bindPrivately(server, socketPath);
-    try {
-      await verifySocket(socketPath);
-    } catch (err) {
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-      throw err;
-    }
-    log.info({ socket: socketPath }, 'host token socket listening');
-  }
-
-  /** libuv unlinks a unix socket's file when its server closes, so this removes the socket too. */
+/** libuv unlinks a unix socket's file when its server closes, so closing removes the socket too. */
+function closingOnce(server: http.Server, listen: () => Promise<void>): HostTokenServer {
+  let stopped: Promise<void> | undefined;
   async function stop(): Promise<void> {
     const closed = new Promise<void>((resolve) => server.close(() => resolve()));
     server.closeIdleConnections();
@@ -117,7 +158,6 @@ export function createHostTokenServer(deps: HostTokenServerDeps): HostTokenServe
     await closed;
     clearTimeout(deadline);
   }
-
   return {
     listen,
     close() {

@@ -29,6 +29,13 @@ test('bad values name their flag', () => {
   oneLine([...base, '--probe-address', 'localhost'], /--probe-address: "localhost" is not ADDRESS:PORT/);
   oneLine([...base, '--force-namespaced=maybe'], /--force-namespaced: "maybe" is not true or false/);
   oneLine([...base, '--host-token-socket', 'relative.sock'], /--host-token-socket: .* must be an absolute path or off/);
+  oneLine([...base, '--host-token-address', '127.0.0.1'], /^nmi run: --host-token-address: "127\.0\.0\.1" is not ADDRESS:PORT$/);
+  oneLine([...base, '--host-token-allow', 'kube-system/app'], /^nmi run: --host-token-allow: "kube-system\/app" is not host-root or namespace\/label=value$/);
+  oneLine([...base, '--host-token-allow', 'Kube_System/app=x'], /^nmi run: --host-token-allow: "Kube_System" in "Kube_System\/app=x" is not a namespace name$/);
+  oneLine([...base, '--host-token-allow', 'kube-system/-app=x'], /--host-token-allow: "-app" in .* is not a label key/);
+  oneLine([...base, '--host-token-allow', 'kube-system/app=a b'], /--host-token-allow: "a b" in .* is not a label value/);
+  oneLine([...base, '--rules', 'none', '--host-token-allow', 'host-root'], /^nmi run: --host-token-allow: needs --host-token-address$/);
+  oneLine([...base, '--rules', 'none', '--host-token-address', '127.0.0.1:2579'], /^nmi run: --host-token-address: needs --host-token-allow \(no caller would be let in\)$/);
   oneLine([...base, '--multiple-identities', 'any'], /^nmi run: --multiple-identities: "any" is not one of first, refuse$/);
   oneLine([...base], /^nmi run: --multiple-identities: "" is not one of first, refuse$/, { ...process.env, NMI_MULTIPLE_IDENTITIES: '' });
   oneLine([...base, '--no-such-flag'], /Unknown option '--no-such-flag'/);

@@ -7,7 +7,7 @@ import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_pro
 import { promisify } from 'node:util';
 import { mkdirSync, readlinkSync, rmdirSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
-import { mountsOfType } from '../../src/rules/ebpf.js';
+import { mountsOfType } from '../../src/util/mounts.js';
 import { waitFor } from './nmi-process.js';
 
 export function cgroup2Mount(): string {
@@ -77,17 +77,25 @@ req.on('error', (e) => console.log(JSON.stringify({ error: e.code || e.message }
 
 /**
  * One GET from a process placed in `cgroup` before it starts, in network
- * namespace `netns` (undefined: the caller's, i.e. the node's). The cgroup is
- * joined before `ip netns exec`, which remounts /sys. Asynchronous: the
- * stand-ins it may reach are served by this very process.
+ * namespace `netns` (undefined: the caller's, i.e. the node's).
  */
 export async function callFrom(o: { cgroup: string; netns?: string; localAddress?: string }, url: string): Promise<CallResult> {
-  const exec = o.netns ? `exec ip netns exec ${o.netns} "$0"` : 'exec "$0"';
-  const { stdout } = await promisify(execFile)('sh', ['-c', `echo $$ > ${o.cgroup}/cgroup.procs && ${exec} -e "$1" "$2"`, process.execPath, CLIENT, JSON.stringify([url, o.localAddress ?? ''])], {
+  return JSON.parse(await scriptFrom(o, CLIENT, [url, o.localAddress ?? ''])) as CallResult;
+}
+
+/**
+ * A node script run in `cgroup` (joined before `ip netns exec`, which remounts
+ * /sys), optionally in `netns` and as `uid` (its socket's owner); its stdout.
+ * Asynchronous: the stand-ins it may reach are served by this very process.
+ */
+export async function scriptFrom(o: { cgroup: string; netns?: string; uid?: number }, script: string, args: unknown): Promise<string> {
+  const user = o.uid === undefined ? '' : `setpriv --reuid=${o.uid} --regid=${o.uid} --clear-groups `;
+  const exec = o.netns ? `exec ip netns exec ${o.netns} ${user}"$0"` : `exec ${user}"$0"`;
+  const { stdout } = await promisify(execFile)('sh', ['-c', `echo $$ > ${o.cgroup}/cgroup.procs && ${exec} -e "$1" "$2"`, process.execPath, script, JSON.stringify(args)], {
     encoding: 'utf8',
     timeout: 20_000,
   });
-  return JSON.parse(stdout) as CallResult;
+  return stdout;
 }
 
 export interface MountNamespace {

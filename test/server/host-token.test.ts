@@ -59,7 +59,7 @@ const logs = captureLogs();
 function startServer(socketPath: string, log = silentLogger, multipleIdentities: SeveralPolicy = 'refuse'): HostTokenServer {
   const server = createHostTokenServer({
     socketPath,
-    findPod: (namespace, name) => pods.find((p) => p.namespace === namespace && p.name === name),
+    findPod: async (namespace, name) => pods.find((p) => p.namespace === namespace && p.name === name),
     identitiesFor: (p): PodIdentities => ({ exception: false, identities: bindings.get(`${p.namespace}/${p.name}`) ?? [] }),
     getToken: (id, resource) => {
       tokenCalls.push({ identity: id.name, resource });

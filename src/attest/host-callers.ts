@@ -1,0 +1,157 @@
+// Who may ask /host/token/ on TCP (--host-token-address, --host-token-allow).
+// aad-pod-identity's NMI let any process of the node name any pod and take its
+// token; here the connecting socket is attested from the kernel before a byte
+// of the request counts:
+//   the peer's socket, by its 4-tuple (sock_diag, native/sockdiag.cc)
+//   → the cgroup v2 id of the process that created it
+//   → the cgroup's folder, found by walking the cgroup v2 hierarchy
+//   → a pod UID (the kubelet names pod cgroups after it; the eBPF backend's
+//     mapping) → the pod, through the kubelet → allowed when a selector matches.
+// A socket made outside every pod's cgroup is a host process's: allowed only
+// with `host-root` and when its owner is uid 0. A socket this network namespace
+// does not hold (another host, a pod's own namespace), a cgroup no walk finds
+// or a pod the kubelet does not list: refused.
+//
+// The issue asked for /proc/net/tcp → the process holding the inode → its
+// cgroup. The socket's own cgroup id is the same fact without scanning every
+// process's descriptors, which would need CAP_SYS_PTRACE and the host's PID
+// namespace in the DaemonSet; sock_diag needs neither.
+import net from 'node:net';
+import { UsageError } from '../errors/errors.js';
+import { plainAddress, type PodIndex } from '../kubelet/pod-index.js';
+import type { Pod } from '../kubelet/pod.js';
+import type { Logger } from '../log/logger.js';
+import { addon, type SocketOwner } from '../native/addon.js';
+import type { CgroupPods } from './cgroup-pods.js';
+import type { ConnectionEnds } from './peers.js';
+
+export const HOST_ROOT = 'host-root';
+
+/** One --host-token-allow entry. */
+export type HostCallerRule = { kind: 'host-root' } | { kind: 'pods'; namespace: string; label: string; value: string };
+
+export const hostRefusals = ['unattested', 'unknown-pod', 'not-allowed'] as const;
+/**
+ * unattested: the kernel could not name the socket's cgroup (not a socket of this network namespace,
+ * or a cgroup found nowhere); unknown-pod: a pod's cgroup, but the kubelet lists no such pod;
+ * not-allowed: attested, and no --host-token-allow entry matches.
+ */
+export type HostRefusal = (typeof hostRefusals)[number];
+
+export type HostVerdict = { allowed: true; caller: string } | { allowed: false; reason: HostRefusal; caller: string };
+
+const DNS_LABEL = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
+const LABEL_NAME = /^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$/;
+const LABEL_PREFIX = /^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/;
+const LABEL_VALUE = /^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$/;
+
+function validLabelKey(key: string): boolean {
+  const slash = key.indexOf('/');
+  if (slash < 0) return LABEL_NAME.test(key);
+  return LABEL_PREFIX.test(key.slice(0, slash)) && LABEL_NAME.test(key.slice(slash + 1));
+}
+
+/** `host-root` and `namespace/label=value` entries, comma-separated; an empty list allows nobody. */
+export function hostCallerRules(raw: string, flag: string): HostCallerRule[] {
+  const entries = raw.split(',').map((e) => e.trim()).filter((e) => e !== '');
+  return entries.map((entry): HostCallerRule => {
+    if (entry === HOST_ROOT) return { kind: 'host-root' };
+    const match = /^([^/=]+)\/([^=]+)=(.*)$/.exec(entry);
+    const [, namespace = '', label = '', value = ''] = match ?? [];
+    if (!match) throw new UsageError(`--${flag}: "${entry}" is not ${HOST_ROOT} or namespace/label=value`);
+    if (!DNS_LABEL.test(namespace)) throw new UsageError(`--${flag}: "${namespace}" in "${entry}" is not a namespace name`);
+    if (!validLabelKey(label)) throw new UsageError(`--${flag}: "${label}" in "${entry}" is not a label key`);
+    if (!LABEL_VALUE.test(value)) throw new UsageError(`--${flag}: "${value}" in "${entry}" is not a label value`);
+    return { kind: 'pods', namespace, label, value };
+  });
+}
+
+export function describeRule(rule: HostCallerRule): string {
+  return rule.kind === 'host-root' ? HOST_ROOT : `${rule.namespace}/${rule.label}=${rule.value}`;
+}
+
+const LOG_EVERY_MS = 60_000; // per (reason, caller): a client retrying in a loop must not flood the log
+
+export class HostCallers {
+  readonly refused: Record<HostRefusal, number> = { unattested: 0, 'unknown-pod': 0, 'not-allowed': 0 };
+  private readonly lastLogged = new Map<string, number>();
+
+  constructor(
+    /** Rooted at the cgroup v2 mount: a host process's cgroup must be found too, to be known as no pod's. */
+    private readonly cgroups: Pick<CgroupPods, 'uidOf'>,
+    private readonly pods: Pick<PodIndex, 'lookupUid'>,
+    private readonly rules: readonly HostCallerRule[],
+    private readonly log: Logger,
+    private readonly owner: (ends: Required<ConnectionEnds>) => SocketOwner | null = peerSocketOwner,
+  ) {}
+
+  /** The verdict on an accepted connection; never rejects (a failed lookup refuses). */
+  async admit(ends: ConnectionEnds): Promise<HostVerdict> {
+    const verdict = await this.judge(ends).catch((err: unknown): HostVerdict => {
+      this.log.warn({ err: err instanceof Error ? err.message : String(err) }, 'host token caller lookup failed; refused');
+      return { allowed: false, reason: 'unattested', caller: 'unknown' };
+    });
+    if (!verdict.allowed) this.refuse(verdict);
+    return verdict;
+  }
+
+  private async judge(ends: ConnectionEnds): Promise<HostVerdict> {
+    const { remoteAddress, remotePort, localAddress, localPort } = ends;
+    if (!remoteAddress || !localAddress || remotePort === undefined || localPort === undefined) return { allowed: false, reason: 'unattested', caller: 'unknown' };
+    const peer = `${plainAddress(remoteAddress)}:${remotePort}`;
+    const socket = this.owner({ remoteAddress, remotePort, localAddress, localPort });
+    if (!socket?.cgroupId) return { allowed: false, reason: 'unattested', caller: peer };
+    const uid = await this.cgroups.uidOf(socket.cgroupId);
+    if (uid === undefined) return { allowed: false, reason: 'unattested', caller: `${peer} cgroup ${socket.cgroupId}` };
+    if (uid === null) {
+      const caller = `host uid ${socket.uid}`;
+      return socket.uid === 0 && this.rules.some((r) => r.kind === 'host-root') ? { allowed: true, caller } : { allowed: false, reason: 'not-allowed', caller };
+    }
+    const pod = await this.pods.lookupUid(uid);
+    if (!pod) return { allowed: false, reason: 'unknown-pod', caller: `pod uid ${uid}` };
+    const caller = `pod ${pod.namespace}/${pod.name}`;
+    return this.rules.some((r) => matches(r, pod)) ? { allowed: true, caller } : { allowed: false, reason: 'not-allowed', caller };
+  }
+
+  private refuse(verdict: Extract<HostVerdict, { allowed: false }>): void {
+    this.refused[verdict.reason] += 1;
+    const key = `${verdict.reason} ${verdict.caller}`;
+    const now = Date.now();
+    if (now - (this.lastLogged.get(key) ?? -Infinity) < LOG_EVERY_MS) return;
+    if (this.lastLogged.size > 1_000) this.lastLogged.clear();
+    this.lastLogged.set(key, now);
+    this.log.warn({ reason: verdict.reason, caller: verdict.caller, allowed: this.rules.map(describeRule) }, 'host token caller refused');
+  }
+}
+
+function matches(rule: HostCallerRule, pod: Pod): boolean {
+  return rule.kind === 'pods' && rule.namespace === pod.namespace && pod.labels[rule.label] === rule.value;
+}
+
+/** The connecting process's socket: its own end is our peer, its peer is our end. */
+function peerSocketOwner(ends: Required<ConnectionEnds>): SocketOwner | null {
+  return addon().socketOwner(plainAddress(ends.remoteAddress), ends.remotePort, plainAddress(ends.localAddress), ends.localPort);
+}
+
+/** Why this kernel cannot name a socket's cgroup (asked of a loopback connection of our own), or undefined when it can. */
+export async function socketCgroupsUnsupported(): Promise<string | undefined> {
+  const server = net.createServer((socket) => socket.destroy());
+  try {
+    await new Promise<void>((resolve, reject) => server.once('error', reject).listen(0, '127.0.0.1', resolve));
+    const { port } = server.address() as net.AddressInfo;
+    const client = net.connect(port, '127.0.0.1');
+    try {
+      await new Promise<void>((resolve, reject) => client.once('error', reject).once('connect', resolve));
+      const owner = addon().socketOwner('127.0.0.1', client.localPort ?? 0, '127.0.0.1', port);
+      if (!owner) return 'sock_diag did not find a connection of our own';
+      if (!owner.cgroupId) return "the kernel does not report sockets' cgroups (INET_DIAG_CGROUP_ID, Linux 5.7 and later)";
+      return undefined;
+    } finally {
+      client.destroy();
+    }
+  } catch (err) {
+    return (err as Error).message;
+  } finally {
+    server.close();
+  }
+}
