@@ -7,17 +7,18 @@
 import type { Pod } from '../kubelet/pod.js';
 import type { PodIndex } from '../kubelet/pod-index.js';
 import type { Logger } from '../log/logger.js';
+import { LogLimiter } from '../util/log-limiter.js';
 import type { CgroupPods } from './cgroup-pods.js';
 
 export const refusals = ['unattested', 'spoof'] as const;
 /** unattested: no pod's cgroup made the connection; spoof: one did, but the source address is another's. */
 export type Refusal = (typeof refusals)[number];
 
-const LOG_EVERY_MS = 10_000; // per (reason, address): a spoofing loop must not flood the log
 
 export class CgroupAttestation {
   readonly refused: Record<Refusal, number> = { unattested: 0, spoof: 0 };
-  private readonly lastLogged = new Map<string, number>();
+  /** Per (reason, address): a spoofing loop must not flood the log. */
+  private readonly said = new LogLimiter(10_000);
 
   constructor(
     private readonly cgroups: CgroupPods,
@@ -52,11 +53,7 @@ export class CgroupAttestation {
 
   private refuse(reason: Refusal, address: string, detail: Record<string, unknown>): Refusal {
     this.refused[reason] += 1;
-    const key = `${reason} ${address}`;
-    const now = Date.now();
-    if (now - (this.lastLogged.get(key) ?? -Infinity) >= LOG_EVERY_MS) {
-      if (this.lastLogged.size > 1_000) this.lastLogged.clear();
-      this.lastLogged.set(key, now);
+    if (this.said.due(`${reason} ${address}`)) {
       const message = reason === 'spoof' ? 'spoof attempt: the calling socket belongs to another pod than the source address; refused' : 'caller not attested: no pod cgroup made this connection; refused';
       this.log.warn({ reason, address, ...detail }, message);
     }

@@ -22,6 +22,7 @@ import { plainAddress, type PodIndex } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import { addon, type SocketOwner } from '../native/addon.js';
+import { LogLimiter } from '../util/log-limiter.js';
 import type { CgroupPods } from './cgroup-pods.js';
 import type { ConnectionEnds } from './peers.js';
 
@@ -70,11 +71,10 @@ export function describeRule(rule: HostCallerRule): string {
   return rule.kind === 'host-root' ? HOST_ROOT : `${rule.namespace}/${rule.label}=${rule.value}`;
 }
 
-const LOG_EVERY_MS = 60_000; // per (reason, caller): a client retrying in a loop must not flood the log
-
 export class HostCallers {
   readonly refused: Record<HostRefusal, number> = { unattested: 0, 'unknown-pod': 0, 'not-allowed': 0 };
-  private readonly lastLogged = new Map<string, number>();
+  /** Per (reason, caller): a client retrying in a loop must not flood the log. */
+  private readonly said = new LogLimiter(60_000);
 
   constructor(
     /** Rooted at the cgroup v2 mount: a host process's cgroup must be found too, to be known as no pod's. */
@@ -115,11 +115,7 @@ export class HostCallers {
 
   private refuse(verdict: Extract<HostVerdict, { allowed: false }>): void {
     this.refused[verdict.reason] += 1;
-    const key = `${verdict.reason} ${verdict.caller}`;
-    const now = Date.now();
-    if (now - (this.lastLogged.get(key) ?? -Infinity) < LOG_EVERY_MS) return;
-    if (this.lastLogged.size > 1_000) this.lastLogged.clear();
-    this.lastLogged.set(key, now);
+    if (!this.said.due(`${verdict.reason} ${verdict.caller}`)) return;
     this.log.warn({ reason: verdict.reason, caller: verdict.caller, allowed: this.rules.map(describeRule) }, 'host token caller refused');
   }
 }
