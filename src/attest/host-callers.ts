@@ -18,13 +18,13 @@
 // namespace in the DaemonSet; sock_diag needs neither.
 import net from 'node:net';
 import { UsageError } from '../errors/errors.js';
-import { plainAddress, type PodIndex } from '../kubelet/pod-index.js';
+import type { PodIndex } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import { addon, type SocketOwner } from '../native/addon.js';
 import { LogLimiter } from '../util/log-limiter.js';
 import type { CgroupPods } from './cgroup-pods.js';
-import type { ConnectionEnds } from './peers.js';
+import { peerEnds, type ConnectionEnds, type PeerEnds } from './peers.js';
 
 export const HOST_ROOT = 'host-root';
 
@@ -82,7 +82,7 @@ export class HostCallers {
     private readonly pods: Pick<PodIndex, 'lookupUid'>,
     private readonly rules: readonly HostCallerRule[],
     private readonly log: Logger,
-    private readonly owner: (ends: Required<ConnectionEnds>) => SocketOwner | null = peerSocketOwner,
+    private readonly owner: (ends: PeerEnds) => SocketOwner | null = peerSocketOwner,
   ) {}
 
   /** The verdict on an accepted connection; never rejects (a failed lookup refuses). */
@@ -96,10 +96,10 @@ export class HostCallers {
   }
 
   private async judge(ends: ConnectionEnds): Promise<HostVerdict> {
-    const { remoteAddress, remotePort, localAddress, localPort } = ends;
-    if (!remoteAddress || !localAddress || remotePort === undefined || localPort === undefined) return { allowed: false, reason: 'unattested', caller: 'unknown' };
-    const peer = `${plainAddress(remoteAddress)}:${remotePort}`;
-    const socket = this.owner({ remoteAddress, remotePort, localAddress, localPort });
+    const connection = peerEnds(ends);
+    if (!connection) return { allowed: false, reason: 'unattested', caller: 'unknown' };
+    const peer = `${connection.src}:${connection.srcPort}`;
+    const socket = this.owner(connection);
     if (!socket?.cgroupId) return { allowed: false, reason: 'unattested', caller: peer };
     const uid = await this.cgroups.uidOf(socket.cgroupId);
     if (uid === undefined) return { allowed: false, reason: 'unattested', caller: `${peer} cgroup ${socket.cgroupId}` };
@@ -125,8 +125,8 @@ function matches(rule: HostCallerRule, pod: Pod): boolean {
 }
 
 /** The connecting process's socket: its own end is our peer, its peer is our end. */
-function peerSocketOwner(ends: Required<ConnectionEnds>): SocketOwner | null {
-  return addon().socketOwner(plainAddress(ends.remoteAddress), ends.remotePort, plainAddress(ends.localAddress), ends.localPort);
+function peerSocketOwner({ src, srcPort, dst, dstPort }: PeerEnds): SocketOwner | null {
+  return addon().socketOwner(src, srcPort, dst, dstPort);
 }
 
 /** Why this kernel cannot name a socket's cgroup (asked of a loopback connection of our own), or undefined when it can. */

@@ -46,14 +46,26 @@ export class PeerMap implements PeerRecords {
   }
 }
 
-/** The cgroup that made this connection, or null. */
-export function connectionCgroup(peers: PeerRecords, ends: ConnectionEnds): bigint | null {
+/** A connection as the connecting socket sees it: its own end (src) and ours (dst), addresses unmapped. */
+export interface PeerEnds {
+  src: string;
+  srcPort: number;
+  dst: string;
+  dstPort: number;
+}
+
+/** The ends of an accepted connection, or null once the socket no longer reports them (closed). */
+export function peerEnds(ends: ConnectionEnds): PeerEnds | null {
   const { remoteAddress, remotePort, localAddress, localPort } = ends;
   if (!remoteAddress || !localAddress || remotePort === undefined || localPort === undefined) return null;
-  const src = plainAddress(remoteAddress);
-  const dst = plainAddress(localAddress);
-  if (src.includes(':') || dst.includes(':')) return null; // the eBPF programs cover IPv4 only
-  return peers.peerCgroup(src, remotePort, dst, localPort);
+  return { src: plainAddress(remoteAddress), srcPort: remotePort, dst: plainAddress(localAddress), dstPort: localPort };
+}
+
+/** The cgroup that made this connection, or null. */
+export function connectionCgroup(peers: PeerRecords, ends: ConnectionEnds): bigint | null {
+  const peer = peerEnds(ends);
+  if (!peer || peer.src.includes(':') || peer.dst.includes(':')) return null; // the eBPF programs cover IPv4 only
+  return peers.peerCgroup(peer.src, peer.srcPort, peer.dst, peer.dstPort);
 }
 
 /** How the servers' route tables name an attested caller: its address and the cgroup that connected. */
