@@ -16,6 +16,7 @@
 // cgroup. The socket's own cgroup id is the same fact without scanning every
 // process's descriptors, which would need CAP_SYS_PTRACE and the host's PID
 // namespace in the DaemonSet; sock_diag needs neither.
+import { once } from 'node:events';
 import net from 'node:net';
 import { UsageError } from '../errors/errors.js';
 import type { PodIndex } from '../kubelet/pod-index.js';
@@ -133,11 +134,11 @@ function peerSocketOwner({ src, srcPort, dst, dstPort }: PeerEnds): SocketOwner 
 export async function socketCgroupsUnsupported(): Promise<string | undefined> {
   const server = net.createServer((socket) => socket.destroy());
   try {
-    await new Promise<void>((resolve, reject) => server.once('error', reject).listen(0, '127.0.0.1', resolve));
+    await once(server.listen(0, '127.0.0.1'), 'listening');
     const { port } = server.address() as net.AddressInfo;
     const client = net.connect(port, '127.0.0.1');
     try {
-      await new Promise<void>((resolve, reject) => client.once('error', reject).once('connect', resolve));
+      await once(client, 'connect');
       const owner = addon().socketOwner('127.0.0.1', client.localPort ?? 0, '127.0.0.1', port);
       if (!owner) return 'sock_diag did not find a connection of our own';
       if (!owner.cgroupId) return "the kernel does not report sockets' cgroups (INET_DIAG_CGROUP_ID, Linux 5.7 and later)";

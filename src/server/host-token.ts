@@ -14,6 +14,7 @@
 // daemon runs as root), inside a directory no one else can write, so connect(2)
 // itself refuses every other user with EACCES. There is no moment where the
 // socket is more open: the umask is 0177 during the bind.
+import { once } from 'node:events';
 import { chmod, lstat, mkdir, stat, unlink } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
@@ -109,13 +110,7 @@ export function createHostTokenTcpServer(deps: HostTokenTcpDeps): HostTokenServe
   });
   server.on('connection', (socket: net.Socket) => verdicts.set(socket, deps.admit(socket)));
   return closingOnce(server, async () => {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(address.port, address.host, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    });
+    await once(server.listen(address.port, address.host), 'listening');
     log.info({ address: `${address.host}:${address.port}` }, 'host token endpoint listening');
   });
 }

@@ -5,7 +5,7 @@
 // as the kubelet names pod cgroups, and one pod in its own namespace.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createCgroupTree, scriptFrom, type CgroupTree } from '../harness/cgroups.js';
+import { callFrom, createCgroupTree, scriptFrom, type CgroupTree } from '../harness/cgroups.js';
 import { createCluster, crd, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import type { NmiProcess } from '../harness/nmi-process.js';
 import { makePodJson } from '../standins/kubelet.js';
@@ -151,11 +151,7 @@ test("a caller in another network namespace (a pod's own) cannot be attested and
   assert.equal(await proc.stop('SIGTERM'), 0);
   const nodeAddress = `${cluster.node.nodeIp}:2580`;
   proc = await cluster.startNmi(['--host-token-address', nodeAddress, '--host-token-allow', `kube-system/app=${CSI_APP},host-root`]);
-  const fromPod = await scriptFrom({ cgroup: cg.csi, netns: web.ns.name }, `
-    require('http').get('http://${nodeAddress}/host/token/?resource=x', { headers: { podns: 'default', podname: 'web' } }, (res) => {
-      let body = '';
-      res.on('data', (d) => (body += d)).on('end', () => console.log(JSON.stringify({ status: res.statusCode, body })));
-    });`, []);
-  assert.deepEqual(JSON.parse(fromPod), { status: 403, body: JSON.stringify({ error: refused.error, error_description: refused.error_description }) }, 'even from the allowed cgroup: its socket is not in the node namespace');
+  const fromPod = await callFrom({ cgroup: cg.csi, netns: web.ns.name }, `http://${nodeAddress}/host/token/?resource=x`);
+  assert.deepEqual({ status: fromPod.status, body: fromPod.body }, { status: 403, body: JSON.stringify({ error: refused.error, error_description: refused.error_description }) }, 'even from the allowed cgroup: its socket is not in the node namespace');
   assert.equal(await proc.metric('nmi_host_token_refusals_total\\{reason="unattested"\\}'), 1);
 });
