@@ -26,6 +26,7 @@ import { addon, type SocketOwner } from '../native/addon.js';
 import { LogLimiter } from '../util/log-limiter.js';
 import type { CgroupPods } from './cgroup-pods.js';
 import { peerEnds, type ConnectionEnds, type PeerEnds } from './peers.js';
+import { isDnsLabel, isLabelValue, isQualifiedName } from '../kube/names.js';
 
 export const HOST_ROOT = 'host-root';
 
@@ -42,17 +43,6 @@ export type HostRefusal = (typeof hostRefusals)[number];
 
 export type HostVerdict = { allowed: true; caller: string } | { allowed: false; reason: HostRefusal; caller: string };
 
-const DNS_LABEL = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
-const LABEL_NAME = /^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$/;
-const LABEL_PREFIX = /^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/;
-const LABEL_VALUE = /^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$/;
-
-function validLabelKey(key: string): boolean {
-  const slash = key.indexOf('/');
-  if (slash < 0) return LABEL_NAME.test(key);
-  return LABEL_PREFIX.test(key.slice(0, slash)) && LABEL_NAME.test(key.slice(slash + 1));
-}
-
 /** `host-root` and `namespace/label=value` entries, comma-separated; an empty list allows nobody. */
 export function hostCallerRules(raw: string, flag: string): HostCallerRule[] {
   const entries = raw.split(',').map((e) => e.trim()).filter((e) => e !== '');
@@ -61,9 +51,9 @@ export function hostCallerRules(raw: string, flag: string): HostCallerRule[] {
     const match = /^([^/=]+)\/([^=]+)=(.*)$/.exec(entry);
     const [, namespace = '', label = '', value = ''] = match ?? [];
     if (!match) throw new UsageError(`--${flag}: "${entry}" is not ${HOST_ROOT} or namespace/label=value`);
-    if (!DNS_LABEL.test(namespace)) throw new UsageError(`--${flag}: "${namespace}" in "${entry}" is not a namespace name`);
-    if (!validLabelKey(label)) throw new UsageError(`--${flag}: "${label}" in "${entry}" is not a label key`);
-    if (!LABEL_VALUE.test(value)) throw new UsageError(`--${flag}: "${value}" in "${entry}" is not a label value`);
+    if (!isDnsLabel(namespace)) throw new UsageError(`--${flag}: "${namespace}" in "${entry}" is not a namespace name`);
+    if (!isQualifiedName(label)) throw new UsageError(`--${flag}: "${label}" in "${entry}" is not a label key`);
+    if (!isLabelValue(value)) throw new UsageError(`--${flag}: "${value}" in "${entry}" is not a label value`);
     return { kind: 'pods', namespace, label, value };
   });
 }

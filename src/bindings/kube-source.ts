@@ -1,19 +1,19 @@
 // --bindings kubernetes: list + watch aad-pod-identity's three custom resources and
 // get the Secrets their identities name. The kubeconfig (or in-cluster service
-// account) is read by kubeconfig.ts; every request goes through undici.
+// account) is read by kube/kubeconfig.ts; requests go through kube/client.ts.
 //
 // Per resource, a small reflector: list (paged) → watch from the list's
 // resourceVersion → on a dropped connection watch again from the last
 // resourceVersion seen → on 410 Gone (HTTP status or ERROR event) list again.
 import { setTimeout as sleep } from 'node:timers/promises';
-import { TlsAgent } from '../net/tls-agent.js';
-import { Agent, request, type Dispatcher } from '../net/undici.js';
 import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret } from './model.js';
 import { objectKey, parseBinding, parseException, parseIdentity, parseSecret, type BindingSet } from './parse.js';
 import type { BindingSource } from './source.js';
-import { kubeCredentials, loadKubeConfig, type KubeConfig, type KubeConfigOptions } from './kubeconfig.js';
+import { ApiError, KubeClient } from '../kube/client.js';
+import { loadKubeConfig, type KubeConfigOptions } from '../kube/kubeconfig.js';
+import { Backoff } from '../util/backoff.js';
 
 export const CRD_PATH = '/apis/aadpodidentity.k8s.io/v1';
 
@@ -31,99 +31,11 @@ export interface KubeSourceOptions extends KubeConfigOptions {
 const defaults = {
   backoff: { initialMs: 500, maxMs: 30_000 }, // 0.5 to 30 seconds
   secretRefreshMs: 60_000, // 1 minute
-  requestTimeoutMs: 30_000, // 30 seconds, for list and get
   pageSize: 500,
 };
 
 function message(err: unknown): string {
   return err instanceof Error ? err.message : String(err);
-}
-
-/** A non-2xx answer from the API server. */
-export class ApiError extends NmiError {
-  readonly status: number;
-  constructor(status: number, text: string) {
-    super(codes.BINDINGS, text);
-    this.name = 'ApiError';
-    this.status = status;
-  }
-}
-
-/** The API server over undici, with TLS and auth read from the config's files on every request. */
-export class KubeClient {
-  readonly server: string;
-  readonly #config: KubeConfig;
-  readonly #userAgent: string;
-  readonly #agent = new TlsAgent((tls) => new Agent({ connect: tls }));
-
-  constructor(config: KubeConfig, userAgent: string) {
-    this.server = config.server;
-    this.#config = config;
-    this.#userAgent = userAgent;
-  }
-
-  // Read again per request: the service account token and certificates rotate on disk.
-  async #prepare(): Promise<{ dispatcher: Agent; headers: Record<string, string> }> {
-    const { tls, headers } = await kubeCredentials(this.#config);
-    // In-flight requests (a watch) finish on the old agent.
-    return { dispatcher: this.#agent.for(tls), headers: { accept: 'application/json', 'user-agent': this.#userAgent, ...headers } };
-  }
-
-  /** Fails early when the credentials named by the config cannot be read. */
-  async check(): Promise<void> {
-    try {
-      await this.#prepare();
-    } catch (err) {
-      throw new NmiError(codes.BINDINGS, `API server credentials: ${message(err)}`, { cause: err });
-    }
-  }
-
-  /** A GET whose body the caller reads (or streams); non-2xx answers throw ApiError. */
-  async open(path: string, signal: AbortSignal, bodyTimeout = defaults.requestTimeoutMs): Promise<Dispatcher.ResponseData> {
-    const { dispatcher, headers } = await this.#prepare();
-    const res = await request(`${this.server}${path}`, {
-      method: 'GET',
-      dispatcher,
-      headers,
-      signal,
-      headersTimeout: defaults.requestTimeoutMs,
-      bodyTimeout,
-    });
-    if (res.statusCode >= 200 && res.statusCode < 300) return res;
-    const text = await res.body.text().catch(() => '');
-    let reason = text.slice(0, 200);
-    try {
-      const status = JSON.parse(text) as { reason?: string; message?: string };
-      reason = [status.reason, status.message].filter(Boolean).join(': ');
-    } catch {
-      // Not a Status object: keep the start of the text.
-    }
-    throw new ApiError(res.statusCode, `GET ${path.split('?')[0]}: ${res.statusCode} ${reason}`.trim());
-  }
-
-  async getJson(path: string, signal: AbortSignal): Promise<unknown> {
-    const res = await this.open(path, signal);
-    return res.body.json();
-  }
-
-  async close(): Promise<void> {
-    await this.#agent.close('destroy');
-  }
-}
-
-class Backoff {
-  #delay: number;
-  constructor(private readonly opts: { initialMs: number; maxMs: number }) {
-    this.#delay = opts.initialMs;
-  }
-  next(): number {
-    const d = this.#delay;
-    this.#delay = Math.min(this.opts.maxMs, d * 2);
-    return d * (0.8 + Math.random() * 0.4);
-  }
-  reset(): void {
-    this.#delay = this.opts.initialMs;
-  }
 }
 
 /** The resourceVersion a list or watch must start over from. */

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { codes, isNmiError } from '../../src/errors/errors.js';
 import type { Logger } from '../../src/log/logger.js';
 import { KubeBindingSource, type KubeSourceOptions } from '../../src/bindings/kube-source.js';
-import { loadKubeConfig } from '../../src/bindings/kubeconfig.js';
+import { loadKubeConfig } from '../../src/kube/kubeconfig.js';
 import { secretFor } from '../../src/bindings/match.js';
 import { BindingStore } from '../../src/bindings/store.js';
 import { createPki } from '../standins/pki.js';
@@ -351,7 +351,7 @@ test('in-cluster config from the service account files under a path prefix', asy
 
   // Missing service account files fail start with a bindings error.
   const bad = new KubeBindingSource(capture().log, { pathPrefix: path.join(root, 'nothing') });
-  await assert.rejects(bad.start(() => undefined), (err: unknown) => isNmiError(err, codes.BINDINGS) && /API server credentials/.test(err.message));
+  await assert.rejects(bad.start(() => undefined), (err: unknown) => isNmiError(err, codes.API_SERVER) && /API server credentials/.test(err.message));
   bad.stop();
 });
 

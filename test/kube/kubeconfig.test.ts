@@ -4,7 +4,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { codes, isNmiError } from '../../src/errors/errors.js';
-import { kubeCredentials, loadKubeConfig } from '../../src/bindings/kubeconfig.js';
+import { kubeCredentials, loadKubeConfig } from '../../src/kube/kubeconfig.js';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'nmi-kubeconfig-'));
 after(() => rmSync(dir, { recursive: true, force: true }));

@@ -42,8 +42,8 @@ export interface KubeCredentials {
 
 const SERVICE_ACCOUNT = '/var/run/secrets/kubernetes.io/serviceaccount';
 
-/** Reads --kubeconfig, or the in-cluster config; a missing or unusable config is a usage error. */
-export function loadKubeConfig({ kubeconfig, pathPrefix = '' }: KubeConfigOptions): KubeConfig {
+/** Reads --kubeconfig, or the in-cluster config; a missing or unusable config is a usage error naming `neededBy`. */
+export function loadKubeConfig({ kubeconfig, pathPrefix = '' }: KubeConfigOptions, neededBy = '--bindings kubernetes'): KubeConfig {
   if (kubeconfig) {
     try {
       return parseKubeConfig(readFileSync(kubeconfig, 'utf8'), path.dirname(kubeconfig));
@@ -53,7 +53,7 @@ export function loadKubeConfig({ kubeconfig, pathPrefix = '' }: KubeConfigOption
   }
   const host = process.env.KUBERNETES_SERVICE_HOST;
   const port = process.env.KUBERNETES_SERVICE_PORT;
-  if (!host || !port) throw new UsageError('--bindings kubernetes: no --kubeconfig and not in a cluster (KUBERNETES_SERVICE_HOST/PORT unset)');
+  if (!host || !port) throw new UsageError(`${neededBy}: no --kubeconfig and not in a cluster (KUBERNETES_SERVICE_HOST/PORT unset)`);
   return {
     server: `https://${isIPv6(host) ? `[${host}]` : host}:${port}`,
     ca: { file: `${pathPrefix}${SERVICE_ACCOUNT}/ca.crt` },

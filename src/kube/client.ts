@@ -1,0 +1,100 @@
+// The API server over undici, for every part of nmi that talks to it (the
+// custom resources, the start gate). TLS and auth are read from the config's
+// files on every request: the service account token and certificates rotate.
+import { TlsAgent } from '../net/tls-agent.js';
+import { Agent, request, type Dispatcher } from '../net/undici.js';
+import { codes, NmiError } from '../errors/errors.js';
+import { kubeCredentials, type KubeConfig } from './kubeconfig.js';
+
+const requestTimeoutMs = 30_000; // for everything but a watch's body
+
+function message(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** A non-2xx answer from the API server. */
+export class ApiError extends NmiError {
+  readonly status: number;
+  constructor(status: number, text: string) {
+    super(codes.API_SERVER, text);
+    this.name = 'ApiError';
+    this.status = status;
+  }
+}
+
+export class KubeClient {
+  readonly server: string;
+  readonly #config: KubeConfig;
+  readonly #userAgent: string;
+  readonly #agent = new TlsAgent((tls) => new Agent({ connect: tls }));
+
+  constructor(config: KubeConfig, userAgent: string) {
+    this.server = config.server;
+    this.#config = config;
+    this.#userAgent = userAgent;
+  }
+
+  async #prepare(): Promise<{ dispatcher: Agent; headers: Record<string, string> }> {
+    const { tls, headers } = await kubeCredentials(this.#config);
+    // In-flight requests (a watch) finish on the old agent.
+    return { dispatcher: this.#agent.for(tls), headers: { accept: 'application/json', 'user-agent': this.#userAgent, ...headers } };
+  }
+
+  /** Fails early when the credentials named by the config cannot be read. */
+  async check(): Promise<void> {
+    try {
+      await this.#prepare();
+    } catch (err) {
+      throw new NmiError(codes.API_SERVER, `API server credentials: ${message(err)}`, { cause: err });
+    }
+  }
+
+  /** A GET whose body the caller reads (or streams); non-2xx answers throw ApiError. */
+  open(path: string, signal: AbortSignal, bodyTimeout = requestTimeoutMs): Promise<Dispatcher.ResponseData> {
+    return this.#send('GET', path, signal, bodyTimeout);
+  }
+
+  async getJson(path: string, signal: AbortSignal): Promise<unknown> {
+    const res = await this.open(path, signal);
+    return res.body.json();
+  }
+
+  /** A JSON merge patch (RFC 7386); the object as stored after it. */
+  async mergePatch(path: string, patch: object, signal: AbortSignal): Promise<unknown> {
+    const res = await this.#send('PATCH', path, signal, requestTimeoutMs, { contentType: 'application/merge-patch+json', body: JSON.stringify(patch) });
+    return res.body.json();
+  }
+
+  async #send(
+    method: 'GET' | 'PATCH',
+    path: string,
+    signal: AbortSignal,
+    bodyTimeout: number,
+    payload?: { contentType: string; body: string },
+  ): Promise<Dispatcher.ResponseData> {
+    const { dispatcher, headers } = await this.#prepare();
+    const res = await request(`${this.server}${path}`, {
+      method,
+      dispatcher,
+      headers: payload ? { ...headers, 'content-type': payload.contentType } : headers,
+      body: payload?.body,
+      signal,
+      headersTimeout: requestTimeoutMs,
+      bodyTimeout,
+    });
+    if (res.statusCode >= 200 && res.statusCode < 300) return res;
+    const text = await res.body.text().catch(() => '');
+    let reason = text.slice(0, 200);
+    try {
+      const status = JSON.parse(text) as { reason?: string; message?: string };
+      reason = [status.reason, status.message].filter(Boolean).join(': ');
+    } catch {
+      // Not a Status object: keep the start of the text.
+    }
+    throw new ApiError(res.statusCode, `${method} ${path.split('?')[0]}: ${res.statusCode} ${reason}`.trim());
+  }
+
+  async close(): Promise<void> {
+    await this.#agent.close('destroy');
+  }
+}
