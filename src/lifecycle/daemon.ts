@@ -39,7 +39,13 @@ import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
 import { TokenCache } from '../tokens/token-cache.js';
 import { mountsOfType } from '../util/mounts.js';
+import { KubeClient } from '../kube/client.js';
+import { loadKubeConfig } from '../kube/kubeconfig.js';
+import { StartGate } from './start-gate.js';
 import { dropStartupPages } from './startup-pages.js';
+
+/** How long a stop waits to taint the node again before it goes on without. */
+const GATE_CLOSE_TIMEOUT_MS = 5_000;
 
 export interface Daemon {
   readiness: Readiness;
@@ -58,6 +64,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   if (config.kubeletClientCert && !config.kubeletClientKey) throw new UsageError('--kubelet-client-key: required with --kubelet-client-cert');
   if (config.kubeletClientKey && !config.kubeletClientCert) throw new UsageError('--kubelet-client-cert: required with --kubelet-client-key');
   const hostTcp = await hostTokenTcpConfig(config);
+  const gate = startGate(config, log);
   const status = (text: string) => {
     hooks.status?.(text);
     log.info(text);
@@ -184,11 +191,29 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     },
   });
 
+  if (gate) {
+    new Gauge({
+      name: 'nmi_start_gate_open',
+      help: '1 once the start taint is off this node (--start-taint)',
+      registers: [registry],
+      collect() {
+        this.set(gate.opened ? 1 : 0);
+      },
+    });
+  }
+
   /** touchRules false: a start that failed before installing leaves whatever rules there are alone. */
   const stopAll = async (touchRules: boolean) => {
     readiness.set('server', false);
-    status('draining requests');
     try {
+      // Before the redirect goes: from here on no new pod is scheduled on this node.
+      if (touchRules && config.onExit === 'remove') {
+        status('tainting the node');
+        await gate?.close(GATE_CLOSE_TIMEOUT_MS);
+      } else {
+        await gate?.stop();
+      }
+      status('draining requests');
       await Promise.all([server.close(), ...hostServers.map((s) => s.close())]);
       tables?.stop();
       if (touchRules) {
@@ -222,6 +247,8 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     readiness.set('rules', true);
     retainUsedTokens();
     releaseStartupPages(log);
+    // Ready: pods may be scheduled here now. Retried in the background until done.
+    void gate?.open();
   } catch (err) {
     // Leave nothing listening. Rules are only ever installed last, so any rules
     // there are a crashed predecessor's: they stay, and pods keep failing closed
@@ -249,6 +276,14 @@ async function hostTokenTcpConfig(config: RunConfig): Promise<{ address: HostPor
   const unsupported = await socketCgroupsUnsupported();
   if (unsupported) throw new UsageError(`--host-token-address: callers cannot be attested here: ${unsupported}`);
   return { address, cgroupMount };
+}
+
+/** --start-taint: the node's name and an API server to patch it through, or a usage error. */
+function startGate(config: RunConfig, log: Logger): StartGate | undefined {
+  if (!config.startTaint) return undefined;
+  if (!config.nodeName) throw new UsageError('--start-taint: needs --node-name (or $NODE_NAME), the Node to take the taint off');
+  const client = new KubeClient(loadKubeConfig({ kubeconfig: config.kubeconfig }, '--start-taint'), `nmi (node ${config.nodeName})`);
+  return new StartGate({ client, nodeName: config.nodeName, taint: config.startTaint, log });
 }
 
 /** Startup is over: its code pages need not stay mapped (startup-pages.ts). */

@@ -38,6 +38,16 @@ test('bad values name their flag', () => {
   oneLine([...base, '--rules', 'none', '--host-token-address', '127.0.0.1:2579'], /^nmi run: --host-token-address: needs --host-token-allow \(no caller would be let in\)$/);
   oneLine([...base, '--multiple-identities', 'any'], /^nmi run: --multiple-identities: "any" is not one of first, refuse$/);
   oneLine([...base], /^nmi run: --multiple-identities: "" is not one of first, refuse$/, { ...process.env, NMI_MULTIPLE_IDENTITIES: '' });
+  oneLine([...base, '--start-taint', 'nmi-not-ready'], /^nmi run: --start-taint: "nmi-not-ready" is not KEY\[=VALUE\]:EFFECT$/);
+  oneLine([...base, '--start-taint', 'nmi-not-ready=true:NoRun'], /^nmi run: --start-taint: effect "NoRun" is not one of NoSchedule, PreferNoSchedule, NoExecute$/);
+  oneLine([...base, '--start-taint', 'Nmi.io/not-ready:NoSchedule'], /^nmi run: --start-taint: "Nmi\.io\/not-ready" in .* is not a taint key/);
+  const { NODE_NAME: _node, KUBERNETES_SERVICE_HOST: _host, KUBERNETES_SERVICE_PORT: _port, ...noCluster } = process.env;
+  oneLine([...base, '--rules', 'none', '--bindings', tmpdir(), '--start-taint', 'nmi-not-ready:NoSchedule'], /^nmi run: --start-taint: needs --node-name \(or \$NODE_NAME\), the Node to take the taint off$/, noCluster);
+  oneLine(
+    [...base, '--rules', 'none', '--bindings', tmpdir(), '--node-name', 'node1', '--start-taint', 'nmi-not-ready:NoSchedule'],
+    /^nmi run: --start-taint: no --kubeconfig and not in a cluster \(KUBERNETES_SERVICE_HOST\/PORT unset\)$/,
+    noCluster,
+  );
   oneLine([...base, '--no-such-flag'], /Unknown option '--no-such-flag'/);
   oneLine([...base, '--kubelet-client-cert', process.execPath, '--rules', 'none'], /--kubelet-client-key: required with --kubelet-client-cert/);
   oneLine([...base, '--rules', 'ebpf', '--cgroup-root', '/nonexistent/kubepods.slice'], /--cgroup-root: \/nonexistent\/kubepods\.slice: ENOENT/);

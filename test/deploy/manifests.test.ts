@@ -14,6 +14,9 @@ import { CRD_PATH, KubeBindingSource } from '../../src/bindings/kube-source.js';
 import { CRD_API_VERSION, parseObject } from '../../src/bindings/parse.js';
 import { runFlags } from '../../src/config/commands.js';
 import { silentLogger } from '../../src/log/logger.js';
+import { KubeClient } from '../../src/kube/client.js';
+import { loadKubeConfig } from '../../src/kube/kubeconfig.js';
+import { StartGate } from '../../src/lifecycle/start-gate.js';
 import { startApiServer, type KubeObject } from '../standins/apiserver.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -30,10 +33,10 @@ const docs: { file: string; doc: Doc }[] = yamlFiles.flatMap((file) =>
     return { file, doc: d.toJS() as Doc };
   }),
 );
-const all = (kind: string): Doc[] => docs.filter((d) => d.doc.kind === kind).map((d) => d.doc);
-const one = (kind: string): Doc => {
-  const found = all(kind);
-  assert.equal(found.length, 1, `exactly one ${kind}`);
+const all = (kind: string, file?: string): Doc[] => docs.filter((d) => d.doc.kind === kind && (file === undefined || d.file === file)).map((d) => d.doc);
+const one = (kind: string, file?: string): Doc => {
+  const found = all(kind, file);
+  assert.equal(found.length, 1, `exactly one ${kind}${file ? ` in ${file}` : ''}`);
   return found[0]!;
 };
 
@@ -47,13 +50,13 @@ const envValue = (name: string): string | undefined => env.get(name)?.value;
 const DRAIN_SECONDS = 10;
 
 test('every manifest parses and names what it is', () => {
-  assert.deepEqual(yamlFiles.sort(), ['crds.yaml', 'daemonset.yaml', 'rbac.yaml']);
+  assert.deepEqual(yamlFiles.sort(), ['crds.yaml', 'daemonset.yaml', 'rbac.yaml', 'start-gate.yaml']);
   for (const { file, doc } of docs) {
     assert.ok(doc.apiVersion && doc.kind && doc.metadata?.name, `${file}: apiVersion, kind, metadata.name`);
   }
   assert.deepEqual(
     docs.map((d) => d.doc.kind).sort(),
-    ['ClusterRole', 'ClusterRoleBinding', 'CustomResourceDefinition', 'CustomResourceDefinition', 'CustomResourceDefinition', 'DaemonSet', 'ServiceAccount'],
+    ['ClusterRole', 'ClusterRole', 'ClusterRoleBinding', 'ClusterRoleBinding', 'CustomResourceDefinition', 'CustomResourceDefinition', 'CustomResourceDefinition', 'DaemonSet', 'ServiceAccount'],
   );
 });
 
@@ -142,19 +145,45 @@ const expectedRules = [
   { apiGroups: [''], resources: ['secrets'], verbs: ['get'] },
 ];
 
-test('RBAC: exactly nodes/proxy get, the three CRs get/list/watch, secrets get — bound to the DaemonSet service account', () => {
-  const role = one('ClusterRole');
-  assert.deepEqual(role.rules, expectedRules);
-  assert.equal(all('Role').length + all('RoleBinding').length, 0);
-  const binding = one('ClusterRoleBinding');
+/** The file's one ClusterRole, bound to the DaemonSet's service account by the file's one ClusterRoleBinding. */
+function roleOf(file: string): Doc {
+  const role = one('ClusterRole', file);
+  const binding = one('ClusterRoleBinding', file);
   assert.deepEqual(binding.roleRef, { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: role.metadata.name });
   const sa = one('ServiceAccount');
   assert.deepEqual(binding.subjects, [{ kind: 'ServiceAccount', name: sa.metadata.name, namespace: sa.metadata.namespace }]);
+  return role;
+}
+
+test('RBAC: exactly nodes/proxy get, the three CRs get/list/watch, secrets get — bound to the DaemonSet service account', () => {
+  assert.deepEqual(roleOf('rbac.yaml').rules, expectedRules);
+  assert.equal(all('Role').length + all('RoleBinding').length, 0);
 });
 
-function allowed(group: string, resource: string, verb: string): boolean {
-  return (one('ClusterRole').rules as Doc[]).some((r) => r.apiGroups.includes(group) && r.resources.includes(resource) && r.verbs.includes(verb));
+function allowed(group: string, resource: string, verb: string, file = 'rbac.yaml'): boolean {
+  return (one('ClusterRole', file).rules as Doc[]).some((r) => r.apiGroups.includes(group) && r.resources.includes(resource) && r.verbs.includes(verb));
 }
+
+test("RBAC: the start gate's own file grants nodes get and patch, exactly what the gate requests, and the base grants no nodes", async () => {
+  assert.deepEqual(roleOf('start-gate.yaml').rules, [{ apiGroups: [''], resources: ['nodes'], verbs: ['get', 'patch'] }]);
+  assert.equal(allowed('', 'nodes', 'get') || allowed('', 'nodes', 'patch'), false, 'the gate stays optional');
+  const api = await startApiServer();
+  try {
+    api.put({ apiVersion: 'v1', kind: 'Node', metadata: { name: 'node1' }, spec: { taints: [{ key: 'gate', effect: 'NoSchedule' }] } });
+    const gate = new StartGate({ client: new KubeClient(loadKubeConfig({ kubeconfig: api.writeKubeconfig(tmp) }), 'nmi'), nodeName: 'node1', taint: { key: 'gate', effect: 'NoSchedule' }, log: silentLogger });
+    await gate.open();
+    await gate.close(5000);
+    const verbs = api.requests.map((r) => {
+      assert.equal(r.resource, 'nodes', r.path);
+      const verb = r.method.toLowerCase();
+      assert.ok(allowed('', 'nodes', verb, 'start-gate.yaml'), `${verb} nodes is granted`);
+      return verb;
+    });
+    assert.deepEqual(verbs, ['get', 'patch', 'get', 'patch']);
+  } finally {
+    await api.close();
+  }
+});
 
 const crds = all('CustomResourceDefinition');
 const crdApi = { group: CRD_API_VERSION.split('/')[0]!, version: CRD_API_VERSION.split('/')[1]! };

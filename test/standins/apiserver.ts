@@ -14,6 +14,9 @@
 //   GET /apis/aadpodidentity.k8s.io/v1[/namespaces/<ns>]/<plural>         list (limit/continue honoured)
 //   GET …same…?watch=1&resourceVersion=<rv>[&timeoutSeconds=<s>]          watch: JSON lines {type, object}
 //   GET /api/v1/namespaces/<ns>/secrets/<name>                            one Secret
+//   GET, PATCH /api/v1/nodes/<name>                                       one Node; PATCH takes a JSON merge
+//                                                                         patch, 409 Conflict when it carries a
+//                                                                         resourceVersion that is not the current one
 // Every object change gets the next resourceVersion (one counter, as etcd's) and
 // is kept in a history that watches replay from, until compact().
 import { once } from 'node:events';
@@ -32,7 +35,11 @@ export const plurals: Record<string, string> = {
   AzureIdentityBinding: 'azureidentitybindings',
   AzurePodIdentityException: 'azurepodidentityexceptions',
   Secret: 'secrets',
+  Node: 'nodes',
 };
+
+/** Kinds without a namespace. */
+const clusterScoped = new Set(['Node']);
 
 export interface KubeObject {
   apiVersion: string;
@@ -93,6 +100,8 @@ export interface ApiServer {
   compact(): void;
   /** The next `count` requests whose path starts with `pathPrefix` (default all) get `status`. */
   failNext(count: number, status: number, pathPrefix?: string): void;
+  /** Runs `act` when the next `method` request whose path starts with `pathPrefix` arrives, before it is answered. */
+  beforeNext(method: string, pathPrefix: string, act: () => void | Promise<void>): void;
   /** Stops listening and cuts every connection (the API server is down) … */
   pause(): Promise<void>;
   /** … and listens again on the same port. */
@@ -153,6 +162,17 @@ function status(code: number, reason: string, message: string): object {
 
 const reasons: Record<number, string> = { 401: 'Unauthorized', 403: 'Forbidden', 404: 'NotFound', 410: 'Expired', 500: 'InternalError', 503: 'ServiceUnavailable' };
 
+/** RFC 7386: objects merge, null deletes, anything else (lists included) replaces. */
+function mergePatch(target: unknown, patch: unknown): unknown {
+  if (typeof patch !== 'object' || patch === null || Array.isArray(patch)) return patch;
+  const out: Record<string, unknown> = typeof target === 'object' && target !== null && !Array.isArray(target) ? { ...(target as Record<string, unknown>) } : {};
+  for (const [k, v] of Object.entries(patch)) {
+    if (v === null) delete out[k];
+    else out[k] = mergePatch(out[k], v);
+  }
+  return out;
+}
+
 function keyOf(namespace: string, name: string): string {
   return `${namespace}/${name}`;
 }
@@ -170,6 +190,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
   const watchers = new Set<Watcher>();
   const requests: RequestRecord[] = [];
   const failures: { count: number; status: number; prefix: string }[] = [];
+  const hooks: { method: string; prefix: string; act: () => void | Promise<void> }[] = [];
   const watchWaiters = new Set<() => void>();
 
   const send = (res: ServerResponse, code: number, body: object): void => {
@@ -252,17 +273,42 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     for (const wake of watchWaiters) wake();
   };
 
-  const handler = (req: import('node:http').IncomingMessage, res: ServerResponse): void => {
+  const patchNode = (req: import('node:http').IncomingMessage, res: ServerResponse, name: string): void => {
+    const chunks: Buffer[] = [];
+    req.on('data', (c: Buffer) => chunks.push(c));
+    req.on('end', () => {
+      const objects = store.get('nodes')!;
+      const found = objects.get(keyOf('', name));
+      if (!found) return fail(res, 404, `nodes "${name}" not found`);
+      if (req.headers['content-type'] !== 'application/merge-patch+json') return fail(res, 415, `only application/merge-patch+json is served`);
+      let patch: { metadata?: { resourceVersion?: string } };
+      try {
+        patch = JSON.parse(Buffer.concat(chunks).toString('utf8')) as typeof patch;
+      } catch {
+        return fail(res, 400, 'the patch is not JSON');
+      }
+      const wanted = patch.metadata?.resourceVersion;
+      if (wanted !== undefined && wanted !== found.metadata.resourceVersion) {
+        return fail(res, 409, `Operation cannot be fulfilled on nodes "${name}": the object has been modified; please apply your changes to the latest version and try again`);
+      }
+      const patched = mergePatch(found, patch) as KubeObject;
+      patched.metadata.name = name;
+      send(res, 200, server.put(patched));
+    });
+  };
+
+  const handler = async (req: import('node:http').IncomingMessage, res: ServerResponse): Promise<void> => {
     const url = new URL(req.url ?? '/', 'https://apiserver');
     const query = url.searchParams;
     const isWatch = query.get('watch') === '1' || query.get('watch') === 'true';
     const crd = url.pathname.match(/^\/apis\/aadpodidentity\.k8s\.io\/v1\/(?:namespaces\/([^/]+)\/)?([a-z]+)$/);
     const secret = url.pathname.match(/^\/api\/v1\/namespaces\/([^/]+)\/secrets\/([^/]+)$/);
+    const node = url.pathname.match(/^\/api\/v1\/nodes\/([^/]+)$/);
     requests.push({
       method: req.method ?? '',
       path: url.pathname,
       query: Object.fromEntries(query),
-      resource: crd?.[2] ?? (secret ? 'secrets' : undefined),
+      resource: crd?.[2] ?? (secret ? 'secrets' : node ? 'nodes' : undefined),
       watch: isWatch,
     });
     if (req.headers.authorization !== `Bearer ${token}`) return fail(res, 401, 'Unauthorized');
@@ -271,10 +317,22 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       if (--injected.count <= 0) failures.splice(failures.indexOf(injected), 1);
       return fail(res, injected.status, 'injected failure');
     }
+    const hook = hooks.find((h) => h.method === req.method && url.pathname.startsWith(h.prefix));
+    if (hook) {
+      hooks.splice(hooks.indexOf(hook), 1);
+      await hook.act();
+    }
+    if (node) {
+      const name = decodeURIComponent(node[1] ?? '');
+      if (req.method === 'PATCH') return patchNode(req, res, name);
+      if (req.method !== 'GET') return fail(res, 405, 'only GET and PATCH are served for nodes');
+      const found = store.get('nodes')?.get(keyOf('', name));
+      return found ? send(res, 200, found) : fail(res, 404, `nodes "${name}" not found`);
+    }
     if (req.method !== 'GET') return fail(res, 405, 'only GET is served');
     if (crd) {
       const [, namespace, plural = ''] = crd;
-      if (plural === 'secrets' || !store.has(plural)) return fail(res, 404, `the server could not find the requested resource`);
+      if (plural === 'secrets' || plural === 'nodes' || !store.has(plural)) return fail(res, 404, `the server could not find the requested resource`);
       return isWatch ? watch(res, plural, namespace, query) : list(res, plural, namespace, query);
     }
     if (secret) {
@@ -285,7 +343,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     return fail(res, 404, 'the server could not find the requested resource');
   };
 
-  const httpsServer = https.createServer({ key: serving.keyPem, cert: serving.certPem }, handler);
+  const httpsServer = https.createServer({ key: serving.keyPem, cert: serving.certPem }, (req, res) => void handler(req, res));
   httpsServer.listen(0, '127.0.0.1');
   await once(httpsServer, 'listening');
   const port = (httpsServer.address() as AddressInfo).port;
@@ -310,9 +368,10 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     put(obj) {
       const plural = pluralOf(obj.kind);
       const copy = structuredClone(obj);
-      copy.metadata.namespace ??= 'default';
+      if (clusterScoped.has(obj.kind)) delete copy.metadata.namespace;
+      else copy.metadata.namespace ??= 'default';
       copy.metadata.resourceVersion = String(++rv);
-      const key = keyOf(copy.metadata.namespace, copy.metadata.name);
+      const key = keyOf(copy.metadata.namespace ?? '', copy.metadata.name);
       const objects = store.get(plural)!;
       const type = objects.has(key) ? 'MODIFIED' : 'ADDED';
       objects.set(key, copy);
@@ -374,6 +433,9 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     },
     failNext(count, code, prefix = '/') {
       failures.push({ count, status: code, prefix });
+    },
+    beforeNext(method, prefix, act) {
+      hooks.push({ method, prefix, act });
     },
     async pause() {
       server.dropWatches();
