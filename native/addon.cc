@@ -4,6 +4,13 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("nftLoad", Napi::Function::New(env, nmi::NftLoad, "nftLoad"));
   exports.Set("nftRun", Napi::Function::New(env, nmi::NftRun, "nftRun"));
   exports.Set("sdNotify", Napi::Function::New(env, nmi::SdNotify, "sdNotify"));
+  exports.Set("listenTcp", Napi::Function::New(env, nmi::ListenTcp, "listenTcp"));
+  exports.Set("listeningAddress", Napi::Function::New(env, nmi::ListeningAddress, "listeningAddress"));
+  exports.Set("closeFd", Napi::Function::New(env, nmi::CloseFd, "closeFd"));
+  exports.Set("dupFd", Napi::Function::New(env, nmi::DupFd, "dupFd"));
+  exports.Set("sendFds", Napi::Function::New(env, nmi::SendFds, "sendFds"));
+  exports.Set("receiveFds", Napi::Function::New(env, nmi::ReceiveFds, "receiveFds"));
+  exports.Set("peerCredentials", Napi::Function::New(env, nmi::PeerCredentials, "peerCredentials"));
   exports.Set("setNetns", Napi::Function::New(env, nmi::SetNetns, "setNetns"));
   exports.Set("dropPages", Napi::Function::New(env, nmi::DropPages, "dropPages"));
   exports.Set("setMallocThresholds", Napi::Function::New(env, nmi::SetMallocThresholds, "setMallocThresholds"));

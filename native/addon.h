@@ -7,6 +7,13 @@ namespace nmi {
 Napi::Value NftLoad(const Napi::CallbackInfo& info);
 Napi::Value NftRun(const Napi::CallbackInfo& info);
 Napi::Value SdNotify(const Napi::CallbackInfo& info);
+Napi::Value ListenTcp(const Napi::CallbackInfo& info);
+Napi::Value ListeningAddress(const Napi::CallbackInfo& info);
+Napi::Value CloseFd(const Napi::CallbackInfo& info);
+Napi::Value DupFd(const Napi::CallbackInfo& info);
+Napi::Value SendFds(const Napi::CallbackInfo& info);
+Napi::Value ReceiveFds(const Napi::CallbackInfo& info);
+Napi::Value PeerCredentials(const Napi::CallbackInfo& info);
 Napi::Value SetNetns(const Napi::CallbackInfo& info);
 Napi::Value DropPages(const Napi::CallbackInfo& info);
 Napi::Value SetMallocThresholds(const Napi::CallbackInfo& info);

@@ -51,8 +51,8 @@ std::vector<char*> Pointers(std::vector<std::string>& strings) {
 // exec(file: string, argv: string[], env: string[]): never returns when it works, else the errno text.
 Napi::Value Exec(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() != 3 || !info[0].IsString()) {
-    Napi::TypeError::New(env, "Usage: exec(file: string, argv: string[], env: string[])").ThrowAsJavaScriptException();
+  if ((info.Length() != 3 && info.Length() != 4) || !info[0].IsString()) {
+    Napi::TypeError::New(env, "Usage: exec(file: string, argv: string[], env: string[], keepFds?: number[])").ThrowAsJavaScriptException();
     return env.Undefined();
   }
   std::string file = info[0].As<Napi::String>().Utf8Value();
@@ -60,16 +60,32 @@ Napi::Value Exec(const Napi::CallbackInfo& info) {
   if (!Strings(env, info[1], "argv", &argv) || !Strings(env, info[2], "env", &envp)) return env.Undefined();
   std::vector<char*> argvPointers = Pointers(argv), envPointers = Pointers(envp);
   // node marks the descriptors it inherited close-on-exec when it starts
-  // (uv_disable_stdio_inheritance): the new image must keep stdin, stdout and stderr.
-  int saved[3];
-  for (int fd = 0; fd < 3; fd++) {
-    saved[fd] = fcntl(fd, F_GETFD);
-    if (saved[fd] >= 0) fcntl(fd, F_SETFD, saved[fd] & ~FD_CLOEXEC);
+  // (uv_disable_stdio_inheritance): the new image must keep stdin, stdout and
+  // stderr, and the listening sockets systemd passed (keepFds).
+  std::vector<int> keep = {0, 1, 2};
+  if (info.Length() == 4) {
+    if (!info[3].IsArray()) {
+      Napi::TypeError::New(env, "exec: keepFds must be an array of numbers").ThrowAsJavaScriptException();
+      return env.Undefined();
+    }
+    Napi::Array fds = info[3].As<Napi::Array>();
+    for (uint32_t i = 0; i < fds.Length(); i++) {
+      if (!fds.Get(i).IsNumber()) {
+        Napi::TypeError::New(env, "exec: keepFds must be an array of numbers").ThrowAsJavaScriptException();
+        return env.Undefined();
+      }
+      keep.push_back(fds.Get(i).As<Napi::Number>().Int32Value());
+    }
+  }
+  std::vector<int> saved;
+  for (int fd : keep) {
+    saved.push_back(fcntl(fd, F_GETFD));
+    if (saved.back() >= 0) fcntl(fd, F_SETFD, saved.back() & ~FD_CLOEXEC);
   }
   execve(file.c_str(), argvPointers.data(), envPointers.data());
   int error = errno;
-  for (int fd = 0; fd < 3; fd++) {
-    if (saved[fd] >= 0) fcntl(fd, F_SETFD, saved[fd]);
+  for (size_t i = 0; i < keep.size(); i++) {
+    if (saved[i] >= 0) fcntl(keep[i], F_SETFD, saved[i]);
   }
   return Napi::String::New(env, strerror(error));
 }

@@ -213,11 +213,15 @@ void Server::Run() {
       close(listenFd);
       listenFd = -1;
       listening = false;
-      // Idle connections go now; the others after their last answer.
+      // Idle keep-alive connections go now; the others after their last answer. A
+      // connection that has not had its first answer is not idle: its client sent (or is
+      // sending) a request, and closing would reset it. After a restart or handoff, the
+      // listener lives on and new connections go to the next process.
       std::vector<uint64_t> idle;
       for (auto& [id, c] : conns_) {
-        c->noMoreRequests = true;
-        if (c->slots.empty() && c->out.size() == c->outOffset) idle.push_back(id);
+        bool answeredOnce = c->nextRequestId > 1;
+        bool nothingPending = c->slots.empty() && c->out.size() == c->outOffset && c->in.size() == c->inStart;
+        if (answeredOnce && nothingPending) idle.push_back(id);
       }
       for (auto id : idle) Destroy(id);
     }
@@ -370,7 +374,8 @@ void Server::Pump(Conn& c) {
     c.out.clear();
     c.outOffset = 0;
     if (c.slots.empty()) {
-      if (c.closeAfterFlush || c.peerClosed || (stopping.load() && c.noMoreRequests)) {
+      // Stopping: a connection goes once nothing of it is left to answer.
+      if (c.closeAfterFlush || c.peerClosed || (stopping.load() && (c.noMoreRequests || c.in.empty()))) {
         Destroy(c.id);
         return;
       }
@@ -600,15 +605,15 @@ void CallJs(Napi::Env env, Napi::Function fn, Handoff* data) {
 }  // namespace
 
 static const char* const kStartUsage =
-    "serverStart({host, port, maxConnections, maxHeaderBytes, headerTimeoutMs, metadataHeaderRequired, firstOfSeveral, peerMapFd?}, onRequest)";
+    "serverStart({fd, maxConnections, maxHeaderBytes, headerTimeoutMs, metadataHeaderRequired, firstOfSeveral, peerMapFd?}, onRequest)";
 
 Napi::Value ServerStart(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() != 2 || !info[0].IsObject() || !info[1].IsFunction()) return Usage(env, kStartUsage);
   Napi::Object o = info[0].As<Napi::Object>();
-  for (const char* k : {"port", "maxConnections", "maxHeaderBytes", "headerTimeoutMs"})
+  for (const char* k : {"fd", "maxConnections", "maxHeaderBytes", "headerTimeoutMs"})
     if (!o.Get(k).IsNumber()) return Usage(env, kStartUsage);
-  if (!o.Get("host").IsString() || !o.Get("metadataHeaderRequired").IsBoolean() || !o.Get("firstOfSeveral").IsBoolean())
+  if (!o.Get("metadataHeaderRequired").IsBoolean() || !o.Get("firstOfSeveral").IsBoolean())
     return Usage(env, kStartUsage);
 
   auto s = std::make_shared<Server>();
@@ -625,34 +630,17 @@ Napi::Value ServerStart(const Napi::CallbackInfo& info) {
       return env.Undefined();
     }
   }
-  std::string host = o.Get("host").As<Napi::String>();
-  int port = o.Get("port").As<Napi::Number>().Int32Value();
-
+  // A listening socket made (or adopted) by src/net/listeners.ts; the server owns it from here.
+  s->listenFd = o.Get("fd").As<Napi::Number>().Int32Value();
+  int flags = fcntl(s->listenFd, F_GETFL);
+  if (flags < 0 || fcntl(s->listenFd, F_SETFL, flags | O_NONBLOCK) < 0) {
+    Napi::Error::New(env, ErrnoText("serverStart: fd")).ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
   sockaddr_storage addr{};
   socklen_t len;
   auto* a4 = reinterpret_cast<sockaddr_in*>(&addr);
   auto* a6 = reinterpret_cast<sockaddr_in6*>(&addr);
-  if (inet_pton(AF_INET, host.c_str(), &a4->sin_addr) == 1) {
-    a4->sin_family = AF_INET;
-    a4->sin_port = htons(static_cast<uint16_t>(port));
-    len = sizeof *a4;
-  } else if (inet_pton(AF_INET6, host.c_str(), &a6->sin6_addr) == 1) {
-    a6->sin6_family = AF_INET6;
-    a6->sin6_port = htons(static_cast<uint16_t>(port));
-    len = sizeof *a6;
-  } else {
-    Napi::Error::New(env, "serverStart: host must be an IP address").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  s->listenFd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  int one = 1;
-  if (s->listenFd >= 0) setsockopt(s->listenFd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (s->listenFd < 0 || bind(s->listenFd, reinterpret_cast<sockaddr*>(&addr), len) < 0 || listen(s->listenFd, 511) < 0) {
-    Napi::Error err = Napi::Error::New(env, ErrnoText("serverStart: listen"));
-    err.Set("errno", Napi::Number::New(env, errno));
-    err.ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
   len = sizeof addr;
   getsockname(s->listenFd, reinterpret_cast<sockaddr*>(&addr), &len);
   s->port = ntohs(addr.ss_family == AF_INET ? a4->sin_port : a6->sin6_port);

@@ -4,13 +4,18 @@ import { once } from 'node:events';
 import type { RunConfig } from '../config/commands.js';
 import { startDaemon } from '../lifecycle/daemon.js';
 import { createLogger } from '../log/logger.js';
+import { takeListenFds } from '../systemd/listen-fds.js';
 import { SystemdNotifier } from '../systemd/notify.js';
 
 export async function run(config: RunConfig): Promise<number> {
   // Read (and unset) NOTIFY_SOCKET before any child process could inherit it.
   const log = createLogger({ level: config.logLevel, format: config.logFormat });
   const notifier = SystemdNotifier.fromEnv(process.env, log);
-  const daemon = await startDaemon(config, log, { status: (text) => notifier?.status(text) });
+  const daemon = await startDaemon(config, log, {
+    status: (text) => notifier?.status(text),
+    inherited: takeListenFds(process.env),
+    keepListeners: (listeners, forget) => notifier?.store(listeners, forget),
+  });
   notifier?.ready('serving');
   notifier?.startWatchdog();
   log.info({ nodeIp: config.nodeIp, port: config.port }, 'nmi ready');

@@ -12,6 +12,7 @@ export const codes = {
   UPSTREAM: 'NMI_ERR_UPSTREAM',
   TOKEN: 'NMI_ERR_TOKEN',
   NETNS: 'NMI_ERR_NETNS',
+  LISTEN: 'NMI_ERR_LISTEN',
 } as const;
 
 export type ErrorCode = (typeof codes)[keyof typeof codes];

@@ -11,7 +11,7 @@ import { HostCallers, socketCgroupsUnsupported } from '../attest/host-callers.js
 import { registerAttestationMetrics, registerHostCallerMetrics } from '../attest/metrics.js';
 import type { RunConfig } from '../config/commands.js';
 import type { HostPort } from '../config/values.js';
-import { UsageError } from '../errors/errors.js';
+import { codes, NmiError, UsageError } from '../errors/errors.js';
 import { identityKey, IdentityType, type AzureIdentity } from '../bindings/model.js';
 import { identitiesFor, secretFor } from '../bindings/match.js';
 import { registerBindingMetrics } from '../bindings/metrics.js';
@@ -23,7 +23,7 @@ import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
 import { Readiness } from '../probe/readiness.js';
-import { startProbeServer } from '../probe/probe-server.js';
+import { PID_HEADER, startProbeServer } from '../probe/probe-server.js';
 import { RulesKeeper } from '../rules/keeper.js';
 import { EbpfBackend } from '../rules/ebpf.js';
 import type { Redirect } from '../rules/redirect.js';
@@ -42,10 +42,17 @@ import { mountsOfType } from '../util/mounts.js';
 import { KubeClient } from '../kube/client.js';
 import { loadKubeConfig } from '../kube/kubeconfig.js';
 import { StartGate } from './start-gate.js';
+import { ListenError, Listeners, type HeldListener } from './listeners.js';
+import { HandoffServer, takeOver } from './handoff.js';
+import { request } from '../net/undici.js';
+import { constants } from 'node:os';
 import { dropStartupPages } from './startup-pages.js';
 
 /** How long a stop waits to taint the node again before it goes on without. */
 const GATE_CLOSE_TIMEOUT_MS = 5_000;
+/** How long a new nmi waits for the running one to stop keeping the rules. */
+const TAKE_RULES_TIMEOUT_MS = 10_000;
+const { EADDRINUSE } = constants.errno;
 
 export interface Daemon {
   readiness: Readiness;
@@ -56,6 +63,10 @@ export interface Daemon {
 export interface DaemonHooks {
   /** Progress for systemd's STATUS= line. */
   status?(text: string): void;
+  /** Listening sockets this process was started with (systemd's LISTEN_FDS), by name. */
+  inherited?: Map<string, number[]>;
+  /** Where the listeners go to outlive the process (systemd's file descriptor store); `forget`: names no longer used. */
+  keepListeners?(listeners: readonly HeldListener[], forget: readonly string[]): void;
 }
 
 export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
@@ -70,10 +81,28 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     log.info(text);
   };
 
+  // Every listener is held from the start: connections that arrive while nmi syncs (after a
+  // restart, the rules already send them here) wait in the kernel's queue, not refused.
+  if (config.takeOver && !config.handoffSocket) throw new UsageError('--take-over: needs --handoff-socket');
+  const predecessor = config.takeOver && config.handoffSocket ? takeOver(config.handoffSocket, log) : undefined;
+  if (config.takeOver && !predecessor) log.info('no running nmi to take over from: starting afresh');
+  const listeners = new Listeners(predecessor?.listeners ?? hooks.inherited ?? new Map(), log);
+  await holdProbe(listeners, config.probeAddress);
+  listeners.hold('token', { host: config.nodeIp, port: config.port });
+  if (hostTcp) listeners.hold('host-token-tcp', hostTcp.address);
+  hooks.keepListeners?.(listeners.held, listeners.discardUnused());
+
   const registry = createRegistry();
   const readiness = new Readiness();
   for (const condition of ['pods', 'bindings', 'server', 'rules']) readiness.require(condition);
-  const probe: http.Server = await startProbeServer(config.probeAddress, readiness, registry);
+  const serveProbe = () => startProbeServer(config.probeAddress, readiness, registry, listeners.take('probe'));
+  let probe: http.Server | undefined = await serveProbe();
+  const closeProbe = () => {
+    probe?.close();
+    probe?.closeAllConnections();
+    probe = undefined;
+  };
+  let handoff: HandoffServer | undefined;
 
   let tables: Tables | undefined;
   // --rules ebpf: callers attested by the cgroup that made the connection.
@@ -174,7 +203,8 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   };
   const hostSocket = config.hostTokenSocket ? createHostTokenServer({ ...hostDeps, socketPath: config.hostTokenSocket }) : undefined;
   const hostCallers = hostTcp && new HostCallers(new CgroupPods(hostTcp.cgroupMount), pods, config.hostTokenAllow, log);
-  const hostTokenTcp = hostTcp && hostCallers && createHostTokenTcpServer({ ...hostDeps, address: hostTcp.address, admit: (socket) => hostCallers.admit(socket) });
+  const hostTokenTcp =
+    hostTcp && hostCallers && createHostTokenTcpServer({ ...hostDeps, address: hostTcp.address, fd: listeners.take('host-token-tcp'), admit: (socket) => hostCallers.admit(socket) });
   if (hostCallers) registerHostCallerMetrics(registry, hostCallers);
   const hostServers = [hostSocket, hostTokenTcp].filter((s) => s !== undefined);
 
@@ -205,6 +235,14 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   /** touchRules false: a start that failed before installing leaves whatever rules there are alone. */
   const stopAll = async (touchRules: boolean) => {
     readiness.set('server', false);
+    // Taken over: the successor holds the listeners and keeps the rules; this one only drains.
+    const handedOver = handoff?.handedOver ?? false;
+    handoff?.close();
+    if (handedOver) {
+      touchRules = false;
+      log.info('leaving the rules and the listening sockets to the nmi that took over');
+      await keeper.release();
+    }
     try {
       // Before the redirect goes: from here on no new pod is scheduled on this node.
       if (touchRules && config.onExit === 'remove') {
@@ -225,8 +263,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
       pods.stop();
       store.stop();
       await Promise.allSettled([kubelet.close(), network.close()]);
-      probe.close();
-      probe.closeAllConnections();
+      closeProbe();
     }
   };
 
@@ -238,12 +275,20 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     await store.start();
     await store.whenReady();
     readiness.set('bindings', true);
-    await server.listen(config.nodeIp, config.port);
+    await server.listen(config.nodeIp, config.port, listeners.take('token'));
     for (const host of hostServers) await host.listen();
     readiness.set('server', true);
     log.info({ address: `${config.nodeIp}:${config.port}` }, 'token server listening');
+    // Both serve now; the predecessor stops keeping the rules before this one starts to.
+    if (predecessor) {
+      status('taking the rules over');
+      const released = await predecessor.takeRules(TAKE_RULES_TIMEOUT_MS);
+      if (!released) log.warn({ predecessor: predecessor.pid }, 'the running nmi did not release the rules in time; keeping them anyway');
+    }
     status(`installing ${backend.name} rules`);
     await keeper.install();
+    if (config.handoffSocket) handoff = await offerHandoff(config.handoffSocket);
+    // Nothing is awaited from here to the caller's SIGTERM handler: /readyz cannot say 200 before it is there.
     readiness.set('rules', true);
     retainUsedTokens();
     releaseStartupPages(log);
@@ -255,6 +300,28 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     // (removing them would hand pods the node's identities at the real IMDS).
     await stopAll(keeper.installed).catch(() => {});
     throw err;
+  }
+
+  /** Where the next nmi finds this one; a failure only means no planned handoff from it. */
+  async function offerHandoff(socketPath: string): Promise<HandoffServer | undefined> {
+    let released = false;
+    try {
+      return await HandoffServer.listen(socketPath, () => listeners.held, {
+        onSuccessor: () => closeProbe(),
+        onTakeRules: async () => {
+          released = true;
+          await keeper.release();
+        },
+        onSuccessorGone: () => {
+          void serveProbe().then((server) => (probe = server));
+          if (released) void keeper.install().catch((err: Error) => log.error({ err: err.message }, 'could not keep the rules again'));
+          released = false;
+        },
+      }, log);
+    } catch (err) {
+      log.warn({ socket: socketPath, err: (err as Error).message }, 'no handoff socket: a new nmi cannot take over from this one');
+      return undefined;
+    }
   }
 
   return {
@@ -276,6 +343,37 @@ async function hostTokenTcpConfig(config: RunConfig): Promise<{ address: HostPor
   const unsupported = await socketCgroupsUnsupported();
   if (unsupported) throw new UsageError(`--host-token-address: callers cannot be attested here: ${unsupported}`);
   return { address, cgroupMount };
+}
+
+/**
+ * The probe address is bound first: when it is taken, say whether by another nmi (which
+ * names itself in its answers) before anything on the host is touched.
+ */
+async function holdProbe(listeners: Listeners, address: HostPort): Promise<void> {
+  try {
+    listeners.hold('probe', address);
+  } catch (err) {
+    if (!(err instanceof ListenError) || err.errno !== EADDRINUSE) throw err;
+    const other = await nmiAt(address);
+    throw new NmiError(
+      codes.LISTEN,
+      other
+        ? `another nmi (pid ${other}) already runs on this node: its probe answers on ${address.host}:${address.port}; stop it first`
+        : `--probe-address ${address.host}:${address.port}: in use by another program`,
+    );
+  }
+}
+
+/** The pid of the nmi answering on a probe address, or undefined when none does. */
+async function nmiAt(address: HostPort): Promise<number | undefined> {
+  try {
+    const res = await request(`http://${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}/healthz`, { headersTimeout: 2000, bodyTimeout: 2000 });
+    await res.body.dump();
+    const pid = Number(res.headers[PID_HEADER.toLowerCase()]);
+    return Number.isInteger(pid) && pid > 0 ? pid : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** --start-taint: the node's name and an API server to patch it through, or a usage error. */

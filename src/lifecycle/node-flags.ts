@@ -17,6 +17,7 @@
 // 0.75 -> 0.79-0.82 × node:http), so it keeps V8's speed defaults and only the two
 // that cost it nothing.
 import { addon } from '../native/addon.js';
+import { listenFds } from '../systemd/listen-fds.js';
 
 export const NODE_FLAGS = {
   native: ['--max-semi-space-size=1', '--optimize-for-size', '--v8-pool-size=2', '--no-memory-reducer'],
@@ -58,7 +59,7 @@ export function useNodeFlags(wanted: readonly string[]): void {
   const env = Object.entries({ ...process.env, [REEXECUTED]: '1' }).map(([name, value]) => `${name}=${value ?? ''}`);
   let error: string;
   try {
-    error = addon().exec(process.execPath, [process.execPath, ...args], env);
+    error = addon().exec(process.execPath, [process.execPath, ...args], env, [...listenFds(process.env).values()].flat());
   } catch (err) {
     error = (err as Error).message;
   }

@@ -11,8 +11,8 @@ export interface NftResult {
 }
 
 export interface NativeServerOptions {
-  host: string;
-  port: number;
+  /** A listening TCP socket (src/net/listeners.ts). */
+  fd: number;
   maxConnections: number;
   /** Request line + headers; a longer head is handed over with error "overflow". */
   maxHeaderBytes: number;
@@ -61,22 +61,35 @@ export interface NativeAddon {
   nftLoad(): string | null;
   /** Runs one nft transaction through libnftables in the caller's network namespace. */
   nftRun(commands: string, json: boolean): NftResult;
-  /** Sends one sd_notify datagram; null on success, else the errno text. */
-  sdNotify(socketPath: string, message: string): string | null;
+  /** Sends one sd_notify datagram, with descriptors as SCM_RIGHTS when given; null on success, else the errno text. */
+  sdNotify(socketPath: string, message: string, fds?: number[]): string | null;
+  /** A listening, non-blocking, close-on-exec TCP socket bound to host:port; throws with `errno` when it cannot be. */
+  listenTcp(host: string, port: number, backlog: number): number;
+  /** Where a descriptor listens, when it is a listening TCP socket (null otherwise); marks it close-on-exec. */
+  listeningAddress(fd: number): { host: string; port: number } | null;
+  /** A close-on-exec duplicate of a descriptor. */
+  dupFd(fd: number): number;
+  closeFd(fd: number): void;
+  /** One message with descriptors (SCM_RIGHTS) on a connected unix stream socket; null on success, else the errno text. */
+  sendFds(socketFd: number, message: string, fds: number[]): string | null;
+  /** Connects to a unix stream socket and reads its first message and descriptors; null when nothing listens there. */
+  receiveFds(path: string, timeoutMs: number): { fd: number; message: string; fds: number[] } | null;
+  /** Who is at the other end of a unix socket (SO_PEERCRED); null when unknown. */
+  peerCredentials(socketFd: number): { uid: number; pid: number } | null;
   /** Moves the calling (main) thread into the network namespace at path; null on success. */
   setNetns(path: string): string | null;
   /** madvise(MADV_DONTNEED) on [start, start + length); null on success, else the errno text. */
   dropPages(start: bigint, length: bigint): string | null;
   /** mallopt(M_MMAP_THRESHOLD, bytes) and mallopt(M_TRIM_THRESHOLD, bytes); null on success, else which one was refused. */
   setMallocThresholds(bytes: number): string | null;
-  /** execve(2): replaces the process image (same pid); returns the errno text only when that failed. */
-  exec(file: string, argv: string[], env: string[]): string;
+  /** execve(2): replaces the process image (same pid), keeping stdio and keepFds open; returns the errno text only when that failed. */
+  exec(file: string, argv: string[], env: string[], keepFds?: number[]): string;
   /**
    * The TCP socket of this network namespace whose own end is local and whose peer is remote (sock_diag):
    * its owner's uid and the cgroup v2 id it was created in (null before Linux 5.7); null when there is none.
    */
   socketOwner(localAddress: string, localPort: number, remoteAddress: string, remotePort: number): SocketOwner | null;
-  /** Listens and starts the server's epoll thread; throws when the address cannot be bound. */
+  /** Starts the server's epoll thread on a listening socket, which it owns (and closes) from then on. */
   serverStart(options: NativeServerOptions, onRequest: NativeRequestHandler): { id: number; port: number };
   /** Queues the complete answer bytes of one handed-over request; close ends the connection after it. */
   serverRespond(server: number, connId: number, requestId: number, bytes: Buffer, close: boolean): void;

@@ -7,10 +7,13 @@ import type { Registry } from 'prom-client';
 import type { HostPort } from '../config/values.js';
 import type { Readiness } from './readiness.js';
 
+export const PID_HEADER = 'X-Nmi-Pid';
+
 /** An event loop stalled longer than this fails liveness. */
 const MAX_LOOP_DELAY_MS = 5_000;
 
-export async function startProbeServer(address: HostPort, readiness: Readiness, registry: Registry): Promise<http.Server> {
+/** `fd`: a listener held for the process (src/lifecycle/listeners.ts), which the server owns; else it binds `address`. */
+export async function startProbeServer(address: HostPort, readiness: Readiness, registry: Registry, fd?: number): Promise<http.Server> {
   // The late timer records the whole stall on the loop's first turn after it, whatever its
   // period: 250 ms wakes an idle daemon 4 times a second where 50 ms woke it 20 times.
   const delay = monitorEventLoopDelay({ resolution: 250 });
@@ -18,7 +21,8 @@ export async function startProbeServer(address: HostPort, readiness: Readiness, 
   const server = http.createServer((req, res) => {
     const path = (req.url ?? '').split('?')[0];
     const send = (status: number, body: string, type = 'text/plain; charset=utf-8') => {
-      res.writeHead(status, { 'Content-Type': type, 'Content-Length': Buffer.byteLength(body) });
+      // The pid says which nmi answered: another one started beside this one names it (daemon.ts).
+      res.writeHead(status, { 'Content-Type': type, 'Content-Length': Buffer.byteLength(body), [PID_HEADER]: process.pid });
       res.end(body);
     };
     if (req.method !== 'GET' && req.method !== 'HEAD') return send(405, 'method not allowed\n');
@@ -41,7 +45,8 @@ export async function startProbeServer(address: HostPort, readiness: Readiness, 
     send(404, 'not found\n');
   });
   server.on('close', () => delay.disable());
-  server.listen(address.port, address.host);
+  if (fd === undefined) server.listen(address.port, address.host);
+  else server.listen({ fd });
   await once(server, 'listening');
   return server;
 }

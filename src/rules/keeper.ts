@@ -46,6 +46,13 @@ export class RulesKeeper {
     }
   }
 
+  /** Stops verifying and repairing, leaving the rules as they are, for another nmi to keep; install() resumes. */
+  async release(): Promise<void> {
+    clearInterval(this.timer);
+    await this.running;
+    this.log.info({ backend: this.backend.name }, 'rules left to the nmi taking over');
+  }
+
   /** Stops the loop; removes the rules unless keep is set. */
   async stop(remove: boolean): Promise<string[]> {
     clearInterval(this.timer);

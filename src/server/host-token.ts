@@ -53,6 +53,8 @@ export interface HostTokenServerDeps extends HostTokenDeps {
 
 export interface HostTokenTcpDeps extends HostTokenDeps {
   address: HostPort;
+  /** A listener held for the process (src/lifecycle/listeners.ts), owned by the server once it listens; else it binds `address`. */
+  fd?: number;
   /** The verdict on one accepted connection (attest/host-callers.ts); never rejects. */
   admit(socket: net.Socket): Promise<HostVerdict>;
 }
@@ -110,7 +112,7 @@ export function createHostTokenTcpServer(deps: HostTokenTcpDeps): HostTokenServe
   });
   server.on('connection', (socket: net.Socket) => verdicts.set(socket, deps.admit(socket)));
   return closingOnce(server, async () => {
-    await once(server.listen(address.port, address.host), 'listening');
+    await once(deps.fd === undefined ? server.listen(address.port, address.host) : server.listen({ fd: deps.fd }), 'listening');
     log.info({ address: `${address.host}:${address.port}` }, 'host token endpoint listening');
   });
 }

@@ -41,7 +41,7 @@ export interface TableIdentity {
 }
 
 export type ToWorker =
-  | { type: 'listen'; host: string; port: number }
+  | { type: 'listen'; host: string; port: number; fd?: number }
   | { type: 'routes'; lists: TableIdentity[][]; rows: RouteRow[] }
   | { type: 'tokens'; upserts: TableToken[]; removals: TokenId[] }
   | { type: 'answer'; id: number; answer: Answer }
@@ -164,13 +164,15 @@ function updateTokens(upserts: TableToken[], removals: TokenId[]): void {
   }
 }
 
-function listen(host: string, wanted: number): void {
+function listen(host: string, wanted: number, fd: number | undefined): void {
   const failed = (err: NodeJS.ErrnoException) => post({ type: 'listen-failed', message: err.message, code: err.code });
   server.once('error', failed);
-  server.listen(wanted, host, () => {
+  const done = () => {
     server.off('error', failed);
     post({ type: 'listening', port: (server.address() as AddressInfo).port });
-  });
+  };
+  if (fd === undefined) server.listen({ port: wanted, host, backlog: limits.backlog }, done);
+  else server.listen({ fd }, done);
 }
 
 /** Stops accepting, lets handed-over requests be answered (at most drainMs), then closes every connection. */
@@ -218,7 +220,7 @@ server.on('connection', (socket: Socket) => {
 port.on('message', (message: ToWorker) => {
   switch (message.type) {
     case 'listen':
-      return listen(message.host, message.port);
+      return listen(message.host, message.port, message.fd);
     case 'routes':
       return setRoutes(message.lists, message.rows);
     case 'tokens':

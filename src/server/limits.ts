@@ -7,6 +7,7 @@ export const limits = {
   maxBodyBytes: 1024 * 1024, // request bodies (proxied categories only), as native/http-parse.h's kMaxBodyBytes
   keepAliveTimeoutMs: 5_000, // idle keep-alive connection
   maxConnections: 4_096,
+  backlog: 511, // connections the kernel queues unaccepted: what waits there while nmi restarts
   drainTimeoutMs: 10_000, // close(): in-flight requests get this long
   proxyTimeoutMs: 10_000,
   upstreamRetryAfterS: 5, // when the upstream gave no Retry-After

@@ -24,7 +24,8 @@ import { limits } from './limits.js';
 import { answerWhole, createRequestCore, type TokenServerDeps } from './core.js';
 
 export interface NativeTokenServer extends TableFedServer {
-  listen(host: string, port: number): Promise<void>;
+  /** Serves on `fd` when given (a listener kept across restarts, which the server then owns), else binds host:port. */
+  listen(host: string, port: number, fd?: number): Promise<void>;
   /** Stops accepting, lets answers under way go out (at most drainMs), then closes every connection. Idempotent. */
   close(drainMs?: number): Promise<void>;
   /** The bound port, once listening. */
@@ -105,11 +106,10 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
     get port() {
       return port;
     },
-    async listen(host, wantedPort) {
+    async listen(host, wantedPort, fd) {
       const started = native.serverStart(
         {
-          host,
-          port: wantedPort,
+          fd: fd ?? native.listenTcp(host, wantedPort, limits.backlog),
           maxConnections: limits.maxConnections,
           maxHeaderBytes: limits.maxHeaderSize,
           headerTimeoutMs: limits.headersTimeoutMs,

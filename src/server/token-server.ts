@@ -10,7 +10,8 @@ import { createImdsProxy } from './proxy.js';
 import { packRoutes, tellingServed, type TableFedServer, type TokenServedListener } from './tables.js';
 
 export interface TokenServer extends TableFedServer {
-  listen(host: string, port: number): Promise<void>;
+  /** Serves on `fd` when given (a listener kept across restarts, which the server then owns), else binds host:port. */
+  listen(host: string, port: number, fd?: number): Promise<void>;
   /** The bound port, once listening. */
   readonly port: number | undefined;
   /** Stops accepting, lets in-flight requests finish (at most drainMs), then closes every connection. Idempotent. */
@@ -78,10 +79,10 @@ export function createTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: n
     get port() {
       return port;
     },
-    listen(host, wanted) {
+    listen(host, wanted, fd) {
       return new Promise<void>((resolve, reject) => {
         listening = { resolve, reject };
-        send({ type: 'listen', host, port: wanted });
+        send({ type: 'listen', host, port: wanted, fd });
       }).finally(() => (listening = undefined));
     },
     close(drainMs = limits.drainTimeoutMs) {

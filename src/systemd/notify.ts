@@ -66,15 +66,25 @@ export class SystemdNotifier {
     this.#timer = setInterval(() => this.#send('WATCHDOG=1'), this.watchdogIntervalMs).unref();
   }
 
+  /**
+   * Hands listening sockets to systemd's file descriptor store (FDSTORE=1, FDNAME=), where they
+   * outlive this process: the next start gets them back as LISTEN_FDS. Names no longer used
+   * are dropped from the store first (FDSTOREREMOVE=1). systemd ignores a descriptor it holds already.
+   */
+  store(listeners: readonly { name: string; fd: number }[], forget: readonly string[] = []): void {
+    for (const name of forget) this.#send(`FDSTOREREMOVE=1\nFDNAME=${name}`);
+    for (const { name, fd } of listeners) this.#send(`FDSTORE=1\nFDNAME=${name}`, [fd]);
+  }
+
   close(): void {
     clearInterval(this.#timer);
     this.#timer = undefined;
   }
 
-  #send(message: string): void {
+  #send(message: string, fds?: number[]): void {
     let error: string | null;
     try {
-      error = addon().sdNotify(this.socket, message);
+      error = fds ? addon().sdNotify(this.socket, message, fds) : addon().sdNotify(this.socket, message);
     } catch (err) {
       error = (err as Error).message;
     }

@@ -85,6 +85,17 @@ test('DaemonSet: least privilege — NET_ADMIN and NET_RAW on top of nothing, re
   assert.equal(pod.hostPID, undefined);
 });
 
+test('DaemonSet: updates surge and hand over (one pod per node never missing), through the host\'s /run/nmi', () => {
+  assert.deepEqual(ds.spec.updateStrategy, { type: 'RollingUpdate', rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } });
+  assert.equal(envValue('NMI_TAKE_OVER'), 'true');
+  const socket = runFlags['handoff-socket'].default;
+  const volume = (pod.volumes as Doc[]).find((v) => v.hostPath?.path === path.dirname(socket));
+  assert.ok(volume, `hostPath ${path.dirname(socket)}`);
+  const mount = (container.volumeMounts as Doc[]).find((m) => m.name === volume.name);
+  assert.equal(mount?.mountPath, path.dirname(socket));
+  assert.notEqual(mount?.readOnly, true);
+});
+
 test('DaemonSet: the xtables lock is the host one, writable', () => {
   const volume = (pod.volumes as Doc[]).find((v) => v.hostPath?.path === '/run/xtables.lock');
   assert.ok(volume, 'hostPath /run/xtables.lock');
@@ -127,7 +138,8 @@ test('DaemonSet: probes hit /readyz and /healthz where nmi listens for them', ()
     // hostNetwork: without `host` the kubelet would probe the node address, not loopback.
     assert.equal(get.host, host, name);
   }
-  assert.ok((container.ports as Doc[]).some((p) => p.containerPort === 2579), 'token port declared');
+  // hostNetwork makes every declared port a hostPort, which would keep the surging pod of an update off its node.
+  assert.equal(container.ports, undefined);
 });
 
 test('DaemonSet: grace period covers the drain; memory bounded with the heap below the limit', () => {

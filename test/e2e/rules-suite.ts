@@ -7,7 +7,7 @@ import net from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { createNode, type NodeNs, type PodAgent } from '../harness/netns.js';
+import { comparableRules, createNode, type NodeNs, type PodAgent } from '../harness/netns.js';
 import { nmi, startNmi, waitFor, type NmiProcess } from '../harness/nmi-process.js';
 
 export type Flavour = 'iptables-nft' | 'iptables-legacy' | 'nftables';
@@ -49,13 +49,7 @@ export function rulesSuite(flavour: Flavour): void {
   const binDir = mkdtempSync(path.join(tmpdir(), 'nmi-bin-'));
   const env = { ...process.env, PATH: pathFor(flavour, binDir) };
   const rulesFlag = flavour === 'nftables' ? 'nftables' : 'iptables';
-  const saveNat = () =>
-    node
-      .exec('env', [`PATH=${env.PATH}`, 'iptables-save', '-t', 'nat'])
-      .split('\n')
-      .filter((l) => !l.startsWith('#'))
-      .map((l) => l.replace(/\[\d+:\d+\]/g, '[0:0]'))
-      .join('\n');
+  const saveNat = () => comparableRules(node.exec('env', [`PATH=${env.PATH}`, 'iptables-save', '-t', 'nat']));
   const ipt = (args: string[]) => node.exec('env', [`PATH=${env.PATH}`, 'iptables', ...args]);
   const nftTable = () => {
     try {
@@ -146,7 +140,7 @@ export function rulesSuite(flavour: Flavour): void {
     running = await start();
     await running.stop('SIGKILL');
     const installed = flavour === 'nftables' ? nftTable() : saveNat();
-    // The token port taken: this start fails after its syncs, where it used to remove the rules on the way out.
+    // The token port taken: this start fails (before its syncs, as it holds its listeners first) and must leave the rules.
     const squatter = await lineServer(node.nodeIp, 2579, 'squatter');
     try {
       const failed = await start().catch((err: Error) => err);

@@ -9,7 +9,7 @@ import { createPki, type Pki } from '../standins/pki.js';
 import { makePodJson, startKubelet, type Kubelet } from '../standins/kubelet.js';
 import { startImds, type ImdsOptions, type ImdsStandin } from '../standins/imds.js';
 import { createNode, type NodeNs, type PodNs } from './netns.js';
-import { startNmi, type NmiProcess } from './nmi-process.js';
+import { startNmi, type NmiProcess, type StartOptions } from './nmi-process.js';
 
 export interface ClusterPod {
   ns: PodNs;
@@ -29,7 +29,7 @@ export interface Cluster {
   /** Writes the bindings folder's one file. */
   writeBindings(objects: object[]): void;
   nmiFlags(): string[];
-  startNmi(extra?: string[], options?: { waitReady?: boolean; env?: NodeJS.ProcessEnv; prefix?: string[] }): Promise<NmiProcess>;
+  startNmi(extra?: string[], options?: StartOptions): Promise<NmiProcess>;
   close(): Promise<void>;
 }
 

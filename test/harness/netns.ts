@@ -15,6 +15,15 @@ export { NODE_IP, nsExec };
 export const projectRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const nmiBin = path.join(projectRoot, 'bin', 'nmi.js');
 
+/** iptables-save's text without what changes between two saves of the same rules: its dated comments and the packet counters. */
+export function comparableRules(saved: string): string {
+  return saved
+    .split('\n')
+    .filter((l) => !l.startsWith('#'))
+    .map((l) => l.replace(/\[\d+:\d+\]/g, '[0:0]'))
+    .join('\n');
+}
+
 let counter = 0;
 const created: string[] = [];
 
@@ -86,10 +95,17 @@ export interface HttpResult {
   error?: string;
 }
 
+export interface SteadyResult {
+  counts: Record<string, number>;
+  longestMs: number;
+}
+
 export interface PodAgent {
   http(url: string, init?: { method?: string; headers?: Record<string, string> }): Promise<HttpResult>;
   /** n concurrent GETs; counts of `<status> <body prefix>`. */
   burst(url: string, n: number, headers?: Record<string, string>): Promise<Record<string, number>>;
+  /** GETs one at a time on new connections, intervalMs apart, for durationMs: counts by status (or `error:CODE`), and the longest one. */
+  steady(url: string, o: { durationMs: number; intervalMs: number; headers?: Record<string, string> }): Promise<SteadyResult>;
   /** Opens a TCP connection and returns the first line the server sends, or the error code. */
   connect(host: string, port: number, timeoutMs?: number): Promise<{ line?: string; error?: string }>;
   /** Connects repeatedly for durationMs; counts first lines (or errors) seen. */
@@ -129,6 +145,7 @@ async function startPodAgent(ns: string): Promise<PodAgent> {
   return {
     http: (url, init = {}) => call('http', { url, ...init }),
     burst: (url, n, headers) => call('burst', { url, n, headers }),
+    steady: (url, o) => call('steady', { url, ...o }),
     connect: (host, port, timeoutMs = 2000) => call('connect', { host, port, timeoutMs }),
     connectLoop: (host, port, durationMs) => call('connectLoop', { host, port, durationMs }),
     hold: (host, port) => call('hold', { host, port }),

@@ -43,12 +43,25 @@ export async function waitFor<T>(what: string, check: () => Promise<T | undefine
 const children = new Set<ChildProcess>();
 process.on('exit', () => children.forEach((child) => child.kill('SIGKILL')));
 
-export async function startNmi(args: string[], options: { env?: NodeJS.ProcessEnv; probe?: string; waitReady?: boolean; prefix?: string[] } = {}): Promise<NmiProcess> {
+export interface StartOptions {
+  env?: NodeJS.ProcessEnv;
+  probe?: string;
+  waitReady?: boolean;
+  prefix?: string[];
+  /** Listening sockets handed over as systemd does (fds from 3, LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), by name. */
+  listenFds?: { name: string; fd: number }[];
+}
+
+export async function startNmi(args: string[], options: StartOptions = {}): Promise<NmiProcess> {
   const probe = options.probe ?? '127.0.0.1:8085';
-  const [file, ...rest] = [...(options.prefix ?? []), process.execPath, nmiBin, 'run', '--probe-address', probe, ...args] as [string, ...string[]];
+  const fds = options.listenFds ?? [];
+  // LISTEN_PID must be nmi's own pid: the shell exports its $$, then becomes nmi with exec.
+  const handOver = fds.length > 0 ? ['sh', '-c', 'export LISTEN_PID=$$; exec "$@"', 'sh'] : [];
+  const [file, ...rest] = [...handOver, ...(options.prefix ?? []), process.execPath, nmiBin, 'run', '--probe-address', probe, ...args] as [string, ...string[]];
+  const env = options.env ?? process.env;
   const child = spawn(file, rest, {
-    env: options.env ?? process.env,
-    stdio: ['ignore', 'pipe', 'pipe'],
+    env: fds.length > 0 ? { ...env, LISTEN_FDS: String(fds.length), LISTEN_FDNAMES: fds.map((f) => f.name).join(':') } : env,
+    stdio: ['ignore', 'pipe', 'pipe', ...fds.map((f) => f.fd)],
   });
   children.add(child);
   child.on('exit', () => children.delete(child));

@@ -62,6 +62,22 @@ async function handle(cmd: Command): Promise<unknown> {
       for (const r of results) counts[`${r.status} ${r.body.slice(0, 200)}`] = (counts[`${r.status} ${r.body.slice(0, 200)}`] ?? 0) + 1;
       return counts;
     }
+    case 'steady': {
+      // One request at a time, each on a new connection, intervalMs apart, for durationMs:
+      // answers counted by status (or error), and the longest any one took.
+      const counts: Record<string, number> = {};
+      let longestMs = 0;
+      const end = Date.now() + (cmd.durationMs as number);
+      while (Date.now() < end) {
+        const started = process.hrtime.bigint();
+        const r = (await request(cmd.url as string, 'GET', cmd.headers as Record<string, string> | undefined)) as { status: number; error?: string };
+        longestMs = Math.max(longestMs, Number(process.hrtime.bigint() - started) / 1e6);
+        const key = r.error ? `error:${r.error}` : String(r.status);
+        counts[key] = (counts[key] ?? 0) + 1;
+        await new Promise((resolve) => setTimeout(resolve, cmd.intervalMs as number));
+      }
+      return { counts, longestMs: Math.round(longestMs) };
+    }
     case 'connect':
       return firstLine(host, port, cmd.timeoutMs as number);
     case 'connectLoop': {

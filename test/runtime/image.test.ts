@@ -79,15 +79,20 @@ function environment(onExit: string): string[] {
   return Object.entries(env).flatMap(([name, value]) => ['--env', `${name}=${value}`]);
 }
 
-/** The manifest's hostPath mounts, each on a file of the test's (FileOrCreate is the only type the test stands in for). */
+/** The manifest's hostPath mounts, each on a file or folder of the test's (FileOrCreate and DirectoryOrCreate are what the test stands in for). */
 function hostMounts(): string[] {
   return (container.volumeMounts as Doc[]).flatMap((mount) => {
     const hostPath: Doc | undefined = (pod.volumes as Doc[]).find((v) => v.name === mount.name)?.hostPath;
-    if (hostPath?.type !== 'FileOrCreate') throw new Error(`daemonset.yaml mounts ${mount.name} (${JSON.stringify(hostPath)}): the test has no stand-in for it`);
-    const file = path.join(scratch, 'host', hostPath.path);
-    mkdirSync(path.dirname(file), { recursive: true });
-    writeFileSync(file, '');
-    return ['--volume', `${file}:${mount.mountPath}${mount.readOnly ? ':ro' : ''}`];
+    const stand = path.join(scratch, 'host', hostPath?.path ?? '');
+    if (hostPath?.type === 'FileOrCreate') {
+      mkdirSync(path.dirname(stand), { recursive: true });
+      writeFileSync(stand, '');
+    } else if (hostPath?.type === 'DirectoryOrCreate') {
+      mkdirSync(stand, { recursive: true, mode: 0o700 });
+    } else {
+      throw new Error(`daemonset.yaml mounts ${mount.name} (${JSON.stringify(hostPath)}): the test has no stand-in for it`);
+    }
+    return ['--volume', `${stand}:${mount.mountPath}${mount.readOnly ? ':ro' : ''}`];
   });
 }
 

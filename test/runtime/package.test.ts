@@ -48,7 +48,7 @@ test('the runtime, the app, the link on the PATH, the unit and the conffile are 
   }
   assert.equal(readlinkSync(path.join(tree, 'usr/bin/nmi')), '../lib/nmi/bin/nmi.js');
   assert.equal(readFileSync(path.join(tree, 'usr/lib/nmi/bin/nmi.js'), 'utf8').split('\n')[0], '#!/usr/lib/nmi/bin/node');
-  assert.match(readFileSync(path.join(tree, 'lib/systemd/system/nmi.service'), 'utf8'), /^ExecStart=\/usr\/bin\/nmi run$/m);
+  assert.match(readFileSync(path.join(tree, 'lib/systemd/system/nmi.service'), 'utf8'), /^ExecStart=\/usr\/bin\/nmi run --on-exit keep$/m);
   assert.equal(readFileSync(path.join(tree, 'DEBIAN/conffiles'), 'utf8'), '/etc/default/nmi\n');
   // Development dependencies and the tests stay out.
   for (const absent of ['usr/lib/nmi/node_modules/typescript', 'usr/lib/nmi/node_modules/node-gyp', 'usr/lib/nmi/dist/test']) {

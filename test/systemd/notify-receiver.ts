@@ -15,17 +15,26 @@ s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
 s.bind("\\0" + addr[1:] if addr.startswith("@") else addr)
 print(json.dumps({"bound": True}), flush=True)
 while True:
-    data, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(12))
+    data, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(12) + socket.CMSG_SPACE(16 * 4))
     pid = None
+    fds = []
     for level, kind, payload in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
             pid = struct.unpack("3i", payload[:12])[0]
-    print(json.dumps({"data": data.decode(), "pid": pid}), flush=True)
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            for fd in struct.unpack("%di" % (len(payload) // 4), payload):
+                with socket.socket(fileno=fd) as passed:
+                    listening = passed.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                    host, port = passed.getsockname()[:2]
+                    fds.append({"address": "%s:%d" % (host, port), "listening": bool(listening)})
+    print(json.dumps({"data": data.decode(), "pid": pid, "fds": fds}), flush=True)
 `;
 
 export interface Datagram {
   data: string;
   pid: number | null;
+  /** Descriptors that came with it (SCM_RIGHTS), each as the socket it is. */
+  fds: { address: string; listening: boolean }[];
 }
 
 export interface Receiver {
@@ -66,9 +75,9 @@ export async function startReceiver(address: string): Promise<Receiver> {
   const bound = new Promise<void>((resolve, reject) => {
     child.once('exit', (code) => reject(new Error(`receiver exited ${code}: ${stderr}`)));
     lines.on('line', (line) => {
-      const parsed = JSON.parse(line) as { bound?: true; data?: string; pid?: number | null };
+      const parsed = JSON.parse(line) as { bound?: true; data?: string; pid?: number | null; fds?: Datagram['fds'] };
       if (parsed.bound) return resolve();
-      const message: Datagram = { data: parsed.data ?? '', pid: parsed.pid ?? null };
+      const message: Datagram = { data: parsed.data ?? '', pid: parsed.pid ?? null, fds: parsed.fds ?? [] };
       receiver.messages.push(message);
       receiver.onMessage?.(message);
     });

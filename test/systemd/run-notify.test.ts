@@ -99,6 +99,16 @@ test('nmi run: READY=1 after the rules and the first kubelet read, then WATCHDOG
 
   const readyAt = receiver.messages.findIndex(isReady);
   await receiver.until('two WATCHDOG=1 after READY=1', (m) => m.slice(readyAt + 1).filter(isWatchdog).length >= 2);
+  // The listeners went to the store first, one per datagram, each named, each the listening socket itself.
+  const stored = receiver.messages.filter((m) => m.data.startsWith('FDSTORE=1'));
+  assert.deepEqual(
+    stored.map((m) => ({ data: m.data, fds: m.fds })),
+    [
+      { data: 'FDSTORE=1\nFDNAME=probe', fds: [{ address: running!.probe, listening: true }] },
+      { data: 'FDSTORE=1\nFDNAME=token', fds: [{ address: `${node.nodeIp}:2579`, listening: true }] },
+    ],
+  );
+  assert.ok(receiver.messages.indexOf(stored[1]!) < readyAt, 'stored before READY=1');
 
   const code = await running!.stop('SIGTERM');
   running = undefined;

@@ -41,7 +41,10 @@ function unitCopy(name: string, edit: (text: string) => string = (t) => t): stri
 test('the unit is Type=notify with a watchdog, main-pid notifications and the installed binary', () => {
   assert.deepEqual(directive('Type'), ['notify']);
   assert.deepEqual(directive('NotifyAccess'), ['main']);
-  assert.deepEqual(directive('ExecStart'), [`${INSTALLED_BIN} run`]);
+  // The rules are ExecStopPost's to remove (after a stop, not a restart): nmi itself keeps them.
+  assert.deepEqual(directive('ExecStart'), [`${INSTALLED_BIN} run --on-exit keep`]);
+  // Token port, probe address and host-token address outlive the process in systemd's store.
+  assert.deepEqual(directive('FileDescriptorStoreMax'), ['4']);
   assert.deepEqual(directive('EnvironmentFile'), ['-/etc/default/nmi']);
   assert.deepEqual(directive('WatchdogSec'), ['30s']);
   assert.deepEqual(directive('Restart'), ['on-failure']);

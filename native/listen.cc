@@ -1,0 +1,251 @@
+// Listening sockets nmi makes itself, and the ones it is handed (systemd's
+// LISTEN_FDS, a predecessor's), so a listener can outlive the process that made
+// it. Which descriptor is for what is decided in src/net/listeners.ts.
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "addon.h"
+
+namespace nmi {
+
+namespace {
+
+Napi::Value Fail(Napi::Env env, const std::string& what, int err) {
+  Napi::Error e = Napi::Error::New(env, what + ": " + strerror(err));
+  e.Set("errno", Napi::Number::New(env, err));
+  e.ThrowAsJavaScriptException();
+  return env.Undefined();
+}
+
+}  // namespace
+
+// listenTcp(host, port, backlog): a bound, listening, non-blocking, close-on-exec TCP socket.
+Napi::Value ListenTcp(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 3 || !info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber()) {
+    Napi::TypeError::New(env, "Usage: listenTcp(host: string, port: number, backlog: number)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string host = info[0].As<Napi::String>();
+  int port = info[1].As<Napi::Number>().Int32Value();
+  sockaddr_storage addr{};
+  socklen_t len;
+  auto* a4 = reinterpret_cast<sockaddr_in*>(&addr);
+  auto* a6 = reinterpret_cast<sockaddr_in6*>(&addr);
+  if (inet_pton(AF_INET, host.c_str(), &a4->sin_addr) == 1) {
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons(static_cast<uint16_t>(port));
+    len = sizeof *a4;
+  } else if (inet_pton(AF_INET6, host.c_str(), &a6->sin6_addr) == 1) {
+    a6->sin6_family = AF_INET6;
+    a6->sin6_port = htons(static_cast<uint16_t>(port));
+    len = sizeof *a6;
+  } else {
+    Napi::TypeError::New(env, "listenTcp: host must be an IP address").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int fd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Fail(env, "socket", errno);
+  int one = 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), len) < 0 || listen(fd, info[2].As<Napi::Number>().Int32Value()) < 0) {
+    int err = errno;
+    close(fd);
+    return Fail(env, "listen " + host + ":" + std::to_string(port), err);
+  }
+  return Napi::Number::New(env, fd);
+}
+
+// listeningAddress(fd): {host, port} of a listening TCP socket, or null for
+// anything else (another kind of descriptor, a socket not listening, a closed
+// fd). Marks the descriptor close-on-exec: inherited ones are not, and nmi's
+// children (iptables, nft) must not hold them.
+Napi::Value ListeningAddress(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 1 || !info[0].IsNumber()) {
+    Napi::TypeError::New(env, "Usage: listeningAddress(fd: number)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  int flags = fcntl(fd, F_GETFD);
+  if (flags < 0) return env.Null();
+  fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+  int type = 0, accepting = 0;
+  socklen_t optlen = sizeof type;
+  if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &optlen) < 0 || type != SOCK_STREAM) return env.Null();
+  optlen = sizeof accepting;
+  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &optlen) < 0 || !accepting) return env.Null();
+  sockaddr_storage addr{};
+  socklen_t len = sizeof addr;
+  if (getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) < 0) return env.Null();
+  char text[INET6_ADDRSTRLEN] = {0};
+  int port;
+  if (addr.ss_family == AF_INET) {
+    auto* a4 = reinterpret_cast<sockaddr_in*>(&addr);
+    inet_ntop(AF_INET, &a4->sin_addr, text, sizeof text);
+    port = ntohs(a4->sin_port);
+  } else if (addr.ss_family == AF_INET6) {
+    auto* a6 = reinterpret_cast<sockaddr_in6*>(&addr);
+    inet_ntop(AF_INET6, &a6->sin6_addr, text, sizeof text);
+    port = ntohs(a6->sin6_port);
+  } else {
+    return env.Null();
+  }
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("host", Napi::String::New(env, text));
+  result.Set("port", Napi::Number::New(env, port));
+  return result;
+}
+
+// dupFd(fd): another close-on-exec descriptor of the same socket, for a server
+// to own and close while the listener itself stays open.
+Napi::Value DupFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 1 || !info[0].IsNumber()) {
+    Napi::TypeError::New(env, "Usage: dupFd(fd: number)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int fd = fcntl(info[0].As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 3);
+  if (fd < 0) return Fail(env, "dup", errno);
+  return Napi::Number::New(env, fd);
+}
+
+// closeFd(fd): for descriptors handed over that nmi has no use for.
+Napi::Value CloseFd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 1 || !info[0].IsNumber()) {
+    Napi::TypeError::New(env, "Usage: closeFd(fd: number)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  close(info[0].As<Napi::Number>().Int32Value());
+  return env.Undefined();
+}
+
+// sendFds(socketFd, message, fds): one message with descriptors (SCM_RIGHTS) on
+// a connected unix stream socket, for a successor taking nmi's listeners over;
+// null on success, else the errno text.
+Napi::Value SendFds(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 3 || !info[0].IsNumber() || !info[1].IsString() || !info[2].IsArray()) {
+    Napi::TypeError::New(env, "Usage: sendFds(socketFd: number, message: string, fds: number[])").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string message = info[1].As<Napi::String>();
+  Napi::Array list = info[2].As<Napi::Array>();
+  std::vector<int> fds;
+  for (uint32_t i = 0; i < list.Length() && i < 16; i++) fds.push_back(list.Get(i).As<Napi::Number>().Int32Value());
+  iovec iov{const_cast<char*>(message.data()), message.size()};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * (fds.empty() ? 1 : fds.size())), 0);
+  if (!fds.empty()) {
+    msg.msg_control = control.data();
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    memcpy(CMSG_DATA(cmsg), fds.data(), sizeof(int) * fds.size());
+  }
+  ssize_t sent;
+  do {
+    sent = sendmsg(info[0].As<Napi::Number>().Int32Value(), &msg, MSG_NOSIGNAL);
+  } while (sent < 0 && errno == EINTR);
+  if (sent < 0) return Napi::String::New(env, strerror(errno));
+  if (static_cast<size_t>(sent) != message.size()) return Napi::String::New(env, "short write");
+  return env.Null();
+}
+
+// receiveFds(path, timeoutMs): connects to a running nmi's handoff socket and
+// reads its first message with the descriptors that come with it:
+// {fd (the connection), message, fds}; null when nothing listens at path.
+Napi::Value ReceiveFds(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 2 || !info[0].IsString() || !info[1].IsNumber()) {
+    Napi::TypeError::New(env, "Usage: receiveFds(path: string, timeoutMs: number)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string path = info[0].As<Napi::String>();
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr.sun_path) return Fail(env, "receiveFds: path", ENAMETOOLONG);
+  memcpy(addr.sun_path, path.data(), path.size());
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Fail(env, "socket", errno);
+  int64_t ms = info[1].As<Napi::Number>().Int64Value();
+  timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>((ms % 1000) * 1000)};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size())) < 0) {
+    int err = errno;
+    close(fd);
+    if (err == ENOENT || err == ECONNREFUSED) return env.Null();
+    return Fail(env, "connect " + path, err);
+  }
+  char buf[4096];
+  iovec iov{buf, sizeof buf};
+  std::vector<char> control(CMSG_SPACE(sizeof(int) * 16), 0);
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  msg.msg_control = control.data();
+  msg.msg_controllen = control.size();
+  ssize_t got;
+  do {
+    got = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+  } while (got < 0 && errno == EINTR);
+  if (got <= 0) {
+    int err = got < 0 ? errno : ECONNRESET;
+    close(fd);
+    return Fail(env, "receive from " + path, err);
+  }
+  Napi::Array fds = Napi::Array::New(env);
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < n; i++) {
+      int received;
+      memcpy(&received, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+      fds.Set(fds.Length(), Napi::Number::New(env, received));
+    }
+  }
+  // The rest of the conversation is node's (a net.Socket on this fd): no timeouts there.
+  timeval none{0, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &none, sizeof none);
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &none, sizeof none);
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("fd", Napi::Number::New(env, fd));
+  result.Set("message", Napi::String::New(env, std::string(buf, static_cast<size_t>(got))));
+  result.Set("fds", fds);
+  return result;
+}
+
+// peerCredentials(socketFd): {uid, pid} of the process at the other end of a unix socket (SO_PEERCRED); null when unknown.
+Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 1 || !info[0].IsNumber()) {
+    Napi::TypeError::New(env, "Usage: peerCredentials(socketFd: number)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (getsockopt(info[0].As<Napi::Number>().Int32Value(), SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return env.Null();
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("uid", Napi::Number::New(env, cred.uid));
+  result.Set("pid", Napi::Number::New(env, cred.pid));
+  return result;
+}
+
+}  // namespace nmi

@@ -1,0 +1,99 @@
+// The daemon's listening sockets, each made (or adopted) once and held for the
+// process's life. Servers get duplicates, which they close when they stop; the
+// listener itself stays open until the process exits, and past that in
+// systemd's file descriptor store, so a connection that arrives while nmi
+// restarts waits in the kernel's queue for the next process instead of being
+// refused.
+import { getSystemErrorName } from 'node:util';
+import { codes, NmiError } from '../errors/errors.js';
+import type { HostPort } from '../config/values.js';
+import type { Logger } from '../log/logger.js';
+import { addon } from '../native/addon.js';
+import { limits } from '../server/limits.js';
+
+/** What each listener is stored as (FDNAME=), and so known by on the next start. */
+export type ListenerName = 'token' | 'probe' | 'host-token-tcp';
+
+export interface HeldListener {
+  name: ListenerName;
+  fd: number;
+  /** Taken from the descriptors this process was started with, not bound by it. */
+  adopted: boolean;
+}
+
+/** A listener that could not be bound; `errno` as the kernel said it (EADDRINUSE: someone listens there). */
+export class ListenError extends NmiError {
+  readonly errno: number | undefined;
+  readonly address: HostPort;
+  constructor(name: ListenerName, address: HostPort, cause: Error & { errno?: number }) {
+    super(codes.LISTEN, `${name}: ${cause.message}${cause.errno ? ` (${getSystemErrorName(-cause.errno)})` : ''}`, { cause });
+    this.name = 'ListenError';
+    this.errno = cause.errno;
+    this.address = address;
+  }
+}
+
+export class Listeners {
+  /** Inherited descriptors not taken yet, by name. */
+  readonly #inherited: Map<string, number[]>;
+  readonly #held = new Map<ListenerName, HeldListener>();
+  readonly #log: Logger;
+
+  constructor(inherited: Map<string, number[]>, log: Logger) {
+    this.#inherited = new Map([...inherited].map(([name, fds]) => [name, [...fds]]));
+    this.#log = log;
+  }
+
+  /** Binds, or adopts the inherited listener of that name when it is bound to the same address. */
+  hold(name: ListenerName, address: HostPort): HeldListener {
+    const held = this.#held.get(name);
+    if (held) return held;
+    const native = addon();
+    let adopted: number | undefined;
+    for (const fd of this.#inherited.get(name) ?? []) {
+      const at = native.listeningAddress(fd);
+      if (adopted === undefined && at && at.host === address.host && at.port === address.port) adopted = fd;
+      else {
+        // Bound elsewhere (the flags changed since it was stored), or not a listener: of no use.
+        this.#log.info({ listener: name, was: at ? `${at.host}:${at.port}` : 'not a listening socket' }, 'dropping an inherited listener');
+        native.closeFd(fd);
+      }
+    }
+    this.#inherited.delete(name);
+    let fd = adopted;
+    if (fd === undefined) {
+      try {
+        fd = native.listenTcp(address.host, address.port, limits.backlog);
+      } catch (err) {
+        throw new ListenError(name, address, err as Error);
+      }
+    } else {
+      this.#log.info({ listener: name, address: `${address.host}:${address.port}` }, 'listening socket taken over from the previous nmi');
+    }
+    const made: HeldListener = { name, fd, adopted: adopted !== undefined };
+    this.#held.set(name, made);
+    return made;
+  }
+
+  /** A descriptor of a held listener for a server to own (and close when it stops). */
+  take(name: ListenerName): number {
+    const held = this.#held.get(name);
+    if (!held) throw new NmiError(codes.LISTEN, `${name}: not held`);
+    return addon().dupFd(held.fd);
+  }
+
+  get held(): HeldListener[] {
+    return [...this.#held.values()];
+  }
+
+  /** Closes inherited descriptors nothing took; returns their names (for systemd to forget too). */
+  discardUnused(): string[] {
+    const names = [...this.#inherited.keys()];
+    for (const [name, fds] of this.#inherited) {
+      this.#log.info({ listener: name }, 'dropping an inherited descriptor nmi has no use for');
+      for (const fd of fds) addon().closeFd(fd);
+    }
+    this.#inherited.clear();
+    return names;
+  }
+}
