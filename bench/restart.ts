@@ -5,8 +5,9 @@
 //   (b) handoff     a new `nmi run --take-over` beside the running one, then SIGTERM to the old
 //   plain crash     SIGKILL, 1 s (systemd's RestartSec), a new `nmi run` binding its own
 //   (c) crash       the same, the listeners held as systemd's fd store holds them
-// Each scenario runs --rounds times; printed: failed requests, refused connections and
-// the longest single wait (median of the rounds), with the ratio to its baseline.
+// Each scenario runs --rounds times; printed (medians of the rounds): failed requests,
+// refused connections, the longest single request, and the longest stretch between two
+// answers (what a pod that retries on failure waits), with its ratio to the baseline.
 //
 //   sudo node dist/bench/restart.js [--rounds 3]
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -30,6 +31,7 @@ interface Outcome {
   failed: number;
   refused: number;
   longestMs: number;
+  longestGapMs: number;
 }
 
 const cluster: Cluster = await createCluster();
@@ -45,11 +47,11 @@ try {
   /** One round: a first nmi started with `first`, then `act` on it while the pod asks; the survivor is stopped after. */
   async function round(first: () => Promise<NmiProcess>, act: (nmi: NmiProcess) => Promise<NmiProcess>): Promise<Outcome> {
     let nmi = await first();
-    const { counts, longestMs } = await steadyAcross(agent, () => 0, async () => {
+    const { counts, longestMs, longestGapMs } = await steadyAcross(agent, () => 0, async () => {
       nmi = await act(nmi);
     });
     await nmi.stop('SIGTERM');
-    return { failed: failures(counts), refused: counts['error:ECONNREFUSED'] ?? 0, longestMs };
+    return { failed: failures(counts), refused: counts['error:ECONNREFUSED'] ?? 0, longestMs, longestGapMs };
   }
 
   const inTurn = (options: () => StartOptions) => async (nmi: NmiProcess) => {
@@ -83,16 +85,18 @@ try {
       failed: median(outcomes.map((o) => o.failed)),
       refused: median(outcomes.map((o) => o.refused)),
       longestMs: median(outcomes.map((o) => o.longestMs)),
+      longestGapMs: median(outcomes.map((o) => o.longestGapMs)),
     });
     process.stderr.write(`${scenario.name}: ${JSON.stringify(outcomes)}\n`);
   }
   held.drop();
 
-  const rows = [['scenario', 'failed', 'refused', 'longest wait ms', 'longest × baseline']];
+  const rows = [['scenario', 'failed', 'refused', 'longest request ms', 'longest without an answer ms', 'without an answer × baseline']];
   for (const scenario of scenarios) {
     const r = results.get(scenario.name)!;
     const base = scenario.baseline ? results.get(scenario.baseline) : undefined;
-    rows.push([scenario.name, String(r.failed), String(r.refused), String(Math.round(r.longestMs)), base ? `${(r.longestMs / base.longestMs).toFixed(2)} × ${scenario.baseline}` : '']);
+    const ratio = base ? `${(r.longestGapMs / base.longestGapMs).toFixed(2)} × ${scenario.baseline}` : '';
+    rows.push([scenario.name, String(r.failed), String(r.refused), String(r.longestMs), String(r.longestGapMs), ratio]);
   }
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((row) => row[i]!.length)));
   for (const row of rows) process.stdout.write(`${row.map((cell, i) => cell.padEnd(widths[i]!)).join('  ')}\n`);

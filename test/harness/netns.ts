@@ -97,7 +97,10 @@ export interface HttpResult {
 
 export interface SteadyResult {
   counts: Record<string, number>;
+  /** The longest single request. */
   longestMs: number;
+  /** The longest stretch between two successful answers. */
+  longestGapMs: number;
 }
 
 export interface PodAgent {

@@ -74,7 +74,7 @@ export async function startNmi(args: string[], options: StartOptions = {}): Prom
   const get = async (path: string) => {
     try {
       const res = await request(`http://${probe}${path}`, { headersTimeout: 1000, bodyTimeout: 1000 });
-      return { status: res.statusCode, body: await res.body.text() };
+      return { status: res.statusCode, body: await res.body.text(), pid: Number(res.headers['x-nmi-pid']) };
     } catch {
       return undefined;
     }
@@ -97,7 +97,9 @@ export async function startNmi(args: string[], options: StartOptions = {}): Prom
   if (options.waitReady !== false) {
     await waitFor(`nmi ready on ${probe}\n${output}`, async () => {
       if (child.exitCode !== null) throw new Error(`nmi exited ${child.exitCode}: ${output}`);
-      return (await get('/readyz'))?.status === 200 ? true : undefined;
+      // Its own 200: during a handoff the probe address answers for whichever nmi holds it.
+      const res = await get('/readyz');
+      return res?.status === 200 && res.pid === child.pid ? true : undefined;
     });
   }
   return proc;

@@ -64,19 +64,27 @@ async function handle(cmd: Command): Promise<unknown> {
     }
     case 'steady': {
       // One request at a time, each on a new connection, intervalMs apart, for durationMs:
-      // answers counted by status (or error), and the longest any one took.
+      // answers counted by status (or error), the longest any one took, and the longest
+      // stretch between two 200s (what a pod that retries on failure waits).
       const counts: Record<string, number> = {};
       let longestMs = 0;
+      let longestGapMs = 0;
+      let lastAnswer = process.hrtime.bigint();
       const end = Date.now() + (cmd.durationMs as number);
       while (Date.now() < end) {
         const started = process.hrtime.bigint();
         const r = (await request(cmd.url as string, 'GET', cmd.headers as Record<string, string> | undefined)) as { status: number; error?: string };
-        longestMs = Math.max(longestMs, Number(process.hrtime.bigint() - started) / 1e6);
+        const now = process.hrtime.bigint();
+        longestMs = Math.max(longestMs, Number(now - started) / 1e6);
+        if (r.status === 200) {
+          longestGapMs = Math.max(longestGapMs, Number(now - lastAnswer) / 1e6);
+          lastAnswer = now;
+        }
         const key = r.error ? `error:${r.error}` : String(r.status);
         counts[key] = (counts[key] ?? 0) + 1;
         await new Promise((resolve) => setTimeout(resolve, cmd.intervalMs as number));
       }
-      return { counts, longestMs: Math.round(longestMs) };
+      return { counts, longestMs: Math.round(longestMs), longestGapMs: Math.round(longestGapMs) };
     }
     case 'connect':
       return firstLine(host, port, cmd.timeoutMs as number);
