@@ -48,6 +48,9 @@ test('bad values name their flag', () => {
     /^nmi run: --start-taint: no --kubeconfig and not in a cluster \(KUBERNETES_SERVICE_HOST\/PORT unset\)$/,
     noCluster,
   );
+  oneLine([...base, '--rules', 'none', '--take-over', '--handoff-socket', 'off'], /^nmi run: --take-over: needs --handoff-socket$/);
+  oneLine([...base, '--handoff-socket', 'run/nmi.sock'], /^nmi run: --handoff-socket: "run\/nmi\.sock" must be an absolute path or off$/);
+  oneLine([...base, '--take-over=perhaps'], /^nmi run: --take-over: "perhaps" is not true or false$/);
   oneLine([...base, '--no-such-flag'], /Unknown option '--no-such-flag'/);
   oneLine([...base, '--kubelet-client-cert', process.execPath, '--rules', 'none'], /--kubelet-client-key: required with --kubelet-client-cert/);
   oneLine([...base, '--rules', 'ebpf', '--cgroup-root', '/nonexistent/kubepods.slice'], /--cgroup-root: \/nonexistent\/kubepods\.slice: ENOENT/);

@@ -10,7 +10,7 @@
 // namespace for the host's and refuses any net.* sysctl there, and podman sets
 // net.ipv4.ping_group_range in every container not on `--network host`. Nor is
 // it ever in the host's namespace, so a mistaken flag cannot touch the host.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 
 /** Runs `podman <args>` (in a namespace of its own); returns its stdout, or throws with its stderr. */
@@ -21,6 +21,12 @@ export function podman(args: string[], timeoutMs = 120_000): string {
     const stderr = String((err as { stderr?: string }).stderr ?? '').trim();
     throw new Error(`podman ${args.join(' ')}:\n${stderr || (err as Error).message}`);
   }
+}
+
+/** A container's output as `podman logs` keeps it, stdout and stderr (where nmi logs) together. */
+export function containerLogs(name: string): string {
+  const r = spawnSync('unshare', ['--net', 'podman', '--log-level', 'error', '--runtime', 'runc', 'logs', name], { encoding: 'utf8', timeout: 60_000 });
+  return `${r.stdout ?? ''}${r.stderr ?? ''}`;
 }
 
 /** Like podman(), for clean-up: whatever is already gone is fine. */

@@ -17,9 +17,10 @@ import path from 'node:path';
 import { request } from 'undici';
 import { parse } from 'yaml';
 import { createCluster, crd, TOKEN_URL, type Cluster } from '../harness/cluster.js';
-import { projectRoot, type PodAgent } from '../harness/netns.js';
+import { comparableRules, projectRoot, type PodAgent } from '../harness/netns.js';
+import { failures, steadyAcross } from '../harness/restarts.js';
 import { nmi, waitFor } from '../harness/nmi-process.js';
-import { podman, podmanQuiet, ulimits } from '../harness/podman.js';
+import { containerLogs, podman, podmanQuiet, ulimits } from '../harness/podman.js';
 import { nmiPackage } from '../harness/runtime.js';
 import { decodeStandinToken } from '../standins/imds.js';
 
@@ -129,7 +130,7 @@ async function runNmi(onExit: 'keep' | 'remove'): Promise<string> {
       // not listening yet
     }
     const { status } = state(name);
-    if (status !== 'running') throw new Error(`container ${name} ${status}:\n${podman(['logs', name])}`);
+    if (status !== 'running') throw new Error(`container ${name} ${status}:\n${containerLogs(name)}`);
     return undefined;
   }, 60_000);
   return name;
@@ -220,6 +221,26 @@ test("as the DaemonSet runs it: installs the chain in the node's namespace, a po
   assert.ok(cluster.imds.calls >= 1, "the token came from the IMDS stand-in, through the container's nmi");
   assert.deepEqual(stop(name), { status: 'exited', exitCode: 0 });
   assert.doesNotMatch(natRules(), /aad-metadata/);
+});
+
+test('a rolling update with maxSurge, as two containers: the new one takes the sockets and rules over, the old one stops; no request fails', async (t) => {
+  const old = await runNmi('keep');
+  const rules = comparableRules(natRules());
+  const { counts, longestGapMs, samples } = await steadyAcross(agent, () => natRules().split('\n').filter((l) => JUMP.test(l)).length, async () => {
+    // The manifest's NMI_TAKE_OVER=true and the shared /run/nmi make it a handoff.
+    const fresh = await runNmi('keep');
+    await waitFor(() => `the new container keeping the rules:\n${containerLogs(fresh)}\nthe old one:\n${containerLogs(old)}`, () => /"msg":"rules installed"/.test(containerLogs(fresh)) || undefined, 60_000);
+    assert.deepEqual(stop(old), { status: 'exited', exitCode: 0 });
+    assert.match(containerLogs(old), /leaving the rules and the listening sockets to the nmi that took over/);
+    assert.match(containerLogs(fresh), /taking over from the running nmi/);
+  }, 15_000);
+  t.diagnostic(`${JSON.stringify(counts)}; longest without an answer ${longestGapMs} ms`);
+  assert.equal(failures(counts), 0, JSON.stringify(counts));
+  assert.deepEqual(samples, [1], 'one jump throughout');
+  assert.equal(comparableRules(natRules()), rules);
+  const newest = containers.at(-1)!;
+  assert.deepEqual(stop(newest), { status: 'exited', exitCode: 0 });
+  nmi(['cleanup']);
 });
 
 test('NMI_ON_EXIT=keep: podman stop leaves the rules (pods fail closed); nmi cleanup from the host removes them', async () => {
