@@ -5,6 +5,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("nftRun", Napi::Function::New(env, nmi::NftRun, "nftRun"));
   exports.Set("sdNotify", Napi::Function::New(env, nmi::SdNotify, "sdNotify"));
   exports.Set("listenTcp", Napi::Function::New(env, nmi::ListenTcp, "listenTcp"));
+  exports.Set("listenUnix", Napi::Function::New(env, nmi::ListenUnix, "listenUnix"));
   exports.Set("listeningAddress", Napi::Function::New(env, nmi::ListeningAddress, "listeningAddress"));
   exports.Set("closeFd", Napi::Function::New(env, nmi::CloseFd, "closeFd"));
   exports.Set("dupFd", Napi::Function::New(env, nmi::DupFd, "dupFd"));

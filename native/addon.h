@@ -8,6 +8,7 @@ Napi::Value NftLoad(const Napi::CallbackInfo& info);
 Napi::Value NftRun(const Napi::CallbackInfo& info);
 Napi::Value SdNotify(const Napi::CallbackInfo& info);
 Napi::Value ListenTcp(const Napi::CallbackInfo& info);
+Napi::Value ListenUnix(const Napi::CallbackInfo& info);
 Napi::Value ListeningAddress(const Napi::CallbackInfo& info);
 Napi::Value CloseFd(const Napi::CallbackInfo& info);
 Napi::Value DupFd(const Napi::CallbackInfo& info);

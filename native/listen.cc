@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -67,9 +68,38 @@ Napi::Value ListenTcp(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, fd);
 }
 
-// listeningAddress(fd): {host, port} of a listening TCP socket, or null for
-// anything else (another kind of descriptor, a socket not listening, a closed
-// fd). Marks the descriptor close-on-exec: inherited ones are not, and nmi's
+// listenUnix(path, mode): a listening, non-blocking, close-on-exec unix stream
+// socket at path, never more open than mode while it is created (umask). node
+// never binds it, so node never unlinks it when a server on it closes: the
+// socket and its path outlive the process that made them.
+Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 3 || !info[0].IsString() || !info[1].IsNumber() || !info[2].IsNumber()) {
+    Napi::TypeError::New(env, "Usage: listenUnix(path: string, mode: number, backlog: number)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::string path = info[0].As<Napi::String>();
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr.sun_path) return Fail(env, "listen " + path, ENAMETOOLONG);
+  memcpy(addr.sun_path, path.data(), path.size());
+  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return Fail(env, "socket", errno);
+  mode_t previous = umask(0777 & ~static_cast<mode_t>(info[1].As<Napi::Number>().Uint32Value()));
+  int bound = bind(fd, reinterpret_cast<sockaddr*>(&addr), static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()));
+  int err = errno;
+  umask(previous);
+  if (bound < 0 || listen(fd, info[2].As<Napi::Number>().Int32Value()) < 0) {
+    if (bound == 0) err = errno;
+    close(fd);
+    return Fail(env, "listen " + path, err);
+  }
+  return Napi::Number::New(env, fd);
+}
+
+// listeningAddress(fd): {host, port} of a listening TCP socket, {path} of a
+// listening unix one, or null for anything else (another kind of descriptor, a
+// socket not listening, a closed fd). Marks the descriptor close-on-exec: inherited ones are not, and nmi's
 // children (iptables, nft) must not hold them.
 Napi::Value ListeningAddress(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -99,6 +129,13 @@ Napi::Value ListeningAddress(const Napi::CallbackInfo& info) {
     auto* a6 = reinterpret_cast<sockaddr_in6*>(&addr);
     inet_ntop(AF_INET6, &a6->sin6_addr, text, sizeof text);
     port = ntohs(a6->sin6_port);
+  } else if (addr.ss_family == AF_UNIX) {
+    auto* un = reinterpret_cast<sockaddr_un*>(&addr);
+    size_t n = len > offsetof(sockaddr_un, sun_path) ? len - offsetof(sockaddr_un, sun_path) : 0;
+    std::string path(un->sun_path, strnlen(un->sun_path, n));
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("path", Napi::String::New(env, path));
+    return result;
   } else {
     return env.Null();
   }

@@ -14,7 +14,7 @@ export async function run(config: RunConfig): Promise<number> {
   const daemon = await startDaemon(config, log, {
     status: (text) => notifier?.status(text),
     inherited: takeListenFds(process.env),
-    keepListeners: (listeners, forget) => notifier?.store(listeners, forget),
+    keepListeners: notifier && ((listeners, forget) => notifier.store(listeners, forget)),
   });
   notifier?.ready('serving');
   notifier?.startWatchdog();

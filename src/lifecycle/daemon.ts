@@ -29,7 +29,7 @@ import { EbpfBackend } from '../rules/ebpf.js';
 import type { Redirect } from '../rules/redirect.js';
 import { selectBackend } from '../rules/select.js';
 import { registerNativeMetrics, registerServerMetrics } from '../server/metrics.js';
-import { createHostTokenServer, createHostTokenTcpServer } from '../server/host-token.js';
+import { bindHostTokenSocket, createHostTokenServer, createHostTokenTcpServer } from '../server/host-token.js';
 import { createNativeTokenServer } from '../server/native-server.js';
 import { attachTables, type Tables } from '../server/tables.js';
 import type { TokenServerDeps } from '../server/core.js';
@@ -46,6 +46,7 @@ import { ListenError, Listeners, type HeldListener } from './listeners.js';
 import { HandoffServer, takeOver } from './handoff.js';
 import { request } from '../net/undici.js';
 import { constants } from 'node:os';
+import { rm } from 'node:fs/promises';
 import { dropStartupPages } from './startup-pages.js';
 
 /** How long a stop waits to taint the node again before it goes on without. */
@@ -90,7 +91,10 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   await holdProbe(listeners, config.probeAddress);
   listeners.hold('token', { host: config.nodeIp, port: config.port });
   if (hostTcp) listeners.hold('host-token-tcp', hostTcp.address);
-  hooks.keepListeners?.(listeners.held, listeners.discardUnused());
+  const hostSocketPath = config.hostTokenSocket;
+  if (hostSocketPath) await listeners.holdUnix('host-token', hostSocketPath, () => bindHostTokenSocket(hostSocketPath));
+  const unused = listeners.discardUnused();
+  hooks.keepListeners?.(listeners.held, unused);
 
   const registry = createRegistry();
   const readiness = new Readiness();
@@ -201,7 +205,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     multipleIdentities: config.multipleIdentities,
     log,
   };
-  const hostSocket = config.hostTokenSocket ? createHostTokenServer({ ...hostDeps, socketPath: config.hostTokenSocket }) : undefined;
+  const hostSocket = hostSocketPath ? createHostTokenServer({ ...hostDeps, socketPath: hostSocketPath, fd: listeners.take('host-token') }) : undefined;
   const hostCallers = hostTcp && new HostCallers(new CgroupPods(hostTcp.cgroupMount), pods, config.hostTokenAllow, log);
   const hostTokenTcp =
     hostTcp && hostCallers && createHostTokenTcpServer({ ...hostDeps, address: hostTcp.address, fd: listeners.take('host-token-tcp'), admit: (socket) => hostCallers.admit(socket) });
@@ -264,6 +268,10 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
       store.stop();
       await Promise.allSettled([kubelet.close(), network.close()]);
       closeProbe();
+      // The socket's file goes with the last process to hold it: not when systemd's store (or whoever
+      // handed this process its listeners) or a successor holds it on. A file left behind only refuses.
+      const heldElsewhere = hooks.keepListeners !== undefined || listeners.held.some((l) => l.adopted);
+      if (hostSocketPath && !handedOver && !heldElsewhere) await rm(hostSocketPath, { force: true }).catch(() => undefined);
     }
   };
 

@@ -12,7 +12,7 @@ import { addon } from '../native/addon.js';
 import { limits } from '../server/limits.js';
 
 /** What each listener is stored as (FDNAME=), and so known by on the next start. */
-export type ListenerName = 'token' | 'probe' | 'host-token-tcp';
+export type ListenerName = 'token' | 'probe' | 'host-token' | 'host-token-tcp';
 
 export interface HeldListener {
   name: ListenerName;
@@ -33,6 +33,17 @@ export class ListenError extends NmiError {
   }
 }
 
+type Where = { host: string; port: number } | { path: string };
+
+function describe(at: Where): string {
+  return 'path' in at ? at.path : `${at.host}:${at.port}`;
+}
+
+function same(a: Where, b: Where): boolean {
+  if ('path' in a || 'path' in b) return 'path' in a && 'path' in b && a.path === b.path;
+  return a.host === b.host && a.port === b.port;
+}
+
 export class Listeners {
   /** Inherited descriptors not taken yet, by name. */
   readonly #inherited: Map<string, number[]>;
@@ -44,35 +55,49 @@ export class Listeners {
     this.#log = log;
   }
 
-  /** Binds, or adopts the inherited listener of that name when it is bound to the same address. */
+  /** Binds a TCP listener, or adopts the inherited one of that name when it is bound to the same address. */
   hold(name: ListenerName, address: HostPort): HeldListener {
     const held = this.#held.get(name);
     if (held) return held;
+    const adopted = this.#adopt(name, address);
+    if (adopted !== undefined) return this.#record(name, adopted, true);
+    try {
+      return this.#record(name, addon().listenTcp(address.host, address.port, limits.backlog), false);
+    } catch (err) {
+      throw new ListenError(name, address, err as Error);
+    }
+  }
+
+  /** The same for a unix socket: adopted when inherited at that path, else made by `bind` (which checks the path first). */
+  async holdUnix(name: ListenerName, socketPath: string, bind: () => Promise<number>): Promise<HeldListener> {
+    const held = this.#held.get(name);
+    if (held) return held;
+    const adopted = this.#adopt(name, { path: socketPath });
+    return adopted !== undefined ? this.#record(name, adopted, true) : this.#record(name, await bind(), false);
+  }
+
+  #record(name: ListenerName, fd: number, adopted: boolean): HeldListener {
+    const made: HeldListener = { name, fd, adopted };
+    this.#held.set(name, made);
+    return made;
+  }
+
+  /** The inherited descriptor of that name listening at `where`; the others of that name are closed. */
+  #adopt(name: ListenerName, where: Where): number | undefined {
     const native = addon();
     let adopted: number | undefined;
     for (const fd of this.#inherited.get(name) ?? []) {
       const at = native.listeningAddress(fd);
-      if (adopted === undefined && at && at.host === address.host && at.port === address.port) adopted = fd;
+      if (adopted === undefined && at && same(at, where)) adopted = fd;
       else {
         // Bound elsewhere (the flags changed since it was stored), or not a listener: of no use.
-        this.#log.info({ listener: name, was: at ? `${at.host}:${at.port}` : 'not a listening socket' }, 'dropping an inherited listener');
+        this.#log.info({ listener: name, was: at ? describe(at) : 'not a listening socket' }, 'dropping an inherited listener');
         native.closeFd(fd);
       }
     }
     this.#inherited.delete(name);
-    let fd = adopted;
-    if (fd === undefined) {
-      try {
-        fd = native.listenTcp(address.host, address.port, limits.backlog);
-      } catch (err) {
-        throw new ListenError(name, address, err as Error);
-      }
-    } else {
-      this.#log.info({ listener: name, address: `${address.host}:${address.port}` }, 'listening socket taken over from the previous nmi');
-    }
-    const made: HeldListener = { name, fd, adopted: adopted !== undefined };
-    this.#held.set(name, made);
-    return made;
+    if (adopted !== undefined) this.#log.info({ listener: name, address: describe(where) }, 'listening socket taken over from the previous nmi');
+    return adopted;
   }
 
   /** A descriptor of a held listener for a server to own (and close when it stops). */

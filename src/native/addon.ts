@@ -65,8 +65,10 @@ export interface NativeAddon {
   sdNotify(socketPath: string, message: string, fds?: number[]): string | null;
   /** A listening, non-blocking, close-on-exec TCP socket bound to host:port; throws with `errno` when it cannot be. */
   listenTcp(host: string, port: number, backlog: number): number;
-  /** Where a descriptor listens, when it is a listening TCP socket (null otherwise); marks it close-on-exec. */
-  listeningAddress(fd: number): { host: string; port: number } | null;
+  /** A listening unix stream socket at path, created with the umask that gives mode; throws with `errno` when it cannot be. */
+  listenUnix(path: string, mode: number, backlog: number): number;
+  /** Where a descriptor listens, when it is a listening TCP or unix socket (null otherwise); marks it close-on-exec. */
+  listeningAddress(fd: number): { host: string; port: number } | { path: string } | null;
   /** A close-on-exec duplicate of a descriptor. */
   dupFd(fd: number): number;
   closeFd(fd: number): void;

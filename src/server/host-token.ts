@@ -22,6 +22,7 @@ import path from 'node:path';
 import type { HostVerdict } from '../attest/host-callers.js';
 import type { AzureIdentity, PodIdentities } from '../bindings/model.js';
 import type { HostPort } from '../config/values.js';
+import { addon } from '../native/addon.js';
 import { UsageError } from '../errors/errors.js';
 import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
@@ -31,6 +32,7 @@ import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, 
 import { limits } from './limits.js';
 import type { SeveralPolicy } from './select-identity.js';
 import { answerIdentityToken } from './core.js';
+import { drainable } from './drain.js';
 
 export const HOST_TOKEN_PATH = '/host/token';
 const SOCKET_MODE = 0o600;
@@ -49,6 +51,8 @@ export interface HostTokenDeps {
 
 export interface HostTokenServerDeps extends HostTokenDeps {
   socketPath: string;
+  /** The socket as src/lifecycle/listeners.ts holds it (bindHostTokenSocket's, or adopted), owned by the server once it listens. */
+  fd?: number;
 }
 
 export interface HostTokenTcpDeps extends HostTokenDeps {
@@ -89,16 +93,36 @@ export function createHostTokenServer(deps: HostTokenServerDeps): HostTokenServe
   const { socketPath, log } = deps;
   const server = hostHttpServer(deps, (req) => answerHost(deps, req, tokenAnswer));
   return closingOnce(server, async () => {
-    await preparePath(socketPath);
-    await bindPrivately(server, socketPath);
-    try {
-      await verifySocket(socketPath);
-    } catch (err) {
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-      throw err;
-    }
+    // Adopted (a restart's or a predecessor's): the file is checked again, it may have been changed since.
+    let fd = deps.fd;
+    if (fd === undefined) fd = await bindHostTokenSocket(socketPath);
+    else await verifySocket(socketPath);
+    await once(server.listen({ fd }), 'listening');
     log.info({ socket: socketPath }, 'host token socket listening');
   });
+}
+
+/**
+ * A listening socket at socketPath, 0600 and root's from its creation: its folder private to
+ * root (made 0700 when missing), a stale socket there removed, anything else refused. Made
+ * outside node, which would unlink it when its server closes: it outlives the process in
+ * systemd's store or a successor, and its path with it.
+ */
+export async function bindHostTokenSocket(socketPath: string): Promise<number> {
+  await preparePath(socketPath);
+  let fd: number;
+  try {
+    fd = addon().listenUnix(socketPath, SOCKET_MODE, limits.backlog);
+  } catch (err) {
+    throw new UsageError(`--host-token-socket: ${(err as Error).message}`);
+  }
+  try {
+    await verifySocket(socketPath);
+  } catch (err) {
+    addon().closeFd(fd);
+    throw err;
+  }
+  return fd;
 }
 
 /** TCP: NMI's shape, for callers --host-token-allow lets in; the verdict is reached once per connection, when it is accepted. */
@@ -145,20 +169,14 @@ function hostHttpServer(deps: HostTokenDeps, answer: (req: http.IncomingMessage)
   );
 }
 
-/** libuv unlinks a unix socket's file when its server closes, so closing removes the socket too. */
+/** The socket's file stays when its server closes: a restart's nmi takes it over; until then nothing answers there. */
 function closingOnce(server: http.Server, listen: () => Promise<void>): HostTokenServer {
   let stopped: Promise<void> | undefined;
-  async function stop(): Promise<void> {
-    const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-    server.closeIdleConnections();
-    const deadline = setTimeout(() => server.closeAllConnections(), limits.drainTimeoutMs);
-    await closed;
-    clearTimeout(deadline);
-  }
+  const drain = drainable(server);
   return {
     listen,
     close() {
-      stopped ??= stop();
+      stopped ??= drain.drain(limits.drainTimeoutMs);
       return stopped;
     },
   };
@@ -212,22 +230,6 @@ async function preparePath(socketPath: string): Promise<void> {
   if (!existing.isSocket()) throw new UsageError(`--host-token-socket: ${socketPath} exists and is not a socket; not removing it`);
   if (await answers(socketPath)) throw new UsageError(`--host-token-socket: ${socketPath} is in use by another process`);
   await unlink(socketPath);
-}
-
-/** The bind is synchronous in node:net, so the 0177 umask covers exactly the socket's creation. */
-function bindPrivately(server: http.Server, socketPath: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    server.once('error', reject);
-    const previous = process.umask(0o177);
-    try {
-      server.listen(socketPath, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    } finally {
-      process.umask(previous);
-    }
-  });
 }
 
 /** chmod is a second line of defence; lstat proves the result (a socket, 0600, ours). */

@@ -18,6 +18,7 @@ import { attestedKey, connectionCgroup, PeerMap } from '../attest/peers.js';
 import { plainAddress } from '../kubelet/pod-index.js';
 import { clientErrorBytes, problemAnswer, problems, tokenAnswer, writeAnswer, type Answer } from './answers.js';
 import { limits } from './limits.js';
+import { drainable } from './drain.js';
 import { RequestCounts } from './request-counts.js';
 import { checkedHeaders, classifyRequest, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
 import { selectIdentity, type SeveralPolicy } from './select-identity.js';
@@ -75,7 +76,6 @@ const tokens = new Map<string, Map<string, TableToken>>();
 /** Requests handed to the main thread, by id, until answered or gone. */
 const handedOver = new Map<number, http.ServerResponse>();
 let nextId = 0;
-let closing = false;
 const noBody = new Uint8Array(0);
 
 function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
@@ -84,7 +84,6 @@ function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
   const headers = checkedHeaders(req.rawHeaders);
   const classified = classifyRequest(req.method ?? '', req.url ?? '', headers, setup.policy);
   const now = classified.kind === 'reject' ? problemAnswer(classified.problem) : classified.kind === 'token' ? fromTables(caller, classified.request) : undefined;
-  if (closing) res.setHeader('Connection', 'close');
   if (now) {
     writeAnswer(res, now);
     observe(res, classified.route, started);
@@ -95,8 +94,6 @@ function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
   res.once('close', () => {
     handedOver.delete(id);
     observe(res, classified.route, started);
-    // A keep-alive connection whose answer was already under way when close began is idle now.
-    if (closing) setImmediate(() => server.closeIdleConnections());
   });
   void readBody(req).then((body) => {
     if (body === 'too-large') return writeAnswer(res, problemAnswer(problems.bodyTooLarge));
@@ -139,7 +136,7 @@ function readBody(req: http.IncomingMessage): Promise<Uint8Array | 'too-large'> 
 
 function answer(id: number, given: Answer): void {
   const res = handedOver.get(id);
-  // Gone: the client went away meanwhile. Once closing, handle() or drain() has already said Connection: close.
+  // Gone: the client went away meanwhile. Once closing, drain() (or drain.ts, for later requests) has said Connection: close.
   if (!res) return;
   // Structured cloning made the body a plain Uint8Array.
   writeAnswer(res, { ...given, body: Buffer.from(given.body.buffer, given.body.byteOffset, given.body.byteLength) });
@@ -177,13 +174,8 @@ function listen(host: string, wanted: number, fd: number | undefined): void {
 
 /** Stops accepting, lets handed-over requests be answered (at most drainMs), then closes every connection. */
 async function drain(drainMs: number): Promise<void> {
-  closing = true;
   for (const res of handedOver.values()) if (!res.headersSent) res.setHeader('Connection', 'close');
-  const closed = new Promise<void>((resolve) => server.close(() => resolve()));
-  server.closeIdleConnections();
-  const deadline = setTimeout(() => server.closeAllConnections(), drainMs);
-  await closed;
-  clearTimeout(deadline);
+  await draining.drain(drainMs);
   post({ type: 'closed' });
 }
 
@@ -209,6 +201,7 @@ const server = http.createServer(
   handle,
 );
 server.maxConnections = limits.maxConnections;
+const draining = drainable(server);
 server.on('clientError', answerClientError);
 server.on('connection', (socket: Socket) => {
   const remoteAddress = socket.remoteAddress && plainAddress(socket.remoteAddress);

@@ -5,6 +5,10 @@
 // the stored sockets is run too, to show what the pod saw before.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import http from 'node:http';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { addon } from '../../src/native/addon.js';
 import { createCluster, crd, type Cluster } from '../harness/cluster.js';
@@ -64,6 +68,43 @@ test('(a) restart in turn with the stored listeners: no request fails, the rules
   assert.match(nmi.output(), /listening socket taken over from the previous nmi/);
   assert.match(nmi.output(), /"result":"unchanged"[^\n]*"msg":"rules installed"/);
   assert.equal(await nmi.stop('SIGTERM'), 0);
+});
+
+test('(a) the host token socket too: a host process asking it all along across a restart in turn gets every answer', async (t) => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'nmi-host-'));
+  const socketPath = path.join(dir, 'host.sock');
+  const fds = [...store(), { name: 'host-token', fd: addon().listenUnix(socketPath, 0o600, 511) }];
+  const flags = ['--host-token-socket', socketPath];
+  let nmi: NmiProcess = await start({ listenFds: fds }, flags);
+  const counts: Record<string, number> = {};
+  let asking = true;
+  const asker = (async () => {
+    while (asking) {
+      const status = await new Promise<string>((resolve) => {
+        const req = http.get({ socketPath, agent: false, path: '/host/token?resource=https%3A%2F%2Fvault.azure.net', headers: { podns: 'default', podname: 'app' } }, (res) => {
+          res.resume();
+          res.on('end', () => resolve(String(res.statusCode)));
+        });
+        req.on('error', (err: NodeJS.ErrnoException) => resolve(`error:${err.code}`));
+      });
+      counts[status] = (counts[status] ?? 0) + 1;
+      await sleep(5);
+    }
+  })();
+  try {
+    await sleep(500);
+    assert.equal(await nmi.stop('SIGTERM'), 0, nmi.output());
+    nmi = await start({ listenFds: fds }, flags);
+    await sleep(500);
+  } finally {
+    asking = false;
+    await asker;
+    addon().closeFd(fds[2]!.fd);
+    await nmi.stop('SIGTERM');
+    rmSync(dir, { recursive: true, force: true });
+  }
+  t.diagnostic(JSON.stringify(counts));
+  assert.deepEqual(Object.keys(counts), ['200'], JSON.stringify(counts));
 });
 
 test('(c) SIGKILL, then a restart with the stored listeners a second later: no connection refused', async (t) => {
