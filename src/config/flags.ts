@@ -84,7 +84,8 @@ export function usage(command: string, summary: string, specs: FlagSpecs): strin
   const entries = Object.entries(specs);
   if (entries.length > 0) lines.push('Flags (each also read from NMI_<FLAG>, a flag beats its variable):');
   for (const [name, spec] of entries) {
-    const def = typeof spec.default === 'string' ? ` [${spec.default}]` : '';
+    // An empty default is an empty list: say so rather than print "[]".
+    const def = typeof spec.default === 'string' ? ` [${spec.default === '' ? 'none' : spec.default}]` : '';
     lines.push(`  --${name}${spec.boolean ? '' : ' VALUE'}${def}`, `      ${spec.help} (${envName(name)})`);
   }
   lines.push('  --help', '      this text');

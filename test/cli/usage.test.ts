@@ -108,4 +108,8 @@ test('--help on every command, exit 0', () => {
     assert.ok(run.includes(flag), `run --help lists ${flag}`);
   }
   assert.match(run, /NMI_NODE_IP/);
+  // Defaults as an operator types them; an empty list reads "none", never "[]".
+  assert.match(run, /^  --on-exit VALUE \[remove\]$/m);
+  assert.match(run, /^  --host-token-allow VALUE \[none\]$/m);
+  assert.doesNotMatch(run, /\[\]/);
 });
