@@ -3,7 +3,17 @@
 #pragma once
 #include <napi.h>
 
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include <string>
+#include <vector>
+
 namespace nmi {
+// Shared by the descriptor-passing calls (listen.cc, notify.cc).
+bool FdArray(Napi::Env env, const Napi::Value& value, size_t max, const char* what, std::vector<int>* out);
+int SendWithFds(int sock, const sockaddr_un* to, socklen_t toLen, const std::string& message, const std::vector<int>& fds);
+
 Napi::Value NftLoad(const Napi::CallbackInfo& info);
 Napi::Value NftRun(const Napi::CallbackInfo& info);
 Napi::Value SdNotify(const Napi::CallbackInfo& info);

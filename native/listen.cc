@@ -99,8 +99,8 @@ Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
 
 // listeningAddress(fd): {host, port} of a listening TCP socket, {path} of a
 // listening unix one, or null for anything else (another kind of descriptor, a
-// socket not listening, a closed fd). Marks the descriptor close-on-exec: inherited ones are not, and nmi's
-// children (iptables, nft) must not hold them.
+// socket not listening, a closed fd). Marks the descriptor close-on-exec:
+// inherited ones are not, and nmi's children (iptables, nft) must not hold them.
 Napi::Value ListeningAddress(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() != 1 || !info[0].IsNumber()) {
@@ -169,27 +169,43 @@ Napi::Value CloseFd(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// sendFds(socketFd, message, fds): one message with descriptors (SCM_RIGHTS) on
-// a connected unix stream socket, for a successor taking nmi's listeners over;
-// null on success, else the errno text.
-Napi::Value SendFds(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() != 3 || !info[0].IsNumber() || !info[1].IsString() || !info[2].IsArray()) {
-    Napi::TypeError::New(env, "Usage: sendFds(socketFd: number, message: string, fds: number[])").ThrowAsJavaScriptException();
-    return env.Undefined();
+// FdArray(value, max, what, out): a JS array of at most max descriptor numbers;
+// false, with a TypeError pending, when it is not one.
+bool FdArray(Napi::Env env, const Napi::Value& value, size_t max, const char* what, std::vector<int>* out) {
+  if (!value.IsArray()) {
+    Napi::TypeError::New(env, std::string(what) + ": fds must be an array of numbers").ThrowAsJavaScriptException();
+    return false;
   }
-  std::string message = info[1].As<Napi::String>();
-  Napi::Array list = info[2].As<Napi::Array>();
-  std::vector<int> fds;
-  for (uint32_t i = 0; i < list.Length() && i < 16; i++) fds.push_back(list.Get(i).As<Napi::Number>().Int32Value());
+  Napi::Array list = value.As<Napi::Array>();
+  if (list.Length() > max) {
+    Napi::TypeError::New(env, std::string(what) + ": at most " + std::to_string(max) + " descriptors in one message").ThrowAsJavaScriptException();
+    return false;
+  }
+  for (uint32_t i = 0; i < list.Length(); i++) {
+    Napi::Value v = list.Get(i);
+    if (!v.IsNumber()) {
+      Napi::TypeError::New(env, std::string(what) + ": fds must be an array of numbers").ThrowAsJavaScriptException();
+      return false;
+    }
+    out->push_back(v.As<Napi::Number>().Int32Value());
+  }
+  return true;
+}
+
+// SendWithFds: one message on a unix socket (to `to`, or connected when null),
+// fds along as SCM_RIGHTS; the errno of a failure, 0 when all of it was sent.
+int SendWithFds(int sock, const sockaddr_un* to, socklen_t toLen, const std::string& message, const std::vector<int>& fds) {
   iovec iov{const_cast<char*>(message.data()), message.size()};
   msghdr msg{};
+  msg.msg_name = const_cast<sockaddr_un*>(to);
+  msg.msg_namelen = to ? toLen : 0;
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
-  std::vector<char> control(CMSG_SPACE(sizeof(int) * (fds.empty() ? 1 : fds.size())), 0);
+  std::vector<char> control;
   if (!fds.empty()) {
+    control.assign(CMSG_SPACE(sizeof(int) * fds.size()), 0);
     msg.msg_control = control.data();
-    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    msg.msg_controllen = control.size();
     cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
     cmsg->cmsg_level = SOL_SOCKET;
     cmsg->cmsg_type = SCM_RIGHTS;
@@ -198,10 +214,26 @@ Napi::Value SendFds(const Napi::CallbackInfo& info) {
   }
   ssize_t sent;
   do {
-    sent = sendmsg(info[0].As<Napi::Number>().Int32Value(), &msg, MSG_NOSIGNAL);
+    sent = sendmsg(sock, &msg, MSG_NOSIGNAL);
   } while (sent < 0 && errno == EINTR);
-  if (sent < 0) return Napi::String::New(env, strerror(errno));
-  if (static_cast<size_t>(sent) != message.size()) return Napi::String::New(env, "short write");
+  if (sent < 0) return errno;
+  return static_cast<size_t>(sent) == message.size() ? 0 : EMSGSIZE;
+}
+
+// sendFds(socketFd, message, fds): one message with descriptors (SCM_RIGHTS) on
+// a connected unix stream socket, for a successor taking nmi's listeners over;
+// null on success, else the errno text.
+Napi::Value SendFds(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 3 || !info[0].IsNumber() || !info[1].IsString()) {
+    Napi::TypeError::New(env, "Usage: sendFds(socketFd: number, message: string, fds: number[])").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  std::vector<int> fds;
+  // receiveFds makes room for 16.
+  if (!FdArray(env, info[2], 16, "sendFds", &fds)) return env.Undefined();
+  int err = SendWithFds(info[0].As<Napi::Number>().Int32Value(), nullptr, 0, info[1].As<Napi::String>(), fds);
+  if (err) return Napi::String::New(env, strerror(err));
   return env.Null();
 }
 

@@ -2,6 +2,7 @@
 import { request } from '../net/undici.js';
 import { readMetric } from '../metrics/read.js';
 import type { HostPort } from '../config/values.js';
+import { probeUrl } from '../probe/probe-server.js';
 import { presentBackends } from '../rules/select.js';
 import type { BackendStatus } from '../rules/redirect.js';
 
@@ -16,7 +17,7 @@ interface DaemonState {
 }
 
 async function probeDaemon(address: HostPort): Promise<DaemonState> {
-  const base = `http://${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}`;
+  const base = probeUrl(address, '');
   const state: DaemonState = { address: base, answering: false };
   try {
     const readyz = await request(`${base}/readyz`, { headersTimeout: 2000, bodyTimeout: 2000 });

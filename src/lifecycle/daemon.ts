@@ -23,7 +23,7 @@ import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
 import { Readiness } from '../probe/readiness.js';
-import { PID_HEADER, startProbeServer } from '../probe/probe-server.js';
+import { PID_HEADER, probeUrl, startProbeServer } from '../probe/probe-server.js';
 import { RulesKeeper } from '../rules/keeper.js';
 import { EbpfBackend } from '../rules/ebpf.js';
 import type { Redirect } from '../rules/redirect.js';
@@ -375,7 +375,7 @@ async function holdProbe(listeners: Listeners, address: HostPort): Promise<void>
 /** The pid of the nmi answering on a probe address, or undefined when none does. */
 async function nmiAt(address: HostPort): Promise<number | undefined> {
   try {
-    const res = await request(`http://${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}/healthz`, { headersTimeout: 2000, bodyTimeout: 2000 });
+    const res = await request(probeUrl(address, '/healthz'), { headersTimeout: 2000, bodyTimeout: 2000 });
     await res.body.dump();
     const pid = Number(res.headers[PID_HEADER.toLowerCase()]);
     return Number.isInteger(pid) && pid > 0 ? pid : undefined;

@@ -87,7 +87,7 @@ export function takeOver(socketPath: string, log: Logger, timeoutMs = 5_000): Pr
 
 export interface HandoffEvents {
   /** A successor took the listeners: stop answering the probe address. */
-  onSuccessor(pid: number): void;
+  onSuccessor(): void;
   /** It asks for the rules: stop keeping them; resolve once stopped. */
   onTakeRules(): Promise<void>;
   /** It went away before this process stopped: answer the probe and keep the rules again. */
@@ -148,7 +148,7 @@ export class HandoffServer {
       return;
     }
     this.#successor = conn;
-    events.onSuccessor(peer.pid);
+    events.onSuccessor();
     this.#log.info({ successor: peer.pid }, 'a new nmi took the listening sockets; it answers the probe address from now on');
     readline.createInterface({ input: conn }).on('line', (line) => {
       let message: Message;

@@ -24,12 +24,10 @@ export interface HeldListener {
 /** A listener that could not be bound; `errno` as the kernel said it (EADDRINUSE: someone listens there). */
 export class ListenError extends NmiError {
   readonly errno: number | undefined;
-  readonly address: HostPort;
-  constructor(name: ListenerName, address: HostPort, cause: Error & { errno?: number }) {
+  constructor(name: ListenerName, cause: Error & { errno?: number }) {
     super(codes.LISTEN, `${name}: ${cause.message}${cause.errno ? ` (${getSystemErrorName(-cause.errno)})` : ''}`, { cause });
     this.name = 'ListenError';
     this.errno = cause.errno;
-    this.address = address;
   }
 }
 
@@ -57,21 +55,17 @@ export class Listeners {
 
   /** Binds a TCP listener, or adopts the inherited one of that name when it is bound to the same address. */
   hold(name: ListenerName, address: HostPort): HeldListener {
-    const held = this.#held.get(name);
-    if (held) return held;
     const adopted = this.#adopt(name, address);
     if (adopted !== undefined) return this.#record(name, adopted, true);
     try {
       return this.#record(name, addon().listenTcp(address.host, address.port, limits.backlog), false);
     } catch (err) {
-      throw new ListenError(name, address, err as Error);
+      throw new ListenError(name, err as Error);
     }
   }
 
   /** The same for a unix socket: adopted when inherited at that path, else made by `bind` (which checks the path first). */
   async holdUnix(name: ListenerName, socketPath: string, bind: () => Promise<number>): Promise<HeldListener> {
-    const held = this.#held.get(name);
-    if (held) return held;
     const adopted = this.#adopt(name, { path: socketPath });
     return adopted !== undefined ? this.#record(name, adopted, true) : this.#record(name, await bind(), false);
   }

@@ -76,7 +76,6 @@ export class StartGate {
   readonly #backoff: { initialMs: number; maxMs: number };
   readonly #abort = new AbortController();
   #opened = false;
-  #lastError: string | undefined;
   #opening: Promise<void> | undefined;
 
   constructor(options: StartGateOptions) {
@@ -111,7 +110,7 @@ export class StartGate {
       await this.#until(AbortSignal.timeout(timeoutMs), 'present');
       this.#opened = false;
     } catch (err) {
-      this.#log.error({ err: this.#lastError ?? (err as Error).message }, 'could not taint the node again: pods may be scheduled here while nmi is stopped');
+      this.#log.error({ err: (err as Error).message }, 'could not taint the node again: pods may be scheduled here while nmi is stopped');
     } finally {
       await this.#client.close();
     }
@@ -124,22 +123,23 @@ export class StartGate {
     await this.#client.close();
   }
 
+  /** Rejects, once `signal` aborts, with the last failure that kept it from succeeding (else the abort's reason). */
   async #until(signal: AbortSignal, want: 'absent' | 'present'): Promise<void> {
     const backoff = new Backoff(this.#backoff);
-    this.#lastError = undefined;
+    let last: unknown;
     for (;;) {
-      signal.throwIfAborted();
+      if (signal.aborted) throw last ?? signal.reason;
       try {
         if (await this.#apply(signal, want)) return;
         // Someone else changed the node between our read and our write: read again at once.
         this.#log.debug('node changed while updating its taints, reading it again');
         continue;
       } catch (err) {
-        if (signal.aborted) throw signal.reason;
+        if (signal.aborted) continue;
+        last = err;
         const delay = backoff.next();
-        this.#lastError = (err as Error).message;
-        this.#log.warn({ err: this.#lastError, hint: hint(err), retryInMs: Math.round(delay) }, `could not ${want === 'absent' ? 'remove' : 'add'} the start taint`);
-        await sleep(delay, undefined, { signal });
+        this.#log.warn({ err: (err as Error).message, hint: hint(err), retryInMs: Math.round(delay) }, `could not ${want === 'absent' ? 'remove' : 'add'} the start taint`);
+        await sleep(delay, undefined, { signal }).catch(() => undefined);
       }
     }
   }

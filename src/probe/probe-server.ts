@@ -9,6 +9,11 @@ import type { Readiness } from './readiness.js';
 
 export const PID_HEADER = 'X-Nmi-Pid';
 
+/** Where a probe address is asked (nmi status, a second nmi finding the first). */
+export function probeUrl(address: HostPort, path: string): string {
+  return `http://${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}${path}`;
+}
+
 /** An event loop stalled longer than this fails liveness. */
 const MAX_LOOP_DELAY_MS = 5_000;
 

@@ -48,7 +48,9 @@ export class RulesKeeper {
 
   /** Stops verifying and repairing, leaving the rules as they are, for another nmi to keep; install() resumes. */
   async release(): Promise<void> {
+    if (!this.timer) return; // released already (or never kept)
     clearInterval(this.timer);
+    this.timer = undefined;
     await this.running;
     this.log.info({ backend: this.backend.name }, 'rules left to the nmi taking over');
   }

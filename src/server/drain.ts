@@ -5,8 +5,7 @@
 // a handoff the listener lives on in the next process, so nothing is lost by
 // letting those few connections have their one answer first.
 import http from 'node:http';
-import net from 'node:net';
-import type { Socket } from 'node:net';
+import net, { type Socket } from 'node:net';
 
 interface Use {
   answered: number;

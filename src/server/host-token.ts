@@ -66,7 +66,7 @@ export interface HostTokenTcpDeps extends HostTokenDeps {
 export interface HostTokenServer {
   /** Binds (the socket 0600, and verified); rejects with a UsageError when the socket's path cannot be made private. */
   listen(): Promise<void>;
-  /** Stops accepting, lets in-flight requests finish (at most limits.drainTimeoutMs); a unix socket's file is removed. Idempotent. */
+  /** Stops accepting, lets in-flight requests finish (at most limits.drainTimeoutMs); a unix socket's file stays (daemon.ts removes it when nothing holds the socket on). Idempotent. */
   close(): Promise<void>;
 }
 
