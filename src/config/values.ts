@@ -46,6 +46,20 @@ export function port(raw: string, flag: string): number {
   return n;
 }
 
+export function positiveInt(raw: string, flag: string): number {
+  const n = /^\d+$/.test(raw) ? Number(raw) : NaN;
+  if (!Number.isSafeInteger(n) || n < 1) throw new UsageError(`--${flag}: "${raw}" is not a positive whole number`);
+  return n;
+}
+
+/** A rate as N/s or N/m (N alone: per second). Returns calls per second. */
+export function rate(raw: string, flag: string): number {
+  const m = /^(\d+(?:\.\d+)?)(?:\/(s|m))?$/.exec(raw);
+  const perSec = m ? Number(m[1]) / (m[2] === 'm' ? 60 : 1) : NaN;
+  if (!(perSec > 0) || !Number.isFinite(perSec)) throw new UsageError(`--${flag}: "${raw}" is not a positive rate (like 20/s or 30/m)`);
+  return perSec;
+}
+
 const units: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
 
 /** Go-style durations as aad-pod-identity spelled them: 500ms, 5s, 1m30s. Returns milliseconds. */

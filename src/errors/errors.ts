@@ -13,6 +13,7 @@ export const codes = {
   TOKEN: 'NMI_ERR_TOKEN',
   NETNS: 'NMI_ERR_NETNS',
   LISTEN: 'NMI_ERR_LISTEN',
+  BUDGET: 'NMI_ERR_BUDGET',
 } as const;
 
 export type ErrorCode = (typeof codes)[keyof typeof codes];

@@ -34,6 +34,9 @@ import { createNativeTokenServer } from '../server/native-server.js';
 import { attachTables, type Tables } from '../server/tables.js';
 import type { TokenServerDeps } from '../server/core.js';
 import { createTokenServer } from '../server/token-server.js';
+import { limits } from '../server/limits.js';
+import { Budgets } from '../budget/budgets.js';
+import { registerBudgetMetrics, waitHistogram } from '../budget/metrics.js';
 import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
@@ -128,6 +131,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     log,
     onChange: () => {
       retainUsedTokens();
+      cache.retainCallers(pods.pods().map(callerKey));
       tables?.refresh();
       // New pods bring new cgroups; the walk refreshes the routes when done.
       void cgroupPods?.walk();
@@ -140,14 +144,32 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const match = { forceNamespaced: config.forceNamespaced };
   const podIdentities = (pod: Pod) => identitiesFor(pod, store.snapshot, match);
 
+  // Upstream budgets: every call to IMDS or an Entra ID tenant waits its turn, pods served in turn.
+  const budgets = new Budgets({
+    imds: { maxConcurrent: config.imdsMaxConcurrent, ratePerSec: config.imdsMaxRate },
+    imdsMetadata: { maxConcurrent: config.imdsMaxConcurrent, ratePerSec: config.imdsMetadataMaxRate },
+    entra: { maxConcurrent: config.aadMaxConcurrent, ratePerSec: config.aadMaxRate },
+    maxPendingPerPod: config.maxPendingPerPod,
+    maxWaitMs: limits.budgetWaitMs,
+    onWait: waitHistogram(registry),
+  });
+  const budgetFor = (identity: AzureIdentity) =>
+    identity.type === IdentityType.UserAssignedMSI ? budgets.imds : budgets.entra(`${identity.adEndpoint ?? config.aadAuthorityHost.origin}/${identity.tenantID}`);
+
   // Tokens: msal-node through one undici client, cached per (identity, resource).
   const network = new NetworkClient();
   const cache = new TokenCache({
     provider: new MsalTokenProvider({ upstreamImds: config.upstreamImds.href, aadAuthorityHost: config.aadAuthorityHost.href, network, logger: log }),
+    budgetFor,
+    maxTokensPerCaller: config.maxTokensPerPod,
+    onRefused: (reason) => budgets.refused(reason),
     logger: log,
   });
-  const getToken = (identity: AzureIdentity, resource: string) =>
-    cache.get(identity, resource, identity.type === IdentityType.UserAssignedMSI ? undefined : secretFor(identity, store.snapshot));
+  const getToken = (identity: AzureIdentity, resource: string, pod: Pod) =>
+    cache.get(identity, resource, identity.type === IdentityType.UserAssignedMSI ? undefined : secretFor(identity, store.snapshot), {
+      key: callerKey(pod),
+      name: `${pod.namespace}/${pod.name}`,
+    });
   // A changed or deleted identity or binding never gets another token from the old entry.
   store.on('change', (keys) => {
     keys.forEach((key) => cache.invalidate(key));
@@ -165,6 +187,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   registerKubeletMetrics(registry, pods);
   registerBindingMetrics(registry, store);
   registerTokenMetrics(registry, cache);
+  registerBudgetMetrics(registry, budgets);
   if (attestation) registerAttestationMetrics(registry, attestation);
 
   const serverDeps: TokenServerDeps = {
@@ -174,6 +197,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     getToken,
     peekToken: (identity, resource) => cache.peek(identity, resource),
     upstreamImds: config.upstreamImds,
+    proxyBudgets: { identity: budgets.imds, metadata: budgets.metadata },
     options: {
       metadataHeaderRequired: config.metadataHeaderRequired,
       blockInstanceMetadata: config.blockInstanceMetadata,
@@ -415,4 +439,9 @@ async function syncPodsFirst(pods: PodIndex, log: Logger): Promise<void> {
     if (!/ECONNREFUSED/.test((err as Error).message)) throw err;
     log.warn('kubelet not listening yet: starting with no pods, polling until it answers');
   }
+}
+
+/** What keys a pod's upstream bounds: its uid (a pod recreated under its name starts afresh). */
+function callerKey(pod: Pod): string {
+  return pod.uid || `${pod.namespace}/${pod.name}`;
 }

@@ -6,7 +6,7 @@
 //   Content-Length: <body bytes>
 //   Cache-Control: no-store          (a token answer is a secret: nothing may keep it)
 //   Allow: GET                       (405 only)
-//   Retry-After: <seconds>           (503 only)
+//   Retry-After: <seconds>           (429 and 503 only)
 //
 // node:http then adds Date, and Connection: keep-alive + Keep-Alive: timeout=5
 // (or Connection: close). The body is compact JSON (no spaces), every value a
@@ -19,7 +19,7 @@ export interface Problem {
   status: number;
   error: string;
   error_description: string;
-  /** Seconds, for 503 answers. */
+  /** Seconds, for 429 and 503 answers. */
   retryAfter?: number;
   /** 405 answers name the allowed method. */
   allow?: string;
@@ -145,6 +145,11 @@ export function unavailable(retryAfterSeconds: number): Problem {
     error_description: 'The token service is temporarily unavailable, retry later',
     retryAfter: retryAfterSeconds,
   };
+}
+
+/** IMDS's own throttling answer: a pod over its bounds, or a call that could not get its turn in the budget. */
+export function throttled(retryAfterSeconds: number, description: string): Problem {
+  return { status: 429, error: 'too_many_requests', error_description: description, retryAfter: retryAfterSeconds };
 }
 
 /** The whole answer to a request node's parser refused (llhttp error code), ending the connection. */

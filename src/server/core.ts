@@ -5,16 +5,17 @@
 //   → bound identities, filtered by the requested id (7) → getToken (8)
 //   → answers.ts. Other /metadata categories and exception pods go to proxy.ts.
 import type { CgroupAttestation } from '../attest/attestation.js';
+import { BudgetError, type RefusalReason } from '../budget/budget.js';
 import { identityKey, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
 import { codes, isNmiError } from '../errors/errors.js';
 import type { CallerLookup, Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
 import type { UpstreamKind } from '../tokens/upstream-error.js';
-import { problemAnswer, problems, tokenAnswer, unavailable, type Answer, type Problem } from './answers.js';
+import { problemAnswer, problems, throttled, tokenAnswer, unavailable, type Answer, type Problem } from './answers.js';
 import { limits } from './limits.js';
 import type { ServerMetrics } from './metrics.js';
-import type { ImdsProxy } from './proxy.js';
+import type { ImdsProxy, ProxyBudgets } from './proxy.js';
 import { classifyRequest, type Classification, type IdSelector, type RequestHeaders, type RouteName, type TokenRequest } from './request.js';
 import { selectIdentity, type SeveralPolicy } from './select-identity.js';
 
@@ -32,12 +33,14 @@ export interface TokenServerDeps {
   /** --rules ebpf: callers are the pods whose cgroups made the connections, checked against their addresses. */
   attestation?: Pick<CgroupAttestation, 'resolve' | 'resolveNow'>;
   identitiesFor(pod: Pod): PodIdentities;
-  /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
-  getToken(identity: AzureIdentity, resource: string): Promise<Token>;
+  /** Cache + credential resolution for the calling pod; rejects with an UpstreamFailure when Entra ID or IMDS fails, a BudgetError when the pod is over its bounds. */
+  getToken(identity: AzureIdentity, resource: string, pod: Pod): Promise<Token>;
   /** A fresh cached token without waiting, or undefined (then getToken decides). */
   peekToken?(identity: AzureIdentity, resource: string): Token | undefined;
   /** The real IMDS: proxied categories and exception pods' pass-through. */
   upstreamImds: URL;
+  /** Budgets the proxied calls wait their turn in; none: they go at once. */
+  proxyBudgets?: ProxyBudgets;
   options: TokenServerOptions;
   log: Logger;
   metrics?: ServerMetrics;
@@ -141,7 +144,7 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attes
 export function answerWhole(core: RequestCore, proxy: ImdsProxy, log: Logger, request: WholeRequest): { route: RouteName; answer: Promise<Answer> } {
   const { route, outcome } = core(request);
   const answer = Promise.resolve(outcome)
-    .then((result) => ('proxy' in result ? proxy.fetch(request.method, result.proxy, request.rawHeaders, Buffer.from(request.body)) : result))
+    .then((result) => ('proxy' in result ? proxy.fetch(request.method, result.proxy, request.rawHeaders, Buffer.from(request.body), request.remoteAddress) : result))
     .catch((err: unknown) => {
       log.warn({ err: errorSummary(err) }, 'token server request failed');
       return problemAnswer(problems.internal);
@@ -175,8 +178,9 @@ export async function answerIdentityToken(
   }
   let token: Token;
   try {
-    token = await deps.getToken(identity, request.resource);
+    token = await deps.getToken(identity, request.resource, pod);
   } catch (err) {
+    if (err instanceof BudgetError) return budgetAnswer(err);
     // Its Secret or certificate, named in the message (never a value): the operator's to fix, the pod's to retry.
     if (isNmiError(err, codes.BINDINGS) || isNmiError(err, codes.TOKEN)) {
       deps.log.warn({ namespace: pod.namespace, pod: pod.name, identity: identityKey(identity), err: errorSummary(err) }, 'the bound identity cannot be used');
@@ -187,6 +191,17 @@ export async function answerIdentityToken(
     return upstreamAnswer(err);
   }
   return (choice.render ?? tokenAnswer)(token);
+}
+
+/** What a pod reads when it is over its bounds or the budget could not give its call a turn in time. */
+const budgetDescriptions: Record<RefusalReason, string> = {
+  'pod-tokens': 'Too many distinct tokens requested by this pod, retry later',
+  'pod-pending': 'Too many token requests from this pod are waiting, retry later',
+  'queue-timeout': 'Too many requests on this node, retry later',
+};
+
+export function budgetAnswer(err: BudgetError): Answer {
+  return problemAnswer(throttled(err.retryAfterS, budgetDescriptions[err.reason]));
 }
 
 export function isUpstreamFailure(err: unknown): err is UpstreamFailure {

@@ -43,7 +43,7 @@ export interface HostTokenDeps {
   findPod(namespace: string, name: string): Promise<Pod | undefined>;
   identitiesFor(pod: Pod): PodIdentities;
   /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
-  getToken(identity: AzureIdentity, resource: string): Promise<Token>;
+  getToken(identity: AzureIdentity, resource: string, pod: Pod): Promise<Token>;
   /** --multiple-identities, as on the token endpoint. */
   multipleIdentities: SeveralPolicy;
   log: Logger;

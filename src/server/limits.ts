@@ -11,4 +11,5 @@ export const limits = {
   drainTimeoutMs: 10_000, // close(): in-flight requests get this long
   proxyTimeoutMs: 10_000,
   upstreamRetryAfterS: 5, // when the upstream gave no Retry-After
+  budgetWaitMs: 10_000, // a first token that gets no turn upstream in this long is answered 429
 } as const;

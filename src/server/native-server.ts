@@ -56,7 +56,7 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
   const { options, log } = deps;
   const listeners: TokenServedListener[] = [];
   const core = createRequestCore(tellingServed(deps, listeners));
-  const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
+  const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs, budgets: deps.proxyBudgets });
   const native = addon();
   let id: number | undefined;
   let port: number | undefined;

@@ -1,13 +1,20 @@
 // Forwards a request to the real IMDS unchanged: same method, path, query,
 // body and end-to-end headers (Metadata included). Hop-by-hop headers are
 // dropped and nothing is added: no X-Forwarded-For, Forwarded or Via, which
-// IMDS would refuse. Only the upstream URL's origin is used.
+// IMDS would refuse. Only the upstream URL's origin is used. Each call waits
+// its turn in IMDS's budget: the identity endpoint's (exception pods' token
+// requests) or the other categories' general one.
+import { BudgetError, type UpstreamBudget } from '../budget/budget.js';
 import { Pool, type Dispatcher } from '../net/undici.js';
-import { problemAnswer, problems, type Answer } from './answers.js';
+import { problemAnswer, problems, throttled, type Answer } from './answers.js';
+import { TOKEN_PATH } from './request.js';
 
 export interface ImdsProxy {
-  /** The upstream's answer, whole, to `target` (a raw origin-form request-target) asked as the request was: both servers hand requests over read whole. */
-  fetch(method: string, target: string, rawHeaders: string[], body: Buffer): Promise<Answer>;
+  /**
+   * The upstream's answer, whole, to `target` (a raw origin-form request-target) asked as the request was: both
+   * servers hand requests over read whole. `owner` (the caller's address) is whose queue the call waits in.
+   */
+  fetch(method: string, target: string, rawHeaders: string[], body: Buffer, owner?: string): Promise<Answer>;
   /** Waits for requests under way to finish, then closes upstream connections. */
   close(): Promise<void>;
 }
@@ -16,6 +23,14 @@ export interface ProxyOptions {
   upstream: URL;
   /** Bounds connecting, waiting for the answer's headers, and each pause in its body. */
   timeoutMs: number;
+  budgets?: ProxyBudgets;
+}
+
+export interface ProxyBudgets {
+  /** IMDS's identity endpoint. */
+  identity: UpstreamBudget;
+  /** IMDS's other categories. */
+  metadata: UpstreamBudget;
 }
 
 /** Connection-scoped headers (RFC 9110 7.6.1), plus Host (undici sets it) and Expect (undici refuses it). */
@@ -25,7 +40,7 @@ const HOP_BY_HOP = new Set([
 ]);
 const TIMEOUT_CODES = new Set(['UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_HEADERS_TIMEOUT', 'UND_ERR_BODY_TIMEOUT']);
 
-export function createImdsProxy({ upstream, timeoutMs }: ProxyOptions): ImdsProxy {
+export function createImdsProxy({ upstream, timeoutMs, budgets }: ProxyOptions): ImdsProxy {
   const pool = new Pool(upstream.origin, {
     connections: 32,
     connect: { timeout: timeoutMs },
@@ -44,12 +59,32 @@ export function createImdsProxy({ upstream, timeoutMs }: ProxyOptions): ImdsProx
     }
   }
 
+  async function forward(method: string, target: string, rawHeaders: string[], body: Buffer): Promise<{ answer: Answer; throttled: boolean }> {
+    const answer = await send({ method: method as Dispatcher.HttpMethod, target, headers: endToEnd(rawHeaders), body: body.length > 0 ? body : null });
+    if ('status' in answer) return { answer, throttled: false };
+    const headers = Object.entries(endToEndObject(answer.headers)).flatMap(([name, value]) => [value].flat().map((one): [string, string] => [name, one]));
+    return { answer: { status: answer.statusCode, headers, body: Buffer.from(await answer.body.arrayBuffer()) }, throttled: answer.statusCode === 429 };
+  }
+
   return {
-    async fetch(method, target, rawHeaders, body) {
-      const answer = await send({ method: method as Dispatcher.HttpMethod, target, headers: endToEnd(rawHeaders), body: body.length > 0 ? body : null });
-      if ('status' in answer) return answer;
-      const headers = Object.entries(endToEndObject(answer.headers)).flatMap(([name, value]) => [value].flat().map((one): [string, string] => [name, one]));
-      return { status: answer.statusCode, headers, body: Buffer.from(await answer.body.arrayBuffer()) };
+    async fetch(method, target, rawHeaders, body, owner = '') {
+      if (!budgets) return (await forward(method, target, rawHeaders, body)).answer;
+      const budget = target.startsWith(`${TOKEN_PATH}?`) || target.startsWith(`${TOKEN_PATH}/`) ? budgets.identity : budgets.metadata;
+      let release;
+      try {
+        budget.admit(owner);
+        release = await budget.request({ kind: 'first', owners: [owner] }).granted;
+      } catch (err) {
+        if (err instanceof BudgetError) return problemAnswer(throttled(err.retryAfterS, 'Too many metadata requests from this caller are waiting, retry later'));
+        throw err;
+      }
+      let result;
+      try {
+        result = await forward(method, target, rawHeaders, body);
+      } finally {
+        release(result?.throttled ? { throttledMs: 0 } : undefined);
+      }
+      return result.answer;
     },
     close: () => pool.close(),
   };

@@ -58,8 +58,8 @@ export function tellingServed<D extends Pick<TokenServerDeps, 'getToken' | 'peek
   const { peekToken } = deps;
   return {
     ...deps,
-    async getToken(identity, resource) {
-      const token = await deps.getToken(identity, resource);
+    async getToken(identity, resource, pod) {
+      const token = await deps.getToken(identity, resource, pod);
       tell(identity, resource, token);
       return token;
     },

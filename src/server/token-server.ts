@@ -23,7 +23,7 @@ export function createTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: n
   const { options, log } = deps;
   const listeners: TokenServedListener[] = [];
   const core = createRequestCore(tellingServed(deps, listeners));
-  const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs });
+  const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs, budgets: deps.proxyBudgets });
   const setup: WorkerSetup = {
     policy: { metadataHeaderRequired: options.metadataHeaderRequired, blockInstanceMetadata: options.blockInstanceMetadata },
     several: options.multipleIdentities,

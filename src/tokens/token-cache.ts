@@ -1,15 +1,20 @@
 // Tokens in memory, per (identity, resource). A hit is answered from memory; a
 // token past ~80% of its life is refreshed in the background while it is still
 // served; concurrent misses share one upstream call; issuer trouble is retried
-// with backoff within a budget. Identity changes drop entries and orphan any
-// in-flight fetch, whose result is then handed to its waiters but never stored.
+// with backoff within a time limit, every attempt inside the upstream's budget.
+// A refusal that will not change soon (a 4xx) is remembered for a short time.
+// Each calling pod may hold only so many entries. Identity changes drop entries
+// and orphan any in-flight fetch, whose result is then handed to its waiters
+// but never stored.
 import { setTimeout as sleepFor } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
 import { identityKey, IdentityType, type AzureIdentity } from '../bindings/model.js';
+import { BudgetError, type RefusalReason, type UpstreamBudget } from '../budget/budget.js';
 import type { Logger } from '../log/logger.js';
 import type { Credential, TokenProvider } from './msal-provider.js';
 import type { Token } from './token.js';
 import { UpstreamError, upstreamKinds, type UpstreamKind } from './upstream-error.js';
+import type { Release, Ticket } from '../budget/budget.js';
 
 export interface RetryOptions {
   /** Upstream calls per fetch, the first included. */
@@ -35,6 +40,14 @@ export interface TokenCacheOptions {
   /** After a failed background refresh, the next one is tried this much later. */
   refreshRetryMs?: number;
   retry?: RetryOptions;
+  /** The budget every upstream call for the identity waits its turn in; none: calls go at once. */
+  budgetFor?: (identity: AzureIdentity) => UpstreamBudget;
+  /** Entries one calling pod may hold; past it, its misses for new keys are refused (pod-tokens). */
+  maxTokensPerCaller?: number;
+  /** How long an issuer's 4xx for a key is answered again without asking. */
+  refusalTtlMs?: number;
+  /** Counts refusals the cache makes (pod-tokens); the budgets count their own. */
+  onRefused?: (reason: RefusalReason) => void;
   /** Milliseconds since the epoch. */
   now?: () => number;
   /** Waits ms; rejects when signal aborts. */
@@ -46,9 +59,17 @@ export interface TokenCacheOptions {
 
 export type UpstreamTarget = 'imds' | 'entra';
 
+/** The pod a request is for: its uid keys its bounds and queue, its name is for the log. */
+export interface Caller {
+  key: string;
+  name: string;
+}
+
 export interface TokenCacheStats {
   hits: number;
   misses: number;
+  /** Answered with an issuer's remembered refusal. */
+  refusalHits: number;
   /** Background refreshes started. */
   refreshes: number;
   upstreamRequests: Record<UpstreamTarget, number>;
@@ -64,6 +85,8 @@ const defaults = {
   refreshJitter: 0.05,
   expiryMarginMs: EXPIRY_MARGIN_MS,
   refreshRetryMs: 30_000,
+  maxTokensPerCaller: Infinity,
+  refusalTtlMs: 30_000,
   retry: { attempts: 4, baseDelayMs: 250, maxDelayMs: 4_000, budgetMs: 10_000, updatingBudgetMs: 70_000 },
 };
 
@@ -79,7 +102,17 @@ interface Entry {
   refreshAtMs: number;
   /** Served while now is before this. */
   staleAtMs: number;
+  /** From then on a refresh goes before first tokens in the budget. */
+  urgentAtMs: number;
   inflight: Promise<Token> | undefined;
+  /** The pods waiting on the fetch in flight; its next attempt queues for them. */
+  readonly waiters: Set<string>;
+  /** The attempt waiting for its turn in the budget, which late waiters join. */
+  ticket: Ticket | undefined;
+  /** The issuer's 4xx, answered again until untilMs. */
+  refusal: { err: unknown; untilMs: number } | undefined;
+  /** Pods that asked for it, each holding it against its maxTokensPerCaller. */
+  readonly holders: Set<string>;
   /** Aborted when the entry leaves the cache: stops retries of its fetch. */
   readonly dropped: AbortController;
 }
@@ -98,6 +131,14 @@ export class TokenCache {
   private readonly expiryMarginMs: number;
   private readonly refreshRetryMs: number;
   private readonly retry: Required<RetryOptions>;
+  private readonly budgetFor: TokenCacheOptions['budgetFor'];
+  private readonly maxTokensPerCaller: number;
+  private readonly refusalTtlMs: number;
+  private readonly onRefused: TokenCacheOptions['onRefused'];
+  /** Entries by the pod holding them. */
+  private readonly held = new Map<string, Set<Entry>>();
+  /** When each pod's last refusal was logged: once a minute per pod, not per request. */
+  private readonly refusalLogged = new Map<string, number>();
   private readonly now: () => number;
   private readonly sleep: (ms: number, signal: AbortSignal) => Promise<void>;
   private readonly random: () => number;
@@ -105,6 +146,7 @@ export class TokenCache {
   private readonly counters: TokenCacheStats = {
     hits: 0,
     misses: 0,
+    refusalHits: 0,
     refreshes: 0,
     upstreamRequests: { imds: 0, entra: 0 },
     upstreamErrors: Object.fromEntries(upstreamKinds.map((kind) => [kind, 0])) as Record<UpstreamKind, number>,
@@ -119,6 +161,10 @@ export class TokenCache {
       expiryMarginMs = defaults.expiryMarginMs,
       refreshRetryMs = defaults.refreshRetryMs,
       retry = {},
+      budgetFor,
+      maxTokensPerCaller = defaults.maxTokensPerCaller,
+      refusalTtlMs = defaults.refusalTtlMs,
+      onRefused,
       now = Date.now,
       sleep = (ms, signal) => sleepFor(ms, undefined, { signal }),
       random = Math.random,
@@ -127,34 +173,72 @@ export class TokenCache {
     if (!(refreshFraction > 0 && refreshFraction <= 1)) throw new RangeError(`refreshFraction must be in (0, 1], got ${refreshFraction}`);
     if (!(refreshJitter >= 0 && refreshJitter < refreshFraction)) throw new RangeError(`refreshJitter must be in [0, refreshFraction), got ${refreshJitter}`);
     this.provider = provider;
-    this.entries = new LRUCache<string, Entry>({ max, dispose: (entry) => entry.dropped.abort() });
+    this.entries = new LRUCache<string, Entry>({ max, dispose: (entry) => this.disposed(entry) });
     this.refreshFraction = refreshFraction;
     this.refreshJitter = refreshJitter;
     this.expiryMarginMs = expiryMarginMs;
     this.refreshRetryMs = refreshRetryMs;
     this.retry = { ...defaults.retry, ...retry };
+    this.budgetFor = budgetFor;
+    this.maxTokensPerCaller = maxTokensPerCaller;
+    this.refusalTtlMs = refusalTtlMs;
+    this.onRefused = onRefused;
     this.now = now;
     this.sleep = sleep;
     this.random = random;
     this.logger = logger;
   }
 
-  /** A token for identity and resource: from memory when fresh, else from the issuer (one call for all concurrent askers). */
-  get(identity: AzureIdentity, resource: string, credential?: Credential): Promise<Token> {
+  /**
+   * A token for identity and resource: from memory when fresh, else from the issuer (one call for all
+   * concurrent askers). With a caller, rejects with BudgetError when that pod is over its bounds.
+   */
+  get(identity: AzureIdentity, resource: string, credential?: Credential, caller?: Caller): Promise<Token> {
     let entry = this.find(identity, resource);
     const now = this.now();
     if (entry && this.servable(entry, now)) {
       if (credential) entry.credential = credential;
       return Promise.resolve(this.hit(entry, now));
     }
+    if (entry?.refusal) {
+      if (now < entry.refusal.untilMs) {
+        this.counters.refusalHits++;
+        return Promise.reject(entry.refusal.err);
+      }
+      entry.refusal = undefined;
+    }
     this.counters.misses++;
+    try {
+      if (caller) this.admit(caller, entry, identity);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     if (!entry) {
       entry = newEntry(identity, resource);
       this.entries.set(entry.key, entry);
       this.remember(identity, entry);
     }
     entry.credential = credential;
+    if (caller) {
+      entry.holders.add(caller.key);
+      let held = this.held.get(caller.key);
+      if (!held) this.held.set(caller.key, (held = new Set()));
+      held.add(entry);
+      entry.waiters.add(caller.key);
+      entry.ticket?.join(caller.key);
+    }
     return entry.inflight ?? this.startFetch(entry);
+  }
+
+  /** Forgets the bounds of pods not in keys (gone from the node). */
+  retainCallers(callerKeys: Iterable<string>): void {
+    const keep = new Set(callerKeys);
+    for (const [key, entries] of this.held) {
+      if (keep.has(key)) continue;
+      for (const entry of entries) entry.holders.delete(key);
+      this.held.delete(key);
+      this.refusalLogged.delete(key);
+    }
   }
 
   /** The fresh token in memory, if any, without waiting: the js server's cache hits, and what the native fast path is given. */
@@ -179,13 +263,57 @@ export class TokenCache {
     }
   }
 
+  /** Entries holding a token or fetching one; remembered refusals are not counted. */
   get size(): number {
-    return this.entries.size;
+    let refused = 0;
+    for (const entry of this.entries.values()) if (entry.refusal) refused++;
+    return this.entries.size - refused;
   }
 
   stats(): TokenCacheStats {
     const { upstreamRequests, upstreamErrors } = this.counters;
     return { ...this.counters, upstreamRequests: { ...upstreamRequests }, upstreamErrors: { ...upstreamErrors } };
+  }
+
+  /**
+   * Throws BudgetError when the caller may not wait for another fetch: it holds its maximum of other
+   * entries (pod-tokens), or has its maximum of calls queued (pod-pending).
+   */
+  private admit(caller: Caller, entry: Entry | undefined, identity: AzureIdentity): void {
+    try {
+      if (!entry?.holders.has(caller.key)) this.admitNewKey(caller);
+      // A call is queued for it: a new fetch, or one waiting for its turn that it joins. A fetch already under way costs nothing.
+      const queues = !entry?.inflight || (entry.ticket !== undefined && !entry.waiters.has(caller.key));
+      if (queues) this.budgetFor?.(identity).admit(caller.key);
+    } catch (err) {
+      if (err instanceof BudgetError) this.logRefusal(caller, err);
+      throw err;
+    }
+  }
+
+  private admitNewKey(caller: Caller): void {
+    const held = this.held.get(caller.key);
+    if (!held || held.size < this.maxTokensPerCaller) return;
+    // Entries with nothing to serve, fetch or answer again no longer count: make room from them first.
+    const now = this.now();
+    for (const entry of held) {
+      if (!this.servable(entry, now) && !entry.inflight && !(entry.refusal && now < entry.refusal.untilMs)) this.entries.delete(entry.key);
+    }
+    if (held.size < this.maxTokensPerCaller) return;
+    this.onRefused?.('pod-tokens');
+    throw new BudgetError('pod-tokens', `the pod holds ${held.size} tokens, its maximum`, 60);
+  }
+
+  private logRefusal(caller: Caller, err: BudgetError): void {
+    const now = this.now();
+    if (now - (this.refusalLogged.get(caller.key) ?? -Infinity) < 60_000) return;
+    this.refusalLogged.set(caller.key, now);
+    this.logger?.warn({ pod: caller.name, reason: err.reason, err: err.message }, 'pod over its upstream bounds: answering 429 (said once a minute per pod)');
+  }
+
+  private disposed(entry: Entry): void {
+    entry.dropped.abort();
+    for (const key of entry.holders) this.held.get(key)?.delete(entry);
   }
 
   /** The entry in the cache for identity and resource (marked most recently used), if any. */
@@ -234,14 +362,20 @@ export class TokenCache {
         return token;
       },
       (err: unknown) => {
-        // A failed refresh keeps the token it meant to replace; an entry with nothing servable goes.
-        if (!this.servable(entry) && this.entries.peek(entry.key) === entry) this.entries.delete(entry.key);
+        // A failed refresh keeps the token it meant to replace. With nothing servable, an issuer's 4xx
+        // is remembered for a while (a pod retrying a bad resource costs the budget once); otherwise the entry goes.
+        if (!this.servable(entry) && this.entries.peek(entry.key) === entry) {
+          if (err instanceof UpstreamError && err.kind === 'client') entry.refusal = { err, untilMs: this.now() + this.refusalTtlMs };
+          else this.entries.delete(entry.key);
+        }
         throw err;
       },
     );
     entry.inflight = fetched;
     const clear = (): void => {
-      if (entry.inflight === fetched) entry.inflight = undefined;
+      if (entry.inflight !== fetched) return;
+      entry.inflight = undefined;
+      entry.waiters.clear();
     };
     fetched.then(clear, clear);
     return fetched;
@@ -255,16 +389,21 @@ export class TokenCache {
     entry.token = token;
     entry.refreshAtMs = now + lifetimeMs * fraction;
     entry.staleAtMs = expiresAtMs - Math.min(this.expiryMarginMs, lifetimeMs / 10);
+    entry.urgentAtMs = entry.refreshAtMs + (entry.staleAtMs - entry.refreshAtMs) / 2;
   }
 
   private async fetchWithRetry(entry: Entry): Promise<Token> {
     const target: UpstreamTarget = entry.identity.type === IdentityType.UserAssignedMSI ? 'imds' : 'entra';
     const startedAt = this.now();
     for (let attempt = 1; ; attempt++) {
+      const release = await this.turn(entry, attempt);
       this.counters.upstreamRequests[target]++;
       try {
-        return await this.provider.fetch(entry.identity, entry.resource, entry.credential);
+        const token = await this.provider.fetch(entry.identity, entry.resource, entry.credential);
+        release();
+        return token;
       } catch (err) {
+        release(err instanceof UpstreamError && err.kind === 'throttled' ? { throttledMs: err.retryAfterMs ?? 0 } : undefined);
         if (err instanceof UpstreamError) this.counters.upstreamErrors[err.kind]++;
         const delay = this.retryDelay(err, attempt, this.now() - startedAt);
         if (delay === undefined || entry.dropped.signal.aborted) throw err;
@@ -274,6 +413,26 @@ export class TokenCache {
           throw err; // dropped while waiting: the last answer is the one to report
         }
       }
+    }
+  }
+
+  /** Waits for the attempt's turn in the identity's budget; refreshes (something servable) queue apart from first tokens. */
+  private async turn(entry: Entry, attempt: number): Promise<Release> {
+    const budget = this.budgetFor?.(entry.identity);
+    if (!budget) return () => {};
+    const refresh = this.servable(entry);
+    const ticket = budget.request({
+      kind: refresh ? 'refresh' : 'first',
+      owners: entry.waiters,
+      urgentAtMs: entry.urgentAtMs,
+      signal: entry.dropped.signal,
+      retry: attempt > 1,
+    });
+    entry.ticket = ticket;
+    try {
+      return await ticket.granted;
+    } finally {
+      if (entry.ticket === ticket) entry.ticket = undefined;
     }
   }
 
@@ -303,7 +462,12 @@ function newEntry(identity: AzureIdentity, resource: string): Entry {
     token: undefined,
     refreshAtMs: 0,
     staleAtMs: 0,
+    urgentAtMs: 0,
     inflight: undefined,
+    waiters: new Set(),
+    ticket: undefined,
+    refusal: undefined,
+    holders: new Set(),
     dropped: new AbortController(),
   };
 }

@@ -411,8 +411,8 @@ test('a token whose serving window ended is served from the tables again once th
       },
     },
     peekToken: (id, resource) => cache.get(`${id.name} ${resource}`),
-    getToken: async (id, resource) => {
-      const token = await base.getToken(id, resource);
+    getToken: async (id, resource, caller) => {
+      const token = await base.getToken(id, resource, caller);
       cache.set(`${id.name} ${resource}`, token);
       return token;
     },

@@ -13,6 +13,8 @@
 //     the documented shapes; counted in entra.discoveryCalls.
 //   entra.failNext(n, { status, body?, headers? }); entra.hang(true) holds token calls, hang(false) answers them;
 //   entra.calls, entra.requests (client_secret redacted).
+//   startEntra({ throttle: { maxConcurrent, perSecond, latencyMs } }): per tenant, 429 past them;
+//   entra.throttled() sums the 429s answered.
 //   createRsaCertificate(pki, cn, password?) makes an RSA client certificate (msal signs with RSA only).
 //   await entra.close()
 import { constants, createHash, randomUUID, verify, X509Certificate } from 'node:crypto';
@@ -22,7 +24,7 @@ import { readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:https';
 import type { ServerResponse } from 'node:http';
 import path from 'node:path';
-import { Faults, type Failure } from './faults.js';
+import { Faults, Throttle, type Failure, type ThrottleLimits } from './faults.js';
 import { issueStandinToken, type StandinRequest } from './imds.js';
 import { createPki, type Pki } from './pki.js';
 
@@ -39,6 +41,8 @@ export interface EntraOptions {
   pki?: Pki;
   /** Token lifetime in seconds [3599, like Entra ID]. */
   expiresInSec?: number;
+  /** Limits on token calls per tenant: 429 past them. */
+  throttle?: ThrottleLimits;
 }
 
 export interface EntraStandin {
@@ -54,6 +58,8 @@ export interface EntraStandin {
   /** While on, token calls wait; turning it off answers those still connected. */
   hang(on: boolean): void;
   expiresInSec: number;
+  /** 429s answered for the throttle, all tenants, and the most calls one tenant had in flight at once. */
+  throttled(): { count: number; peakConcurrent: number };
   close(): Promise<void>;
 }
 
@@ -70,6 +76,7 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
   let serial = 0;
   let base = '';
   const standin = { expiresInSec: options.expiresInSec ?? 3599 };
+  const throttles = new Map<string, Throttle>();
 
   const server: Server = createServer({ cert: serving.certPem, key: serving.keyPem }, async (req, res) => {
     const url = new URL(req.url ?? '/', 'https://entra');
@@ -99,8 +106,15 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
       return send(res, 404, entraError('invalid_request', 90001, `no such endpoint ${req.method} ${url.pathname}`));
     }
     calls++;
+    if (options.throttle) {
+      let throttle = throttles.get(tenant);
+      if (!throttle) throttles.set(tenant, (throttle = new Throttle(options.throttle)));
+      if (!throttle.admit()) return send(res, 429, entraError('temporarily_unavailable', 50196, 'The server is temporarily throttling requests.'));
+      throttle.until(res);
+    }
     const answer = (): void => answerToken(res, tenant, form, `${base}${url.pathname}`);
-    faults.run(answer);
+    const latency = options.throttle?.latencyMs ?? 0;
+    faults.run(latency > 0 ? () => setTimeout(answer, latency) : answer);
   });
 
   function answerToken(res: ServerResponse, tenant: string, form: Record<string, string>, tokenUrl: string): void {
@@ -164,6 +178,10 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
     },
     set expiresInSec(value: number) {
       standin.expiresInSec = value;
+    },
+    throttled() {
+      const all = [...throttles.values()];
+      return { count: all.reduce((n, t) => n + t.throttled, 0), peakConcurrent: Math.max(0, ...all.map((t) => t.peakConcurrent)) };
     },
     failNext: (n: number, failure: Failure) => faults.failNext(n, failure),
     hang: (on: boolean) => faults.hang(on),

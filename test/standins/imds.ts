@@ -7,12 +7,14 @@
 //   imds.failNext(2, { status: 429, headers: { 'retry-after': '1' } })  // next 2 token calls fail
 //   imds.hang(true)                             // token calls wait; hang(false) answers the ones still connected
 //   imds.calls                                  // token calls so far; imds.requests: every request (last 100)
+//   startImds({ throttle: { maxConcurrent: 5, perSecond: 20, latencyMs: 50 } })
+//                                               // IMDS's documented limits: 429 past them; imds.throttle.throttled counts
 //   GET /metadata/instance, /metadata/versions, ... → small JSON; other paths → 404 JSON.
 //   await imds.close()
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, type IncomingHttpHeaders, type ServerResponse } from 'node:http';
-import { Faults, type Failure } from './faults.js';
+import { Faults, Throttle, type Failure, type ThrottleLimits } from './faults.js';
 
 export type { Failure };
 
@@ -56,6 +58,8 @@ export interface ImdsOptions {
   /** Where to listen [127.0.0.1, any port]; the eBPF tests put it where the real IMDS is. */
   host?: string;
   port?: number;
+  /** Limits on token calls, enforced as IMDS does: 429 past them. */
+  throttle?: ThrottleLimits;
 }
 
 export interface ImdsStandin {
@@ -67,6 +71,8 @@ export interface ImdsStandin {
   /** While on, token calls wait; turning it off answers those still connected. */
   hang(on: boolean): void;
   expiresInSec: number;
+  /** With options.throttle: its counts. */
+  readonly throttle: Throttle | undefined;
   close(): Promise<void>;
 }
 
@@ -80,6 +86,7 @@ export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin>
   let calls = 0;
   let serial = 0;
   const standin = { expiresInSec: options.expiresInSec ?? 86399 };
+  const throttle = options.throttle && new Throttle(options.throttle);
 
   const server = createServer((req, res) => {
     const url = new URL(req.url ?? '/', 'http://imds');
@@ -91,8 +98,11 @@ export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin>
     if (!tokenPaths.has(url.pathname)) return metadata(url.pathname, res);
     calls++;
     if (req.headers.metadata !== 'true') return send(res, 400, imdsError('invalid_request', 'Required metadata header not specified'));
+    if (throttle && !throttle.admit()) return send(res, 429, imdsError('too_many_requests', 'Too many requests'));
+    if (throttle) throttle.until(res);
     const answer = (): void => answerToken(res, query);
-    faults.run(answer);
+    const latency = throttle?.limits.latencyMs ?? 0;
+    faults.run(latency > 0 ? () => setTimeout(answer, latency) : answer);
   });
 
   function answerToken(res: ServerResponse, query: Record<string, string>): void {
@@ -135,6 +145,7 @@ export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin>
     set expiresInSec(value: number) {
       standin.expiresInSec = value;
     },
+    throttle,
     failNext: (n: number, failure: Failure) => faults.failNext(n, failure),
     hang: (on: boolean) => faults.hang(on),
     async close() {

@@ -270,8 +270,8 @@ test("IMDS's 410 and 404 (being updated): retried with backoff for up to 70 s, t
   }
 });
 
-test('a 400 is passed on once: not retried, not cached', async () => {
-  const tokens = cache();
+test('a 400 is passed on, not retried, and answered again without asking until it expires', async () => {
+  const tokens = cache({ refusalTtlMs: 30_000 });
   const identity = msi();
   const body = { error: 'invalid_request', error_description: 'Identity not found' };
   imds.failNext(1, { status: 400, body });
@@ -283,8 +283,31 @@ test('a 400 is passed on once: not retried, not cached', async () => {
   assert.deepEqual(sleeps, []);
   assert.equal(imds.calls, calls + 1);
   assert.equal(tokens.size, 0);
+  // Within the time the refusal is remembered: the same answer, IMDS not asked.
+  clock.advanceSec(29);
+  assert.equal(await rejection(tokens.get(identity, 'https://vault.azure.net')), err);
+  assert.equal(imds.calls, calls + 1);
+  assert.equal(tokens.stats().refusalHits, 1);
+  // Another resource of the same identity is its own key.
+  assert.ok((await tokens.get(identity, 'https://storage.azure.com')).accessToken);
+  clock.advanceSec(2);
   assert.ok((await tokens.get(identity, 'https://vault.azure.net')).accessToken);
-  assert.equal(imds.calls, calls + 2);
+  assert.equal(imds.calls, calls + 3);
+});
+
+test('a remembered refusal goes with its identity, and retries, timeouts and 5xx are never remembered', async () => {
+  const tokens = cache();
+  const identity = msi();
+  imds.failNext(1, { status: 400 });
+  await rejection(tokens.get(identity, 'https://vault.azure.net'));
+  tokens.invalidate(identityKey(identity));
+  const calls = imds.calls;
+  assert.ok((await tokens.get(identity, 'https://vault.azure.net')).accessToken);
+  assert.equal(imds.calls, calls + 1);
+  const other = msi();
+  imds.failNext(4, { status: 500 });
+  await rejection(tokens.get(other, 'https://vault.azure.net'));
+  assert.ok((await tokens.get(other, 'https://vault.azure.net')).accessToken);
 });
 
 test('invalidate during an in-flight fetch: the waiter gets the token, the cache does not keep it', async () => {
@@ -368,6 +391,7 @@ test('metrics read the counters at scrape time', async () => {
   assert.match(text, /^nmi_tokens_cached 1$/m);
   assert.match(text, /^nmi_token_cache_requests_total\{result="hit"\} 1$/m);
   assert.match(text, /^nmi_token_cache_requests_total\{result="miss"\} 2$/m);
+  assert.match(text, /^nmi_token_cache_requests_total\{result="refusal"\} 0$/m);
   assert.match(text, /^nmi_upstream_requests_total\{kind="imds"\} 2$/m);
   assert.match(text, /^nmi_upstream_errors_total\{kind="client"\} 1$/m);
   assert.match(text, /^nmi_token_refreshes_total 0$/m);
