@@ -14,6 +14,29 @@ interface DaemonState {
   podsIndexed?: number;
   tokensCached?: number;
   ruleRepairs?: number;
+  /** Per upstream: the budget's limits and what it holds now. */
+  budgets?: Record<string, { inFlight?: number; queued?: number; maxConcurrent?: number; ratePerSec?: number; throttled?: number }>;
+  budgetRefusals?: number;
+}
+
+const upstreams = ['imds', 'imds-metadata', 'entra'];
+const refusalReasons = ['pod-tokens', 'pod-pending', 'queue-timeout'];
+
+function readBudgets(text: string): Pick<DaemonState, 'budgets' | 'budgetRefusals'> {
+  const labelled = (name: string, labels: string) => readMetric(text, `${name}\\{${labels}\\}`);
+  const budgets: NonNullable<DaemonState['budgets']> = {};
+  for (const u of upstreams) {
+    const queued = ['first', 'refresh'].map((kind) => labelled('nmi_upstream_queue_depth', `upstream="${u}",kind="${kind}"`));
+    budgets[u] = {
+      inFlight: labelled('nmi_upstream_in_flight', `upstream="${u}"`),
+      queued: queued.every((q) => q === undefined) ? undefined : queued.reduce((a: number, q) => a + (q ?? 0), 0),
+      maxConcurrent: labelled('nmi_upstream_budget_limit', `upstream="${u}",limit="concurrent"`),
+      ratePerSec: labelled('nmi_upstream_budget_limit', `upstream="${u}",limit="rate"`),
+      throttled: labelled('nmi_upstream_throttled_total', `upstream="${u}"`),
+    };
+  }
+  const refusals = refusalReasons.map((reason) => labelled('nmi_budget_refusals_total', `reason="${reason}"`));
+  return { budgets, budgetRefusals: refusals.every((r) => r === undefined) ? undefined : refusals.reduce((a: number, r) => a + (r ?? 0), 0) };
 }
 
 async function probeDaemon(address: HostPort): Promise<DaemonState> {
@@ -29,6 +52,7 @@ async function probeDaemon(address: HostPort): Promise<DaemonState> {
     state.podsIndexed = readMetric(text, 'nmi_pods_indexed');
     state.tokensCached = readMetric(text, 'nmi_tokens_cached');
     state.ruleRepairs = readMetric(text, 'nmi_rule_repairs_total');
+    Object.assign(state, readBudgets(text));
   } catch {
     // no daemon there: the rules alone are still worth showing
   }
@@ -61,6 +85,12 @@ export async function status(options: { json: boolean; probeAddress: HostPort })
     show('pods indexed', daemon.podsIndexed);
     show('tokens cached', daemon.tokensCached);
     show('rule repairs', daemon.ruleRepairs);
+    for (const [upstream, b] of Object.entries(daemon.budgets ?? {})) {
+      if (b.maxConcurrent === undefined) continue;
+      const per = upstream === 'entra' ? ' per tenant' : '';
+      process.stdout.write(`  budget ${upstream}: ${b.inFlight ?? 0}/${b.maxConcurrent} in flight, ${b.queued ?? 0} queued, ${b.ratePerSec}/s${per}; 429s from it: ${b.throttled ?? 0}\n`);
+    }
+    show('refused by budget', daemon.budgetRefusals);
   }
   for (const e of errors) process.stderr.write(`nmi status: ${e}\n`);
   return errors.length === 0 ? 0 : 1;

@@ -25,6 +25,14 @@ test('bad values name their flag', () => {
   oneLine([...base, '--port', '0'], /--port: "0" is not a port/);
   oneLine([...base, '--metadata-port', '-1'], /--metadata-port/);
   oneLine([...base, '--sync-interval', 'soon'], /--sync-interval: "soon" is not a positive duration/);
+  oneLine([...base, '--imds-max-concurrent', '0'], /--imds-max-concurrent: "0" is not a positive whole number/);
+  oneLine([...base, '--imds-max-concurrent', '2.5'], /--imds-max-concurrent: "2\.5" is not a positive whole number/);
+  oneLine([...base, '--imds-max-rate', '20/h'], /--imds-max-rate: "20\/h" is not a positive rate/);
+  oneLine([...base, '--imds-max-rate', '0/s'], /--imds-max-rate: "0\/s" is not a positive rate/);
+  oneLine([...base, '--aad-max-rate', 'fast'], /--aad-max-rate: "fast" is not a positive rate/);
+  oneLine([...base, '--imds-metadata-max-rate', '-5/s'], /--imds-metadata-max-rate/);
+  oneLine([...base, '--max-tokens-per-pod', 'many'], /--max-tokens-per-pod: "many" is not a positive whole number/);
+  oneLine(['run', '--node-ip', '10.240.0.4'], /--max-pending-per-pod: "0"/, { ...process.env, NMI_MAX_PENDING_PER_POD: '0' });
   oneLine([...base, '--upstream-imds', 'ftp://x'], /--upstream-imds: .* must be an http or https URL/);
   oneLine([...base, '--probe-address', 'localhost'], /--probe-address: "localhost" is not ADDRESS:PORT/);
   oneLine([...base, '--force-namespaced=maybe'], /--force-namespaced: "maybe" is not true or false/);

@@ -35,11 +35,12 @@ function firstLine(host: string, port: number, timeoutMs: number): Promise<{ lin
 }
 
 function request(url: string, method = 'GET', headers: Record<string, string> = {}): Promise<unknown> {
+  const started = process.hrtime.bigint();
   return new Promise((resolve) => {
     const req = http.request(url, { method, headers, agent: false, timeout: 10_000 }, (res) => {
       let body = '';
       res.setEncoding('utf8').on('data', (d: string) => (body += d));
-      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body }));
+      res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body, ms: Number(process.hrtime.bigint() - started) / 1e6 }));
     });
     req.on('timeout', () => req.destroy(new Error('timeout')));
     req.on('error', (err: NodeJS.ErrnoException) => resolve({ status: 0, headers: {}, body: '', error: err.code ?? err.message }));
@@ -61,6 +62,23 @@ async function handle(cmd: Command): Promise<unknown> {
       const counts: Record<string, number> = {};
       for (const r of results) counts[`${r.status} ${r.body.slice(0, 200)}`] = (counts[`${r.status} ${r.body.slice(0, 200)}`] ?? 0) + 1;
       return counts;
+    }
+    case 'many': {
+      // Every URL once, `concurrency` at a time: answers counted by status, the first of each status kept.
+      const urls = cmd.urls as string[];
+      const counts: Record<string, number> = {};
+      const samples: Record<string, unknown> = {};
+      let next = 0;
+      const worker = async () => {
+        while (next < urls.length) {
+          const r = (await request(urls[next++]!, 'GET', cmd.headers as Record<string, string> | undefined)) as { status: number; error?: string };
+          const key = r.error ? `error:${r.error}` : String(r.status);
+          counts[key] = (counts[key] ?? 0) + 1;
+          samples[key] ??= r;
+        }
+      };
+      await Promise.all(Array.from({ length: cmd.concurrency as number }, worker));
+      return { counts, samples };
     }
     case 'steady': {
       // One request at a time, each on a new connection, intervalMs apart, for durationMs:
