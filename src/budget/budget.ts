@@ -1,9 +1,10 @@
 // nmi's own limit on the calls it sends one upstream (IMDS's identity endpoint,
 // IMDS's other categories, one Entra ID tenant), so that upstream never has to
 // throttle the node: at most maxConcurrent calls in flight and ratePerSec
-// started in any second. Starts are also paced (one per 1/rate, after a small
-// burst): a backlog spends the rate evenly, so a call that arrives behind it
-// waits one interval, not the rest of a second someone else used up.
+// started in any second. While calls wait, starts are also paced evenly over
+// that second (a burst is allowed only into an idle budget): a backlog spends
+// the rate one interval at a time, so a call that arrives behind it waits one
+// interval, not the rest of a second someone else used up.
 //
 // Calls wait in one queue per owner (a pod), served in turn: a pod's first
 // token never waits behind another pod's backlog. Background refreshes wait
@@ -79,6 +80,8 @@ export interface BudgetStats {
 
 /** Clocks and timers disagree by a millisecond or so: the window is kept this much wider. */
 const WINDOW_GUARD_MS = 5;
+/** A call's latency counts toward the interval up to this (a timeout is not the upstream's usual pace). */
+const MAX_LATENCY_MS = 2_000;
 /** An upstream 429 without Retry-After pauses calls this long. */
 const DEFAULT_PAUSE_MS = 1_000;
 
@@ -101,8 +104,9 @@ export class UpstreamBudget {
   private readonly now: () => number;
   private readonly onWait: BudgetOptions['onWait'];
   private readonly onRefused: BudgetOptions['onRefused'];
-  private readonly intervalMs: number;
   private readonly burstMs: number;
+  /** How long calls take, averaged: the paced interval makes room for it (see `recent`). */
+  private latencyMs = 0;
   /** Owners with queued first-token calls, in the order they came. */
   private readonly queues = new Map<string, QueuedTicket[]>();
   /** When each owner was last served (a grant count): the owner served longest ago, or never, goes next. */
@@ -117,7 +121,7 @@ export class UpstreamBudget {
    * back is sure to be outside that call's second.
    */
   private readonly recent: Array<{ endedAtMs: number | undefined }> = [];
-  /** GCRA's theoretical arrival time: when the next start is due at the paced rate. */
+  /** GCRA's theoretical arrival time: when the next start is due at the paced rate (minus burstMs while idle). */
   private dueAtMs = 0;
   private pausedUntilMs = 0;
   private inFlight = 0;
@@ -135,9 +139,8 @@ export class UpstreamBudget {
     this.now = options.now ?? Date.now;
     this.onWait = options.onWait;
     this.onRefused = options.onRefused;
-    this.intervalMs = 1000 / limits.ratePerSec;
     const burst = Math.max(1, Math.min(options.burst ?? limits.maxConcurrent, Math.floor(limits.ratePerSec)));
-    this.burstMs = (burst - 1) * this.intervalMs;
+    this.burstMs = (burst - 1) * (1000 / limits.ratePerSec);
   }
 
   /** Throws BudgetError (pod-pending) when owner has as many calls queued as it may. */
@@ -181,7 +184,7 @@ export class UpstreamBudget {
     if (ticket.kind === 'first' && Number.isFinite(this.maxWaitMs) && ticket.state === 'queued') {
       ticket.timer = setTimeout(() => {
         this.onRefused?.('queue-timeout');
-        this.drop(ticket, new BudgetError('queue-timeout', `no ${this.name} call could start within ${this.maxWaitMs} ms`, Math.max(1, Math.ceil(this.intervalMs * this.queuedTotal() / 1000))));
+        this.drop(ticket, new BudgetError('queue-timeout', `no ${this.name} call could start within ${this.maxWaitMs} ms`, Math.max(1, Math.ceil((this.intervalMs() * this.queuedTotal()) / 1000))));
       }, this.maxWaitMs);
     }
     this.dispatch();
@@ -303,13 +306,17 @@ export class UpstreamBudget {
     const call: { endedAtMs: number | undefined } = { endedAtMs: undefined };
     this.recent.push(call);
     if (this.recent.length > Math.ceil(this.limits.ratePerSec)) this.recent.shift();
-    this.dueAtMs = Math.max(this.dueAtMs, now) + this.intervalMs;
+    // A call that had to wait starts the pacing: the next one is one interval later, burst or not.
+    const waited = now > ticket.queuedAtMs;
+    this.dueAtMs = Math.max(this.dueAtMs, waited ? now + this.burstMs : now) + this.intervalMs();
     this.onWait?.((now - ticket.queuedAtMs) / 1000, ticket.kind);
     let released = false;
     ticket.resolve((outcome) => {
       if (released) return;
       released = true;
       call.endedAtMs = this.now();
+      const took = Math.min(MAX_LATENCY_MS, call.endedAtMs - now);
+      this.latencyMs = this.latencyMs === 0 ? took : 0.8 * this.latencyMs + 0.2 * took;
       this.inFlight--;
       this.settle(ticket);
       if (outcome?.throttledMs !== undefined) {
@@ -318,6 +325,14 @@ export class UpstreamBudget {
       }
       this.dispatch();
     });
+  }
+
+  /**
+   * One second (and the calls' latency, as `recent` counts the window from their answers) shared by
+   * ratePerSec starts: paced this far apart, a backlog never fills the window early and stalls.
+   */
+  private intervalMs(): number {
+    return (1000 + this.latencyMs + WINDOW_GUARD_MS) / this.limits.ratePerSec;
   }
 
   private wakeAt(at: number, now: number): void {

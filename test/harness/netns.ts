@@ -116,8 +116,8 @@ export interface PodAgent {
   http(url: string, init?: { method?: string; headers?: Record<string, string> }): Promise<HttpResult>;
   /** n concurrent GETs; counts of `<status> <body prefix>`. */
   burst(url: string, n: number, headers?: Record<string, string>): Promise<Record<string, number>>;
-  /** GETs every URL once, `concurrency` at a time. */
-  many(urls: string[], concurrency: number, headers?: Record<string, string>): Promise<ManyResult>;
+  /** GETs every URL once, `concurrency` at a time; with durationMs, round and round until it is over. */
+  many(urls: string[], concurrency: number, headers?: Record<string, string>, durationMs?: number): Promise<ManyResult>;
   /** GETs one at a time on new connections, intervalMs apart, for durationMs: counts by status (or `error:CODE`), and the longest one. */
   steady(url: string, o: { durationMs: number; intervalMs: number; headers?: Record<string, string> }): Promise<SteadyResult>;
   /** Opens a TCP connection and returns the first line the server sends, or the error code. */
@@ -159,7 +159,7 @@ async function startPodAgent(ns: string): Promise<PodAgent> {
   return {
     http: (url, init = {}) => call('http', { url, ...init }),
     burst: (url, n, headers) => call('burst', { url, n, headers }),
-    many: (urls, concurrency, headers) => call('many', { urls, concurrency, headers }),
+    many: (urls, concurrency, headers, durationMs) => call('many', { urls, concurrency, headers, durationMs }),
     steady: (url, o) => call('steady', { url, ...o }),
     connect: (host, port, timeoutMs = 2000) => call('connect', { host, port, timeoutMs }),
     connectLoop: (host, port, durationMs) => call('connectLoop', { host, port, durationMs }),

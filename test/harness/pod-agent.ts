@@ -64,14 +64,17 @@ async function handle(cmd: Command): Promise<unknown> {
       return counts;
     }
     case 'many': {
-      // Every URL once, `concurrency` at a time: answers counted by status, the first of each status kept.
+      // Every URL once (or round and round until durationMs is over), `concurrency` at a time:
+      // answers counted by status, the first of each status kept.
       const urls = cmd.urls as string[];
+      const until = cmd.durationMs === undefined ? undefined : Date.now() + (cmd.durationMs as number);
       const counts: Record<string, number> = {};
       const samples: Record<string, unknown> = {};
       let next = 0;
+      const more = () => (until === undefined ? next < urls.length : Date.now() < until);
       const worker = async () => {
-        while (next < urls.length) {
-          const r = (await request(urls[next++]!, 'GET', cmd.headers as Record<string, string> | undefined)) as { status: number; error?: string };
+        while (more()) {
+          const r = (await request(urls[next++ % urls.length]!, 'GET', cmd.headers as Record<string, string> | undefined)) as { status: number; error?: string };
           const key = r.error ? `error:${r.error}` : String(r.status);
           counts[key] = (counts[key] ?? 0) + 1;
           samples[key] ??= r;

@@ -17,7 +17,8 @@ import { silentLogger } from '../../src/log/logger.js';
 import type { Token } from '../../src/tokens/token.js';
 import { registerServerMetrics } from '../../src/server/metrics.js';
 import { checkedHeaders, type RequestHeaders } from '../../src/server/request.js';
-import type { TokenServerOptions } from '../../src/server/core.js';
+import type { TokenServerDeps, TokenServerOptions } from '../../src/server/core.js';
+import { UpstreamBudget } from '../../src/budget/budget.js';
 import { createTokenServer, type TokenServer } from '../../src/server/token-server.js';
 import { startUpstream, DEFAULT_REPLY, type Upstream } from './upstream.js';
 
@@ -62,7 +63,7 @@ let world: World;
 const servers: TokenServer[] = [];
 
 /** With `cached`, the server also gets the synchronous hit path: known callers and a peek into these tokens. */
-async function startServer(options: Partial<TokenServerOptions> = {}, registry?: Registry, upstreamUrl?: URL, cached?: Map<string, Token>, log = silentLogger) {
+async function startServer(options: Partial<TokenServerOptions> = {}, registry?: Registry, upstreamUrl?: URL, cached?: Map<string, Token>, log = silentLogger, extra: Partial<TokenServerDeps> = {}) {
   const server = createTokenServer({
     callers: {
       async lookup(ip) {
@@ -81,6 +82,7 @@ async function startServer(options: Partial<TokenServerOptions> = {}, registry?:
     options: { ...DEFAULTS, ...options },
     log,
     ...(registry ? { metrics: registerServerMetrics(registry) } : {}),
+    ...extra,
   });
   await server.listen('127.0.0.1', 0);
   servers.push(server);
@@ -474,6 +476,30 @@ test('/metadata/instance is proxied unchanged, without forwarding headers or hop
   for (const name of ['x-forwarded-for', 'forwarded', 'via', 'x-hop', 'keep-alive']) assert.equal(seen.headers[name], undefined, name);
   assert.equal(seen.headers['host'], upstream.url.host);
   assert.deepEqual(world.lookups, [], 'proxied categories need no caller');
+});
+
+test("proxied calls wait their turn in IMDS's budgets: categories in the general one, exception pods' tokens in the identity one; a caller with too many waiting gets 429", async () => {
+  reset();
+  const metadata = new UpstreamBudget('IMDS metadata', { maxConcurrent: 5, ratePerSec: 5 }, { maxQueuedPerOwner: 6 });
+  const identity = new UpstreamBudget('IMDS', { maxConcurrent: 5, ratePerSec: 20 }, { maxQueuedPerOwner: 6 });
+  const { port: budgeted } = await startServer({}, undefined, undefined, undefined, silentLogger, { proxyBudgets: { metadata, identity } });
+  const started = Date.now();
+  const answers = await Promise.all(Array.from({ length: 8 }, () => get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: budgeted })));
+  const elapsed = Date.now() - started;
+  const statuses = answers.map((a) => a.status).sort();
+  assert.deepEqual(statuses, [200, 200, 200, 200, 200, 200, 429, 429]);
+  const refused = answers.find((a) => a.status === 429)!;
+  assert.equal(refused.headers['retry-after'], '1');
+  assert.equal(JSON.parse(refused.body).error, 'too_many_requests');
+  // Five at once into an idle budget, the sixth one paced interval (a fifth of a second) later.
+  assert.ok(elapsed >= 190, `six calls at 5/s took ${elapsed} ms`);
+  assert.equal(upstream.received.length, 6);
+  assert.equal(metadata.stats().granted, 6);
+  world.bound = { exception: true, identities: [] };
+  const passed = await get('/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net', { Metadata: 'true' }, { port: budgeted });
+  assert.equal(passed.status, 200);
+  assert.equal(identity.stats().granted, 1);
+  assert.equal(metadata.stats().granted, 6);
 });
 
 test('method, body and upstream status pass through the proxy', async () => {

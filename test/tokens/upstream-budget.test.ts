@@ -12,6 +12,8 @@ import { NetworkClient } from '../../src/tokens/network-client.js';
 import { TokenCache, type Caller, type TokenCacheOptions } from '../../src/tokens/token-cache.js';
 import { decodeStandinToken, startImds, type ImdsStandin } from '../standins/imds.js';
 import { captureLogs } from '../harness/log-capture.js';
+import { startEntra, type EntraStandin } from '../standins/entra.js';
+import { createPki } from '../standins/pki.js';
 
 const imdsLimits = { maxConcurrent: 5, ratePerSec: 20 };
 let imds: ImdsStandin;
@@ -139,6 +141,14 @@ test('a pod over its tokens or its waiting calls gets 429s; another pod does not
   assert.ok(await tokens.get(identity, 'https://held-5.example', undefined, pod('greedy')));
 });
 
+test("IMDS's 410 then 200 is retried into a 200, each attempt taking its turn", async () => {
+  const { tokens, budgets } = budgeted();
+  imds.failNext(1, { status: 410 });
+  const granted = budgets.imds.stats().granted;
+  assert.ok((await tokens.get(msi(), 'https://vault.azure.net', undefined, pod('patient'))).accessToken);
+  assert.equal(budgets.imds.stats().granted - granted, 2);
+});
+
 test('a key a pod retries after IMDS refused it costs the budget once', async () => {
   const { tokens, budgets } = budgeted();
   const identity = msi();
@@ -146,4 +156,35 @@ test('a key a pod retries after IMDS refused it costs the budget once', async ()
   const granted = budgets.imds.stats().granted;
   for (let i = 0; i < 5; i++) await tokens.get(identity, 'https://vault.azure.net', undefined, pod('retrier')).catch(() => undefined);
   assert.equal(budgets.imds.stats().granted - granted, 1);
+});
+
+test("each Entra ID tenant has its own budget: a flood toward one never draws a 429 from it, and another tenant's first token does not wait for it", async () => {
+  const pki = createPki('entra-budget');
+  const entra: EntraStandin = await startEntra({ pki, throttle: { maxConcurrent: 3, perSecond: 10, latencyMs: 20 } });
+  const entraNetwork = new NetworkClient({ ca: entra.caPem, headersTimeoutMs: 2000 });
+  try {
+    const apps = ['tenant-one', 'tenant-two'].map((tenantId, i) => ({ tenantId, clientId: `aaaaaaaa-0000-0000-0000-00000000000${i}`, clientSecret: `secret-${i}` }));
+    for (const app of apps) entra.register(app);
+    const entraProvider = new MsalTokenProvider({ upstreamImds: imds.url, aadAuthorityHost: entra.url, network: entraNetwork });
+    const limits = { maxConcurrent: 3, ratePerSec: 10 };
+    const budgets = new Budgets({ imds: imdsLimits, imdsMetadata: imdsLimits, entra: limits, maxPendingPerPod: 1000, maxWaitMs: 60_000 });
+    const sp = (i: number): AzureIdentity => ({ ...msi(), type: IdentityType.ServicePrincipal, clientID: apps[i]!.clientId, tenantID: apps[i]!.tenantId });
+    const tokens = new TokenCache({ provider: entraProvider, budgetFor: (identity) => budgets.entra(`${entra.url}/${identity.tenantID}`) });
+    const [one, two] = [sp(0), sp(1)];
+    let floodDone = 0;
+    const flood = Array.from({ length: 30 }, (_, i) =>
+      tokens.get(one, `https://flood-${i}.example`, { clientSecret: apps[0]!.clientSecret }, pod('flood')).then(() => floodDone++),
+    );
+    await wait(200);
+    assert.ok(await tokens.get(two, 'https://vault.azure.net', { clientSecret: apps[1]!.clientSecret }, pod('other')));
+    const doneWhenOtherGotIts = floodDone;
+    await Promise.all(flood);
+    assert.equal(entra.throttled().count, 0, 'Entra ID answered 429');
+    assert.ok(doneWhenOtherGotIts < 15, `the other tenant's call waited for ${doneWhenOtherGotIts} of the flood's 30`);
+    assert.equal([...budgets.all()].filter(([upstream]) => upstream === 'entra').length, 2);
+  } finally {
+    await entraNetwork.close();
+    await entra.close();
+    pki.remove();
+  }
 });
