@@ -94,6 +94,7 @@ interface QueuedTicket {
   resolve(release: Release): void;
   reject(err: unknown): void;
   timer?: NodeJS.Timeout;
+  unlisten?: () => void;
 }
 
 export class UpstreamBudget {
@@ -124,6 +125,8 @@ export class UpstreamBudget {
   /** GCRA's theoretical arrival time: when the next start is due at the paced rate (minus burstMs while idle). */
   private dueAtMs = 0;
   private pausedUntilMs = 0;
+  /** Calls have waited since the queues were last empty. */
+  private backlogged = false;
   private inFlight = 0;
   private timer: NodeJS.Timeout | undefined;
   private timerAtMs = Infinity;
@@ -179,7 +182,11 @@ export class UpstreamBudget {
     if (signal) {
       const cancel = () => this.drop(ticket, signal.reason ?? new Error('cancelled'));
       if (signal.aborted) cancel();
-      else signal.addEventListener('abort', cancel, { once: true });
+      else {
+        // The signal (an entry's) outlives the ticket: the listener goes with the ticket.
+        signal.addEventListener('abort', cancel, { once: true });
+        ticket.unlisten = () => signal.removeEventListener('abort', cancel);
+      }
     }
     if (ticket.kind === 'first' && Number.isFinite(this.maxWaitMs) && ticket.state === 'queued') {
       ticket.timer = setTimeout(() => {
@@ -248,6 +255,7 @@ export class UpstreamBudget {
       if (queue.length === 0) this.queues.delete(owner);
     }
     clearTimeout(ticket.timer);
+    ticket.unlisten?.();
   }
 
   private drop(ticket: QueuedTicket, err: unknown): void {
@@ -276,16 +284,24 @@ export class UpstreamBudget {
     const full = this.recent.length >= Math.ceil(this.limits.ratePerSec);
     // Still in flight: its release dispatches again.
     const oldest = full ? (this.recent[0]!.endedAtMs ?? Infinity) + 1000 + WINDOW_GUARD_MS : 0;
-    return Math.max(this.dueAtMs - this.burstMs, oldest, this.pausedUntilMs);
+    // The burst is for an idle budget only: a backlog that kept it would fill IMDS's second early and stall.
+    return Math.max(this.backlogged ? this.dueAtMs : this.dueAtMs - this.burstMs, oldest, this.pausedUntilMs);
   }
 
   private dispatch(): void {
     for (;;) {
-      if (this.inFlight >= this.limits.maxConcurrent) return;
-      if (this.refreshes.length === 0 && this.queues.size === 0) return;
+      if (this.refreshes.length === 0 && this.queues.size === 0) {
+        this.backlogged = false;
+        return;
+      }
+      if (this.inFlight >= this.limits.maxConcurrent) {
+        this.backlogged = true;
+        return;
+      }
       const now = this.now();
       const at = this.nextStartAt();
       if (at > now) {
+        this.backlogged = true;
         if (Number.isFinite(at)) this.wakeAt(at, now);
         return;
       }
@@ -306,9 +322,7 @@ export class UpstreamBudget {
     const call: { endedAtMs: number | undefined } = { endedAtMs: undefined };
     this.recent.push(call);
     if (this.recent.length > Math.ceil(this.limits.ratePerSec)) this.recent.shift();
-    // A call that had to wait starts the pacing: the next one is one interval later, burst or not.
-    const waited = now > ticket.queuedAtMs;
-    this.dueAtMs = Math.max(this.dueAtMs, waited ? now + this.burstMs : now) + this.intervalMs();
+    this.dueAtMs = Math.max(this.dueAtMs, now) + this.intervalMs();
     this.onWait?.((now - ticket.queuedAtMs) / 1000, ticket.kind);
     let released = false;
     ticket.resolve((outcome) => {

@@ -4,13 +4,14 @@ import { after, before, beforeEach, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as wait } from 'node:timers/promises';
 import { Registry } from 'prom-client';
-import { identityKey, IdentityType, type AzureIdentity } from '../../src/bindings/model.js';
+import { identityKey } from '../../src/bindings/model.js';
 import { registerTokenMetrics } from '../../src/tokens/metrics.js';
 import { MsalTokenProvider } from '../../src/tokens/msal-provider.js';
 import { NetworkClient } from '../../src/tokens/network-client.js';
 import { TokenCache, type TokenCacheOptions } from '../../src/tokens/token-cache.js';
 import type { Token } from '../../src/tokens/token.js';
 import { UpstreamError } from '../../src/tokens/upstream-error.js';
+import { freshMsi } from '../harness/identities.js';
 import { decodeStandinToken, startImds, type ImdsStandin } from '../standins/imds.js';
 
 const lifetimeSec = 1000;
@@ -21,23 +22,8 @@ let sleeps: number[] = [];
 let imds: ImdsStandin;
 let network: NetworkClient;
 let provider: MsalTokenProvider;
-let counter = 0;
 
-/** A fresh identity per test, so tests do not share cache keys. */
-function msi(overrides: Partial<AzureIdentity> = {}): AzureIdentity {
-  counter++;
-  return {
-    name: `msi-${counter}`,
-    namespace: 'apps',
-    type: IdentityType.UserAssignedMSI,
-    clientID: `00000000-0000-0000-0000-${String(counter).padStart(12, '0')}`,
-    resourceID: '',
-    tenantID: '',
-    namespaced: false,
-    version: '1',
-    ...overrides,
-  };
-}
+const msi = freshMsi;
 
 function cache(options: Partial<TokenCacheOptions> = {}): TokenCache {
   return new TokenCache({

@@ -11,6 +11,7 @@ import { MsalTokenProvider } from '../../src/tokens/msal-provider.js';
 import { NetworkClient } from '../../src/tokens/network-client.js';
 import { TokenCache, type Caller, type TokenCacheOptions } from '../../src/tokens/token-cache.js';
 import { decodeStandinToken, startImds, type ImdsStandin } from '../standins/imds.js';
+import { freshMsi } from '../harness/identities.js';
 import { captureLogs } from '../harness/log-capture.js';
 import { startEntra, type EntraStandin } from '../standins/entra.js';
 import { createPki } from '../standins/pki.js';
@@ -19,21 +20,8 @@ const imdsLimits = { maxConcurrent: 5, ratePerSec: 20 };
 let imds: ImdsStandin;
 let network: NetworkClient;
 let provider: MsalTokenProvider;
-let counter = 0;
 
-function msi(): AzureIdentity {
-  counter++;
-  return {
-    name: `msi-${counter}`,
-    namespace: 'apps',
-    type: IdentityType.UserAssignedMSI,
-    clientID: `00000000-0000-0000-0000-${String(counter).padStart(12, '0')}`,
-    resourceID: '',
-    tenantID: '',
-    namespaced: false,
-    version: '1',
-  };
-}
+const msi = freshMsi;
 
 const pod = (name: string): Caller => ({ key: `uid-${name}`, name: `apps/${name}` });
 
