@@ -105,7 +105,8 @@ export class UpstreamBudget {
   private readonly now: () => number;
   private readonly onWait: BudgetOptions['onWait'];
   private readonly onRefused: BudgetOptions['onRefused'];
-  private readonly burstMs: number;
+  /** Starts allowed back to back into an idle budget. */
+  private readonly burst: number;
   /** How long calls take, averaged: the paced interval makes room for it (see `recent`). */
   private latencyMs = 0;
   /** Owners with queued first-token calls, in the order they came. */
@@ -122,7 +123,7 @@ export class UpstreamBudget {
    * back is sure to be outside that call's second.
    */
   private readonly recent: Array<{ endedAtMs: number | undefined }> = [];
-  /** GCRA's theoretical arrival time: when the next start is due at the paced rate (minus burstMs while idle). */
+  /** GCRA's theoretical arrival time: when the next start is due at the paced rate (less the burst's intervals while idle). */
   private dueAtMs = 0;
   private pausedUntilMs = 0;
   /** Calls have waited since the queues were last empty. */
@@ -142,8 +143,7 @@ export class UpstreamBudget {
     this.now = options.now ?? Date.now;
     this.onWait = options.onWait;
     this.onRefused = options.onRefused;
-    const burst = Math.max(1, Math.min(options.burst ?? limits.maxConcurrent, Math.floor(limits.ratePerSec)));
-    this.burstMs = (burst - 1) * (1000 / limits.ratePerSec);
+    this.burst = Math.max(1, Math.min(options.burst ?? limits.maxConcurrent, Math.floor(limits.ratePerSec)));
   }
 
   /** Throws BudgetError (pod-pending) when owner has as many calls queued as it may. */
@@ -285,7 +285,7 @@ export class UpstreamBudget {
     // Still in flight: its release dispatches again.
     const oldest = full ? (this.recent[0]!.endedAtMs ?? Infinity) + 1000 + WINDOW_GUARD_MS : 0;
     // The burst is for an idle budget only: a backlog that kept it would fill IMDS's second early and stall.
-    return Math.max(this.backlogged ? this.dueAtMs : this.dueAtMs - this.burstMs, oldest, this.pausedUntilMs);
+    return Math.max(this.backlogged ? this.dueAtMs : this.dueAtMs - (this.burst - 1) * this.intervalMs(), oldest, this.pausedUntilMs);
   }
 
   private dispatch(): void {
