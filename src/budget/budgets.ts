@@ -5,6 +5,7 @@ import { refusalReasons, UpstreamBudget, type BudgetLimits, type RefusalReason, 
 
 /** Bounded on purpose: it labels metrics (tenants are summed under `entra`). */
 export type UpstreamName = 'imds' | 'imds-metadata' | 'entra';
+export const upstreams: readonly UpstreamName[] = ['imds', 'imds-metadata', 'entra'];
 
 export interface BudgetsConfig {
   imds: BudgetLimits;

@@ -4,9 +4,8 @@
 import { Gauge, Histogram, type Registry } from 'prom-client';
 import { exposeCounts } from '../metrics/registry.js';
 import { refusalReasons, type TicketKind } from './budget.js';
-import type { Budgets, UpstreamName } from './budgets.js';
+import { upstreams, type Budgets, type UpstreamName } from './budgets.js';
 
-const upstreams: readonly UpstreamName[] = ['imds', 'imds-metadata', 'entra'];
 
 /** The wait observer Budgets takes, registered before the budgets exist. */
 export function waitHistogram(registry: Registry): (upstream: UpstreamName, seconds: number, kind: TicketKind) => void {

@@ -1,6 +1,8 @@
 // `nmi status`: installed rules with counters, and the daemon's state if one answers.
 import { request } from '../net/undici.js';
 import { readMetric } from '../metrics/read.js';
+import { refusalReasons } from '../budget/budget.js';
+import { upstreams } from '../budget/budgets.js';
 import type { HostPort } from '../config/values.js';
 import { probeUrl } from '../probe/probe-server.js';
 import { presentBackends } from '../rules/select.js';
@@ -19,8 +21,6 @@ interface DaemonState {
   budgetRefusals?: number;
 }
 
-const upstreams = ['imds', 'imds-metadata', 'entra'];
-const refusalReasons = ['pod-tokens', 'pod-pending', 'queue-timeout'];
 
 function readBudgets(text: string): Pick<DaemonState, 'budgets' | 'budgetRefusals'> {
   const labelled = (name: string, labels: string) => readMetric(text, `${name}\\{${labels}\\}`);

@@ -153,13 +153,14 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     maxWaitMs: limits.budgetWaitMs,
     onWait: waitHistogram(registry),
   });
-  const budgetFor = (identity: AzureIdentity) =>
-    identity.type === IdentityType.UserAssignedMSI ? budgets.imds : budgets.entra(`${identity.adEndpoint ?? config.aadAuthorityHost.origin}/${identity.tenantID}`);
 
   // Tokens: msal-node through one undici client, cached per (identity, resource).
   const network = new NetworkClient();
+  const provider = new MsalTokenProvider({ upstreamImds: config.upstreamImds.href, aadAuthorityHost: config.aadAuthorityHost.href, network, logger: log });
+  const budgetFor = (identity: AzureIdentity) =>
+    identity.type === IdentityType.UserAssignedMSI ? budgets.imds : budgets.entra(provider.authorityOf(identity).authority);
   const cache = new TokenCache({
-    provider: new MsalTokenProvider({ upstreamImds: config.upstreamImds.href, aadAuthorityHost: config.aadAuthorityHost.href, network, logger: log }),
+    provider,
     budgetFor,
     maxTokensPerCaller: config.maxTokensPerPod,
     onRefused: (reason) => budgets.refused(reason),

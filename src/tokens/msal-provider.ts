@@ -127,14 +127,18 @@ export class MsalTokenProvider implements TokenProvider {
     return imdsBinding.network;
   }
 
+  /** Where a service principal signs in: spec.adEndpoint (validated by the bindings parser) beats --aad-authority-host, then its tenant. */
+  authorityOf(identity: AzureIdentity): { host: string; authority: string } {
+    const host = identity.adEndpoint ?? this.authorityHost;
+    return { host, authority: `${host}/${identity.tenantID}` };
+  }
+
   private async fromEntra(identity: AzureIdentity, resource: string, credential: Credential | undefined): Promise<AuthenticationResult> {
     const { tenantID, clientID } = identity;
     const name = `${identity.namespace}/${identity.name}`;
     if (!/^[A-Za-z0-9][A-Za-z0-9.-]*$/.test(tenantID)) throw new NmiError(codes.TOKEN, `identity ${name}: tenantID ${JSON.stringify(tenantID)} is not a tenant id or domain`);
     if (!clientID) throw new NmiError(codes.TOKEN, `identity ${name}: clientID is empty`);
-    // spec.adEndpoint (validated by the bindings parser) beats --aad-authority-host for this identity.
-    const host = identity.adEndpoint ?? this.authorityHost;
-    const authority = `${host}/${tenantID}`;
+    const { host, authority } = this.authorityOf(identity);
     // A fresh app per fetch: msal keeps tokens and throttling state per app, and we want neither.
     const app = new ConfidentialClientApplication({
       auth: {

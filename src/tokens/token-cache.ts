@@ -9,12 +9,11 @@
 import { setTimeout as sleepFor } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
 import { identityKey, IdentityType, type AzureIdentity } from '../bindings/model.js';
-import { BudgetError, type RefusalReason, type UpstreamBudget } from '../budget/budget.js';
+import { BudgetError, type RefusalReason, type Release, type Ticket, type UpstreamBudget } from '../budget/budget.js';
 import type { Logger } from '../log/logger.js';
 import type { Credential, TokenProvider } from './msal-provider.js';
 import type { Token } from './token.js';
 import { UpstreamError, upstreamKinds, type UpstreamKind } from './upstream-error.js';
-import type { Release, Ticket } from '../budget/budget.js';
 
 export interface RetryOptions {
   /** Upstream calls per fetch, the first included. */
