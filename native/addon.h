@@ -6,10 +6,13 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
 namespace nmi {
+// Calls taking one number: false, with a TypeError naming `usage` pending, when info is not that.
+bool OneNumberArg(const Napi::CallbackInfo& info, const char* usage, int32_t* out);
 // Shared by the descriptor-passing calls (listen.cc, notify.cc).
 bool FdArray(Napi::Env env, const Napi::Value& value, size_t max, const char* what, std::vector<int>* out);
 int SendWithFds(int sock, const sockaddr_un* to, socklen_t toLen, const std::string& message, const std::vector<int>& fds);

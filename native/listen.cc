@@ -103,11 +103,8 @@ Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
 // inherited ones are not, and nmi's children (iptables, nft) must not hold them.
 Napi::Value ListeningAddress(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() != 1 || !info[0].IsNumber()) {
-    Napi::TypeError::New(env, "Usage: listeningAddress(fd: number)").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  int fd = info[0].As<Napi::Number>().Int32Value();
+  int fd;
+  if (!OneNumberArg(info, "listeningAddress(fd: number)", &fd)) return env.Undefined();
   int flags = fcntl(fd, F_GETFD);
   if (flags < 0) return env.Null();
   fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
@@ -149,11 +146,9 @@ Napi::Value ListeningAddress(const Napi::CallbackInfo& info) {
 // to own and close while the listener itself stays open.
 Napi::Value DupFd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() != 1 || !info[0].IsNumber()) {
-    Napi::TypeError::New(env, "Usage: dupFd(fd: number)").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  int fd = fcntl(info[0].As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 3);
+  int original;
+  if (!OneNumberArg(info, "dupFd(fd: number)", &original)) return env.Undefined();
+  int fd = fcntl(original, F_DUPFD_CLOEXEC, 3);
   if (fd < 0) return Fail(env, "dup", errno);
   return Napi::Number::New(env, fd);
 }
@@ -161,12 +156,19 @@ Napi::Value DupFd(const Napi::CallbackInfo& info) {
 // closeFd(fd): for descriptors handed over that nmi has no use for.
 Napi::Value CloseFd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() != 1 || !info[0].IsNumber()) {
-    Napi::TypeError::New(env, "Usage: closeFd(fd: number)").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  close(info[0].As<Napi::Number>().Int32Value());
+  int fd;
+  if (!OneNumberArg(info, "closeFd(fd: number)", &fd)) return env.Undefined();
+  close(fd);
   return env.Undefined();
+}
+
+bool OneNumberArg(const Napi::CallbackInfo& info, const char* usage, int32_t* out) {
+  if (info.Length() != 1 || !info[0].IsNumber()) {
+    Napi::TypeError::New(info.Env(), std::string("Usage: ") + usage).ThrowAsJavaScriptException();
+    return false;
+  }
+  *out = info[0].As<Napi::Number>().Int32Value();
+  return true;
 }
 
 // FdArray(value, max, what, out): a JS array of at most max descriptor numbers;
@@ -304,13 +306,11 @@ Napi::Value ReceiveFds(const Napi::CallbackInfo& info) {
 // peerCredentials(socketFd): {uid, pid} of the process at the other end of a unix socket (SO_PEERCRED); null when unknown.
 Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() != 1 || !info[0].IsNumber()) {
-    Napi::TypeError::New(env, "Usage: peerCredentials(socketFd: number)").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
+  int fd;
+  if (!OneNumberArg(info, "peerCredentials(socketFd: number)", &fd)) return env.Undefined();
   ucred cred{};
   socklen_t len = sizeof cred;
-  if (getsockopt(info[0].As<Napi::Number>().Int32Value(), SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return env.Null();
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0) return env.Null();
   Napi::Object result = Napi::Object::New(env);
   result.Set("uid", Napi::Number::New(env, cred.uid));
   result.Set("pid", Napi::Number::New(env, cred.pid));

@@ -37,11 +37,8 @@ Napi::Value DropPages(const Napi::CallbackInfo& info) {
 // malloc refused (musl's mallopt refuses all: it has neither).
 Napi::Value SetMallocThresholds(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() != 1 || !info[0].IsNumber()) {
-    Napi::TypeError::New(env, "Usage: setMallocThresholds(bytes: number)").ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
-  int bytes = info[0].As<Napi::Number>().Int32Value();
+  int bytes;
+  if (!OneNumberArg(info, "setMallocThresholds(bytes: number)", &bytes)) return env.Undefined();
   if (mallopt(M_MMAP_THRESHOLD, bytes) != 1) return Napi::String::New(env, "mallopt(M_MMAP_THRESHOLD) refused the value");
   if (mallopt(M_TRIM_THRESHOLD, bytes) != 1) return Napi::String::New(env, "mallopt(M_TRIM_THRESHOLD) refused the value");
   return env.Null();
