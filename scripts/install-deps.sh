@@ -5,12 +5,32 @@
 # clang with its libFuzzer/sanitizer runtime for the native parser fuzzing;
 # for the tests under real runtimes: dpkg-dev (dpkg-shlibdeps, for the package),
 # debootstrap and systemd-container (a Debian 12 node booted with
-# systemd-nspawn), podman with runc (crun refuses hybrid cgroup hosts).
+# systemd-nspawn), podman with runc (crun refuses hybrid cgroup hosts);
+# kubernetes-client (kubectl 1.20, the oldest kustomize deploy/ is written for)
+# to render deploy/'s kustomizations; promtool for the alert rules
+# (test/metrics/monitoring.test.ts).
 set -euo pipefail
 if [ "$(id -u)" -ne 0 ]; then echo "install-deps: run as root" >&2; exit 2; fi
 export DEBIAN_FRONTEND=noninteractive
+# A kubectl already installed renders deploy/ as well; Google's `kubectl` package owns
+# /usr/bin/kubectl, and kubernetes-client would fail to install beside it.
+kubectl=kubernetes-client
+if command -v kubectl >/dev/null; then kubectl=; fi
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
   iptables nftables libnftables1 conntrack iproute2 openssl ca-certificates \
   procps wrk systemd clang libclang-rt-14-dev libbpf-dev bpftool \
-  dpkg-dev debootstrap systemd-container podman runc
+  dpkg-dev debootstrap systemd-container podman runc $kubectl
+# promtool alone, out of Debian's prometheus package: installing the package would
+# also start a Prometheus server. Kept where the tests look for it.
+cache=${NMI_TEST_CACHE:-/var/cache/nmi-test}
+if [ ! -x "$cache/promtool" ]; then
+  mkdir -p "$cache"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  # As root: apt's own download user may not write into root's temporary folder.
+  (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root prometheus)
+  dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
+  install -m 0755 "$tmp/usr/bin/promtool" "$cache/promtool.tmp"
+  mv "$cache/promtool.tmp" "$cache/promtool"
+fi

@@ -168,7 +168,7 @@ export class StartGate {
 /** What an operator would check for the usual refusals. */
 function hint(err: unknown): string | undefined {
   if (!(err instanceof ApiError)) return undefined;
-  if (err.status === 401 || err.status === 403) return 'nmi needs get and patch on nodes (deploy/start-gate.yaml); a kubelet credential may not change its own taints';
+  if (err.status === 401 || err.status === 403) return 'nmi needs get and patch on nodes (deploy/overlays/start-gate); a kubelet credential may not change its own taints';
   if (err.status === 404) return '--node-name does not name a Node';
   return undefined;
 }

@@ -1,22 +1,28 @@
-// deploy/: every manifest parses; the DaemonSet runs nmi the way the contract
-// needs (host network, probes, capabilities, xtables lock, downward API); the
-// RBAC grants exactly what nmi uses, checked against the requests nmi's own
-// Kubernetes source makes to a stand-in API server; the CRDs are the ones it
+// deploy/ as operators apply it: `kubectl kustomize` renders the base and every
+// overlay (with the kubectl on PATH: Debian 12's kubernetes-client embeds the
+// oldest kustomize the files are written for). The base's DaemonSet runs nmi the
+// way the contract needs (host network, probes, capabilities, xtables lock,
+// downward API); each overlay changes it only as it says; the RBAC grants
+// exactly what nmi uses, checked against the requests nmi's own Kubernetes
+// source and start gate make to a stand-in API server; the CRDs are the ones it
 // reads, and their schemas keep every field it parses.
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseAllDocuments } from 'yaml';
+import { isDeepStrictEqual } from 'node:util';
+import { parse, parseAllDocuments } from 'yaml';
 import { CRD_PATH, KubeBindingSource } from '../../src/bindings/kube-source.js';
 import { CRD_API_VERSION, parseObject } from '../../src/bindings/parse.js';
 import { runFlags } from '../../src/config/commands.js';
+import { envName, parseFlags } from '../../src/config/flags.js';
 import { silentLogger } from '../../src/log/logger.js';
 import { KubeClient } from '../../src/kube/client.js';
 import { loadKubeConfig } from '../../src/kube/kubeconfig.js';
-import { StartGate } from '../../src/lifecycle/start-gate.js';
+import { formatTaint, StartGate } from '../../src/lifecycle/start-gate.js';
 import { startApiServer, type KubeObject } from '../standins/apiserver.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -26,41 +32,141 @@ after(() => rmSync(tmp, { recursive: true, force: true }));
 
 type Doc = Record<string, any>;
 
-const yamlFiles = readdirSync(deployDir).filter((f) => /\.ya?ml$/.test(f));
-const docs: { file: string; doc: Doc }[] = yamlFiles.flatMap((file) =>
-  parseAllDocuments(readFileSync(path.join(deployDir, file), 'utf8')).map((d) => {
-    assert.deepEqual(d.errors, [], `${file}: ${d.errors.join('; ')}`);
-    return { file, doc: d.toJS() as Doc };
-  }),
-);
-const all = (kind: string, file?: string): Doc[] => docs.filter((d) => d.doc.kind === kind && (file === undefined || d.file === file)).map((d) => d.doc);
-const one = (kind: string, file?: string): Doc => {
-  const found = all(kind, file);
-  assert.equal(found.length, 1, `exactly one ${kind}${file ? ` in ${file}` : ''}`);
+/** Every kustomization operators apply, and the kinds its render holds. */
+const BASE_KINDS = ['ClusterRole', 'ClusterRoleBinding', 'DaemonSet', 'ServiceAccount'];
+const CRD3 = ['CustomResourceDefinition', 'CustomResourceDefinition', 'CustomResourceDefinition'];
+const expectedKinds: Record<string, string[]> = {
+  base: BASE_KINDS,
+  'overlays/standalone': [...BASE_KINDS, ...CRD3],
+  'overlays/aks-engine': BASE_KINDS,
+  'overlays/start-gate': [...BASE_KINDS, 'ClusterRole', 'ClusterRoleBinding'],
+  // Listed beside an overlay in an operator's own (README): no DaemonSet of their own.
+  crds: CRD3,
+  'start-gate-rbac': ['ClusterRole', 'ClusterRoleBinding'],
+};
+/** What each overlay changes in the base's DaemonSet: env entries and volumes, by name. */
+const overlayChanges: Record<string, { env: string[]; volumes: string[] }> = {
+  'overlays/standalone': { env: [], volumes: [] },
+  'overlays/aks-engine': { env: ['NMI_KUBELET_CA', 'NMI_KUBELET_CLIENT_CERT', 'NMI_KUBELET_CLIENT_KEY', 'NMI_KUBELET_TOKEN_FILE'], volumes: ['kubernetes-certs'] },
+  'overlays/start-gate': { env: ['NMI_START_TAINT'], volumes: [] },
+};
+
+const renders = new Map<string, Doc[]>();
+/** `kubectl kustomize deploy/<dir>`'s objects, rendered once. */
+function render(dir: string): Doc[] {
+  let docs = renders.get(dir);
+  if (docs) return docs;
+  let out: string;
+  try {
+    out = execFileSync('kubectl', ['kustomize', path.join('deploy', dir)], { cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException & { stderr?: string };
+    if (e.code === 'ENOENT') throw new Error('kubectl not found: the deploy/ checks render it with `kubectl kustomize`; install it with scripts/install-deps.sh (Debian\'s kubernetes-client)');
+    throw new Error(`kubectl kustomize deploy/${dir} failed: ${e.stderr?.trim() || e.message}`);
+  }
+  docs = parseAllDocuments(out).map((d) => {
+    assert.deepEqual(d.errors, [], `deploy/${dir}: ${d.errors.join('; ')}`);
+    return d.toJS() as Doc;
+  });
+  renders.set(dir, docs);
+  return docs;
+}
+const all = (docs: Doc[], kind: string): Doc[] => docs.filter((d) => d.kind === kind);
+const one = (docs: Doc[], kind: string): Doc => {
+  const found = all(docs, kind);
+  assert.equal(found.length, 1, `exactly one ${kind}`);
   return found[0]!;
 };
 
-const ds = one('DaemonSet');
-const pod: Doc = ds.spec.template.spec;
-const container: Doc = pod.containers[0];
-const env = new Map<string, Doc>((container.env as Doc[]).map((e) => [e.name, e]));
-const envValue = (name: string): string | undefined => env.get(name)?.value;
+/** The render's DaemonSet, its pod, its one container and that container's environment by name. */
+function nmiPod(dir: string) {
+  const ds = one(render(dir), 'DaemonSet');
+  const pod: Doc = ds.spec.template.spec;
+  const container: Doc = pod.containers[0];
+  const env = new Map<string, Doc>((container.env as Doc[]).map((e) => [e.name, e]));
+  return { ds, pod, container, env, envValue: (name: string): string | undefined => env.get(name)?.value };
+}
 
 /** What the token server's drain allows in-flight requests (src/server/token-server.ts). */
 const DRAIN_SECONDS = 10;
 
-test('every manifest parses and names what it is', () => {
-  assert.deepEqual(yamlFiles.sort(), ['crds.yaml', 'daemonset.yaml', 'rbac.yaml', 'start-gate.yaml']);
-  for (const { file, doc } of docs) {
-    assert.ok(doc.apiVersion && doc.kind && doc.metadata?.name, `${file}: apiVersion, kind, metadata.name`);
+/** deploy/'s kustomization files, by folder relative to deploy/. */
+function kustomizations(dir = deployDir): Map<string, Doc> {
+  const found = new Map<string, Doc>();
+  for (const name of readdirSync(dir)) {
+    const full = path.join(dir, name);
+    if (statSync(full).isDirectory()) for (const [k, v] of kustomizations(full)) found.set(k, v);
+    else if (name === 'kustomization.yaml') found.set(path.relative(deployDir, dir), parse(readFileSync(full, 'utf8')) as Doc);
   }
-  assert.deepEqual(
-    docs.map((d) => d.doc.kind).sort(),
-    ['ClusterRole', 'ClusterRole', 'ClusterRoleBinding', 'ClusterRoleBinding', 'CustomResourceDefinition', 'CustomResourceDefinition', 'CustomResourceDefinition', 'DaemonSet', 'ServiceAccount'],
-  );
+  return found;
+}
+
+test('deploy/: every manifest belongs to a kustomization kubectl 1.20 reads; one comment-headed kustomization per overlay', () => {
+  const found = kustomizations();
+  assert.deepEqual([...found.keys()].sort(), Object.keys(expectedKinds).sort());
+  assert.deepEqual(readdirSync(path.join(deployDir, 'overlays')).sort(), Object.keys(overlayChanges).map((o) => path.basename(o)).sort());
+  const used = new Set<string>();
+  for (const [dir, k] of found) {
+    // kubectl 1.20's kustomize takes folders only under bases:, files only under resources:.
+    for (const r of k.resources ?? []) assert.ok(statSync(path.join(deployDir, dir, r)).isFile(), `${dir}: resources: ${r} must be a file (kubectl 1.20 takes folders under bases:)`);
+    for (const b of k.bases ?? []) assert.ok(existsSync(path.join(deployDir, dir, b, 'kustomization.yaml')), `${dir}: bases: ${b} must be a folder with a kustomization.yaml`);
+    for (const f of [...(k.resources ?? []), ...(k.patchesStrategicMerge ?? [])]) used.add(path.join(dir, f));
+    if (dir.startsWith('overlays/')) assert.match(readFileSync(path.join(deployDir, dir, 'kustomization.yaml'), 'utf8'), /^# \S/, `${dir} says when to use it`);
+  }
+  const manifests = (dir: string): string[] =>
+    readdirSync(path.join(deployDir, dir)).flatMap((name) => {
+      const rel = path.join(dir, name);
+      if (statSync(path.join(deployDir, rel)).isDirectory()) return manifests(rel);
+      return /\.ya?ml$/.test(name) && name !== 'kustomization.yaml' ? [rel] : [];
+    });
+  assert.deepEqual(manifests('').sort(), [...used].sort(), 'no manifest outside the kustomizations (nor one they name missing)');
+});
+
+test('kubectl kustomize renders the base and every overlay, each with exactly its kinds', (t) => {
+  for (const [dir, kinds] of Object.entries(expectedKinds)) {
+    const docs = render(dir);
+    assert.deepEqual(docs.map((d) => d.kind).sort(), [...kinds].sort(), dir);
+    for (const doc of docs) assert.ok(doc.apiVersion && doc.kind && doc.metadata?.name, `${dir}: apiVersion, kind, metadata.name`);
+    assert.ok(docs.every((d) => d.metadata.labels?.['app.kubernetes.io/name'] === 'nmi'), `${dir}: every object labelled app.kubernetes.io/name=nmi`);
+  }
+  t.diagnostic(execFileSync('kubectl', ['version', '--client'], { encoding: 'utf8' }).split('\n')[0]!);
+});
+
+/** The names whose entries differ between two name-keyed lists (added, removed or changed). */
+function changed(a: Doc[] = [], b: Doc[] = []): string[] {
+  const byName = (l: Doc[]) => new Map(l.map((e) => [e.name as string, e]));
+  const [ma, mb] = [byName(a), byName(b)];
+  return [...new Set([...ma.keys(), ...mb.keys()])].filter((n) => !isDeepStrictEqual(ma.get(n), mb.get(n))).sort();
+}
+
+test('every overlay keeps the base as it is, but for the env entries and volumes it is for', () => {
+  const base = render('base');
+  const { ds } = nmiPod('base');
+  const strip = (d: Doc): Doc => {
+    const copy = structuredClone(d);
+    const spec = copy.spec.template.spec;
+    delete spec.volumes;
+    for (const c of spec.containers) {
+      delete c.env;
+      delete c.volumeMounts;
+    }
+    return copy;
+  };
+  for (const [dir, changes] of Object.entries(overlayChanges)) {
+    const docs = render(dir);
+    for (const doc of base.filter((d) => d.kind !== 'DaemonSet')) {
+      assert.ok(docs.some((d) => isDeepStrictEqual(d, doc)), `${dir} keeps the base's ${doc.kind} ${doc.metadata.name}`);
+    }
+    const other = nmiPod(dir);
+    assert.deepEqual(strip(other.ds), strip(ds), `${dir}: the DaemonSet but for env and volumes`);
+    assert.deepEqual(changed(other.container.env, nmiPod('base').container.env), changes.env, `${dir}: env entries changed`);
+    assert.deepEqual(changed(other.pod.volumes, nmiPod('base').pod.volumes), changes.volumes, `${dir}: volumes changed`);
+    assert.deepEqual(changed(other.container.volumeMounts, nmiPod('base').container.volumeMounts), changes.volumes, `${dir}: mounts changed`);
+  }
 });
 
 test('DaemonSet: host network, critical priority, every node, one container with the nmi service account', () => {
+  const { ds, pod } = nmiPod('base');
   assert.equal(ds.apiVersion, 'apps/v1');
   assert.deepEqual(ds.spec.selector.matchLabels, ds.spec.template.metadata.labels);
   assert.equal(pod.hostNetwork, true);
@@ -68,13 +174,14 @@ test('DaemonSet: host network, critical priority, every node, one container with
   assert.equal(pod.priorityClassName, 'system-node-critical');
   assert.ok((pod.tolerations as Doc[]).some((t) => t.operator === 'Exists' && !t.key && !t.effect), 'tolerates every taint');
   assert.equal(pod.containers.length, 1);
-  const sa = one('ServiceAccount');
+  const sa = one(render('base'), 'ServiceAccount');
   assert.equal(pod.serviceAccountName, sa.metadata.name);
   assert.equal(ds.metadata.namespace, sa.metadata.namespace);
   assert.notEqual(pod.automountServiceAccountToken, false, 'the API server and kubelet token come from the automounted service account');
 });
 
 test('DaemonSet: least privilege — NET_ADMIN and NET_RAW on top of nothing, read-only root', () => {
+  const { pod, container } = nmiPod('base');
   const sc: Doc = container.securityContext;
   assert.deepEqual(sc.capabilities, { drop: ['ALL'], add: ['NET_ADMIN', 'NET_RAW'] });
   assert.equal(sc.runAsUser, 0);
@@ -86,6 +193,7 @@ test('DaemonSet: least privilege — NET_ADMIN and NET_RAW on top of nothing, re
 });
 
 test('DaemonSet: updates surge and hand over (one pod per node never missing), through the host\'s /run/nmi', () => {
+  const { ds, pod, container, envValue } = nmiPod('base');
   assert.deepEqual(ds.spec.updateStrategy, { type: 'RollingUpdate', rollingUpdate: { maxSurge: 1, maxUnavailable: 0 } });
   assert.equal(envValue('NMI_TAKE_OVER'), 'true');
   const socket = runFlags['handoff-socket'].default;
@@ -97,6 +205,7 @@ test('DaemonSet: updates surge and hand over (one pod per node never missing), t
 });
 
 test('DaemonSet: the xtables lock is the host one, writable', () => {
+  const { pod, container } = nmiPod('base');
   const volume = (pod.volumes as Doc[]).find((v) => v.hostPath?.path === '/run/xtables.lock');
   assert.ok(volume, 'hostPath /run/xtables.lock');
   assert.equal(volume.hostPath.type, 'FileOrCreate');
@@ -105,30 +214,69 @@ test('DaemonSet: the xtables lock is the host one, writable', () => {
   assert.notEqual(mount?.readOnly, true);
 });
 
-test('DaemonSet: node name and node IP from the downward API; every NMI_ variable is a real flag', () => {
+test('DaemonSet: node name and node IP from the downward API', () => {
+  const { env, envValue } = nmiPod('base');
   assert.deepEqual(env.get('NODE_NAME')?.valueFrom, { fieldRef: { fieldPath: 'spec.nodeName' } });
   assert.deepEqual(env.get('NMI_NODE_IP')?.valueFrom, { fieldRef: { fieldPath: 'status.hostIP' } });
   assert.equal(envValue('NMI_BINDINGS'), 'kubernetes');
-  const flagVars = new Set(Object.keys(runFlags).map((f) => `NMI_${f.toUpperCase().replaceAll('-', '_')}`));
-  const unknown = [...env.keys()].filter((n) => n.startsWith('NMI_') && !flagVars.has(n));
-  assert.deepEqual(unknown, []);
-  // $(VAR) expands only variables defined earlier in the list.
-  const names = [...env.keys()];
-  for (const [i, name] of names.entries()) {
-    for (const [, ref] of (envValue(name) ?? '').matchAll(/\$\((\w+)\)/g)) {
-      assert.ok(names.slice(0, i).includes(ref!), `${name} refers to ${ref}, defined before it`);
-    }
-  }
   assert.ok(['keep', 'remove'].includes(envValue('NMI_ON_EXIT') ?? 'remove'));
 });
 
+test('every render: each NMI_ variable is a real flag, and $(VAR) refers to one defined before it', () => {
+  const flagVars = new Set(Object.keys(runFlags).map(envName));
+  for (const dir of ['base', ...Object.keys(overlayChanges)]) {
+    const { env, envValue } = nmiPod(dir);
+    const unknown = [...env.keys()].filter((n) => n.startsWith('NMI_') && !flagVars.has(n));
+    assert.deepEqual(unknown, [], dir);
+    // $(VAR) expands only variables defined earlier in the list (a strategic-merge patch puts new ones first).
+    const names = [...env.keys()];
+    for (const [i, name] of names.entries()) {
+      for (const [, ref] of (envValue(name) ?? '').matchAll(/\$\((\w+)\)/g)) {
+        assert.ok(names.slice(0, i).includes(ref!), `${dir}: ${name} refers to ${ref}, defined before it`);
+      }
+    }
+  }
+});
+
 test('DaemonSet: kubelet reached on the node address with the service account token', () => {
+  const { envValue } = nmiPod('base');
   assert.equal(envValue('NMI_KUBELET_URL'), 'https://$(NMI_NODE_IP):10250');
   assert.equal(envValue('NMI_KUBELET_TOKEN_FILE'), '/var/run/secrets/kubernetes.io/serviceaccount/token');
   assert.equal(envValue('NMI_KUBELET_CA'), '/var/run/secrets/kubernetes.io/serviceaccount/ca.crt');
 });
 
+test("aks-engine: the kubelet's client certificate, key and CA from the host's /etc/kubernetes/certs, read-only; no token", () => {
+  const { pod, container, env, envValue } = nmiPod('overlays/aks-engine');
+  const certs = '/etc/kubernetes/certs';
+  const volume = (pod.volumes as Doc[]).find((v) => v.hostPath?.path === certs);
+  assert.ok(volume, `hostPath ${certs}`);
+  assert.equal(volume.hostPath.type, 'Directory');
+  const mount = (container.volumeMounts as Doc[]).find((m) => m.name === volume.name);
+  assert.ok(mount, `${volume.name} mounted`);
+  assert.equal(mount.readOnly, true, `${volume.name} mounted read-only`);
+  for (const [name, file] of [['NMI_KUBELET_CA', 'ca.crt'], ['NMI_KUBELET_CLIENT_CERT', 'client.crt'], ['NMI_KUBELET_CLIENT_KEY', 'client.key']] as const) {
+    assert.equal(envValue(name), path.posix.join(mount.mountPath, file), `${name} names a file in the mount`);
+  }
+  assert.equal(env.has('NMI_KUBELET_TOKEN_FILE'), false, 'no token file: the kubelet authenticates the client certificate');
+});
+
+/** The start gate's taint as nmi's own flag parser reads it from the start-gate render. */
+function startTaint() {
+  const raw = nmiPod('overlays/start-gate').envValue('NMI_START_TAINT') ?? assert.fail('NMI_START_TAINT set in the start-gate overlay');
+  const taint = parseFlags({ 'start-taint': runFlags['start-taint'] }, [], { [envName('start-taint')]: raw }).values.startTaint;
+  return { raw, taint: taint ?? assert.fail(`NMI_START_TAINT=${raw} turns the gate on`) };
+}
+
+test("start-gate: NMI_START_TAINT parses as nmi's --start-taint, and is the taint README has nodes register with", () => {
+  const { raw, taint } = startTaint();
+  assert.equal(formatTaint(taint), raw);
+  const readme = readFileSync(path.join(root, 'README.md'), 'utf8');
+  assert.equal(/`--register-with-taints=([^`\s]+)`/.exec(readme)?.[1], raw, "README's kubelet flag");
+  assert.equal(nmiPod('base').env.has('NMI_START_TAINT'), false, 'the base has no gate');
+});
+
 test('DaemonSet: probes hit /readyz and /healthz where nmi listens for them', () => {
+  const { container, envValue } = nmiPod('base');
   const probe = envValue('NMI_PROBE_ADDRESS') ?? '127.0.0.1:8085';
   const [host, port] = probe.split(':');
   for (const [name, path] of [['readinessProbe', '/readyz'], ['livenessProbe', '/healthz']] as const) {
@@ -143,6 +291,7 @@ test('DaemonSet: probes hit /readyz and /healthz where nmi listens for them', ()
 });
 
 test('DaemonSet: grace period covers the drain; memory bounded with the heap below the limit', () => {
+  const { pod, container, envValue } = nmiPod('base');
   assert.ok(pod.terminationGracePeriodSeconds >= DRAIN_SECONDS + 10, `terminationGracePeriodSeconds ${pod.terminationGracePeriodSeconds}`);
   const limit = /^(\d+)Mi$/.exec(container.resources.limits.memory);
   assert.ok(limit && Number(limit[1]) <= 128, `memory limit ${container.resources.limits.memory}`);
@@ -157,38 +306,47 @@ const expectedRules = [
   { apiGroups: [''], resources: ['secrets'], verbs: ['get'] },
 ];
 
-/** The file's one ClusterRole, bound to the DaemonSet's service account by the file's one ClusterRoleBinding. */
-function roleOf(file: string): Doc {
-  const role = one('ClusterRole', file);
-  const binding = one('ClusterRoleBinding', file);
-  assert.deepEqual(binding.roleRef, { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: role.metadata.name });
-  const sa = one('ServiceAccount');
-  assert.deepEqual(binding.subjects, [{ kind: 'ServiceAccount', name: sa.metadata.name, namespace: sa.metadata.namespace }]);
-  return role;
+/** The render's ClusterRoles bound, each by one ClusterRoleBinding of its name, to exactly the DaemonSet's service account. */
+function boundRoles(docs: Doc[]): Map<string, Doc> {
+  const sa = one(docs, 'ServiceAccount');
+  assert.equal(nmiPod('base').pod.serviceAccountName, sa.metadata.name);
+  const roles = new Map<string, Doc>();
+  for (const binding of all(docs, 'ClusterRoleBinding')) {
+    const role = all(docs, 'ClusterRole').find((r) => r.metadata.name === binding.roleRef.name) ?? assert.fail(`${binding.metadata.name} binds a ClusterRole of the render`);
+    assert.equal(binding.metadata.name, role.metadata.name);
+    assert.deepEqual(binding.roleRef, { apiGroup: 'rbac.authorization.k8s.io', kind: 'ClusterRole', name: role.metadata.name });
+    assert.deepEqual(binding.subjects, [{ kind: 'ServiceAccount', name: sa.metadata.name, namespace: sa.metadata.namespace }]);
+    roles.set(role.metadata.name, role);
+  }
+  assert.equal(roles.size, all(docs, 'ClusterRole').length, 'every ClusterRole bound');
+  return roles;
+}
+
+function allowed(docs: Doc[], group: string, resource: string, verb: string): boolean {
+  return [...boundRoles(docs).values()].some((role) => (role.rules as Doc[]).some((r) => r.apiGroups.includes(group) && r.resources.includes(resource) && r.verbs.includes(verb)));
 }
 
 test('RBAC: exactly nodes/proxy get, the three CRs get/list/watch, secrets get — bound to the DaemonSet service account', () => {
-  assert.deepEqual(roleOf('rbac.yaml').rules, expectedRules);
-  assert.equal(all('Role').length + all('RoleBinding').length, 0);
+  assert.deepEqual([...boundRoles(render('base')).keys()], ['nmi']);
+  assert.deepEqual(boundRoles(render('base')).get('nmi')!.rules, expectedRules);
+  for (const dir of Object.keys(expectedKinds)) assert.equal(all(render(dir), 'Role').length + all(render(dir), 'RoleBinding').length, 0, dir);
 });
 
-function allowed(group: string, resource: string, verb: string, file = 'rbac.yaml'): boolean {
-  return (one('ClusterRole', file).rules as Doc[]).some((r) => r.apiGroups.includes(group) && r.resources.includes(resource) && r.verbs.includes(verb));
-}
-
-test("RBAC: the start gate's own file grants nodes get and patch, exactly what the gate requests, and the base grants no nodes", async () => {
-  assert.deepEqual(roleOf('start-gate.yaml').rules, [{ apiGroups: [''], resources: ['nodes'], verbs: ['get', 'patch'] }]);
-  assert.equal(allowed('', 'nodes', 'get') || allowed('', 'nodes', 'patch'), false, 'the gate stays optional');
+test("RBAC: the start-gate overlay grants nodes get and patch, exactly what the gate requests, and the base grants no nodes", async () => {
+  const gated = render('overlays/start-gate');
+  assert.deepEqual(boundRoles(gated).get('nmi-start-gate')?.rules, [{ apiGroups: [''], resources: ['nodes'], verbs: ['get', 'patch'] }]);
+  assert.equal(allowed(render('base'), '', 'nodes', 'get') || allowed(render('base'), '', 'nodes', 'patch'), false, 'the gate stays optional');
+  const { taint } = startTaint();
   const api = await startApiServer();
   try {
-    api.put({ apiVersion: 'v1', kind: 'Node', metadata: { name: 'node1' }, spec: { taints: [{ key: 'gate', effect: 'NoSchedule' }] } });
-    const gate = new StartGate({ client: new KubeClient(loadKubeConfig({ kubeconfig: api.writeKubeconfig(tmp) }), 'nmi'), nodeName: 'node1', taint: { key: 'gate', effect: 'NoSchedule' }, log: silentLogger });
+    api.put({ apiVersion: 'v1', kind: 'Node', metadata: { name: 'node1' }, spec: { taints: [{ ...taint }] } });
+    const gate = new StartGate({ client: new KubeClient(loadKubeConfig({ kubeconfig: api.writeKubeconfig(tmp) }), 'nmi'), nodeName: 'node1', taint, log: silentLogger });
     await gate.open();
     await gate.close(5000);
     const verbs = api.requests.map((r) => {
       assert.equal(r.resource, 'nodes', r.path);
       const verb = r.method.toLowerCase();
-      assert.ok(allowed('', 'nodes', verb, 'start-gate.yaml'), `${verb} nodes is granted`);
+      assert.ok(allowed(gated, '', 'nodes', verb), `${verb} nodes is granted`);
       return verb;
     });
     assert.deepEqual(verbs, ['get', 'patch', 'get', 'patch']);
@@ -197,10 +355,12 @@ test("RBAC: the start gate's own file grants nodes get and patch, exactly what t
   }
 });
 
-const crds = all('CustomResourceDefinition');
+/** The CRDs as the standalone overlay installs them. */
+const crds = (): Doc[] => all(render('overlays/standalone'), 'CustomResourceDefinition');
 const crdApi = { group: CRD_API_VERSION.split('/')[0]!, version: CRD_API_VERSION.split('/')[1]! };
 
 test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async () => {
+  const base = render('base');
   const api = await startApiServer();
   try {
     const spec = { type: 1, tenantID: 't', clientID: 'c', clientPassword: { name: 'sp', namespace: 'vault' } };
@@ -221,7 +381,7 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
       const named = /\/secrets\/[^/]+$/.test(r.path);
       const verb = r.watch ? 'watch' : named ? 'get' : 'list';
       assert.ok(r.resource, `a resource request: ${r.path}`);
-      assert.ok(allowed(group, r.resource, verb), `${verb} ${group || 'core'}/${r.resource} (${r.path}) is granted`);
+      assert.ok(allowed(base, group, r.resource, verb), `${verb} ${group || 'core'}/${r.resource} (${r.path}) is granted`);
       seen.add(`${verb} ${r.resource}`);
     }
     // The run really exercised what the role grants (else the check above proves little).
@@ -230,7 +390,7 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
     }
     assert.ok(seen.has('get secrets'));
     const requestedPlurals = new Set(api.requests.filter((r) => r.path.startsWith(CRD_PATH)).map((r) => r.resource));
-    assert.deepEqual([...requestedPlurals].sort(), crds.map((c) => c.spec.names.plural).sort(), 'one CRD per resource nmi reads');
+    assert.deepEqual([...requestedPlurals].sort(), crds().map((c) => c.spec.names.plural).sort(), 'one CRD per resource nmi reads');
   } finally {
     await api.close();
   }
@@ -238,7 +398,7 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
 
 test('CRDs: aadpodidentity.k8s.io/v1 as nmi requests it, named plural.group, namespaced, approved for a k8s.io group', () => {
   assert.equal(CRD_PATH, `/apis/${crdApi.group}/${crdApi.version}`);
-  for (const crd of crds) {
+  for (const crd of crds()) {
     const { group, names, scope, versions } = crd.spec;
     assert.equal(crd.apiVersion, 'apiextensions.k8s.io/v1');
     assert.equal(group, crdApi.group);
@@ -251,7 +411,7 @@ test('CRDs: aadpodidentity.k8s.io/v1 as nmi requests it, named plural.group, nam
     // Without it the API server refuses a CRD in a *.k8s.io group.
     assert.match(crd.metadata.annotations['api-approved.kubernetes.io'], /^(unapproved|https:\/\/)/);
   }
-  assert.deepEqual(crds.map((c) => c.spec.names.kind).sort(), ['AzureIdentity', 'AzureIdentityBinding', 'AzurePodIdentityException']);
+  assert.deepEqual(crds().map((c) => c.spec.names.kind).sort(), ['AzureIdentity', 'AzureIdentityBinding', 'AzurePodIdentityException']);
 });
 
 /** What the API server stores of `value` under a structural schema: undeclared fields are pruned. */
@@ -276,7 +436,7 @@ const samples: Doc[] = [
 
 test('CRD schemas keep every field nmi parses (nothing it reads is pruned)', () => {
   for (const sample of samples) {
-    const crd = crds.find((c) => c.spec.names.kind === sample.kind)!;
+    const crd = crds().find((c) => c.spec.names.kind === sample.kind)!;
     const schema: Doc = crd.spec.versions[0].schema.openAPIV3Schema;
     const obj = { apiVersion: CRD_API_VERSION, kind: sample.kind, metadata: { name: 'n', namespace: 'app', annotations: { 'aadpodidentity.k8s.io/Behavior': 'namespaced' } }, spec: sample.spec };
     // metadata is the API server's own (ObjectMeta), never pruned by the CRD schema.
@@ -285,7 +445,7 @@ test('CRD schemas keep every field nmi parses (nothing it reads is pruned)', () 
     assert.deepEqual(parseObject(stored), parseObject(obj));
   }
   // The check can fail: a field the schema does not declare is dropped.
-  const identity = crds.find((c) => c.spec.names.kind === 'AzureIdentity')!.spec.versions[0].schema.openAPIV3Schema;
+  const identity = crds().find((c) => c.spec.names.kind === 'AzureIdentity')!.spec.versions[0].schema.openAPIV3Schema;
   assert.deepEqual(prune({ clientID: 'c', undeclared: 1 }, identity.properties.spec), { clientID: 'c' });
 });
 

@@ -25,7 +25,7 @@ import { nmiPackage } from '../harness/runtime.js';
 import { decodeStandinToken } from '../standins/imds.js';
 
 type Doc = Record<string, any>;
-const daemonSet = parse(readFileSync(path.join(projectRoot, 'deploy', 'daemonset.yaml'), 'utf8')) as Doc;
+const daemonSet = parse(readFileSync(path.join(projectRoot, 'deploy', 'base', 'daemonset.yaml'), 'utf8')) as Doc;
 const pod: Doc = daemonSet.spec.template.spec;
 const container: Doc = pod.containers[0];
 
