@@ -8,7 +8,7 @@ import { upstreams, type Budgets, type UpstreamName } from './budgets.js';
 
 
 /** The wait observer Budgets takes, registered before the budgets exist. */
-export function waitHistogram(registry: Registry): (upstream: UpstreamName, seconds: number, kind: TicketKind) => void {
+export function registerQueueWaitMetrics(registry: Registry): (upstream: UpstreamName, seconds: number, kind: TicketKind) => void {
   const histogram = new Histogram({
     name: 'nmi_upstream_queue_wait_seconds',
     help: 'Time an upstream call waited for its turn in the budget, by upstream and kind (first token or refresh)',

@@ -4,7 +4,6 @@
 // Start order matters: the redirect goes in only once nmi can answer what it
 // redirects (first pod sync, first bindings sync, token server listening).
 import type http from 'node:http';
-import { Counter, Gauge } from 'prom-client';
 import { CgroupAttestation } from '../attest/attestation.js';
 import { CgroupPods } from '../attest/cgroup-pods.js';
 import { HostCallers, socketCgroupsUnsupported } from '../attest/host-callers.js';
@@ -22,9 +21,11 @@ import { isCaller, PodIndex } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
+import { registerReadinessMetrics } from '../probe/metrics.js';
 import { Readiness } from '../probe/readiness.js';
 import { PID_HEADER, probeUrl, startProbeServer } from '../probe/probe-server.js';
 import { RulesKeeper } from '../rules/keeper.js';
+import { registerRuleMetrics } from '../rules/metrics.js';
 import { EbpfBackend } from '../rules/ebpf.js';
 import type { Redirect } from '../rules/redirect.js';
 import { selectBackend } from '../rules/select.js';
@@ -36,7 +37,7 @@ import type { TokenServerDeps } from '../server/core.js';
 import { createTokenServer } from '../server/token-server.js';
 import { limits } from '../server/limits.js';
 import { Budgets } from '../budget/budgets.js';
-import { registerBudgetMetrics, waitHistogram } from '../budget/metrics.js';
+import { registerBudgetMetrics, registerQueueWaitMetrics } from '../budget/metrics.js';
 import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
@@ -44,6 +45,7 @@ import { TokenCache } from '../tokens/token-cache.js';
 import { mountsOfType } from '../util/mounts.js';
 import { KubeClient } from '../kube/client.js';
 import { loadKubeConfig } from '../kube/kubeconfig.js';
+import { registerStartGateMetrics } from './metrics.js';
 import { StartGate } from './start-gate.js';
 import { ListenError, Listeners, type HeldListener } from './listeners.js';
 import { HandoffServer, takeOver } from './handoff.js';
@@ -102,6 +104,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const registry = createRegistry();
   const readiness = new Readiness();
   for (const condition of ['pods', 'bindings', 'server', 'rules']) readiness.require(condition);
+  registerReadinessMetrics(registry, readiness);
   const serveProbe = () => startProbeServer(config.probeAddress, readiness, registry, listeners.take('probe'));
   let probe: http.Server | undefined = await serveProbe();
   const closeProbe = () => {
@@ -151,7 +154,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     entra: { maxConcurrent: config.aadMaxConcurrent, ratePerSec: config.aadMaxRate },
     maxPendingPerPod: config.maxPendingPerPod,
     maxWaitMs: limits.budgetWaitMs,
-    onWait: waitHistogram(registry),
+    onWait: registerQueueWaitMetrics(registry),
   });
 
   // Tokens: msal-node through one undici client, cached per (identity, resource).
@@ -238,28 +241,9 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const hostServers = [hostSocket, hostTokenTcp].filter((s) => s !== undefined);
 
   const redirect: Redirect = { metadataIp: config.metadataIp, metadataPort: config.metadataPort, targetIp: config.nodeIp, targetPort: config.port };
-  const repairs = new Counter({ name: 'nmi_rule_repairs_total', help: 'Times the installed rules were found changed and repaired', registers: [registry] });
-  const keeper = new RulesKeeper(backend, redirect, config.syncInterval, log, () => repairs.inc());
-  new Gauge({
-    name: 'nmi_rules_installed',
-    help: '1 when the redirect rules are installed',
-    labelNames: ['backend'],
-    registers: [registry],
-    collect() {
-      this.set({ backend: backend.name }, keeper.installed ? 1 : 0);
-    },
-  });
-
-  if (gate) {
-    new Gauge({
-      name: 'nmi_start_gate_open',
-      help: '1 once the start taint is off this node (--start-taint)',
-      registers: [registry],
-      collect() {
-        this.set(gate.opened ? 1 : 0);
-      },
-    });
-  }
+  const keeper = new RulesKeeper(backend, redirect, config.syncInterval, log);
+  registerRuleMetrics(registry, keeper);
+  if (gate) registerStartGateMetrics(registry, gate);
 
   /** touchRules false: a start that failed before installing leaves whatever rules there are alone. */
   const stopAll = async (touchRules: boolean) => {

@@ -15,7 +15,6 @@ export class RulesKeeper {
     private readonly redirect: Redirect,
     private readonly intervalMs: number,
     private readonly log: Logger,
-    private readonly onRepair: () => void = () => {},
   ) {}
 
   /** First install; throws if it cannot be done, since serving without the redirect is pointless. */
@@ -38,7 +37,6 @@ export class RulesKeeper {
       const result = await this.backend.ensure(this.redirect);
       if (result === 'unchanged') return;
       this.repairs += 1;
-      this.onRepair();
       const cut = await flushBypassingFlows(this.redirect, this.log);
       this.log.warn({ backend: this.backend.name, result, repairs: this.repairs, flowsCut: cut }, 'rules were changed externally; repaired');
     } catch (err) {

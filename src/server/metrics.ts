@@ -17,13 +17,13 @@ export function registerServerMetrics(registry: Registry): ServerMetrics {
   const read = () => sumCounts(segments);
   // prom-client's registry reads any metric through name, help, type and get(); its own classes have no way to take counts kept elsewhere.
   registry.registerMetric(
-    new Shared('nmi_http_requests_total', 'Requests answered by the token server, by status code and route', 'counter', () =>
+    new Shared('nmi_http_requests_total', 'Requests answered by the token server, by status code and route', 'counter', ['code', 'route'], () =>
       read().flatMap(({ route, codes }) => [...codes].map(([code, value]) => ({ metricName: 'nmi_http_requests_total', labels: { code, route }, value }))),
     ) as unknown as Counter,
   );
   const duration = 'nmi_http_request_duration_seconds';
   registry.registerMetric(
-    new Shared(duration, 'Time from request to the end of its answer, by route', 'histogram', () =>
+    new Shared(duration, 'Time from request to the end of its answer, by route', 'histogram', ['route'], () =>
       read()
         .filter(({ count }) => count > 0)
         .flatMap(({ route, buckets, sum, count }) => {
@@ -60,6 +60,8 @@ class Shared {
     readonly name: string,
     readonly help: string,
     readonly type: 'counter' | 'histogram',
+    /** As prom-client's own metrics list them (a histogram's `le` not included), for whoever reads the registry's metrics. */
+    readonly labelNames: readonly string[],
     private readonly samples: () => Sample[],
   ) {}
 
