@@ -24,6 +24,8 @@ export class CgroupAttestation {
     private readonly cgroups: CgroupPods,
     private readonly pods: Pick<PodIndex, 'known' | 'lookup' | 'knownUid' | 'lookupUid'>,
     private readonly log: Logger,
+    /** Told the pod whose socket wore another's address (the pod's Events and `nmi explain` say it). */
+    private readonly onSpoof?: (socketPod: Pod, address: string, addressOwner: Pod | undefined) => void,
   ) {}
 
   /** The hit path: the caller when everything is already known and agrees, else undefined (then resolve() decides). */
@@ -42,7 +44,10 @@ export class CgroupAttestation {
     // A hostNetwork pod has no address of its own to compare; it may only not wear another pod's.
     const owner = pod.hostNetwork ? this.pods.known(address) : await this.pods.lookup(address);
     const verdict = this.check(pod, owner);
-    if (verdict === 'spoof') return this.refuse('spoof', address, { socketPod: `${pod.namespace}/${pod.name}`, addressPod: owner ? `${owner.namespace}/${owner.name}` : null });
+    if (verdict === 'spoof') {
+      this.onSpoof?.(pod, address, owner);
+      return this.refuse('spoof', address, { socketPod: `${pod.namespace}/${pod.name}`, addressPod: owner ? `${owner.namespace}/${owner.name}` : null });
+    }
     return verdict;
   }
 

@@ -60,8 +60,8 @@ class Reflector<T> {
   #items = new Map<string, T>();
   #rv = '';
   #synced = false;
-  /** Invalid objects already logged, by key, with the resourceVersion logged. */
-  readonly #invalid = new Map<string, string>();
+  /** Invalid objects (logged once per version), by key, with the resourceVersion logged and why. */
+  readonly #invalid = new Map<string, { rv: string; reason: string }>();
 
   constructor(
     private readonly client: KubeClient,
@@ -73,6 +73,11 @@ class Reflector<T> {
 
   get items(): ReadonlyMap<string, T> {
     return this.#items;
+  }
+
+  /** Why each invalid object was left out, by key. */
+  get invalid(): Iterable<[string, string]> {
+    return [...this.#invalid].map(([key, { reason }]) => [key, reason]);
   }
 
   get synced(): boolean {
@@ -111,6 +116,7 @@ class Reflector<T> {
 
   async #list(signal: AbortSignal): Promise<void> {
     const items = new Map<string, T>();
+    const listed = new Set<string>();
     let next = '';
     let rv = '';
     do {
@@ -120,11 +126,13 @@ class Reflector<T> {
       if (!isObject(page) || !Array.isArray(page.items) || !isObject(page.metadata)) {
         throw new NmiError(codes.BINDINGS, `GET ${this.path}: not a list`);
       }
-      for (const raw of page.items) this.#parseInto(items, raw);
+      for (const raw of page.items) listed.add(this.#parseInto(items, raw));
       rv = String(page.metadata.resourceVersion ?? '');
       next = typeof page.metadata.continue === 'string' ? page.metadata.continue : '';
     } while (next);
     this.#items = items;
+    // Invalid objects deleted while no watch ran are gone too.
+    for (const key of this.#invalid.keys()) if (!listed.has(key)) this.#invalid.delete(key);
     this.#rv = rv;
     this.#synced = true;
     this.onChange();
@@ -181,8 +189,8 @@ class Reflector<T> {
     }
   }
 
-  /** Valid objects go in; an invalid one is logged once per version and left out (removing an older valid version). */
-  #parseInto(items: Map<string, T>, raw: unknown): void {
+  /** Valid objects go in; an invalid one is logged once per version and left out (removing an older valid version). Returns its key. */
+  #parseInto(items: Map<string, T>, raw: unknown): string {
     const m = isObject(raw) && isObject(raw.metadata) ? raw.metadata : {};
     const key = objectKey(String(m.namespace ?? ''), String(m.name ?? ''));
     try {
@@ -191,11 +199,12 @@ class Reflector<T> {
     } catch (err) {
       items.delete(key);
       const rv = String(m.resourceVersion ?? '');
-      if (this.#invalid.get(key) !== rv) {
-        this.#invalid.set(key, rv);
+      if (this.#invalid.get(key)?.rv !== rv) {
+        this.#invalid.set(key, { rv, reason: message(err) });
         this.log.warn({ err: message(err) }, 'ignoring invalid object');
       }
     }
+    return key;
   }
 }
 
@@ -373,6 +382,13 @@ export class KubeBindingSource implements BindingSource {
     });
   }
 
+  #rejected(): Map<string, string> {
+    const rejected = new Map<string, string>();
+    const kinds = [['AzureIdentity', this.#identities], ['AzureIdentityBinding', this.#bindings], ['AzurePodIdentityException', this.#exceptions]] as const;
+    for (const [kind, reflector] of kinds) for (const [key, why] of reflector.invalid) rejected.set(`${kind} ${key}`, why);
+    return rejected;
+  }
+
   #emit(): void {
     if (this.#abort.signal.aborted) return;
     const identities = [...this.#identities.items.values()];
@@ -386,6 +402,7 @@ export class KubeBindingSource implements BindingSource {
       bindings: [...this.#bindings.items.values()],
       exceptions: [...this.#exceptions.items.values()],
       secrets: [...this.#secrets.values.values()],
+      rejected: this.#rejected(),
     });
   }
 }

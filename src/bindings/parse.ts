@@ -23,6 +23,8 @@ export interface BindingSet {
   bindings: AzureIdentityBinding[];
   exceptions: AzurePodIdentityException[];
   secrets: Secret[];
+  /** Objects left out as invalid, by "Kind namespace/name", with why: `nmi explain` names them. */
+  rejected?: ReadonlyMap<string, string>;
 }
 
 export interface ParseResult extends BindingSet {

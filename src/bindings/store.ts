@@ -19,6 +19,8 @@ export interface BindingSnapshot {
   readonly bindingsBySelector: ReadonlyMap<string, readonly AzureIdentityBinding[]>;
   /** Exceptions with at least one label, by namespace (empty podLabels match nothing). */
   readonly exceptionsByNamespace: ReadonlyMap<string, readonly AzurePodIdentityException[]>;
+  /** Objects the source left out as invalid, by "Kind namespace/name", with why. */
+  readonly rejected: ReadonlyMap<string, string>;
 }
 
 function byKey<T extends { namespace: string; name: string }>(items: T[]): Map<string, T> {
@@ -50,6 +52,7 @@ export function createSnapshot(set: BindingSet): BindingSnapshot {
       [...exceptions.values()].filter((e) => Object.keys(e.podLabels).length > 0),
       (e) => e.namespace,
     ),
+    rejected: set.rejected ?? new Map(),
   };
 }
 

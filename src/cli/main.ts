@@ -1,14 +1,16 @@
 // `nmi <command> [flags]`: parses, dispatches, and turns errors into exit codes
 // (0 clean stop, 1 runtime failure, 2 bad usage or config).
-import { isNmiError, codes } from '../errors/errors.js';
+import { isNmiError, codes, UsageError } from '../errors/errors.js';
 import { parseFlags, usage, type FlagSpecs } from '../config/flags.js';
-import { runFlags, cleanupFlags, statusFlags, demoFlags, type RunConfig } from '../config/commands.js';
+import { runFlags, cleanupFlags, statusFlags, explainFlags, demoFlags, type RunConfig } from '../config/commands.js';
 import { fixMallocThresholds } from '../lifecycle/malloc.js';
 import { NODE_FLAGS, useNodeFlags } from '../lifecycle/node-flags.js';
 
 interface Command {
   summary: string;
   flags: FlagSpecs;
+  /** The one argument the command takes besides its flags, as its usage names it; the handler gets it as `target`. */
+  positional?: string;
   /** V8's flags the command runs with: it re-executes itself with them, and fixes malloc's thresholds (lifecycle/malloc.ts), before loading anything else. */
   nodeFlags?: (values: never) => readonly string[];
   load: () => Promise<(values: never) => Promise<number>>;
@@ -30,6 +32,12 @@ const commands: Record<string, Command> = {
     summary: 'Prints the installed rules with packet counters and, if a daemon answers on the probe address, its state.',
     flags: statusFlags,
     load: async () => (await import('./status.js')).status,
+  },
+  explain: {
+    summary: 'Asks the running daemon (loopback only) why a pod of this node gets a token or does not: bindings, exceptions, identities, cached tokens, refusals.',
+    flags: explainFlags,
+    positional: '<namespace>/<pod>|<pod IP>',
+    load: async () => (await import('./explain.js')).explainCommand,
   },
   demo: {
     summary: 'Builds a throwaway node and pod namespace, stand-in kubelet and IMDS, and fetches a token through 169.254.169.254. Needs root.',
@@ -59,10 +67,13 @@ export async function main(argv: readonly string[]): Promise<number> {
     return 2;
   }
   try {
-    const { help, values } = parseFlags(command.flags, rest);
+    const { help, values, positionals } = parseFlags(command.flags, rest, process.env, command.positional !== undefined);
     if (help) {
-      process.stdout.write(`${usage(name, command.summary, command.flags)}\n`);
+      process.stdout.write(`${usage(name, command.summary, command.flags, command.positional)}\n`);
       return 0;
+    }
+    if (command.positional && positionals.length !== 1) {
+      throw new UsageError(`takes one argument, ${command.positional}; got ${positionals.length === 0 ? 'none' : positionals.join(' ')}`);
     }
     if (command.nodeFlags) {
       useNodeFlags(command.nodeFlags(values as never));
@@ -70,7 +81,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       if (mallocProblem) process.stderr.write(`nmi: malloc keeps its default thresholds (${mallocProblem})\n`);
     }
     const handler = await command.load();
-    return await handler(values as never);
+    return await handler((command.positional ? { ...values, target: positionals[0] } : values) as never);
   } catch (err) {
     if (isNmiError(err, codes.USAGE)) {
       process.stderr.write(`nmi ${name}: ${err.message}\n`);

@@ -41,12 +41,15 @@ function camel(name: string): string {
 export interface ParseResult<S extends FlagSpecs> {
   help: boolean;
   values: Parsed<S>;
+  /** The arguments that are not flags; only a command taking one (`nmi explain <pod>`) allows them. */
+  positionals: string[];
 }
 
 export function parseFlags<S extends FlagSpecs>(
   specs: S,
   argv: readonly string[],
   env: NodeJS.ProcessEnv = process.env,
+  allowPositionals = false,
 ): ParseResult<S> {
   // parseArgs cannot give a boolean a value, yet `--force-namespaced=false` is how
   // Go-flag users spell it: take those out first.
@@ -61,7 +64,7 @@ export function parseFlags<S extends FlagSpecs>(
   for (const [name, spec] of Object.entries(specs)) options[name] = { type: spec.boolean ? 'boolean' : 'string' };
   let parsed: ReturnType<typeof parseArgs>;
   try {
-    parsed = parseArgs({ args: [...rest], options, strict: true, allowPositionals: false });
+    parsed = parseArgs({ args: [...rest], options, strict: true, allowPositionals });
   } catch (err) {
     // parseArgs explains itself over several lines; operators get the first.
     throw new UsageError((err as Error).message.split('\n')[0]!.replace(/\. To specify.*$/, ''));
@@ -76,11 +79,11 @@ export function parseFlags<S extends FlagSpecs>(
     else raw = typeof spec.default === 'function' ? spec.default() : spec.default;
     values[camel(name)] = raw === undefined ? undefined : spec.parse(raw, name);
   }
-  return { help: parsed.values.help === true, values: values as Parsed<S> };
+  return { help: parsed.values.help === true, values: values as Parsed<S>, positionals: parsed.positionals };
 }
 
-export function usage(command: string, summary: string, specs: FlagSpecs): string {
-  const lines = [`Usage: nmi ${command} [flags]`, '', summary, ''];
+export function usage(command: string, summary: string, specs: FlagSpecs, positional?: string): string {
+  const lines = [`Usage: nmi ${command}${positional ? ` ${positional}` : ''} [flags]`, '', summary, ''];
   const entries = Object.entries(specs);
   if (entries.length > 0) lines.push('Flags (each also read from NMI_<FLAG>, a flag beats its variable):');
   for (const [name, spec] of entries) {

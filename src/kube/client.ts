@@ -1,5 +1,5 @@
 // The API server over undici, for every part of nmi that talks to it (the
-// custom resources, the start gate). TLS and auth are read from the config's
+// custom resources, the start gate, pod events). TLS and auth are read from the config's
 // files on every request: the service account token and certificates rotate.
 import { TlsAgent } from '../net/tls-agent.js';
 import { Agent, request, type Dispatcher } from '../net/undici.js';
@@ -65,8 +65,14 @@ export class KubeClient {
     return res.body.json();
   }
 
+  /** Creates an object; the object as stored. */
+  async create(path: string, object: object, signal: AbortSignal): Promise<unknown> {
+    const res = await this.#send('POST', path, signal, requestTimeoutMs, { contentType: 'application/json', body: JSON.stringify(object) });
+    return res.body.json();
+  }
+
   async #send(
-    method: 'GET' | 'PATCH',
+    method: 'GET' | 'PATCH' | 'POST',
     path: string,
     signal: AbortSignal,
     bodyTimeout: number,

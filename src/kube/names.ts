@@ -20,3 +20,8 @@ export function isQualifiedName(s: string): boolean {
 export function isLabelValue(s: string): boolean {
   return s === '' || NAME.test(s);
 }
+
+/** A pod's (or any object's) name: a DNS subdomain of at most 253 characters. */
+export function isDnsSubdomain(s: string): boolean {
+  return s.length <= 253 && DNS_SUBDOMAIN.test(s);
+}

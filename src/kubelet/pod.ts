@@ -10,6 +10,8 @@ export interface Pod {
   /** status.phase: only Pending and Running pods are callers. */
   phase: string;
   nodeName: string;
+  /** metadata.creationTimestamp, when the kubelet gave one: `nmi explain` shows the pod's age. */
+  createdAt?: string;
 }
 
 /** The caller lookup the token server asks; the kubelet pod index implements it. */

@@ -23,7 +23,7 @@ import type { Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
 import { registerReadinessMetrics } from '../probe/metrics.js';
 import { Readiness } from '../probe/readiness.js';
-import { PID_HEADER, probeUrl, startProbeServer } from '../probe/probe-server.js';
+import { PID_HEADER, probeUrl, startProbeServer, type ProbeDebug } from '../probe/probe-server.js';
 import { RulesKeeper } from '../rules/keeper.js';
 import { registerRuleMetrics } from '../rules/metrics.js';
 import { EbpfBackend } from '../rules/ebpf.js';
@@ -44,6 +44,12 @@ import { NetworkClient } from '../tokens/network-client.js';
 import { TokenCache } from '../tokens/token-cache.js';
 import { mountsOfType } from '../util/mounts.js';
 import { KubeClient } from '../kube/client.js';
+import { explainHandler } from '../explain/endpoint.js';
+import { RecentRefusals } from '../explain/refusals.js';
+import { registerEventMetrics } from '../events/metrics.js';
+import { PodEvents } from '../events/pod-events.js';
+import { refusalEvent } from '../events/refusal-events.js';
+import { problems } from '../server/answers.js';
 import { loadKubeConfig } from '../kube/kubeconfig.js';
 import { registerStartGateMetrics } from './metrics.js';
 import { StartGate } from './start-gate.js';
@@ -105,7 +111,8 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const readiness = new Readiness();
   for (const condition of ['pods', 'bindings', 'server', 'rules']) readiness.require(condition);
   registerReadinessMetrics(registry, readiness);
-  const serveProbe = () => startProbeServer(config.probeAddress, readiness, registry, listeners.take('probe'));
+  const probeDebug: ProbeDebug = {};
+  const serveProbe = () => startProbeServer(config.probeAddress, readiness, registry, listeners.take('probe'), probeDebug);
   let probe: http.Server | undefined = await serveProbe();
   const closeProbe = () => {
     probe?.close();
@@ -135,12 +142,31 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     onChange: () => {
       retainUsedTokens();
       cache.retainCallers(pods.pods().map(callerKey));
+      refusals.podsListed(pods.pods());
+      events?.retain(pods.pods().map((p) => p.uid));
       tables?.refresh();
       // New pods bring new cgroups; the walk refreshes the routes when done.
       void cgroupPods?.walk();
     },
   });
-  const attestation = ebpf && cgroupPods && new CgroupAttestation(cgroupPods, pods, log);
+  // What pods were refused: `nmi explain` shows it, and what an operator must act on becomes an Event on the pod.
+  const refusals = new RecentRefusals();
+  const podEvents = eventsRecorder(config, log);
+  const events = podEvents?.events;
+  if (events) {
+    const nodeName = config.nodeName ?? config.nodeIp;
+    refusals.listen((pod, refusal) => {
+      const event = refusalEvent(pod, refusal, nodeName);
+      if (event) events.record(pod, event);
+    });
+  }
+  const attestation =
+    ebpf &&
+    cgroupPods &&
+    new CgroupAttestation(cgroupPods, pods, log, (socketPod, address, owner) => {
+      const cause = `${address} is ${owner ? `pod ${owner.namespace}/${owner.name}'s` : 'no pod of this node'}`;
+      refusals.refused(socketPod, 'spoof', { ...problems.callerMismatch, cause });
+    });
 
   // Identities: the custom resources, from the API server or files.
   const store = new BindingStore(await createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
@@ -201,6 +227,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     getToken,
     peekToken: (identity, resource) => cache.peek(identity, resource),
     upstreamImds: config.upstreamImds,
+    refusals,
     proxyBudgets: { identity: budgets.imds, metadata: budgets.metadata },
     options: {
       metadataHeaderRequired: config.metadataHeaderRequired,
@@ -230,6 +257,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     findPod: (namespace: string, name: string) => pods.lookupName(namespace, name),
     identitiesFor: podIdentities,
     getToken,
+    refusals,
     multipleIdentities: config.multipleIdentities,
     log,
   };
@@ -244,6 +272,19 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const keeper = new RulesKeeper(backend, redirect, config.syncInterval, log);
   registerRuleMetrics(registry, keeper);
   if (gate) registerStartGateMetrics(registry, gate);
+  if (events) registerEventMetrics(registry, events);
+  probeDebug.explain = explainHandler({
+    pods: () => pods.pods(),
+    syncedAt: () => pods.lastSuccessAt,
+    refreshPods: () => pods.refresh('unknown-caller'),
+    snapshot: () => store.snapshot,
+    bindingsFrom: config.bindings,
+    match,
+    several: config.multipleIdentities,
+    retryAfter: config.retryAfter,
+    tokens: (identityKeys, uid) => cache.describe(identityKeys, uid),
+    refusals,
+  });
 
   /** touchRules false: a start that failed before installing leaves whatever rules there are alone. */
   const stopAll = async (touchRules: boolean) => {
@@ -275,6 +316,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
       // Whatever failed above (a rule tool refused, say), no timer or socket may keep the process alive.
       pods.stop();
       store.stop();
+      podEvents?.stop();
       await Promise.allSettled([kubelet.close(), network.close()]);
       closeProbe();
       // The socket's file goes with the last process to hold it: not when systemd's store (or whoever
@@ -399,6 +441,30 @@ function startGate(config: RunConfig, log: Logger): StartGate | undefined {
   if (!config.nodeName) throw new UsageError('--start-taint: needs --node-name (or $NODE_NAME), the Node to take the taint off');
   const client = new KubeClient(loadKubeConfig({ kubeconfig: config.kubeconfig }, '--start-taint'), `nmi (node ${config.nodeName})`);
   return new StartGate({ client, nodeName: config.nodeName, taint: config.startTaint, log });
+}
+
+/**
+ * Events on refused pods, through the API server the bindings come from or --kubeconfig names;
+ * off with --pod-events=false, and when bindings come from a file with no API server configured.
+ */
+function eventsRecorder(config: RunConfig, log: Logger): { events: PodEvents; stop(): void } | undefined {
+  if (!config.podEvents) return undefined;
+  let client: KubeClient;
+  try {
+    client = new KubeClient(loadKubeConfig({ kubeconfig: config.kubeconfig }, '--pod-events'), `nmi (node ${config.nodeName ?? config.nodeIp})`);
+  } catch (err) {
+    if (config.bindings === 'kubernetes') throw err;
+    log.info('no API server configured (--bindings is a file, no --kubeconfig): no Events on pods');
+    return undefined;
+  }
+  const events = new PodEvents({ client, nodeName: config.nodeName ?? config.nodeIp, log });
+  return {
+    events,
+    stop() {
+      events.stop();
+      void client.close();
+    },
+  };
 }
 
 /** Startup is over: its code pages need not stay mapped (startup-pages.ts). */

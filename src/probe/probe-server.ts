@@ -1,5 +1,7 @@
-// --probe-address: /healthz (process and event loop alive), /readyz, /metrics.
-// Bound to loopback by default; it serves no token and no secret.
+// --probe-address: /healthz (process and event loop alive), /readyz, /metrics,
+// and /explain for `nmi explain`, which answers loopback callers only, whatever
+// the address (a probe address opened for scraping must not tell the network
+// about pods). Bound to loopback by default; it serves no token and no secret.
 import http from 'node:http';
 import { once } from 'node:events';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
@@ -14,17 +16,29 @@ export function probeUrl(address: HostPort, path: string): string {
   return `http://${address.host.includes(':') ? `[${address.host}]` : address.host}:${address.port}${path}`;
 }
 
+/** What the daemon adds once it has pods and bindings; until then /explain answers 503. */
+export interface ProbeDebug {
+  explain?: (target: string) => Promise<{ status: number; body: object }>;
+}
+
+/** 127.0.0.0/8 and ::1, also as an IPv4-mapped address on a dual-stack socket. */
+function isLoopback(address: string | undefined): boolean {
+  if (!address) return false;
+  const v4 = address.startsWith('::ffff:') ? address.slice('::ffff:'.length) : address;
+  return v4.startsWith('127.') || address === '::1';
+}
+
 /** An event loop stalled longer than this fails liveness. */
 const MAX_LOOP_DELAY_MS = 5_000;
 
 /** `fd`: a listener held for the process (src/lifecycle/listeners.ts), which the server owns; else it binds `address`. */
-export async function startProbeServer(address: HostPort, readiness: Readiness, registry: Registry, fd?: number): Promise<http.Server> {
+export async function startProbeServer(address: HostPort, readiness: Readiness, registry: Registry, fd?: number, debug: ProbeDebug = {}): Promise<http.Server> {
   // The late timer records the whole stall on the loop's first turn after it, whatever its
   // period: 250 ms wakes an idle daemon 4 times a second where 50 ms woke it 20 times.
   const delay = monitorEventLoopDelay({ resolution: 250 });
   delay.enable();
   const server = http.createServer((req, res) => {
-    const path = (req.url ?? '').split('?')[0];
+    const [path, query = ''] = (req.url ?? '').split('?');
     const send = (status: number, body: string, type = 'text/plain; charset=utf-8') => {
       // The pid says which nmi answered: another one started beside this one names it (daemon.ts).
       res.writeHead(status, { 'Content-Type': type, 'Content-Length': Buffer.byteLength(body), [PID_HEADER]: process.pid });
@@ -44,6 +58,18 @@ export async function startProbeServer(address: HostPort, readiness: Readiness, 
       registry.metrics().then(
         (text) => send(200, text, registry.contentType),
         (err: Error) => send(500, `${err.message}\n`),
+      );
+      return;
+    }
+    if (path === '/explain') {
+      const json = (status: number, body: object) => send(status, `${JSON.stringify(body)}\n`, 'application/json; charset=utf-8');
+      if (!isLoopback(req.socket.remoteAddress) || !isLoopback(req.socket.localAddress)) return json(403, { error: 'explain answers on loopback only' });
+      const target = new URLSearchParams(query).get('pod');
+      if (!target) return json(400, { error: 'name the pod: /explain?pod=<namespace>/<pod> or its address' });
+      if (!debug.explain) return json(503, { error: 'nmi is starting: no pods and bindings yet' });
+      debug.explain(target).then(
+        ({ status, body }) => json(status, body),
+        (err: Error) => json(500, { error: err.message }),
       );
       return;
     }

@@ -8,6 +8,7 @@ import type { CgroupAttestation } from '../attest/attestation.js';
 import { BudgetError, type RefusalReason } from '../budget/budget.js';
 import { identityKey, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
 import { codes, isNmiError } from '../errors/errors.js';
+import type { RefusalKind, RefusalSink } from '../explain/refusals.js';
 import type { CallerLookup, Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
@@ -39,6 +40,8 @@ export interface TokenServerDeps {
   peekToken?(identity: AzureIdentity, resource: string): Token | undefined;
   /** The real IMDS: proxied categories and exception pods' pass-through. */
   upstreamImds: URL;
+  /** Told what each pod was refused, for `nmi explain` and the pod's Events. */
+  refusals?: RefusalSink;
   /** Budgets the proxied calls wait their turn in; none: they go at once. */
   proxyBudgets?: ProxyBudgets;
   options: TokenServerOptions;
@@ -87,7 +90,7 @@ export interface Handled {
 export type RequestCore = (req: IncomingRequest) => Handled;
 
 /** request → caller → identity → token → answer, shared by the js and native servers. */
-export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attestation' | 'identitiesFor' | 'getToken' | 'peekToken' | 'options' | 'log'>): RequestCore {
+export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attestation' | 'identitiesFor' | 'getToken' | 'peekToken' | 'refusals' | 'options' | 'log'>): RequestCore {
   const { options, log, attestation } = deps;
 
   /** The hit case without a single await: a known caller with one identity and a fresh cached token. */
@@ -109,6 +112,7 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attes
     const caller = attestation ? await attestation.resolve(remoteAddress, cgroup) : await deps.callers.lookup(remoteAddress);
     if (caller === 'spoof') return problems.callerMismatch;
     if (caller === 'unattested') return problems.callerUnattested;
+    if (!caller) deps.refusals?.unknownCaller(remoteAddress);
     return caller ?? problems.unknownCaller;
   }
 
@@ -160,15 +164,21 @@ const firstServed = new WeakSet<readonly AzureIdentity[]>();
 
 /** Steps 7 and 8, shared with /host/token: the bound identity the request names (or the policy picks), then its token. */
 export async function answerIdentityToken(
-  deps: Pick<TokenServerDeps, 'getToken' | 'log'>,
+  deps: Pick<TokenServerDeps, 'getToken' | 'refusals' | 'log'>,
   pod: Pod,
   identities: readonly AzureIdentity[],
   request: { resource: string; selector?: IdSelector },
   choice: { notFound: Problem; several: SeveralPolicy; render?: (token: Token) => Answer },
 ): Promise<Answer> {
+  const refuse = (kind: RefusalKind, problem: Problem, about: { identity?: AzureIdentity; cause?: string } = {}): Answer => {
+    const { status, error, error_description } = problem;
+    const identity = about.identity && identityKey(about.identity);
+    deps.refusals?.refused(pod, kind, { status, error, error_description, resource: request.resource, identity, cause: about.cause });
+    return problemAnswer(problem);
+  };
   const identity = selectIdentity(identities, request.selector, choice.several);
-  if (identity === 'none') return problemAnswer(choice.notFound);
-  if (identity === 'ambiguous') return problemAnswer(problems.multipleIdentities);
+  if (identity === 'none') return refuse('no-identity', choice.notFound, { cause: request.selector && `no bound identity has ${request.selector.param} ${request.selector.value}` });
+  if (identity === 'ambiguous') return refuse('several-identities', problems.multipleIdentities);
   if (!request.selector && identities.length > 1 && !firstServed.has(identities)) {
     firstServed.add(identities);
     deps.log.info(
@@ -180,15 +190,16 @@ export async function answerIdentityToken(
   try {
     token = await deps.getToken(identity, request.resource, pod);
   } catch (err) {
-    if (err instanceof BudgetError) return budgetAnswer(err);
+    if (err instanceof BudgetError) return refuse('budget', budgetProblem(err), { identity, cause: err.message });
     // Its Secret or certificate, named in the message (never a value): the operator's to fix, the pod's to retry.
     if (isNmiError(err, codes.BINDINGS) || isNmiError(err, codes.TOKEN)) {
       deps.log.warn({ namespace: pod.namespace, pod: pod.name, identity: identityKey(identity), err: errorSummary(err) }, 'the bound identity cannot be used');
-      return problemAnswer(problems.identityUnusable);
+      return refuse('identity-unusable', problems.identityUnusable, { identity, cause: err.message });
     }
     if (!isUpstreamFailure(err)) throw err;
     deps.log.debug({ kind: err.kind, status: err.status, identity: identity.name, namespace: identity.namespace }, 'token upstream failed');
-    return upstreamAnswer(err);
+    const problem = upstreamProblem(err);
+    return refuse(problem.status < 500 ? 'upstream-refused' : 'upstream-unavailable', problem, { identity, cause: `${err.kind} failure upstream${err.status ? ` (${err.status})` : ''}` });
   }
   return (choice.render ?? tokenAnswer)(token);
 }
@@ -200,8 +211,8 @@ const budgetDescriptions: Record<RefusalReason, string> = {
   'queue-timeout': 'Too many requests on this node, retry later',
 };
 
-export function budgetAnswer(err: BudgetError): Answer {
-  return problemAnswer(throttled(err.retryAfterS, budgetDescriptions[err.reason]));
+function budgetProblem(err: BudgetError): Problem {
+  return throttled(err.retryAfterS, budgetDescriptions[err.reason]);
 }
 
 export function isUpstreamFailure(err: unknown): err is UpstreamFailure {
@@ -209,13 +220,13 @@ export function isUpstreamFailure(err: unknown): err is UpstreamFailure {
 }
 
 /** A 4xx from the upstream is the client's to see as it came; anything else after retries is 503. */
-export function upstreamAnswer(err: UpstreamFailure) {
+function upstreamProblem(err: UpstreamFailure): Problem {
   if (err.kind === 'client' && err.status !== undefined && err.status >= 400 && err.status < 500) {
     const body = err.body ?? { error: 'invalid_request', error_description: 'The token request was refused' };
-    return problemAnswer({ status: err.status, error: body.error, error_description: body.error_description });
+    return { status: err.status, error: body.error, error_description: body.error_description };
   }
   const seconds = err.retryAfterMs === undefined ? limits.upstreamRetryAfterS : Math.max(1, Math.ceil(err.retryAfterMs / 1000));
-  return problemAnswer(unavailable(seconds));
+  return unavailable(seconds);
 }
 
 export function errorSummary(err: unknown): { code?: unknown; message: string } {

@@ -31,6 +31,7 @@ import { nmiTokenAnswer, problemAnswer, problems, tokenAnswer, writeAnswer, type
 import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, type RequestHeaders } from './request.js';
 import { limits } from './limits.js';
 import type { SeveralPolicy } from './select-identity.js';
+import type { RefusalSink } from '../explain/refusals.js';
 import { answerIdentityToken } from './core.js';
 import { drainable } from './drain.js';
 
@@ -44,6 +45,8 @@ export interface HostTokenDeps {
   identitiesFor(pod: Pod): PodIdentities;
   /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
   getToken(identity: AzureIdentity, resource: string, pod: Pod): Promise<Token>;
+  /** Told what each pod was refused, as the token endpoint tells it. */
+  refusals?: RefusalSink;
   /** --multiple-identities, as on the token endpoint. */
   multipleIdentities: SeveralPolicy;
   log: Logger;

@@ -75,6 +75,21 @@ export interface TokenCacheStats {
   upstreamErrors: Record<UpstreamKind, number>;
 }
 
+/** One cache entry as `nmi explain` shows it. */
+export interface CachedTokenInfo {
+  identity: string;
+  resource: string;
+  /** fresh: served from memory; fetching: a call is under way; refused: the issuer's 4xx is answered again; stale: kept, served no more. */
+  state: 'fresh' | 'fetching' | 'refused' | 'stale';
+  /** Seconds since the epoch. */
+  expiresOn?: number;
+  refreshAtMs?: number;
+  /** The pod asked for it (it counts against the pod's --max-tokens-per-pod). */
+  heldByCaller: boolean;
+}
+
+const compare = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
+
 /** Clients treat a token this close to its expiry as expired; the native table uses the same margin. */
 export const EXPIRY_MARGIN_MS = 5 * 60_000;
 
@@ -260,6 +275,25 @@ export class TokenCache {
     for (const [key, entry] of this.entries.entries()) {
       if (!keep.has(entry.identityKey)) this.entries.delete(key);
     }
+  }
+
+  /** What the cache holds for these identities, for `nmi explain`: when each token ends, never the token. */
+  describe(identityKeys: ReadonlySet<string>, callerKey?: string): CachedTokenInfo[] {
+    const now = this.now();
+    const out: CachedTokenInfo[] = [];
+    for (const entry of this.entries.values()) {
+      if (!identityKeys.has(entry.identityKey)) continue;
+      const refused = entry.refusal !== undefined && now < entry.refusal.untilMs;
+      out.push({
+        identity: entry.identityKey,
+        resource: entry.resource,
+        state: this.servable(entry, now) ? 'fresh' : entry.inflight ? 'fetching' : refused ? 'refused' : 'stale',
+        expiresOn: entry.token?.expiresOn,
+        refreshAtMs: entry.token ? entry.refreshAtMs : undefined,
+        heldByCaller: callerKey !== undefined && entry.holders.has(callerKey),
+      });
+    }
+    return out.sort((a, b) => compare(a.identity, b.identity) || compare(a.resource, b.resource));
   }
 
   /** Entries holding a token or fetching one; remembered refusals are not counted. */

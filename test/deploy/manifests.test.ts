@@ -22,6 +22,7 @@ import { envName, parseFlags } from '../../src/config/flags.js';
 import { silentLogger } from '../../src/log/logger.js';
 import { KubeClient } from '../../src/kube/client.js';
 import { loadKubeConfig } from '../../src/kube/kubeconfig.js';
+import { PodEvents } from '../../src/events/pod-events.js';
 import { formatTaint, StartGate } from '../../src/lifecycle/start-gate.js';
 import { startApiServer, type KubeObject } from '../standins/apiserver.js';
 
@@ -306,6 +307,7 @@ const expectedRules = [
   { apiGroups: [''], resources: ['nodes/proxy'], verbs: ['get'] },
   { apiGroups: ['aadpodidentity.k8s.io'], resources: ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions'], verbs: ['get', 'list', 'watch'] },
   { apiGroups: [''], resources: ['secrets'], verbs: ['get'] },
+  { apiGroups: ['events.k8s.io'], resources: ['events'], verbs: ['create', 'patch'] },
 ];
 
 /** The render's ClusterRoles bound, each by one ClusterRoleBinding of its name, to exactly the DaemonSet's service account. */
@@ -328,7 +330,7 @@ function allowed(docs: Doc[], group: string, resource: string, verb: string): bo
   return [...boundRoles(docs).values()].some((role) => (role.rules as Doc[]).some((r) => r.apiGroups.includes(group) && r.resources.includes(resource) && r.verbs.includes(verb)));
 }
 
-test('RBAC: exactly nodes/proxy get, the three CRs get/list/watch, secrets get — bound to the DaemonSet service account', () => {
+test('RBAC: exactly nodes/proxy get, the three CRs get/list/watch, secrets get, events create/patch — bound to the DaemonSet service account', () => {
   assert.deepEqual([...boundRoles(render('base')).keys()], ['nmi']);
   assert.deepEqual(boundRoles(render('base')).get('nmi')!.rules, expectedRules);
   for (const dir of Object.keys(expectedKinds)) assert.equal(all(render(dir), 'Role').length + all(render(dir), 'RoleBinding').length, 0, dir);
@@ -375,13 +377,22 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
     // Watches open after their lists: wait for all three before looking.
     for (const p of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions']) await api.waitForWatches(p);
     source.stop();
+    // An Event on a refused pod, repeated: created, then its series patched.
+    const client = new KubeClient(loadKubeConfig({ kubeconfig: api.writeKubeconfig(tmp) }), 'nmi');
+    const events = new PodEvents({ client, nodeName: 'node1', log: silentLogger });
+    const refused = { uid: 'u1', namespace: 'app', name: 'web', labels: {}, ips: ['10.0.0.9'], hostNetwork: false, phase: 'Running', nodeName: 'node1' };
+    events.record(refused, { reason: 'NoIdentity', action: 'GetToken', note: 'refused' });
+    events.record(refused, { reason: 'NoIdentity', action: 'GetToken', note: 'refused' });
+    while (events.counts.updated + events.counts.failed === 0) await new Promise((resolve) => setTimeout(resolve, 10));
+    events.stop();
+    await client.close();
 
     const seen = new Set<string>();
     for (const r of api.requests) {
       const cr = r.path.startsWith(`${CRD_PATH}/`);
-      const group = cr ? crdApi.group : '';
+      const group = cr ? crdApi.group : r.resource === 'events' ? 'events.k8s.io' : '';
       const named = /\/secrets\/[^/]+$/.test(r.path);
-      const verb = r.watch ? 'watch' : named ? 'get' : 'list';
+      const verb = r.method === 'POST' ? 'create' : r.method === 'PATCH' ? 'patch' : r.watch ? 'watch' : named ? 'get' : 'list';
       assert.ok(r.resource, `a resource request: ${r.path}`);
       assert.ok(allowed(base, group, r.resource, verb), `${verb} ${group || 'core'}/${r.resource} (${r.path}) is granted`);
       seen.add(`${verb} ${r.resource}`);
@@ -391,6 +402,7 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
       assert.ok(seen.has(`list ${p}`) && seen.has(`watch ${p}`), `list and watch ${p}: ${[...seen].join(', ')}`);
     }
     assert.ok(seen.has('get secrets'));
+    assert.ok(seen.has('create events') && seen.has('patch events'), [...seen].join(', '));
     const requestedPlurals = new Set(api.requests.filter((r) => r.path.startsWith(CRD_PATH)).map((r) => r.resource));
     assert.deepEqual([...requestedPlurals].sort(), crds().map((c) => c.spec.names.plural).sort(), 'one CRD per resource nmi reads');
   } finally {

@@ -129,6 +129,11 @@ test('spoofing: a pod wearing another pod\'s address gets its token with iptable
         });
         assert.ok(((await ebpf.metric('nmi_caller_refusals_total\\{reason="spoof"\\}')) ?? 0) >= 1);
         assert.match(ebpf.output(), /spoof attempt/);
+        // `nmi explain` names the pod whose socket it was, and whose address it wore.
+        const why = nmi(['explain', `${podB.namespace}/${podB.name}`, '--json']);
+        const spoof = (JSON.parse(why.stdout) as { refusals: Array<{ kind: string; cause?: string; status: number }> }).refusals.find((r) => r.kind === 'spoof');
+        assert.equal(spoof?.status, 403, why.stdout);
+        assert.equal(spoof?.cause, `${podA.ns.ip} is pod ${podA.namespace}/${podA.name}'s`);
       } finally {
         assert.equal(await ebpf.stop(), 0);
       }

@@ -17,6 +17,8 @@
 //   GET, PATCH /api/v1/nodes/<name>                                       one Node; PATCH takes a JSON merge
 //                                                                         patch, 409 Conflict when it carries a
 //                                                                         resourceVersion that is not the current one
+//   POST /apis/events.k8s.io/v1/namespaces/<ns>/events                    creates an Event, validated as the API server
+//   PATCH …/events/<name>                                                 does (required fields, note length, series)
 // Every object change gets the next resourceVersion (one counter, as etcd's) and
 // is kept in a history that watches replay from, until compact().
 import { once } from 'node:events';
@@ -36,6 +38,7 @@ export const plurals: Record<string, string> = {
   AzurePodIdentityException: 'azurepodidentityexceptions',
   Secret: 'secrets',
   Node: 'nodes',
+  Event: 'events',
 };
 
 /** Kinds without a namespace. */
@@ -113,6 +116,8 @@ export interface ApiServer {
    * returns the environment in-cluster config reads (KUBERNETES_SERVICE_HOST/PORT).
    */
   writeServiceAccount(root: string): { KUBERNETES_SERVICE_HOST: string; KUBERNETES_SERVICE_PORT: string };
+  /** The Events stored (events.k8s.io/v1), in creation order. */
+  events(): KubeObject[];
   close(): Promise<void>;
 }
 
@@ -297,6 +302,66 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     });
   };
 
+  /** events.k8s.io/v1 Event validation, as the API server's (pkg/apis/core/validation ValidateEventCreate/Update). */
+  const eventProblem = (e: Record<string, any>, update: boolean): string | undefined => {
+    for (const field of ['eventTime', 'reportingController', 'reportingInstance', 'action', 'reason', 'regarding']) {
+      if (!e[field]) return `${field}: Required value`;
+    }
+    if (!/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$/.test(e.eventTime)) return `eventTime: not a MicroTime: ${e.eventTime}`;
+    if (e.type !== 'Normal' && e.type !== 'Warning') return `type: Unsupported value: ${e.type}`;
+    if (typeof e.note === 'string' && Buffer.byteLength(e.note) > 1024) return 'note: Too long: may not be longer than 1024';
+    if (!/^[a-z0-9.-]+\/[A-Za-z0-9_.-]+$/.test(e.reportingController)) return `reportingController: not a qualified name: ${e.reportingController}`;
+    if (String(e.reportingInstance).length > 128) return 'reportingInstance: Too long: may not be longer than 128';
+    if (e.series !== undefined) {
+      if (!(e.series.count >= 2)) return 'series.count: should be at least 2';
+      if (!e.series.lastObservedTime) return 'series.lastObservedTime: Required value';
+    }
+    if (update && e.series === undefined) return 'series: an update must set the series';
+    return undefined;
+  };
+  const readJson = (req: import('node:http').IncomingMessage): Promise<unknown> =>
+    new Promise((resolve, reject) => {
+      const chunks: Buffer[] = [];
+      req.on('data', (c: Buffer) => chunks.push(c));
+      req.on('end', () => {
+        try {
+          resolve(JSON.parse(Buffer.concat(chunks).toString('utf8')));
+        } catch (err) {
+          reject(err);
+        }
+      });
+    });
+  const serveEvent = async (req: import('node:http').IncomingMessage, res: ServerResponse, namespace: string, name: string | undefined): Promise<void> => {
+    const objects = store.get('events')!;
+    let body: Record<string, any>;
+    try {
+      body = (await readJson(req)) as Record<string, any>;
+    } catch {
+      return fail(res, 400, 'the body is not JSON');
+    }
+    if (req.method === 'POST' && name === undefined) {
+      if (req.headers['content-type'] !== 'application/json') return fail(res, 415, 'only application/json is served');
+      if (body.apiVersion !== 'events.k8s.io/v1' || body.kind !== 'Event') return fail(res, 400, 'not an events.k8s.io/v1 Event');
+      const eventName = body.metadata?.name;
+      if (!eventName) return fail(res, 422, 'metadata.name: Required value');
+      if ((body.metadata.namespace ?? namespace) !== namespace || body.regarding?.namespace !== namespace) return fail(res, 422, 'the namespace of the Event and of the object it regards must be the URL\'s');
+      const problem = eventProblem(body, false);
+      if (problem) return fail(res, 422, `Event "${eventName}" is invalid: ${problem}`);
+      if (objects.has(keyOf(namespace, eventName))) return fail(res, 409, `events.events.k8s.io "${eventName}" already exists`);
+      return send(res, 201, server.put({ ...body, metadata: { ...body.metadata, namespace } } as KubeObject));
+    }
+    if (req.method === 'PATCH' && name !== undefined) {
+      if (req.headers['content-type'] !== 'application/merge-patch+json') return fail(res, 415, 'only application/merge-patch+json is served');
+      const found = objects.get(keyOf(namespace, name));
+      if (!found) return fail(res, 404, `events.events.k8s.io "${name}" not found`);
+      const patched = mergePatch(found, body) as KubeObject;
+      const problem = eventProblem(patched, true);
+      if (problem) return fail(res, 422, `Event "${name}" is invalid: ${problem}`);
+      return send(res, 200, server.put(patched));
+    }
+    return fail(res, 405, 'only POST of a new Event and PATCH of one are served');
+  };
+
   const handler = async (req: import('node:http').IncomingMessage, res: ServerResponse): Promise<void> => {
     const url = new URL(req.url ?? '/', 'https://apiserver');
     const query = url.searchParams;
@@ -304,11 +369,12 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     const crd = url.pathname.match(/^\/apis\/aadpodidentity\.k8s\.io\/v1\/(?:namespaces\/([^/]+)\/)?([a-z]+)$/);
     const secret = url.pathname.match(/^\/api\/v1\/namespaces\/([^/]+)\/secrets\/([^/]+)$/);
     const node = url.pathname.match(/^\/api\/v1\/nodes\/([^/]+)$/);
+    const event = url.pathname.match(/^\/apis\/events\.k8s\.io\/v1\/namespaces\/([^/]+)\/events(?:\/([^/]+))?$/);
     requests.push({
       method: req.method ?? '',
       path: url.pathname,
       query: Object.fromEntries(query),
-      resource: crd?.[2] ?? (secret ? 'secrets' : node ? 'nodes' : undefined),
+      resource: crd?.[2] ?? (secret ? 'secrets' : node ? 'nodes' : event ? 'events' : undefined),
       watch: isWatch,
     });
     if (req.headers.authorization !== `Bearer ${token}`) return fail(res, 401, 'Unauthorized');
@@ -322,6 +388,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       hooks.splice(hooks.indexOf(hook), 1);
       await hook.act();
     }
+    if (event) return serveEvent(req, res, decodeURIComponent(event[1] ?? ''), event[2] === undefined ? undefined : decodeURIComponent(event[2]));
     if (node) {
       const name = decodeURIComponent(node[1] ?? '');
       if (req.method === 'PATCH') return patchNode(req, res, name);
@@ -448,6 +515,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       httpsServer.listen(port, '127.0.0.1');
       await once(httpsServer, 'listening');
     },
+    events: () => [...store.get('events')!.values()].map((e) => structuredClone(e)),
     writeKubeconfig(dir, name = 'kubeconfig') {
       return writeKubeconfig(path.join(dir, name), { server: server.url, caFile: pki.caFile, token });
     },

@@ -1,0 +1,257 @@
+// `nmi explain`: why a pod gets a token or does not, from what the daemon holds
+// at this moment: the kubelet's pod, each binding in reach and why it matches or
+// not, the exceptions, the identities it would be served, the tokens cached for
+// them (when they end, never the token) and what the pod was refused lately.
+// The same steps as the token core's 6 and 7 (server/core.ts), each one said.
+import { BINDING_LABEL, identitiesFor, secretFor, type MatchOptions } from '../bindings/match.js';
+import { IdentityType, identityKey, type AzureIdentity, type AzureIdentityBinding } from '../bindings/model.js';
+import { objectKey } from '../bindings/parse.js';
+import type { BindingSnapshot } from '../bindings/store.js';
+import { isCaller, plainAddress } from '../kubelet/pod-index.js';
+import type { Pod } from '../kubelet/pod.js';
+import type { SeveralPolicy } from '../server/select-identity.js';
+import type { CachedTokenInfo } from '../tokens/token-cache.js';
+import type { Refusal, RecentRefusals } from './refusals.js';
+
+export type ExplainQuery = { namespace: string; name: string } | { address: string };
+
+export interface ExplainDeps {
+  /** Every pod of the kubelet's last listing, and when it was made (wall-clock ms). */
+  pods(): readonly Pod[];
+  syncedAt(): number | undefined;
+  /** Asks the kubelet again (coalesced) when the pod is not in the last listing. */
+  refreshPods(): Promise<void>;
+  snapshot(): BindingSnapshot;
+  bindingsFrom: string;
+  match: MatchOptions;
+  several: SeveralPolicy;
+  retryAfter: boolean;
+  tokens(identityKeys: ReadonlySet<string>, podUid: string): CachedTokenInfo[];
+  refusals: Pick<RecentRefusals, 'forPod' | 'forAddress'>;
+  now?: () => number;
+}
+
+export interface PodFacts {
+  namespace: string;
+  name: string;
+  uid: string;
+  phase: string;
+  addresses: string[];
+  hostNetwork: boolean;
+  createdAt?: string;
+  ageSeconds?: number;
+  labels: Record<string, string>;
+  /** Whether a request from its address is attributed to it (server/core.ts step 6), and if not why. */
+  caller: boolean;
+  notCaller?: string;
+}
+
+export interface BindingFacts {
+  binding: string;
+  selector: string;
+  identity: string;
+  matches: boolean;
+  reason: string;
+}
+
+export interface IdentityFacts {
+  identity: string;
+  type: string;
+  clientID: string;
+  resourceID?: string;
+  tenantID?: string;
+  usable: boolean;
+  problem?: string;
+}
+
+export interface Explanation {
+  query: string;
+  kubelet: { listed: boolean; pods: number; syncedAt?: string };
+  bindingsFrom: string;
+  pod?: PodFacts;
+  bindings: BindingFacts[];
+  exceptions: Array<{ exception: string; matches: boolean; reason: string }>;
+  identities: IdentityFacts[];
+  /** What a request naming no identity gets. */
+  withoutId: { identity?: string; answer: string };
+  tokens: Array<Omit<CachedTokenInfo, 'expiresOn' | 'refreshAtMs'> & { expiresOn?: string; refreshAt?: string }>;
+  refusals: Array<Omit<Refusal, 'firstAt' | 'lastAt'> & { firstAt: string; lastAt: string }>;
+  /** One sentence: what a token request from this pod gets now. */
+  verdict: string;
+}
+
+const typeNames: Record<IdentityType, string> = {
+  [IdentityType.UserAssignedMSI]: 'user-assigned managed identity (0)',
+  [IdentityType.ServicePrincipal]: 'service principal with secret (1)',
+  [IdentityType.ServicePrincipalCertificate]: 'service principal with certificate (2)',
+};
+
+const iso = (ms: number): string => new Date(ms).toISOString();
+
+/** The pod the query names, from the last listing; asked again once when it is not there. */
+async function findPod(query: ExplainQuery, deps: ExplainDeps): Promise<Pod | undefined> {
+  const find = (): Pod | undefined => {
+    const pods = deps.pods();
+    if ('address' in query) {
+      const owners = pods.filter((p) => p.ips.includes(query.address));
+      // A live caller owns an address; a finished pod may have held it before.
+      return owners.find(isCaller) ?? owners[0];
+    }
+    const named = pods.filter((p) => p.namespace === query.namespace && p.name === query.name);
+    return named.find(isCaller) ?? named[0];
+  };
+  const found = find();
+  if (found) return found;
+  await deps.refreshPods().catch(() => {});
+  return find();
+}
+
+export async function explain(query: ExplainQuery, deps: ExplainDeps): Promise<Explanation> {
+  const now = (deps.now ?? Date.now)();
+  if ('address' in query) query = { address: plainAddress(query.address) };
+  const pod = await findPod(query, deps);
+  const syncedAt = deps.syncedAt();
+  const listedPods = deps.pods();
+  const base: Explanation = {
+    query: 'address' in query ? query.address : `${query.namespace}/${query.name}`,
+    kubelet: { listed: pod !== undefined, pods: listedPods.length, syncedAt: syncedAt === undefined ? undefined : iso(syncedAt) },
+    bindingsFrom: deps.bindingsFrom,
+    bindings: [],
+    exceptions: [],
+    identities: [],
+    withoutId: { answer: 'no pod' },
+    tokens: [],
+    refusals: [],
+    verdict: '',
+  };
+  if (!pod) {
+    const unknown = 'address' in query ? deps.refusals.forAddress(query.address) : undefined;
+    base.refusals = unknown ? [isoRefusal(unknown)] : [];
+    base.withoutId = { answer: '404 not_found: no pod of this node owns the address' };
+    base.verdict = `the kubelet of this node does not list ${'address' in query ? 'a pod with this address' : 'this pod'} (${listedPods.length} pods listed${syncedAt === undefined ? ', never synced' : `, synced ${Math.round((now - syncedAt) / 1000)} s ago`}): it runs on another node, has not started, or is gone`;
+    return base;
+  }
+
+  const snapshot = deps.snapshot();
+  const facts = podFacts(pod, listedPods, now);
+  const bound = identitiesFor(pod, snapshot, deps.match);
+  const identities = bound.identities.map((identity) => identityFacts(identity, snapshot));
+  const tokens = deps.tokens(new Set(bound.identities.map(identityKey)), pod.uid);
+  const withoutId = servedWithoutId(bound.exception, identities, deps);
+  const result: Explanation = {
+    ...base,
+    pod: facts,
+    bindings: bindingsInReach(pod, snapshot).map((b) => bindingFacts(pod, b, snapshot, deps.match)),
+    exceptions: exceptionFacts(pod, snapshot),
+    identities,
+    withoutId,
+    tokens: tokens.map(({ expiresOn, refreshAtMs, ...rest }) => ({
+      ...rest,
+      expiresOn: expiresOn === undefined ? undefined : iso(expiresOn * 1000),
+      refreshAt: refreshAtMs === undefined ? undefined : iso(refreshAtMs),
+    })),
+    refusals: deps.refusals.forPod(pod.uid).map(isoRefusal),
+  };
+  result.verdict = facts.caller ? withoutId.answer : `not a caller: ${facts.notCaller}`;
+  return result;
+}
+
+function isoRefusal({ firstAt, lastAt, ...rest }: Refusal): Explanation['refusals'][number] {
+  return { ...rest, firstAt: iso(firstAt), lastAt: iso(lastAt) };
+}
+
+function podFacts(pod: Pod, listed: readonly Pod[], now: number): PodFacts {
+  const created = pod.createdAt ? Date.parse(pod.createdAt) : NaN;
+  const facts: PodFacts = {
+    namespace: pod.namespace,
+    name: pod.name,
+    uid: pod.uid,
+    phase: pod.phase,
+    addresses: pod.ips,
+    hostNetwork: pod.hostNetwork,
+    createdAt: pod.createdAt,
+    ageSeconds: Number.isNaN(created) ? undefined : Math.max(0, Math.round((now - created) / 1000)),
+    labels: pod.labels,
+    caller: false,
+  };
+  // The pod index's rules (kubelet/pod-index.ts): a caller is live, not hostNetwork, and alone on its address.
+  if (pod.hostNetwork) facts.notCaller = "hostNetwork: its requests come from the node's address, which is no pod's";
+  else if (!isCaller(pod)) facts.notCaller = `phase ${pod.phase || 'unknown'}: only Pending and Running pods are callers`;
+  else if (pod.ips.length === 0) facts.notCaller = 'the kubelet lists no address for it yet';
+  else {
+    const shared = pod.ips.filter((ip) => listed.some((other) => other !== pod && isCaller(other) && other.ips.includes(ip)));
+    if (shared.length === pod.ips.length) facts.notCaller = `another live pod claims its address ${shared.join(', ')}: the address answers nobody until that is resolved`;
+    else facts.caller = true;
+  }
+  return facts;
+}
+
+/** The bindings that could apply: those of the pod's namespace, and those anywhere with its selector. */
+function bindingsInReach(pod: Pod, snapshot: BindingSnapshot): AzureIdentityBinding[] {
+  const selector = pod.labels[BINDING_LABEL];
+  return [...snapshot.bindings.values()]
+    .filter((b) => b.namespace === pod.namespace || (selector !== undefined && b.selector === selector))
+    .sort((a, b) => (objectKey(a.namespace, a.name) < objectKey(b.namespace, b.name) ? -1 : 1));
+}
+
+function bindingFacts(pod: Pod, binding: AzureIdentityBinding, snapshot: BindingSnapshot, match: MatchOptions): BindingFacts {
+  const identityName = objectKey(binding.namespace, binding.azureIdentity);
+  const facts = { binding: objectKey(binding.namespace, binding.name), selector: binding.selector, identity: identityName };
+  const selector = pod.labels[BINDING_LABEL];
+  const no = (reason: string): BindingFacts => ({ ...facts, matches: false, reason });
+  if (selector === undefined) return no(`the pod has no ${BINDING_LABEL} label`);
+  if (binding.selector !== selector) return no(`selector "${binding.selector}" is not the pod's ${BINDING_LABEL} "${selector}"`);
+  const identity = snapshot.identities.get(identityName);
+  if (!identity) {
+    const rejected = snapshot.rejected.get(`AzureIdentity ${identityName}`);
+    return no(rejected ? `names AzureIdentity ${identityName}, which is invalid: ${rejected}` : `names AzureIdentity ${identityName}, which does not exist (an identity is looked up in its binding's namespace)`);
+  }
+  if (binding.namespace !== pod.namespace && (match.forceNamespaced || identity.namespaced)) {
+    const why = match.forceNamespaced ? '--force-namespaced is set' : `the identity is annotated aadpodidentity.k8s.io/Behavior: namespaced`;
+    return no(`${why}, and binding and identity are in namespace ${binding.namespace}, not the pod's ${pod.namespace}`);
+  }
+  return { ...facts, matches: true, reason: `selector "${selector}" matches` };
+}
+
+function exceptionFacts(pod: Pod, snapshot: BindingSnapshot): Explanation['exceptions'] {
+  return [...snapshot.exceptions.values()]
+    .filter((e) => e.namespace === pod.namespace)
+    .map((e) => {
+      const labels = Object.entries(e.podLabels);
+      const missing = labels.filter(([k, v]) => pod.labels[k] !== v).map(([k, v]) => `${k}=${v}`);
+      const exception = objectKey(e.namespace, e.name);
+      if (labels.length === 0) return { exception, matches: false, reason: 'it lists no podLabels, so it matches no pod' };
+      return missing.length === 0
+        ? { exception, matches: true, reason: 'the pod has all its podLabels: its requests pass through to the real IMDS' }
+        : { exception, matches: false, reason: `the pod lacks ${missing.join(', ')}` };
+    });
+}
+
+function identityFacts(identity: AzureIdentity, snapshot: BindingSnapshot): IdentityFacts {
+  const facts: IdentityFacts = { identity: identityKey(identity), type: typeNames[identity.type], clientID: identity.clientID, usable: true };
+  if (identity.type === IdentityType.UserAssignedMSI) {
+    if (identity.resourceID) facts.resourceID = identity.resourceID;
+    return facts;
+  }
+  facts.tenantID = identity.tenantID;
+  try {
+    secretFor(identity, snapshot);
+  } catch (err) {
+    facts.usable = false;
+    facts.problem = (err as Error).message;
+  }
+  return facts;
+}
+
+/** Step 7 for a request naming no id, as server/select-identity.ts decides it. */
+function servedWithoutId(exception: boolean, identities: IdentityFacts[], deps: ExplainDeps): Explanation['withoutId'] {
+  if (exception) return { answer: 'passed through to the real IMDS unchanged (an AzurePodIdentityException matches)' };
+  const [first] = identities;
+  if (!first) return { answer: deps.retryAfter ? '503 Identity not found, Retry-After 20 (--retry-after): no binding selects this pod' : '400 Identity not found: no binding selects this pod' };
+  if (identities.length > 1 && deps.several === 'refuse') {
+    return { answer: `400 Multiple user assigned identities exist (--multiple-identities refuse): ${identities.length} are bound; a request must name client_id or msi_res_id` };
+  }
+  const several = identities.length > 1 ? ` (the first of ${identities.length}: own namespace first, then by name; --multiple-identities first)` : '';
+  const unusable = first.usable ? '' : `, which cannot be used: ${first.problem}`;
+  return { identity: first.identity, answer: `a token for ${first.identity}${several}${unusable}` };
+}
