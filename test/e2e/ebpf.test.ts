@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { createBpfMountNamespace, createCgroupTree, callFrom, type CallResult, type CgroupTree, type MountNamespace } from '../harness/cgroups.js';
 import { createCluster, crd, TOKEN_URL, viaV4Mapped, type Cluster, type ClusterPod } from '../harness/cluster.js';
-import { nmi, waitFor, type NmiProcess } from '../harness/nmi-process.js';
+import { nmi, nmiAsync, waitFor, type NmiProcess } from '../harness/nmi-process.js';
 import { makePodJson } from '../standins/kubelet.js';
 import { decodeStandinToken } from '../standins/imds.js';
 
@@ -130,7 +130,7 @@ test('spoofing: a pod wearing another pod\'s address gets its token with iptable
         assert.ok(((await ebpf.metric('nmi_caller_refusals_total\\{reason="spoof"\\}')) ?? 0) >= 1);
         assert.match(ebpf.output(), /spoof attempt/);
         // `nmi explain` names the pod whose socket it was, and whose address it wore.
-        const why = nmi(['explain', `${podB.namespace}/${podB.name}`, '--json']);
+        const why = await nmiAsync(['explain', `${podB.namespace}/${podB.name}`, '--json']);
         const spoof = (JSON.parse(why.stdout) as { refusals: Array<{ kind: string; cause?: string; status: number }> }).refusals.find((r) => r.kind === 'spoof');
         assert.equal(spoof?.status, 403, why.stdout);
         assert.equal(spoof?.cause, `${podA.ns.ip} is pod ${podA.namespace}/${podA.name}'s`);

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { request } from 'undici';
 import { createCluster, crd, TOKEN_URL, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import type { PodAgent } from '../harness/netns.js';
-import { nmi as runNmi, waitFor, type NmiProcess } from '../harness/nmi-process.js';
+import { nmiAsync as runNmi, waitFor, type NmiProcess } from '../harness/nmi-process.js';
 import { startApiServer, type ApiServer, type KubeObject } from '../standins/apiserver.js';
 import { makePodJson } from '../standins/kubelet.js';
 
@@ -25,11 +25,12 @@ const agents: Record<string, PodAgent> = {};
 
 type Json = Record<string, any>;
 
-function explain(target: string, ...flags: string[]): { code: number; stdout: string; stderr: string; json?: Json } {
-  const r = runNmi(['explain', target, ...flags]);
+// Asynchronously: the daemon asks the kubelet stand-in, which this process serves, while the command waits.
+async function explain(target: string, ...flags: string[]): Promise<{ code: number; stdout: string; stderr: string; json?: Json }> {
+  const r = await runNmi(['explain', target, ...flags]);
   return { ...r, json: flags.includes('--json') && r.stdout ? (JSON.parse(r.stdout) as Json) : undefined };
 }
-const explainJson = (target: string) => explain(target, '--json').json!;
+const explainJson = async (target: string) => (await explain(target, '--json')).json!;
 const eventsOf = (pod: ClusterPod) => api.events().filter((e) => (e.regarding as Json).name === pod.name && (e.regarding as Json).namespace === pod.namespace);
 
 before(async () => {
@@ -80,7 +81,7 @@ test('a served pod: listed, its binding matches, the identity it gets, the token
   const r = await agents.web!.http(query(), { headers: META });
   assert.equal(r.status, 200, r.body);
   const accessToken = (JSON.parse(r.body) as Json).access_token as string;
-  const out = explain('default/web', '--json');
+  const out = await explain('default/web', '--json');
   assert.equal(out.code, 0, out.stderr);
   const e = out.json!;
   assert.equal(e.kubelet.listed, true);
@@ -105,7 +106,7 @@ test('a served pod: listed, its binding matches, the identity it gets, the token
   assert.deepEqual(e.refusals, []);
   assert.ok(!out.stdout.includes(accessToken), 'no token in the answer');
   // The text form says the same for a person, and by address too.
-  const text = explain(pods.web!.ns.ip);
+  const text = await explain(pods.web!.ns.ip);
   assert.equal(text.code, 0, text.stderr);
   assert.match(text.stdout, /^pod default\/web \(uid [0-9a-f-]+\): Running/m);
   assert.match(text.stdout, /match default\/web-binding -> default\/web-id: selector "web" matches/);
@@ -116,7 +117,7 @@ test('a served pod: listed, its binding matches, the identity it gets, the token
 test('no aadpodidbinding label: said, the refusal recorded with its answer, and one Event counted in a series under load', async () => {
   const first = await agents.nolabel!.http(query(), { headers: META });
   assert.equal(first.status, 400, first.body);
-  const e = explainJson('default/nolabel');
+  const e = await explainJson('default/nolabel');
   assert.ok(e.bindings.length > 0 && e.bindings.every((b: Json) => !b.matches && b.reason === 'the pod has no aadpodidbinding label'), JSON.stringify(e.bindings));
   assert.deepEqual(e.identities, []);
   assert.match(e.withoutId.answer, /^400 Identity not found/);
@@ -137,14 +138,14 @@ test('no aadpodidbinding label: said, the refusal recorded with its answer, and 
   assert.equal(eventsOf(pods.nolabel!).length, 1);
   const calls = api.requests.filter((r) => r.resource === 'events');
   assert.ok(calls.length <= 6, `a few Event calls for 201 refusals, not one each: ${calls.length}`);
-  assert.equal(explainJson('default/nolabel').refusals[0].count, 201);
+  assert.equal((await explainJson('default/nolabel')).refusals[0].count, 201);
 });
 
 test('a selector that differs, a namespaced identity out of reach, a missing identity, an invalid one: each said', async () => {
-  const wrong = explainJson('default/wrongsel');
+  const wrong = await explainJson('default/wrongsel');
   assert.ok(wrong.bindings.some((b: Json) => b.binding === 'default/web-binding' && b.reason === 'selector "web" is not the pod\'s aadpodidbinding "webb"'), JSON.stringify(wrong.bindings));
 
-  const foreign = explainJson('apps/foreign');
+  const foreign = await explainJson('apps/foreign');
   assert.deepEqual(foreign.bindings, [
     {
       binding: 'shared/shared-binding',
@@ -155,11 +156,11 @@ test('a selector that differs, a namespaced identity out of reach, a missing ide
     },
   ]);
 
-  const dangling = explainJson('default/dangling');
+  const dangling = await explainJson('default/dangling');
   const d = dangling.bindings.find((b: Json) => b.binding === 'default/dangling-binding');
   assert.match(d.reason, /names AzureIdentity default\/no-such-id, which does not exist/);
 
-  const invalid = explainJson('default/invalid');
+  const invalid = await explainJson('default/invalid');
   const i = invalid.bindings.find((b: Json) => b.binding === 'default/invalid-binding');
   assert.match(i.reason, /names AzureIdentity default\/bad-id, which is invalid: .*type/);
 });
@@ -167,7 +168,7 @@ test('a selector that differs, a namespaced identity out of reach, a missing ide
 test('a Secret missing: the identity unusable and why, the 500 recorded, an IdentityUnusable Event', async () => {
   const r = await agents.nosecret!.http(query(), { headers: META });
   assert.equal(r.status, 500, r.body);
-  const e = explainJson('default/nosecret');
+  const e = await explainJson('default/nosecret');
   assert.equal(e.identities[0].usable, false);
   assert.match(e.identities[0].problem, /secret default\/sp-secret not found/);
   assert.match(e.withoutId.answer, /cannot be used: .*secret default\/sp-secret not found/);
@@ -176,18 +177,18 @@ test('a Secret missing: the identity unusable and why, the 500 recorded, an Iden
   await waitFor('the IdentityUnusable event', () => eventsOf(pods.nosecret!).find((ev) => ev.reason === 'IdentityUnusable'));
 });
 
-test('an exception that matches: passed through, and why', () => {
-  const e = explainJson('default/excepted');
+test('an exception that matches: passed through, and why', async () => {
+  const e = await explainJson('default/excepted');
   assert.deepEqual(e.exceptions, [{ exception: 'default/passthrough', matches: true, reason: 'the pod has all its podLabels: its requests pass through to the real IMDS' }]);
   assert.match(e.withoutId.answer, /passed through to the real IMDS/);
-  const other = explainJson('default/web');
+  const other = await explainJson('default/web');
   assert.deepEqual(other.exceptions, [{ exception: 'default/passthrough', matches: false, reason: 'the pod lacks passthrough=yes' }]);
 });
 
 test('several identities with --multiple-identities refuse: both listed, the 400 explained, a SeveralIdentities Event', async () => {
   const r = await agents.multi!.http(query(), { headers: META });
   assert.equal(r.status, 400, r.body);
-  const e = explainJson('default/multi');
+  const e = await explainJson('default/multi');
   assert.deepEqual(e.identities.map((i: Json) => i.identity), ['default/two-id', 'default/web-id']);
   assert.match(e.withoutId.answer, /^400 Multiple user assigned identities exist \(--multiple-identities refuse\): 2 are bound/);
   assert.equal(e.refusals[0].kind, 'several-identities');
@@ -197,13 +198,13 @@ test('several identities with --multiple-identities refuse: both listed, the 400
 test('a pod that called before the kubelet listed it: the 404s become its refusals and an UnknownCaller Event once listed', async () => {
   const r = await agents.late!.http(query(), { headers: META });
   assert.equal(r.status, 404, r.body);
-  const before = explain(pods.late!.ns.ip, '--json');
+  const before = await explain(pods.late!.ns.ip, '--json');
   assert.equal(before.code, 1);
   assert.equal(before.json!.kubelet.listed, false);
   assert.equal(before.json!.refusals[0].kind, 'unknown-caller');
   cluster.kubelet.pods.push(makePodJson({ name: 'late', namespace: 'default', ip: pods.late!.ns.ip, labels: { aadpodidbinding: 'web' }, nodeName: 'node1' }));
-  const listed = await waitFor('the late pod listed with its refusal', () => {
-    const e = explainJson('default/late');
+  const listed = await waitFor('the late pod listed with its refusal', async () => {
+    const e = await explainJson('default/late');
     return e.pod && e.refusals.length > 0 ? e : undefined;
   });
   assert.equal(listed.refusals[0].kind, 'unknown-caller');
@@ -213,23 +214,23 @@ test('a pod that called before the kubelet listed it: the 404s become its refusa
   assert.match(event.note as string, /before the kubelet listed the pod/);
 });
 
-test('bad input: an unknown pod exits 1 saying so, a malformed name exits 2 naming it, no argument exits 2', () => {
-  const unknown = explain('default/nobody');
+test('bad input: an unknown pod exits 1 saying so, a malformed name exits 2 naming it, no argument exits 2', async () => {
+  const unknown = await explain('default/nobody');
   assert.equal(unknown.code, 1);
   assert.match(unknown.stdout, /^pod default\/nobody: the kubelet of this node does not list this pod \(\d+ pods listed, synced \d+ s ago\)/);
-  const malformed = explain('Default/web');
+  const malformed = await explain('Default/web');
   assert.equal(malformed.code, 2);
   assert.equal(malformed.stderr, 'nmi explain: "Default" is not a namespace name (lower-case letters, digits and \'-\', at most 63)\n');
-  const tooMany = explain('a/b/c');
+  const tooMany = await explain('a/b/c');
   assert.equal(tooMany.code, 2);
   assert.match(tooMany.stderr, /neither <namespace>\/<pod> nor a pod's IP address/);
-  const none = runNmi(['explain']);
+  const none = await runNmi(['explain']);
   assert.equal(none.code, 2);
   assert.match(none.stderr, /^nmi explain: takes one argument, <namespace>\/<pod>\|<pod IP>; got none\n$/);
 });
 
-test('no daemon on the probe address: exit 1 saying so', () => {
-  const r = explain('default/web', '--probe-address', '127.0.0.1:8099');
+test('no daemon on the probe address: exit 1 saying so', async () => {
+  const r = await explain('default/web', '--probe-address', '127.0.0.1:8099');
   assert.equal(r.code, 1);
   assert.match(r.stderr, /^nmi explain: no nmi daemon answers on http:\/\/127\.0\.0\.1:8099 .*is it running/);
 });

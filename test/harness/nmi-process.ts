@@ -29,6 +29,17 @@ export function nmi(args: string[], env: NodeJS.ProcessEnv = process.env, prefix
   return { code: r.status ?? 128, stdout: r.stdout, stderr: r.stderr };
 }
 
+/** nmi(), without blocking this process: for commands that wait on stand-ins this process serves (nmi explain → daemon → kubelet). */
+export async function nmiAsync(args: string[], env: NodeJS.ProcessEnv = process.env): Promise<CliResult> {
+  const child = spawn(process.execPath, [nmiBin, ...args], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+  const [code, signal] = (await once(child, 'exit')) as [number | null, NodeJS.Signals | null];
+  return { code: code ?? 128 + (signal ? 15 : 0), stdout, stderr };
+}
+
 /** `what` may be a function, for a message that says how things stood when the wait gave up. */
 export async function waitFor<T>(what: string | (() => string), check: () => Promise<T | undefined> | T | undefined, timeoutMs = 15_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
