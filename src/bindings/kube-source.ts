@@ -1,5 +1,6 @@
 // --bindings kubernetes: list + watch aad-pod-identity's three custom resources and
-// get the Secrets their identities name. The kubeconfig (or in-cluster service
+// the service accounts (Workload ID's annotations), and get the Secrets their
+// identities name. The kubeconfig (or in-cluster service
 // account) is read by kube/kubeconfig.ts; requests go through kube/client.ts.
 //
 // Per resource, a small reflector: list (paged) → watch from the list's
@@ -8,8 +9,8 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
-import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret } from './model.js';
-import { objectKey, parseBinding, parseException, parseIdentity, parseSecret, type BindingSet } from './parse.js';
+import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret, WorkloadServiceAccount } from './model.js';
+import { objectKey, parseBinding, parseException, parseIdentity, parseSecret, parseServiceAccount, type BindingSet } from './parse.js';
 import type { BindingSource } from './source.js';
 import { ApiError, KubeClient } from '../kube/client.js';
 import { loadKubeConfig, type KubeConfigOptions } from '../kube/kubeconfig.js';
@@ -43,6 +44,13 @@ class GoneError extends Error {}
 
 interface Resource<T> {
   plural: string;
+  /**
+   * Forbidden to nmi (RBAC from before it was read) counts as synced and empty, so the rest still
+   * syncs; it is listed again with backoff. Service accounts only serve Workload ID's convention.
+   */
+  optional?: boolean;
+  /** Where it is listed and watched. */
+  path: string;
   parse(raw: unknown): T;
 }
 
@@ -85,7 +93,7 @@ class Reflector<T> {
   }
 
   get path(): string {
-    return `${CRD_PATH}/${this.resource.plural}`;
+    return this.resource.path;
   }
 
   async run(signal: AbortSignal): Promise<void> {
@@ -106,6 +114,10 @@ class Reflector<T> {
           // Backed off too, so a server that keeps answering 410 is not hammered.
           this.log.info({ resource: this.resource.plural }, 'resourceVersion expired, listing again');
           relist = true;
+        } else if (this.resource.optional && err instanceof ApiError && err.status === 403) {
+          if (!this.#synced) this.log.warn({ resource: this.resource.plural, err: message(err) }, `nmi may not list and watch ${this.resource.plural}: going on without them`);
+          this.#synced = true;
+          this.onChange();
         } else {
           this.log.warn({ resource: this.resource.plural, err: message(err), retryInMs: Math.round(delay) }, 'API server request failed');
         }
@@ -330,6 +342,7 @@ export class KubeBindingSource implements BindingSource {
   readonly #identities: Reflector<AzureIdentity>;
   readonly #bindings: Reflector<AzureIdentityBinding>;
   readonly #exceptions: Reflector<AzurePodIdentityException>;
+  readonly #serviceAccounts: Reflector<WorkloadServiceAccount>;
   readonly #reflectors: Reflector<unknown>[];
   readonly #secrets: SecretFetcher;
   #onSet: ((set: BindingSet) => void) | undefined;
@@ -344,12 +357,13 @@ export class KubeBindingSource implements BindingSource {
     const userAgent = `nmi${options.nodeName ? ` (node ${options.nodeName})` : ''}`;
     this.#client = new KubeClient(loadKubeConfig(options), userAgent);
     const changed = (): void => this.#schedule();
-    const reflector = <T>(plural: string, parse: (raw: unknown) => T): Reflector<T> =>
-      new Reflector(this.#client, { plural, parse }, this.#log, this.#options, changed);
+    const reflector = <T>(plural: string, parse: (raw: unknown) => T, more: Partial<Resource<T>> = {}): Reflector<T> =>
+      new Reflector(this.#client, { plural, path: `${CRD_PATH}/${plural}`, parse, ...more }, this.#log, this.#options, changed);
     this.#identities = reflector('azureidentities', parseIdentity);
     this.#bindings = reflector('azureidentitybindings', parseBinding);
     this.#exceptions = reflector('azurepodidentityexceptions', parseException);
-    this.#reflectors = [this.#identities, this.#bindings, this.#exceptions];
+    this.#serviceAccounts = reflector('serviceaccounts', parseServiceAccount, { path: '/api/v1/serviceaccounts', optional: true });
+    this.#reflectors = [this.#identities, this.#bindings, this.#exceptions, this.#serviceAccounts];
     this.#secrets = new SecretFetcher(this.#client, this.#log, this.#options.backoff, this.#abort.signal, changed);
   }
 
@@ -402,6 +416,7 @@ export class KubeBindingSource implements BindingSource {
       bindings: [...this.#bindings.items.values()],
       exceptions: [...this.#exceptions.items.values()],
       secrets: [...this.#secrets.values.values()],
+      serviceAccounts: [...this.#serviceAccounts.items.values()].filter((a) => a.clientID !== ''),
       rejected: this.#rejected(),
     });
   }

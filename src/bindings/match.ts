@@ -1,18 +1,32 @@
 // Which identities a pod may use, and the credential behind a service principal.
 // Pure functions over a snapshot, as aad-pod-identity's MIC matches them: the pod's
 // `aadpodidbinding` label selects bindings (in any namespace unless namespaced), and
-// each binding names an identity in the binding's own namespace.
+// each binding names an identity in the binding's own namespace. A federated
+// identity (type 3) is served per service account: the pod's own. A pod no binding
+// selects may instead follow Workload ID's convention (its label, its service
+// account's annotations); a binding wins, because it is what the operator wrote for
+// nmi about this pod, and moving a binding to Workload ID is done by changing its
+// identity's type, which keeps the binding in charge.
 import type { Pod } from '../kubelet/pod.js';
 import { codes, NmiError } from '../errors/errors.js';
 import { IdentityType, type AzureIdentity, type PodIdentities } from './model.js';
-import { objectKey } from './parse.js';
+import { objectKey, WORKLOAD_CLIENT_ID, workloadIdentityName } from './parse.js';
 import type { BindingSnapshot } from './store.js';
 
 export const BINDING_LABEL = 'aadpodidbinding';
+/** Workload ID's pod label: the pod uses its service account's identity. */
+export const WORKLOAD_USE_LABEL = 'azure.workload.identity/use';
 
 export interface MatchOptions {
   /** --force-namespaced: every identity behaves as if annotated namespaced. */
   forceNamespaced: boolean;
+  /** --workload-identity-tenant: the tenant of a Workload ID service account not annotated with one. */
+  workloadTenant?: string;
+}
+
+/** The service account a pod runs as, `namespace/name`; Kubernetes' default when the kubelet names none. */
+export function serviceAccountOf(pod: Pod): string {
+  return objectKey(pod.namespace, pod.serviceAccount || 'default');
 }
 
 const noIdentities: PodIdentities = Object.freeze({ exception: false, identities: [] as AzureIdentity[] });
@@ -48,11 +62,52 @@ export function identitiesFor(pod: Pod, snapshot: BindingSnapshot, options: Matc
 function computeIdentities(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions, bySelector: Map<string, PodIdentities>): PodIdentities {
   if (isException(pod, snapshot)) return { exception: true, identities: [] };
   const selector = pod.labels[BINDING_LABEL];
-  if (selector === undefined || selector === '') return noIdentities;
-  const key = `${pod.namespace}/${selector}`;
-  let result = bySelector.get(key);
-  if (!result) bySelector.set(key, (result = selectorIdentities(pod.namespace, selector, snapshot, options)));
-  return result;
+  const account = serviceAccountOf(pod);
+  const memo = (key: string, compute: () => PodIdentities): PodIdentities => {
+    let result = bySelector.get(key);
+    if (!result) bySelector.set(key, (result = compute()));
+    return result;
+  };
+  // The service account is in the key: a federated identity is served per service account.
+  const bound = selector ? memo(`${pod.namespace}/${selector}\0${account}`, () => servedAs(selectorIdentities(pod.namespace, selector, snapshot, options), account)) : noIdentities;
+  if (bound.identities.length > 0 || pod.labels[WORKLOAD_USE_LABEL] !== 'true') return bound;
+  return memo(`\0workload\0${account}\0${options.workloadTenant ?? ''}`, () => {
+    const found = workloadIdentity(pod, snapshot, options);
+    return 'identity' in found ? { exception: false, identities: [found.identity] } : noIdentities;
+  });
+}
+
+/** Federated identities as served to pods of one service account (memoised with it by the caller). */
+function servedAs(bound: PodIdentities, account: string): PodIdentities {
+  if (!bound.identities.some((i) => i.type === IdentityType.Federated)) return bound;
+  return { exception: false, identities: bound.identities.map((i) => (i.type === IdentityType.Federated ? { ...i, serviceAccount: account } : i)) };
+}
+
+/**
+ * Workload ID's convention: a pod labelled azure.workload.identity/use: "true" whose service account is
+ * annotated with a client id (and a tenant id, else --workload-identity-tenant) is served that app, federated.
+ * Otherwise why not, for `nmi explain`.
+ */
+export function workloadIdentity(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions): { identity: AzureIdentity } | { reason: string } {
+  const account = serviceAccountOf(pod);
+  if (pod.labels[WORKLOAD_USE_LABEL] !== 'true') return { reason: `the pod is not labelled ${WORKLOAD_USE_LABEL}: "true"` };
+  const annotated = snapshot.serviceAccounts.get(account);
+  if (!annotated) return { reason: `service account ${account} is not annotated ${WORKLOAD_CLIENT_ID} (or nmi cannot read it)` };
+  const tenantID = annotated.tenantID || options.workloadTenant || '';
+  if (!tenantID) return { reason: `service account ${account} names no tenant (azure.workload.identity/tenant-id) and --workload-identity-tenant is not set` };
+  return {
+    identity: {
+      name: workloadIdentityName(annotated.name),
+      namespace: annotated.namespace,
+      type: IdentityType.Federated,
+      clientID: annotated.clientID,
+      resourceID: '',
+      tenantID,
+      namespaced: true,
+      serviceAccount: account,
+      version: `${annotated.version}/${tenantID}`,
+    },
+  };
 }
 
 function selectorIdentities(namespace: string, selector: string, snapshot: BindingSnapshot, { forceNamespaced }: MatchOptions): PodIdentities {

@@ -11,6 +11,7 @@ import {
   type AzurePodIdentityException,
   type Secret,
   type SecretRef,
+  type WorkloadServiceAccount,
 } from './model.js';
 
 export const CRD_API_VERSION = 'aadpodidentity.k8s.io/v1';
@@ -23,6 +24,8 @@ export interface BindingSet {
   bindings: AzureIdentityBinding[];
   exceptions: AzurePodIdentityException[];
   secrets: Secret[];
+  /** Service accounts annotated for Workload ID (azure.workload.identity/client-id); unannotated ones may be left out. */
+  serviceAccounts?: WorkloadServiceAccount[];
   /** Objects left out as invalid, by "Kind namespace/name", with why: `nmi explain` names them. */
   rejected?: ReadonlyMap<string, string>;
 }
@@ -36,7 +39,8 @@ export type ParsedObject =
   | { kind: 'AzureIdentity'; value: AzureIdentity }
   | { kind: 'AzureIdentityBinding'; value: AzureIdentityBinding }
   | { kind: 'AzurePodIdentityException'; value: AzurePodIdentityException }
-  | { kind: 'Secret'; value: Secret };
+  | { kind: 'Secret'; value: Secret }
+  | { kind: 'ServiceAccount'; value: WorkloadServiceAccount };
 
 type Obj = Record<string, unknown>;
 
@@ -172,10 +176,16 @@ export function parseIdentity(raw: unknown, defaultNamespace = 'default'): Azure
       requiredString(m, spec, 'clientID');
       identity = { ...base, type, clientPassword: secretRef(m, spec), ...adEndpoint(m, spec) };
       break;
+    case IdentityType.Federated:
+      // The app's federated identity credentials trust the cluster's service accounts: no secret here.
+      requiredString(m, spec, 'tenantID');
+      requiredString(m, spec, 'clientID');
+      identity = { ...base, type, ...adEndpoint(m, spec) };
+      break;
     case undefined:
-      fail(m.label, 'spec.type is required (0, 1 or 2)');
+      fail(m.label, 'spec.type is required (0, 1, 2 or 3)');
     default:
-      fail(m.label, `spec.type must be 0 (user-assigned MSI), 1 (service principal) or 2 (service principal certificate)`);
+      fail(m.label, `spec.type must be 0 (user-assigned MSI), 1 (service principal), 2 (service principal certificate) or 3 (federated, Workload ID)`);
   }
   // A content hash rather than resourceVersion: status-only updates do not
   // count as a change, and edited files without a resourceVersion still do.
@@ -214,11 +224,33 @@ export function parseSecret(raw: unknown, defaultNamespace = 'default'): Secret 
   return { name: m.name, namespace: m.namespace, data };
 }
 
+/** Microsoft Entra Workload ID's annotations on a service account, as its webhook reads them. */
+export const WORKLOAD_CLIENT_ID = 'azure.workload.identity/client-id';
+export const WORKLOAD_TENANT_ID = 'azure.workload.identity/tenant-id';
+
+/** The name of the identity a Workload ID service account stands for: ':' is in no Kubernetes name, so it names no AzureIdentity. */
+export function workloadIdentityName(serviceAccount: string): string {
+  return `serviceaccount:${serviceAccount}`;
+}
+
+/** A v1 ServiceAccount, as much as Workload ID's convention needs; clientID '' when it is not annotated. */
+export function parseServiceAccount(raw: unknown, defaultNamespace = 'default'): WorkloadServiceAccount {
+  const { meta: m } = meta('ServiceAccount', raw, defaultNamespace);
+  const account = {
+    name: m.name,
+    namespace: m.namespace,
+    clientID: (m.annotations[WORKLOAD_CLIENT_ID] ?? '').trim(),
+    tenantID: (m.annotations[WORKLOAD_TENANT_ID] ?? '').trim(),
+  };
+  return { ...account, version: hash(account) };
+}
+
 const parsers = {
   AzureIdentity: { apiVersion: CRD_API_VERSION, parse: parseIdentity },
   AzureIdentityBinding: { apiVersion: CRD_API_VERSION, parse: parseBinding },
   AzurePodIdentityException: { apiVersion: CRD_API_VERSION, parse: parseException },
   Secret: { apiVersion: 'v1', parse: parseSecret },
+  ServiceAccount: { apiVersion: 'v1', parse: parseServiceAccount },
 } as const;
 
 /** One document of a bindings file: kind and apiVersion decide the parser. */
@@ -275,6 +307,9 @@ function pushParsed(set: BindingSet, parsed: ParsedObject): void {
       break;
     case 'Secret':
       set.secrets.push(parsed.value);
+      break;
+    case 'ServiceAccount':
+      (set.serviceAccounts ??= []).push(parsed.value);
       break;
   }
 }

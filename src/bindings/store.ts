@@ -3,8 +3,8 @@
 // whose identity, binding or secret changed, so cached tokens for them can go.
 import { EventEmitter } from 'node:events';
 import type { Logger } from '../log/logger.js';
-import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret } from './model.js';
-import { objectKey, type BindingSet } from './parse.js';
+import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret, WorkloadServiceAccount } from './model.js';
+import { objectKey, workloadIdentityName, type BindingSet } from './parse.js';
 import { FileBindingSource } from './file-source.js';
 import { KubeBindingSource } from './kube-source.js';
 import type { BindingSource } from './source.js';
@@ -15,6 +15,8 @@ export interface BindingSnapshot {
   readonly bindings: ReadonlyMap<string, AzureIdentityBinding>;
   readonly exceptions: ReadonlyMap<string, AzurePodIdentityException>;
   readonly secrets: ReadonlyMap<string, Secret>;
+  /** Service accounts annotated with a Workload ID client id. */
+  readonly serviceAccounts: ReadonlyMap<string, WorkloadServiceAccount>;
   /** Bindings by spec.selector, so a request never scans them all. Sorted by key for a stable order. */
   readonly bindingsBySelector: ReadonlyMap<string, readonly AzureIdentityBinding[]>;
   /** Exceptions with at least one label, by namespace (empty podLabels match nothing). */
@@ -47,6 +49,7 @@ export function createSnapshot(set: BindingSet): BindingSnapshot {
     bindings,
     exceptions,
     secrets: byKey(set.secrets),
+    serviceAccounts: byKey((set.serviceAccounts ?? []).filter((a) => a.clientID !== '')),
     bindingsBySelector: groupBy(sorted, (b) => b.selector),
     exceptionsByNamespace: groupBy(
       [...exceptions.values()].filter((e) => Object.keys(e.podLabels).length > 0),
@@ -83,6 +86,8 @@ export function changedIdentities(prev: BindingSnapshot, next: BindingSnapshot):
   for (const id of changedKeys(prev.identities, next.identities, sameVersion)) keys.add(objectKey(id.namespace, id.name));
   // A binding names an identity in its own namespace.
   for (const b of changedKeys(prev.bindings, next.bindings, sameVersion)) keys.add(objectKey(b.namespace, b.azureIdentity));
+  // A Workload ID service account stands for the identity its pods are served (bindings/match.ts).
+  for (const a of changedKeys(prev.serviceAccounts, next.serviceAccounts, sameVersion)) keys.add(objectKey(a.namespace, workloadIdentityName(a.name)));
   const secrets = new Set(changedKeys(prev.secrets, next.secrets, sameSecret).map((s) => objectKey(s.namespace, s.name)));
   if (secrets.size > 0) {
     for (const id of [...prev.identities.values(), ...next.identities.values()]) {

@@ -50,6 +50,7 @@ function render(e: Explanation, byAddress: boolean): string {
   const age = pod.ageSeconds === undefined ? '' : `, age ${duration(pod.ageSeconds)}`;
   line(`pod ${pod.namespace}/${pod.name} (uid ${pod.uid || 'unknown'}): ${pod.phase || 'unknown phase'}, ${pod.addresses.join(', ') || 'no address'}${pod.hostNetwork ? ', hostNetwork' : ''}${age}`);
   line(`  labels: ${Object.entries(pod.labels).map(([k, v]) => `${k}=${v}`).join(', ') || 'none'}`);
+  line(`  service account: ${pod.serviceAccount}`);
   line(`  caller: ${pod.caller ? 'yes, requests from its address are its own' : `no, ${pod.notCaller}`}`);
   line(`bindings in reach (from ${e.bindingsFrom}):`);
   if (e.bindings.length === 0) line(`  none in namespace ${pod.namespace} or with its selector`);
@@ -58,10 +59,13 @@ function render(e: Explanation, byAddress: boolean): string {
     line(`exceptions in ${pod.namespace}:`);
     for (const x of e.exceptions) line(`  ${x.matches ? 'match' : 'no   '} ${x.exception}: ${x.reason}`);
   }
+  line(`workload identity convention: ${e.workloadIdentity.used ? 'used' : 'not used'}, ${e.workloadIdentity.reason}`);
   line('identities served:');
   if (e.identities.length === 0) line('  none');
   for (const i of e.identities) {
-    const ids = [`clientID ${i.clientID || '-'}`, i.resourceID && `resourceID ${i.resourceID}`, i.tenantID && `tenant ${i.tenantID}`].filter(Boolean).join(', ');
+    const ids = [`clientID ${i.clientID || '-'}`, i.resourceID && `resourceID ${i.resourceID}`, i.tenantID && `tenant ${i.tenantID}`, i.serviceAccount && `as service account ${i.serviceAccount}`]
+      .filter(Boolean)
+      .join(', ');
     line(`  ${i.identity}: ${i.type}, ${ids}${i.usable ? '' : `; UNUSABLE: ${i.problem}`}`);
   }
   line(`a request naming no identity: ${e.withoutId.answer}`);

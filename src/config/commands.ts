@@ -61,6 +61,7 @@ export const runFlags = {
   'aad-max-rate': flag({ parse: v.rate, default: '20/s', help: 'token calls started toward one Entra ID tenant per second at most' }),
   'max-tokens-per-pod': flag({ parse: v.positiveInt, default: '64', help: 'distinct (identity, resource) tokens one pod may hold; past it, 429' }),
   'max-pending-per-pod': flag({ parse: v.positiveInt, default: '16', help: 'token calls one pod may have waiting for their turn upstream; past it, 429' }),
+  'workload-identity-tenant': flag({ parse: v.nonEmpty, help: 'Workload ID convention: the Entra ID tenant of service accounts annotated azure.workload.identity/client-id without azure.workload.identity/tenant-id' }),
   'pod-events': flag({ parse: v.bool, default: 'true', boolean: true, help: 'Kubernetes Events on pods nmi refuses (no identity, several, unknown caller, spoof), deduplicated into series; needs create and patch on events.k8s.io events' }),
   'aad-authority-host': flag({ parse: v.httpUrl, default: 'https://login.microsoftonline.com', help: 'Entra ID, for service-principal identities' }),
   'log-level': flag({ parse: v.oneOf(['trace', 'debug', 'info', 'warn', 'error'] as const), default: 'info', help: 'log level' }),

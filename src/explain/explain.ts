@@ -3,7 +3,7 @@
 // not, the exceptions, the identities it would be served, the tokens cached for
 // them (when they end, never the token) and what the pod was refused lately.
 // The same steps as the token core's 6 and 7 (server/core.ts), each one said.
-import { BINDING_LABEL, identitiesFor, secretFor, type MatchOptions } from '../bindings/match.js';
+import { BINDING_LABEL, identitiesFor, secretFor, serviceAccountOf, workloadIdentity, WORKLOAD_USE_LABEL, type MatchOptions } from '../bindings/match.js';
 import { IdentityType, identityKey, type AzureIdentity, type AzureIdentityBinding } from '../bindings/model.js';
 import { objectKey } from '../bindings/parse.js';
 import type { BindingSnapshot } from '../bindings/store.js';
@@ -41,6 +41,8 @@ export interface PodFacts {
   createdAt?: string;
   ageSeconds?: number;
   labels: Record<string, string>;
+  /** namespace/name: a federated identity is exchanged for its tokens. */
+  serviceAccount: string;
   /** Whether a request from its address is attributed to it (server/core.ts step 6), and if not why. */
   caller: boolean;
   notCaller?: string;
@@ -60,6 +62,8 @@ export interface IdentityFacts {
   clientID: string;
   resourceID?: string;
   tenantID?: string;
+  /** Type 3: the service account whose tokens are exchanged. */
+  serviceAccount?: string;
   usable: boolean;
   problem?: string;
 }
@@ -71,6 +75,8 @@ export interface Explanation {
   pod?: PodFacts;
   bindings: BindingFacts[];
   exceptions: Array<{ exception: string; matches: boolean; reason: string }>;
+  /** Workload ID's convention (its label, the service account's annotations): used, or why not. */
+  workloadIdentity: { used: boolean; reason: string };
   identities: IdentityFacts[];
   /** What a request naming no identity gets. */
   withoutId: { identity?: string; answer: string };
@@ -84,6 +90,7 @@ const typeNames: Record<IdentityType, string> = {
   [IdentityType.UserAssignedMSI]: 'user-assigned managed identity (0)',
   [IdentityType.ServicePrincipal]: 'service principal with secret (1)',
   [IdentityType.ServicePrincipalCertificate]: 'service principal with certificate (2)',
+  [IdentityType.Federated]: 'federated through Workload ID (3)',
 };
 
 const iso = (ms: number): string => new Date(ms).toISOString();
@@ -118,6 +125,7 @@ export async function explain(query: ExplainQuery, deps: ExplainDeps): Promise<E
     bindingsFrom: deps.bindingsFrom,
     bindings: [],
     exceptions: [],
+    workloadIdentity: { used: false, reason: 'no pod' },
     identities: [],
     withoutId: { answer: 'no pod' },
     tokens: [],
@@ -143,6 +151,7 @@ export async function explain(query: ExplainQuery, deps: ExplainDeps): Promise<E
     pod: facts,
     bindings: bindingsInReach(pod, snapshot).map((b) => bindingFacts(pod, b, snapshot, deps.match)),
     exceptions: exceptionFacts(pod, snapshot),
+    workloadIdentity: workloadFacts(pod, snapshot, deps.match, bound.identities),
     identities,
     withoutId,
     tokens: tokens.map(({ expiresOn, refreshAtMs, ...rest }) => ({
@@ -172,6 +181,7 @@ function podFacts(pod: Pod, listed: readonly Pod[], now: number): PodFacts {
     createdAt: pod.createdAt,
     ageSeconds: Number.isNaN(created) ? undefined : Math.max(0, Math.round((now - created) / 1000)),
     labels: pod.labels,
+    serviceAccount: serviceAccountOf(pod),
     caller: false,
   };
   // The pod index's rules (kubelet/pod-index.ts): a caller is live, not hostNetwork, and alone on its address.
@@ -234,6 +244,10 @@ function identityFacts(identity: AzureIdentity, snapshot: BindingSnapshot): Iden
     return facts;
   }
   facts.tenantID = identity.tenantID;
+  if (identity.type === IdentityType.Federated) {
+    facts.serviceAccount = identity.serviceAccount;
+    return facts;
+  }
   try {
     secretFor(identity, snapshot);
   } catch (err) {
@@ -241,6 +255,16 @@ function identityFacts(identity: AzureIdentity, snapshot: BindingSnapshot): Iden
     facts.problem = (err as Error).message;
   }
   return facts;
+}
+
+/** Whether Workload ID's convention serves the pod, and why (not). */
+function workloadFacts(pod: Pod, snapshot: BindingSnapshot, match: MatchOptions, bound: readonly AzureIdentity[]): Explanation['workloadIdentity'] {
+  const found = workloadIdentity(pod, snapshot, match);
+  if ('reason' in found) return { used: false, reason: found.reason };
+  if (!bound.some((i) => i.name === found.identity.name && i.namespace === found.identity.namespace)) {
+    return { used: false, reason: `a binding selects the pod: bindings win over the ${WORKLOAD_USE_LABEL} label` };
+  }
+  return { used: true, reason: `service account ${found.identity.serviceAccount} names app ${found.identity.clientID} in tenant ${found.identity.tenantID}` };
 }
 
 /** Step 7 for a request naming no id, as server/select-identity.ts decides it. */

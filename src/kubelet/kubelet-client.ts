@@ -165,6 +165,7 @@ export function parsePod(item: unknown): Pod {
     hostNetwork: spec.hostNetwork === true,
     phase: str(status.phase),
     nodeName: str(spec.nodeName),
+    ...(str(spec.serviceAccountName) && { serviceAccount: str(spec.serviceAccountName) }),
     ...(str(metadata.creationTimestamp) && { createdAt: str(metadata.creationTimestamp) }),
   };
 }

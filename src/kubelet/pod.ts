@@ -10,6 +10,8 @@ export interface Pod {
   /** status.phase: only Pending and Running pods are callers. */
   phase: string;
   nodeName: string;
+  /** spec.serviceAccountName, when the kubelet gave one (Kubernetes' default is `default`): federated identities are served per service account. */
+  serviceAccount?: string;
   /** metadata.creationTimestamp, when the kubelet gave one: `nmi explain` shows the pod's age. */
   createdAt?: string;
 }

@@ -12,7 +12,7 @@ import type { RunConfig } from '../config/commands.js';
 import type { HostPort } from '../config/values.js';
 import { codes, NmiError, UsageError } from '../errors/errors.js';
 import { identityKey, IdentityType, type AzureIdentity } from '../bindings/model.js';
-import { identitiesFor, secretFor } from '../bindings/match.js';
+import { identitiesFor, secretFor, serviceAccountOf } from '../bindings/match.js';
 import { registerBindingMetrics } from '../bindings/metrics.js';
 import { BindingStore, createBindingSource } from '../bindings/store.js';
 import { KubeletClient } from '../kubelet/kubelet-client.js';
@@ -39,7 +39,7 @@ import { limits } from '../server/limits.js';
 import { Budgets } from '../budget/budgets.js';
 import { registerBudgetMetrics, registerQueueWaitMetrics } from '../budget/metrics.js';
 import { registerTokenMetrics } from '../tokens/metrics.js';
-import { MsalTokenProvider } from '../tokens/msal-provider.js';
+import { MsalTokenProvider, type Credential } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
 import { TokenCache } from '../tokens/token-cache.js';
 import { mountsOfType } from '../util/mounts.js';
@@ -51,6 +51,7 @@ import { PodEvents } from '../events/pod-events.js';
 import { refusalEvent } from '../events/refusal-events.js';
 import { problems } from '../server/answers.js';
 import { loadKubeConfig } from '../kube/kubeconfig.js';
+import { ServiceAccountTokens } from '../kube/service-account-token.js';
 import { registerStartGateMetrics } from './metrics.js';
 import { StartGate } from './start-gate.js';
 import { ListenError, Listeners, type HeldListener } from './listeners.js';
@@ -151,8 +152,10 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   });
   // What pods were refused: `nmi explain` shows it, and what an operator must act on becomes an Event on the pod.
   const refusals = new RecentRefusals();
-  const podEvents = eventsRecorder(config, log);
-  const events = podEvents?.events;
+  const api = apiServer(config, log);
+  const saTokens = api && new ServiceAccountTokens(api);
+  const podEvents = api && config.podEvents ? new PodEvents({ client: api, nodeName: config.nodeName ?? config.nodeIp, log }) : undefined;
+  const events = podEvents;
   if (events) {
     const nodeName = config.nodeName ?? config.nodeIp;
     refusals.listen((pod, refusal) => {
@@ -170,7 +173,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
 
   // Identities: the custom resources, from the API server or files.
   const store = new BindingStore(await createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
-  const match = { forceNamespaced: config.forceNamespaced };
+  const match = { forceNamespaced: config.forceNamespaced, workloadTenant: config.workloadIdentityTenant };
   const podIdentities = (pod: Pod) => identitiesFor(pod, store.snapshot, match);
 
   // Upstream budgets: every call to IMDS or an Entra ID tenant waits its turn, pods served in turn.
@@ -196,10 +199,21 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     logger: log,
   });
   const getToken = (identity: AzureIdentity, resource: string, pod: Pod) =>
-    cache.get(identity, resource, identity.type === IdentityType.UserAssignedMSI ? undefined : secretFor(identity, store.snapshot), {
-      key: callerKey(pod),
-      name: `${pod.namespace}/${pod.name}`,
-    });
+    cache.get(identity, resource, credentialFor(identity, pod), { key: callerKey(pod), name: `${pod.namespace}/${pod.name}` });
+  /** A federated identity's: a token of the pod's service account, requested when the exchange happens; a refresh asks for it through a pod of that account still on the node. */
+  function credentialFor(identity: AzureIdentity, pod: Pod): Credential | undefined {
+    if (identity.type === IdentityType.UserAssignedMSI) return undefined;
+    if (identity.type !== IdentityType.Federated) return secretFor(identity, store.snapshot);
+    const account = serviceAccountOf(pod);
+    return {
+      assertion: async () => {
+        if (!saTokens) throw new NmiError(codes.TOKEN, 'federated identities need the API server for service-account tokens: --bindings kubernetes, or --kubeconfig');
+        const asker = pods.knownUid(pod.uid) ?? pods.pods().find((p) => isCaller(p) && serviceAccountOf(p) === account);
+        if (!asker) throw new NmiError(codes.TOKEN, `no pod of service account ${account} runs on this node any more`);
+        return saTokens.forPod(asker);
+      },
+    };
+  }
   // A changed or deleted identity or binding never gets another token from the old entry.
   store.on('change', (keys) => {
     keys.forEach((key) => cache.invalidate(key));
@@ -317,6 +331,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
       pods.stop();
       store.stop();
       podEvents?.stop();
+      void api?.close();
       await Promise.allSettled([kubelet.close(), network.close()]);
       closeProbe();
       // The socket's file goes with the last process to hold it: not when systemd's store (or whoever
@@ -444,27 +459,18 @@ function startGate(config: RunConfig, log: Logger): StartGate | undefined {
 }
 
 /**
- * Events on refused pods, through the API server the bindings come from or --kubeconfig names;
- * off with --pod-events=false, and when bindings come from a file with no API server configured.
+ * The API server for Events on refused pods and federated identities' service-account tokens: the one the
+ * bindings come from, or --kubeconfig's with file bindings; none when bindings come from a file and no API
+ * server is configured (in-cluster or --kubeconfig).
  */
-function eventsRecorder(config: RunConfig, log: Logger): { events: PodEvents; stop(): void } | undefined {
-  if (!config.podEvents) return undefined;
-  let client: KubeClient;
+function apiServer(config: RunConfig, log: Logger): KubeClient | undefined {
   try {
-    client = new KubeClient(loadKubeConfig({ kubeconfig: config.kubeconfig }, '--pod-events'), `nmi (node ${config.nodeName ?? config.nodeIp})`);
+    return new KubeClient(loadKubeConfig({ kubeconfig: config.kubeconfig }, '--bindings kubernetes'), `nmi (node ${config.nodeName ?? config.nodeIp})`);
   } catch (err) {
     if (config.bindings === 'kubernetes') throw err;
-    log.info('no API server configured (--bindings is a file, no --kubeconfig): no Events on pods');
+    log.info('no API server configured (--bindings is a file, no --kubeconfig): no Events on pods, no federated identities');
     return undefined;
   }
-  const events = new PodEvents({ client, nodeName: config.nodeName ?? config.nodeIp, log });
-  return {
-    events,
-    stop() {
-      events.stop();
-      void client.close();
-    },
-  };
 }
 
 /** Startup is over: its code pages need not stay mapped (startup-pages.ts). */

@@ -15,13 +15,19 @@ import {
 import { IdentityType, type AzureIdentity } from '../bindings/model.js';
 import { codes, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
+import { jwtClaims } from '../util/jwt.js';
 import { urlBase } from '../util/url-base.js';
 import type { Token } from './token.js';
+import type { ServiceAccountToken } from '../kube/service-account-token.js';
+import { federationRefusal } from './federation.js';
 import { recordExchanges, type NetworkClient, type UpstreamExchange } from './network-client.js';
 import { errorBodyOf, kindForStatus, parseRetryAfter, UpstreamError, type Issuer } from './upstream-error.js';
 
-/** What a service principal signs in with: the bindings resolve it from the Secret its identity names. */
-export type Credential = { clientSecret: string } | { certificate: string; password?: string };
+/**
+ * What a service principal signs in with: the bindings resolve it from the Secret its identity names.
+ * A federated identity signs in with its pod's service-account token, requested for each exchange.
+ */
+export type Credential = { clientSecret: string } | { certificate: string; password?: string } | { assertion: () => Promise<ServiceAccountToken> };
 
 export interface TokenProvider {
   /** One fresh token from the issuer; throws UpstreamError (issuer trouble) or NmiError(TOKEN) (our side). */
@@ -69,27 +75,35 @@ export class MsalTokenProvider implements TokenProvider {
     const requestedAtMs = Date.now();
     const issuer: Issuer = identity.type === IdentityType.UserAssignedMSI ? 'IMDS' : 'Entra ID';
     const log: UpstreamExchange[] = [];
+    const exchange: { token?: ServiceAccountToken } = {};
+    const failed = (err: unknown): NmiError => {
+      const classified = classify(err, log.at(-1), issuer);
+      if (!(classified instanceof UpstreamError) || !exchange.token || !identity.serviceAccount) return classified;
+      const { clientID, tenantID, serviceAccount } = identity;
+      return federationRefusal(classified, { identity: `${identity.namespace}/${identity.name}`, clientID, tenantID, serviceAccount, token: exchange.token });
+    };
     let result: AuthenticationResult;
     try {
-      result = await recordExchanges(log, () => this.acquire(identity, resource, credential));
+      result = await recordExchanges(log, () => this.acquire(identity, resource, credential, exchange));
     } catch (err) {
-      throw classify(err, log.at(-1), issuer);
+      throw failed(err);
     }
     const last = log.at(-1);
     if (!result.accessToken || (last?.status !== undefined && (last.status < 200 || last.status >= 300))) {
       // msal may turn an error answer without an error field into an empty result.
-      throw classify(new Error('no access token in the answer'), last, issuer);
+      throw failed(new Error('no access token in the answer'));
     }
     return toToken(result, identity, resource, requestedAtMs);
   }
 
-  private acquire(identity: AzureIdentity, resource: string, credential: Credential | undefined): Promise<AuthenticationResult> {
+  private acquire(identity: AzureIdentity, resource: string, credential: Credential | undefined, exchange: { token?: ServiceAccountToken }): Promise<AuthenticationResult> {
     switch (identity.type) {
       case IdentityType.UserAssignedMSI:
         return this.fromImds(identity, resource);
       case IdentityType.ServicePrincipal:
       case IdentityType.ServicePrincipalCertificate:
-        return this.fromEntra(identity, resource, credential);
+      case IdentityType.Federated:
+        return this.fromEntra(identity, resource, credential, exchange);
       default:
         throw new NmiError(codes.TOKEN, `identity ${identity.namespace}/${identity.name}: unknown type ${String(identity.type)}`);
     }
@@ -133,18 +147,28 @@ export class MsalTokenProvider implements TokenProvider {
     return { host, authority: `${host}/${identity.tenantID}` };
   }
 
-  private async fromEntra(identity: AzureIdentity, resource: string, credential: Credential | undefined): Promise<AuthenticationResult> {
+  /** exchange.token: a federated identity's service-account token, once requested (for what a refusal says). */
+  private async fromEntra(identity: AzureIdentity, resource: string, credential: Credential | undefined, exchange: { token?: ServiceAccountToken }): Promise<AuthenticationResult> {
     const { tenantID, clientID } = identity;
     const name = `${identity.namespace}/${identity.name}`;
     if (!/^[A-Za-z0-9][A-Za-z0-9.-]*$/.test(tenantID)) throw new NmiError(codes.TOKEN, `identity ${name}: tenantID ${JSON.stringify(tenantID)} is not a tenant id or domain`);
     if (!clientID) throw new NmiError(codes.TOKEN, `identity ${name}: clientID is empty`);
     const { host, authority } = this.authorityOf(identity);
+    let signIn: Pick<NodeAuthOptions, 'clientSecret' | 'clientCertificate' | 'clientAssertion'>;
+    if (identity.type === IdentityType.Federated) {
+      if (!credential || !('assertion' in credential)) throw new NmiError(codes.TOKEN, `identity ${name}: no service-account token to exchange`);
+      // Requested here, not in msal's callback: the API server's refusal then stays ours to say.
+      exchange.token = await credential.assertion();
+      signIn = { clientAssertion: exchange.token.token };
+    } else {
+      signIn = secretOptions(identity, credential);
+    }
     // A fresh app per fetch: msal keeps tokens and throttling state per app, and we want neither.
     const app = new ConfidentialClientApplication({
       auth: {
         clientId: clientID,
         authority,
-        ...secretOptions(identity, credential),
+        ...signIn,
         // Both given, so msal never asks the public cloud for instance discovery or OIDC metadata.
         knownAuthorities: [host],
         authorityMetadata: JSON.stringify(authorityMetadata(authority)),
@@ -257,18 +281,6 @@ function toToken(result: AuthenticationResult, identity: AzureIdentity, resource
     resource,
     tokenType: result.tokenType || 'Bearer',
   };
-}
-
-/** The payload of a JWT access token, or {} for anything else (never verified: only read for IMDS's answer fields). */
-function jwtClaims(token: string): Record<string, unknown> {
-  const payload = token.split('.')[1];
-  if (!payload) return {};
-  try {
-    const claims = JSON.parse(Buffer.from(payload, 'base64url').toString('utf8')) as unknown;
-    return typeof claims === 'object' && claims !== null ? (claims as Record<string, unknown>) : {};
-  } catch {
-    return {};
-  }
 }
 
 const numberClaim = (value: unknown): number | undefined => (typeof value === 'number' && Number.isFinite(value) ? value : undefined);

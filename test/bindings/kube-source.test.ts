@@ -270,7 +270,7 @@ test('invalid objects are reported once and left out; the rest is served', async
   await store.whenReady();
   assert.deepEqual([...store.snapshot.identities.keys()], ['app/good']);
   const warnings = (): string[] => lines().filter((l) => l.msg === 'ignoring invalid object').map((l) => String(l.err));
-  assert.deepEqual(warnings(), ['AzureIdentity app/bad: spec.type must be 0 (user-assigned MSI), 1 (service principal) or 2 (service principal certificate)']);
+  assert.deepEqual(warnings(), ['AzureIdentity app/bad: spec.type must be 0 (user-assigned MSI), 1 (service principal), 2 (service principal certificate) or 3 (federated, Workload ID)']);
 
   // A valid object turning invalid goes away.
   const change = nextChange(store);

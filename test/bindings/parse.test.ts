@@ -99,7 +99,7 @@ test('a bad adEndpoint rejects that identity alone', () => {
 });
 
 test('an unknown or missing type is an error naming the object', () => {
-  rejects(() => parseIdentity(identity({ type: 3, clientID: CLIENT })), /^AzureIdentity ns\/id: spec.type must be 0 .*, 1 .* or 2/);
+  rejects(() => parseIdentity(identity({ type: 4, clientID: CLIENT })), /^AzureIdentity ns\/id: spec.type must be 0 .*, 1 .*, 2 .* or 3/);
   rejects(() => parseIdentity(identity({ type: '0', clientID: CLIENT })), /^AzureIdentity ns\/id: spec.type must be/);
   rejects(() => parseIdentity(identity({ clientID: CLIENT })), /^AzureIdentity ns\/id: spec.type is required/);
 });
@@ -179,7 +179,7 @@ test('parseObjects flattens Lists, skips empty documents, reports invalid and du
   assert.deepEqual(
     result.errors.map((e) => e.message),
     [
-      'AzureIdentity ns/bad: spec.type must be 0 (user-assigned MSI), 1 (service principal) or 2 (service principal certificate)',
+      'AzureIdentity ns/bad: spec.type must be 0 (user-assigned MSI), 1 (service principal), 2 (service principal certificate) or 3 (federated, Workload ID)',
       'AzureIdentityBinding ns/b: defined more than once',
       'List: items must be an array',
     ],

@@ -23,6 +23,7 @@ import { silentLogger } from '../../src/log/logger.js';
 import { KubeClient } from '../../src/kube/client.js';
 import { loadKubeConfig } from '../../src/kube/kubeconfig.js';
 import { PodEvents } from '../../src/events/pod-events.js';
+import { ServiceAccountTokens } from '../../src/kube/service-account-token.js';
 import { formatTaint, StartGate } from '../../src/lifecycle/start-gate.js';
 import { startApiServer, type KubeObject } from '../standins/apiserver.js';
 
@@ -307,6 +308,8 @@ const expectedRules = [
   { apiGroups: [''], resources: ['nodes/proxy'], verbs: ['get'] },
   { apiGroups: ['aadpodidentity.k8s.io'], resources: ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions'], verbs: ['get', 'list', 'watch'] },
   { apiGroups: [''], resources: ['secrets'], verbs: ['get'] },
+  { apiGroups: [''], resources: ['serviceaccounts'], verbs: ['list', 'watch'] },
+  { apiGroups: [''], resources: ['serviceaccounts/token'], verbs: ['create'] },
   { apiGroups: ['events.k8s.io'], resources: ['events'], verbs: ['create', 'patch'] },
 ];
 
@@ -330,7 +333,7 @@ function allowed(docs: Doc[], group: string, resource: string, verb: string): bo
   return [...boundRoles(docs).values()].some((role) => (role.rules as Doc[]).some((r) => r.apiGroups.includes(group) && r.resources.includes(resource) && r.verbs.includes(verb)));
 }
 
-test('RBAC: exactly nodes/proxy get, the three CRs get/list/watch, secrets get, events create/patch — bound to the DaemonSet service account', () => {
+test('RBAC: exactly nodes/proxy get, the three CRs get/list/watch, secrets get, service accounts read and their tokens created, events create/patch — bound to the DaemonSet service account', () => {
   assert.deepEqual([...boundRoles(render('base')).keys()], ['nmi']);
   assert.deepEqual(boundRoles(render('base')).get('nmi')!.rules, expectedRules);
   for (const dir of Object.keys(expectedKinds)) assert.equal(all(render(dir), 'Role').length + all(render(dir), 'RoleBinding').length, 0, dir);
@@ -375,7 +378,7 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
     const synced = new Promise<void>((resolve) => void source.start(() => resolve()));
     await synced;
     // Watches open after their lists: wait for all three before looking.
-    for (const p of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions']) await api.waitForWatches(p);
+    for (const p of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions', 'serviceaccounts']) await api.waitForWatches(p);
     source.stop();
     // An Event on a refused pod, repeated: created, then its series patched.
     const client = new KubeClient(loadKubeConfig({ kubeconfig: api.writeKubeconfig(tmp) }), 'nmi');
@@ -385,17 +388,23 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
     events.record(refused, { reason: 'NoIdentity', action: 'GetToken', note: 'refused' });
     while (events.counts.updated + events.counts.failed === 0) await new Promise((resolve) => setTimeout(resolve, 10));
     events.stop();
+    // A federated identity's exchange: a token of the calling pod's service account, bound to the pod.
+    api.put({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: 'web-sa', namespace: 'app' } });
+    const bound = api.put({ apiVersion: 'v1', kind: 'Pod', metadata: { name: 'web', namespace: 'app' }, spec: { serviceAccountName: 'web-sa' } } as KubeObject);
+    await new ServiceAccountTokens(client).forPod({ ...refused, uid: bound.metadata.uid as string, serviceAccount: 'web-sa' });
     await client.close();
 
     const seen = new Set<string>();
     for (const r of api.requests) {
       const cr = r.path.startsWith(`${CRD_PATH}/`);
       const group = cr ? crdApi.group : r.resource === 'events' ? 'events.k8s.io' : '';
-      const named = /\/secrets\/[^/]+$/.test(r.path);
+      // The TokenRequest API is the subresource serviceaccounts/token.
+      const resource = /\/serviceaccounts\/[^/]+\/token$/.test(r.path) ? 'serviceaccounts/token' : r.resource;
+      const named = /\/(secrets|serviceaccounts)\/[^/]+$/.test(r.path);
       const verb = r.method === 'POST' ? 'create' : r.method === 'PATCH' ? 'patch' : r.watch ? 'watch' : named ? 'get' : 'list';
-      assert.ok(r.resource, `a resource request: ${r.path}`);
-      assert.ok(allowed(base, group, r.resource, verb), `${verb} ${group || 'core'}/${r.resource} (${r.path}) is granted`);
-      seen.add(`${verb} ${r.resource}`);
+      assert.ok(resource, `a resource request: ${r.path}`);
+      assert.ok(allowed(base, group, resource, verb), `${verb} ${group || 'core'}/${resource} (${r.path}) is granted`);
+      seen.add(`${verb} ${resource}`);
     }
     // The run really exercised what the role grants (else the check above proves little).
     for (const p of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions']) {
@@ -403,6 +412,7 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
     }
     assert.ok(seen.has('get secrets'));
     assert.ok(seen.has('create events') && seen.has('patch events'), [...seen].join(', '));
+    assert.ok(seen.has('list serviceaccounts') && seen.has('watch serviceaccounts') && seen.has('create serviceaccounts/token'), [...seen].join(', '));
     const requestedPlurals = new Set(api.requests.filter((r) => r.path.startsWith(CRD_PATH)).map((r) => r.resource));
     assert.deepEqual([...requestedPlurals].sort(), crds().map((c) => c.spec.names.plural).sort(), 'one CRD per resource nmi reads');
   } finally {

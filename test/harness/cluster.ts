@@ -16,6 +16,8 @@ export interface ClusterPod {
   name: string;
   namespace: string;
   labels: Record<string, string>;
+  uid: string;
+  serviceAccount: string;
 }
 
 export interface Cluster {
@@ -25,7 +27,7 @@ export interface Cluster {
   imds: ImdsStandin;
   bindingsDir: string;
   /** Makes a pod namespace and lists it at the kubelet (unless listed is false). */
-  addPod(o: { name: string; namespace?: string; labels?: Record<string, string>; listed?: boolean }): ClusterPod;
+  addPod(o: { name: string; namespace?: string; labels?: Record<string, string>; listed?: boolean; serviceAccount?: string }): ClusterPod;
   /** Writes the bindings folder's one file. */
   writeBindings(objects: object[]): void;
   nmiFlags(): string[];
@@ -49,10 +51,11 @@ export async function createCluster(options: { imds?: ImdsOptions } = {}): Promi
     kubelet,
     imds,
     bindingsDir,
-    addPod({ name, namespace = 'default', labels = {}, listed = true }) {
+    addPod({ name, namespace = 'default', labels = {}, listed = true, serviceAccount }) {
       const ns = node.addPod();
-      if (listed) kubelet.pods.push(makePodJson({ name, namespace, ip: ns.ip, labels, nodeName: 'node1' }));
-      return { ns, name, namespace, labels };
+      const json = makePodJson({ name, namespace, ip: ns.ip, labels, nodeName: 'node1', serviceAccount });
+      if (listed) kubelet.pods.push(json);
+      return { ns, name, namespace, labels, uid: (json.metadata as { uid: string }).uid, serviceAccount: serviceAccount ?? 'default' };
     },
     writeBindings(objects) {
       writeFileSync(path.join(bindingsDir, 'bindings.yaml'), objects.map((o) => stringify(o)).join('---\n'));

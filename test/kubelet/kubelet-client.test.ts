@@ -50,7 +50,7 @@ test('mTLS: reads /pods and parses the pods', async () => {
   const k = await kubelet({ pods: [makePodJson({ name: 'web', namespace: 'shop', uid: 'u-1', ip: '10.244.0.5', labels: { aadpodidbinding: 'web' } })] });
   const pods = await client(mtls(k)).fetchPods();
   assert.deepEqual(pods, [
-    { uid: 'u-1', namespace: 'shop', name: 'web', labels: { aadpodidbinding: 'web' }, ips: ['10.244.0.5'], hostNetwork: false, phase: 'Running', nodeName: 'node1', createdAt: '2024-01-01T00:00:00Z' },
+    { uid: 'u-1', namespace: 'shop', name: 'web', labels: { aadpodidbinding: 'web' }, ips: ['10.244.0.5'], hostNetwork: false, phase: 'Running', nodeName: 'node1', serviceAccount: 'default', createdAt: '2024-01-01T00:00:00Z' },
   ]);
   assert.equal(k.calls, 1);
 });

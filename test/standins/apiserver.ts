@@ -1,5 +1,7 @@
 // A stand-in Kubernetes API server (HTTPS, test CA, bearer token) for
-// aad-pod-identity's custom resources and v1 Secrets.
+// aad-pod-identity's custom resources, v1 Secrets, Pods and ServiceAccounts, and
+// the service account token issuer (TokenRequest, OIDC discovery) that Entra
+// Workload ID federation trusts.
 //
 //   const api = await startApiServer();              // token 'test-token', own CA
 //   api.put({ apiVersion: 'aadpodidentity.k8s.io/v1', kind: 'AzureIdentity',
@@ -8,6 +10,9 @@
 //   const kubeconfig = api.writeKubeconfig(dir);     // or api.writeServiceAccount(root) for in-cluster
 //   api.dropWatches();                               // cut open watches: clients resume from their resourceVersion
 //   api.compact();                                   // older resourceVersions now answer 410 Gone
+//   api.tokenRequests                                // each TokenRequest: what was asked, the token issued
+//   api.tokenClockSkewSec = -7200;                   // tokens issued from now on are already expired
+//   api.rotateSigningKey();                          // new tokens signed by a new key; the JWKS lists old and new
 //   await api.close();
 //
 // Served:
@@ -19,8 +24,19 @@
 //                                                                         resourceVersion that is not the current one
 //   POST /apis/events.k8s.io/v1/namespaces/<ns>/events                    creates an Event, validated as the API server
 //   PATCH …/events/<name>                                                 does (required fields, note length, series)
+//   GET /api/v1/namespaces/<ns>/pods/<name>                               one Pod
+//   GET /api/v1[/namespaces/<ns>]/serviceaccounts[?watch=1…]              list and watch, as for the custom resources
+//   GET /api/v1/namespaces/<ns>/serviceaccounts/<name>                    one ServiceAccount
+//   POST /api/v1/namespaces/<ns>/serviceaccounts/<name>/token             TokenRequest: an RS256 JWT with the claims
+//                                                                         Kubernetes puts in, validated as the API server
+//                                                                         does (404 no SA or pod, 422 under 600 s, 400 pod
+//                                                                         of another SA, 409 pod uid mismatch)
+//   GET /.well-known/openid-configuration, GET /openid/v1/jwks            issuer discovery, anonymous as the API server
+//                                                                         allows it (system:service-account-issuer-discovery)
+// Pods and ServiceAccounts get a metadata.uid when put() without one (kept across puts).
 // Every object change gets the next resourceVersion (one counter, as etcd's) and
 // is kept in a history that watches replay from, until compact().
+import { createHash, generateKeyPairSync, randomUUID, sign, type KeyObject } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import https from 'node:https';
@@ -39,10 +55,25 @@ export const plurals: Record<string, string> = {
   Secret: 'secrets',
   Node: 'nodes',
   Event: 'events',
+  Pod: 'pods',
+  ServiceAccount: 'serviceaccounts',
 };
 
 /** Kinds without a namespace. */
 const clusterScoped = new Set(['Node']);
+
+/** Kinds of the core group (apiVersion v1), whose lists say so. */
+const corePlurals = new Set(['secrets', 'nodes', 'pods', 'serviceaccounts']);
+
+/** Kinds put() gives a metadata.uid when they come without one: what the tokens name. */
+const withUid = new Set(['Pod', 'ServiceAccount']);
+
+/** The served custom resources' plurals. */
+const crdPlurals = new Set(['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions']);
+
+/** The API server's minimum TokenRequest lifetime (pkg/apis/authentication/validation: 10 minutes) and its default. */
+const minTokenSeconds = 600;
+const defaultTokenSeconds = 3600;
 
 export interface KubeObject {
   apiVersion: string;
@@ -57,15 +88,48 @@ export interface RequestRecord {
   method: string;
   path: string;
   query: Record<string, string>;
-  /** The plural for CR and Secret requests. */
+  /** The plural for CR, Secret, Pod and ServiceAccount requests; `serviceaccounts/token` for TokenRequests. */
   resource?: string;
   watch: boolean;
+}
+
+/** A TokenRequest's bound object (authentication.k8s.io/v1 BoundObjectReference). */
+export interface BoundObjectRef {
+  kind: string;
+  apiVersion: string;
+  name: string;
+  uid?: string;
+}
+
+/** One TokenRequest as received, and the token issued for it (none when refused). */
+export interface TokenRequestRecord {
+  namespace: string;
+  serviceAccount: string;
+  audiences: string[];
+  /** As requested (undefined: the 3600 s default). */
+  expirationSeconds: number | undefined;
+  boundObjectRef: BoundObjectRef | undefined;
+  /** The HTTP status answered. */
+  status: number;
+  token: string | undefined;
+}
+
+/** One key of the issuer's JWKS (RFC 7517), as the API server lists it. */
+export interface Jwk {
+  use: 'sig';
+  kty: 'RSA';
+  kid: string;
+  alg: 'RS256';
+  n: string;
+  e: string;
 }
 
 export interface ApiServerOptions {
   /** A PKI to issue the serving certificate from; by default one made (and removed on close) for this server. */
   pki?: Pki;
   token?: string;
+  /** --service-account-issuer: the `iss` of the tokens issued [this server's own URL, so Entra can fetch its discovery]. */
+  issuer?: string;
 }
 
 export interface ApiServer {
@@ -118,6 +182,16 @@ export interface ApiServer {
   writeServiceAccount(root: string): { KUBERNETES_SERVICE_HOST: string; KUBERNETES_SERVICE_PORT: string };
   /** The Events stored (events.k8s.io/v1), in creation order. */
   events(): KubeObject[];
+  /** The service account token issuer: `iss` of every token, and where its discovery document says it is. */
+  readonly issuer: string;
+  /** The public signing keys, as GET /openid/v1/jwks serves them. */
+  jwks(): { keys: Jwk[] };
+  /** A new signing key for the tokens issued from now on; the JWKS keeps the old ones. Returns the new kid. */
+  rotateSigningKey(): string;
+  /** Seconds added to the clock the tokens' iat/nbf/exp are taken from [0]: -7200 issues tokens already expired. */
+  tokenClockSkewSec: number;
+  /** Every TokenRequest received, in order. */
+  readonly tokenRequests: TokenRequestRecord[];
   close(): Promise<void>;
 }
 
@@ -161,11 +235,45 @@ interface HistoryEntry {
   object: KubeObject;
 }
 
-function status(code: number, reason: string, message: string): object {
-  return { kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Failure', code, reason, message };
+function status(code: number, reason: string, message: string, details?: object): object {
+  return { kind: 'Status', apiVersion: 'v1', metadata: {}, status: 'Failure', message, reason, ...(details ? { details } : {}), code };
 }
 
-const reasons: Record<number, string> = { 401: 'Unauthorized', 403: 'Forbidden', 404: 'NotFound', 410: 'Expired', 500: 'InternalError', 503: 'ServiceUnavailable' };
+const reasons: Record<number, string> = {
+  400: 'BadRequest',
+  401: 'Unauthorized',
+  403: 'Forbidden',
+  404: 'NotFound',
+  405: 'MethodNotAllowed',
+  409: 'Conflict',
+  410: 'Expired',
+  415: 'UnsupportedMediaType',
+  422: 'Invalid',
+  500: 'InternalError',
+  503: 'ServiceUnavailable',
+};
+
+interface SigningKey {
+  privateKey: KeyObject;
+  jwk: Jwk;
+}
+
+/** An RSA key with the kid Kubernetes gives it: base64url SHA-256 of the DER (PKIX) public key. */
+function newSigningKey(): SigningKey {
+  const { privateKey, publicKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const kid = createHash('sha256').update(publicKey.export({ type: 'spki', format: 'der' })).digest('base64url');
+  const { n, e } = publicKey.export({ format: 'jwk' });
+  return { privateKey, jwk: { use: 'sig', kty: 'RSA', kid, alg: 'RS256', n: n ?? '', e: e ?? '' } };
+}
+
+function signJwt(key: SigningKey, claims: object): string {
+  const part = (value: object): string => Buffer.from(JSON.stringify(value)).toString('base64url');
+  const signed = `${part({ alg: 'RS256', kid: key.jwk.kid })}.${part(claims)}`;
+  return `${signed}.${sign('sha256', Buffer.from(signed), key.privateKey).toString('base64url')}`;
+}
+
+/** metav1.Time: RFC 3339 in whole seconds. */
+const rfc3339 = (sec: number): string => new Date(sec * 1000).toISOString().replace(/\.\d{3}Z$/, 'Z');
 
 /** RFC 7386: objects merge, null deletes, anything else (lists included) replaces. */
 function mergePatch(target: unknown, patch: unknown): unknown {
@@ -197,6 +305,10 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
   const failures: { count: number; status: number; prefix: string }[] = [];
   const hooks: { method: string; prefix: string; act: () => void | Promise<void> }[] = [];
   const watchWaiters = new Set<() => void>();
+  const signingKeys: SigningKey[] = [newSigningKey()];
+  const tokenRequests: TokenRequestRecord[] = [];
+  // Known once listening: the default issuer is this server's own URL.
+  let issuer = options.issuer ?? '';
 
   const send = (res: ServerResponse, code: number, body: object): void => {
     res.writeHead(code, { 'content-type': 'application/json' });
@@ -246,7 +358,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     const metadata: Record<string, string> = { resourceVersion: String(listRv) };
     if (more) metadata.continue = Buffer.from(JSON.stringify({ rv: listRv, offset: offset + limit })).toString('base64url');
     const kind = Object.keys(plurals).find((k) => plurals[k] === plural);
-    send(res, 200, { apiVersion: CRD_GROUP_VERSION, kind: `${kind}List`, metadata, items });
+    send(res, 200, { apiVersion: corePlurals.has(plural) ? 'v1' : CRD_GROUP_VERSION, kind: `${kind}List`, metadata, items });
   };
 
   const watch = (res: ServerResponse, plural: string, namespace: string | undefined, query: URLSearchParams): void => {
@@ -362,6 +474,134 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     return fail(res, 405, 'only POST of a new Event and PATCH of one are served');
   };
 
+  /**
+   * POST …/serviceaccounts/<name>/token, in the order pkg/registry/core/serviceaccount/storage/token.go
+   * checks: the ServiceAccount, then validation, then the bound object.
+   */
+  const serveTokenRequest = async (req: import('node:http').IncomingMessage, res: ServerResponse, namespace: string, name: string): Promise<void> => {
+    if (req.method !== 'POST') return fail(res, 405, 'only POST is served for serviceaccounts/token');
+    if (req.headers['content-type'] !== 'application/json') return fail(res, 415, 'only application/json is served');
+    let body: { apiVersion?: unknown; kind?: unknown; metadata?: { name?: string; namespace?: string }; spec?: { audiences?: unknown; expirationSeconds?: unknown; boundObjectRef?: BoundObjectRef | null } };
+    try {
+      body = (await readJson(req)) as typeof body;
+    } catch {
+      return fail(res, 400, 'the body is not JSON');
+    }
+    if (body.apiVersion !== 'authentication.k8s.io/v1' || body.kind !== 'TokenRequest') return fail(res, 400, 'not an authentication.k8s.io/v1 TokenRequest');
+    const spec = body.spec ?? {};
+    const audiences = Array.isArray(spec.audiences) && spec.audiences.every((a) => typeof a === 'string') ? (spec.audiences as string[]) : [];
+    const asked = typeof spec.expirationSeconds === 'number' ? spec.expirationSeconds : undefined;
+    const ref = spec.boundObjectRef ?? undefined;
+    const entry: TokenRequestRecord = { namespace, serviceAccount: name, audiences, expirationSeconds: asked, boundObjectRef: ref && structuredClone(ref), status: 0, token: undefined };
+    tokenRequests.push(entry);
+    const refuse = (code: number, message: string, details?: object): void => {
+      entry.status = code;
+      send(res, code, status(code, reasons[code] ?? 'Failure', message, details));
+    };
+
+    const invalid = (field: string, value: unknown, why: string): void =>
+      refuse(422, `TokenRequest.authentication.k8s.io "${name}" is invalid: ${field}: Invalid value: ${JSON.stringify(value)}: ${why}`, {
+        name,
+        group: 'authentication.k8s.io',
+        kind: 'TokenRequest',
+        causes: [{ reason: 'FieldValueInvalid', message: `Invalid value: ${JSON.stringify(value)}: ${why}`, field }],
+      });
+    if (body.metadata?.name && body.metadata.name !== name) return invalid('metadata.name', body.metadata.name, 'must match the service account name if specified');
+    if (body.metadata?.namespace && body.metadata.namespace !== namespace) return invalid('metadata.namespace', body.metadata.namespace, 'must match the service account namespace if specified');
+    const sa = store.get('serviceaccounts')!.get(keyOf(namespace, name));
+    if (!sa) return refuse(404, `serviceaccounts "${name}" not found`, { name, kind: 'serviceaccounts' });
+    const expirationSeconds = asked ?? defaultTokenSeconds;
+    const tooShort = 'may not specify a duration less than 10 minutes';
+    // ValidateTokenRequest's errors come with an empty object name.
+    if (expirationSeconds < minTokenSeconds) {
+      return refuse(422, `TokenRequest.authentication.k8s.io "" is invalid: spec.expirationSeconds: Invalid value: ${expirationSeconds}: ${tooShort}`, {
+        group: 'authentication.k8s.io',
+        kind: 'TokenRequest',
+        causes: [{ reason: 'FieldValueInvalid', message: `Invalid value: ${expirationSeconds}: ${tooShort}`, field: 'spec.expirationSeconds' }],
+      });
+    }
+    if (expirationSeconds > 2 ** 32) {
+      return refuse(422, `TokenRequest.authentication.k8s.io "" is invalid: spec.expirationSeconds: Invalid value: ${expirationSeconds}: may not specify a duration larger than 2^32 seconds`);
+    }
+
+    let pod: KubeObject | undefined;
+    if (ref) {
+      const apiVersion = typeof ref.apiVersion === 'string' ? ref.apiVersion : '';
+      const [group, version] = apiVersion.includes('/') ? apiVersion.split('/') : ['', apiVersion];
+      // The API server also binds to Secrets and Nodes; nmi's tokens are bound to pods only.
+      if (group !== '' || ref.kind !== 'Pod') return refuse(400, `cannot bind token to object of type ${group}/${version}, Kind=${ref.kind}`);
+      pod = store.get('pods')!.get(keyOf(namespace, ref.name));
+      if (!pod) return refuse(404, `pods "${ref.name}" not found`, { name: ref.name, kind: 'pods' });
+      // Admission gives every pod a serviceAccountName, "default" when its spec names none.
+      const podSa = ((pod.spec as { serviceAccountName?: string } | undefined)?.serviceAccountName) || 'default';
+      if (podSa !== name) return refuse(400, `cannot bind token for serviceaccount "${name}" to pod running with different serviceaccount name.`);
+      if (ref.uid && ref.uid !== pod.metadata.uid) {
+        return refuse(
+          409,
+          `Operation cannot be fulfilled on Pod "${ref.name}": the UID in the bound object reference (${ref.uid}) does not match the UID in record. The object might have been deleted and then recreated`,
+          { name: ref.name, kind: 'Pod' },
+        );
+      }
+    }
+
+    const now = Math.floor(Date.now() / 1000) + server.tokenClockSkewSec;
+    const audience = audiences.length > 0 ? audiences : [issuer];
+    const token = signJwt(signingKeys.at(-1)!, tokenClaims(sa, pod, audience, now, expirationSeconds));
+    entry.status = 201;
+    entry.token = token;
+    send(res, 201, {
+      kind: 'TokenRequest',
+      apiVersion: 'authentication.k8s.io/v1',
+      metadata: { name, namespace, uid: sa.metadata.uid, creationTimestamp: rfc3339(now) },
+      spec: { audiences: audience, expirationSeconds, boundObjectRef: ref ?? null },
+      status: { token, expirationTimestamp: rfc3339(now + expirationSeconds) },
+    });
+  };
+
+  /** pkg/serviceaccount/claims.go's claims, keys sorted as in the tokens the API server signs. */
+  const tokenClaims = (sa: KubeObject, pod: KubeObject | undefined, aud: string[], now: number, lifetime: number): object => {
+    const namespace = sa.metadata.namespace ?? 'default';
+    const kube: Record<string, unknown> = { namespace };
+    if (pod) {
+      // A pod's node goes in too (ServiceAccountTokenPodNodeInfo): its name, and its uid when the Node is known.
+      const nodeName = (pod.spec as { nodeName?: string } | undefined)?.nodeName;
+      if (nodeName) {
+        const node = store.get('nodes')!.get(keyOf('', nodeName));
+        kube.node = { name: nodeName, ...(typeof node?.metadata.uid === 'string' ? { uid: node.metadata.uid } : {}) };
+      }
+      kube.pod = { name: pod.metadata.name, uid: pod.metadata.uid };
+    }
+    kube.serviceaccount = { name: sa.metadata.name, uid: sa.metadata.uid };
+    return {
+      aud,
+      exp: now + lifetime,
+      iat: now,
+      iss: issuer,
+      jti: randomUUID(),
+      'kubernetes.io': kube,
+      nbf: now,
+      sub: `system:serviceaccount:${namespace}:${sa.metadata.name}`,
+    };
+  };
+
+  const discovery = (res: ServerResponse, what: 'configuration' | 'jwks'): void => {
+    res.writeHead(200, { 'content-type': what === 'jwks' ? 'application/jwk-set+json' : 'application/json' });
+    res.end(
+      JSON.stringify(
+        what === 'jwks'
+          ? server.jwks()
+          : {
+              issuer,
+              // Where this server is, as the API server's default (its external address), whatever the issuer.
+              jwks_uri: `${server.url}/openid/v1/jwks`,
+              response_types_supported: ['id_token'],
+              subject_types_supported: ['public'],
+              id_token_signing_alg_values_supported: ['RS256'],
+            },
+      ),
+    );
+  };
+
   const handler = async (req: import('node:http').IncomingMessage, res: ServerResponse): Promise<void> => {
     const url = new URL(req.url ?? '/', 'https://apiserver');
     const query = url.searchParams;
@@ -370,14 +610,21 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     const secret = url.pathname.match(/^\/api\/v1\/namespaces\/([^/]+)\/secrets\/([^/]+)$/);
     const node = url.pathname.match(/^\/api\/v1\/nodes\/([^/]+)$/);
     const event = url.pathname.match(/^\/apis\/events\.k8s\.io\/v1\/namespaces\/([^/]+)\/events(?:\/([^/]+))?$/);
+    const pod = url.pathname.match(/^\/api\/v1\/namespaces\/([^/]+)\/pods\/([^/]+)$/);
+    const saList = url.pathname.match(/^\/api\/v1\/(?:namespaces\/([^/]+)\/)?serviceaccounts$/);
+    const sa = url.pathname.match(/^\/api\/v1\/namespaces\/([^/]+)\/serviceaccounts\/([^/]+)(\/token)?$/);
+    const openid = url.pathname === '/.well-known/openid-configuration' ? 'configuration' : url.pathname === '/openid/v1/jwks' ? 'jwks' : undefined;
     requests.push({
       method: req.method ?? '',
       path: url.pathname,
       query: Object.fromEntries(query),
-      resource: crd?.[2] ?? (secret ? 'secrets' : node ? 'nodes' : event ? 'events' : undefined),
+      resource:
+        crd?.[2] ??
+        (secret ? 'secrets' : node ? 'nodes' : event ? 'events' : pod ? 'pods' : saList ? 'serviceaccounts' : sa ? (sa[3] ? 'serviceaccounts/token' : 'serviceaccounts') : undefined),
       watch: isWatch,
     });
-    if (req.headers.authorization !== `Bearer ${token}`) return fail(res, 401, 'Unauthorized');
+    // Issuer discovery is open to anonymous callers (the system:service-account-issuer-discovery binding): Entra ID calls it.
+    if (openid === undefined && req.headers.authorization !== `Bearer ${token}`) return fail(res, 401, 'Unauthorized');
     const injected = failures.find((f) => url.pathname.startsWith(f.prefix));
     if (injected) {
       if (--injected.count <= 0) failures.splice(failures.indexOf(injected), 1);
@@ -389,6 +636,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       await hook.act();
     }
     if (event) return serveEvent(req, res, decodeURIComponent(event[1] ?? ''), event[2] === undefined ? undefined : decodeURIComponent(event[2]));
+    if (sa?.[3]) return serveTokenRequest(req, res, decodeURIComponent(sa[1] ?? ''), decodeURIComponent(sa[2] ?? ''));
     if (node) {
       const name = decodeURIComponent(node[1] ?? '');
       if (req.method === 'PATCH') return patchNode(req, res, name);
@@ -397,10 +645,21 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       return found ? send(res, 200, found) : fail(res, 404, `nodes "${name}" not found`);
     }
     if (req.method !== 'GET') return fail(res, 405, 'only GET is served');
+    if (openid) return discovery(res, openid);
     if (crd) {
       const [, namespace, plural = ''] = crd;
-      if (plural === 'secrets' || plural === 'nodes' || !store.has(plural)) return fail(res, 404, `the server could not find the requested resource`);
+      if (!crdPlurals.has(plural)) return fail(res, 404, `the server could not find the requested resource`);
       return isWatch ? watch(res, plural, namespace, query) : list(res, plural, namespace, query);
+    }
+    if (saList) {
+      const namespace = saList[1] === undefined ? undefined : decodeURIComponent(saList[1]);
+      return isWatch ? watch(res, 'serviceaccounts', namespace, query) : list(res, 'serviceaccounts', namespace, query);
+    }
+    if (pod || sa) {
+      const [plural, match] = pod ? (['pods', pod] as const) : (['serviceaccounts', sa!] as const);
+      const name = decodeURIComponent(match[2] ?? '');
+      const found = store.get(plural)?.get(keyOf(decodeURIComponent(match[1] ?? ''), name));
+      return found ? send(res, 200, found) : fail(res, 404, `${plural} "${name}" not found`);
     }
     if (secret) {
       const [, namespace = '', name = ''] = secret;
@@ -414,6 +673,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
   httpsServer.listen(0, '127.0.0.1');
   await once(httpsServer, 'listening');
   const port = (httpsServer.address() as AddressInfo).port;
+  issuer ||= `https://127.0.0.1:${port}`;
 
   const pluralOf = (kind: string): string => {
     const plural = plurals[kind];
@@ -440,6 +700,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       copy.metadata.resourceVersion = String(++rv);
       const key = keyOf(copy.metadata.namespace ?? '', copy.metadata.name);
       const objects = store.get(plural)!;
+      if (withUid.has(obj.kind)) copy.metadata.uid ??= objects.get(key)?.metadata.uid ?? randomUUID();
       const type = objects.has(key) ? 'MODIFIED' : 'ADDED';
       objects.set(key, copy);
       record(plural, type, copy);
@@ -516,6 +777,16 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       await once(httpsServer, 'listening');
     },
     events: () => [...store.get('events')!.values()].map((e) => structuredClone(e)),
+    get issuer() {
+      return issuer;
+    },
+    jwks: () => ({ keys: signingKeys.map((k) => ({ ...k.jwk })) }),
+    rotateSigningKey() {
+      signingKeys.push(newSigningKey());
+      return signingKeys.at(-1)!.jwk.kid;
+    },
+    tokenClockSkewSec: 0,
+    tokenRequests,
     writeKubeconfig(dir, name = 'kubeconfig') {
       return writeKubeconfig(path.join(dir, name), { server: server.url, caFile: pki.caFile, token });
     },

@@ -3,25 +3,33 @@
 //
 //   const entra = await startEntra();                 // entra.url = 'https://127.0.0.1:<port>'
 //   entra.register({ tenantId, clientId, clientSecret })          // or certificatePem
+//   entra.federate({ tenantId, clientId, issuer, subject, audience? })   // a federated identity credential
 //   POST /<tenant>/oauth2/v2.0/token  grant_type=client_credentials, scope=<resource>/.default,
 //     client_id + client_secret, or client_assertion (a JWT signed with the registered
 //     certificate's key: signature, x5t/x5t#S256, aud, iss, sub, exp checked)
 //     → 200 {token_type, expires_in, ext_expires_in, access_token} (decodeStandinToken reads it)
 //     wrong secret or assertion → 401 invalid_client; unknown client → 400 unauthorized_client;
 //     unknown tenant → 400 invalid_request; scope not ending in /.default → 400 invalid_scope.
+//   Workload ID federation: a client_assertion whose iss is not the client id, for an app with
+//     federated credentials, is checked as Entra ID does: credentials with its iss (else 401
+//     AADSTS700211), the issuer's <iss>/.well-known/openid-configuration and jwks_uri fetched over
+//     HTTPS trusting the pki's CA, cached per issuer (unreachable → 400 AADSTS50166), the kid's key
+//     (missing → 401 AADSTS7000272), the RS256 signature (→ 401 AADSTS700027), exp/nbf (→ 401
+//     AADSTS700024), then subject (→ 401 AADSTS700213) and audience (→ 401 AADSTS700212), case-sensitive;
+//     not a JWT → 400 AADSTS50027. The token's identity is `fic:<tenant>/<client id>/<subject>`.
 //   GET /<tenant>/v2.0/.well-known/openid-configuration, GET /common/discovery/instance:
 //     the documented shapes; counted in entra.discoveryCalls.
 //   entra.failNext(n, { status, body?, headers? }); entra.hang(true) holds token calls, hang(false) answers them;
-//   entra.calls, entra.requests (client_secret redacted).
+//   entra.calls, entra.requests (client_secret and client_assertion redacted), entra.issuerFetches.
 //   startEntra({ throttle: { maxConcurrent, perSecond, latencyMs } }): per tenant, 429 past them;
 //   entra.throttled() sums the 429s answered.
 //   createRsaCertificate(pki, cn, password?) makes an RSA client certificate (msal signs with RSA only).
 //   await entra.close()
-import { constants, createHash, randomUUID, verify, X509Certificate } from 'node:crypto';
+import { constants, createHash, createPublicKey, randomUUID, verify, X509Certificate, type JsonWebKey } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
-import { createServer, type Server } from 'node:https';
+import { Agent, createServer, get, type Server } from 'node:https';
 import type { ServerResponse } from 'node:http';
 import path from 'node:path';
 import { Faults, Throttle, type Failure, type ThrottleLimits } from './faults.js';
@@ -36,6 +44,20 @@ export interface EntraApp {
   certificatePem?: string;
 }
 
+/** A federated identity credential on an app registration: tokens of this issuer and subject are the app's. */
+export interface FederatedCredential {
+  tenantId: string;
+  clientId: string;
+  /** Compared with the assertion's iss exactly. */
+  issuer: string;
+  /** Compared with the assertion's sub exactly, e.g. system:serviceaccount:<namespace>:<name>. */
+  subject: string;
+  /** One of the assertion's aud must be this [api://AzureADTokenExchange]. */
+  audience?: string;
+}
+
+export const tokenExchangeAudience = 'api://AzureADTokenExchange';
+
 export interface EntraOptions {
   /** Where the serving certificate comes from; a fresh PKI (removed on close) when absent. */
   pki?: Pki;
@@ -43,12 +65,18 @@ export interface EntraOptions {
   expiresInSec?: number;
   /** Limits on token calls per tenant: 429 past them. */
   throttle?: ThrottleLimits;
+  /** CA (PEM) trusted when fetching a federated issuer's discovery document and keys [the pki's]. */
+  issuerCaPem?: string;
 }
 
 export interface EntraStandin {
   url: string;
   caPem: string;
   register(app: EntraApp): void;
+  /** Adds a federated identity credential, creating the app (with no secret or certificate) if needed. */
+  federate(credential: FederatedCredential): void;
+  /** GETs made to federated issuers (discovery documents and JWKS), cache misses only. */
+  readonly issuerFetches: number;
   /** Token calls so far (hung ones included). */
   readonly calls: number;
   /** Discovery and OIDC metadata calls so far. */
@@ -65,6 +93,14 @@ export interface EntraStandin {
 
 export const assertionType = 'urn:ietf:params:oauth:client-assertion-type:jwt-bearer';
 
+/** How far an assertion's exp and nbf may be off the stand-in's clock. */
+const assertionSkewSec = 60;
+
+/** How Entra ID's "no matching federated identity record" errors end, after "Please check" or "Check". */
+const credentialHint = 'your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation';
+
+type Refusal = { status: number; body: unknown };
+
 export async function startEntra(options: EntraOptions = {}): Promise<EntraStandin> {
   const pki = options.pki ?? createPki('entra');
   const serving = pki.server('127.0.0.1', ['127.0.0.1', 'localhost']);
@@ -77,13 +113,19 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
   let base = '';
   const standin = { expiresInSec: options.expiresInSec ?? 3599 };
   const throttles = new Map<string, Throttle>();
+  const federated = new Map<string, FederatedCredential[]>();
+  // Per issuer, its JWKS keys: Entra ID caches them too, and fetches again for a kid it does not know.
+  const issuerKeys = new Map<string, JsonWebKey[]>();
+  let issuerFetches = 0;
+  const issuerAgent = new Agent({ ca: options.issuerCaPem ?? pki.caPem, keepAlive: false });
 
   const server: Server = createServer({ cert: serving.certPem, key: serving.keyPem }, async (req, res) => {
     const url = new URL(req.url ?? '/', 'https://entra');
     const chunks: Buffer[] = [];
     for await (const chunk of req) chunks.push(chunk as Buffer);
     const form = req.method === 'POST' ? Object.fromEntries(new URLSearchParams(Buffer.concat(chunks).toString('utf8'))) : {};
-    const recorded = { ...form, ...(form.client_secret ? { client_secret: '[redacted]' } : {}) };
+    // Both are credentials: a client assertion (a service account token) signs in as the app for as long as it lives.
+    const recorded = { ...form, ...(form.client_secret ? { client_secret: '[redacted]' } : {}), ...(form.client_assertion ? { client_assertion: '[redacted]' } : {}) };
     requests.push({ method: req.method ?? '', path: url.pathname, query: Object.fromEntries(url.searchParams), headers: req.headers, form: recorded });
     if (requests.length > 100) requests.shift();
 
@@ -112,22 +154,23 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
       if (!throttle.admit()) return send(res, 429, entraError('temporarily_unavailable', 50196, 'The server is temporarily throttling requests.'));
       throttle.until(res);
     }
-    const answer = (): void => answerToken(res, tenant, form, `${base}${url.pathname}`);
+    const answer = (): void => void answerToken(res, tenant, form, `${base}${url.pathname}`);
     const latency = options.throttle?.latencyMs ?? 0;
     faults.run(latency > 0 ? () => setTimeout(answer, latency) : answer);
   });
 
-  function answerToken(res: ServerResponse, tenant: string, form: Record<string, string>, tokenUrl: string): void {
+  async function answerToken(res: ServerResponse, tenant: string, form: Record<string, string>, tokenUrl: string): Promise<void> {
     if (res.destroyed) return;
     const failure = faults.next();
     if (failure) return send(res, failure.status, failure.body ?? entraError(failure.status === 429 ? 'temporarily_unavailable' : 'server_error', 50001, 'programmed failure'), failure.headers);
-    const outcome = grant(tenant, form, tokenUrl);
+    const outcome = await grant(tenant, form, tokenUrl);
+    if (res.destroyed) return;
     if ('status' in outcome) return send(res, outcome.status, outcome.body);
     const now = Math.floor(Date.now() / 1000);
     const access = issueStandinToken({
       aud: outcome.scope.slice(0, -'/.default'.length),
       appid: outcome.app.clientId,
-      identity: `sp:${tenant}/${outcome.app.clientId}`,
+      identity: outcome.identity,
       serial: ++serial,
       iat: now,
       nbf: now,
@@ -136,7 +179,7 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
     send(res, 200, { token_type: 'Bearer', expires_in: standin.expiresInSec, ext_expires_in: standin.expiresInSec, access_token: access });
   }
 
-  function grant(tenant: string, form: Record<string, string>, tokenUrl: string): { app: EntraApp; scope: string } | { status: number; body: unknown } {
+  async function grant(tenant: string, form: Record<string, string>, tokenUrl: string): Promise<{ app: EntraApp; scope: string; identity: string } | Refusal> {
     if (![...apps.values()].some((a) => a.tenantId === tenant)) {
       return { status: 400, body: entraError('invalid_request', 90002, `Tenant '${tenant}' not found.`) };
     }
@@ -148,12 +191,110 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
     if (form.client_secret !== undefined) {
       if (form.client_secret !== app.clientSecret) return { status: 401, body: entraError('invalid_client', 7000215, 'Invalid client secret provided.') };
     } else if (form.client_assertion_type === assertionType && form.client_assertion) {
+      const credentials = federated.get(`${tenant}/${app.clientId}`) ?? [];
+      // An app's own certificate-signed assertion says iss = its client id; anything else is an external token.
+      if (credentials.length > 0 && parsePart(form.client_assertion.split('.')[1] ?? '')?.iss !== app.clientId) {
+        const checked = await checkFederated(form.client_assertion, credentials);
+        if ('status' in checked) return checked;
+        return { app, scope, identity: `fic:${tenant}/${app.clientId}/${checked.subject}` };
+      }
       const problem = checkAssertion(form.client_assertion, app, tokenUrl);
       if (problem) return { status: 401, body: entraError('invalid_client', 700027, `Client assertion failed signature validation: ${problem}`) };
     } else {
       return { status: 401, body: entraError('invalid_client', 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.") };
     }
-    return { app, scope };
+    return { app, scope, identity: `sp:${tenant}/${app.clientId}` };
+  }
+
+  /** Workload ID federation: the external token checked against the app's federated credentials, in Entra ID's order. */
+  async function checkFederated(assertion: string, credentials: FederatedCredential[]): Promise<{ subject: string } | Refusal> {
+    const refuse = (status: number, error: string, code: number, description: string): Refusal => ({ status, body: entraError(error, code, description) });
+    const malformed = refuse(400, 'invalid_request', 50027, 'JWT token is invalid or malformed.');
+    const [headerPart = '', payloadPart = '', signaturePart = '', ...extra] = assertion.split('.');
+    const header = parsePart(headerPart);
+    const claims = parsePart(payloadPart);
+    if (extra.length > 0 || !header || !claims || typeof claims.iss !== 'string' || typeof claims.exp !== 'number') return malformed;
+    const { iss } = claims;
+    const sub = typeof claims.sub === 'string' ? claims.sub : '';
+    const aud = typeof claims.aud === 'string' ? [claims.aud] : Array.isArray(claims.aud) ? claims.aud.filter((a): a is string => typeof a === 'string') : [];
+
+    const trusted = credentials.filter((c) => c.issuer === iss);
+    if (trusted.length === 0) return refuse(401, 'invalid_client', 700211, `No matching federated identity record found for presented assertion issuer '${iss}'. Please check ${credentialHint}`);
+
+    const kid = typeof header.kid === 'string' ? header.kid : '';
+    const unreachable = refuse(400, 'invalid_request', 50166, 'Request to External OIDC endpoint failed.');
+    let keys = issuerKeys.get(iss) ?? (await fetchIssuerKeys(iss));
+    if (!keys) return unreachable;
+    if (!keys.some((k) => k.kid === kid)) keys = await fetchIssuerKeys(iss);
+    if (!keys) return unreachable;
+    const jwk = keys.find((k) => k.kid === kid);
+    if (!jwk) {
+      return refuse(401, 'invalid_client', 7000272, `The certificate with identifier ${kid} used to sign the federated credential could not be found in the metadata of identity provider ${iss}. Please validate that your Identity Provider's metadata exposes the key used to sign the incoming token.`);
+    }
+    let valid = false;
+    try {
+      valid = header.alg === 'RS256' && verify('sha256', Buffer.from(`${headerPart}.${payloadPart}`), createPublicKey({ key: jwk, format: 'jwk' }), Buffer.from(signaturePart, 'base64url'));
+    } catch {
+      valid = false;
+    }
+    if (!valid) return refuse(401, 'invalid_client', 700027, 'Client assertion failed signature validation.');
+
+    const now = Date.now() / 1000;
+    const nbf = typeof claims.nbf === 'number' ? claims.nbf : 0;
+    if (claims.exp + assertionSkewSec <= now || nbf - assertionSkewSec > now) {
+      return refuse(
+        401,
+        'invalid_client',
+        700024,
+        `Client assertion is not within its valid time range. Current time: ${entraTime(now)}, assertion valid from ${entraTime(nbf)}, expiry time of assertion ${entraTime(claims.exp)}. Review the documentation at https://learn.microsoft.com/entra/identity-platform/certificate-credentials .`,
+      );
+    }
+
+    const bySubject = trusted.filter((c) => c.subject === sub);
+    if (bySubject.length === 0) return refuse(401, 'invalid_client', 700213, `No matching federated identity record found for presented assertion subject '${sub}'. Check ${credentialHint}`);
+    if (!bySubject.some((c) => aud.includes(c.audience ?? tokenExchangeAudience))) {
+      return refuse(401, 'invalid_client', 700212, `No matching federated identity record found for presented assertion audience '${aud.join(',')}'. Please check ${credentialHint}`);
+    }
+    return { subject: sub };
+  }
+
+  /** The issuer's keys from its discovery document's jwks_uri, or undefined when either cannot be had. */
+  async function fetchIssuerKeys(iss: string): Promise<JsonWebKey[] | undefined> {
+    try {
+      const configuration = await getJson(`${iss.replace(/\/$/, '')}/.well-known/openid-configuration`);
+      // OpenID Connect Discovery 1.0 §4.3: the document must name the issuer it was fetched for.
+      if (configuration.issuer !== iss || typeof configuration.jwks_uri !== 'string') return undefined;
+      const jwks = await getJson(configuration.jwks_uri);
+      if (!Array.isArray(jwks.keys)) return undefined;
+      const keys = jwks.keys as JsonWebKey[];
+      issuerKeys.set(iss, keys);
+      return keys;
+    } catch {
+      return undefined;
+    }
+  }
+
+  function getJson(url: string): Promise<Record<string, unknown>> {
+    issuerFetches++;
+    return new Promise((resolve, reject) => {
+      const req = get(url, { agent: issuerAgent, timeout: 5000 }, (res) => {
+        const chunks: Buffer[] = [];
+        res.on('data', (chunk: Buffer) => chunks.push(chunk));
+        res.on('error', reject);
+        res.on('end', () => {
+          if (res.statusCode !== 200) return reject(new Error(`${url} answered ${res.statusCode}`));
+          try {
+            const body = JSON.parse(Buffer.concat(chunks).toString('utf8')) as unknown;
+            if (typeof body !== 'object' || body === null) return reject(new Error(`${url}: not a JSON object`));
+            resolve(body as Record<string, unknown>);
+          } catch (err) {
+            reject(err instanceof Error ? err : new Error(String(err)));
+          }
+        });
+      });
+      req.on('timeout', () => req.destroy(new Error(`${url}: no answer in 5 s`)));
+      req.on('error', reject);
+    });
   }
 
   server.listen(0, '127.0.0.1');
@@ -165,6 +306,14 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
     caPem: pki.caPem,
     register(app: EntraApp) {
       apps.set(`${app.tenantId}/${app.clientId}`, app);
+    },
+    federate(credential: FederatedCredential) {
+      const key = `${credential.tenantId}/${credential.clientId}`;
+      if (!apps.has(key)) apps.set(key, { tenantId: credential.tenantId, clientId: credential.clientId });
+      federated.set(key, [...(federated.get(key) ?? []), { ...credential }]);
+    },
+    get issuerFetches() {
+      return issuerFetches;
     },
     get calls() {
       return calls;
@@ -187,6 +336,7 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
     hang: (on: boolean) => faults.hang(on),
     async close() {
       faults.clear();
+      issuerAgent.destroy();
       server.closeAllConnections();
       server.close();
       await once(server, 'close');
@@ -226,10 +376,16 @@ function checkAssertion(assertion: string, app: EntraApp, tokenUrl: string): str
 
 function parsePart(part: string): Record<string, unknown> | undefined {
   try {
-    return JSON.parse(Buffer.from(part, 'base64url').toString('utf8')) as Record<string, unknown>;
+    const value = JSON.parse(Buffer.from(part, 'base64url').toString('utf8')) as unknown;
+    return typeof value === 'object' && value !== null && !Array.isArray(value) ? (value as Record<string, unknown>) : undefined;
   } catch {
     return undefined;
   }
+}
+
+/** Times as Entra ID's messages print them: 2024-10-02T22:05:03.6755165Z. */
+function entraTime(sec: number): string {
+  return new Date(Math.floor(sec * 1000)).toISOString().replace(/Z$/, '0000Z');
 }
 
 function openIdConfiguration(base: string, tenant: string): Record<string, unknown> {

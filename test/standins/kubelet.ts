@@ -33,6 +33,8 @@ export interface PodJsonOptions {
   /** Pending, Running, Succeeded, Failed, Unknown. Default Running. */
   phase?: string;
   nodeName?: string;
+  /** spec.serviceAccountName; the API server's admission sets `default` when a pod names none. */
+  serviceAccount?: string;
 }
 
 /** A pod in the kubelet's JSON shape (fields as the kubelet writes them, `omitempty` honoured). */
@@ -52,6 +54,7 @@ export function makePodJson(o: PodJsonOptions): Record<string, unknown> {
     spec: {
       containers: [{ name: 'app', image: 'registry.k8s.io/pause:3.9', resources: {} }],
       restartPolicy: 'Always',
+      serviceAccountName: o.serviceAccount ?? 'default',
       nodeName: o.nodeName ?? 'node1',
       ...(o.hostNetwork ? { hostNetwork: true } : {}),
     },
