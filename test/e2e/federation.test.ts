@@ -5,22 +5,22 @@
 // real against the API server's JWKS and its federated identity credentials.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createCluster, crd, TOKEN_URL, type Cluster, type ClusterPod } from '../harness/cluster.js';
+import { crd, TOKEN_URL, type ClusterPod } from '../harness/cluster.js';
+import { createFederatedNode, TENANT, type FederatedNode } from '../harness/federation.js';
 import { nodeScriptInPod, type PodAgent } from '../harness/netns.js';
 import { nmiAsync, waitFor, type NmiProcess } from '../harness/nmi-process.js';
-import { startApiServer, type ApiServer, type KubeObject } from '../standins/apiserver.js';
-import { startEntra, type EntraStandin } from '../standins/entra.js';
+import type { ApiServer, KubeObject } from '../standins/apiserver.js';
+import type { EntraStandin } from '../standins/entra.js';
 import { decodeStandinToken } from '../standins/imds.js';
 
 const VAULT = 'https://vault.azure.net';
 const STORAGE = 'https://storage.azure.com';
 const query = (resource = VAULT) => `${TOKEN_URL}?api-version=2018-02-01&resource=${encodeURIComponent(resource)}`;
 const META = { Metadata: 'true' };
-const TENANT = '72f988bf-86f1-41af-91ab-2d7cd011db47';
 const APP = 'aaaaaaaa-0000-0000-0000-0000000000fe';
 const WI_APP = 'bbbbbbbb-0000-0000-0000-0000000000fe';
 
-let cluster: Cluster;
+let node: FederatedNode;
 let api: ApiServer;
 let entra: EntraStandin;
 let daemon: NmiProcess;
@@ -29,45 +29,28 @@ const agents: Record<string, PodAgent> = {};
 
 type Json = Record<string, any>;
 const json = (body: string) => JSON.parse(body) as Json;
-const subjectOf = (pod: ClusterPod) => `system:serviceaccount:${pod.namespace}:${pod.serviceAccount}`;
+const subjectOf = (pod: ClusterPod) => node.subjectOf(pod);
 const madeFrom = (accessToken: string) => decodeStandinToken(accessToken).identity;
 
-/** The pod as the API server holds it: the TokenRequest API binds tokens to it. */
-function register(pod: ClusterPod): void {
-  api.put({ apiVersion: 'v1', kind: 'Pod', metadata: { name: pod.name, namespace: pod.namespace, uid: pod.uid }, spec: { serviceAccountName: pod.serviceAccount, nodeName: 'node1' } } as KubeObject);
-}
-
 before(async () => {
-  cluster = await createCluster();
-  api = await startApiServer({ pki: cluster.pki });
-  entra = await startEntra({ pki: cluster.pki });
-  const kubeconfig = api.writeKubeconfig(cluster.bindingsDir);
-  pods.a = cluster.addPod({ name: 'fed-a', namespace: 'apps', labels: { aadpodidbinding: 'fed' }, serviceAccount: 'sa-a' });
-  pods.b = cluster.addPod({ name: 'fed-b', namespace: 'apps', labels: { aadpodidbinding: 'fed' }, serviceAccount: 'sa-b' });
-  pods.wi = cluster.addPod({ name: 'wi', namespace: 'apps', labels: { 'azure.workload.identity/use': 'true' }, serviceAccount: 'wi-sa' });
-  for (const name of ['sa-a', 'sa-b']) api.put({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name, namespace: 'apps' } });
-  api.put({
-    apiVersion: 'v1',
-    kind: 'ServiceAccount',
-    metadata: { name: 'wi-sa', namespace: 'apps', annotations: { 'azure.workload.identity/client-id': WI_APP, 'azure.workload.identity/tenant-id': TENANT } },
-  });
-  for (const pod of Object.values(pods)) register(pod);
+  node = await createFederatedNode();
+  ({ api, entra } = node);
+  pods.a = node.addPod({ name: 'fed-a', namespace: 'apps', labels: { aadpodidbinding: 'fed' }, serviceAccount: 'sa-a' });
+  pods.b = node.addPod({ name: 'fed-b', namespace: 'apps', labels: { aadpodidbinding: 'fed' }, serviceAccount: 'sa-b' });
+  const annotations = { 'azure.workload.identity/client-id': WI_APP, 'azure.workload.identity/tenant-id': TENANT };
+  pods.wi = node.addPod({ name: 'wi', namespace: 'apps', labels: { 'azure.workload.identity/use': 'true' }, serviceAccount: 'wi-sa', annotations });
   api.put({ apiVersion: 'aadpodidentity.k8s.io/v1', kind: 'AzureIdentity', metadata: { name: 'fed', namespace: 'apps' }, spec: { type: 3, clientID: APP, tenantID: TENANT } } as KubeObject);
   api.put(crd.binding('fed-binding', 'fed', 'fed', 'apps') as KubeObject);
   // Only sa-a is trusted by the app: sa-b's pod is bound to the same identity, and must never get its tokens.
   entra.federate({ tenantId: TENANT, clientId: APP, issuer: api.issuer, subject: subjectOf(pods.a) });
   entra.federate({ tenantId: TENANT, clientId: WI_APP, issuer: api.issuer, subject: subjectOf(pods.wi) });
-  daemon = await cluster.startNmi(['--bindings', 'kubernetes', '--kubeconfig', kubeconfig, '--aad-authority-host', entra.url], {
-    env: { ...process.env, NODE_EXTRA_CA_CERTS: cluster.pki.caFile },
-  });
+  daemon = await node.startNmi();
   for (const [name, pod] of Object.entries(pods)) agents[name] = await pod.ns.agent();
 });
 
 after(async () => {
   await Promise.all(Object.values(agents).map((agent) => agent.close()));
-  await entra?.close();
-  await api?.close();
-  await cluster?.close();
+  await node?.close();
 });
 
 test("a pod bound to a type 3 identity: msal-node's ManagedIdentityApplication gets an Entra token made from the pod's own service account", async () => {
