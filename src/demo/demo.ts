@@ -10,10 +10,13 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { createNodeNamespace, createPodNamespace, deleteNamespace, enterNamespace, listNamespaces, NODE_IP } from '../netns/netns.js';
 import { readMetric } from '../metrics/read.js';
-import { startImds, startKubelet, type Standin } from './standins.js';
+import { startEntra, startTokenIssuer } from './federation.js';
+import { podUid, startImds, startKubelet, type DemoPod, type Standin } from './standins.js';
 
 const NODE_NS = 'nmi-demo-node';
 const POD_NS = 'nmi-demo-pod';
+/** The second pod: its token comes through Workload ID federation. */
+const FED_NS = 'nmi-demo-pod2';
 const PROBE = '127.0.0.1:8085';
 /** The folder and daemon of a demo killed halfway outlive it; the next demo removes them by this. */
 const STATE_FILE = path.join(tmpdir(), 'nmi-demo-state.json');
@@ -24,6 +27,9 @@ interface DemoState {
 }
 const CLIENT_ID = '00000000-0000-0000-0000-00000000d3m0'.replace('d3m0', 'de00');
 const RESOURCE = 'https://management.azure.com/';
+const TENANT = '00000000-0000-0000-0000-00000000de01';
+const FED_CLIENT_ID = '00000000-0000-0000-0000-00000000de02';
+const API_TOKEN = 'demo-api-server-token';
 const nmiBin = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../bin/nmi.js');
 
 const bindings = `apiVersion: aadpodidentity.k8s.io/v1
@@ -35,6 +41,16 @@ apiVersion: aadpodidentity.k8s.io/v1
 kind: AzureIdentityBinding
 metadata: { name: demo-binding, namespace: default }
 spec: { azureIdentity: demo-identity, selector: demo }
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentity
+metadata: { name: federated-identity, namespace: default }
+spec: { type: 3, clientID: ${FED_CLIENT_ID}, tenantID: ${TENANT} }
+---
+apiVersion: aadpodidentity.k8s.io/v1
+kind: AzureIdentityBinding
+metadata: { name: federated-binding, namespace: default }
+spec: { azureIdentity: federated-identity, selector: federated }
 `;
 
 /** What the pod runs: one IMDS token request, answered as JSON on stdout. */
@@ -77,8 +93,8 @@ function redact(body: string): Record<string, string> {
 }
 
 /** Async on purpose: the stand-ins live in this process and must keep answering meanwhile. */
-async function podRequest(): Promise<{ status: number; body: string }> {
-  const child = spawn('ip', ['netns', 'exec', POD_NS, process.execPath, '-e', podScript], { stdio: ['ignore', 'pipe', 'inherit'], timeout: 20_000 });
+async function podRequest(ns = POD_NS): Promise<{ status: number; body: string }> {
+  const child = spawn('ip', ['netns', 'exec', ns, process.execPath, '-e', podScript], { stdio: ['ignore', 'pipe', 'inherit'], timeout: 20_000 });
   let out = '';
   child.stdout.on('data', (d: Buffer) => (out += d.toString()));
   await once(child, 'exit');
@@ -137,6 +153,7 @@ export async function runDemo(): Promise<number> {
       await Promise.race([once(daemon, 'exit'), sleep(15_000, undefined, { ref: false })]);
     }
     standins.forEach((s) => s.close());
+    deleteNamespace(FED_NS);
     deleteNamespace(POD_NS);
     deleteNamespace(NODE_NS);
     rmSync(tmp, { recursive: true, force: true });
@@ -150,33 +167,53 @@ export async function runDemo(): Promise<number> {
   process.once('SIGINT', onSignal).once('SIGTERM', onSignal);
 
   try {
-    say('nmi demo: a throwaway node and pod, a stand-in kubelet and IMDS, and a token through 169.254.169.254');
+    say('nmi demo: a throwaway node and two pods, stand-ins for the kubelet, IMDS, the API server and Entra ID, and tokens through 169.254.169.254');
     await step(0, 'removed what an interrupted demo left', () => {
       removeLeftovers();
-      for (const ns of [POD_NS, NODE_NS]) if (listNamespaces().includes(ns)) deleteNamespace(ns);
+      for (const ns of [FED_NS, POD_NS, NODE_NS]) if (listNamespaces().includes(ns)) deleteNamespace(ns);
       writeFileSync(STATE_FILE, JSON.stringify({ folder: tmp } satisfies DemoState));
     });
-    await step(1, `created namespace ${NODE_NS} (node address ${NODE_IP}) and ${POD_NS}`, () => {
+    await step(1, `created namespace ${NODE_NS} (node address ${NODE_IP}), ${POD_NS} and ${FED_NS}`, () => {
       createNodeNamespace(NODE_NS);
       enterNamespace(NODE_NS);
     });
     const podIp = createPodNamespace(NODE_NS, POD_NS, 1);
-    say(`    pod address ${podIp}, routed through the node`);
-    const kubelet = await step(2, 'started a stand-in kubelet listing the pod (label aadpodidbinding=demo)', () =>
-      startKubelet([{ name: 'demo-pod', namespace: 'default', ip: podIp, labels: { aadpodidbinding: 'demo' } }]),
+    const fedIp = createPodNamespace(NODE_NS, FED_NS, 2);
+    say(`    pod addresses ${podIp} and ${fedIp}, routed through the node`);
+    const fedPod: DemoPod = { name: 'federated-pod', namespace: 'default', ip: fedIp, labels: { aadpodidbinding: 'federated' }, serviceAccount: 'federated-sa' };
+    const kubelet = await step(2, 'started a stand-in kubelet listing the pods (labels aadpodidbinding=demo and =federated)', () =>
+      startKubelet([{ name: 'demo-pod', namespace: 'default', ip: podIp, labels: { aadpodidbinding: 'demo' } }, fedPod]),
     );
     standins.push(kubelet);
-    const imds = await step(3, 'started a stand-in IMDS for user-assigned identity tokens', () => startImds());
-    standins.push(imds);
+    const subject = `system:serviceaccount:default:${fedPod.serviceAccount}`;
+    const { imds, apiServer, entra } = await step(3, `started a stand-in IMDS, an API server issuing service-account tokens, and an Entra ID trusting ${subject}`, async () => {
+      const imds = await startImds();
+      standins.push(imds);
+      const apiServer = await startTokenIssuer([{ namespace: 'default', serviceAccount: fedPod.serviceAccount!, pod: { name: fedPod.name, uid: podUid(fedPod) } }], API_TOKEN);
+      standins.push(apiServer);
+      const entra = await startEntra(tmp, { tenant: TENANT, clientId: FED_CLIENT_ID, issuer: apiServer.issuer, subject, publicKey: apiServer.publicKey });
+      standins.push(entra);
+      return { imds, apiServer, entra };
+    });
     writeFileSync(path.join(tmp, 'bindings.yaml'), bindings);
-    say(`    bindings: AzureIdentity demo-identity (client ${CLIENT_ID}) bound to selector "demo"`);
+    const kubeconfig = path.join(tmp, 'kubeconfig');
+    writeFileSync(
+      kubeconfig,
+      `apiVersion: v1\nkind: Config\nclusters: [{ name: demo, cluster: { server: "${apiServer.url}" } }]\nusers: [{ name: demo, user: { token: ${API_TOKEN} } }]\ncontexts: [{ name: demo, context: { cluster: demo, user: demo } }]\ncurrent-context: demo\n`,
+    );
+    say(`    bindings: AzureIdentity demo-identity (client ${CLIENT_ID}) bound to selector "demo";`);
+    say(`              AzureIdentity federated-identity (type 3, Workload ID, client ${FED_CLIENT_ID}) bound to selector "federated"`);
 
     let output = '';
     await step(4, 'started nmi run in the node namespace; it synced pods and bindings and installed the redirect', async () => {
       daemon = spawn(
         process.execPath,
-        [nmiBin, 'run', '--node-ip', NODE_IP, '--kubelet-url', kubelet.url, '--bindings', tmp, '--upstream-imds', imds.url, '--probe-address', PROBE, '--log-level', process.env.NMI_DEMO_LOG_LEVEL ?? 'warn'],
-        { stdio: ['ignore', 'pipe', 'pipe'] },
+        [
+          nmiBin, 'run', '--node-ip', NODE_IP, '--kubelet-url', kubelet.url, '--bindings', tmp, '--upstream-imds', imds.url, '--probe-address', PROBE,
+          '--kubeconfig', kubeconfig, '--aad-authority-host', entra.url, '--pod-events=false', '--log-level', process.env.NMI_DEMO_LOG_LEVEL ?? 'warn',
+        ],
+        // The stand-in Entra ID's certificate, made for this run, is trusted by this nmi alone.
+        { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NODE_EXTRA_CA_CERTS: entra.certFile } },
       );
       writeFileSync(STATE_FILE, JSON.stringify({ folder: tmp, pid: daemon.pid } satisfies DemoState));
       daemon.stdout!.on('data', (d: Buffer) => (output += d.toString()));
@@ -202,7 +239,15 @@ export async function runDemo(): Promise<number> {
     const hits = readMetric(metrics, 'nmi_native_requests_total\\{result="hit"\\}') ?? 0;
     say(`    answered in C++ by the native fast path, without entering JavaScript: ${hits} request(s)`);
 
-    await step(7, 'stopped nmi (SIGTERM): it drained and removed its rules; then removed the namespaces', cleanup);
+    const federated = await step(7, `the second pod (service account ${fedPod.serviceAccount}) asked the same URL: nmi requested the pod's service-account token and exchanged it at Entra ID`, () =>
+      podRequest(FED_NS),
+    );
+    if (federated.status !== 200) throw new Error(`the second pod got ${federated.status}: ${federated.body}\nnmi said:\n${output}`);
+    const claims = JSON.parse(Buffer.from((JSON.parse(federated.body) as { access_token: string }).access_token.split('.')[1]!, 'base64url').toString('utf8')) as { sub?: string };
+    say(`    answer ${federated.status}: ${JSON.stringify(redact(federated.body), null, 1).replace(/\n\s*/g, ' ')}`);
+    say(`    a token of app ${FED_CLIENT_ID} for ${claims.sub}; token requests at the API server: ${apiServer.calls}, exchanges at Entra ID: ${entra.calls}`);
+
+    await step(8, 'stopped nmi (SIGTERM): it drained and removed its rules; then removed the namespaces', cleanup);
     say('nmi demo: done');
     return 0;
   } catch (err) {

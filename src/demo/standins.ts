@@ -30,7 +30,7 @@ async function serve(handler: (req: http.IncomingMessage, res: http.ServerRespon
   return standin;
 }
 
-function json(res: http.ServerResponse, status: number, body: unknown): void {
+export function json(res: http.ServerResponse, status: number, body: unknown): void {
   const text = JSON.stringify(body);
   res.writeHead(status, { 'Content-Type': 'application/json; charset=utf-8', 'Content-Length': Buffer.byteLength(text) });
   res.end(text);
@@ -43,7 +43,11 @@ export interface DemoPod {
   labels: Record<string, string>;
   /** metadata.uid; `demo-<name>` when not given (the eBPF bench needs a real UUID: it names the pod's cgroup). */
   uid?: string;
+  /** spec.serviceAccountName [default] */
+  serviceAccount?: string;
 }
+
+export const podUid = (p: DemoPod): string => p.uid ?? `demo-${p.name}`;
 
 /** GET /pods as a v1 PodList. */
 export function startKubelet(pods: DemoPod[]): Promise<Standin> {
@@ -53,8 +57,8 @@ export function startKubelet(pods: DemoPod[]): Promise<Standin> {
       kind: 'PodList',
       apiVersion: 'v1',
       items: pods.map((p) => ({
-        metadata: { name: p.name, namespace: p.namespace, uid: p.uid ?? `demo-${p.name}`, labels: p.labels },
-        spec: { nodeName: 'demo-node' },
+        metadata: { name: p.name, namespace: p.namespace, uid: podUid(p), labels: p.labels },
+        spec: { nodeName: 'demo-node', serviceAccountName: p.serviceAccount ?? 'default' },
         status: { phase: 'Running', podIP: p.ip, podIPs: [{ ip: p.ip }] },
       })),
     });

@@ -50,6 +50,8 @@ test('nmi demo fetches a token through 169.254.169.254 and leaves the host as it
   assert.equal(r.code, 0, r.stdout + r.stderr);
   assert.match(r.stdout, /answer 200: .*"access_token": "[^"]*redacted/);
   assert.match(r.stdout, /unchanged: a cache hit/);
+  // The second pod's token came through Workload ID federation: its own service account's token, exchanged once.
+  assert.match(r.stdout, /a token of app \S+ for system:serviceaccount:default:federated-sa; token requests at the API server: 1, exchanges at Entra ID: 1/);
   assert.doesNotMatch(r.stdout, /demo-signature/, 'the token itself is never printed');
   assert.equal(hostState(), before);
 });
