@@ -17,6 +17,7 @@ import { parseArgs } from 'node:util';
 import { createCluster, crd, TOKEN_URL, type Cluster } from '../test/harness/cluster.js';
 import type { PodAgent } from '../test/harness/netns.js';
 import type { NmiProcess } from '../test/harness/nmi-process.js';
+import { positiveFlags } from './common.js';
 
 const { values } = parseArgs({
   options: {
@@ -25,21 +26,7 @@ const { values } = parseArgs({
     'flood-ms': { type: 'string', default: '3000' },
   },
 });
-const positive = (name: keyof typeof values): number => {
-  const n = Number(values[name]);
-  if (!Number.isInteger(n) || n < 1) {
-    process.stderr.write(`bench/budget: --${name} must be a positive integer\n`);
-    process.exit(2);
-  }
-  return n;
-};
-const trials = positive('trials');
-const latencyMs = positive('latency-ms');
-const floodMs = positive('flood-ms');
-if (process.getuid?.() !== 0) {
-  process.stderr.write('bench/budget: needs root (network namespaces, iptables)\n');
-  process.exit(2);
-}
+const { trials, 'latency-ms': latencyMs, 'flood-ms': floodMs } = positiveFlags('budget', values, ['trials', 'latency-ms', 'flood-ms']);
 
 const META = { Metadata: 'true' };
 const url = (resource: string) => `${TOKEN_URL}?api-version=2018-02-01&resource=${encodeURIComponent(resource)}`;

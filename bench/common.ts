@@ -23,6 +23,24 @@ export function say(text: string): void {
   process.stdout.write(`${text}\n`);
 }
 
+/** A flag that must be a positive integer, or exit 2 naming it; and root, which the node benches need. */
+export function positiveFlags<K extends string>(bench: string, values: Record<K, string | undefined>, names: readonly K[]): Record<K, number> {
+  const out = {} as Record<K, number>;
+  for (const name of names) {
+    const n = Number(values[name]);
+    if (!Number.isInteger(n) || n < 1) {
+      process.stderr.write(`bench/${bench}: --${name} must be a positive integer\n`);
+      process.exit(2);
+    }
+    out[name] = n;
+  }
+  if (process.getuid?.() !== 0) {
+    process.stderr.write(`bench/${bench}: needs root (network namespaces, iptables)\n`);
+    process.exit(2);
+  }
+  return out;
+}
+
 /** Children to stop if the bench fails or is interrupted. */
 export const running = new Set<() => Promise<void>>();
 /** Ctrl-C or SIGTERM: kills wrk, and nothing further starts. */

@@ -15,7 +15,7 @@ import { parseArgs } from 'node:util';
 import { crd, TOKEN_URL, type ClusterPod } from '../test/harness/cluster.js';
 import { createFederatedNode, TENANT } from '../test/harness/federation.js';
 import type { NmiProcess } from '../test/harness/nmi-process.js';
-import { say } from './common.js';
+import { positiveFlags, say } from './common.js';
 import { wrk, type WrkResult } from './wrk.js';
 
 const { values } = parseArgs({
@@ -25,21 +25,7 @@ const { values } = parseArgs({
     connections: { type: 'string', default: '64' },
   },
 });
-const positive = (name: keyof typeof values): number => {
-  const n = Number(values[name]);
-  if (!Number.isInteger(n) || n < 1) {
-    process.stderr.write(`bench/federation: --${name} must be a positive integer\n`);
-    process.exit(2);
-  }
-  return n;
-};
-const trials = positive('trials');
-const seconds = positive('duration');
-const connections = positive('connections');
-if (process.getuid?.() !== 0) {
-  process.stderr.write('bench/federation: needs root (network namespaces, iptables)\n');
-  process.exit(2);
-}
+const { trials, duration: seconds, connections } = positiveFlags('federation', values, ['trials', 'duration', 'connections']);
 
 const URL_VAULT = `${TOKEN_URL}?api-version=2018-02-01&resource=${encodeURIComponent('https://vault.azure.net')}`;
 const APP = 'aaaaaaaa-0000-0000-0000-0000000000be';
