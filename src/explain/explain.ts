@@ -114,9 +114,10 @@ async function findPod(query: ExplainQuery, deps: ExplainDeps): Promise<Pod | un
 }
 
 export async function explain(query: ExplainQuery, deps: ExplainDeps): Promise<Explanation> {
-  const now = (deps.now ?? Date.now)();
   if ('address' in query) query = { address: plainAddress(query.address) };
   const pod = await findPod(query, deps);
+  // After the lookup, which may have synced the pods just now.
+  const now = (deps.now ?? Date.now)();
   const syncedAt = deps.syncedAt();
   const listedPods = deps.pods();
   const base: Explanation = {

@@ -117,7 +117,7 @@ export class PodIndex implements CallerLookup {
   async lookupUid(uid: string): Promise<Pod | undefined> {
     const known = this.byUid.get(uid);
     if (known) return known;
-    await this.unknownCallerRefresh();
+    await this.refreshSoon();
     return this.byUid.get(uid);
   }
 
@@ -126,7 +126,7 @@ export class PodIndex implements CallerLookup {
     const find = () => this.listed.find((p) => p.namespace === namespace && p.name === name && isLive(p));
     const known = find();
     if (known) return known;
-    await this.unknownCallerRefresh();
+    await this.refreshSoon();
     return find();
   }
 
@@ -134,7 +134,7 @@ export class PodIndex implements CallerLookup {
     const address = plainAddress(ip);
     const known = this.byAddress.get(address);
     if (known) return known;
-    await this.unknownCallerRefresh();
+    await this.refreshSoon();
     return this.byAddress.get(address);
   }
 
@@ -143,7 +143,7 @@ export class PodIndex implements CallerLookup {
    * last such call it waits for the gap to end and then makes one call shared by
    * every caller that waited: a new pod is answered late, never refused.
    */
-  private unknownCallerRefresh(): Promise<void> {
+  refreshSoon(): Promise<void> {
     // A failed refresh was counted and logged; the caller gets the last good index.
     if (this.inflight) return this.inflight.catch(() => {});
     return this.unknownCaller.request();

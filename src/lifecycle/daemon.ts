@@ -290,7 +290,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   probeDebug.explain = explainHandler({
     pods: () => pods.pods(),
     syncedAt: () => pods.lastSuccessAt,
-    refreshPods: () => pods.refresh('unknown-caller'),
+    refreshPods: () => pods.refreshSoon(),
     snapshot: () => store.snapshot,
     bindingsFrom: config.bindings,
     match,

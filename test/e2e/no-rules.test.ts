@@ -6,6 +6,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createCluster, crd, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import { nodeScriptInPod } from '../harness/netns.js';
+import { nmiAsync, type NmiProcess } from '../harness/nmi-process.js';
 import { decodeStandinToken } from '../standins/imds.js';
 
 const VAULT = 'https://vault.azure.net';
@@ -14,13 +15,14 @@ const idA = { client: '11111111-1111-1111-1111-111111111111', res: '/subscriptio
 let cluster: Cluster;
 let bound: ClusterPod;
 let unbound: ClusterPod;
+let daemon: NmiProcess;
 
 before(async () => {
   cluster = await createCluster();
   bound = cluster.addPod({ name: 'app', labels: { aadpodidbinding: 'a' } });
   unbound = cluster.addPod({ name: 'other' });
   cluster.writeBindings([crd.userAssigned('id-a', idA.client, idA.res), crd.binding('bind-a', 'id-a', 'a')]);
-  await cluster.startNmi(['--rules', 'none']);
+  daemon = await cluster.startNmi(['--rules', 'none']);
 });
 
 after(async () => {
@@ -60,4 +62,8 @@ test('a pod bound to nothing still gets nothing: the caller is known by its sour
   assert.equal(token, undefined);
   assert.ok(error, 'msal reports the refusal');
   assert.equal(cluster.imds.calls, calls, 'IMDS was not asked');
+  // Bindings from a file and no API server: no Events, said once at start; `nmi explain` still has the refusal.
+  assert.match(daemon.output(), /no API server configured \(--bindings is a file, no --kubeconfig\): no Events on pods/);
+  const explained = JSON.parse((await nmiAsync(['explain', 'default/other', '--json'])).stdout) as { refusals: Array<{ kind: string }> };
+  assert.deepEqual(explained.refusals.map((r) => r.kind), ['no-identity']);
 });
