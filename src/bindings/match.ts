@@ -7,7 +7,7 @@
 // account's annotations); a binding wins, because it is what the operator wrote for
 // nmi about this pod, and moving a binding to Workload ID is done by changing its
 // identity's type, which keeps the binding in charge.
-import type { Pod } from '../kubelet/pod.js';
+import { serviceAccountName, type Pod } from '../kubelet/pod.js';
 import { codes, NmiError } from '../errors/errors.js';
 import { IdentityType, type AzureIdentity, type PodIdentities } from './model.js';
 import { objectKey, WORKLOAD_CLIENT_ID, workloadIdentityName } from './parse.js';
@@ -26,7 +26,7 @@ export interface MatchOptions {
 
 /** The service account a pod runs as, `namespace/name`; Kubernetes' default when the kubelet names none. */
 export function serviceAccountOf(pod: Pod): string {
-  return objectKey(pod.namespace, pod.serviceAccount || 'default');
+  return objectKey(pod.namespace, serviceAccountName(pod));
 }
 
 const noIdentities: PodIdentities = Object.freeze({ exception: false, identities: [] as AzureIdentity[] });

@@ -46,9 +46,10 @@ export function identityKey(identity: Pick<AzureIdentity, 'namespace' | 'name' |
   return identity.serviceAccount ? `${name}@${identity.serviceAccount}` : name;
 }
 
-/** Whether a key identityKey made is of the identity the bindings name `namespace/name` (a changed identity invalidates every service account's tokens). */
-export function isKeyOf(key: string, name: string): boolean {
-  return key === name || key.startsWith(`${name}@`);
+/** The `namespace/name` the bindings know an identityKey by: a changed identity invalidates every service account's tokens. */
+export function identityNameOf(key: string): string {
+  const at = key.indexOf('@');
+  return at < 0 ? key : key.slice(0, at);
 }
 
 /** A service account annotated for Microsoft Entra Workload ID (azure.workload.identity/client-id). */

@@ -10,6 +10,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { createNodeNamespace, createPodNamespace, deleteNamespace, enterNamespace, listNamespaces, NODE_IP } from '../netns/netns.js';
 import { readMetric } from '../metrics/read.js';
+import { jwtClaims } from '../util/jwt.js';
 import { startEntra, startTokenIssuer } from './federation.js';
 import { podUid, startImds, startKubelet, type DemoPod, type Standin } from './standins.js';
 
@@ -243,7 +244,7 @@ export async function runDemo(): Promise<number> {
       podRequest(FED_NS),
     );
     if (federated.status !== 200) throw new Error(`the second pod got ${federated.status}: ${federated.body}\nnmi said:\n${output}`);
-    const claims = JSON.parse(Buffer.from((JSON.parse(federated.body) as { access_token: string }).access_token.split('.')[1]!, 'base64url').toString('utf8')) as { sub?: string };
+    const claims = jwtClaims((JSON.parse(federated.body) as { access_token: string }).access_token);
     say(`    answer ${federated.status}: ${JSON.stringify(redact(federated.body), null, 1).replace(/\n\s*/g, ' ')}`);
     say(`    a token of app ${FED_CLIENT_ID} for ${claims.sub}; token requests at the API server: ${apiServer.calls}, exchanges at Entra ID: ${entra.calls}`);
 

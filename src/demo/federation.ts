@@ -13,9 +13,9 @@ import http from 'node:http';
 import https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
+import { TOKEN_EXCHANGE_AUDIENCE } from '../kube/service-account-token.js';
+import { jwtClaims } from '../util/jwt.js';
 import { json, type Standin } from './standins.js';
-
-export const EXCHANGE_AUDIENCE = 'api://AzureADTokenExchange';
 
 interface Account {
   namespace: string;
@@ -95,8 +95,8 @@ export async function startEntra(
       if (!header || !payload || !signature || !verify('sha256', Buffer.from(`${header}.${payload}`), trust.publicKey, Buffer.from(signature, 'base64url'))) {
         return refuse('AADSTS700027: Client assertion failed signature validation.');
       }
-      const claims = JSON.parse(Buffer.from(payload, 'base64url').toString('utf8')) as { iss?: string; sub?: string; aud?: string[]; exp?: number };
-      if (claims.iss !== trust.issuer || claims.sub !== trust.subject || !claims.aud?.includes(EXCHANGE_AUDIENCE)) {
+      const claims = jwtClaims(`${header}.${payload}`) as { iss?: string; sub?: string; aud?: string[]; exp?: number };
+      if (claims.iss !== trust.issuer || claims.sub !== trust.subject || !claims.aud?.includes(TOKEN_EXCHANGE_AUDIENCE)) {
         return refuse(`AADSTS700213: No matching federated identity record found for presented assertion subject '${claims.sub}'.`);
       }
       if (!claims.exp || claims.exp * 1000 < Date.now()) return refuse('AADSTS700024: Client assertion is not within its valid time range.');

@@ -103,8 +103,7 @@ export class RecentRefusals implements RefusalSink {
         const seen = this.#unknown.get(address);
         if (!seen) continue;
         this.#unknown.delete(address);
-        const { status, error, error_description } = problems.unknownCaller;
-        this.#add(pod, { kind: 'unknown-caller', status, error, error_description, ...seen });
+        this.#add(pod, unknownCallerRefusal(seen));
       }
     }
     for (const uid of this.#byPod.keys()) if (!live.has(uid)) this.#byPod.delete(uid);
@@ -118,8 +117,7 @@ export class RecentRefusals implements RefusalSink {
   forAddress(address: string): Refusal | undefined {
     const seen = this.#unknown.get(address);
     if (!seen) return undefined;
-    const { status, error, error_description } = problems.unknownCaller;
-    return { kind: 'unknown-caller', status, error, error_description, ...seen };
+    return unknownCallerRefusal(seen);
   }
 
   #add(pod: Pod, refusal: Refusal): void {
@@ -139,4 +137,10 @@ export class RecentRefusals implements RefusalSink {
 
 function sameRefusal(a: Refusal, b: Refusal): boolean {
   return a.kind === b.kind && a.status === b.status && a.error === b.error && a.identity === b.identity && a.resource === b.resource;
+}
+
+/** An address's refusals as the 404 step 6 answered them. */
+function unknownCallerRefusal(seen: Unknown): Refusal {
+  const { status, error, error_description } = problems.unknownCaller;
+  return { kind: 'unknown-caller', status, error, error_description, ...seen };
 }

@@ -4,7 +4,7 @@
 // a kubelet credential ask only for pods bound to its node). Never kept: the token
 // is a credential; it goes to Entra ID in the exchange and is dropped.
 import { codes, NmiError } from '../errors/errors.js';
-import type { Pod } from '../kubelet/pod.js';
+import { serviceAccountName, type Pod } from '../kubelet/pod.js';
 import { jwtClaims } from '../util/jwt.js';
 import { ApiError, type KubeClient } from './client.js';
 
@@ -25,7 +25,7 @@ export class ServiceAccountTokens {
 
   /** A token of the pod's service account, bound to the pod. Throws NmiError(TOKEN) saying what the API server refused. */
   async forPod(pod: Pod, signal: AbortSignal = AbortSignal.timeout(30_000)): Promise<ServiceAccountToken> {
-    const account = pod.serviceAccount || 'default';
+    const account = serviceAccountName(pod);
     const path = `/api/v1/namespaces/${encodeURIComponent(pod.namespace)}/serviceaccounts/${encodeURIComponent(account)}/token`;
     const request = {
       apiVersion: 'authentication.k8s.io/v1',

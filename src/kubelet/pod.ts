@@ -16,6 +16,11 @@ export interface Pod {
   createdAt?: string;
 }
 
+/** The service account a pod runs as: Kubernetes' default when the kubelet names none. */
+export function serviceAccountName(pod: Pick<Pod, 'serviceAccount'>): string {
+  return pod.serviceAccount || 'default';
+}
+
 /** The caller lookup the token server asks; the kubelet pod index implements it. */
 export interface CallerLookup {
   /** The live pod that owns this address, after at most one coalesced kubelet refresh; undefined when none or ambiguous. */

@@ -152,12 +152,11 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   });
   // What pods were refused: `nmi explain` shows it, and what an operator must act on becomes an Event on the pod.
   const refusals = new RecentRefusals();
-  const api = apiServer(config, log);
+  const nodeName = config.nodeName ?? config.nodeIp;
+  const api = apiServer(config, nodeName, log);
   const saTokens = api && new ServiceAccountTokens(api);
-  const podEvents = api && config.podEvents ? new PodEvents({ client: api, nodeName: config.nodeName ?? config.nodeIp, log }) : undefined;
-  const events = podEvents;
+  const events = api && config.podEvents ? new PodEvents({ client: api, nodeName, log }) : undefined;
   if (events) {
-    const nodeName = config.nodeName ?? config.nodeIp;
     refusals.listen((pod, refusal) => {
       const event = refusalEvent(pod, refusal, nodeName);
       if (event) events.record(pod, event);
@@ -330,7 +329,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
       // Whatever failed above (a rule tool refused, say), no timer or socket may keep the process alive.
       pods.stop();
       store.stop();
-      podEvents?.stop();
+      events?.stop();
       void api?.close();
       await Promise.allSettled([kubelet.close(), network.close()]);
       closeProbe();
@@ -463,9 +462,9 @@ function startGate(config: RunConfig, log: Logger): StartGate | undefined {
  * bindings come from, or --kubeconfig's with file bindings; none when bindings come from a file and no API
  * server is configured (in-cluster or --kubeconfig).
  */
-function apiServer(config: RunConfig, log: Logger): KubeClient | undefined {
+function apiServer(config: RunConfig, nodeName: string, log: Logger): KubeClient | undefined {
   try {
-    return new KubeClient(loadKubeConfig({ kubeconfig: config.kubeconfig }, '--bindings kubernetes'), `nmi (node ${config.nodeName ?? config.nodeIp})`);
+    return new KubeClient(loadKubeConfig({ kubeconfig: config.kubeconfig }, '--bindings kubernetes'), `nmi (node ${nodeName})`);
   } catch (err) {
     if (config.bindings === 'kubernetes') throw err;
     log.info('no API server configured (--bindings is a file, no --kubeconfig): no Events on pods, no federated identities');

@@ -7,6 +7,7 @@ import { once } from 'node:events';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import type { Registry } from 'prom-client';
 import type { HostPort } from '../config/values.js';
+import { plainAddress } from '../kubelet/pod-index.js';
 import type { Readiness } from './readiness.js';
 
 export const PID_HEADER = 'X-Nmi-Pid';
@@ -24,8 +25,8 @@ export interface ProbeDebug {
 /** 127.0.0.0/8 and ::1, also as an IPv4-mapped address on a dual-stack socket. */
 function isLoopback(address: string | undefined): boolean {
   if (!address) return false;
-  const v4 = address.startsWith('::ffff:') ? address.slice('::ffff:'.length) : address;
-  return v4.startsWith('127.') || address === '::1';
+  const plain = plainAddress(address);
+  return plain.startsWith('127.') || plain === '::1';
 }
 
 /** An event loop stalled longer than this fails liveness. */

@@ -6,7 +6,7 @@
 // Only changes cross to the server. Fed to the native server (C++) and to the
 // js server's worker thread alike.
 import { attestedKey } from '../attest/peers.js';
-import { identityKey, isKeyOf, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
+import { identityKey, identityNameOf, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
 import { isCaller } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
 import { EXPIRY_MARGIN_MS } from '../tokens/token-cache.js';
@@ -176,7 +176,7 @@ export function attachTables(server: TableFedServer, sources: TableSources): Tab
     schedulePush();
   });
   sources.store?.on('change', (keys) => {
-    for (const [key, entry] of tokens) if ([...keys].some((name) => isKeyOf(entry.identityKey, name))) remove(key, entry);
+    for (const [key, entry] of tokens) if (keys.has(identityNameOf(entry.identityKey))) remove(key, entry);
     push();
   });
   // Routes follow every bindings set (an exception alone changes no identity) and, through refresh(), every pod change.

@@ -8,7 +8,7 @@
 // but never stored.
 import { setTimeout as sleepFor } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
-import { identityKey, IdentityType, isKeyOf, type AzureIdentity } from '../bindings/model.js';
+import { identityKey, identityNameOf, IdentityType, type AzureIdentity } from '../bindings/model.js';
 import { BudgetError, type RefusalReason, type Release, type Ticket, type UpstreamBudget } from '../budget/budget.js';
 import type { Logger } from '../log/logger.js';
 import type { Credential, TokenProvider } from './msal-provider.js';
@@ -265,7 +265,7 @@ export class TokenCache {
   /** Drops every entry of the identity the bindings name `namespace/name` (changed or deleted), every service account's; fetches in flight for it are never stored. */
   invalidate(identityName: string): void {
     for (const [key, entry] of this.entries.entries()) {
-      if (isKeyOf(entry.identityKey, identityName)) this.entries.delete(key);
+      if (identityNameOf(entry.identityKey) === identityName) this.entries.delete(key);
     }
   }
 
