@@ -25,7 +25,10 @@ ln -s "$root/node_modules" "$work/nmi/node_modules"
 sanitize="-fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=all -fno-omit-frame-pointer -g"
 (cd "$work/nmi" && CXX=g++ CC=gcc CFLAGS="$sanitize" CXXFLAGS="$sanitize" LDFLAGS="-fsanitize=address,undefined" \
   npx node-gyp rebuild >"$work/build.log" 2>&1) || { cat "$work/build.log" >&2; exit 1; }
-ldd "$work/nmi/build/Release/nmi.node" | grep -q libasan || { echo "asan-test: the addon is not instrumented" >&2; exit 1; }
+# Captured, not piped into grep -q: grep leaving at the first match makes the
+# loader's next write a SIGPIPE, which pipefail turns into a false failure.
+linked="$(ldd "$work/nmi/build/Release/nmi.node")"
+[[ "$linked" == *libasan* ]] || { echo "asan-test: the addon is not instrumented" >&2; exit 1; }
 
 tests=()
 for f in $(cd "$work/nmi" && find dist/test -name '*.test.js' | sort); do

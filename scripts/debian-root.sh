@@ -20,7 +20,7 @@ exec 9>"$cache/.lock"
 flock 9
 if [ ! -e "$root/.complete" ]; then
   # The mirror this machine's apt already uses, so no host is written here.
-  mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n1)
+  mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p;T;q' /etc/apt/sources.list.d/debian.sources 2>/dev/null)
   [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $3 == "'"$suite"'" { print $2; exit }' /etc/apt/sources.list 2>/dev/null)
   [ -n "$mirror" ] || { echo "debian-root: no Debian mirror in apt's sources" >&2; exit 1; }
   # A mirror's answer is sometimes lost ("Failed getting release file"): three tries.

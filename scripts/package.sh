@@ -41,7 +41,9 @@ if [ -f build/Release/nmi.bpf.o ]; then
   install -m 0644 build/Release/nmi.bpf.o "$lib/build/Release/"
   libbpf=$(ldd build/Release/nmi.node | awk '$1 == "libbpf.so.1" { print $3 }')
   [ -n "$libbpf" ] || { echo "package: the addon was built with eBPF but links no libbpf.so.1" >&2; exit 1; }
-  readelf -d build/Release/nmi.node | grep -q 'RUNPATH.*\$ORIGIN' \
+  # Captured, not piped into grep -q, whose early exit pipefail reads as failure.
+  dynamic="$(readelf -d build/Release/nmi.node)"
+  grep -q 'RUNPATH.*\$ORIGIN' <<<"$dynamic" \
     || { echo "package: the addon's RUNPATH is not \$ORIGIN; rebuild it (npm ci)" >&2; exit 1; }
   install -m 0644 "$(readlink -f "$libbpf")" "$lib/build/Release/libbpf.so.1"
 fi
