@@ -7,6 +7,7 @@
 import { BudgetError, type UpstreamBudget } from '../budget/budget.js';
 import { Pool, type Dispatcher } from '../net/undici.js';
 import { problemAnswer, problems, throttled, type Answer } from './answers.js';
+import { parseRetryAfter } from '../tokens/upstream-error.js';
 import { TOKEN_PATH } from './request.js';
 
 export interface ImdsProxy {
@@ -59,11 +60,16 @@ export function createImdsProxy({ upstream, timeoutMs, budgets }: ProxyOptions):
     }
   }
 
-  async function forward(method: string, target: string, rawHeaders: string[], body: Buffer): Promise<{ answer: Answer; throttled: boolean }> {
+  /** The answer, and for an upstream 429 how long the budget pauses: its Retry-After, or 0 for the budget's default. */
+  async function forward(method: string, target: string, rawHeaders: string[], body: Buffer): Promise<{ answer: Answer; throttledMs?: number }> {
     const answer = await send({ method: method as Dispatcher.HttpMethod, target, headers: endToEnd(rawHeaders), body: body.length > 0 ? body : null });
-    if ('status' in answer) return { answer, throttled: false };
-    const headers = Object.entries(endToEndObject(answer.headers)).flatMap(([name, value]) => [value].flat().map((one): [string, string] => [name, one]));
-    return { answer: { status: answer.statusCode, headers, body: Buffer.from(await answer.body.arrayBuffer()) }, throttled: answer.statusCode === 429 };
+    if ('status' in answer) return { answer };
+    const kept = endToEndObject(answer.headers);
+    const headers = Object.entries(kept).flatMap(([name, value]) => [value].flat().map((one): [string, string] => [name, one]));
+    const result = { answer: { status: answer.statusCode, headers, body: Buffer.from(await answer.body.arrayBuffer()) } };
+    if (answer.statusCode !== 429) return result;
+    const retryAfter = [kept['retry-after']].flat()[0];
+    return { ...result, throttledMs: parseRetryAfter(retryAfter, Date.now()) ?? 0 };
   }
 
   return {
@@ -82,7 +88,7 @@ export function createImdsProxy({ upstream, timeoutMs, budgets }: ProxyOptions):
       try {
         result = await forward(method, target, rawHeaders, body);
       } finally {
-        release(result?.throttled ? { throttledMs: 0 } : undefined);
+        release(result?.throttledMs !== undefined ? { throttledMs: result.throttledMs } : undefined);
       }
       return result.answer;
     },

@@ -517,6 +517,24 @@ test('a caller with as many proxied calls under way or waiting as it may gets 42
   assert.equal((await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: budgeted })).status, 200);
 });
 
+test("a proxied 429 is passed on, and the budget holds every later call for the upstream's Retry-After", async () => {
+  reset();
+  const metadata = new UpstreamBudget('IMDS metadata', { maxConcurrent: 5, ratePerSec: 50 });
+  const identity = new UpstreamBudget('IMDS', { maxConcurrent: 5, ratePerSec: 20 });
+  const { port: budgeted } = await startServer({}, undefined, undefined, undefined, silentLogger, { proxyBudgets: { metadata, identity } });
+  // 2 s, not the budget's own 1 s pause, so the wait below tells which was used.
+  upstream.reply = { status: 429, headers: { 'Content-Type': 'application/json', 'Retry-After': '2' }, body: '{"error":"Too many requests"}' };
+  const refused = await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: budgeted });
+  assert.equal(refused.status, 429);
+  assert.equal(refused.headers['retry-after'], '2');
+  assert.equal(metadata.stats().throttled, 1);
+  upstream.reply = DEFAULT_REPLY;
+  const started = Date.now();
+  assert.equal((await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: budgeted })).status, 200);
+  const waited = Date.now() - started;
+  assert.ok(waited >= 1_900, `the next call went upstream ${waited} ms after a 429 with Retry-After: 2`);
+});
+
 test('method, body and upstream status pass through the proxy', async () => {
   reset();
   upstream.reply = { status: 400, headers: { 'Content-Type': 'application/json' }, body: '{"error":"Bad request"}' };
