@@ -2,17 +2,12 @@
 // request → caller → identity → token → answer without going back and forth.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
+import { filesUnder } from '../harness/files.js';
 import { projectRoot } from '../harness/netns.js';
 
-function sources(dir: string): string[] {
-  return readdirSync(dir).flatMap((name) => {
-    const full = path.join(dir, name);
-    if (statSync(full).isDirectory()) return sources(full);
-    return name.endsWith('.ts') ? [full] : [];
-  });
-}
+const sources = (dir: string) => filesUnder(dir, (name) => name.endsWith('.ts'));
 
 /** Each file's relative imports and re-exports, as files. */
 function importGraph(root: string): Map<string, string[]> {

@@ -4,19 +4,14 @@
 // checked against, sees every one.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
+import { filesUnder } from '../harness/files.js';
 import { projectRoot } from '../harness/netns.js';
 
 const registering = /\bnew\s+(?:Counter|Gauge|Histogram|Summary)\b|\bexposeCounts?\s*\(|\.registerMetric\s*\(|\bcollectDefaultMetrics\s*\(/g;
 
-function sources(dir: string): string[] {
-  return readdirSync(dir).flatMap((name) => {
-    const full = path.join(dir, name);
-    if (statSync(full).isDirectory()) return sources(full);
-    return name.endsWith('.ts') ? [full] : [];
-  });
-}
+const sources = (dir: string) => filesUnder(dir, (name) => name.endsWith('.ts'));
 
 /** "file:line: text" of every registering call outside the places for them. */
 function misplaced(root: string, files: string[], read: (file: string) => string): string[] {

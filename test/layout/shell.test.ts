@@ -4,8 +4,9 @@
 // error. CI lost a run to `ldd ... | grep -q libasan` that way.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
+import { filesUnder } from '../harness/files.js';
 import { projectRoot } from '../harness/netns.js';
 
 const earlyReader = /\|\s*(?:grep\s+(?:-\w*[qm]\w*\b|--quiet|--max-count)|head\b)/;
@@ -23,11 +24,9 @@ export function earlyExitPipes(scripts: Record<string, string>): string[] {
 function shellScripts(): Record<string, string> {
   const found: Record<string, string> = {};
   for (const dir of ['scripts', '.ci', 'bench', 'deploy']) {
-    for (const entry of readdirSync(path.join(projectRoot, dir), { recursive: true, withFileTypes: true })) {
-      if (!entry.isFile()) continue;
-      const file = path.relative(projectRoot, path.join(entry.parentPath, entry.name));
-      const text = readFileSync(path.join(projectRoot, file), 'utf8');
-      if (entry.name.endsWith('.sh') || text.startsWith('#!/usr/bin/env bash')) found[file] = text;
+    for (const full of filesUnder(path.join(projectRoot, dir), () => true)) {
+      const text = readFileSync(full, 'utf8');
+      if (full.endsWith('.sh') || text.startsWith('#!/usr/bin/env bash')) found[path.relative(projectRoot, full)] = text;
     }
   }
   return found;
