@@ -151,6 +151,11 @@ Head ParseHead(string_view head) {
   bool http10 = version == "HTTP/1.0";
   if (http10) h.keepAlive = false;
   else if (version != "HTTP/1.1") return h;
+  string_view method = line.substr(0, sp1);
+  string_view path = line.substr(sp1 + 1, sp2 - sp1 - 1);
+  path = path.substr(0, path.find('?'));
+  if (!path.empty() && path.back() == '/') path.remove_suffix(1);
+  h.bodyless = method == "GET" || method == "HEAD" || path == kTokenPath;
   bool sawLength = false;
   size_t at = lineEnd + 2;
   while (at < head.size()) {
@@ -214,7 +219,9 @@ Framing FrameRequest(string_view in, size_t maxHeaderBytes) {
   f.head = ParseHead(in.substr(0, f.headBytes));
   const Head& h = f.head;
   if (!h.valid || h.badLength) f.kind = Framing::kMalformed;
-  else if (h.bodyUnsupported || h.contentLength > kMaxBodyBytes) f.kind = Framing::kBody;
+  else if (h.bodyless && (h.bodyUnsupported || h.contentLength > 0)) f.kind = Framing::kBodyNotAllowed;
+  else if (h.bodyUnsupported) f.kind = Framing::kBody;
+  else if (h.contentLength > kMaxBodyBytes) f.kind = Framing::kTooLarge;
   else if (in.size() >= f.headBytes + h.contentLength) f.kind = Framing::kRequest;
   return f;
 }

@@ -16,7 +16,8 @@ namespace nmi {
 namespace http {
 
 constexpr const char* kTokenPath = "/metadata/identity/oauth2/token";
-constexpr size_t kMaxBodyBytes = 1024 * 1024;  // request bodies (proxied categories only)
+// Request bodies: proxied categories other than GETs only (scheduledevents' POST); as limits.ts's maxBodyBytes.
+constexpr size_t kMaxBodyBytes = 16 * 1024;
 
 struct RouteIdentity {
   std::string key;            // namespace/name
@@ -66,6 +67,7 @@ struct Head {
   bool valid = false;         // request line and headers parsed
   bool keepAlive = true;      // HTTP/1.1 without Connection: close
   bool bodyUnsupported = false;  // Transfer-Encoding: nmi does not take chunked bodies
+  bool bodyless = false;         // GET, HEAD, or the token path: a body is refused before it is read
   size_t contentLength = 0;
   bool badLength = false;
 };
@@ -75,7 +77,8 @@ Head ParseHead(std::string_view head);
 
 // What the front of a connection's input holds.
 struct Framing {
-  enum Kind { kIncomplete, kRequest, kMalformed, kOverflow, kBody };
+  // kBody: a Transfer-Encoding body; kBodyNotAllowed: any body where Head::bodyless; kTooLarge: over kMaxBodyBytes.
+  enum Kind { kIncomplete, kRequest, kMalformed, kOverflow, kBody, kBodyNotAllowed, kTooLarge };
   Kind kind = kIncomplete;
   size_t headBytes = 0;  // kRequest: the head, blank line included; contentLength body bytes follow
   Head head;             // kRequest

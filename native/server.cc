@@ -2,9 +2,10 @@
 // answers the one hot case itself (a valid token request from a routed caller
 // whose token is in the table) and hands every other request, as raw bytes, to
 // TypeScript (src/server/native-server.ts), which answers through
-// serverRespond. The parsing and the hit case itself are http-parse.cc; this
-// file owns the sockets and the tables. Answers on a connection leave in
-// request order (pipelining), whoever wrote them.
+// serverRespond. Each connection's state and bounds are connection.cc's, the
+// parsing and the hit case http-parse.cc's; this file owns the sockets, the
+// server-wide bounds (connections in total and per caller, requests waiting on
+// JavaScript) and the tables.
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -21,7 +22,7 @@
 
 #include <atomic>
 #include <cstdint>
-#include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -29,19 +30,18 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "addon.h"
+#include "connection.h"
 #include "http-parse.h"
 
 namespace nmi {
 namespace {
 
-constexpr size_t kMaxPendingPerConn = 32;      // pipelined requests awaiting an answer
-constexpr int64_t kKeepAliveMs = 5000;         // idle keep-alive connection, as node's js server
+constexpr int64_t kAcceptRetryMs = 100;  // accept4 out of descriptors or memory: the backlog waits this long
 
-using http::Framing;
-using http::kMaxBodyBytes;
 using http::RouteTable;
 using http::TokenTable;
 
@@ -75,29 +75,12 @@ uint64_t PeerCgroup(int mapFd, int fd, const sockaddr_in& peer) {
   return cgroup;
 }
 
-struct Slot {
-  uint64_t requestId;
-  bool ready = false;
-  bool close = false;
-  std::string bytes;
-};
-
-struct Conn {
-  int fd = -1;
-  uint64_t id = 0;
-  std::string remote;
-  std::string in;
-  size_t inStart = 0;  // bytes of `in` already taken, dropped once per Pump (always 0 outside it)
-  std::string out;
-  size_t outOffset = 0;
-  std::deque<Slot> slots;
-  uint64_t nextRequestId = 1;
-  bool noMoreRequests = false;  // a Connection: close request, an error, or EOF was seen
-  bool closeAfterFlush = false;
-  bool peerClosed = false;
+// A connection and its socket.
+struct Socket : conn::Connection {
+  Socket(int fd, uint64_t id, std::string remote, const conn::Limits& limits, int64_t nowMs)
+      : conn::Connection(id, std::move(remote), limits, nowMs), fd(fd) {}
+  int fd;
   uint32_t events = 0;
-  int64_t partialSinceMs = 0;  // monotonic; 0 when no request is partly received
-  int64_t idleSinceMs = 0;
   // The head of this connection's last hit and what it asked: a pod polls with identical heads.
   std::string hitHead;
   http::HitQuery hitQuery;
@@ -109,7 +92,7 @@ struct Handoff {
   uint64_t requestId;
   std::string bytes;
   std::string remote;
-  std::string error;  // "", "malformed", "overflow", "timeout", "body"
+  std::string error;  // "" or NativeHandoffError in src/native/addon.ts
 };
 
 struct Response {
@@ -119,22 +102,32 @@ struct Response {
   bool close;
 };
 
+// An answer nmi writes without JavaScript (a 503, a 429): TypeScript's status line and headers, and body;
+// Date and Connection are added here as node adds them.
+struct FixedAnswer {
+  std::string head;
+  std::string body;
+};
+
 void CallJs(Napi::Env env, Napi::Function fn, Handoff* data);
 
 struct Stats {
-  std::atomic<uint64_t> connections{0}, requests{0}, hits{0}, handedToJs{0}, malformed{0}, overflow{0},
-      timeout{0}, refusedConnections{0};
+  std::atomic<uint64_t> connections{0}, hits{0}, handedToJs{0}, malformed{0}, overflow{0},
+      timeout{0}, refusedConnections{0}, busy{0}, writeTimeouts{0}, acceptErrors{0};
 };
 
-class Server {
+class Server : public conn::Host {
  public:
   int listenFd = -1;
   int wakeFd = -1;
   int epollFd = -1;
   int port = 0;
   size_t maxConnections = 4096;
-  size_t maxHeaderBytes = 16 * 1024;
-  int64_t headerTimeoutMs = 10000;
+  size_t maxConnectionsPerSource = 64;
+  size_t maxHandedRequests = 1024;
+  size_t maxHandedBytes = 8 * 1024 * 1024;
+  conn::Limits limits;
+  FixedAnswer busyAnswer, tooManyConnectionsAnswer;
   bool metadataHeaderRequired = true;
   bool firstOfSeveral = true;  // --multiple-identities first
   int peerMapFd = -1;  // --rules ebpf: callers are keyed "address#cgroup"
@@ -156,7 +149,7 @@ class Server {
   std::atomic<bool> hardStop{false};
   std::atomic<int64_t> drainDeadlineMs{0};
 
-  ~Server() {
+  ~Server() override {
     // process.exit() skips environment cleanup hooks: the last reference goes
     // with the static table, and a joinable std::thread would abort the exit.
     hardStop = true;
@@ -182,9 +175,22 @@ class Server {
     if (thread.joinable()) thread.join();
   }
 
+  // conn::Host
+  bool TryAnswer(conn::Connection& c, std::string_view head, bool keepAlive, std::string& out) override;
+  bool HandOff(conn::Connection& c, uint64_t requestId, std::string bytes, std::string_view error) override;
+  void AppendBusy(bool keepAlive, std::string& out) override { AppendFixed(busyAnswer, keepAlive, out); }
+
  private:
-  std::unordered_map<uint64_t, std::unique_ptr<Conn>> conns_;
+  std::unordered_map<uint64_t, std::unique_ptr<Socket>> conns_;
+  std::unordered_map<std::string, size_t> perSource_;  // open connections by caller key
+  // Requests JavaScript holds (connection, request) → bytes; they count until it answers, even for a
+  // connection gone meanwhile.
+  std::map<std::pair<uint64_t, uint64_t>, size_t> handed_;
+  size_t handedBytes_ = 0;
   uint64_t nextConnId_ = 1;
+  bool listening_ = false;
+  bool acceptPaused_ = false;  // out of connection slots, descriptors or memory: new connections wait in the backlog
+  int64_t acceptRetryAtMs_ = 0;  // when a pause for descriptors or memory ends
   // The thread's copy of the tables, as of tablesVersion seenTables_.
   std::shared_ptr<const RouteTable> routesNow_;
   std::shared_ptr<const TokenTable> tokensNow_;
@@ -192,46 +198,43 @@ class Server {
   int64_t timersCheckedMs_ = 0;
 
   void Accept();
-  void OnReadable(Conn& c);
-  bool ProcessOne(Conn& c);
-  void HandOff(Conn& c, std::string bytes, const std::string& error);
-  void Pump(Conn& c);
-  void UpdateEvents(Conn& c);
+  void PauseAccept(bool paused);
+  void OnReadable(Socket& s);
+  void Service(Socket& s);
+  bool Flush(Socket& s);
+  void UpdateEvents(Socket& s);
   void Destroy(uint64_t id);
   void DrainResponses();
   void CheckTimers();
   void RefreshTables();
-  bool TryAnswer(Conn& c, std::string_view head, bool keepAlive, std::string& out);
+  void AppendFixed(const FixedAnswer& a, bool keepAlive, std::string& out);
 };
 
 void Server::Run() {
   epoll_event evs[128];
-  bool listening = true;
+  listening_ = true;
   while (!hardStop.load()) {
-    if (stopping.load() && listening) {
-      epoll_ctl(epollFd, EPOLL_CTL_DEL, listenFd, nullptr);
+    if (stopping.load() && listening_) {
+      if (!acceptPaused_) epoll_ctl(epollFd, EPOLL_CTL_DEL, listenFd, nullptr);
       close(listenFd);
       listenFd = -1;
-      listening = false;
+      listening_ = false;
       // Idle keep-alive connections go now; the others after their last answer. A
       // connection that has not had its first answer is not idle: its client sent (or is
       // sending) a request, and closing would reset it. After a restart or handoff, the
       // listener lives on and new connections go to the next process.
       std::vector<uint64_t> idle;
-      for (auto& [id, c] : conns_) {
-        bool answeredOnce = c->nextRequestId > 1;
-        bool nothingPending = c->slots.empty() && c->out.size() == c->outOffset && c->in.size() == c->inStart;
-        if (answeredOnce && nothingPending) idle.push_back(id);
-      }
+      for (auto& [id, s] : conns_)
+        if (s->IdleKeepAlive()) idle.push_back(id);
       for (auto id : idle) Destroy(id);
     }
-    if (!listening && (conns_.empty() || MonoMs() >= drainDeadlineMs.load())) break;
-    int n = epoll_wait(epollFd, evs, 128, 250);
+    if (!listening_ && (conns_.empty() || MonoMs() >= drainDeadlineMs.load())) break;
+    int n = epoll_wait(epollFd, evs, 128, 100);
     if (n < 0 && errno != EINTR) break;
     for (int i = 0; i < n; i++) {
       uint64_t tag = evs[i].data.u64;
       if (tag == 0) {
-        if (listening) Accept();
+        if (listening_) Accept();
         continue;
       }
       if (tag == 1) {
@@ -243,13 +246,13 @@ void Server::Run() {
       }
       auto it = conns_.find(tag);
       if (it == conns_.end()) continue;
-      if (evs[i].events & EPOLLERR) {
+      // Both directions are gone (a reset, or our FIN answered): nothing more can be written.
+      if (evs[i].events & (EPOLLERR | EPOLLHUP)) {
         Destroy(tag);
         continue;
       }
-      if (evs[i].events & (EPOLLIN | EPOLLHUP)) OnReadable(*it->second);
-      it = conns_.find(tag);
-      if (it != conns_.end() && (evs[i].events & EPOLLOUT)) Pump(*it->second);
+      if (evs[i].events & EPOLLIN) OnReadable(*it->second);
+      else Service(*it->second);
     }
     // Timers are seconds long: walking every connection after each wake-up cost more than it bought.
     int64_t now = MonoMs();
@@ -260,24 +263,40 @@ void Server::Run() {
     RefreshTables();  // lets a replaced table go within one wake-up
   }
   std::vector<uint64_t> all;
-  for (auto& [id, c] : conns_) all.push_back(id);
+  for (auto& [id, s] : conns_) all.push_back(id);
   for (auto id : all) Destroy(id);
   if (hardStop.load()) return;  // the environment is going away: no JS left to tell
   auto* done = new Handoff{this->id, 0, 0, {}, {}, {}};
-  if (onRequest.NonBlockingCall(done, CallJs) != napi_ok) delete done;
+  if (onRequest.BlockingCall(done, CallJs) != napi_ok) delete done;
   onRequest.Release();
 }
 
+void Server::PauseAccept(bool paused) {
+  if (paused == acceptPaused_ || !listening_) return;
+  acceptPaused_ = paused;
+  if (paused) {
+    epoll_ctl(epollFd, EPOLL_CTL_DEL, listenFd, nullptr);
+    return;
+  }
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u64 = 0;
+  epoll_ctl(epollFd, EPOLL_CTL_ADD, listenFd, &ev);
+}
+
 void Server::Accept() {
-  while (true) {
+  while (conns_.size() < maxConnections) {
     sockaddr_storage addr{};
     socklen_t len = sizeof addr;
     int fd = accept4(listenFd, reinterpret_cast<sockaddr*>(&addr), &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) return;  // EAGAIN, or a transient error: the next readiness retries
-    if (conns_.size() >= maxConnections) {
-      stats.refusedConnections++;
-      close(fd);
-      continue;
+    if (fd < 0) {
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        // The listener stays readable: without a pause this thread would spin on the same error.
+        stats.acceptErrors++;
+        acceptRetryAtMs_ = MonoMs() + kAcceptRetryMs;
+        PauseAccept(true);
+      }
+      return;  // EAGAIN, or a transient error: the next readiness retries
     }
     char text[INET6_ADDRSTRLEN] = "";
     if (addr.ss_family == AF_INET) {
@@ -294,170 +313,120 @@ void Server::Accept() {
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // as node's http server: answers leave at once
-    auto c = std::make_unique<Conn>();
-    c->fd = fd;
-    c->id = ++nextConnId_;  // 0 and 1 tag the listener and the wake fd
-    c->remote = remote;
-    c->idleSinceMs = MonoMs();
-    c->events = EPOLLIN;
+    int64_t now = MonoMs();
+    auto s = std::make_unique<Socket>(fd, ++nextConnId_, remote, limits, now);  // 0 and 1 tag the listener and the wake fd
+    if (++perSource_[remote] > maxConnectionsPerSource) {
+      // Answered, then closed once the caller has read it: never a reset it would take for "no IMDS here".
+      stats.refusedConnections++;
+      std::string answer;
+      AppendFixed(tooManyConnectionsAnswer, false, answer);
+      s->Refuse(std::move(answer));
+    }
     epoll_event ev{};
-    ev.events = c->events;
-    ev.data.u64 = c->id;
+    ev.data.u64 = s->id;
     epoll_ctl(epollFd, EPOLL_CTL_ADD, fd, &ev);
     stats.connections++;
-    conns_[c->id] = std::move(c);
+    Socket& added = *s;
+    conns_[s->id] = std::move(s);
+    if (added.WantsWrite()) Service(added);
+    else UpdateEvents(added);
   }
+  // Every slot is taken: the rest wait in the kernel's backlog, accepted as connections close.
+  PauseAccept(true);
 }
 
-void Server::OnReadable(Conn& c) {
+void Server::OnReadable(Socket& s) {
   char buf[65536];
-  while (true) {
-    ssize_t n = read(c.fd, buf, sizeof buf);
+  // Level-triggered: what is left unread is reported again, once the connection wants it.
+  while (s.WantsRead()) {
+    ssize_t n = read(s.fd, buf, sizeof buf);
     if (n > 0) {
-      if (!c.noMoreRequests) c.in.append(buf, static_cast<size_t>(n));
-      if (c.in.size() > maxHeaderBytes + kMaxBodyBytes) break;
-      // A short read drained the socket; epoll is level-triggered, so a read that would say EAGAIN is saved.
-      if (static_cast<size_t>(n) < sizeof buf) break;
+      s.Received(std::string_view(buf, static_cast<size_t>(n)));
+      if (static_cast<size_t>(n) < sizeof buf) break;  // a short read drained the socket
       continue;
     }
     if (n == 0) {
-      c.peerClosed = true;
+      s.PeerClosed();
     } else if (errno == EINTR) {
       continue;
     } else if (errno != EAGAIN && errno != EWOULDBLOCK) {
-      Destroy(c.id);
+      Destroy(s.id);
       return;
     }
     break;
   }
-  Pump(c);
+  Service(s);
 }
 
-// Parses what arrived, moves answers that are next in line to the output,
-// writes, and decides whether the connection stays.
-void Server::Pump(Conn& c) {
-  for (int round = 0; round < 1000; round++) {
-    while (c.slots.size() < kMaxPendingPerConn && ProcessOne(c)) {
-    }
-    c.in.erase(0, c.inStart);
-    c.inStart = 0;
-    bool moved = false;
-    while (!c.closeAfterFlush && !c.slots.empty() && c.slots.front().ready) {
-      Slot& s = c.slots.front();
-      c.out += s.bytes;
-      moved = true;
-      if (s.close) {
-        c.closeAfterFlush = true;
-        c.noMoreRequests = true;
-        c.slots.clear();
-        c.in.clear();
-        break;
-      }
-      c.slots.pop_front();
-    }
-    if (!moved) break;
+// Parses what arrived, writes what is ready, and decides whether the connection stays. A peer that
+// takes answers as fast as they come gets the rest of its pipelined requests in the same turn.
+void Server::Service(Socket& s) {
+  while (true) {
+    size_t before = s.BufferedInput();
+    s.Pump(*this, MonoMs());
+    if (!Flush(s)) return;
+    bool consumed = s.BufferedInput() < before;
+    if (!consumed || s.WantsWrite() || !s.TakesRequests() || s.BufferedInput() == 0) break;
   }
-  while (c.outOffset < c.out.size()) {
-    ssize_t n = send(c.fd, c.out.data() + c.outOffset, c.out.size() - c.outOffset, MSG_NOSIGNAL);
+  if (s.ShouldShutdown()) {
+    // The last answer is out: our FIN, then the peer's awaited (bounded), so unread bytes cause no reset.
+    shutdown(s.fd, SHUT_WR);
+    s.StartLinger(MonoMs());
+  }
+  if (s.Finished(stopping.load())) {
+    Destroy(s.id);
+    return;
+  }
+  UpdateEvents(s);
+}
+
+// False when the connection is gone.
+bool Server::Flush(Socket& s) {
+  while (s.WantsWrite()) {
+    std::string_view out = s.Unsent();
+    ssize_t n = send(s.fd, out.data(), out.size(), MSG_NOSIGNAL);
     if (n > 0) {
-      c.outOffset += static_cast<size_t>(n);
+      s.Sent(static_cast<size_t>(n), MonoMs());
     } else if (n < 0 && errno == EINTR) {
       continue;
     } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
       break;
     } else {
-      Destroy(c.id);
-      return;
-    }
-  }
-  if (c.outOffset == c.out.size()) {
-    c.out.clear();
-    c.outOffset = 0;
-    if (c.slots.empty()) {
-      // Stopping: a connection goes once nothing of it is left to answer.
-      if (c.closeAfterFlush || c.peerClosed || (stopping.load() && (c.noMoreRequests || c.in.empty()))) {
-        Destroy(c.id);
-        return;
-      }
-      c.idleSinceMs = MonoMs();
-    }
-  }
-  if (c.in.empty()) c.partialSinceMs = 0;
-  else if (c.partialSinceMs == 0) c.partialSinceMs = MonoMs();
-  UpdateEvents(c);
-}
-
-// Takes one complete request off c.in (from c.inStart, parsed in place); false when there is none (yet).
-bool Server::ProcessOne(Conn& c) {
-  if (c.noMoreRequests || c.closeAfterFlush) return false;
-  std::string_view in(c.in);
-  in.remove_prefix(c.inStart);
-  size_t skip = http::LeadingEmptyLines(in);
-  c.inStart += skip;
-  in.remove_prefix(skip);
-  if (in.empty()) return false;
-  Framing f = http::FrameRequest(in, maxHeaderBytes);
-  switch (f.kind) {
-    case Framing::kIncomplete:
+      Destroy(s.id);
       return false;
-    case Framing::kOverflow:
-      stats.overflow++;
-      HandOff(c, std::string(in.substr(0, 256)), "overflow");
-      c.in.clear();
-      c.inStart = 0;
-      return false;
-    case Framing::kMalformed:
-    case Framing::kBody:
-      HandOff(c, std::string(in), f.kind == Framing::kMalformed ? "malformed" : "body");
-      c.in.clear();
-      c.inStart = 0;
-      return false;
-    case Framing::kRequest:
-      break;
-  }
-  const http::Head& h = f.head;
-  std::string_view head = in.substr(0, f.headBytes);
-  std::string_view request = in.substr(0, f.headBytes + h.contentLength);
-  c.inStart += request.size();
-  c.partialSinceMs = 0;
-  stats.requests++;
-  bool hit = false;
-  if (h.contentLength == 0) {
-    if (c.slots.empty() && h.keepAlive) {
-      // Next in line and the connection stays: the answer goes straight to the output.
-      hit = TryAnswer(c, head, true, c.out);
-    } else {
-      std::string answer;
-      hit = TryAnswer(c, head, h.keepAlive, answer);
-      if (hit) c.slots.push_back(Slot{c.nextRequestId++, true, !h.keepAlive, std::move(answer)});
     }
-  }
-  if (hit) stats.hits++;
-  else HandOff(c, std::string(request), "");
-  // Nothing after a Connection: close request is read, as node does.
-  if (!h.keepAlive) {
-    c.noMoreRequests = true;
-    c.in.clear();
-    c.inStart = 0;
   }
   return true;
 }
 
-void Server::HandOff(Conn& c, std::string bytes, const std::string& error) {
-  if (!error.empty()) {
-    if (error == "malformed") stats.malformed++;
-    c.noMoreRequests = true;
+bool Server::HandOff(conn::Connection& c, uint64_t requestId, std::string bytes, std::string_view error) {
+  size_t size = bytes.size();
+  if (handed_.size() >= maxHandedRequests || handedBytes_ + size > maxHandedBytes) {
+    stats.busy++;
+    return false;
+  }
+  if (error == "malformed") stats.malformed++;
+  else if (error == "overflow") stats.overflow++;
+  else if (error == "timeout") stats.timeout++;
+  auto* h = new Handoff{id, c.id, requestId, std::move(bytes), c.remote, std::string(error)};
+  if (onRequest.NonBlockingCall(h, CallJs) != napi_ok) {
+    // JS is gone or its queue is full: nobody will answer this request.
+    delete h;
+    stats.busy++;
+    return false;
   }
   stats.handedToJs++;
-  uint64_t rid = c.nextRequestId++;
-  c.slots.push_back(Slot{rid, false, false, {}});
-  auto* h = new Handoff{id, c.id, rid, std::move(bytes), c.remote, error};
-  if (onRequest.NonBlockingCall(h, CallJs) != napi_ok) {
-    delete h;
-    // JS is gone: nobody will answer this request.
-    c.slots.back().ready = true;
-    c.slots.back().close = true;
-  }
+  handed_[{c.id, requestId}] = size;
+  handedBytes_ += size;
+  return true;
+}
+
+void Server::AppendFixed(const FixedAnswer& a, bool keepAlive, std::string& out) {
+  out += a.head;
+  out += "Date: ";
+  http::AppendHttpDate(NowMs(), out);
+  out += keepAlive ? "\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" : "\r\nConnection: close\r\n\r\n";
+  out += a.body;
 }
 
 void Server::RefreshTables() {
@@ -472,36 +441,44 @@ void Server::RefreshTables() {
 // Heads longer than this are parsed every time rather than kept per connection.
 constexpr size_t kMaxRememberedHead = 1024;
 
-bool Server::TryAnswer(Conn& c, std::string_view head, bool keepAlive, std::string& out) {
+bool Server::TryAnswer(conn::Connection& c, std::string_view head, bool keepAlive, std::string& out) {
+  auto& s = static_cast<Socket&>(c);
   // ParseHitRequest depends on the head's bytes alone (and a per-server flag): an equal head asks the same.
-  if (c.hitHead.empty() || head != c.hitHead) {
-    c.hitHead.clear();
-    if (!http::ParseHitRequest(head, metadataHeaderRequired, c.hitQuery)) return false;
-    if (head.size() <= kMaxRememberedHead) c.hitHead.assign(head.data(), head.size());
+  if (s.hitHead.empty() || head != s.hitHead) {
+    s.hitHead.clear();
+    if (!http::ParseHitRequest(head, metadataHeaderRequired, s.hitQuery)) return false;
+    if (head.size() <= kMaxRememberedHead) s.hitHead.assign(head.data(), head.size());
   }
   // A swap that returned before this request was read is seen: the version is read after the read().
   RefreshTables();
-  return http::AnswerFromTables(c.hitQuery, c.remote, keepAlive, firstOfSeveral, *routesNow_, *tokensNow_, NowMs(), out);
+  if (!http::AnswerFromTables(s.hitQuery, s.remote, keepAlive, firstOfSeveral, *routesNow_, *tokensNow_, NowMs(), out))
+    return false;
+  stats.hits++;
+  return true;
 }
 
-void Server::UpdateEvents(Conn& c) {
+void Server::UpdateEvents(Socket& s) {
   uint32_t want = 0;
-  if (!c.peerClosed && c.slots.size() < kMaxPendingPerConn && !c.closeAfterFlush) want |= EPOLLIN;
-  if (c.outOffset < c.out.size()) want |= EPOLLOUT;
-  if (want == c.events) return;
-  c.events = want;
+  if (s.WantsRead()) want |= EPOLLIN;
+  if (s.WantsWrite()) want |= EPOLLOUT;
+  if (want == s.events) return;
+  s.events = want;
   epoll_event ev{};
   ev.events = want;
-  ev.data.u64 = c.id;
-  epoll_ctl(epollFd, EPOLL_CTL_MOD, c.fd, &ev);
+  ev.data.u64 = s.id;
+  epoll_ctl(epollFd, EPOLL_CTL_MOD, s.fd, &ev);
 }
 
 void Server::Destroy(uint64_t id) {
   auto it = conns_.find(id);
   if (it == conns_.end()) return;
-  epoll_ctl(epollFd, EPOLL_CTL_DEL, it->second->fd, nullptr);
-  close(it->second->fd);
+  Socket& s = *it->second;
+  epoll_ctl(epollFd, EPOLL_CTL_DEL, s.fd, nullptr);
+  close(s.fd);
+  auto source = perSource_.find(s.remote);
+  if (source != perSource_.end() && --source->second == 0) perSource_.erase(source);
   conns_.erase(it);
+  if (acceptRetryAtMs_ == 0) PauseAccept(false);
 }
 
 void Server::DrainResponses() {
@@ -512,37 +489,43 @@ void Server::DrainResponses() {
   }
   std::unordered_set<uint64_t> touched;
   for (auto& r : batch) {
+    auto handed = handed_.find({r.connId, r.requestId});
+    if (handed != handed_.end()) {
+      handedBytes_ -= handed->second;
+      handed_.erase(handed);
+    }
     auto it = conns_.find(r.connId);
     if (it == conns_.end()) continue;  // the client went away meanwhile
-    for (auto& s : it->second->slots) {
-      if (s.requestId != r.requestId || s.ready) continue;
-      s.ready = true;
-      s.close = r.close;
-      s.bytes = std::move(r.bytes);
-      touched.insert(r.connId);
-      break;
-    }
+    it->second->Answer(r.requestId, std::move(r.bytes), r.close);
+    touched.insert(r.connId);
   }
   for (auto id : touched) {
     auto it = conns_.find(id);
-    if (it != conns_.end()) Pump(*it->second);
+    if (it != conns_.end()) Service(*it->second);
   }
 }
 
 void Server::CheckTimers() {
   int64_t now = MonoMs();
-  std::vector<uint64_t> idle;
-  for (auto& [id, c] : conns_) {
-    if (c->partialSinceMs != 0 && now - c->partialSinceMs > headerTimeoutMs && !c->noMoreRequests) {
-      stats.timeout++;
-      c->partialSinceMs = 0;
-      c->in.clear();
-      HandOff(*c, {}, "timeout");
-      continue;
-    }
-    if (c->slots.empty() && c->in.empty() && c->out.empty() && now - c->idleSinceMs > kKeepAliveMs) idle.push_back(id);
+  if (acceptRetryAtMs_ != 0 && now >= acceptRetryAtMs_) {
+    acceptRetryAtMs_ = 0;
+    if (conns_.size() < maxConnections) PauseAccept(false);
   }
-  for (auto id : idle) Destroy(id);
+  std::vector<uint64_t> ended, timedOut;
+  for (auto& [id, s] : conns_) {
+    size_t handed = s->Pending();
+    if (s->CheckTimers(*this, now) == conn::Connection::Timer::kClose) {
+      if (s->WriteTimedOut()) stats.writeTimeouts++;
+      ended.push_back(id);
+    } else if (s->Pending() != handed) {
+      timedOut.push_back(id);
+    }
+  }
+  for (auto id : ended) Destroy(id);
+  for (auto id : timedOut) {
+    auto it = conns_.find(id);
+    if (it != conns_.end()) Service(*it->second);
+  }
 }
 
 // ---- JS surface ----
@@ -605,21 +588,46 @@ void CallJs(Napi::Env env, Napi::Function fn, Handoff* data) {
 }  // namespace
 
 static const char* const kStartUsage =
-    "serverStart({fd, maxConnections, maxHeaderBytes, headerTimeoutMs, metadataHeaderRequired, firstOfSeveral, peerMapFd?}, onRequest)";
+    "serverStart({fd, maxConnections, maxConnectionsPerSource, maxHeaderBytes, headerTimeoutMs, writeTimeoutMs, "
+    "maxUnsentBytes, maxHandedBytesPerConnection, maxHandedRequests, maxHandedBytes, metadataHeaderRequired, "
+    "firstOfSeveral, busyAnswer: [head, body], tooManyConnectionsAnswer: [head, body], peerMapFd?}, onRequest)";
+
+// A [head, body] pair of strings.
+static bool ReadFixedAnswer(const Napi::Value& v, FixedAnswer* out) {
+  if (!v.IsArray()) return false;
+  Napi::Array a = v.As<Napi::Array>();
+  Napi::Value head = a[0u], body = a[1u];
+  if (a.Length() != 2 || !head.IsString() || !body.IsString()) return false;
+  out->head = head.As<Napi::String>();
+  out->body = body.As<Napi::String>();
+  return true;
+}
 
 Napi::Value ServerStart(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() != 2 || !info[0].IsObject() || !info[1].IsFunction()) return Usage(env, kStartUsage);
   Napi::Object o = info[0].As<Napi::Object>();
-  for (const char* k : {"fd", "maxConnections", "maxHeaderBytes", "headerTimeoutMs"})
+  for (const char* k : {"fd", "maxConnections", "maxConnectionsPerSource", "maxHeaderBytes", "headerTimeoutMs",
+                        "writeTimeoutMs", "maxUnsentBytes", "maxHandedBytesPerConnection", "maxHandedRequests",
+                        "maxHandedBytes"})
     if (!o.Get(k).IsNumber()) return Usage(env, kStartUsage);
   if (!o.Get("metadataHeaderRequired").IsBoolean() || !o.Get("firstOfSeveral").IsBoolean())
     return Usage(env, kStartUsage);
 
   auto s = std::make_shared<Server>();
-  s->maxConnections = o.Get("maxConnections").As<Napi::Number>().Uint32Value();
-  s->maxHeaderBytes = o.Get("maxHeaderBytes").As<Napi::Number>().Uint32Value();
-  s->headerTimeoutMs = o.Get("headerTimeoutMs").As<Napi::Number>().Int64Value();
+  if (!ReadFixedAnswer(o.Get("busyAnswer"), &s->busyAnswer) ||
+      !ReadFixedAnswer(o.Get("tooManyConnectionsAnswer"), &s->tooManyConnectionsAnswer))
+    return Usage(env, kStartUsage);
+  auto number = [&](const char* k) { return o.Get(k).As<Napi::Number>(); };
+  s->maxConnections = number("maxConnections").Uint32Value();
+  s->maxConnectionsPerSource = number("maxConnectionsPerSource").Uint32Value();
+  s->maxHandedRequests = number("maxHandedRequests").Uint32Value();
+  s->maxHandedBytes = number("maxHandedBytes").Uint32Value();
+  s->limits.maxHeaderBytes = number("maxHeaderBytes").Uint32Value();
+  s->limits.headerTimeoutMs = number("headerTimeoutMs").Int64Value();
+  s->limits.writeTimeoutMs = number("writeTimeoutMs").Int64Value();
+  s->limits.maxUnsentBytes = number("maxUnsentBytes").Uint32Value();
+  s->limits.maxHandedBytes = number("maxHandedBytesPerConnection").Uint32Value();
   s->metadataHeaderRequired = o.Get("metadataHeaderRequired").As<Napi::Boolean>();
   s->firstOfSeveral = o.Get("firstOfSeveral").As<Napi::Boolean>();
   // The server keeps its own descriptor of the map: the caller's may be closed first.
@@ -657,7 +665,9 @@ Napi::Value ServerStart(const Napi::CallbackInfo& info) {
   ev.data.u64 = 1;
   epoll_ctl(s->epollFd, EPOLL_CTL_ADD, s->wakeFd, &ev);
 
-  s->onRequest = Napi::ThreadSafeFunction::New(env, info[1].As<Napi::Function>(), "nmi-native-server", 0, 1);
+  // Bounded as the requests JavaScript may hold, and one more for "stopped".
+  s->onRequest = Napi::ThreadSafeFunction::New(env, info[1].As<Napi::Function>(), "nmi-native-server",
+                                               s->maxHandedRequests + 1, 1);
   napi_add_env_cleanup_hook(env, StopAtExit, s.get());
   uint32_t id;
   {
@@ -807,13 +817,15 @@ Napi::Value ServerStats(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(env);
   auto put = [&](const char* k, const std::atomic<uint64_t>& v) { o.Set(k, Napi::Number::New(env, static_cast<double>(v.load()))); };
   put("connections", s->stats.connections);
-  put("requests", s->stats.requests);
   put("hits", s->stats.hits);
   put("handedToJs", s->stats.handedToJs);
   put("malformed", s->stats.malformed);
   put("overflow", s->stats.overflow);
   put("timeout", s->stats.timeout);
   put("refusedConnections", s->stats.refusedConnections);
+  put("busy", s->stats.busy);
+  put("writeTimeouts", s->stats.writeTimeouts);
+  put("acceptErrors", s->stats.acceptErrors);
   return o;
 }
 

@@ -13,11 +13,26 @@ export interface NftResult {
 export interface NativeServerOptions {
   /** A listening TCP socket (src/net/listeners.ts). */
   fd: number;
+  /** Past it, new connections wait in the kernel's backlog. */
   maxConnections: number;
+  /** Past it, a caller's new connection is answered tooManyConnectionsAnswer and closed. */
+  maxConnectionsPerSource: number;
   /** Request line + headers; a longer head is handed over with error "overflow". */
   maxHeaderBytes: number;
   /** A request partly received for this long is handed over with error "timeout". */
   headerTimeoutMs: number;
+  /** A connection whose unsent answers make no progress for this long is closed. */
+  writeTimeoutMs: number;
+  /** Answers a connection's peer has not taken; above it, the connection is not read. */
+  maxUnsentBytes: number;
+  /** Request bytes one connection has waiting on JS; above it, the connection is not read. */
+  maxHandedBytesPerConnection: number;
+  /** Requests, and their bytes, the server has waiting on JS; past either, busyAnswer. */
+  maxHandedRequests: number;
+  maxHandedBytes: number;
+  /** [status line and headers, each ending CRLF; body]: Date and Connection are added natively. */
+  busyAnswer: [string, string];
+  tooManyConnectionsAnswer: [string, string];
   metadataHeaderRequired: boolean;
   /** --multiple-identities first: a request naming no id is served the first of several identities (TS orders them). */
   firstOfSeveral: boolean;
@@ -28,10 +43,11 @@ export interface NativeServerOptions {
 /**
  * Why the native server handed a request over without a complete, framed request:
  * "malformed" (not HTTP/1.x), "overflow" (head too large), "timeout", "body"
- * (a Transfer-Encoding body, not taken), and "stopped" once, after serverStop,
- * when the thread has finished (connId 0).
+ * (a Transfer-Encoding body, not taken), "body-not-allowed" (a body on the token
+ * path or a GET or HEAD, refused unread), "too-large" (a body over 16 KiB), and
+ * "stopped" once, after serverStop, when the thread has finished (connId 0).
  */
-export type NativeHandoffError = 'malformed' | 'overflow' | 'timeout' | 'body' | 'stopped';
+export type NativeHandoffError = 'malformed' | 'overflow' | 'timeout' | 'body' | 'body-not-allowed' | 'too-large' | 'stopped';
 
 /** Called on the JS thread for every request the native side does not answer itself. */
 export type NativeRequestHandler = (connId: number, requestId: number, raw: Buffer | null, remoteAddress: string, error: NativeHandoffError | null) => void;
@@ -47,13 +63,19 @@ export type NativeTokenKey = [string, string];
 
 export interface NativeServerStats {
   connections: number;
-  requests: number;
   hits: number;
   handedToJs: number;
   malformed: number;
   overflow: number;
   timeout: number;
+  /** Connections answered 429 past --max-connections-per-source. */
   refusedConnections: number;
+  /** Requests answered 503 because the server held as many waiting on JS as it may. */
+  busy: number;
+  /** Connections closed because their answers were not read. */
+  writeTimeouts: number;
+  /** accept() out of descriptors or memory (new connections then wait in the backlog a moment). */
+  acceptErrors: number;
 }
 
 export interface NativeAddon {

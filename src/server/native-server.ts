@@ -16,7 +16,7 @@ import {
   type NativeTokenRow,
 } from '../native/addon.js';
 import { toAnswer } from '../tokens/token.js';
-import { clientErrorBytes, type Answer } from './answers.js';
+import { clientErrorBytes, problemAnswer, problems, type Answer, type Problem } from './answers.js';
 import { createImdsProxy } from './proxy.js';
 import type { RequestHeaders } from './request.js';
 import { packRoutes, tellingServed, tokenKey, type Route, type TableFedServer, type TableToken, type TokenServedListener } from './tables.js';
@@ -35,12 +35,15 @@ export interface NativeTokenServer extends TableFedServer {
 }
 
 const KEEP_ALIVE_HEADER = `timeout=${limits.keepAliveTimeoutMs / 1000}`;
-const HANDOFF_ERROR_CODES: Record<Exclude<NativeHandoffError, 'stopped'>, string> = {
-  malformed: 'HPE_INVALID',
-  overflow: 'HPE_HEADER_OVERFLOW',
-  timeout: 'ERR_HTTP_REQUEST_TIMEOUT',
+/** Hand-overs without a request, each answered and the connection closed: as node answers what llhttp refuses, or IMDS-shaped. */
+const HANDOFF_ANSWERS: Record<Exclude<NativeHandoffError, 'stopped'>, () => Buffer | string> = {
+  malformed: () => clientErrorBytes('HPE_INVALID'),
+  overflow: () => clientErrorBytes('HPE_HEADER_OVERFLOW'),
+  timeout: () => clientErrorBytes('ERR_HTTP_REQUEST_TIMEOUT'),
   // A Transfer-Encoding body is not taken by the native server.
-  body: 'HPE_UNEXPECTED_CONTENT_LENGTH',
+  body: () => clientErrorBytes('HPE_UNEXPECTED_CONTENT_LENGTH'),
+  'body-not-allowed': () => serializeAnswer(problemAnswer(problems.bodyNotAllowed), false, false),
+  'too-large': () => serializeAnswer(problemAnswer(problems.bodyTooLarge), false, false),
 };
 
 /** The native side keys callers "address#cgroup" when it reads the eBPF peers map (0: none recorded). */
@@ -79,7 +82,8 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
 
   function onRequest(connId: number, requestId: number, raw: Buffer | null, remoteAddress: string, error: NativeHandoffError | null): void {
     if (error === 'stopped') return onStopped();
-    if (error !== null || raw === null) return respond(connId, requestId, clientErrorBytes(error === null ? undefined : HANDOFF_ERROR_CODES[error]), true);
+    if (error !== null) return respond(connId, requestId, HANDOFF_ANSWERS[error](), true);
+    if (raw === null) return respond(connId, requestId, clientErrorBytes(undefined), true);
     const request = parseRawRequest(raw);
     if (request === 'malformed') return respond(connId, requestId, clientErrorBytes(undefined), true);
     if (request === 'no-host') return respond(connId, requestId, noHostBytes(), true);
@@ -111,8 +115,16 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
         {
           fd: fd ?? native.listenTcp(host, wantedPort, limits.backlog),
           maxConnections: limits.maxConnections,
+          maxConnectionsPerSource: options.maxConnectionsPerSource ?? limits.maxConnectionsPerSource,
           maxHeaderBytes: limits.maxHeaderSize,
           headerTimeoutMs: limits.headersTimeoutMs,
+          writeTimeoutMs: limits.writeTimeoutMs,
+          maxUnsentBytes: limits.maxUnsentBytes,
+          maxHandedBytesPerConnection: limits.maxHandedBytesPerConnection,
+          maxHandedRequests: limits.maxHandedRequests,
+          maxHandedBytes: limits.maxHandedBytes,
+          busyAnswer: fixedAnswer(problems.busy),
+          tooManyConnectionsAnswer: fixedAnswer(problems.tooManyConnections),
           metadataHeaderRequired: options.metadataHeaderRequired,
           firstOfSeveral: options.multipleIdentities === 'first',
           ...attest,
@@ -214,11 +226,23 @@ function addHeader(headers: Record<string, string | string[]>, name: string, val
 
 // ---- the answer bytes, written as node:http writes them ----
 
+/** The status line and the answer's headers in order, each line ending CRLF. */
+function statusAndHeaders(answer: Answer): string {
+  let text = `HTTP/1.1 ${answer.status} ${http.STATUS_CODES[answer.status] ?? 'unknown'}\r\n`;
+  for (const [name, value] of answer.headers) text += `${name}: ${value}\r\n`;
+  return text;
+}
+
+/** An answer the native side writes itself, which adds Date and Connection as serializeAnswer does. */
+function fixedAnswer(problem: Problem): [string, string] {
+  const answer = problemAnswer(problem);
+  return [statusAndHeaders(answer), answer.body.toString('latin1')];
+}
+
 /** Status line, the answer's headers in order, then Date, Connection, Keep-Alive as node adds them. */
 export function serializeAnswer(answer: Answer, head: boolean, keepAlive: boolean, nowMs = Date.now()): Buffer {
   const names = new Set(answer.headers.map(([name]) => name.toLowerCase()));
-  let text = `HTTP/1.1 ${answer.status} ${http.STATUS_CODES[answer.status] ?? 'unknown'}\r\n`;
-  for (const [name, value] of answer.headers) text += `${name}: ${value}\r\n`;
+  let text = statusAndHeaders(answer);
   if (!names.has('date')) text += `Date: ${new Date(nowMs).toUTCString()}\r\n`;
   text += keepAlive ? `Connection: keep-alive\r\nKeep-Alive: ${KEEP_ALIVE_HEADER}\r\n` : 'Connection: close\r\n';
   const bodyless = head || answer.status === 204 || answer.status === 304;

@@ -202,6 +202,8 @@ void Connection(std::string in, size_t maxHeaderBytes) {
     CHECK(f.headBytes >= 4 && f.headBytes <= maxHeaderBytes && f.headBytes <= in.size());
     CHECK(in.find("\r\n\r\n") == f.headBytes - 4);
     CHECK(h.contentLength <= kMaxBodyBytes && f.headBytes + h.contentLength <= in.size());
+    // A body is taken only off the token path and not by GET or HEAD.
+    if (h.contentLength > 0) CHECK(!h.bodyless && in.rfind("GET ", 0) != 0 && in.rfind("HEAD ", 0) != 0 && in.find(kTokenPath) != 4);
     std::string head = in.substr(0, f.headBytes);
     in.erase(0, f.headBytes + h.contentLength);
     if (h.contentLength == 0) CheckRouting(head, h.keepAlive);
