@@ -11,6 +11,7 @@
 // apart and go only when no first token waits, until the token they replace is
 // halfway from its refresh point to its end: then they go before anything.
 import { codes, NmiError } from '../errors/errors.js';
+import { limits } from '../server/limits.js';
 
 export interface BudgetLimits {
   maxConcurrent: number;
@@ -35,7 +36,7 @@ export class BudgetError extends NmiError {
   }
 }
 
-/** Called once the call is over; `throttledMs` when the upstream said 429, which pauses every call for that long. */
+/** Called once the call is over; `throttledMs` when the upstream said 429, which pauses every call for that long (at most limits.maxRetryAfterMs). */
 export type Release = (outcome?: { throttledMs?: number }) => void;
 
 export interface Ticket {
@@ -335,7 +336,9 @@ export class UpstreamBudget {
       this.settle(ticket);
       if (outcome?.throttledMs !== undefined) {
         this.counts.throttled++;
-        this.pausedUntilMs = Math.max(this.pausedUntilMs, this.now() + (outcome.throttledMs > 0 ? outcome.throttledMs : DEFAULT_PAUSE_MS));
+        // Capped here too, whoever parsed it: an upstream's Retry-After of a day must not stop the node for a day.
+        const pauseMs = outcome.throttledMs > 0 ? Math.min(outcome.throttledMs, limits.maxRetryAfterMs) : DEFAULT_PAUSE_MS;
+        this.pausedUntilMs = Math.max(this.pausedUntilMs, this.now() + pauseMs);
       }
       this.dispatch();
     });

@@ -59,6 +59,7 @@ export const runFlags = {
   'imds-metadata-max-rate': flag({ parse: v.rate, default: '5/s', help: "proxied calls to IMDS's other categories per second at most (IMDS's general limit)" }),
   'aad-max-concurrent': flag({ parse: v.positiveInt, default: '10', help: 'token calls in flight to one Entra ID tenant at most' }),
   'aad-max-rate': flag({ parse: v.rate, default: '20/s', help: 'token calls started toward one Entra ID tenant per second at most' }),
+  'max-connections-per-source': flag({ parse: v.positiveInt, default: '64', help: 'connections one caller (a source address; with --rules ebpf, an address and cgroup) may hold open to the token port; past it, 429' }),
   'max-tokens-per-pod': flag({ parse: v.positiveInt, default: '64', help: 'distinct (identity, resource) tokens one pod may hold; past it, 429' }),
   'max-pending-per-pod': flag({ parse: v.positiveInt, default: '16', help: 'token calls one pod may have waiting for their turn upstream; past it, 429' }),
   'workload-identity-tenant': flag({ parse: v.nonEmpty, help: 'Workload ID convention: the Entra ID tenant of service accounts annotated azure.workload.identity/client-id without azure.workload.identity/tenant-id' }),

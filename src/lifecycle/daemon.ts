@@ -198,7 +198,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     logger: log,
   });
   const getToken = (identity: AzureIdentity, resource: string, pod: Pod) =>
-    cache.get(identity, resource, credentialFor(identity, pod), { key: callerKey(pod), name: `${pod.namespace}/${pod.name}` });
+    cache.get(identity, resource, () => credentialFor(identity, pod), { key: callerKey(pod), name: `${pod.namespace}/${pod.name}` });
   /** A federated identity's: a token of the pod's service account, requested when the exchange happens; a refresh asks for it through a pod of that account still on the node. */
   function credentialFor(identity: AzureIdentity, pod: Pod): Credential | undefined {
     if (identity.type === IdentityType.UserAssignedMSI) return undefined;
@@ -247,6 +247,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
       blockInstanceMetadata: config.blockInstanceMetadata,
       retryAfter: config.retryAfter,
       multipleIdentities: config.multipleIdentities,
+      maxConnectionsPerSource: config.maxConnectionsPerSource,
     },
     log,
     metrics: registerServerMetrics(registry),

@@ -13,6 +13,7 @@
 // string, keys in the order written here or by toAnswer.
 import http, { type ServerResponse } from 'node:http';
 import { toAnswer, type Token } from '../tokens/token.js';
+import { limits } from './limits.js';
 
 /** An error answer: IMDS's `{"error","error_description"}` body with a status. */
 export interface Problem {
@@ -134,7 +135,25 @@ export const problems = {
   },
   upstreamTimeout: { status: 504, error: 'gateway_timeout', error_description: 'The instance metadata service did not answer in time' },
   bodyTooLarge: { status: 413, error: 'invalid_request', error_description: 'Request body too large' },
+  /** A body on the token path or on a GET or HEAD: refused before it is read. */
+  bodyNotAllowed: { status: 400, error: 'invalid_request', error_description: 'A request body is not allowed here' },
+  /** The caller holds --max-connections-per-source connections already: this one is answered and closed. */
+  tooManyConnections: {
+    status: 429,
+    error: 'too_many_requests',
+    error_description: 'Too many connections from this caller, retry later',
+    retryAfter: limits.busyRetryAfterS,
+  },
+  /** The server holds as many requests waiting on the main thread as it may: retried in a second, they go through. */
+  busy: {
+    status: 503,
+    error: 'temporarily_unavailable',
+    error_description: 'The node agent is busy, retry later',
+    retryAfter: limits.busyRetryAfterS,
+  },
   upstreamUnreachable: { status: 502, error: 'bad_gateway', error_description: 'The instance metadata service could not be reached' },
+  /** A proxied answer over limits.maxProxiedAnswerBytes: read no further, not passed on. */
+  upstreamAnswerTooLarge: { status: 502, error: 'bad_gateway', error_description: 'The instance metadata service answered more than the node agent passes on' },
 } as const satisfies Record<string, Problem>;
 
 /** The token service stayed unavailable after the cache's retries. */

@@ -3,7 +3,8 @@
 //   request.ts (hygiene, route, checks 1–5) → caller by source address (6),
 //   attested by the connection's cgroup with --rules ebpf (attest/)
 //   → bound identities, filtered by the requested id (7) → getToken (8)
-//   → answers.ts. Other /metadata categories and exception pods go to proxy.ts.
+//   → answers.ts. Other /metadata categories (for a caller that passes step 6 only)
+//   and exception pods go to proxy.ts.
 import type { CgroupAttestation } from '../attest/attestation.js';
 import { BudgetError, type RefusalReason } from '../budget/budget.js';
 import { identityKey, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
@@ -13,6 +14,7 @@ import type { CallerLookup, Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
 import type { UpstreamKind } from '../tokens/upstream-error.js';
+import { LogLimiter } from '../util/log-limiter.js';
 import { problemAnswer, problems, throttled, tokenAnswer, unavailable, type Answer, type Problem } from './answers.js';
 import { limits } from './limits.js';
 import type { ServerMetrics } from './metrics.js';
@@ -26,6 +28,8 @@ export interface TokenServerOptions {
   retryAfter: boolean;
   multipleIdentities: SeveralPolicy;
   proxyTimeoutMs?: number;
+  /** --max-connections-per-source; limits.maxConnectionsPerSource when unset. */
+  maxConnectionsPerSource?: number;
 }
 
 export interface TokenServerDeps {
@@ -126,9 +130,15 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attes
     return answerIdentityToken(deps, pod, bound.identities, request, { notFound, several: options.multipleIdentities });
   }
 
+  /** The other /metadata categories: a pod of this node's, as for a token (step 6); for anyone else nothing reaches IMDS. */
+  async function answerProxied(req: IncomingRequest, target: string): Promise<Outcome> {
+    const caller = await findCaller(req);
+    return 'status' in caller ? problemAnswer(caller) : { proxy: target };
+  }
+
   async function respond(classified: Classification, req: IncomingRequest): Promise<Outcome> {
     if (classified.kind === 'reject') return problemAnswer(classified.problem);
-    if (classified.kind === 'proxy') return { proxy: classified.target };
+    if (classified.kind === 'proxy') return answerProxied(req, classified.target);
     return answerToken(req, classified.request);
   }
 
@@ -161,6 +171,8 @@ export function answerWhole(core: RequestCore, proxy: ImdsProxy, log: Logger, re
  * request naming none: said once per list, not per request.
  */
 const firstServed = new WeakSet<readonly AzureIdentity[]>();
+/** A pod looping on an unusable identity: said once a minute per pod and identity, whichever endpoint it asks. */
+const unusableSaid = new LogLimiter(60_000);
 
 /** Steps 7 and 8, shared with /host/token: the bound identity the request names (or the policy picks), then its token. */
 export async function answerIdentityToken(
@@ -193,7 +205,8 @@ export async function answerIdentityToken(
     if (err instanceof BudgetError) return refuse('budget', budgetProblem(err), { identity, cause: err.message });
     // Its Secret or certificate, named in the message (never a value): the operator's to fix, the pod's to retry.
     if (isNmiError(err, codes.BINDINGS) || isNmiError(err, codes.TOKEN)) {
-      deps.log.warn({ namespace: pod.namespace, pod: pod.name, identity: identityKey(identity), err: errorSummary(err) }, 'the bound identity cannot be used');
+      const key = identityKey(identity);
+      if (unusableSaid.due(`${pod.uid}\0${key}`)) deps.log.warn({ namespace: pod.namespace, pod: pod.name, identity: key, err: errorSummary(err) }, 'the bound identity cannot be used');
       return refuse('identity-unusable', problems.identityUnusable, { identity, cause: err.message });
     }
     if (!isUpstreamFailure(err)) throw err;

@@ -3,6 +3,7 @@
 // in plain numbers by request-counts.ts, read here at scrape time.
 import { Counter, type Histogram, type Registry } from 'prom-client';
 import { DURATION_BUCKETS, RequestCounts, sumCounts, type Code } from './request-counts.js';
+import type { NativeServerStats } from '../native/addon.js';
 import type { RouteName } from './request.js';
 
 export interface ServerMetrics {
@@ -73,21 +74,43 @@ class Shared {
   reset(): void {}
 }
 
+type NativeCounts = Pick<NativeServerStats, 'hits' | 'handedToJs' | 'malformed' | 'overflow' | 'timeout' | 'busy' | 'refusedConnections' | 'writeTimeouts' | 'acceptErrors'>;
+
 /** The native fast path's own counters, read at scrape time. */
-export function registerNativeMetrics(registry: Registry, stats: () => { hits: number; handedToJs: number; malformed: number; overflow: number; timeout: number } | undefined): void {
-  const seen = { hit: 0, js: 0, malformed: 0, overflow: 0, timeout: 0 };
-  new Counter({
+export function registerNativeMetrics(registry: Registry, stats: () => NativeCounts | undefined): void {
+  nativeCounter(registry, stats, {
     name: 'nmi_native_requests_total',
-    help: 'Requests the native server read: answered in C++ (hit), handed to JS (js), or refused (malformed, overflow, timeout)',
-    labelNames: ['result'],
+    help: 'Requests the native server read: answered in C++ (hit), handed to JS (js), refused (malformed, overflow, timeout), or answered 503 because as many wait on JS as may (busy)',
+    label: 'result',
+    read: (s) => ({ hit: s.hits, js: s.handedToJs, malformed: s.malformed, overflow: s.overflow, timeout: s.timeout, busy: s.busy }),
+  });
+  nativeCounter(registry, stats, {
+    name: 'nmi_native_connections_refused_total',
+    help: 'Connections the native server ended on a bound: answered 429 past --max-connections-per-source (per-source), closed with answers unread for the write timeout (write-timeout), accept() out of descriptors or memory (accept-error)',
+    label: 'reason',
+    read: (s) => ({ 'per-source': s.refusedConnections, 'write-timeout': s.writeTimeouts, 'accept-error': s.acceptErrors }),
+  });
+}
+
+/** A counter per label value, following native totals that only grow. */
+function nativeCounter(
+  registry: Registry,
+  stats: () => NativeCounts | undefined,
+  spec: { name: string; help: string; label: string; read(s: NativeCounts): Record<string, number> },
+): void {
+  const seen: Record<string, number> = {};
+  new Counter({
+    name: spec.name,
+    help: spec.help,
+    labelNames: [spec.label],
     registers: [registry],
     collect() {
       const s = stats();
       if (!s) return;
-      const now = { hit: s.hits, js: s.handedToJs, malformed: s.malformed, overflow: s.overflow, timeout: s.timeout };
-      for (const key of Object.keys(now) as (keyof typeof now)[]) {
-        if (now[key] > seen[key]) this.inc({ result: key }, now[key] - seen[key]);
-        seen[key] = now[key];
+      for (const [value, total] of Object.entries(spec.read(s))) {
+        const before = seen[value] ?? 0;
+        if (total > before) this.inc({ [spec.label]: value }, total - before);
+        seen[value] = total;
       }
     },
   });

@@ -3,10 +3,12 @@
 // dropped and nothing is added: no X-Forwarded-For, Forwarded or Via, which
 // IMDS would refuse. Only the upstream URL's origin is used. Each call waits
 // its turn in IMDS's budget: the identity endpoint's (exception pods' token
-// requests) or the other categories' general one.
+// requests) or the other categories' general one. An answer is passed on only up to
+// limits.maxProxiedAnswerBytes: past that it is read no further.
 import { BudgetError, type UpstreamBudget } from '../budget/budget.js';
 import { Pool, type Dispatcher } from '../net/undici.js';
-import { problemAnswer, problems, throttled, type Answer } from './answers.js';
+import { problemAnswer, problems, throttled, type Answer, type Problem } from './answers.js';
+import { limits } from './limits.js';
 import { parseRetryAfter } from '../tokens/upstream-error.js';
 import { TOKEN_PATH } from './request.js';
 
@@ -55,8 +57,7 @@ export function createImdsProxy({ upstream, timeoutMs, budgets }: ProxyOptions):
     try {
       return await pool.request({ ...rest, path: target });
     } catch (err) {
-      const code = (err as { code?: unknown }).code;
-      return problemAnswer(TIMEOUT_CODES.has(String(code)) ? problems.upstreamTimeout : problems.upstreamUnreachable);
+      return problemAnswer(failure(err));
     }
   }
 
@@ -66,7 +67,9 @@ export function createImdsProxy({ upstream, timeoutMs, budgets }: ProxyOptions):
     if ('status' in answer) return { answer };
     const kept = endToEndObject(answer.headers);
     const headers = Object.entries(kept).flatMap(([name, value]) => [value].flat().map((one): [string, string] => [name, one]));
-    const result = { answer: { status: answer.statusCode, headers, body: Buffer.from(await answer.body.arrayBuffer()) } };
+    const whole = await readBounded(answer.body, answer.headers['content-length']);
+    if (!Buffer.isBuffer(whole)) return { answer: problemAnswer(whole) };
+    const result = { answer: { status: answer.statusCode, headers, body: whole } };
     if (answer.statusCode !== 429) return result;
     const retryAfter = [kept['retry-after']].flat()[0];
     return { ...result, throttledMs: parseRetryAfter(retryAfter, Date.now()) ?? 0 };
@@ -94,6 +97,37 @@ export function createImdsProxy({ upstream, timeoutMs, budgets }: ProxyOptions):
     },
     close: () => pool.close(),
   };
+}
+
+/** Why an upstream call gave no answer: it timed out (504) or failed otherwise (502). */
+function failure(err: unknown): Problem {
+  return TIMEOUT_CODES.has(String((err as { code?: unknown }).code)) ? problems.upstreamTimeout : problems.upstreamUnreachable;
+}
+
+/**
+ * The answer's body whole, or why not: one larger than limits.maxProxiedAnswerBytes (as declared, or as it
+ * streams in) is destroyed unread past that point, so a broken or hostile upstream cannot fill nmi's memory.
+ */
+async function readBounded(body: Dispatcher.ResponseData['body'], declaredLength: string | string[] | undefined): Promise<Buffer | Problem> {
+  if (Number(declaredLength) > limits.maxProxiedAnswerBytes) {
+    body.destroy();
+    return problems.upstreamAnswerTooLarge;
+  }
+  const chunks: Buffer[] = [];
+  let size = 0;
+  try {
+    for await (const chunk of body as AsyncIterable<Buffer>) {
+      size += chunk.length;
+      if (size > limits.maxProxiedAnswerBytes) {
+        body.destroy();
+        return problems.upstreamAnswerTooLarge;
+      }
+      chunks.push(chunk);
+    }
+  } catch (err) {
+    return failure(err);
+  }
+  return Buffer.concat(chunks, size);
 }
 
 /** rawHeaders (name, value, name, value...) minus hop-by-hop ones and those the Connection header names. */

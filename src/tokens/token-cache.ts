@@ -2,7 +2,8 @@
 // token past ~80% of its life is refreshed in the background while it is still
 // served; concurrent misses share one upstream call; issuer trouble is retried
 // with backoff within a time limit, every attempt inside the upstream's budget.
-// A refusal that will not change soon (a 4xx) is remembered for a short time.
+// A refusal that will not change soon (an issuer's 4xx, an identity its Secret
+// or certificate makes unusable) is remembered for a short time.
 // Each calling pod may hold only so many entries. Identity changes drop entries
 // and orphan any in-flight fetch, whose result is then handed to its waiters
 // but never stored.
@@ -10,6 +11,7 @@ import { setTimeout as sleepFor } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
 import { identityKey, identityNameOf, IdentityType, type AzureIdentity } from '../bindings/model.js';
 import { BudgetError, type RefusalReason, type Release, type Ticket, type UpstreamBudget } from '../budget/budget.js';
+import { codes, isNmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import type { Credential, TokenProvider } from './msal-provider.js';
 import type { Token } from './token.js';
@@ -43,7 +45,7 @@ export interface TokenCacheOptions {
   budgetFor?: (identity: AzureIdentity) => UpstreamBudget;
   /** Entries one calling pod may hold; past it, its misses for new keys are refused (pod-tokens). */
   maxTokensPerCaller?: number;
-  /** How long an issuer's 4xx for a key is answered again without asking. */
+  /** How long a lasting refusal for a key (see `lasting`) is answered again without asking. */
   refusalTtlMs?: number;
   /** Counts refusals the cache makes (pod-tokens); the budgets count their own. */
   onRefused?: (reason: RefusalReason) => void;
@@ -58,6 +60,9 @@ export interface TokenCacheOptions {
 
 export type UpstreamTarget = 'imds' | 'entra';
 
+/** A credential, or how to build it when a call is made: then a remembered refusal costs no Secret read. */
+export type CredentialSource = Credential | (() => Credential | undefined);
+
 /** The pod a request is for: its uid keys its bounds and queue, its name is for the log. */
 export interface Caller {
   key: string;
@@ -67,7 +72,7 @@ export interface Caller {
 export interface TokenCacheStats {
   hits: number;
   misses: number;
-  /** Answered with an issuer's remembered refusal. */
+  /** Answered with a remembered refusal. */
   refusalHits: number;
   /** Background refreshes started. */
   refreshes: number;
@@ -79,7 +84,7 @@ export interface TokenCacheStats {
 export interface CachedTokenInfo {
   identity: string;
   resource: string;
-  /** fresh: served from memory; fetching: a call is under way; refused: the issuer's 4xx is answered again; stale: kept, served no more. */
+  /** fresh: served from memory; fetching: a call is under way; refused: a lasting refusal is answered again; stale: kept, served no more. */
   state: 'fresh' | 'fetching' | 'refused' | 'stale';
   /** Seconds since the epoch. */
   expiresOn?: number;
@@ -111,7 +116,7 @@ interface Entry {
   readonly identity: AzureIdentity;
   readonly resource: string;
   /** The latest one a caller gave; background refreshes sign in with it. */
-  credential: Credential | undefined;
+  credential: CredentialSource | undefined;
   token: Token | undefined;
   refreshAtMs: number;
   /** Served while now is before this. */
@@ -123,7 +128,7 @@ interface Entry {
   readonly waiters: Set<string>;
   /** The attempt waiting for its turn in the budget, which late waiters join. */
   ticket: Ticket | undefined;
-  /** The issuer's 4xx, answered again until untilMs. */
+  /** A lasting refusal, answered again until untilMs. */
   refusal: { err: unknown; untilMs: number } | undefined;
   /** Pods that asked for it, each holding it against its maxTokensPerCaller. */
   readonly holders: Set<string>;
@@ -207,7 +212,7 @@ export class TokenCache {
    * A token for identity and resource: from memory when fresh, else from the issuer (one call for all
    * concurrent askers). With a caller, rejects with BudgetError when that pod is over its bounds.
    */
-  get(identity: AzureIdentity, resource: string, credential?: Credential, caller?: Caller): Promise<Token> {
+  get(identity: AzureIdentity, resource: string, credential?: CredentialSource, caller?: Caller): Promise<Token> {
     let entry = this.find(identity, resource);
     const now = this.now();
     if (entry && this.servable(entry, now)) {
@@ -395,10 +400,10 @@ export class TokenCache {
         return token;
       },
       (err: unknown) => {
-        // A failed refresh keeps the token it meant to replace. With nothing servable, an issuer's 4xx
-        // is remembered for a while (a pod retrying a bad resource costs the budget once); otherwise the entry goes.
+        // A failed refresh keeps the token it meant to replace. With nothing servable, a lasting refusal is
+        // remembered for a while (a pod retrying a bad resource or a broken identity costs one call); otherwise the entry goes.
         if (!this.servable(entry) && this.entries.peek(entry.key) === entry) {
-          if (err instanceof UpstreamError && err.kind === 'client') entry.refusal = { err, untilMs: this.now() + this.refusalTtlMs };
+          if (lasting(err)) entry.refusal = { err, untilMs: this.now() + this.refusalTtlMs };
           else this.entries.delete(entry.key);
         }
         throw err;
@@ -429,10 +434,12 @@ export class TokenCache {
     const target: UpstreamTarget = entry.identity.type === IdentityType.UserAssignedMSI ? 'imds' : 'entra';
     const startedAt = this.now();
     for (let attempt = 1; ; attempt++) {
+      // Built before the turn: a credential that cannot be built spends nothing of the budget.
+      const credential = typeof entry.credential === 'function' ? entry.credential() : entry.credential;
       const release = await this.turn(entry, attempt);
       this.counters.upstreamRequests[target]++;
       try {
-        const token = await this.provider.fetch(entry.identity, entry.resource, entry.credential);
+        const token = await this.provider.fetch(entry.identity, entry.resource, credential);
         release();
         return token;
       } catch (err) {
@@ -478,6 +485,14 @@ export class TokenCache {
     const delay = err.retryAfterMs ?? Math.round(ceiling * (0.5 + this.random() / 2));
     return elapsedMs + delay > (updating ? this.retry.updatingBudgetMs : this.retry.budgetMs) ? undefined : delay;
   }
+}
+
+/**
+ * A refusal that asking again soon would not change: the issuer's 4xx, or an identity its Secret or
+ * certificate makes unusable (NmiError BINDINGS or TOKEN) until the bindings change, which drops the entry.
+ */
+function lasting(err: unknown): boolean {
+  return (err instanceof UpstreamError && err.kind === 'client') || isNmiError(err, codes.BINDINGS) || isNmiError(err, codes.TOKEN);
 }
 
 function entryKey(identity: AzureIdentity, resource: string): string {

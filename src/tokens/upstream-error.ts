@@ -1,6 +1,7 @@
 // What went wrong talking to the token issuer (IMDS or Entra ID), classified so
 // the cache knows what to retry and the server knows what to answer the pod.
 import { codes, NmiError } from '../errors/errors.js';
+import { limits } from '../server/limits.js';
 
 /**
  * - `client`: a 4xx other than 429; passed on to the pod as it came, never retried.
@@ -61,13 +62,15 @@ export function kindForStatus(status: number, issuer: Issuer): UpstreamKind {
   return 'server';
 }
 
-/** Retry-After as delay-seconds or an HTTP date; undefined when absent or unreadable. */
+/**
+ * Retry-After as delay-seconds or an HTTP date, in ms, at most limits.maxRetryAfterMs: an upstream asking
+ * for a day must not stop the node (or its pods, told it again) that long. Undefined when absent or unreadable.
+ */
 export function parseRetryAfter(value: string | undefined, nowMs: number): number | undefined {
   if (!value) return undefined;
   const trimmed = value.trim();
-  if (/^\d+$/.test(trimmed)) return Number(trimmed) * 1000;
-  const date = Date.parse(trimmed);
-  return Number.isNaN(date) ? undefined : Math.max(0, date - nowMs);
+  const ms = /^\d+$/.test(trimmed) ? Number(trimmed) * 1000 : Date.parse(trimmed) - nowMs;
+  return Number.isNaN(ms) ? undefined : Math.min(limits.maxRetryAfterMs, Math.max(0, ms));
 }
 
 /** `{error, error_description}` when the body carries them (strings), else undefined. */

@@ -1,8 +1,9 @@
-// The upstream budget alone, on real time: its limits, its turn order, its refusals.
+// The upstream budget alone, on real time (a fake clock where a wait is too long to sleep): its limits, its turn order, its refusals.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as wait } from 'node:timers/promises';
 import { BudgetError, UpstreamBudget, type Release, type TicketRequest } from '../../src/budget/budget.js';
+import { limits } from '../../src/server/limits.js';
 
 const first = (owner: string, extra: Partial<TicketRequest> = {}): TicketRequest => ({ kind: 'first', owners: [owner], ...extra });
 
@@ -118,6 +119,23 @@ test('an upstream 429 pauses every call for its Retry-After', async () => {
   assert.ok(Date.now() - released >= 290, `started ${Date.now() - released} ms after the 429`);
   after();
   assert.equal(budget.stats().throttled, 1);
+});
+
+test("an upstream's Retry-After of a day pauses calls for limits.maxRetryAfterMs, not a day", async () => {
+  let now = Date.now();
+  const budget = new UpstreamBudget('test', { maxConcurrent: 2, ratePerSec: 1000 }, { now: () => now });
+  (await budget.request(first('a')).granted)({ throttledMs: 86_400_000 });
+  now += limits.maxRetryAfterMs - 1;
+  let granted: Release | undefined;
+  void budget.request(first('b')).granted.then((release) => (granted = release));
+  const next = () => granted;
+  await wait(20);
+  assert.equal(next(), undefined, 'paused until the cap');
+  now += 1;
+  for (let i = 0; i < 100 && !next(); i++) await wait(5);
+  const release = next();
+  assert.ok(release, 'a minute after a Retry-After of a day, calls go again');
+  release();
 });
 
 test('limits are checked', () => {

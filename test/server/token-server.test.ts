@@ -19,6 +19,7 @@ import { registerServerMetrics } from '../../src/server/metrics.js';
 import { checkedHeaders, type RequestHeaders } from '../../src/server/request.js';
 import type { TokenServerDeps, TokenServerOptions } from '../../src/server/core.js';
 import { UpstreamBudget } from '../../src/budget/budget.js';
+import { TokenCache } from '../../src/tokens/token-cache.js';
 import { createTokenServer, type TokenServer } from '../../src/server/token-server.js';
 import { startUpstream, DEFAULT_REPLY, type Upstream } from './upstream.js';
 
@@ -446,16 +447,46 @@ test("an identity its Secret or certificate makes unusable: 500 saying so to the
   reset();
   const logs = captureLogs('info');
   const { port: logged } = await startServer({}, undefined, undefined, undefined, logs.log);
-  for (const err of [
-    new NmiError(codes.BINDINGS, 'AzureIdentity default/a: secret vault/sp has 2 keys and none is clientSecret'),
-    new NmiError(codes.TOKEN, 'identity default/a: cannot read the private key (wrong or missing password?)'),
-  ]) {
+  for (const [id, err] of [
+    [idA, new NmiError(codes.BINDINGS, 'AzureIdentity default/a: secret vault/sp has 2 keys and none is clientSecret')],
+    [idB, new NmiError(codes.TOKEN, 'identity default/b: cannot read the private key (wrong or missing password?)')],
+  ] as const) {
+    world.bound = { exception: false, identities: [id] };
     world.getToken = async () => { throw err; };
     assertProblem(await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: logged }), 500, 'internal_error', "The identity bound to this pod cannot be used as configured; the node agent's log says why");
     const line = logs.lines().at(-1)!;
     assert.equal(line.msg, 'the bound identity cannot be used');
-    assert.deepEqual([line.namespace, line.pod, line.identity, (line.err as { message: string }).message], ['default', 'app', 'default/a', err.message]);
+    assert.deepEqual([line.namespace, line.pod, line.identity, (line.err as { message: string }).message], ['default', 'app', `default/${id.name}`, err.message]);
   }
+});
+
+test('a pod looping on an unusable identity: every request answered, the identity tried once, the warning said once a minute per pod and identity', async () => {
+  reset();
+  // A pod of its own: the warning's memory is the process's, shared by every server and test here.
+  world.pods.set('127.0.0.1', { ...pod, uid: 'u-looping', name: 'looping' });
+  const logs = captureLogs('info');
+  const refusals: string[] = [];
+  const sink = { refused: (p: Pod, kind: string) => refusals.push(`${p.name} ${kind}`), unknownCaller: () => {} };
+  const { port: p } = await startServer({}, undefined, undefined, undefined, logs.log, { refusals: sink });
+  let tried = 0;
+  const tokens = new TokenCache({
+    provider: {
+      fetch: async () => {
+        tried++;
+        throw new NmiError(codes.TOKEN, 'identity default/a: cannot read the private key (wrong or missing password?)');
+      },
+    },
+  });
+  world.getToken = (id, resource) => tokens.get(id, resource);
+  for (let i = 0; i < 200; i++) assert.equal((await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: p })).status, 500);
+  assert.equal(tried, 1, 'the refusal is remembered, not built again per request');
+  const said = () => logs.lines().filter((line) => line.msg === 'the bound identity cannot be used');
+  assert.deepEqual(said().map((line) => [line.pod, line.identity]), [['looping', 'default/a']]);
+  assert.equal(refusals.length, 200, 'each refusal is still told');
+  // Another identity of the same pod is news.
+  world.bound = { exception: false, identities: [idB] };
+  assert.equal((await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: p })).status, 500);
+  assert.equal(said().length, 2);
 });
 
 // ---- proxy and pass-through ----
@@ -475,7 +506,49 @@ test('/metadata/instance is proxied unchanged, without forwarding headers or hop
   assert.equal(seen.headers['x-custom'], 'kept');
   for (const name of ['x-forwarded-for', 'forwarded', 'via', 'x-hop', 'keep-alive']) assert.equal(seen.headers[name], undefined, name);
   assert.equal(seen.headers['host'], upstream.url.host);
-  assert.deepEqual(world.lookups, [], 'proxied categories need no caller');
+  assert.deepEqual(world.lookups, ['127.0.0.1'], 'the caller is a pod of this node, as for a token');
+});
+
+test('6: the proxied categories answer an address no pod owns 404 not_found, and nothing reaches IMDS; a pod of this node is proxied', async () => {
+  reset();
+  const refusedAddresses: string[] = [];
+  const { port: p } = await startServer({}, undefined, undefined, undefined, silentLogger, { refusals: { refused: () => {}, unknownCaller: (address) => refusedAddresses.push(address) } });
+  const stranger = { port: p, localAddress: '127.0.0.2' };
+  const body = '{"StartRequests":[{"EventId":"e1"}]}';
+  const post = (opts: { port: number; localAddress?: string }) =>
+    raw(`POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`, opts);
+  const paths = ['/metadata/instance?api-version=2021-02-01', '/metadata/instance/compute?api-version=2021-02-01', '/metadata/scheduledevents?api-version=2020-07-01', '/metadata/versions', '/metadata/attested/document?api-version=2020-09-01', '/metadata/loadbalancer?api-version=2020-10-01'];
+  for (const path of paths) assertProblem(await get(path, { Metadata: 'true' }, stranger), 404, 'not_found', 'No pod of this node owns the source address of the request');
+  assertProblem(await post(stranger), 404, 'not_found', 'No pod of this node owns the source address of the request');
+  assert.equal(upstream.received.length, 0, 'IMDS saw nothing of a stranger');
+  assert.deepEqual(world.lookups, Array(paths.length + 1).fill('127.0.0.2'), 'after asking the lookup, as for a token');
+  assert.deepEqual(refusedAddresses, Array(paths.length + 1).fill('127.0.0.2'), 'counted as refused unknown callers');
+
+  // The pod of this node at 127.0.0.1 gets IMDS's answers.
+  const instance = await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: p });
+  assert.equal(instance.status, 200);
+  assert.equal(instance.body, DEFAULT_REPLY.body);
+  assert.equal((await post({ port: p })).status, 200);
+  assert.deepEqual(upstream.received.map((r) => [r.method, r.url, r.body]), [
+    ['GET', '/metadata/instance?api-version=2021-02-01', ''],
+    ['POST', '/metadata/scheduledevents?api-version=2020-07-01', body],
+  ]);
+});
+
+test('6: with attestation the proxied categories refuse a spoofed or unattested caller 403, as a token request, and nothing reaches IMDS', async () => {
+  reset();
+  for (const [verdict, description] of [
+    ['spoof', 'The calling socket does not belong to the pod that owns the source address'],
+    ['unattested', 'The calling socket could not be attested to a pod of this node'],
+  ] as const) {
+    const attestation = { resolve: async () => verdict, resolveNow: () => undefined };
+    const { port: p } = await startServer({}, undefined, undefined, undefined, silentLogger, { attestation });
+    for (const path of ['/metadata/instance?api-version=2021-02-01', `${TOKEN}?${QUERY}`]) {
+      assertProblem(await get(path, { Metadata: 'true' }, { port: p }), 403, 'access_denied', description);
+    }
+  }
+  assert.deepEqual(upstream.received, []);
+  assert.deepEqual(world.tokenCalls, []);
 });
 
 test("proxied calls wait their turn in IMDS's budgets: categories in the general one, exception pods' tokens in the identity one", async () => {
@@ -565,6 +638,49 @@ test('a proxied body over 1 MiB is refused with 413 JSON after it is read, and n
   const chunked = await raw(`${head}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n`);
   assert.equal(chunked.status, 200);
   assert.equal(upstream.received[1]?.body, 'hello world');
+});
+
+test('a proxied answer over 1 MiB is 502 JSON, exactly 1 MiB passes', async () => {
+  reset();
+  const mib = 1024 * 1024;
+  upstream.reply = { status: 200, headers: { 'Content-Type': 'application/octet-stream' }, body: 'x'.repeat(mib + 1) };
+  assertProblem(await get('/metadata/instance?api-version=2021-02-01'), 502, 'bad_gateway', 'The instance metadata service answered more than the node agent passes on');
+  upstream.reply = { status: 200, headers: { 'Content-Type': 'application/octet-stream' }, body: 'x'.repeat(mib) };
+  const exactly = await get('/metadata/instance?api-version=2021-02-01');
+  assert.equal(exactly.status, 200);
+  assert.equal(exactly.body.length, mib);
+});
+
+test('a proxied answer that streams on without a length is read no further than 1 MiB: 502, the upstream cut off', async () => {
+  reset();
+  const chunk = Buffer.alloc(64 * 1024, 'x');
+  const total = 32 * 1024 * 1024;
+  let written = 0;
+  let finished: boolean | undefined;
+  const endless = http.createServer((_req, res) => {
+    res.writeHead(200, { 'Content-Type': 'application/octet-stream' });
+    res.on('close', () => (finished = res.writableFinished));
+    const more = (): void => {
+      while (written < total && !res.destroyed) {
+        written += chunk.length;
+        if (!res.write(chunk)) return void res.once('drain', more);
+      }
+      res.end();
+    };
+    more();
+  });
+  endless.listen(0, '127.0.0.1');
+  await once(endless, 'listening');
+  try {
+    const { port: p } = await startServer({}, undefined, new URL(`http://127.0.0.1:${(endless.address() as net.AddressInfo).port}`));
+    assertProblem(await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: p }), 502, 'bad_gateway', 'The instance metadata service answered more than the node agent passes on');
+    for (let i = 0; i < 200 && finished === undefined; i++) await new Promise((resolve) => setTimeout(resolve, 10));
+    assert.equal(finished, false, 'the upstream connection was closed before its answer ended');
+    assert.ok(written < total / 2, `the upstream wrote ${written} bytes of ${total}`);
+  } finally {
+    endless.closeAllConnections();
+    endless.close();
+  }
 });
 
 test('an upstream that does not answer in time is 504 JSON', async () => {

@@ -5,6 +5,9 @@ import assert from 'node:assert/strict';
 import { setTimeout as wait } from 'node:timers/promises';
 import { Registry } from 'prom-client';
 import { identityKey } from '../../src/bindings/model.js';
+import { UpstreamBudget } from '../../src/budget/budget.js';
+import { codes, NmiError } from '../../src/errors/errors.js';
+import { limits } from '../../src/server/limits.js';
 import { registerTokenMetrics } from '../../src/tokens/metrics.js';
 import { MsalTokenProvider } from '../../src/tokens/msal-provider.js';
 import { NetworkClient } from '../../src/tokens/network-client.js';
@@ -213,6 +216,22 @@ test('a Retry-After beyond the retry budget ends the retries at once', async () 
   assert.deepEqual(sleeps, []);
 });
 
+test("an issuer's Retry-After of a day is taken as limits.maxRetryAfterMs: the budget pauses that long, not a day", async () => {
+  const budget = new UpstreamBudget('IMDS', { maxConcurrent: 1, ratePerSec: 100 }, { now: clock.now });
+  const tokens = cache({ budgetFor: () => budget });
+  imds.failNext(1, { status: 429, headers: { 'retry-after': '86400' } });
+  const err = await rejection(tokens.get(msi(), 'https://vault.azure.net'));
+  assert.ok(err instanceof UpstreamError);
+  assert.equal(err.kind, 'throttled');
+  assert.equal(err.retryAfterMs, limits.maxRetryAfterMs);
+  assert.deepEqual(sleeps, [], 'beyond the retry budget: no retry');
+  assert.equal(budget.stats().throttled, 1);
+  clock.advanceSec(limits.maxRetryAfterMs / 1000);
+  const next = tokens.get(msi(), 'https://vault.azure.net');
+  const ended = await Promise.race([next.then(() => 'token'), wait(2_000).then(() => 'still paused')]);
+  assert.equal(ended, 'token', 'a minute later the budget lets calls go');
+});
+
 test('an IMDS that hangs: timeouts, retried a bounded number of times', async () => {
   const tokens = cache({ retry: { attempts: 2 } });
   imds.hang(true);
@@ -294,6 +313,40 @@ test('a remembered refusal goes with its identity, and retries, timeouts and 5xx
   imds.failNext(4, { status: 500 });
   await rejection(tokens.get(other, 'https://vault.azure.net'));
   assert.ok((await tokens.get(other, 'https://vault.azure.net')).accessToken);
+});
+
+test('an identity its Secret or certificate makes unusable is tried once, its refusal answered again for 30 s, and dropped with the identity', async () => {
+  const resource = 'https://vault.azure.net';
+  let fetched = 0;
+  const unusable = new NmiError(codes.TOKEN, 'identity default/sp: cannot read the private key (wrong or missing password?)');
+  const broken = cache({ provider: { fetch: async () => { fetched++; throw unusable; } } });
+  const identity = msi();
+  for (let i = 0; i < 200; i++) assert.equal(await rejection(broken.get(identity, resource)), unusable);
+  assert.equal(fetched, 1);
+  assert.equal(broken.stats().refusalHits, 199);
+  assert.equal(broken.describe(new Set([identityKey(identity)]))[0]?.state, 'refused');
+  clock.advanceSec(31);
+  await rejection(broken.get(identity, resource));
+  assert.equal(fetched, 2, 'asked again once the refusal expires');
+
+  // A credential given as how to build it is built only when a call is to be made: a missing Secret is read once.
+  let built = 0;
+  const noSecret = new NmiError(codes.BINDINGS, 'AzureIdentity default/sp: secret default/sp not found');
+  const credential = () => {
+    built++;
+    throw noSecret;
+  };
+  const tokens = cache();
+  const sp = msi();
+  const calls = imds.calls;
+  for (let i = 0; i < 200; i++) assert.equal(await rejection(tokens.get(sp, resource, credential)), noSecret);
+  assert.equal(built, 1);
+  assert.equal(imds.calls, calls, 'nothing went upstream');
+  // The identity or its Secret changed: the refusal goes with the entry.
+  tokens.invalidate(identityKey(sp));
+  assert.ok((await tokens.get(sp, resource, () => undefined)).accessToken);
+  assert.equal(built, 1);
+  assert.equal(imds.calls, calls + 1);
 });
 
 test('invalidate during an in-flight fetch: the waiter gets the token, the cache does not keep it', async () => {
