@@ -3,7 +3,9 @@
 // (request.ts), and cache hits answered from the tables (tables.ts) the main
 // thread feeds it, as the native server answers them. Any other request goes
 // to the main thread's token core whole, and its answer comes back to be
-// written here.
+// written here. Every resource a caller can make it hold is bounded: bodies,
+// connections (per source and in all), requests waiting on the main thread,
+// and output its peer does not take.
 //
 // Why a thread: in the daemon's isolate, undici, TLS, the watches and the logs
 // pass many object shapes through node's own stream and HTTP functions, which
@@ -20,7 +22,7 @@ import { clientErrorBytes, problemAnswer, problems, tokenAnswer, writeAnswer, ty
 import { limits } from './limits.js';
 import { drainable } from './drain.js';
 import { RequestCounts } from './request-counts.js';
-import { checkedHeaders, classifyRequest, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
+import { checkedHeaders, classifyRequest, type Classification, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
 import { selectIdentity, type SeveralPolicy } from './select-identity.js';
 import type { RouteRow, TableToken, TokenId } from './tables.js';
 import type { WholeRequest } from './core.js';
@@ -32,6 +34,17 @@ export interface WorkerSetup {
   peerMapFd?: number;
   /** Where to count requests (ServerMetrics.segment()), when metrics are kept. */
   counts?: SharedArrayBuffer;
+  bounds: WorkerBounds;
+}
+
+/** limits.ts's, with --max-connections-per-source; tests shorten them. */
+export interface WorkerBounds {
+  maxConnections: number;
+  maxConnectionsPerSource: number;
+  maxHandedRequests: number;
+  maxHandedBytes: number;
+  maxHandedBytesPerConnection: number;
+  writeTimeoutMs: number;
 }
 
 /** An identity as the tables hold it: what selectIdentity compares, and the key its tokens are filed under. */
@@ -61,45 +74,132 @@ interface Caller {
   route: string | undefined;
 }
 
+/** An accepted connection: its caller, read once (socket.remoteAddress costs more per request), and what it holds. */
+interface Connection {
+  caller: Caller;
+  /** What --max-connections-per-source counts by: the attested key, else the address. */
+  source: string;
+  /** Its requests waiting on the main thread, by id, and their bytes. */
+  handed: Set<number>;
+  handedBytes: number;
+  /** The output the kernel had taken when its pending output was last seen to move, and when that was. */
+  flushed: number;
+  stalledSince: number | undefined;
+}
+
+/** A request waiting on the main thread. */
+interface Handed {
+  res: http.ServerResponse;
+  bytes: number;
+  connection: Connection;
+}
+
+/** A request's body as its head declares it: a length (0: none), or chunked. */
+type DeclaredBody = number | 'chunked';
+
 const port = parentPort;
 if (!port) throw new Error('js-worker.ts runs only as the js server\'s worker thread');
 const setup = workerData as WorkerSetup;
+const bounds = setup.bounds;
 const peers = setup.peerMapFd === undefined ? undefined : new PeerMap(setup.peerMapFd);
 const counts = setup.counts && new RequestCounts(setup.counts);
 const post = (message: FromWorker) => port.postMessage(message);
 
-/** The caller of each connection, read once when it is accepted (socket.remoteAddress costs more per request). */
-const callers = new WeakMap<Socket, Caller>();
+/** The accepted connections; refused ones are not here. */
+const connections = new Map<Socket, Connection>();
+/** Accepted connections by Connection.source. */
+const perSource = new Map<string, number>();
 let routes = new Map<string, { exception: boolean; identities: TableIdentity[] }>();
 /** identity key → resource → token. */
 const tokens = new Map<string, Map<string, TableToken>>();
 /** Requests handed to the main thread, by id, until answered or gone. */
-const handedOver = new Map<number, http.ServerResponse>();
+const handedOver = new Map<number, Handed>();
+/** Their bytes, as Handed.bytes counts them. */
+let handedBytes = 0;
 let nextId = 0;
 const noBody = new Uint8Array(0);
+const bodyNotAllowed = problemAnswer(problems.bodyNotAllowed);
+const bodyTooLarge = problemAnswer(problems.bodyTooLarge);
+const busy = problemAnswer(problems.busy);
 
 function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
   const started = performance.now();
-  const caller = callers.get(req.socket) ?? { remoteAddress: undefined, route: undefined };
+  // Every connection node:http parses went through accept().
+  const connection = connections.get(req.socket)!;
+  const method = req.method ?? '';
+  const target = req.url ?? '';
   const headers = checkedHeaders(req.rawHeaders);
-  const classified = classifyRequest(req.method ?? '', req.url ?? '', headers, setup.policy);
-  const now = classified.kind === 'reject' ? problemAnswer(classified.problem) : classified.kind === 'token' ? fromTables(caller, classified.request) : undefined;
+  const classified = classifyRequest(method, target, headers, setup.policy);
+  const { headBytes, body } = declared(method, target, req.rawHeaders);
+  // Chunked: what it may grow to.
+  const bytes = headBytes + (body === 'chunked' ? limits.maxBodyBytes : body);
+  const now = answerNow(method, classified, body, connection, bytes);
   if (now) {
-    writeAnswer(res, now);
+    // A body left unread: what follows it on the connection cannot be told apart from it.
+    writeAnswer(res, body === 0 ? now : closing(now));
     observe(res, classified.route, started);
     return;
   }
   const id = nextId++;
-  handedOver.set(id, res);
+  handedOver.set(id, { res, bytes, connection });
+  handedBytes += bytes;
+  connection.handed.add(id);
+  connection.handedBytes += bytes;
   res.once('close', () => {
-    handedOver.delete(id);
+    release(id);
     observe(res, classified.route, started);
   });
-  void readBody(req).then((body) => {
-    if (body === 'too-large') return writeAnswer(res, problemAnswer(problems.bodyTooLarge));
-    const request = { method: req.method ?? '', target: req.url ?? '', headers, rawHeaders: req.rawHeaders, body, ...caller };
+  void readBody(req, body).then((read) => {
+    if (read === 'too-large') return writeAnswer(res, closing(bodyTooLarge));
+    const request = { method, target, headers, rawHeaders: req.rawHeaders, body: read, ...connection.caller };
     post({ type: 'request', id, request });
   });
+}
+
+/** The answer this thread gives at once, or undefined when the request goes to the main thread. */
+function answerNow(method: string, classified: Classification, body: DeclaredBody, connection: Connection, bytes: number): Answer | undefined {
+  if (body !== 0 && (classified.route === 'token' || method === 'GET' || method === 'HEAD')) return bodyNotAllowed;
+  if (classified.kind === 'reject') return problemAnswer(classified.problem);
+  if (classified.kind === 'token') {
+    const hit = fromTables(connection.caller, classified.request);
+    if (hit) return hit;
+  } else if (body !== 'chunked' && body > limits.maxBodyBytes) return bodyTooLarge;
+  const room =
+    handedOver.size < bounds.maxHandedRequests &&
+    handedBytes + bytes <= bounds.maxHandedBytes &&
+    connection.handedBytes + bytes <= bounds.maxHandedBytesPerConnection;
+  return room ? undefined : busy;
+}
+
+/** A request's size while it waits on the main thread, roughly (its head), and its body as declared. */
+function declared(method: string, target: string, rawHeaders: readonly string[]): { headBytes: number; body: DeclaredBody } {
+  let headBytes = method.length + target.length;
+  let body: DeclaredBody = 0;
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i]!;
+    const value = rawHeaders[i + 1]!;
+    headBytes += name.length + value.length;
+    // Names compared only at their length, as checkedHeaders does: this runs for every request.
+    if (name.length === 17 && name.toLowerCase() === 'transfer-encoding') body = 'chunked';
+    else if (name.length === 14 && body !== 'chunked' && name.toLowerCase() === 'content-length') body = Number(value);
+  }
+  return { headBytes, body };
+}
+
+/** The request no longer waits on the main thread: answered, or its client gone. */
+function release(id: number): Handed | undefined {
+  const handed = handedOver.get(id);
+  if (!handed) return undefined;
+  handedOver.delete(id);
+  handedBytes -= handed.bytes;
+  handed.connection.handed.delete(id);
+  handed.connection.handedBytes -= handed.bytes;
+  return handed;
+}
+
+/** The answer, after which the connection ends; Connection: close where node:http puts its own, after answers.ts's headers. */
+function closing(answer: Answer): Answer {
+  return { ...answer, headers: [...answer.headers, ['Connection', 'close']] };
 }
 
 /** The cache hit, as the native server answers it: a routed caller, one identity the request names, its token within its window. */
@@ -117,29 +217,33 @@ function observe(res: http.ServerResponse, route: RouteName, started: number): v
 }
 
 /**
- * A proxied request's body, whole (IMDS's are small); bodiless requests need not wait for the stream's end.
- * Past the limit the rest is read and dropped, so the refusal comes after the request as on any connection
- * (node's requestTimeout bounds how long); never settles when the client goes away mid-body.
+ * A proxied request's body, whole (at most maxBodyBytes: a longer declared one never gets here); bodiless
+ * requests need not wait for the stream's end. A chunked one is refused as soon as it passes the limit, and
+ * what follows is dropped unread. Never settles when the client goes away mid-body.
  */
-function readBody(req: http.IncomingMessage): Promise<Uint8Array | 'too-large'> {
-  if (req.headers['content-length'] === undefined && req.headers['transfer-encoding'] === undefined) return Promise.resolve(noBody);
+function readBody(req: http.IncomingMessage, body: DeclaredBody): Promise<Uint8Array | 'too-large'> {
+  if (body === 0) return Promise.resolve(noBody);
   return new Promise((resolve) => {
     const chunks: Buffer[] = [];
     let size = 0;
-    req.on('data', (chunk: Buffer) => {
+    const onData = (chunk: Buffer) => {
       size += chunk.length;
-      if (size <= limits.maxBodyBytes) chunks.push(chunk);
-    });
-    req.on('end', () => resolve(size > limits.maxBodyBytes ? 'too-large' : Buffer.concat(chunks)));
+      if (size <= limits.maxBodyBytes) return void chunks.push(chunk);
+      req.off('data', onData);
+      resolve('too-large');
+    };
+    req.on('data', onData);
+    req.on('end', () => resolve(Buffer.concat(chunks)));
   });
 }
 
 function answer(id: number, given: Answer): void {
-  const res = handedOver.get(id);
   // Gone: the client went away meanwhile. Once closing, drain() (or drain.ts, for later requests) has said Connection: close.
-  if (!res) return;
+  // Answered, it no longer counts against the hand-over bounds, even while its peer has yet to take it.
+  const handed = release(id);
+  if (!handed) return;
   // Structured cloning made the body a plain Uint8Array.
-  writeAnswer(res, { ...given, body: Buffer.from(given.body.buffer, given.body.byteOffset, given.body.byteLength) });
+  writeAnswer(handed.res, { ...given, body: Buffer.from(given.body.buffer, given.body.byteOffset, given.body.byteLength) });
 }
 
 function setRoutes(lists: TableIdentity[][], rows: RouteRow[]): void {
@@ -166,6 +270,8 @@ function listen(host: string, wanted: number, fd: number | undefined): void {
   server.once('error', failed);
   const done = () => {
     server.off('error', failed);
+    // From now on only accepting fails (EMFILE: out of descriptors); libuv has dropped that connection and the server goes on.
+    server.on('error', () => {});
     post({ type: 'listening', port: (server.address() as AddressInfo).port });
   };
   if (fd === undefined) server.listen({ port: wanted, host, backlog: limits.backlog }, done);
@@ -174,7 +280,7 @@ function listen(host: string, wanted: number, fd: number | undefined): void {
 
 /** Stops accepting, lets handed-over requests be answered (at most drainMs), then closes every connection. */
 async function drain(drainMs: number): Promise<void> {
-  for (const res of handedOver.values()) if (!res.headersSent) res.setHeader('Connection', 'close');
+  for (const { res } of handedOver.values()) if (!res.headersSent) res.setHeader('Connection', 'close');
   await draining.drain(drainMs);
   post({ type: 'closed' });
 }
@@ -183,6 +289,9 @@ async function drain(drainMs: number): Promise<void> {
 function answerClientError(err: NodeJS.ErrnoException, socket: Socket): void {
   // An answer already on this connection cannot be followed by another status line.
   const busy = (socket as { _httpMessage?: unknown })._httpMessage != null;
+  // Bytes after a request that said Connection: close: the answers up to it are still due, and the last of them ends
+  // the connection. Meanwhile what follows is read and dropped (node:http calls here again for it), never reset.
+  if (err.code === 'HPE_CLOSED_CONNECTION' && busy) return;
   if (err.code === 'ECONNRESET' || !socket.writable || busy) {
     socket.destroy();
     return;
@@ -200,15 +309,86 @@ const server = http.createServer(
   },
   handle,
 );
-server.maxConnections = limits.maxConnections;
+
+/** A closing answer whole, for a connection node:http never parses. */
+function closingBytes(answer: Answer): Buffer {
+  const { status, headers, body } = closing(answer);
+  const head = [`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}`, ...headers.map(([name, value]) => `${name}: ${value}`), '', ''];
+  return Buffer.concat([Buffer.from(head.join('\r\n'), 'latin1'), body]);
+}
+const tooManyConnectionsBytes = closingBytes(problemAnswer(problems.tooManyConnections));
+const busyBytes = closingBytes(busy);
+
+function callerOf(socket: Socket): Caller {
+  const remoteAddress = socket.remoteAddress && plainAddress(socket.remoteAddress);
+  if (!peers) return { remoteAddress, route: remoteAddress };
+  const cgroup = connectionCgroup(peers, socket);
+  return { remoteAddress, cgroup, route: remoteAddress && cgroup !== null ? attestedKey(remoteAddress, cgroup) : undefined };
+}
+
+/** Within the bounds, a connection goes to node:http; past them it is answered 429 (its source's) or 503 (the server's) and closed. */
+function accept(socket: Socket): void {
+  const caller = callerOf(socket);
+  const source = caller.route ?? caller.remoteAddress ?? '';
+  const held = perSource.get(source) ?? 0;
+  if (held >= bounds.maxConnectionsPerSource) return refuse(socket, tooManyConnectionsBytes);
+  // Not server.maxConnections: node resets the connections past it.
+  if (connections.size >= bounds.maxConnections) return refuse(socket, busyBytes);
+  perSource.set(source, held + 1);
+  const connection: Connection = { caller, source, handed: new Set(), handedBytes: 0, flushed: 0, stalledSince: undefined };
+  connections.set(socket, connection);
+  socket.once('close', () => {
+    connections.delete(socket);
+    // node:http closes only the answer under way; those queued behind it (pipelined) never close.
+    for (const id of connection.handed) release(id);
+    const left = perSource.get(source)! - 1;
+    if (left === 0) perSource.delete(source);
+    else perSource.set(source, left);
+  });
+  parseConnection.call(server, socket);
+}
+
+/**
+ * The answer and a FIN at once. What the client sends is read and dropped until it hangs up (at most as long as
+ * an idle keep-alive connection is kept), so it is not reset before it reads the answer.
+ */
+function refuse(socket: Socket, answer: Buffer): void {
+  socket.on('error', () => {}); // the client's reset: there is nothing left to tell it
+  const lingering = setTimeout(() => socket.destroy(), limits.keepAliveTimeoutMs);
+  socket.once('close', () => clearTimeout(lingering));
+  socket.resume();
+  socket.end(answer);
+}
+
+/**
+ * node:http stops reading a connection whose answers its peer does not take, but nothing ends it: one whose
+ * pending output has not moved in writeTimeoutMs is cut. A request waiting on the main thread (up to ~70 s)
+ * has no output pending, so it never counts as stalled.
+ */
+function cutStalled(): void {
+  const now = performance.now();
+  for (const [socket, connection] of connections) {
+    if (socket.writableLength === 0) {
+      connection.stalledSince = undefined;
+      continue;
+    }
+    // What the kernel has taken: bytesWritten counts the queued bytes too.
+    const flushed = socket.bytesWritten - socket.writableLength;
+    if (connection.stalledSince === undefined || flushed !== connection.flushed) {
+      connection.flushed = flushed;
+      connection.stalledSince = now;
+    } else if (now - connection.stalledSince >= bounds.writeTimeoutMs) socket.destroy();
+  }
+}
+
+// node:http's own 'connection' listener gives a connection its parser. A refused one must never get one, or a
+// request read on it would be answered after the refusal: accept() calls it for the connections it keeps.
+const parseConnection = server.listeners('connection')[0] as (this: http.Server, socket: Socket) => void;
+server.removeAllListeners('connection');
+server.on('connection', accept);
 const draining = drainable(server);
 server.on('clientError', answerClientError);
-server.on('connection', (socket: Socket) => {
-  const remoteAddress = socket.remoteAddress && plainAddress(socket.remoteAddress);
-  if (!peers) return callers.set(socket, { remoteAddress, route: remoteAddress });
-  const cgroup = connectionCgroup(peers, socket);
-  callers.set(socket, { remoteAddress, cgroup, route: remoteAddress && cgroup !== null ? attestedKey(remoteAddress, cgroup) : undefined });
-});
+setInterval(cutStalled, bounds.writeTimeoutMs / 4).unref();
 
 port.on('message', (message: ToWorker) => {
   switch (message.type) {

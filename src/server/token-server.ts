@@ -4,7 +4,7 @@
 import { Worker } from 'node:worker_threads';
 import { identityKey } from '../bindings/model.js';
 import { answerWhole, createRequestCore, errorSummary, type TokenServerDeps } from './core.js';
-import type { FromWorker, ToWorker, WorkerSetup } from './js-worker.js';
+import type { FromWorker, ToWorker, WorkerBounds, WorkerSetup } from './js-worker.js';
 import { limits } from './limits.js';
 import { createImdsProxy } from './proxy.js';
 import { packRoutes, tellingServed, type TableFedServer, type TokenServedListener } from './tables.js';
@@ -18,8 +18,8 @@ export interface TokenServer extends TableFedServer {
   close(drainMs?: number): Promise<void>;
 }
 
-/** peerMapFd: --rules ebpf's peers map, so the worker can attest connections as it accepts them. */
-export function createTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: number } = {}): TokenServer {
+/** peerMapFd: --rules ebpf's peers map, so the worker can attest connections as it accepts them; bounds: tests shorten limits.ts's. */
+export function createTokenServer(deps: TokenServerDeps, given: { peerMapFd?: number; bounds?: Partial<WorkerBounds> } = {}): TokenServer {
   const { options, log } = deps;
   const listeners: TokenServedListener[] = [];
   const core = createRequestCore(tellingServed(deps, listeners));
@@ -27,8 +27,17 @@ export function createTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: n
   const setup: WorkerSetup = {
     policy: { metadataHeaderRequired: options.metadataHeaderRequired, blockInstanceMetadata: options.blockInstanceMetadata },
     several: options.multipleIdentities,
-    peerMapFd: attest.peerMapFd,
+    peerMapFd: given.peerMapFd,
     counts: deps.metrics?.segment().buffer,
+    bounds: {
+      maxConnections: limits.maxConnections,
+      maxConnectionsPerSource: options.maxConnectionsPerSource ?? limits.maxConnectionsPerSource,
+      maxHandedRequests: limits.maxHandedRequests,
+      maxHandedBytes: limits.maxHandedBytes,
+      maxHandedBytesPerConnection: limits.maxHandedBytesPerConnection,
+      writeTimeoutMs: limits.writeTimeoutMs,
+      ...given.bounds,
+    },
   };
   const worker = new Worker(new URL('./js-worker.js', import.meta.url), { workerData: setup });
   const send = (message: ToWorker) => worker.postMessage(message);

@@ -9,55 +9,19 @@ import net from 'node:net';
 import { once } from 'node:events';
 import { Client, request } from 'undici';
 import { Registry } from 'prom-client';
-import type { AzureIdentity, PodIdentities } from '../../src/bindings/model.js';
 import type { Pod } from '../../src/kubelet/pod.js';
 import { codes, NmiError } from '../../src/errors/errors.js';
 import { captureLogs } from '../harness/log-capture.js';
 import { silentLogger } from '../../src/log/logger.js';
 import type { Token } from '../../src/tokens/token.js';
-import { registerServerMetrics } from '../../src/server/metrics.js';
 import { checkedHeaders, type RequestHeaders } from '../../src/server/request.js';
 import type { TokenServerDeps, TokenServerOptions } from '../../src/server/core.js';
 import { UpstreamBudget } from '../../src/budget/budget.js';
 import { TokenCache } from '../../src/tokens/token-cache.js';
+import { limits } from '../../src/server/limits.js';
 import { createTokenServer, type TokenServer } from '../../src/server/token-server.js';
 import { startUpstream, DEFAULT_REPLY, type Upstream } from './upstream.js';
-
-const TOKEN = '/metadata/identity/oauth2/token';
-const QUERY = 'api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net';
-const DEFAULTS: TokenServerOptions = { metadataHeaderRequired: true, blockInstanceMetadata: false, retryAfter: false, multipleIdentities: 'first', proxyTimeoutMs: 2_000 };
-
-const pod: Pod = { uid: 'u1', namespace: 'default', name: 'app', labels: { aadpodidbinding: 'app' }, ips: ['127.0.0.1'], hostNetwork: false, phase: 'Running', nodeName: 'n1' };
-
-function identity(name: string, clientID: string, resourceID = ''): AzureIdentity {
-  return { name, namespace: 'default', type: 0, clientID, resourceID, tenantID: '', namespaced: false, version: '1' };
-}
-const idA = identity('a', 'AAAA-1111', '/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/a');
-const idB = identity('b', 'bbbb-2222', '/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/b');
-
-function tokenFor(id: AzureIdentity, resource: string): Token {
-  const now = Math.floor(Date.now() / 1000);
-  return { accessToken: `token-for-${id.name}`, clientId: id.clientID, expiresOn: now + 3600, extExpiresIn: 3600, notBefore: now - 300, resource, tokenType: 'Bearer' };
-}
-
-/** What the in-test pod index, bindings and token cache hold, and what they were asked. */
-interface World {
-  pods: Map<string, Pod>;
-  bound: PodIdentities;
-  getToken: (id: AzureIdentity, resource: string) => Promise<Token>;
-  lookups: string[];
-  tokenCalls: Array<{ identity: string; resource: string }>;
-}
-
-function newWorld(): World {
-  return {
-    pods: new Map([['127.0.0.1', pod]]),
-    bound: { exception: false, identities: [idA] },
-    getToken: async (id, resource) => tokenFor(id, resource),
-    lookups: [],
-    tokenCalls: [],
-  };
-}
+import { assertProblem, idA, idB, newWorld, parseAnswer, pod, QUERY, TOKEN, tokenFor, worldDeps, type RawAnswer, type World } from './token-world.js';
 
 let upstream: Upstream;
 let world: World;
@@ -65,26 +29,7 @@ const servers: TokenServer[] = [];
 
 /** With `cached`, the server also gets the synchronous hit path: known callers and a peek into these tokens. */
 async function startServer(options: Partial<TokenServerOptions> = {}, registry?: Registry, upstreamUrl?: URL, cached?: Map<string, Token>, log = silentLogger, extra: Partial<TokenServerDeps> = {}) {
-  const server = createTokenServer({
-    callers: {
-      async lookup(ip) {
-        world.lookups.push(ip);
-        return world.pods.get(ip);
-      },
-      ...(cached ? { known: (ip: string) => world.pods.get(ip) } : {}),
-    },
-    ...(cached ? { peekToken: (id: AzureIdentity, resource: string) => cached.get(`${id.name} ${resource}`) } : {}),
-    identitiesFor: () => world.bound,
-    getToken: (id, resource) => {
-      world.tokenCalls.push({ identity: id.name, resource });
-      return world.getToken(id, resource);
-    },
-    upstreamImds: upstreamUrl ?? upstream.url,
-    options: { ...DEFAULTS, ...options },
-    log,
-    ...(registry ? { metrics: registerServerMetrics(registry) } : {}),
-    ...extra,
-  });
+  const server = createTokenServer(worldDeps(() => world, upstreamUrl ?? upstream.url, { options, registry, cached, log, extra }));
   await server.listen('127.0.0.1', 0);
   servers.push(server);
   return { server, port: server.port! };
@@ -107,12 +52,6 @@ function reset(): void {
   upstream.reply = DEFAULT_REPLY;
 }
 
-interface RawAnswer {
-  status: number;
-  headers: Record<string, string>;
-  body: string;
-}
-
 /** One request written byte for byte (undici would refuse or rewrite the malformed ones), answer read to EOF. */
 async function raw(text: string, opts: { port?: number; localAddress?: string } = {}): Promise<RawAnswer> {
   const socket = net.connect({ port: opts.port ?? port, host: '127.0.0.1', localAddress: opts.localAddress });
@@ -124,41 +63,10 @@ async function raw(text: string, opts: { port?: number; localAddress?: string } 
   return parseAnswer(Buffer.concat(chunks).toString('latin1'));
 }
 
-function parseAnswer(text: string): RawAnswer {
-  const end = text.indexOf('\r\n\r\n');
-  assert.ok(end > 0, `no complete answer: ${JSON.stringify(text)}`);
-  const [statusLine, ...lines] = text.slice(0, end).split('\r\n');
-  const headers: Record<string, string> = {};
-  for (const line of lines) {
-    const colon = line.indexOf(':');
-    headers[line.slice(0, colon).toLowerCase()] = line.slice(colon + 1).trim();
-  }
-  const body = text.slice(end + 4);
-  return { status: Number(statusLine!.split(' ')[1]), headers, body: headers['transfer-encoding'] === 'chunked' ? unchunk(body) : body };
-}
-
-function unchunk(text: string): string {
-  let body = '';
-  for (let at = 0; ; ) {
-    const lineEnd = text.indexOf('\r\n', at);
-    const size = parseInt(text.slice(at, lineEnd), 16);
-    if (!(size > 0)) return body;
-    body += text.slice(lineEnd + 2, lineEnd + 2 + size);
-    at = lineEnd + 2 + size + 2;
-  }
-}
-
 /** A one-shot request with Connection: close. */
 function get(target: string, headers: Record<string, string> = { Metadata: 'true' }, opts: { method?: string; port?: number; localAddress?: string } = {}) {
   const lines = Object.entries(headers).map(([name, value]) => `${name}: ${value}\r\n`).join('');
   return raw(`${opts.method ?? 'GET'} ${target} HTTP/1.1\r\nHost: 169.254.169.254\r\n${lines}Connection: close\r\n\r\n`, opts);
-}
-
-function assertProblem(answer: RawAnswer, status: number, error: string, description: string): void {
-  assert.equal(answer.status, status, answer.body);
-  assert.equal(answer.headers['content-type'], 'application/json; charset=utf-8');
-  assert.equal(answer.headers['content-length'], String(Buffer.byteLength(answer.body)));
-  assert.equal(answer.body, JSON.stringify({ error, error_description: description }));
 }
 
 // ---- checks 1–5 ----
@@ -626,14 +534,14 @@ test('method, body and upstream status pass through the proxy', async () => {
   assert.deepEqual(upstream.received.map((r) => r.url).slice(1), ['/metadata/versions', '/metadata/attested/document?api-version=2020-09-01', '/metadata/loadbalancer?api-version=2020-10-01']);
 });
 
-test('a proxied body over 1 MiB is refused with 413 JSON after it is read, and never reaches the upstream; a chunked one passes', async () => {
+test('a proxied body over 16 KiB is refused with 413 JSON without being read, and never reaches the upstream; 16 KiB and a chunked one pass', async () => {
   reset();
-  const big = 'x'.repeat(1024 * 1024 + 1);
   const head = 'POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nConnection: close\r\n';
-  assertProblem(await raw(`${head}Content-Length: ${big.length}\r\n\r\n${big}`), 413, 'invalid_request', 'Request body too large');
+  // Only the head is sent: the refusal must not wait for a body.
+  assertProblem(await raw(`${head}Content-Length: ${limits.maxBodyBytes + 1}\r\n\r\n`), 413, 'invalid_request', 'Request body too large');
   assert.equal(upstream.received.length, 0);
-  const exactly = big.slice(1);
-  assert.equal((await raw(`${head}Content-Length: ${exactly.length}\r\n\r\n${exactly}`)).status, 200, 'exactly 1 MiB passes');
+  const exactly = 'x'.repeat(limits.maxBodyBytes);
+  assert.equal((await raw(`${head}Content-Length: ${exactly.length}\r\n\r\n${exactly}`)).status, 200, 'exactly 16 KiB passes');
   assert.equal(upstream.received[0]?.body.length, exactly.length);
   const chunked = await raw(`${head}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n`);
   assert.equal(chunked.status, 200);
