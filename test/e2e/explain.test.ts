@@ -132,7 +132,7 @@ test('no aadpodidbinding label: said, the refusal recorded with its answer, and 
   assert.equal(event!.type, 'Warning');
   assert.match(event!.note as string, /nmi explain default\/nolabel" on node node1/);
   // 200 more: still one Event, its series counts them, a handful of API calls.
-  const counts = await agents.nolabel!.burst(query(), 200, META);
+  const counts = await agents.nolabel!.burst(query(), 200, META, 50);
   assert.equal(Object.values(counts).reduce((a, b) => a + b, 0), 200);
   await waitFor('the series to count 201', () => (eventsOf(pods.nolabel!)[0]?.series as Json | undefined)?.count >= 2);
   assert.equal(eventsOf(pods.nolabel!).length, 1);

@@ -17,7 +17,8 @@ after(() => cluster?.close());
 test('SIGTERM while requests wait on the upstream: every one is answered 200, then the rules are removed', async () => {
   const pod = cluster.addPod({ name: 'busy', labels: { aadpodidbinding: 'a' } });
   const agent = await pod.ns.agent();
-  const nmi = await cluster.startNmi(['--server', 'js']);
+  // 100 connections from one pod, all held by the upstream: more than the default cap of 64 allows.
+  const nmi = await cluster.startNmi(['--server', 'js', '--max-connections-per-source', '100']);
   cluster.imds.hang(true);
   const inFlight = agent.burst(`${TOKEN_URL}?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net`, 100, { Metadata: 'true' });
   // Every one of the 100 has reached the cache (a miss each, sharing the one held upstream call): all are in flight.

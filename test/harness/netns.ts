@@ -115,7 +115,8 @@ export interface SteadyResult {
 export interface PodAgent {
   http(url: string, init?: { method?: string; headers?: Record<string, string> }): Promise<HttpResult>;
   /** n concurrent GETs; counts of `<status> <body prefix>`. */
-  burst(url: string, n: number, headers?: Record<string, string>): Promise<Record<string, number>>;
+  /** n requests at once, each on a connection of its own, or over `connections` kept alive (nmi caps a pod's connections). */
+  burst(url: string, n: number, headers?: Record<string, string>, connections?: number): Promise<Record<string, number>>;
   /** GETs every URL once, `concurrency` at a time; with durationMs, round and round until it is over. */
   many(urls: string[], concurrency: number, headers?: Record<string, string>, durationMs?: number): Promise<ManyResult>;
   /** GETs one at a time on new connections, intervalMs apart, for durationMs: counts by status (or `error:CODE`), and the longest one. */
@@ -158,7 +159,7 @@ async function startPodAgent(ns: string): Promise<PodAgent> {
     });
   return {
     http: (url, init = {}) => call('http', { url, ...init }),
-    burst: (url, n, headers) => call('burst', { url, n, headers }),
+    burst: (url, n, headers, connections) => call('burst', { url, n, headers, connections }),
     many: (urls, concurrency, headers, durationMs) => call('many', { urls, concurrency, headers, durationMs }),
     steady: (url, o) => call('steady', { url, ...o }),
     connect: (host, port, timeoutMs = 2000) => call('connect', { host, port, timeoutMs }),

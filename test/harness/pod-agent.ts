@@ -34,10 +34,11 @@ function firstLine(host: string, port: number, timeoutMs: number): Promise<{ lin
   });
 }
 
-function request(url: string, method = 'GET', headers: Record<string, string> = {}): Promise<unknown> {
+/** agent: a keep-alive pool to share; without one, a connection of its own. */
+function request(url: string, method = 'GET', headers: Record<string, string> = {}, agent: http.Agent | false = false): Promise<unknown> {
   const started = process.hrtime.bigint();
   return new Promise((resolve) => {
-    const req = http.request(url, { method, headers, agent: false, timeout: 10_000 }, (res) => {
+    const req = http.request(url, { method, headers, agent, timeout: 10_000 }, (res) => {
       let body = '';
       res.setEncoding('utf8').on('data', (d: string) => (body += d));
       res.on('end', () => resolve({ status: res.statusCode, headers: res.headers, body, ms: Number(process.hrtime.bigint() - started) / 1e6 }));
@@ -55,10 +56,12 @@ async function handle(cmd: Command): Promise<unknown> {
     case 'http':
       return request(cmd.url as string, cmd.method as string | undefined, cmd.headers as Record<string, string> | undefined);
     case 'burst': {
-      // n requests at once; answers counted by status and body.
+      // n requests at once, each on its own connection or over `connections` kept alive; answers counted by status and body.
+      const agent = cmd.connections === undefined ? false : new http.Agent({ keepAlive: true, maxSockets: cmd.connections as number });
       const results = (await Promise.all(
-        Array.from({ length: cmd.n as number }, () => request(cmd.url as string, 'GET', cmd.headers as Record<string, string> | undefined)),
+        Array.from({ length: cmd.n as number }, () => request(cmd.url as string, 'GET', cmd.headers as Record<string, string> | undefined, agent)),
       )) as { status: number; body: string }[];
+      if (agent) agent.destroy();
       const counts: Record<string, number> = {};
       for (const r of results) counts[`${r.status} ${r.body.slice(0, 200)}`] = (counts[`${r.status} ${r.body.slice(0, 200)}`] ?? 0) + 1;
       return counts;
