@@ -7,6 +7,9 @@ namespace conn {
 
 using http::Framing;
 
+// An idle connection keeps buffers this large at most: one burst must not pin its peak for the connection's life.
+constexpr size_t kKeptCapacity = 16 * 1024;
+
 Connection::Connection(uint64_t id, std::string remote, const Limits& limits, int64_t nowMs)
     : id(id), remote(std::move(remote)), limits_(limits), idleSinceMs_(nowMs) {}
 
@@ -43,6 +46,7 @@ void Connection::Sent(size_t n, int64_t nowMs) {
   if (outOffset_ == out_.size()) {
     out_.clear();
     outOffset_ = 0;
+    if (out_.capacity() > kKeptCapacity) out_.shrink_to_fit();
     if (slots_.empty()) idleSinceMs_ = nowMs;
   }
 }
@@ -72,6 +76,7 @@ void Connection::Pump(Host& host, int64_t nowMs) {
     }
     in_.erase(0, inStart_);
     inStart_ = 0;
+    if (in_.empty() && in_.capacity() > kKeptCapacity) in_.shrink_to_fit();
     bool moved = false;
     while (!closeAfterFlush_ && !slots_.empty() && slots_.front().ready) {
       Slot& s = slots_.front();

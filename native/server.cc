@@ -336,7 +336,8 @@ void Server::Accept() {
 }
 
 void Server::OnReadable(Socket& s) {
-  char buf[65536];
+  // A read may overshoot a connection's input bound by this much: kept small, as every connection may.
+  char buf[16384];
   // Level-triggered: what is left unread is reported again, once the connection wants it.
   while (s.WantsRead()) {
     ssize_t n = read(s.fd, buf, sizeof buf);

@@ -19,6 +19,7 @@ import { parse } from 'yaml';
 import { createCluster, crd, TOKEN_URL, type Cluster } from '../harness/cluster.js';
 import { comparableRules, projectRoot, type PodAgent } from '../harness/netns.js';
 import { failures, steadyAcross } from '../harness/restarts.js';
+import { attackFrom, attacks, mib, sampleRss, tokenMeanwhile } from '../harness/hostile.js';
 import { nmi, waitFor } from '../harness/nmi-process.js';
 import { containerLogs, podman, podmanQuiet, ulimits } from '../harness/podman.js';
 import { nmiPackage } from '../harness/runtime.js';
@@ -252,4 +253,23 @@ test('NMI_ON_EXIT=keep: podman stop leaves the rules (pods fail closed); nmi cle
   const cleanup = nmi(['cleanup']);
   assert.equal(cleanup.code, 0, cleanup.stderr);
   assert.doesNotMatch(natRules(), /aad-metadata/);
+});
+
+test("issue 27's attack (a) under the manifest's memory limit: a pod never reading its answers does not get nmi killed, other pods keep their tokens", async (t) => {
+  const name = await runNmi('remove');
+  const pid = Number(podman(['inspect', '--format', '{{.State.Pid}}', name]).trim());
+  const attacker = cluster.addPod({ name: 'attacker', labels: { aadpodidbinding: 'a' } });
+  const attackerAgent = await attacker.ns.agent();
+  // Its token cached first: the attack is cache hits, the fast path's case.
+  const first = await attackerAgent.http(QUERY, { headers: { Metadata: 'true' } });
+  await attackerAgent.close();
+  assert.equal(first.status, 200, first.body);
+  const { result: { result, other }, rss } = await sampleRss(pid, (signal) => tokenMeanwhile(agent, () => attackFrom(attacker.ns, attacks.a.attack, signal)));
+  t.diagnostic(`VmRSS peak ${mib(rss.peakKiB)}, VmHWM ${mib(rss.hwmKiB)}${rss.died ? ', nmi died' : ''}; the other pod meanwhile: ${JSON.stringify(other)}; attack: ${JSON.stringify(result)}`);
+  // runc on this host does not always set OOMKilled: a cgroup OOM kill shows as exit code 137.
+  assert.equal(podman(['inspect', '--format', '{{.State.Status}} exit={{.State.ExitCode}} OOMKilled={{.State.OOMKilled}}', name]).trim(), 'running exit=0 OOMKilled=false', containerLogs(name));
+  assert.deepEqual(Object.keys(other.counts), ['200'], `the other pod got its token during the attack: ${JSON.stringify(other.counts)}`);
+  const after = await agent.http(QUERY, { headers: { Metadata: 'true' } });
+  assert.equal(after.status, 200, after.body);
+  assert.deepEqual(stop(name), { status: 'exited', exitCode: 0 });
 });
