@@ -14,18 +14,11 @@
 #include <vector>
 
 #include "../../native/connection.h"
+#include "check.h"
 
 using nmi::conn::Connection;
 using nmi::conn::Host;
 using nmi::conn::Limits;
-
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      fprintf(stderr, "invariant failed at line %d: %s\n", __LINE__, #cond); \
-      abort();                                                             \
-    }                                                                      \
-  } while (0)
 
 namespace {
 

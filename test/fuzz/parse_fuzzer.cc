@@ -12,16 +12,9 @@
 #include <string>
 
 #include "../../native/http-parse.h"
+#include "check.h"
 
 using namespace nmi::http;
-
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      fprintf(stderr, "invariant failed at line %d: %s\n", __LINE__, #cond); \
-      abort();                                                             \
-    }                                                                      \
-  } while (0)
 
 namespace {
 
