@@ -1,6 +1,6 @@
 // nmi's benchmark (issue 4). Two modes:
 //
-//   node dist/bench/bench.js [--servers native,js,node,c] [--paths loopback,pod,ebpf] [--trials 3] [--duration 8] [--warmup 2] [--connections 64] [--cpu-prof DIR]
+//   node dist/bench/bench.js [--servers native,js,node,c] [--paths loopback,pod,ebpf] [--trials 3] [--duration 8] [--warmup 2] [--connections 64] [--churn] [--cpu-prof DIR]
 //     cache-hit throughput and latency of nmi's servers beside constant servers (servers.ts)
 //   node dist/bench/bench.js --rss [--pods 250] [--identities 200] [--resources 5] [--token-bytes 2000] [--bindings kubernetes|file] [--servers native,js]
 //     resident memory of the whole daemon with a full cache (rss.ts)
@@ -18,6 +18,7 @@ const options = {
   servers: { type: 'string' },
   paths: { type: 'string' },
   connections: { type: 'string', default: '64' },
+  churn: { type: 'boolean', default: false },
   duration: { type: 'string', default: '8' },
   warmup: { type: 'string', default: '2' },
   trials: { type: 'string', default: '3' },
@@ -76,6 +77,7 @@ function parseMode(argv: string[]): Mode {
     rss: false,
     params: {
       connections: count('connections', v.connections),
+      churn: v.churn,
       durationS: count('duration', v.duration),
       warmupS: count('warmup', v.warmup),
       trials: count('trials', v.trials),

@@ -5,11 +5,12 @@
 // server must do per request (read, find the end, write), so the native fast
 // path is measured against what the kernel and the network cost.
 //
-//   cc -O2 -o constant bench/constant.c && ./constant <answer-file> <host> <port>
+//   cc -O2 -o constant bench/constant.c && ./constant <answer-file> <host> <port> [close]
 //
 // Prints `listening <port>` once it listens (port 0: any free one). Requests
 // must have no body (the bench sends GETs). Connections stay open until the
-// client closes them; SIGTERM ends the process.
+// client closes them, or with `close` (the bench's --churn) until the first
+// answer is written; SIGTERM ends the process.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -37,6 +38,7 @@ struct conn {
 
 static char *answer;
 static size_t answer_len;
+static int close_after_answer;
 static int epfd;
 
 static void die(const char *what) {
@@ -83,6 +85,7 @@ static int flush_out(struct conn *c) {
     if (n <= 0) return -1;
     c->out_off += (size_t)n;
   }
+  if (close_after_answer && c->out_len > 0) return -1;  // answered: the connection ends
   if (c->out_armed) watch(c, EPOLLIN);
   c->out_armed = 0;
   c->out_len = c->out_off = 0;
@@ -157,8 +160,9 @@ static int listen_on(const char *host, int port) {
 }
 
 int main(int argc, char **argv) {
-  if (argc != 4) {
-    fprintf(stderr, "usage: %s <answer-file> <host> <port>\n", argv[0]);
+  close_after_answer = argc == 5 && strcmp(argv[4], "close") == 0;
+  if (argc != 4 && !close_after_answer) {
+    fprintf(stderr, "usage: %s <answer-file> <host> <port> [close]\n", argv[0]);
     return 2;
   }
   signal(SIGPIPE, SIG_IGN);

@@ -152,8 +152,8 @@ export function createPodCgroups(): PodCgroups {
 }
 
 /** One keep-alive token request from inside the pod (and its cgroup, if given), to the metadata address; the answer's bytes. */
-export async function podGet(target: string, cgroup?: string): Promise<Buffer> {
-  const argv = inPod([process.execPath, rawGetBin, METADATA_IP, '80', target], cgroup);
+export async function podGet(target: string, cgroup?: string, close = false): Promise<Buffer> {
+  const argv = inPod([process.execPath, rawGetBin, METADATA_IP, '80', target, ...(close ? ['close'] : [])], cgroup);
   const { stdout } = await run(argv[0]!, argv.slice(1), { signal: interrupt.signal }).catch((err: unknown) => {
     throw new Error(`request from the pod: ${String((err as { stderr?: string }).stderr ?? (err as Error).message).trim()}`);
   });

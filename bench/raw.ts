@@ -1,4 +1,4 @@
-// One keep-alive request over a plain socket, and the exact bytes of its answer:
+// One request (keep-alive, or Connection: close) over a plain socket, and the exact bytes of its answer:
 // what wrk sends (GET, Host, Metadata: true, nothing else) and what every
 // server under test must answer alike. node:http would hide the bytes.
 import net from 'node:net';
@@ -10,6 +10,8 @@ export interface RawTarget {
   target: string;
   /** Source address of the connection (any 127.0.0.0/8 address on loopback). */
   localAddress?: string;
+  /** Asks with Connection: close, as --churn's wrk does. */
+  close?: boolean;
 }
 
 export interface ParsedAnswer {
@@ -31,7 +33,7 @@ function answerEnd(bytes: Buffer): number {
   return bytes.length >= end ? end : -1;
 }
 
-export function rawGet({ host, port, target, localAddress }: RawTarget): Promise<Buffer> {
+export function rawGet({ host, port, target, localAddress, close = false }: RawTarget): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     let received = Buffer.alloc(0);
     const socket = net.connect({ host, port, localAddress });
@@ -53,7 +55,7 @@ export function rawGet({ host, port, target, localAddress }: RawTarget): Promise
         fail(err as Error);
       }
     });
-    socket.write(`GET ${target} HTTP/1.1\r\nHost: ${host}${port === 80 ? '' : `:${port}`}\r\nMetadata: true\r\n\r\n`);
+    socket.write(`GET ${target} HTTP/1.1\r\nHost: ${host}${port === 80 ? '' : `:${port}`}\r\nMetadata: true\r\n${close ? 'Connection: close\r\n' : ''}\r\n`);
   });
 }
 

@@ -71,6 +71,8 @@ const NODE_HEADERS = new Set(['date', 'connection', 'keep-alive']);
 
 export interface ThroughputParams {
   connections: number;
+  /** Connection: close on every request (a connection each) instead of keep-alive. */
+  churn: boolean;
   durationS: number;
   warmupS: number;
   trials: number;
@@ -163,8 +165,9 @@ function podWrap(s: Setup, p: PathName): ((command: string[]) => string[]) | und
 }
 
 function ask(s: Setup, p: PathName, port: number): Promise<Buffer> {
-  if (!fromPod(p)) return rawGet({ host: '127.0.0.1', port, target: TARGET });
-  return podGet(TARGET, podCgroup(s, p));
+  const close = s.params.churn;
+  if (!fromPod(p)) return rawGet({ host: '127.0.0.1', port, target: TARGET, close });
+  return podGet(TARGET, podCgroup(s, p), close);
 }
 
 /** A fresh daemon, its one cache miss (a 200), then one cache hit checked against the reference. */
@@ -196,7 +199,7 @@ async function startConstant(s: Setup, server: 'node' | 'c', p: PathName): Promi
   const profile = s.params.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${s.params.cpuProfDir}`] : [];
   const command = server === 'node'
     ? [process.execPath, ...profile, constantServerJs, s.reference.jsonFile, host, String(port)]
-    : [s.constantBin, s.reference.rawFile, host, String(port)];
+    : [s.constantBin, s.reference.rawFile, host, String(port), ...(s.params.churn ? ['close'] : [])];
   await rule?.install();
   const child = spawnChild(command, true);
   const stop = async () => {
@@ -223,6 +226,7 @@ async function trial(s: Setup, server: ServerName, p: PathName, n: number): Prom
       url: fromPod(p) ? `http://${METADATA_IP}${TARGET}` : `http://127.0.0.1:${started.port}${TARGET}`,
       wrap: podWrap(s, p),
       connections: s.params.connections,
+      churn: s.params.churn,
     };
     await wrk({ ...load, seconds: s.params.warmupS });
     const cpuBefore = cpuUs(started.pid);
@@ -387,7 +391,8 @@ export async function runThroughput(params: ThroughputParams): Promise<void> {
 
     say('nmi bench: token requests answered from the cache, beside constant servers answering the same bytes');
     say(`  node ${process.version}; ${execFileSync('cc', ['--version'], { encoding: 'utf8' }).split('\n')[0]} (-O2)`);
-    say(`  wrk -t1 -c${params.connections} -d${params.durationS}s --latency -H 'Metadata: true' (keep-alive), after an unmeasured ${params.warmupS}s run`);
+    const mode = params.churn ? "-H 'Connection: close' (a new connection for every request)" : '(keep-alive)';
+    say(`  wrk -t1 -c${params.connections} -d${params.durationS}s --latency -H 'Metadata: true' ${mode}, after an unmeasured ${params.warmupS}s run`);
     say(`  servers: ${params.servers.join(', ')}; paths: ${params.paths.join(', ')}; ${params.trials} trials each, interleaved, a fresh process each`);
     if (params.paths.includes('pod')) say(`  pod path: wrk in namespace ${POD_NS} (${podIp}) → ${METADATA_IP}:80 → DNAT (iptables, chain aad-metadata) → ${NODE_IP}:${NMI_PORT} in ${NODE_NS}`);
     if (cgroups) say(`  ebpf path: wrk in namespace ${POD_NS} and cgroup ${cgroups.container} → ${METADATA_IP}:80 → connect rewritten by cgroup/connect4 at ${cgroups.tree.root} (no iptables rule, no NAT) → ${NODE_IP}:${NMI_PORT}; nmi attests each connection by cgroup`);

@@ -37,10 +37,13 @@ export interface WrkRun {
   seconds: number;
   /** Runs the command somewhere else (a pod's namespace and cgroup). */
   wrap?: (command: string[]) => string[];
+  /** Every request with Connection: close: a new connection each. */
+  churn?: boolean;
 }
 
-export async function wrk({ url, connections, seconds, wrap }: WrkRun): Promise<WrkResult> {
-  const load = ['taskset', '-c', String(LOAD_CPU), 'wrk', '-t1', `-c${connections}`, `-d${seconds}s`, '--latency', '-H', 'Metadata: true', url];
+export async function wrk({ url, connections, seconds, wrap, churn = false }: WrkRun): Promise<WrkResult> {
+  const close = churn ? ['-H', 'Connection: close'] : [];
+  const load = ['taskset', '-c', String(LOAD_CPU), 'wrk', '-t1', `-c${connections}`, `-d${seconds}s`, '--latency', '-H', 'Metadata: true', ...close, url];
   const argv = wrap ? wrap(load) : load;
   const { stdout } = await run(argv[0]!, argv.slice(1), { signal: interrupt.signal });
   return parseWrk(stdout);

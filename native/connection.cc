@@ -52,6 +52,7 @@ void Connection::Sent(size_t n, int64_t nowMs) {
 }
 
 void Connection::Refuse(std::string bytes) {
+  refused_ = true;
   noMoreRequests_ = true;
   closeAfterFlush_ = true;
   out_ = std::move(bytes);

@@ -73,6 +73,8 @@ class Connection {
   bool WantsWrite() const { return outOffset_ < out_.size(); }
   // The last answer is out: the owner shuts its side down (FIN) once and waits for the peer's (Lingering).
   bool ShouldShutdown() const { return closeAfterFlush_ && !WantsWrite() && !lingering_; }
+  // Answered before it asked (Refuse): its request may still be on the way, so only a lingering close is safe.
+  bool Refused() const { return refused_; }
   void StartLinger(int64_t nowMs);
   bool Lingering() const { return lingering_; }
   // Nothing is left to do: the owner closes it. stopping: the server is draining, so keep-alive ends.
@@ -113,6 +115,7 @@ class Connection {
   bool closeAfterFlush_ = false;
   bool peerClosed_ = false;
   bool lingering_ = false;
+  bool refused_ = false;
   bool writeTimedOut_ = false;
   size_t lingerBytes_ = 0;
   int64_t partialSinceMs_ = 0;  // 0 when no request is partly received

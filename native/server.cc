@@ -15,6 +15,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -196,6 +197,8 @@ class Server : public conn::Host {
   std::shared_ptr<const TokenTable> tokensNow_;
   uint64_t seenTables_ = UINT64_MAX;
   int64_t timersCheckedMs_ = 0;
+  // Monotonic, read once per wake-up: the timers it feeds count in seconds.
+  int64_t nowMs_ = 0;
 
   void Accept();
   void PauseAccept(bool paused);
@@ -231,6 +234,7 @@ void Server::Run() {
     if (!listening_ && (conns_.empty() || MonoMs() >= drainDeadlineMs.load())) break;
     int n = epoll_wait(epollFd, evs, 128, 100);
     if (n < 0 && errno != EINTR) break;
+    nowMs_ = MonoMs();
     for (int i = 0; i < n; i++) {
       uint64_t tag = evs[i].data.u64;
       if (tag == 0) {
@@ -255,9 +259,8 @@ void Server::Run() {
       else Service(*it->second);
     }
     // Timers are seconds long: walking every connection after each wake-up cost more than it bought.
-    int64_t now = MonoMs();
-    if (now - timersCheckedMs_ >= 100) {
-      timersCheckedMs_ = now;
+    if (nowMs_ - timersCheckedMs_ >= 100) {
+      timersCheckedMs_ = nowMs_;
       CheckTimers();
     }
     RefreshTables();  // lets a replaced table go within one wake-up
@@ -293,7 +296,7 @@ void Server::Accept() {
       if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
         // The listener stays readable: without a pause this thread would spin on the same error.
         stats.acceptErrors++;
-        acceptRetryAtMs_ = MonoMs() + kAcceptRetryMs;
+        acceptRetryAtMs_ = nowMs_ + kAcceptRetryMs;
         PauseAccept(true);
       }
       return;  // EAGAIN, or a transient error: the next readiness retries
@@ -313,8 +316,7 @@ void Server::Accept() {
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // as node's http server: answers leave at once
-    int64_t now = MonoMs();
-    auto s = std::make_unique<Socket>(fd, ++nextConnId_, remote, limits, now);  // 0 and 1 tag the listener and the wake fd
+    auto s = std::make_unique<Socket>(fd, ++nextConnId_, remote, limits, nowMs_);  // 0 and 1 tag the listener and the wake fd
     if (++perSource_[remote] > maxConnectionsPerSource) {
       // Answered, then closed once the caller has read it: never a reset it would take for "no IMDS here".
       stats.refusedConnections++;
@@ -323,13 +325,13 @@ void Server::Accept() {
       s->Refuse(std::move(answer));
     }
     epoll_event ev{};
+    ev.events = s->events = s->WantsRead() ? EPOLLIN : 0;
     ev.data.u64 = s->id;
     epoll_ctl(epollFd, EPOLL_CTL_ADD, fd, &ev);
     stats.connections++;
     Socket& added = *s;
     conns_[s->id] = std::move(s);
     if (added.WantsWrite()) Service(added);
-    else UpdateEvents(added);
   }
   // Every slot is taken: the rest wait in the kernel's backlog, accepted as connections close.
   PauseAccept(true);
@@ -364,15 +366,22 @@ void Server::OnReadable(Socket& s) {
 void Server::Service(Socket& s) {
   while (true) {
     size_t before = s.BufferedInput();
-    s.Pump(*this, MonoMs());
+    s.Pump(*this, nowMs_);
     if (!Flush(s)) return;
     bool consumed = s.BufferedInput() < before;
     if (!consumed || s.WantsWrite() || !s.TakesRequests() || s.BufferedInput() == 0) break;
   }
   if (s.ShouldShutdown()) {
-    // The last answer is out: our FIN, then the peer's awaited (bounded), so unread bytes cause no reset.
+    // The last answer is out. A peer that asked and has nothing more waiting here gets our FIN at once
+    // (Connection: close, the common case). Otherwise our FIN, then its own awaited (bounded): bytes it
+    // still sends must not make the kernel reset the connection before it has read the answer.
+    int unread = 0;
+    if (!s.Refused() && ioctl(s.fd, FIONREAD, &unread) == 0 && unread == 0) {
+      Destroy(s.id);
+      return;
+    }
     shutdown(s.fd, SHUT_WR);
-    s.StartLinger(MonoMs());
+    s.StartLinger(nowMs_);
   }
   if (s.Finished(stopping.load())) {
     Destroy(s.id);
@@ -387,7 +396,7 @@ bool Server::Flush(Socket& s) {
     std::string_view out = s.Unsent();
     ssize_t n = send(s.fd, out.data(), out.size(), MSG_NOSIGNAL);
     if (n > 0) {
-      s.Sent(static_cast<size_t>(n), MonoMs());
+      s.Sent(static_cast<size_t>(n), nowMs_);
     } else if (n < 0 && errno == EINTR) {
       continue;
     } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -474,8 +483,7 @@ void Server::Destroy(uint64_t id) {
   auto it = conns_.find(id);
   if (it == conns_.end()) return;
   Socket& s = *it->second;
-  epoll_ctl(epollFd, EPOLL_CTL_DEL, s.fd, nullptr);
-  close(s.fd);
+  close(s.fd);  // leaves the epoll set with it: no descriptor of it is shared
   auto source = perSource_.find(s.remote);
   if (source != perSource_.end() && --source->second == 0) perSource_.erase(source);
   conns_.erase(it);
@@ -507,7 +515,7 @@ void Server::DrainResponses() {
 }
 
 void Server::CheckTimers() {
-  int64_t now = MonoMs();
+  int64_t now = nowMs_;
   if (acceptRetryAtMs_ != 0 && now >= acceptRetryAtMs_) {
     acceptRetryAtMs_ = 0;
     if (conns_.size() < maxConnections) PauseAccept(false);
