@@ -62,7 +62,13 @@ for (const server of ['native', 'js']) {
     test(`${server}: (b) a stranger sending 1 MiB bodies to the token path is answered 400 before they are read`, async (t) => {
       const seen = await underAttack<RequestsResult>(t, server, 'b');
       assertWithstood(server, 'b', seen);
-      assert.deepEqual(Object.keys(seen.result!.counts), ['400 invalid_request'], JSON.stringify(seen.result));
+      // nmi answers 400 as soon as the head is in and closes; a client still pushing the body it was refused may
+      // have that write fail (EPIPE, ECONNRESET) before it reads the answer. No other answer, and never 200 or 404.
+      const { counts } = seen.result!;
+      const answered = counts['400 invalid_request'] ?? 0;
+      const others = Object.keys(counts).filter((k) => k !== '400 invalid_request' && k !== 'error:EPIPE' && k !== 'error:ECONNRESET');
+      assert.deepEqual(others, [], JSON.stringify(seen.result));
+      assert.ok(answered >= 128, `most of the 256 requests read their 400: ${JSON.stringify(seen.result)}`);
     });
 
     test(`${server}: (c) a stranger asking the proxied categories gets 404 and nothing reaches IMDS`, async (t) => {
