@@ -190,3 +190,31 @@ function clientErrorProblem(code: string | undefined): Problem {
   if (code === 'ERR_HTTP_REQUEST_TIMEOUT') return { status: 408, error: 'invalid_request', error_description: 'Request timed out' };
   return { status: 400, error: 'invalid_request', error_description: 'Malformed HTTP request' };
 }
+
+// ---- an answer's bytes, written as node:http writes them (for answers written without node:http) ----
+
+const KEEP_ALIVE_HEADER = `timeout=${limits.keepAliveTimeoutMs / 1000}`;
+
+/** The status line and the answer's headers in order, each line ending CRLF. */
+export function statusAndHeaders(answer: Answer): string {
+  let text = `HTTP/1.1 ${answer.status} ${http.STATUS_CODES[answer.status] ?? 'unknown'}\r\n`;
+  for (const [name, value] of answer.headers) text += `${name}: ${value}\r\n`;
+  return text;
+}
+
+/** Status line, the answer's headers in order, then Date, Connection, Keep-Alive as node adds them. */
+export function serializeAnswer(answer: Answer, head: boolean, keepAlive: boolean, nowMs = Date.now()): Buffer {
+  const names = new Set(answer.headers.map(([name]) => name.toLowerCase()));
+  let text = statusAndHeaders(answer);
+  if (!names.has('date')) text += `Date: ${new Date(nowMs).toUTCString()}\r\n`;
+  text += keepAlive ? `Connection: keep-alive\r\nKeep-Alive: ${KEEP_ALIVE_HEADER}\r\n` : 'Connection: close\r\n';
+  const bodyless = head || answer.status === 204 || answer.status === 304;
+  // A proxied answer without a length streams chunked from node; one chunk says the same.
+  const chunked = !bodyless && !names.has('content-length');
+  if (chunked) text += 'Transfer-Encoding: chunked\r\n';
+  text += '\r\n';
+  if (bodyless) return Buffer.from(text, 'latin1');
+  if (!chunked) return Buffer.concat([Buffer.from(text, 'latin1'), answer.body]);
+  const chunk = answer.body.length > 0 ? [Buffer.from(`${answer.body.length.toString(16)}\r\n`), answer.body, Buffer.from('\r\n')] : [];
+  return Buffer.concat([Buffer.from(text, 'latin1'), ...chunk, Buffer.from('0\r\n\r\n')]);
+}

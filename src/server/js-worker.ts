@@ -18,7 +18,7 @@ import { performance } from 'node:perf_hooks';
 import { parentPort, workerData } from 'node:worker_threads';
 import { attestedKey, connectionCgroup, PeerMap } from '../attest/peers.js';
 import { plainAddress } from '../kubelet/pod-index.js';
-import { clientErrorBytes, problemAnswer, problems, tokenAnswer, writeAnswer, type Answer } from './answers.js';
+import { clientErrorBytes, problemAnswer, problems, serializeAnswer, tokenAnswer, writeAnswer, type Answer } from './answers.js';
 import { limits } from './limits.js';
 import { drainable } from './drain.js';
 import { RequestCounts } from './request-counts.js';
@@ -310,14 +310,7 @@ const server = http.createServer(
   handle,
 );
 
-/** A closing answer whole, for a connection node:http never parses. */
-function closingBytes(answer: Answer): Buffer {
-  const { status, headers, body } = closing(answer);
-  const head = [`HTTP/1.1 ${status} ${http.STATUS_CODES[status]}`, ...headers.map(([name, value]) => `${name}: ${value}`), '', ''];
-  return Buffer.concat([Buffer.from(head.join('\r\n'), 'latin1'), body]);
-}
-const tooManyConnectionsBytes = closingBytes(problemAnswer(problems.tooManyConnections));
-const busyBytes = closingBytes(busy);
+const tooManyConnections = problemAnswer(problems.tooManyConnections);
 
 function callerOf(socket: Socket): Caller {
   const remoteAddress = socket.remoteAddress && plainAddress(socket.remoteAddress);
@@ -331,9 +324,9 @@ function accept(socket: Socket): void {
   const caller = callerOf(socket);
   const source = caller.route ?? caller.remoteAddress ?? '';
   const held = perSource.get(source) ?? 0;
-  if (held >= bounds.maxConnectionsPerSource) return refuse(socket, tooManyConnectionsBytes);
+  if (held >= bounds.maxConnectionsPerSource) return refuse(socket, tooManyConnections);
   // Not server.maxConnections: node resets the connections past it.
-  if (connections.size >= bounds.maxConnections) return refuse(socket, busyBytes);
+  if (connections.size >= bounds.maxConnections) return refuse(socket, busy);
   perSource.set(source, held + 1);
   const connection: Connection = { caller, source, handed: new Set(), handedBytes: 0, flushed: 0, stalledSince: undefined };
   connections.set(socket, connection);
@@ -352,12 +345,12 @@ function accept(socket: Socket): void {
  * The answer and a FIN at once. What the client sends is read and dropped until it hangs up (at most as long as
  * an idle keep-alive connection is kept), so it is not reset before it reads the answer.
  */
-function refuse(socket: Socket, answer: Buffer): void {
+function refuse(socket: Socket, answer: Answer): void {
   socket.on('error', () => {}); // the client's reset: there is nothing left to tell it
   const lingering = setTimeout(() => socket.destroy(), limits.keepAliveTimeoutMs);
   socket.once('close', () => clearTimeout(lingering));
   socket.resume();
-  socket.end(answer);
+  socket.end(serializeAnswer(answer, false, false));
 }
 
 /**

@@ -16,7 +16,7 @@ import {
   type NativeTokenRow,
 } from '../native/addon.js';
 import { toAnswer } from '../tokens/token.js';
-import { clientErrorBytes, problemAnswer, problems, type Answer, type Problem } from './answers.js';
+import { clientErrorBytes, problemAnswer, problems, serializeAnswer, statusAndHeaders, type Problem } from './answers.js';
 import { createImdsProxy } from './proxy.js';
 import type { RequestHeaders } from './request.js';
 import { packRoutes, tellingServed, tokenKey, type Route, type TableFedServer, type TableToken, type TokenServedListener } from './tables.js';
@@ -34,7 +34,6 @@ export interface NativeTokenServer extends TableFedServer {
   stats(): NativeServerStats | undefined;
 }
 
-const KEEP_ALIVE_HEADER = `timeout=${limits.keepAliveTimeoutMs / 1000}`;
 /** Hand-overs without a request, each answered and the connection closed: as node answers what llhttp refuses, or IMDS-shaped. */
 const HANDOFF_ANSWERS: Record<Exclude<NativeHandoffError, 'stopped'>, () => Buffer | string> = {
   malformed: () => clientErrorBytes('HPE_INVALID'),
@@ -224,36 +223,10 @@ function addHeader(headers: Record<string, string | string[]>, name: string, val
   else headers[name] = `${seen as string}${name === 'cookie' ? '; ' : ', '}${value}`;
 }
 
-// ---- the answer bytes, written as node:http writes them ----
-
-/** The status line and the answer's headers in order, each line ending CRLF. */
-function statusAndHeaders(answer: Answer): string {
-  let text = `HTTP/1.1 ${answer.status} ${http.STATUS_CODES[answer.status] ?? 'unknown'}\r\n`;
-  for (const [name, value] of answer.headers) text += `${name}: ${value}\r\n`;
-  return text;
-}
-
 /** An answer the native side writes itself, which adds Date and Connection as serializeAnswer does. */
 function fixedAnswer(problem: Problem): [string, string] {
   const answer = problemAnswer(problem);
   return [statusAndHeaders(answer), answer.body.toString('latin1')];
-}
-
-/** Status line, the answer's headers in order, then Date, Connection, Keep-Alive as node adds them. */
-export function serializeAnswer(answer: Answer, head: boolean, keepAlive: boolean, nowMs = Date.now()): Buffer {
-  const names = new Set(answer.headers.map(([name]) => name.toLowerCase()));
-  let text = statusAndHeaders(answer);
-  if (!names.has('date')) text += `Date: ${new Date(nowMs).toUTCString()}\r\n`;
-  text += keepAlive ? `Connection: keep-alive\r\nKeep-Alive: ${KEEP_ALIVE_HEADER}\r\n` : 'Connection: close\r\n';
-  const bodyless = head || answer.status === 204 || answer.status === 304;
-  // A proxied answer without a length streams chunked from node; one chunk says the same.
-  const chunked = !bodyless && !names.has('content-length');
-  if (chunked) text += 'Transfer-Encoding: chunked\r\n';
-  text += '\r\n';
-  if (bodyless) return Buffer.from(text, 'latin1');
-  if (!chunked) return Buffer.concat([Buffer.from(text, 'latin1'), answer.body]);
-  const chunk = answer.body.length > 0 ? [Buffer.from(`${answer.body.length.toString(16)}\r\n`), answer.body, Buffer.from('\r\n')] : [];
-  return Buffer.concat([Buffer.from(text, 'latin1'), ...chunk, Buffer.from('0\r\n\r\n')]);
 }
 
 /** What node:http answers an HTTP/1.1 request without Host (requireHostHeader). */
