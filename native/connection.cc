@@ -51,12 +51,11 @@ void Connection::Sent(size_t n, int64_t nowMs) {
   }
 }
 
-void Connection::Refuse(std::string bytes) {
+void Connection::Refuse(std::string_view bytes, int64_t nowMs) {
   refused_ = true;
   noMoreRequests_ = true;
   closeAfterFlush_ = true;
-  out_ = std::move(bytes);
-  outOffset_ = 0;
+  Append(bytes, nowMs);
 }
 
 void Connection::Answer(uint64_t requestId, std::string bytes, bool close) {

@@ -59,7 +59,7 @@ class Connection {
   void Answer(uint64_t requestId, std::string bytes, bool close);
   // A whole answer written at once, before any request is read, after which the connection closes
   // (the caller holds too many connections already).
-  void Refuse(std::string bytes);
+  void Refuse(std::string_view bytes, int64_t nowMs);
   // Frames what arrived, answers hits, hands the rest over, and moves answers next in line to the output.
   void Pump(Host& host, int64_t nowMs);
 

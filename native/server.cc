@@ -322,7 +322,7 @@ void Server::Accept() {
       stats.refusedConnections++;
       std::string answer;
       AppendFixed(tooManyConnectionsAnswer, false, answer);
-      s->Refuse(std::move(answer));
+      s->Refuse(answer, nowMs_);
     }
     epoll_event ev{};
     ev.events = s->events = s->WantsRead() ? EPOLLIN : 0;

@@ -125,7 +125,7 @@ void Run(Reader& in) {
   bool closed = false;
   std::string taken;  // what the peer read
   size_t largestInput = 0;
-  if (in.Byte() % 16 == 0) c.Refuse(Marked('R', 0, 60));
+  if (in.Byte() % 16 == 0) c.Refuse(Marked('R', 0, 60), now);
   auto step = [&] {
     c.Pump(host, now);
     if (c.ShouldShutdown()) c.StartLinger(now);
