@@ -102,6 +102,13 @@ bool FirstLineLooksValid(string_view in) {
   return version == "HTTP/1.1" || version == "HTTP/1.0";
 }
 
+// The token path, with one trailing slash or none, whatever query follows.
+bool IsTokenPath(string_view target) {
+  string_view path = target.substr(0, target.find('?'));
+  if (!path.empty() && path.back() == '/') path.remove_suffix(1);
+  return path == kTokenPath;
+}
+
 void AppendDecimal(int64_t n, std::string& out) {
   char digits[24];
   auto end = std::to_chars(digits, digits + sizeof digits, n).ptr;
@@ -119,7 +126,7 @@ std::string TokenKey(const std::string& identity, const std::string& resource) {
   return key;
 }
 
-void AppendHttpDate(int64_t nowMs, std::string& out) {
+void AppendDateAndConnection(int64_t nowMs, bool keepAlive, std::string& out) {
   static const char* days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
   static const char* months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
   thread_local int64_t renderedSecond = INT64_MIN;
@@ -135,7 +142,9 @@ void AppendHttpDate(int64_t nowMs, std::string& out) {
     length = n > 0 ? static_cast<size_t>(n) : 0;
     renderedSecond = second;
   }
+  out += "Date: ";
   out.append(text, length);
+  out += keepAlive ? "\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" : "\r\nConnection: close\r\n\r\n";
 }
 
 Head ParseHead(string_view head) {
@@ -152,10 +161,7 @@ Head ParseHead(string_view head) {
   if (http10) h.keepAlive = false;
   else if (version != "HTTP/1.1") return h;
   string_view method = line.substr(0, sp1);
-  string_view path = line.substr(sp1 + 1, sp2 - sp1 - 1);
-  path = path.substr(0, path.find('?'));
-  if (!path.empty() && path.back() == '/') path.remove_suffix(1);
-  h.bodyless = method == "GET" || method == "HEAD" || path == kTokenPath;
+  h.bodyless = method == "GET" || method == "HEAD" || IsTokenPath(line.substr(sp1 + 1, sp2 - sp1 - 1));
   bool sawLength = false;
   size_t at = lineEnd + 2;
   while (at < head.size()) {
@@ -233,10 +239,8 @@ bool ParseHitRequest(string_view head, bool metadataHeaderRequired, HitQuery& q)
   string_view target = line.substr(4, line.size() - 13);
   for (unsigned char ch : target)
     if (!IsTargetChar(ch)) return false;
+  if (!IsTokenPath(target)) return false;
   size_t qm = target.find('?');
-  string_view path = target.substr(0, qm);
-  if (!path.empty() && path.back() == '/') path.remove_suffix(1);  // the token path with one trailing slash
-  if (path != kTokenPath) return false;
   string_view query = qm == npos ? string_view() : target.substr(qm + 1);
 
   // Headers: anything the js server treats specially goes to it.
@@ -359,9 +363,8 @@ bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAli
   if (out.capacity() < needed) out.reserve(needed);
   out += "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ";
   AppendDecimal(static_cast<int64_t>(bodyBytes), out);
-  out += "\r\nCache-Control: no-store\r\nDate: ";
-  AppendHttpDate(nowMs, out);
-  out += keepAlive ? "\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" : "\r\nConnection: close\r\n\r\n";
+  out += "\r\nCache-Control: no-store\r\n";
+  AppendDateAndConnection(nowMs, keepAlive, out);
   out += e.prefix;
   out.append(digits, digitCount);
   out += e.suffix;

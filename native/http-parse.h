@@ -58,9 +58,9 @@ std::string TokenKey(const std::string& identity, const std::string& resource);
 // The same key into a reused string.
 void TokenKey(const std::string& identity, const std::string& resource, std::string& key);
 
-// Appends the RFC 7231 IMF-fixdate of nowMs, as node's Date header (no locale
-// involved); the text is rendered once per second per thread.
-void AppendHttpDate(int64_t nowMs, std::string& out);
+// Ends an answer's head as node:http ends it: Date (the RFC 7231 IMF-fixdate of nowMs, no locale
+// involved, rendered once per second per thread), then Connection (and Keep-Alive), then the blank line.
+void AppendDateAndConnection(int64_t nowMs, bool keepAlive, std::string& out);
 
 // What the head says about framing and connection reuse; filled for every request.
 struct Head {
