@@ -202,16 +202,13 @@ Connection::Timer Connection::CheckTimers(Host& host, int64_t nowMs) {
     bool over = nowMs - lingerSinceMs_ > limits_.lingerMs || lingerBytes_ > limits_.maxLingerBytes;
     return over ? Timer::kClose : Timer::kNone;
   }
-  if (WantsWrite() && nowMs - progressMs_ > limits_.writeTimeoutMs) {
-    writeTimedOut_ = true;
-    return Timer::kClose;
-  }
+  if (WantsWrite() && nowMs - progressMs_ > limits_.writeTimeoutMs) return Timer::kWriteTimeout;
   if (partialSinceMs_ != 0 && nowMs - partialSinceMs_ > limits_.headerTimeoutMs && !noMoreRequests_) {
     partialSinceMs_ = 0;
     in_.clear();
     inStart_ = 0;
     HandOff(host, {}, "timeout", false);
-    return Timer::kNone;
+    return Timer::kHeaderTimeout;
   }
   if (Empty() && !closeAfterFlush_ && nowMs - idleSinceMs_ > limits_.keepAliveMs) return Timer::kClose;
   return Timer::kNone;

@@ -76,14 +76,14 @@ class Connection {
   // Answered before it asked (Refuse): its request may still be on the way, so only a lingering close is safe.
   bool Refused() const { return refused_; }
   void StartLinger(int64_t nowMs);
-  bool Lingering() const { return lingering_; }
   // Nothing is left to do: the owner closes it. stopping: the server is draining, so keep-alive ends.
   bool Finished(bool stopping) const;
   // Answered once and holds nothing: a draining server closes it at once.
   bool IdleKeepAlive() const { return nextRequestId_ > 1 && Empty(); }
 
-  enum class Timer { kNone, kClose };
-  // Fires the header timeout (handed over as "timeout"); kClose for an idle, stuck or lingering connection.
+  // kHeaderTimeout: a partial request was handed over as "timeout", the owner serves the connection;
+  // kWriteTimeout: its output has not moved; kClose: idle, or done lingering. The owner closes it on either.
+  enum class Timer { kNone, kHeaderTimeout, kWriteTimeout, kClose };
   Timer CheckTimers(Host& host, int64_t nowMs);
 
   // For the fuzzer's invariants and the server's counters.
@@ -92,7 +92,6 @@ class Connection {
   size_t HandedBytes() const { return handedBytes_; }
   size_t UnsentBytes() const { return out_.size() - outOffset_; }
   bool TakesRequests() const;
-  bool WriteTimedOut() const { return writeTimedOut_; }
 
  private:
   struct Slot {
@@ -116,7 +115,6 @@ class Connection {
   bool peerClosed_ = false;
   bool lingering_ = false;
   bool refused_ = false;
-  bool writeTimedOut_ = false;
   size_t lingerBytes_ = 0;
   int64_t partialSinceMs_ = 0;  // 0 when no request is partly received
   int64_t idleSinceMs_;

@@ -325,7 +325,7 @@ void Server::Accept() {
       s->Refuse(answer, nowMs_);
     }
     epoll_event ev{};
-    ev.events = s->events = s->WantsRead() ? EPOLLIN : 0;
+    ev.events = s->events = s->WantsRead() ? static_cast<uint32_t>(EPOLLIN) : 0u;
     ev.data.u64 = s->id;
     epoll_ctl(epollFd, EPOLL_CTL_ADD, fd, &ev);
     stats.connections++;
@@ -433,9 +433,7 @@ bool Server::HandOff(conn::Connection& c, uint64_t requestId, std::string bytes,
 
 void Server::AppendFixed(const FixedAnswer& a, bool keepAlive, std::string& out) {
   out += a.head;
-  out += "Date: ";
-  http::AppendHttpDate(NowMs(), out);
-  out += keepAlive ? "\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" : "\r\nConnection: close\r\n\r\n";
+  http::AppendDateAndConnection(NowMs(), keepAlive, out);
   out += a.body;
 }
 
@@ -520,14 +518,22 @@ void Server::CheckTimers() {
     acceptRetryAtMs_ = 0;
     if (conns_.size() < maxConnections) PauseAccept(false);
   }
+  using Timer = conn::Connection::Timer;
   std::vector<uint64_t> ended, timedOut;
   for (auto& [id, s] : conns_) {
-    size_t handed = s->Pending();
-    if (s->CheckTimers(*this, now) == conn::Connection::Timer::kClose) {
-      if (s->WriteTimedOut()) stats.writeTimeouts++;
-      ended.push_back(id);
-    } else if (s->Pending() != handed) {
-      timedOut.push_back(id);
+    switch (s->CheckTimers(*this, now)) {
+      case Timer::kNone:
+        break;
+      case Timer::kHeaderTimeout:
+        timedOut.push_back(id);
+        break;
+      case Timer::kWriteTimeout:
+        stats.writeTimeouts++;
+        ended.push_back(id);
+        break;
+      case Timer::kClose:
+        ended.push_back(id);
+        break;
     }
   }
   for (auto id : ended) Destroy(id);

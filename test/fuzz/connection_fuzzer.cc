@@ -98,6 +98,9 @@ class Reader {
   }
 };
 
+// A timer the owner closes the connection on.
+bool Ends(Connection::Timer t) { return t == Connection::Timer::kClose || t == Connection::Timer::kWriteTimeout; }
+
 // The answers the peer read must be whole and their sequence numbers rising.
 void CheckOutput(const std::string& taken) {
   uint64_t last = 0;
@@ -163,7 +166,7 @@ void Run(Reader& in) {
       }
       case 4:  // time passes
         now += in.Byte() * 20;
-        if (c.CheckTimers(host, now) == Connection::Timer::kClose) closed = true;
+        if (Ends(c.CheckTimers(host, now))) closed = true;
         break;
       case 5:
         if (in.Byte() % 8 == 0) c.PeerClosed();
@@ -186,7 +189,7 @@ void Run(Reader& in) {
     CheckOutput(taken);
     if (closed) return;
     now += 100;
-    if (c.CheckTimers(host, now) == Connection::Timer::kClose) return;
+    if (Ends(c.CheckTimers(host, now))) return;
   }
   CHECK(closed);
 }
