@@ -19,10 +19,10 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { attestedKey, connectionCgroup, PeerMap } from '../attest/peers.js';
 import { plainAddress } from '../kubelet/pod-index.js';
 import { clientErrorBytes, problemAnswer, problems, serializeAnswer, tokenAnswer, writeAnswer, type Answer } from './answers.js';
-import { limits } from './limits.js';
+import { limits, type ServerBounds } from './limits.js';
 import { drainable } from './drain.js';
 import { RequestCounts } from './request-counts.js';
-import { checkedHeaders, classifyRequest, type Classification, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
+import { checkedHeaders, classifyRequest, type Classification, type RequestHeaders, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
 import { selectIdentity, type SeveralPolicy } from './select-identity.js';
 import type { RouteRow, TableToken, TokenId } from './tables.js';
 import type { WholeRequest } from './core.js';
@@ -34,17 +34,7 @@ export interface WorkerSetup {
   peerMapFd?: number;
   /** Where to count requests (ServerMetrics.segment()), when metrics are kept. */
   counts?: SharedArrayBuffer;
-  bounds: WorkerBounds;
-}
-
-/** limits.ts's, with --max-connections-per-source; tests shorten them. */
-export interface WorkerBounds {
-  maxConnections: number;
-  maxConnectionsPerSource: number;
-  maxHandedRequests: number;
-  maxHandedBytes: number;
-  maxHandedBytesPerConnection: number;
-  writeTimeoutMs: number;
+  bounds: ServerBounds;
 }
 
 /** An identity as the tables hold it: what selectIdentity compares, and the key its tokens are filed under. */
@@ -130,10 +120,11 @@ function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
   const target = req.url ?? '';
   const headers = checkedHeaders(req.rawHeaders);
   const classified = classifyRequest(method, target, headers, setup.policy);
-  const { headBytes, body } = declared(method, target, req.rawHeaders);
-  // Chunked: what it may grow to.
-  const bytes = headBytes + (body === 'chunked' ? limits.maxBodyBytes : body);
-  const now = answerNow(method, classified, body, connection, bytes);
+  const body = declaredBody(headers);
+  let now = answerNow(method, classified, body, connection);
+  // Sized only when it is to wait on the main thread: a cache hit is not.
+  const bytes = now ? 0 : handedSize(method, target, req.rawHeaders, body);
+  now ??= hasRoom(connection, bytes) ? undefined : busy;
   if (now) {
     // A body left unread: what follows it on the connection cannot be told apart from it.
     writeAnswer(res, body === 0 ? now : closing(now));
@@ -156,34 +147,34 @@ function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
   });
 }
 
-/** The answer this thread gives at once, or undefined when the request goes to the main thread. */
-function answerNow(method: string, classified: Classification, body: DeclaredBody, connection: Connection, bytes: number): Answer | undefined {
+/** The answer this thread gives at once (a refusal, a cache hit), or undefined when the main thread must judge it. */
+function answerNow(method: string, classified: Classification, body: DeclaredBody, connection: Connection): Answer | undefined {
   if (body !== 0 && (classified.route === 'token' || method === 'GET' || method === 'HEAD')) return bodyNotAllowed;
   if (classified.kind === 'reject') return problemAnswer(classified.problem);
-  if (classified.kind === 'token') {
-    const hit = fromTables(connection.caller, classified.request);
-    if (hit) return hit;
-  } else if (body !== 'chunked' && body > limits.maxBodyBytes) return bodyTooLarge;
-  const room =
-    handedOver.size < bounds.maxHandedRequests &&
-    handedBytes + bytes <= bounds.maxHandedBytes &&
-    connection.handedBytes + bytes <= bounds.maxHandedBytesPerConnection;
-  return room ? undefined : busy;
+  if (classified.kind === 'token') return fromTables(connection.caller, classified.request);
+  return body !== 'chunked' && body > limits.maxBodyBytes ? bodyTooLarge : undefined;
 }
 
-/** A request's size while it waits on the main thread, roughly (its head), and its body as declared. */
-function declared(method: string, target: string, rawHeaders: readonly string[]): { headBytes: number; body: DeclaredBody } {
-  let headBytes = method.length + target.length;
-  let body: DeclaredBody = 0;
-  for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
-    const name = rawHeaders[i]!;
-    const value = rawHeaders[i + 1]!;
-    headBytes += name.length + value.length;
-    // Names compared only at their length, as checkedHeaders does: this runs for every request.
-    if (name.length === 17 && name.toLowerCase() === 'transfer-encoding') body = 'chunked';
-    else if (name.length === 14 && body !== 'chunked' && name.toLowerCase() === 'content-length') body = Number(value);
-  }
-  return { headBytes, body };
+/** Whether another request of `bytes` may wait on the main thread, for the server and for its connection. */
+function hasRoom(connection: Connection, bytes: number): boolean {
+  return (
+    handedOver.size < bounds.maxHandedRequests &&
+    handedBytes + bytes <= bounds.maxHandedBytes &&
+    connection.handedBytes + bytes <= bounds.maxHandedBytesPerConnection
+  );
+}
+
+/** The body as its head declares it (a length; 0 for none), from the headers checkedHeaders kept. */
+function declaredBody(headers: RequestHeaders): DeclaredBody {
+  if (headers['transfer-encoding'] !== undefined) return 'chunked';
+  return Number(headers['content-length'] ?? 0);
+}
+
+/** A request's size while it waits on the main thread, roughly: its head, and its body (chunked: what it may grow to). */
+function handedSize(method: string, target: string, rawHeaders: readonly string[], body: DeclaredBody): number {
+  let size = method.length + target.length + (body === 'chunked' ? limits.maxBodyBytes : body);
+  for (const part of rawHeaders) size += part.length;
+  return size;
 }
 
 /** The request no longer waits on the main thread: answered, or its client gone. */

@@ -22,3 +22,18 @@ export const limits = {
   upstreamRetryAfterS: 5, // when the upstream gave no Retry-After
   budgetWaitMs: 10_000, // a first token that gets no turn upstream in this long is answered 429
 } as const;
+
+/** The connection bounds both token servers keep, from limits with --max-connections-per-source; tests shorten them. */
+export interface ServerBounds {
+  maxConnections: number;
+  maxConnectionsPerSource: number;
+  maxHandedRequests: number;
+  maxHandedBytes: number;
+  maxHandedBytesPerConnection: number;
+  writeTimeoutMs: number;
+}
+
+export function serverBounds(maxConnectionsPerSource: number = limits.maxConnectionsPerSource): ServerBounds {
+  const { maxConnections, maxHandedRequests, maxHandedBytes, maxHandedBytesPerConnection, writeTimeoutMs } = limits;
+  return { maxConnections, maxConnectionsPerSource, maxHandedRequests, maxHandedBytes, maxHandedBytesPerConnection, writeTimeoutMs };
+}

@@ -20,7 +20,7 @@ import { clientErrorBytes, problemAnswer, problems, serializeAnswer, statusAndHe
 import { createImdsProxy } from './proxy.js';
 import type { RequestHeaders } from './request.js';
 import { packRoutes, tellingServed, tokenKey, type Route, type TableFedServer, type TableToken, type TokenServedListener } from './tables.js';
-import { limits } from './limits.js';
+import { limits, serverBounds } from './limits.js';
 import { answerWhole, createRequestCore, type TokenServerDeps } from './core.js';
 
 export interface NativeTokenServer extends TableFedServer {
@@ -113,15 +113,10 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
       const started = native.serverStart(
         {
           fd: fd ?? native.listenTcp(host, wantedPort, limits.backlog),
-          maxConnections: limits.maxConnections,
-          maxConnectionsPerSource: options.maxConnectionsPerSource ?? limits.maxConnectionsPerSource,
+          ...serverBounds(options.maxConnectionsPerSource),
           maxHeaderBytes: limits.maxHeaderSize,
           headerTimeoutMs: limits.headersTimeoutMs,
-          writeTimeoutMs: limits.writeTimeoutMs,
           maxUnsentBytes: limits.maxUnsentBytes,
-          maxHandedBytesPerConnection: limits.maxHandedBytesPerConnection,
-          maxHandedRequests: limits.maxHandedRequests,
-          maxHandedBytes: limits.maxHandedBytes,
           busyAnswer: fixedAnswer(problems.busy),
           tooManyConnectionsAnswer: fixedAnswer(problems.tooManyConnections),
           metadataHeaderRequired: options.metadataHeaderRequired,

@@ -139,8 +139,11 @@ export function checkTokenRequest(
   return checkTokenHeaders(method, headers, policy) ?? checkTokenQuery(query);
 }
 
-/** The request headers checks 1-3 read; no other header decides an answer nmi writes itself. */
-const CHECKED_HEADERS: ReadonlySet<string> = new Set(['metadata', 'x-forwarded-for', 'forwarded', 'via']);
+/**
+ * The request headers checks 1-3 read, and the two that say whether a body follows (refused on the token
+ * path and on GETs before it is read); no other header decides an answer nmi writes itself.
+ */
+const CHECKED_HEADERS: ReadonlySet<string> = new Set(['metadata', 'x-forwarded-for', 'forwarded', 'via', 'content-length', 'transfer-encoding']);
 const CHECKED_LENGTHS: ReadonlySet<number> = new Set([...CHECKED_HEADERS].map((name) => name.length));
 
 /**

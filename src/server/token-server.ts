@@ -4,8 +4,8 @@
 import { Worker } from 'node:worker_threads';
 import { identityKey } from '../bindings/model.js';
 import { answerWhole, createRequestCore, errorSummary, type TokenServerDeps } from './core.js';
-import type { FromWorker, ToWorker, WorkerBounds, WorkerSetup } from './js-worker.js';
-import { limits } from './limits.js';
+import type { FromWorker, ToWorker, WorkerSetup } from './js-worker.js';
+import { limits, serverBounds, type ServerBounds } from './limits.js';
 import { createImdsProxy } from './proxy.js';
 import { packRoutes, tellingServed, type TableFedServer, type TokenServedListener } from './tables.js';
 
@@ -19,7 +19,7 @@ export interface TokenServer extends TableFedServer {
 }
 
 /** peerMapFd: --rules ebpf's peers map, so the worker can attest connections as it accepts them; bounds: tests shorten limits.ts's. */
-export function createTokenServer(deps: TokenServerDeps, given: { peerMapFd?: number; bounds?: Partial<WorkerBounds> } = {}): TokenServer {
+export function createTokenServer(deps: TokenServerDeps, given: { peerMapFd?: number; bounds?: Partial<ServerBounds> } = {}): TokenServer {
   const { options, log } = deps;
   const listeners: TokenServedListener[] = [];
   const core = createRequestCore(tellingServed(deps, listeners));
@@ -29,15 +29,7 @@ export function createTokenServer(deps: TokenServerDeps, given: { peerMapFd?: nu
     several: options.multipleIdentities,
     peerMapFd: given.peerMapFd,
     counts: deps.metrics?.segment().buffer,
-    bounds: {
-      maxConnections: limits.maxConnections,
-      maxConnectionsPerSource: options.maxConnectionsPerSource ?? limits.maxConnectionsPerSource,
-      maxHandedRequests: limits.maxHandedRequests,
-      maxHandedBytes: limits.maxHandedBytes,
-      maxHandedBytesPerConnection: limits.maxHandedBytesPerConnection,
-      writeTimeoutMs: limits.writeTimeoutMs,
-      ...given.bounds,
-    },
+    bounds: { ...serverBounds(options.maxConnectionsPerSource), ...given.bounds },
   };
   const worker = new Worker(new URL('./js-worker.js', import.meta.url), { workerData: setup });
   const send = (message: ToWorker) => worker.postMessage(message);

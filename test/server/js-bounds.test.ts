@@ -10,7 +10,7 @@ import net from 'node:net';
 import { once } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { problems } from '../../src/server/answers.js';
-import type { WorkerBounds } from '../../src/server/js-worker.js';
+import type { ServerBounds } from '../../src/server/limits.js';
 import { limits } from '../../src/server/limits.js';
 import type { Token } from '../../src/tokens/token.js';
 import { createTokenServer, type TokenServer } from '../../src/server/token-server.js';
@@ -30,7 +30,7 @@ after(async () => {
 });
 
 /** A server of its own, in a new world, with the bounds given. */
-async function start(bounds: Partial<WorkerBounds> = {}): Promise<number> {
+async function start(bounds: Partial<ServerBounds> = {}): Promise<number> {
   world = newWorld();
   upstream.received = [];
   const server = createTokenServer(worldDeps(() => world, upstream.url), { bounds });
