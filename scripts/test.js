@@ -1,5 +1,7 @@
 #!/usr/bin/env node
-// `npm test`: builds, then runs every test file with node's test runner. The
+// `npm test`: builds, then runs every test file with node's test runner, on the
+// runtime nmi ships (scripts/runtime.sh), not whichever node started this script, so
+// the tests that spawn nmi (process.execPath) run it as the package does. The
 // namespace tests need root; each makes its own namespaces, so files run in
 // parallel. Leftover namespaces of a crashed run are removed at the end.
 import { execFileSync, spawnSync } from 'node:child_process';
@@ -22,16 +24,16 @@ function files(dir) {
   });
 }
 
+const runtime = path.join(execFileSync('bash', [path.join(root, 'scripts', 'runtime.sh')], { encoding: 'utf8' }).trim(), 'bin', 'node');
 const filter = process.argv.slice(2);
 const all = files(path.join(root, 'dist', 'test')).filter((f) => filter.length === 0 || filter.some((x) => f.includes(x)));
 // NMI_TEST_RUN: the files of this run share one Debian package (test/harness/runtime.ts), removed at the end.
-const result = spawnSync(process.execPath, ['--test', '--test-concurrency=4', '--test-timeout=300000', ...all], {
+const result = spawnSync(runtime, ['--test', '--test-concurrency=4', '--test-timeout=300000', ...all], {
   stdio: 'inherit',
   cwd: root,
   env: { ...process.env, NMI_TEST_RUN: String(process.pid) },
 });
 rmSync(`/tmp/nmi-pkg-${process.pid}`, { recursive: true, force: true });
-rmSync(`/tmp/nmi-pkg-${process.pid}.lock`, { force: true });
 
 // Only namespaces of test processes that are gone: another run may be going on.
 const alive = (pid) => { try { process.kill(pid, 0); return true; } catch { return false; } };

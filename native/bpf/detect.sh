@@ -7,6 +7,6 @@
 [ "${NMI_BUILD_BPF:-1}" = 0 ] && { echo 0; exit 0; }
 command -v clang >/dev/null 2>&1 || { echo 0; exit 0; }
 [ -f /usr/include/bpf/libbpf.h ] || { echo 0; exit 0; }
-multiarch=$(gcc -print-multiarch 2>/dev/null)
+multiarch=$(${CC:-gcc} -print-multiarch 2>/dev/null)
 [ -e "/usr/lib/$multiarch/libbpf.so" ] || [ -e /usr/lib/libbpf.so ] || { echo 0; exit 0; }
 echo 1

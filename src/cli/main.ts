@@ -1,5 +1,6 @@
 // `nmi <command> [flags]`: parses, dispatches, and turns errors into exit codes
 // (0 clean stop, 1 runtime failure, 2 bad usage or config).
+import { readFileSync } from 'node:fs';
 import { isNmiError, codes, UsageError } from '../errors/errors.js';
 import { parseFlags, usage, type FlagSpecs } from '../config/flags.js';
 import { runFlags, cleanupFlags, statusFlags, explainFlags, demoFlags, type RunConfig } from '../config/commands.js';
@@ -52,14 +53,25 @@ const topUsage = [
   'Commands:',
   ...Object.entries(commands).map(([name, c]) => `  ${name.padEnd(8)} ${c.summary}`),
   '',
-  "Run 'nmi <command> --help' for a command's flags.",
+  "Run 'nmi <command> --help' for a command's flags; 'nmi --version' for the versions of nmi and its runtime.",
 ].join('\n');
+
+/** nmi's version and the runtime under it: what a bug report or a scanner's finding needs. */
+function versionLine(): string {
+  // dist/src/cli/main.js, beside package.json in the checkout and in the package's /usr/lib/nmi.
+  const { version } = JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version: string };
+  return `nmi ${version} (Node.js ${process.version}, ${process.platform}-${process.arch}, N-API ${process.versions.napi})`;
+}
 
 export async function main(argv: readonly string[]): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
     process.stdout.write(`${topUsage}\n`);
     return name === undefined ? 2 : 0;
+  }
+  if (name === '--version') {
+    process.stdout.write(`${versionLine()}\n`);
+    return 0;
   }
   const command = commands[name];
   if (!command) {
