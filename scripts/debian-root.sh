@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Prints the path of a Debian 12 root file system for the tests under real
-# systemd (systemd-nspawn --boot) and podman (imported as the image's base),
+# `debian-root.sh [arm64]` prints the path of a Debian 12 root file system for
+# the tests under real systemd (systemd-nspawn --boot) and podman (imported as
+# the image's base), or, with arm64, the same for arm64, for the arm64 package's
+# tests under qemu (binfmt_misc runs debootstrap's second stage, ~2 min here),
 # building it with debootstrap the first time. Slow (minutes) and the same every
 # run, so it is cached under /var/cache/nmi-test, keyed by what goes into it;
 # a flock makes parallel test files wait for one build instead of racing.
@@ -11,8 +13,13 @@
 set -euo pipefail
 if [ "$(id -u)" -ne 0 ]; then echo "debian-root: run as root" >&2; exit 2; fi
 suite=bookworm
-include=systemd,systemd-sysv,dbus,iptables,nftables,conntrack,iproute2,kmod,procps,libelf1
-key=$(printf '%s %s %s' "$suite" "$include" "$(dpkg --print-architecture)" | sha256sum | cut -c1-12)
+include=systemd,systemd-sysv,dbus,iptables,nftables,conntrack,iproute2,kmod,procps,libelf1,libatomic1
+arch=${1:-$(dpkg --print-architecture)}
+case $arch in
+  "$(dpkg --print-architecture)" | arm64) ;;
+  *) echo "debian-root: the host's architecture or arm64, not $arch" >&2; exit 2 ;;
+esac
+key=$(printf '%s %s %s' "$suite" "$include" "$arch" | sha256sum | cut -c1-12)
 cache=${NMI_TEST_CACHE:-/var/cache/nmi-test}
 root="$cache/debian-$suite-$key"
 mkdir -p "$cache"
@@ -26,7 +33,7 @@ if [ ! -e "$root/.complete" ]; then
   # A mirror's answer is sometimes lost ("Failed getting release file"): three tries.
   for try in 1 2 3; do
     rm -rf "$root.tmp" "$root"
-    debootstrap --variant=minbase --include="$include" "$suite" "$root.tmp" "$mirror" >"$cache/debootstrap.log" 2>&1 && break
+    debootstrap --arch="$arch" --variant=minbase --include="$include" "$suite" "$root.tmp" "$mirror" >"$cache/debootstrap.log" 2>&1 && break
     echo "debian-root: debootstrap failed (try $try of 3), see $cache/debootstrap.log" >&2
     tail -n 3 "$cache/debootstrap.log" >&2
     [ "$try" -lt 3 ] || exit 1

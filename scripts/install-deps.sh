@@ -8,7 +8,10 @@
 # systemd-nspawn), podman with runc (crun refuses hybrid cgroup hosts);
 # kubernetes-client (kubectl 1.20, the oldest kustomize deploy/ is written for)
 # to render deploy/'s kustomizations; promtool for the alert rules
-# (test/metrics/monitoring.test.ts).
+# (test/metrics/monitoring.test.ts); libatomic1, which the shipped runtime links
+# (scripts/runtime.sh). For the arm64 package (npm run package -- --arch arm64)
+# and its test under emulation: Debian's cross compiler, the arm64 libraries the
+# addon and the runtime link (multiarch), and qemu-user-static with binfmt_misc.
 set -euo pipefail
 if [ "$(id -u)" -ne 0 ]; then echo "install-deps: run as root" >&2; exit 2; fi
 export DEBIAN_FRONTEND=noninteractive
@@ -16,11 +19,18 @@ export DEBIAN_FRONTEND=noninteractive
 # /usr/bin/kubectl, and kubernetes-client would fail to install beside it.
 kubectl=kubernetes-client
 if command -v kubectl >/dev/null; then kubectl=; fi
+dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
 apt-get update -q
 apt-get install -y -q --no-install-recommends \
   iptables nftables libnftables1 conntrack iproute2 openssl ca-certificates \
-  procps wrk systemd clang libclang-rt-14-dev libbpf-dev bpftool \
-  dpkg-dev debootstrap systemd-container podman runc $kubectl
+  procps wrk systemd clang libclang-rt-14-dev libbpf-dev bpftool libatomic1 \
+  dpkg-dev debootstrap systemd-container podman runc $kubectl \
+  g++-aarch64-linux-gnu libbpf-dev:arm64 libelf-dev:arm64 libstdc++6:arm64 libatomic1:arm64 \
+  qemu-user-static binfmt-support
+# arm64 programs run under qemu through binfmt_misc (the package's F flag: the
+# interpreter is opened now, so it works inside a chroot too).
+mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
 # promtool alone, out of Debian's prometheus package: installing the package would
 # also start a Prometheus server. Kept where the tests look for it.
 cache=${NMI_TEST_CACHE:-/var/cache/nmi-test}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# `npm run package`: builds dist/nmi_<version>_<arch>.deb, which installs on a
-# Debian 12 or Ubuntu 22.04 node with no Node.js, compiler or network:
-#   /usr/lib/nmi/bin/node      the Node.js runtime this was built with
+# `npm run package [-- --arch x64|arm64] [out]`: builds dist/nmi_<version>_<arch>.deb
+# (amd64 or arm64; the host's architecture by default, the other cross-built), which
+# installs on a Debian 12 or Ubuntu 22.04 node with no Node.js, compiler or network:
+#   /usr/lib/nmi/bin/node      the Node.js runtime package-lock.json pins (runtime.sh)
 #   /usr/lib/nmi/...           nmi's JavaScript, production node_modules, the addon
 #                              and its eBPF object, and libbpf.so.1 beside the addon
 #                              (Ubuntu 22.04 ships only libbpf0; the addon's RUNPATH
@@ -12,15 +13,32 @@
 # dpkg-deb builds the archive. Needs `npm ci` to have run (addon and dist built).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-dist}
-node=$(command -v node)
+usage="usage: npm run package -- [--arch x64|arm64] [output folder, default dist]"
+arch=$(uname -m) out=dist
+while [ $# -gt 0 ]; do
+  case $1 in
+    --arch) [ $# -ge 2 ] || { echo "package: --arch needs a value; $usage" >&2; exit 2; }; arch=$2; shift 2 ;;
+    --arch=*) arch=${1#--arch=}; shift ;;
+    -*) echo "package: unknown flag $1; $usage" >&2; exit 2 ;;
+    *) out=$1; shift ;;
+  esac
+done
+case $arch in
+  x64 | x86_64 | amd64) arch=x64 debarch=amd64 triplet=x86_64-linux-gnu ;;
+  arm64 | aarch64) arch=arm64 debarch=arm64 triplet=aarch64-linux-gnu ;;
+  *) echo "package: --arch is x64 or arm64, not $arch" >&2; exit 2 ;;
+esac
 version=$(node -p 'require("./package.json").version')
-arch=$(dpkg --print-architecture)
 for f in build/Release/nmi.node dist/src/cli/main.js; do
   [ -f "$f" ] || { echo "package: $f is missing; run npm ci first" >&2; exit 1; }
 done
-node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 18) ? 0 : 1)' \
-  || { echo "package: node $(node -v) is older than package.json's engines (>= 20.18.1)" >&2; exit 1; }
+# The runtime the lockfile pins for that architecture (its version goes to the build log).
+runtime=$(bash scripts/runtime.sh "$arch")
+if [ "$arch" = "$("$(bash scripts/runtime.sh 2>/dev/null)/bin/node" -p process.arch)" ]; then
+  addon=build/Release strip=strip
+else
+  addon=$(bash scripts/build-addon.sh "$arch") strip=$triplet-strip
+fi
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -29,26 +47,27 @@ lib=$stage/usr/lib/nmi
 mkdir -p "$lib/bin" "$lib/build/Release" "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/etc/default" \
   "$stage/usr/share/doc/nmi" "$stage/DEBIAN"
 
-# The runtime, without its debug information (99 MB -> 86 MB); dynamic symbols stay for addons.
-strip --strip-unneeded -o "$lib/bin/node" "$node"
+# The runtime, without its debug information; dynamic symbols stay for addons.
+"$strip" --strip-unneeded -o "$lib/bin/node" "$runtime/bin/node"
 sed '1s|^#!.*|#!/usr/lib/nmi/bin/node|' bin/nmi.js >"$lib/bin/nmi.js"
 chmod 0755 "$lib/bin/nmi.js"
 ln -s ../lib/nmi/bin/nmi.js "$stage/usr/bin/nmi"
 cp package.json package-lock.json "$lib/"
 mkdir -p "$lib/dist" && cp -r dist/src "$lib/dist/src"
-install -m 0644 build/Release/nmi.node "$lib/build/Release/"
-if [ -f build/Release/nmi.bpf.o ]; then
-  install -m 0644 build/Release/nmi.bpf.o "$lib/build/Release/"
-  libbpf=$(ldd build/Release/nmi.node | awk '$1 == "libbpf.so.1" { print $3 }')
-  [ -n "$libbpf" ] || { echo "package: the addon was built with eBPF but links no libbpf.so.1" >&2; exit 1; }
+install -m 0644 "$addon/nmi.node" "$lib/build/Release/"
+dynamic="$(readelf -d "$addon/nmi.node")"
+if grep -q 'NEEDED.*\[libbpf\.so\.1\]' <<<"$dynamic"; then
+  install -m 0644 "$addon/nmi.bpf.o" "$lib/build/Release/"
   # Captured, not piped into grep -q, whose early exit pipefail reads as failure.
-  dynamic="$(readelf -d build/Release/nmi.node)"
   grep -q 'RUNPATH.*\$ORIGIN' <<<"$dynamic" \
     || { echo "package: the addon's RUNPATH is not \$ORIGIN; rebuild it (npm ci)" >&2; exit 1; }
+  libbpf=/usr/lib/$triplet/libbpf.so.1
+  [ -e "$libbpf" ] || { echo "package: the addon links libbpf.so.1, and $libbpf is missing (libbpf-dev:$debarch)" >&2; exit 1; }
   install -m 0644 "$(readlink -f "$libbpf")" "$lib/build/Release/libbpf.so.1"
 fi
-# Production dependencies, from npm's cache where `npm ci` just put them.
-(cd "$lib" && npm ci --omit=dev --ignore-scripts --prefer-offline --no-audit --no-fund --loglevel=error >/dev/null)
+# Production dependencies, from npm's cache where `npm ci` just put them; not the
+# runtimes (optional dependencies: the one this package needs is bin/node).
+(cd "$lib" && npm ci --omit=dev --omit=optional --ignore-scripts --prefer-offline --no-audit --no-fund --loglevel=error >/dev/null)
 rm -f "$lib/package-lock.json"
 
 install -m 0644 systemd/nmi.service "$stage/lib/systemd/system/nmi.service"
@@ -72,14 +91,14 @@ mkdir -p "$work/src/debian"
 printf 'Source: nmi\n\nPackage: nmi\nArchitecture: any\n' >"$work/src/debian/control"
 elves=("$lib/bin/node" "$lib/build/Release/nmi.node")
 [ -f "$lib/build/Release/libbpf.so.1" ] && elves+=("$lib/build/Release/libbpf.so.1")
-depends=$(cd "$work/src" && dpkg-shlibdeps -O -xlibbpf1 -l"$lib/build/Release" "${elves[@]}" 2>"$work/shlibdeps.err" | sed -n 's/^shlibs:Depends=//p') \
+depends=$(cd "$work/src" && DEB_HOST_ARCH=$debarch dpkg-shlibdeps -O -xlibbpf1 -l"$lib/build/Release" "${elves[@]}" 2>"$work/shlibdeps.err" | sed -n 's/^shlibs:Depends=//p') \
   || { cat "$work/shlibdeps.err" >&2; exit 1; }
 [ -n "$depends" ] || { echo "package: dpkg-shlibdeps found no dependencies" >&2; cat "$work/shlibdeps.err" >&2; exit 1; }
 
 cat >"$stage/DEBIAN/control" <<CONTROL
 Package: nmi
 Version: $version
-Architecture: $arch
+Architecture: $debarch
 Maintainer: nmi developers <nmi@localhost>
 Section: net
 Priority: optional
@@ -95,6 +114,6 @@ Description: Azure IMDS managed-identity proxy for Kubernetes pods
 CONTROL
 
 mkdir -p "$out"
-deb="$out/nmi_${version}_${arch}.deb"
+deb="$out/nmi_${version}_${debarch}.deb"
 dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb" >/dev/null
 echo "$deb"

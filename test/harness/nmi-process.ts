@@ -60,6 +60,10 @@ export interface StartOptions {
   probe?: string;
   waitReady?: boolean;
   prefix?: string[];
+  /** The runtime and script that are nmi: this checkout's on this test's runtime unless given (the arm64 package's under qemu). */
+  command?: readonly [string, string];
+  /** How long it may take to get ready (an emulated runtime is slow). */
+  readyTimeoutMs?: number;
   /** Listening sockets handed over as systemd does (fds from 3, LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), by name. */
   listenFds?: { name: string; fd: number }[];
 }
@@ -69,7 +73,7 @@ export async function startNmi(args: string[], options: StartOptions = {}): Prom
   const fds = options.listenFds ?? [];
   // LISTEN_PID must be nmi's own pid: the shell exports its $$, then becomes nmi with exec.
   const handOver = fds.length > 0 ? ['sh', '-c', 'export LISTEN_PID=$$; exec "$@"', 'sh'] : [];
-  const [file, ...rest] = [...handOver, ...(options.prefix ?? []), process.execPath, nmiBin, 'run', '--probe-address', probe, ...args] as [string, ...string[]];
+  const [file, ...rest] = [...handOver, ...(options.prefix ?? []), ...(options.command ?? [process.execPath, nmiBin]), 'run', '--probe-address', probe, ...args] as [string, ...string[]];
   const env = options.env ?? process.env;
   const child = spawn(file, rest, {
     env: fds.length > 0 ? { ...env, LISTEN_FDS: String(fds.length), LISTEN_FDNAMES: fds.map((f) => f.name).join(':') } : env,
@@ -112,7 +116,7 @@ export async function startNmi(args: string[], options: StartOptions = {}): Prom
       // Its own 200: during a handoff the probe address answers for whichever nmi holds it.
       const res = await get('/readyz');
       return res?.status === 200 && res.pid === child.pid ? true : undefined;
-    });
+    }, options.readyTimeoutMs);
   }
   return proc;
 }

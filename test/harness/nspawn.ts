@@ -59,12 +59,12 @@ function bindArgs(binds: Bind[]): string[] {
   return binds.map((b) => `--bind-ro=${b.host}:${b.at}`);
 }
 
-/** A fresh overlay of the cached root; `prepare` writes into it (install the package, configure) before the boot. */
-export function overlayRoot(): { root: string; remove(): void } {
+/** A fresh overlay of the cached root (of `arch`, the host's by default); `prepare` writes into it (install the package, configure) before the boot. */
+export function overlayRoot(arch?: string): { root: string; remove(): void } {
   const dir = mkdtempSync('/var/tmp/nmi-nspawn-');
   for (const sub of ['upper', 'work', 'root']) mkdirSync(path.join(dir, sub));
   const root = path.join(dir, 'root');
-  execFileSync('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${debianRoot()},upperdir=${dir}/upper,workdir=${dir}/work`, root]);
+  execFileSync('mount', ['-t', 'overlay', 'overlay', '-o', `lowerdir=${debianRoot(arch)},upperdir=${dir}/upper,workdir=${dir}/work`, root]);
   return {
     root,
     remove() {

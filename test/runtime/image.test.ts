@@ -35,6 +35,7 @@ const noConntrackBase = `localhost/nmi-test-${process.pid}-noconntrack:latest`;
 /** What a build on that base would have tagged, had it not been refused. */
 const refused = `localhost/nmi-test-${process.pid}-refused:latest`;
 const rebuilt = `localhost/nmi-test-${process.pid}-rebuilt:latest`;
+const arm64 = `localhost/nmi-test-${process.pid}-arm64:latest`;
 const MGMT = 'https://management.azure.com/';
 const QUERY = `${TOKEN_URL}?api-version=2018-02-01&resource=${encodeURIComponent(MGMT)}`;
 const ID = { client: '11111111-1111-1111-1111-111111111111', res: '/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/a' };
@@ -167,7 +168,7 @@ before(async () => {
 after(async () => {
   for (const name of containers) podmanQuiet(['rm', '--force', '--time', '0', name]);
   // The base stays: like the Debian root it is made from, it is a cache shared by runs (deploy/base-image.sh).
-  for (const tag of [image, rebuilt, noConntrackBase, refused]) podmanQuiet(['rmi', '--force', tag]);
+  for (const tag of [image, rebuilt, noConntrackBase, refused, arm64]) podmanQuiet(['rmi', '--force', tag]);
   await agent?.close();
   await cluster?.close();
   rmSync(scratch, { recursive: true, force: true });
@@ -193,6 +194,15 @@ test('a new package of the same name builds a new image, not the cached install 
   execFileSync('dpkg-deb', ['--root-owner-group', '-Znone', '--build', path.join(dir, 'root'), path.join(context, path.basename(deb))], { stdio: 'ignore' });
   build(base, rebuilt, context);
   assert.match(podman(['run', '--rm', '--network', 'none', ...ulimits(), '--entrypoint', 'ls', rebuilt, '/usr/lib/nmi']), /^REBUILT$/m);
+});
+
+test('the arm64 image builds the same way, from the arm64 package on an arm64 base (its steps under qemu), and runs its runtime', () => {
+  const deb64 = nmiPackage('arm64');
+  const base64 = execFileSync('bash', [path.join(projectRoot, 'deploy', 'base-image.sh'), '--arch', 'arm64'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], timeout: 900_000 }).trim();
+  build(base64, arm64, path.dirname(deb64), ['--platform', 'linux/arm64']);
+  assert.equal(podman(['image', 'inspect', '--format', '{{.Architecture}}', arm64]).trim(), 'arm64');
+  const line = podman(['run', '--rm', '--network', 'none', '--platform', 'linux/arm64', ...ulimits(), '--entrypoint', 'nmi', arm64, '--version']);
+  assert.match(line, /^nmi \S+ \(Node\.js v\d+\.\d+\.\d+, linux-arm64, N-API \d+\)\n$/);
 });
 
 test('a base without conntrack: the build stops with one line naming what is missing', () => {
