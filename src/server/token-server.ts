@@ -62,7 +62,7 @@ export function createTokenServer(deps: TokenServerDeps, given: { peerMapFd?: nu
   // A server without its HTTP thread answers nobody: fail as a crash does, leaving the rules (pods fail closed).
   worker.on('error', (err) => {
     log.error({ err: errorSummary(err) }, 'the js server thread failed');
-    if (listening) listening.reject(err);
+    if (listening) listening.reject(err instanceof Error ? err : new Error(String(err)));
     else throw err;
   });
 

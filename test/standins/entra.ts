@@ -25,7 +25,7 @@
 //   entra.throttled() sums the 429s answered.
 //   createRsaCertificate(pki, cn, password?) makes an RSA client certificate (msal signs with RSA only).
 //   await entra.close()
-import { constants, createHash, createPublicKey, randomUUID, verify, X509Certificate, type JsonWebKey } from 'node:crypto';
+import { constants, createHash, createPublicKey, randomUUID, verify, X509Certificate } from 'node:crypto';
 import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
 import { readFileSync } from 'node:fs';
@@ -100,6 +100,8 @@ const assertionSkewSec = 60;
 const credentialHint = 'your federated identity credential Subject, Audience and Issuer against the presented assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation';
 
 type Refusal = { status: number; body: unknown };
+/** An issuer's signing key as its JWKS document lists it (WebCrypto's JsonWebKey has no kid). */
+type Jwk = JsonWebKey & { kid?: string };
 
 export async function startEntra(options: EntraOptions = {}): Promise<EntraStandin> {
   const pki = options.pki ?? createPki('entra');
@@ -115,7 +117,7 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
   const throttles = new Map<string, Throttle>();
   const federated = new Map<string, FederatedCredential[]>();
   // Per issuer, its JWKS keys: Entra ID caches them too, and fetches again for a kid it does not know.
-  const issuerKeys = new Map<string, JsonWebKey[]>();
+  const issuerKeys = new Map<string, Jwk[]>();
   let issuerFetches = 0;
   const issuerAgent = new Agent({ ca: options.issuerCaPem ?? pki.caPem, keepAlive: false });
 
@@ -259,14 +261,14 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
   }
 
   /** The issuer's keys from its discovery document's jwks_uri, or undefined when either cannot be had. */
-  async function fetchIssuerKeys(iss: string): Promise<JsonWebKey[] | undefined> {
+  async function fetchIssuerKeys(iss: string): Promise<Jwk[] | undefined> {
     try {
       const configuration = await getJson(`${iss.replace(/\/$/, '')}/.well-known/openid-configuration`);
       // OpenID Connect Discovery 1.0 §4.3: the document must name the issuer it was fetched for.
       if (configuration.issuer !== iss || typeof configuration.jwks_uri !== 'string') return undefined;
       const jwks = await getJson(configuration.jwks_uri);
       if (!Array.isArray(jwks.keys)) return undefined;
-      const keys = jwks.keys as JsonWebKey[];
+      const keys = jwks.keys as Jwk[];
       issuerKeys.set(iss, keys);
       return keys;
     } catch {

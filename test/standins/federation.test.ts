@@ -3,7 +3,7 @@
 // issuer's discovery document and JWKS anonymously and trades the token for its own.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { createHash, createPublicKey, generateKeyPairSync, sign, verify, type JsonWebKey } from 'node:crypto';
+import { createHash, createPublicKey, generateKeyPairSync, sign, verify } from 'node:crypto';
 import { request } from 'node:https';
 import { ConfidentialClientApplication, ServerError } from '@azure/msal-node';
 import { NetworkClient } from '../../src/tokens/network-client.js';
