@@ -12,6 +12,13 @@
 //   --no-memory-reducer      no full GC when the heap goes quiet after start: that ~20 ms
 //                            pause (with its helper threads) stalled the native server
 //                            thread on a shared core (p99 1.1-2.0 ms -> 0.5-0.95 ms in `bench`).
+//   --no-maglev --no-opt     only the interpreter and Sparkplug: on Node.js 26 the daemon
+//                            with a full cache was 85-90 MiB against Node.js 20's 69 MiB, the
+//                            most of it optimized code and the binary's pages that compile it;
+//                            without Maglev 80-83 MiB, without TurboFan too 76-78 MiB, and a
+//                            miss (all JavaScript) costs no more CPU (`bench --runtimes`).
+// The first four were measured on Node.js 20 and again on 26, where they now save
+// little (each within 1 MiB of the rest's run-to-run spread) but cost nothing either.
 // js: every request runs in JavaScript (hits in its worker thread), where the
 // first two cost 10-15% of the rate (`bench --servers js,node`, before the worker:
 // 0.75 -> 0.79-0.82 × node:http), so it keeps V8's speed defaults and only the two
@@ -20,7 +27,7 @@ import { addon } from '../native/addon.js';
 import { listenFds } from '../systemd/listen-fds.js';
 
 export const NODE_FLAGS = {
-  native: ['--max-semi-space-size=1', '--optimize-for-size', '--v8-pool-size=2', '--no-memory-reducer'],
+  native: ['--max-semi-space-size=1', '--optimize-for-size', '--v8-pool-size=2', '--no-memory-reducer', '--no-maglev', '--no-opt'],
   js: ['--v8-pool-size=2', '--no-memory-reducer'],
 } as const satisfies Record<string, readonly string[]>;
 
