@@ -18,13 +18,16 @@ libasan="$(gcc -print-file-name=libasan.so)"
 [ -f "$libasan" ] || { echo "asan-test: gcc's libasan.so not found (Debian: libasan8 with gcc)" >&2; exit 2; }
 
 (cd "$root" && npx tsc -p .)
+# The runtime nmi ships (runtime.sh): its headers for the build, and it runs the tests.
+runtime="$(bash "$root/scripts/runtime.sh")"
+export PATH="$runtime/bin:$PATH"
 mkdir -p "$work/nmi" "$work/reports"
 cp -r "$root"/{bin,dist,native,binding.gyp,package.json} "$work/nmi/"
 ln -s "$root/node_modules" "$work/nmi/node_modules"
 
 sanitize="-fsanitize=address,undefined -fno-sanitize=vptr -fno-sanitize-recover=all -fno-omit-frame-pointer -g"
 (cd "$work/nmi" && CXX=g++ CC=gcc CFLAGS="$sanitize" CXXFLAGS="$sanitize" LDFLAGS="-fsanitize=address,undefined" \
-  npx node-gyp rebuild >"$work/build.log" 2>&1) || { cat "$work/build.log" >&2; exit 1; }
+  npx node-gyp rebuild --nodedir="$runtime" >"$work/build.log" 2>&1) || { cat "$work/build.log" >&2; exit 1; }
 # Captured, not piped into grep -q: grep leaving at the first match makes the
 # loader's next write a SIGPIPE, which pipefail turns into a false failure.
 linked="$(ldd "$work/nmi/build/Release/nmi.node")"

@@ -30,14 +30,17 @@ if [ ! -e "$root/.complete" ]; then
   mirror=$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p;T;q' /etc/apt/sources.list.d/debian.sources 2>/dev/null)
   [ -n "$mirror" ] || mirror=$(awk '$1 == "deb" && $3 == "'"$suite"'" { print $2; exit }' /etc/apt/sources.list 2>/dev/null)
   [ -n "$mirror" ] || { echo "debian-root: no Debian mirror in apt's sources" >&2; exit 1; }
-  # A mirror's answer is sometimes lost ("Failed getting release file"): three tries.
-  for try in 1 2 3; do
+  # A mirror sometimes drops answers for minutes ("Failed getting release file"
+  # three times in 40 s, with apt served a minute before and after): five tries,
+  # 15 s to 2 min apart, ~4 min in all.
+  log=$cache/debootstrap-$arch.log
+  for try in 1 2 3 4 5; do
     rm -rf "$root.tmp" "$root"
-    debootstrap --arch="$arch" --variant=minbase --include="$include" "$suite" "$root.tmp" "$mirror" >"$cache/debootstrap.log" 2>&1 && break
-    echo "debian-root: debootstrap failed (try $try of 3), see $cache/debootstrap.log" >&2
-    tail -n 3 "$cache/debootstrap.log" >&2
-    [ "$try" -lt 3 ] || exit 1
-    sleep $((try * 10))
+    debootstrap --arch="$arch" --variant=minbase --include="$include" "$suite" "$root.tmp" "$mirror" >"$log" 2>&1 && break
+    echo "debian-root: debootstrap failed (try $try of 5), see $log" >&2
+    tail -n 3 "$log" >&2
+    [ "$try" -lt 5 ] || exit 1
+    sleep $((15 << (try - 1)))
   done
   # A booted container's getty and resolver have nothing to do here.
   rm -f "$root.tmp/etc/systemd/system/getty.target.wants/"* || true
