@@ -1,17 +1,20 @@
-// nmi's benchmark (issue 4). Two modes:
+// nmi's benchmark (issue 4). Three modes:
 //
 //   node dist/bench/bench.js [--servers native,js,node,c] [--paths loopback,pod,ebpf] [--trials 3] [--duration 8] [--warmup 2] [--connections 64] [--churn] [--cpu-prof DIR]
 //     cache-hit throughput and latency of nmi's servers beside constant servers (servers.ts)
 //   node dist/bench/bench.js --rss [--pods 250] [--identities 200] [--resources 5] [--token-bytes 2000] [--bindings kubernetes|file] [--servers native,js]
 //     resident memory of the whole daemon with a full cache (rss.ts)
+//   node dist/bench/bench.js --runtimes <node>[,<node>...] [--starts 5] [--rss-runs 1] [--trials 3] [the --rss flags] [--duration 8] [--warmup 2] [--connections 64]
+//     the native server's start-up, memory and fast path on each node binary, against the first (runtimes.ts)
 //
 // See bench/README.md. The pod paths need root (network namespaces, iptables, eBPF).
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { interrupt, running, say, type NmiServer } from './common.js';
+import { benchRuntime, interrupt, running, say, type NmiServer } from './common.js';
 import { ebpfPathUnsupported, runInPrivateMounts } from './pod-path.js';
-import { runRss, type RssParams } from './rss.js';
-import { PATHS, runThroughput, SERVERS, type PathName, type ServerName, type ThroughputParams } from './servers.js';
+import { printRss, runRss, type RssParams } from './rss.js';
+import { parseRuntimes, runRuntimes, type RuntimesParams } from './runtimes.js';
+import { PATHS, printThroughput, runThroughput, SERVERS, type PathName, type ServerName, type ThroughputParams } from './servers.js';
 
 const options = {
   rss: { type: 'boolean', default: false },
@@ -28,7 +31,13 @@ const options = {
   resources: { type: 'string', default: '5' },
   'token-bytes': { type: 'string', default: '2000' },
   bindings: { type: 'string', default: 'kubernetes' },
+  runtimes: { type: 'string' },
+  starts: { type: 'string', default: '5' },
+  'rss-runs': { type: 'string', default: '1' },
 } as const;
+
+const parse = (argv: string[]) => parseArgs({ args: argv, options }).values;
+type Values = ReturnType<typeof parse>;
 
 function count(name: string, text: string): number {
   const n = Number(text);
@@ -44,23 +53,49 @@ function list<T extends string>(name: string, text: string, allowed: readonly T[
   return items as T[];
 }
 
-type Mode = { rss: true; params: RssParams } | { rss: false; params: ThroughputParams };
+type Mode = { kind: 'rss'; params: RssParams } | { kind: 'throughput'; params: ThroughputParams } | { kind: 'runtimes'; params: RuntimesParams };
+
+function rssParams(v: Values, servers: NmiServer[]): RssParams {
+  return {
+    pods: count('pods', v.pods),
+    identities: count('identities', v.identities),
+    resources: count('resources', v.resources),
+    tokenBytes: count('token-bytes', v['token-bytes']),
+    bindings: list<'kubernetes' | 'file'>('bindings', v.bindings, ['kubernetes', 'file'])[0]!,
+    servers,
+  };
+}
+
+/** The throughput flags but --servers and --paths. */
+function loadParams(v: Values): Omit<ThroughputParams, 'servers' | 'paths'> {
+  return {
+    connections: count('connections', v.connections),
+    churn: v.churn,
+    durationS: count('duration', v.duration),
+    warmupS: count('warmup', v.warmup),
+    trials: count('trials', v.trials),
+    cpuProfDir: v['cpu-prof'] === undefined ? undefined : path.resolve(v['cpu-prof']),
+  };
+}
 
 function parseMode(argv: string[]): Mode {
-  const { values: v } = parseArgs({ args: argv, options });
-  if (v.rss) {
+  const v = parse(argv);
+  if (v.runtimes !== undefined) {
+    if (v.rss || v.servers !== undefined || v.paths !== undefined) throw new Error('--runtimes: measures the native server (and the C constant, on loopback): without --rss, --servers, --paths');
+    const load = loadParams(v);
     return {
-      rss: true,
+      kind: 'runtimes',
       params: {
-        pods: count('pods', v.pods),
-        identities: count('identities', v.identities),
-        resources: count('resources', v.resources),
-        tokenBytes: count('token-bytes', v['token-bytes']),
-        bindings: list<'kubernetes' | 'file'>('bindings', v.bindings, ['kubernetes', 'file'])[0]!,
-        servers: list<NmiServer>('servers', v.servers ?? 'native,js', ['native', 'js']),
+        runtimes: parseRuntimes(v.runtimes),
+        starts: count('starts', v.starts),
+        rssRuns: count('rss-runs', v['rss-runs']),
+        trials: load.trials,
+        rss: rssParams(v, ['native']),
+        throughput: { ...load, trials: 1, servers: ['native', 'c'], paths: ['loopback'] },
       },
     };
   }
+  if (v.rss) return { kind: 'rss', params: rssParams(v, list<NmiServer>('servers', v.servers ?? 'native,js', ['native', 'js'])) };
   const root = process.getuid?.() === 0;
   const noEbpf = ebpfPathUnsupported();
   const paths = list<PathName>('paths', v.paths ?? (!root ? 'loopback' : noEbpf ? 'loopback,pod' : 'loopback,pod,ebpf'), PATHS);
@@ -73,19 +108,7 @@ function parseMode(argv: string[]): Mode {
   // The constant servers answer what nmi answered first; nmi goes first.
   servers.sort((a, b) => SERVERS.indexOf(a) - SERVERS.indexOf(b));
   if (!servers.includes('native') && !servers.includes('js')) throw new Error('--servers: include native or js (the constant servers answer what nmi answered)');
-  return {
-    rss: false,
-    params: {
-      connections: count('connections', v.connections),
-      churn: v.churn,
-      durationS: count('duration', v.duration),
-      warmupS: count('warmup', v.warmup),
-      trials: count('trials', v.trials),
-      servers,
-      paths,
-      cpuProfDir: v['cpu-prof'] === undefined ? undefined : path.resolve(v['cpu-prof']),
-    },
-  };
+  return { kind: 'throughput', params: { ...loadParams(v), servers, paths } };
 }
 
 /** Runs the mode; Ctrl-C or SIGTERM stops every process it started. */
@@ -99,8 +122,9 @@ async function measure(mode: Mode): Promise<number> {
   };
   process.on('SIGINT', onSignal).on('SIGTERM', onSignal);
   try {
-    if (mode.rss) await runRss(mode.params);
-    else await runThroughput(mode.params);
+    if (mode.kind === 'rss') printRss(mode.params, await runRss(mode.params, benchRuntime));
+    else if (mode.kind === 'throughput') printThroughput(mode.params, await runThroughput(mode.params, benchRuntime));
+    else await runRuntimes(mode.params);
     return 0;
   } catch (err) {
     if (interrupt.signal.aborted) return 130;
@@ -114,7 +138,7 @@ async function main(argv: string[]): Promise<number> {
   try {
     const mode = parseMode(argv);
     // Its pins must not meet another nmi's: with the ebpf path the bench runs again in a mount namespace of its own.
-    const code = !mode.rss && mode.params.paths.includes('ebpf') ? await runInPrivateMounts() : undefined;
+    const code = mode.kind === 'throughput' && mode.params.paths.includes('ebpf') ? await runInPrivateMounts() : undefined;
     return code ?? (await measure(mode));
   } catch (err) {
     process.stderr.write(`nmi bench: ${(err as Error).message}\n`);

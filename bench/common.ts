@@ -2,7 +2,7 @@
 // the nmi daemon under test, its bindings and its memory.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync, readFileSync, readlinkSync, realpathSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
@@ -95,8 +95,8 @@ export function spawnChild(command: string[], pin: boolean): Child {
   return { process: child, output: () => output, stop };
 }
 
-/** Polls `check` until true; fails with the child's output if it exits or time runs out. */
-export async function waitFor(child: Child, what: string, timeoutMs: number, check: () => Promise<boolean> | boolean): Promise<void> {
+/** Polls `check` every `pollMs` until true; fails with the child's output if it exits or time runs out. */
+export async function waitFor(child: Child, what: string, timeoutMs: number, check: () => Promise<boolean> | boolean, pollMs = 50): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     interrupt.signal.throwIfAborted();
@@ -106,7 +106,7 @@ export async function waitFor(child: Child, what: string, timeoutMs: number, che
       await child.stop();
       throw new Error(`${what}: not ready after ${timeoutMs / 1000}s:\n${child.output()}`);
     }
-    await sleep(50);
+    await sleep(pollMs);
   }
 }
 
@@ -125,7 +125,18 @@ function getText(url: string): Promise<{ status: number; text: string }> {
   });
 }
 
+/** A node binary nmi runs on: the path spawned, the executable its process runs (`/proc/<pid>/exe`), `--version`. */
+export interface Runtime {
+  path: string;
+  exe: string;
+  version: string;
+}
+
+/** The node running the bench: what every mode but --runtimes runs nmi on. */
+export const benchRuntime: Runtime = { path: process.execPath, exe: realpathSync(process.execPath), version: process.version };
+
 export interface NmiOptions {
+  runtime: Runtime;
   server: NmiServer;
   nodeIp: string;
   port: number;
@@ -141,6 +152,8 @@ export interface NmiOptions {
 
 export interface Daemon {
   pid: number;
+  /** From the spawn to /readyz's first 200, ±10 ms (the poll). */
+  readyMs: number;
   /** Scrapes /metrics. */
   metrics(): Promise<string>;
   stop(): Promise<void>;
@@ -150,17 +163,27 @@ export interface Daemon {
 export async function startNmi(o: NmiOptions): Promise<Daemon> {
   const probe = `127.0.0.1:${await freePort()}`;
   const profile = o.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [];
+  const spawned = performance.now();
   const child = spawnChild(
-    [process.execPath, ...profile, nmiBin, 'run', '--server', o.server, '--node-ip', o.nodeIp, '--port', String(o.port),
+    [o.runtime.path, ...profile, nmiBin, 'run', '--server', o.server, '--node-ip', o.nodeIp, '--port', String(o.port),
       '--rules', o.rules, '--probe-address', probe, '--bindings', o.bindings, '--kubelet-url', o.kubelet.url,
       '--upstream-imds', o.imds.url, '--log-level', 'warn', ...(o.extraArgs ?? [])],
     o.pin,
   );
   await waitFor(child, `nmi run --server ${o.server}`, 30_000, () =>
     getText(`http://${probe}/readyz`).then((r) => r.status === 200, () => false),
-  );
+  10);
+  const readyMs = performance.now() - spawned;
+  const pid = child.process.pid!;
+  // nmi re-executes itself (src/lifecycle/node-flags.ts) through its execPath: what answers must still be the runtime asked for.
+  const exe = readlinkSync(`/proc/${pid}/exe`);
+  if (exe !== o.runtime.exe) {
+    await child.stop();
+    throw new Error(`nmi run started with ${o.runtime.path} runs ${exe}, not ${o.runtime.exe}`);
+  }
   return {
-    pid: child.process.pid!,
+    pid,
+    readyMs,
     metrics: async () => (await getText(`http://${probe}/metrics`)).text,
     stop: child.stop,
   };
@@ -202,6 +225,11 @@ export function cpuUs(pid: number): number {
     }
   }
   return ns / 1000;
+}
+
+/** The median (for an even count, the upper middle one). */
+export function middle(values: number[]): number | undefined {
+  return [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)];
 }
 
 export function mib(kib: number): string {

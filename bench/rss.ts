@@ -10,6 +10,7 @@ import { startImds, startKubelet, type DemoPod, type Standin } from '../src/demo
 import { startApiServer, type ApiServer } from '../test/standins/apiserver.js';
 import {
   bindingObjects,
+  cpuUs,
   bindingsYaml,
   freePort,
   interrupt,
@@ -23,6 +24,7 @@ import {
   type BenchIdentity,
   type Memory,
   type NmiServer,
+  type Runtime,
 } from './common.js';
 import { parseAnswer, rawGet } from './raw.js';
 
@@ -32,7 +34,7 @@ const CONCURRENCY = 16;
 /** Issue 4's 80 MB, in KiB (80 × 10⁶ bytes: 76.3 MiB). */
 const GOAL_KIB = 80e6 / 1024;
 /** Idle seconds before the last measurement: garbage of the fill gets collected (or not). */
-const SETTLE_S = 10;
+export const SETTLE_S = 10;
 
 function heapUsed(metrics: string): number {
   return Number(/^nmi_nodejs_heap_size_used_bytes (\d+)/m.exec(metrics)?.[1] ?? NaN);
@@ -55,7 +57,7 @@ interface BindingsFlags {
   extraArgs: string[];
 }
 
-interface RssResult {
+export interface RssResult {
   server: NmiServer;
   ready: Memory;
   /** Right after the second pass. */
@@ -69,6 +71,8 @@ interface RssResult {
   secondPassImdsCalls: number;
   /** Native only: second-pass requests answered in C++. */
   secondPassNative?: number;
+  /** The daemon's CPU time per first-pass request (each a miss: JavaScript, msal-node, a call to IMDS): what V8's flags cost the slow path. */
+  missCpuUs: number;
 }
 
 /** The nth address after 127.0.0.1. */
@@ -112,13 +116,16 @@ async function ask(port: number, asks: Ask[]): Promise<void> {
   await Promise.all(Array.from({ length: CONCURRENCY }, worker));
 }
 
-async function measure(params: RssParams, server: NmiServer, setup: { flags: BindingsFlags; kubelet: Standin; imds: Standin; identities: BenchIdentity[] }): Promise<RssResult> {
+async function measure(params: RssParams, server: NmiServer, setup: { runtime: Runtime; flags: BindingsFlags; kubelet: Standin; imds: Standin; identities: BenchIdentity[] }): Promise<RssResult> {
   const port = await freePort();
-  const daemon = await startNmi({ server, nodeIp: '127.0.0.1', port, rules: 'none', pin: false, ...setup.flags, kubelet: setup.kubelet, imds: setup.imds });
+  const daemon = await startNmi({ runtime: setup.runtime, server, nodeIp: '127.0.0.1', port, rules: 'none', pin: false, ...setup.flags, kubelet: setup.kubelet, imds: setup.imds });
   try {
     const ready = memory(daemon.pid);
     const before = setup.imds.calls;
-    await ask(port, pass(params, setup.identities, 0));
+    const cpuBefore = cpuUs(daemon.pid);
+    const first = pass(params, setup.identities, 0);
+    await ask(port, first);
+    const missCpuUs = (cpuUs(daemon.pid) - cpuBefore) / first.length;
     const imdsCalls = setup.imds.calls - before;
     const nativeBefore = nativeCounts(await daemon.metrics()).hit;
     // The same tokens asked for by other pods: all from the cache.
@@ -129,7 +136,7 @@ async function measure(params: RssParams, server: NmiServer, setup: { flags: Bin
     await sleep(SETTLE_S * 1000, undefined, { signal: interrupt.signal });
     const settledMetrics = await daemon.metrics();
     return {
-      server, ready, filled, imdsCalls,
+      server, ready, filled, imdsCalls, missCpuUs,
       settled: memory(daemon.pid),
       tokens: second.length,
       heapUsedBytes: heapUsed(metrics),
@@ -142,7 +149,7 @@ async function measure(params: RssParams, server: NmiServer, setup: { flags: Bin
   }
 }
 
-function printResults(params: RssParams, results: RssResult[]): void {
+export function printRss(params: RssParams, results: RssResult[]): void {
   const widths = [7, 10, 11, 11, 19, 11, 11, 11, 11, 14, 16];
   say('');
   say(row(['server', 'RSS ready', 'RSS filled', `RSS +${SETTLE_S}s`, `file/anon +${SETTLE_S}s`, 'peak (HWM)', 'heap filled', `heap +${SETTLE_S}s`, 'IMDS calls', '2nd-pass IMDS', '2nd-pass in C++'], widths));
@@ -177,7 +184,8 @@ async function serveBindings(params: RssParams, identities: BenchIdentity[], tmp
   return { flags: { bindings: dir, extraArgs: [] } };
 }
 
-export async function runRss(params: RssParams): Promise<void> {
+/** Measures; the caller prints the results (printRss). */
+export async function runRss(params: RssParams, runtime: Runtime): Promise<RssResult[]> {
   if (params.pods > 65_000) throw new Error('--pods: at most 65000 (addresses in 127.0.0.0/8 after 127.0.0.1)');
   const tmp = mkdtempSync(path.join(tmpdir(), 'nmi-bench-'));
   const standins: Standin[] = [];
@@ -198,7 +206,7 @@ export async function runRss(params: RssParams): Promise<void> {
     standins.push(imds);
 
     say('nmi bench --rss: resident memory of the whole daemon with a full cache');
-    say(`  node ${process.version}; ${params.pods} pods (${podAddress(0)} … ${podAddress(params.pods - 1)}), all labelled aadpodidbinding=bench`);
+    say(`  node ${runtime.version}; ${params.pods} pods (${podAddress(0)} … ${podAddress(params.pods - 1)}), all labelled aadpodidbinding=bench`);
     say(`  ${params.identities} AzureIdentities, each with an AzureIdentityBinding to selector bench: every pod may use every identity`);
     say(`  bindings ${params.bindings === 'kubernetes' ? 'watched from a stand-in API server (--bindings kubernetes, HTTPS), as deployed' : 'read from a file (--bindings <folder>)'}`);
     say(`  ${params.resources} resources; access tokens of ${params.tokenBytes} bytes; ${params.identities * params.resources} (identity, resource) tokens`);
@@ -206,9 +214,9 @@ export async function runRss(params: RssParams): Promise<void> {
     say(`  then all again from other pods (cache hits); RSS and JS heap then and ${SETTLE_S}s later. load average ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
     const results: RssResult[] = [];
     for (const server of params.servers) {
-      results.push(await measure(params, server, { flags: served.flags, kubelet, imds, identities }));
+      results.push(await measure(params, server, { runtime, flags: served.flags, kubelet, imds, identities }));
     }
-    printResults(params, results);
+    return results;
   } finally {
     await stopChildren();
     standins.forEach((s) => s.close());

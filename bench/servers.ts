@@ -6,9 +6,10 @@
 // warmed by a short wrk run first; trials interleave (native, js, node, c,
 // native, ...) so drift hits every server alike; the median trial is reported.
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { availableParallelism, loadavg, tmpdir } from 'node:os';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, loadavg, tmpdir } from 'node:os';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { startImds, startKubelet, type DemoPod, type Standin } from '../src/demo/standins.js';
 import {
@@ -18,6 +19,7 @@ import {
   LOAD_CPU,
   cpuUs,
   memory,
+  middle,
   mib,
   nativeCounts,
   row,
@@ -28,6 +30,7 @@ import {
   stopChildren,
   waitFor,
   type NmiServer,
+  type Runtime,
 } from './common.js';
 import type { FixedAnswer } from './constant-server.js';
 import {
@@ -81,7 +84,7 @@ export interface ThroughputParams {
   cpuProfDir?: string;
 }
 
-interface Measured extends WrkResult {
+export interface Measured extends WrkResult {
   path: PathName;
   server: ServerName;
   trial: number;
@@ -141,6 +144,8 @@ class Reference {
 
 interface Setup {
   params: ThroughputParams;
+  /** The node binary the daemons and the node:http constant server run on. */
+  runtime: Runtime;
   bindingsDir: string;
   kubelet: Standin;
   imds: Standin;
@@ -174,7 +179,7 @@ function ask(s: Setup, p: PathName, port: number): Promise<Buffer> {
 async function startDaemon(s: Setup, server: NmiServer, p: PathName): Promise<Started> {
   const port = fromPod(p) ? NMI_PORT : await freePort();
   const daemon = await startNmi({
-    server, port, pin: true, cpuProfDir: s.params.cpuProfDir,
+    runtime: s.runtime, server, port, pin: true, cpuProfDir: s.params.cpuProfDir,
     nodeIp: fromPod(p) ? NODE_IP : '127.0.0.1',
     rules: p === 'pod' ? 'iptables' : p === 'ebpf' ? 'ebpf' : 'none',
     extraArgs: p === 'ebpf' ? ['--cgroup-root', s.cgroups!.tree.root] : [],
@@ -198,7 +203,7 @@ async function startConstant(s: Setup, server: 'node' | 'c', p: PathName): Promi
   const rule = fromPod(p) ? s.rules[p]! : undefined;
   const profile = s.params.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${s.params.cpuProfDir}`] : [];
   const command = server === 'node'
-    ? [process.execPath, ...profile, constantServerJs, s.reference.jsonFile, host, String(port)]
+    ? [s.runtime.path, ...profile, constantServerJs, s.reference.jsonFile, host, String(port)]
     : [s.constantBin, s.reference.rawFile, host, String(port), ...(s.params.churn ? ['close'] : [])];
   await rule?.install();
   const child = spawnChild(command, true);
@@ -218,6 +223,23 @@ async function startConstant(s: Setup, server: 'node' | 'c', p: PathName): Promi
   }
 }
 
+/**
+ * Waits (up to 2 s) until no connection to `port` is left open on the server's side (ESTABLISHED or
+ * CLOSE_WAIT in /proc/net/tcp). nmi counts a connection toward its cap of 64 per caller until it has
+ * read the FIN: wrk's 64 new connections met a 429 while a slowed server still held the last run's.
+ */
+async function drained(port: number): Promise<void> {
+  const local = `:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  for (let i = 0; i < 200; i++) {
+    const open = readFileSync('/proc/net/tcp', 'utf8').split('\n').some((line) => {
+      const [, address, , state] = line.trim().split(/\s+/);
+      return address?.endsWith(local) && (state === '01' || state === '08');
+    });
+    if (!open) return;
+    await sleep(10);
+  }
+}
+
 async function trial(s: Setup, server: ServerName, p: PathName, n: number): Promise<Measured> {
   interrupt.signal.throwIfAborted();
   const started = server === 'native' || server === 'js' ? await startDaemon(s, server, p) : await startConstant(s, server, p);
@@ -228,7 +250,9 @@ async function trial(s: Setup, server: ServerName, p: PathName, n: number): Prom
       connections: s.params.connections,
       churn: s.params.churn,
     };
+    await drained(started.port);
     await wrk({ ...load, seconds: s.params.warmupS });
+    await drained(started.port);
     const cpuBefore = cpuUs(started.pid);
     const result = await wrk({ ...load, seconds: s.params.durationS });
     const cpuUsPerRequest = (cpuUs(started.pid) - cpuBefore) / Math.max(1, result.requests);
@@ -244,13 +268,12 @@ async function trial(s: Setup, server: ServerName, p: PathName, n: number): Prom
 }
 
 /** The median of one figure over all trials of a server on a path (for an even count, the upper middle one). */
-function medianOf(all: Measured[], p: PathName, server: ServerName, figure: 'cpuUsPerRequest' | 'p99Ms'): number | undefined {
-  const sorted = all.filter((x) => x.path === p && x.server === server).map((x) => x[figure]).sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)];
+export function medianOf(all: Measured[], p: PathName, server: ServerName, figure: 'cpuUsPerRequest' | 'p99Ms'): number | undefined {
+  return middle(all.filter((x) => x.path === p && x.server === server).map((x) => x[figure]));
 }
 
 /** The trial with the median rate (for an even count, the upper middle one). */
-function median(results: Measured[]): Measured | undefined {
+export function median(results: Measured[]): Measured | undefined {
   const sorted = [...results].sort((a, b) => a.rps - b.rps);
   return sorted[Math.floor(sorted.length / 2)];
 }
@@ -286,7 +309,13 @@ function goals(rate: (server: ServerName) => number | undefined, p99: (server: S
   return out;
 }
 
-function printResults(all: Measured[], params: ThroughputParams): void {
+export interface ThroughputResult {
+  all: Measured[];
+  imdsCalls: number;
+  daemonStarts: number;
+}
+
+export function printThroughput(params: ThroughputParams, { all, imdsCalls, daemonStarts }: ThroughputResult): void {
   say('');
   say(row(HEADER, WIDTHS));
   for (const m of all) say(line(m));
@@ -342,6 +371,9 @@ function printResults(all: Measured[], params: ThroughputParams): void {
     }
   }
   say(`  ${met} of ${total} met`);
+  say('');
+  say(`IMDS calls: ${imdsCalls} for ${daemonStarts} daemon starts${imdsCalls === daemonStarts ? ': one miss each, every benchmarked request a cache hit' : ': MORE than one per daemon, so some benchmarked requests missed the cache'}`);
+  say(`load average at end ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
 }
 
 function kubeletPods(paths: PathName[], podIp: string | undefined): DemoPod[] {
@@ -358,8 +390,10 @@ function compileConstant(dir: string): string {
   return bin;
 }
 
-export async function runThroughput(params: ThroughputParams): Promise<void> {
-  if (availableParallelism() < 2) throw new Error('needs 2 cores: the server and wrk are pinned to different ones');
+/** Measures, printing each trial; the caller prints the summary (printThroughput). */
+export async function runThroughput(params: ThroughputParams, runtime: Runtime): Promise<ThroughputResult> {
+  // cpus(), not availableParallelism(): after a first run (--runtimes) this process is pinned to one cpu.
+  if (cpus().length < 2) throw new Error('needs 2 cores: the server and wrk are pinned to different ones');
   // The server's core is the server's alone: this process hosts the stand-ins a
   // daemon polls (the kubelet's pod list), and perf sched showed it taking the
   // server's core for milliseconds at a time while unpinned.
@@ -379,7 +413,7 @@ export async function runThroughput(params: ThroughputParams): Promise<void> {
     const imds = await startImds();
     standins.push(imds);
     const s: Setup = {
-      params, bindingsDir, kubelet, imds,
+      params, runtime, bindingsDir, kubelet, imds,
       reference: new Reference(tmp),
       constantBin: params.servers.includes('c') ? compileConstant(tmp) : '',
       rules: {
@@ -390,7 +424,7 @@ export async function runThroughput(params: ThroughputParams): Promise<void> {
     };
 
     say('nmi bench: token requests answered from the cache, beside constant servers answering the same bytes');
-    say(`  node ${process.version}; ${execFileSync('cc', ['--version'], { encoding: 'utf8' }).split('\n')[0]} (-O2)`);
+    say(`  node ${runtime.version}; ${execFileSync('cc', ['--version'], { encoding: 'utf8' }).split('\n')[0]} (-O2)`);
     const mode = params.churn ? "-H 'Connection: close' (a new connection for every request)" : '(keep-alive)';
     say(`  wrk -t1 -c${params.connections} -d${params.durationS}s --latency -H 'Metadata: true' ${mode}, after an unmeasured ${params.warmupS}s run`);
     say(`  servers: ${params.servers.join(', ')}; paths: ${params.paths.join(', ')}; ${params.trials} trials each, interleaved, a fresh process each`);
@@ -416,10 +450,7 @@ export async function runThroughput(params: ThroughputParams): Promise<void> {
         }
       }
     }
-    printResults(all, params);
-    say('');
-    say(`IMDS calls: ${imds.calls} for ${daemons} daemon starts${imds.calls === daemons ? ': one miss each, every benchmarked request a cache hit' : ': MORE than one per daemon, so some benchmarked requests missed the cache'}`);
-    say(`load average at end ${loadavg().map((l) => l.toFixed(2)).join(' ')}`);
+    return { all, imdsCalls: imds.calls, daemonStarts: daemons };
   } finally {
     await stopChildren();
     standins.forEach((x) => x.close());
