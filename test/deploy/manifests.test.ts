@@ -478,7 +478,7 @@ test('Containerfile: the Debian package installed with dpkg on a Debian 12 base,
   const instructions = text.replace(/^#.*\n/gm, '').replace(/\\\n/g, ' ');
   // One stage, on the base deploy/base-image.sh makes (test/runtime/image.test.ts builds and runs it).
   assert.deepEqual([...instructions.matchAll(/^(?:ARG|FROM) (.+)$/gm)].map((m) => m[1]), ['BASE=localhost/nmi-base:bookworm', '${BASE}']);
-  assert.match(readFileSync(path.join(deployDir, 'base-image.sh'), 'utf8'), /^tag=\$\{1:-localhost\/nmi-base:bookworm\}$/m);
+  assert.match(readFileSync(path.join(deployDir, 'base-image.sh'), 'utf8'), /^tag=\$\{1:-localhost\/nmi-base:bookworm\$suffix\}$/m);
   // Offline: no package manager but dpkg, no download; from the context only the package, installed and removed.
   assert.doesNotMatch(instructions, /\b(apt|apt-get|npm (ci|install)|curl|wget)\b|https?:\/\/|^ADD /m);
   assert.deepEqual([...instructions.matchAll(/^COPY (.+)$/gm)].map((m) => m[1]), ['nmi_*.deb /tmp/nmi/']);

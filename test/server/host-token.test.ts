@@ -347,7 +347,8 @@ async function connectAs(uid: number | undefined, target: string): Promise<strin
     socket.on('connect', () => { console.log(visible + ' connected'); socket.destroy(); });
     socket.on('error', (err) => console.log(visible + ' ' + err.code));`;
   const ids = uid === undefined ? {} : { uid, gid: uid };
-  const child = spawn(process.execPath, ['-e', script, target], { ...ids, cwd: '/', stdio: ['ignore', 'pipe', 'inherit'] });
+  // /proc/self/exe (the forked child's: node): nobody may not reach the runtime's path (npm ci's, under a 0700 folder).
+  const child = spawn('/proc/self/exe', ['-e', script, target], { ...ids, cwd: '/', stdio: ['ignore', 'pipe', 'inherit'] });
   let out = '';
   child.stdout.on('data', (chunk: Buffer) => (out += chunk.toString()));
   await once(child, 'close');
