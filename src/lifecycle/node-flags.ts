@@ -17,8 +17,11 @@
 //                            most of it optimized code and the binary's pages that compile it;
 //                            without Maglev 80-83 MiB, without TurboFan too 76-78 MiB, and a
 //                            miss (all JavaScript) costs no more CPU (`bench --runtimes`).
-// The first four were measured on Node.js 20 and again on 26, where they now save
-// little (each within 1 MiB of the rest's run-to-run spread) but cost nothing either.
+// Measured again on 26: taken out one at a time, none of the first four moves the RSS
+// past its run-to-run spread, but the first two stand in for each other (either shrinks
+// the young generation, 16 MiB by default on 26, to 1-2 MiB): without both the daemon was
+// 109 against 87 MiB. The memory reducer's full GC comes ~30 s after start on 26 (~9 s on
+// 20), and a run spanning it doubled the fast path's p99 in the two rounds on a quiet machine.
 // js: every request runs in JavaScript (hits in its worker thread), where the
 // first two cost 10-15% of the rate (`bench --servers js,node`, before the worker:
 // 0.75 -> 0.79-0.82 × node:http), so it keeps V8's speed defaults and only the two
