@@ -10,6 +10,7 @@ import { isIPv6 } from 'node:net';
 import path from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { UsageError } from '../errors/errors.js';
+import { verifyServerName } from '../net/server-name.js';
 
 export interface KubeConfigOptions {
   /** --kubeconfig; without it the in-cluster service account is used. */
@@ -36,7 +37,7 @@ export interface KubeConfig {
 
 /** What one request needs; files are read again on every call (they rotate on disk). */
 export interface KubeCredentials {
-  tls: { ca?: Buffer; cert?: Buffer; key?: Buffer; servername?: string; rejectUnauthorized?: boolean };
+  tls: { ca?: Buffer; cert?: Buffer; key?: Buffer; rejectUnauthorized?: boolean } & Partial<ReturnType<typeof verifyServerName>>;
   headers: Record<string, string>;
 }
 
@@ -141,7 +142,7 @@ export async function kubeCredentials(config: KubeConfig): Promise<KubeCredentia
     read(config.key),
     config.token === undefined && config.tokenFile ? readFile(config.tokenFile, 'utf8') : undefined,
   ]);
-  const tls: KubeCredentials['tls'] = { ca, cert, key, servername: config.tlsServerName };
+  const tls: KubeCredentials['tls'] = { ca, cert, key, ...(config.tlsServerName ? verifyServerName(config.tlsServerName) : {}) };
   if (config.insecureSkipTlsVerify) tls.rejectUnauthorized = false;
   const headers: Record<string, string> = {};
   const token = (config.token ?? tokenText)?.trim();

@@ -2,10 +2,9 @@
 // mTLS and/or a bearer token. Credential files are re-read on every call, so
 // rotated certificates and tokens are picked up without a restart.
 import { readFile } from 'node:fs/promises';
-import { isIP } from 'node:net';
-import { checkServerIdentity, type PeerCertificate } from 'node:tls';
 import { Agent, request } from '../net/undici.js';
 import { codes, NmiError } from '../errors/errors.js';
+import { verifyServerName } from '../net/server-name.js';
 import { TlsAgent } from '../net/tls-agent.js';
 import type { Pod } from './pod.js';
 
@@ -29,19 +28,6 @@ const defaults = {
   timeoutMs: 5_000, // 5 seconds: a token request may be waiting on this call
   maxBodyBytes: 64 * 1024 * 1024, // 64 MiB: 250 pods of very large specs fit with room to spare
 };
-
-/**
- * How --kubelet-server-name is verified. Node.js 26 refuses an IP address as the TLS
- * server name, and no longer matches a common name that is not a valid host name, such
- * as a kubelet's self-signed `<node>@<timestamp>`: the name is checked here, the common
- * name exactly and only in a certificate with no alternative names, else as node checks.
- */
-function verifyServerName(name: string): { servername?: string; checkServerIdentity(host: string, cert: PeerCertificate): Error | undefined } {
-  return {
-    servername: isIP(name) ? undefined : name,
-    checkServerIdentity: (_host, cert) => (!cert.subjectaltname && cert.subject?.CN === name ? undefined : checkServerIdentity(name, cert)),
-  };
-}
 
 type TlsMaterial = {
   ca?: string;
