@@ -11,7 +11,7 @@
 // apart and go only when no first token waits, until the token they replace is
 // halfway from its refresh point to its end: then they go before anything.
 import { codes, NmiError } from '../errors/errors.js';
-import { limits } from '../server/limits.js';
+import { limits } from '../config/limits.js';
 
 export interface BudgetLimits {
   maxConcurrent: number;

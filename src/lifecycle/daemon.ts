@@ -35,7 +35,7 @@ import { createNativeTokenServer } from '../server/native-server.js';
 import { attachTables, type Tables } from '../server/tables.js';
 import type { TokenServerDeps } from '../server/core.js';
 import { createTokenServer } from '../server/token-server.js';
-import { limits } from '../server/limits.js';
+import { limits } from '../config/limits.js';
 import { Budgets } from '../budget/budgets.js';
 import { registerBudgetMetrics, registerQueueWaitMetrics } from '../budget/metrics.js';
 import { registerTokenMetrics } from '../tokens/metrics.js';

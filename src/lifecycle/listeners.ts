@@ -9,7 +9,7 @@ import { codes, NmiError } from '../errors/errors.js';
 import type { HostPort } from '../config/values.js';
 import type { Logger } from '../log/logger.js';
 import { addon } from '../native/addon.js';
-import { limits } from '../server/limits.js';
+import { limits } from '../config/limits.js';
 
 /** What each listener is stored as (FDNAME=), and so known by on the next start. */
 export type ListenerName = 'token' | 'probe' | 'host-token' | 'host-token-tcp';

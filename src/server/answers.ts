@@ -13,7 +13,7 @@
 // string, keys in the order written here or by toAnswer.
 import http, { type ServerResponse } from 'node:http';
 import { toAnswer, type Token } from '../tokens/token.js';
-import { limits } from './limits.js';
+import { limits } from '../config/limits.js';
 
 /** An error answer: IMDS's `{"error","error_description"}` body with a status. */
 export interface Problem {

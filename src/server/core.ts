@@ -16,7 +16,7 @@ import type { Token } from '../tokens/token.js';
 import type { UpstreamKind } from '../tokens/upstream-error.js';
 import { LogLimiter } from '../util/log-limiter.js';
 import { problemAnswer, problems, throttled, tokenAnswer, unavailable, type Answer, type Problem } from './answers.js';
-import { limits } from './limits.js';
+import { limits } from '../config/limits.js';
 import type { ServerMetrics } from './metrics.js';
 import type { ImdsProxy, ProxyBudgets } from './proxy.js';
 import { classifyRequest, type Classification, type IdSelector, type RequestHeaders, type RouteName, type TokenRequest } from './request.js';

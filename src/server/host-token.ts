@@ -29,7 +29,7 @@ import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
 import { nmiTokenAnswer, problemAnswer, problems, tokenAnswer, writeAnswer, type Answer, type Problem } from './answers.js';
 import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, type RequestHeaders } from './request.js';
-import { limits } from './limits.js';
+import { limits } from '../config/limits.js';
 import type { SeveralPolicy } from './select-identity.js';
 import type { RefusalSink } from '../explain/refusals.js';
 import { answerIdentityToken } from './core.js';

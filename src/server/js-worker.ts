@@ -19,7 +19,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import { attestedKey, connectionCgroup, PeerMap } from '../attest/peers.js';
 import { plainAddress } from '../kubelet/pod-index.js';
 import { clientErrorBytes, problemAnswer, problems, serializeAnswer, tokenAnswer, writeAnswer, type Answer } from './answers.js';
-import { limits, type ServerBounds } from './limits.js';
+import { limits, type ServerBounds } from '../config/limits.js';
 import { drainable } from './drain.js';
 import { RequestCounts } from './request-counts.js';
 import { checkedHeaders, classifyRequest, type Classification, type RequestHeaders, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';

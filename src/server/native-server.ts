@@ -20,7 +20,7 @@ import { clientErrorBytes, problemAnswer, problems, serializeAnswer, statusAndHe
 import { createImdsProxy } from './proxy.js';
 import type { RequestHeaders } from './request.js';
 import { packRoutes, tellingServed, tokenKey, type Route, type TableFedServer, type TableToken, type TokenServedListener } from './tables.js';
-import { limits, serverBounds } from './limits.js';
+import { limits, serverBounds } from '../config/limits.js';
 import { answerWhole, createRequestCore, type TokenServerDeps } from './core.js';
 
 export interface NativeTokenServer extends TableFedServer {

@@ -8,7 +8,7 @@
 import { BudgetError, type UpstreamBudget } from '../budget/budget.js';
 import { Pool, type Dispatcher } from '../net/undici.js';
 import { problemAnswer, problems, throttled, type Answer, type Problem } from './answers.js';
-import { limits } from './limits.js';
+import { limits } from '../config/limits.js';
 import { parseRetryAfter } from '../tokens/upstream-error.js';
 import { TOKEN_PATH } from './request.js';
 

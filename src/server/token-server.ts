@@ -5,7 +5,7 @@ import { Worker } from 'node:worker_threads';
 import { identityKey } from '../bindings/model.js';
 import { answerWhole, createRequestCore, errorSummary, type TokenServerDeps } from './core.js';
 import type { FromWorker, ToWorker, WorkerSetup } from './js-worker.js';
-import { limits, serverBounds, type ServerBounds } from './limits.js';
+import { limits, serverBounds, type ServerBounds } from '../config/limits.js';
 import { createImdsProxy } from './proxy.js';
 import { packRoutes, tellingServed, type TableFedServer, type TokenServedListener } from './tables.js';
 

@@ -1,7 +1,7 @@
 // What went wrong talking to the token issuer (IMDS or Entra ID), classified so
 // the cache knows what to retry and the server knows what to answer the pod.
 import { codes, NmiError } from '../errors/errors.js';
-import { limits } from '../server/limits.js';
+import { limits } from '../config/limits.js';
 
 /**
  * - `client`: a 4xx other than 429; passed on to the pod as it came, never retried.

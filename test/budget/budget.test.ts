@@ -3,7 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as wait } from 'node:timers/promises';
 import { BudgetError, UpstreamBudget, type Release, type TicketRequest } from '../../src/budget/budget.js';
-import { limits } from '../../src/server/limits.js';
+import { limits } from '../../src/config/limits.js';
 
 const first = (owner: string, extra: Partial<TicketRequest> = {}): TicketRequest => ({ kind: 'first', owners: [owner], ...extra });
 

@@ -18,7 +18,7 @@ import { checkedHeaders, type RequestHeaders } from '../../src/server/request.js
 import type { TokenServerDeps, TokenServerOptions } from '../../src/server/core.js';
 import { UpstreamBudget } from '../../src/budget/budget.js';
 import { TokenCache } from '../../src/tokens/token-cache.js';
-import { limits } from '../../src/server/limits.js';
+import { limits } from '../../src/config/limits.js';
 import { createTokenServer, type TokenServer } from '../../src/server/token-server.js';
 import { startUpstream, DEFAULT_REPLY, type Upstream } from './upstream.js';
 import { assertProblem, idA, idB, newWorld, parseAnswer, pod, QUERY, TOKEN, tokenFor, worldDeps, type RawAnswer, type World } from './token-world.js';

@@ -7,7 +7,7 @@ import { Registry } from 'prom-client';
 import { identityKey } from '../../src/bindings/model.js';
 import { UpstreamBudget } from '../../src/budget/budget.js';
 import { codes, NmiError } from '../../src/errors/errors.js';
-import { limits } from '../../src/server/limits.js';
+import { limits } from '../../src/config/limits.js';
 import { registerTokenMetrics } from '../../src/tokens/metrics.js';
 import { MsalTokenProvider } from '../../src/tokens/msal-provider.js';
 import { NetworkClient } from '../../src/tokens/network-client.js';

@@ -1,5 +1,5 @@
-// The token servers' limits, shared by the js server (its worker thread), the
-// native one and the token core.
+// The built-in bounds of the token servers (the js server and its worker thread,
+// the native one, the token core) and of the upstream calls they wait on.
 export const limits = {
   maxHeaderSize: 16 * 1024, // bytes, request line + headers
   headersTimeoutMs: 10_000, // to receive the headers
