@@ -4,12 +4,14 @@ import { UsageError } from '../errors/errors.js';
 import { flag, type FlagSpecs, type Parsed } from './flags.js';
 import { defaultNodeIp } from './node-ip.js';
 import * as v from './values.js';
-import { severalPolicies } from '../server/select-identity.js';
 import { hostCallerRules } from '../attest/host-callers.js';
 import { startTaint } from '../lifecycle/start-gate.js';
 
 export const rulesBackends = ['auto', 'iptables', 'nftables', 'ebpf', 'none'] as const;
 export type RulesChoice = (typeof rulesBackends)[number];
+/** --multiple-identities: what a request naming no id gets when the pod has several bound. */
+export const multipleIdentitiesChoices = ['first', 'refuse'] as const;
+export type MultipleIdentities = (typeof multipleIdentitiesChoices)[number];
 
 function requiredNodeIp(): string {
   const ip = defaultNodeIp();
@@ -50,7 +52,7 @@ export const runFlags = {
   'host-token-socket': flag({ parse: v.offOrPath, default: 'off', help: 'root-only unix socket serving /host/token' }),
   'host-token-address': flag({ parse: v.offOrHostPort, default: 'off', help: "/host/token/ on TCP in NMI's shape, for the Key Vault CSI provider (NMI's: 127.0.0.1:2579)" }),
   'host-token-allow': flag({ parse: hostCallerRules, default: '', help: 'who may call --host-token-address: namespace/label=value pod selectors and host-root, comma-separated' }),
-  'multiple-identities': flag({ parse: v.oneOf(severalPolicies), default: 'first', help: 'several identities bound and none requested: first (by namespace, then name, as NMI) or refuse (IMDS\'s 400)' }),
+  'multiple-identities': flag({ parse: v.oneOf(multipleIdentitiesChoices), default: 'first', help: 'several identities bound and none requested: first (by namespace, then name, as NMI) or refuse (IMDS\'s 400)' }),
   'take-over': flag({ parse: v.bool, default: 'false', boolean: true, help: 'take the listening sockets and the rules over from an nmi running on this node (a DaemonSet rolling update with maxSurge); without it, finding one is an error' }),
   'handoff-socket': flag({ parse: v.offOrPath, default: '/run/nmi/handoff.sock', help: 'where a running nmi offers its listening sockets to the one taking over (root only), or off' }),
   'start-taint': flag({ parse: startTaint, default: 'off', help: 'DaemonSet start gate: the taint nodes register with (KEY[=VALUE]:EFFECT, as kubelet --register-with-taints), removed from this node once nmi is ready and put back on a stop that removes the rules' }),

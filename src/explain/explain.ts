@@ -9,7 +9,7 @@ import { objectKey } from '../bindings/parse.js';
 import type { BindingSnapshot } from '../bindings/store.js';
 import { isCaller, plainAddress } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
-import type { SeveralPolicy } from '../server/select-identity.js';
+import type { MultipleIdentities } from '../config/commands.js';
 import type { CachedTokenInfo } from '../tokens/token-cache.js';
 import type { Refusal, RecentRefusals } from './refusals.js';
 
@@ -24,7 +24,7 @@ export interface ExplainDeps {
   snapshot(): BindingSnapshot;
   bindingsFrom: string;
   match: MatchOptions;
-  several: SeveralPolicy;
+  multipleIdentities: MultipleIdentities;
   retryAfter: boolean;
   tokens(identityKeys: ReadonlySet<string>, podUid: string): CachedTokenInfo[];
   refusals: Pick<RecentRefusals, 'forPod' | 'forAddress'>;
@@ -273,7 +273,7 @@ function servedWithoutId(exception: boolean, identities: IdentityFacts[], deps: 
   if (exception) return { answer: 'passed through to the real IMDS unchanged (an AzurePodIdentityException matches)' };
   const [first] = identities;
   if (!first) return { answer: deps.retryAfter ? '503 Identity not found, Retry-After 20 (--retry-after): no binding selects this pod' : '400 Identity not found: no binding selects this pod' };
-  if (identities.length > 1 && deps.several === 'refuse') {
+  if (identities.length > 1 && deps.multipleIdentities === 'refuse') {
     return { answer: `400 Multiple user assigned identities exist (--multiple-identities refuse): ${identities.length} are bound; a request must name client_id or msi_res_id` };
   }
   const several = identities.length > 1 ? ` (the first of ${identities.length}: own namespace first, then by name; --multiple-identities first)` : '';

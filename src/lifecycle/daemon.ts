@@ -294,7 +294,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     snapshot: () => store.snapshot,
     bindingsFrom: config.bindings,
     match,
-    several: config.multipleIdentities,
+    multipleIdentities: config.multipleIdentities,
     retryAfter: config.retryAfter,
     tokens: (identityKeys, uid) => cache.describe(identityKeys, uid),
     refusals,

@@ -20,13 +20,14 @@ import { limits } from '../config/limits.js';
 import type { ServerMetrics } from './metrics.js';
 import type { ImdsProxy, ProxyBudgets } from './proxy.js';
 import { classifyRequest, type Classification, type IdSelector, type RequestHeaders, type RouteName, type TokenRequest } from './request.js';
-import { selectIdentity, type SeveralPolicy } from './select-identity.js';
+import type { MultipleIdentities } from '../config/commands.js';
+import { selectIdentity } from './select-identity.js';
 
 export interface TokenServerOptions {
   metadataHeaderRequired: boolean;
   blockInstanceMetadata: boolean;
   retryAfter: boolean;
-  multipleIdentities: SeveralPolicy;
+  multipleIdentities: MultipleIdentities;
   proxyTimeoutMs?: number;
   /** --max-connections-per-source; limits.maxConnectionsPerSource when unset. */
   maxConnectionsPerSource?: number;
@@ -127,7 +128,7 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attes
     if (bound.exception) return { proxy: request.target };
 
     const notFound = options.retryAfter ? problems.identityNotYet : problems.identityNotFound;
-    return answerIdentityToken(deps, pod, bound.identities, request, { notFound, several: options.multipleIdentities });
+    return answerIdentityToken(deps, pod, bound.identities, request, { notFound, multipleIdentities: options.multipleIdentities });
   }
 
   /** The other /metadata categories: a pod of this node's, as for a token (step 6); for anyone else nothing reaches IMDS. */
@@ -180,7 +181,7 @@ export async function answerIdentityToken(
   pod: Pod,
   identities: readonly AzureIdentity[],
   request: { resource: string; selector?: IdSelector },
-  choice: { notFound: Problem; several: SeveralPolicy; render?: (token: Token) => Answer },
+  choice: { notFound: Problem; multipleIdentities: MultipleIdentities; render?: (token: Token) => Answer },
 ): Promise<Answer> {
   const refuse = (kind: RefusalKind, problem: Problem, about: { identity?: AzureIdentity; cause?: string } = {}): Answer => {
     const { status, error, error_description } = problem;
@@ -188,7 +189,7 @@ export async function answerIdentityToken(
     deps.refusals?.refused(pod, kind, { status, error, error_description, resource: request.resource, identity, cause: about.cause });
     return problemAnswer(problem);
   };
-  const identity = selectIdentity(identities, request.selector, choice.several);
+  const identity = selectIdentity(identities, request.selector, choice.multipleIdentities);
   if (identity === 'none') return refuse('no-identity', choice.notFound, { cause: request.selector && `no bound identity has ${request.selector.param} ${request.selector.value}` });
   if (identity === 'ambiguous') return refuse('several-identities', problems.multipleIdentities);
   if (!request.selector && identities.length > 1 && !firstServed.has(identities)) {

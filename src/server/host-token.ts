@@ -30,7 +30,7 @@ import type { Token } from '../tokens/token.js';
 import { nmiTokenAnswer, problemAnswer, problems, tokenAnswer, writeAnswer, type Answer, type Problem } from './answers.js';
 import { checks, parseQuery, pathProblem, resourceAndSelector, type IdSelector, type RequestHeaders } from './request.js';
 import { limits } from '../config/limits.js';
-import type { SeveralPolicy } from './select-identity.js';
+import type { MultipleIdentities } from '../config/commands.js';
 import type { RefusalSink } from '../explain/refusals.js';
 import { answerIdentityToken } from './core.js';
 import { drainable } from './drain.js';
@@ -48,7 +48,7 @@ export interface HostTokenDeps {
   /** Told what each pod was refused, as the token endpoint tells it. */
   refusals?: RefusalSink;
   /** --multiple-identities, as on the token endpoint. */
-  multipleIdentities: SeveralPolicy;
+  multipleIdentities: MultipleIdentities;
   log: Logger;
 }
 
@@ -149,7 +149,7 @@ async function answerHost(deps: HostTokenDeps, req: http.IncomingMessage, render
   if ('status' in checked) return problemAnswer(checked);
   const pod = await deps.findPod(checked.namespace, checked.name);
   if (!pod) return problemAnswer(hostChecks.podNotFound(checked.namespace, checked.name));
-  return answerIdentityToken(deps, pod, deps.identitiesFor(pod).identities, checked, { notFound: problems.identityNotFound, several: deps.multipleIdentities, render });
+  return answerIdentityToken(deps, pod, deps.identitiesFor(pod).identities, checked, { notFound: problems.identityNotFound, multipleIdentities: deps.multipleIdentities, render });
 }
 
 function hostHttpServer(deps: HostTokenDeps, answer: (req: http.IncomingMessage) => Promise<Answer>): http.Server {

@@ -23,13 +23,14 @@ import { limits, type ServerBounds } from '../config/limits.js';
 import { drainable } from './drain.js';
 import { RequestCounts } from './request-counts.js';
 import { checkedHeaders, classifyRequest, type Classification, type RequestHeaders, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
-import { selectIdentity, type SeveralPolicy } from './select-identity.js';
+import type { MultipleIdentities } from '../config/commands.js';
+import { selectIdentity } from './select-identity.js';
 import type { RouteRow, TableToken, TokenId } from './tables.js';
 import type { WholeRequest } from './core.js';
 
 export interface WorkerSetup {
   policy: RequestPolicy;
-  several: SeveralPolicy;
+  multipleIdentities: MultipleIdentities;
   /** --rules ebpf: the peers map; callers are then routed by address and the cgroup that connected. */
   peerMapFd?: number;
   /** Where to count requests (ServerMetrics.segment()), when metrics are kept. */
@@ -197,7 +198,7 @@ function closing(answer: Answer): Answer {
 function fromTables(caller: Caller, request: TokenRequest): Answer | undefined {
   const route = caller.route === undefined ? undefined : routes.get(caller.route);
   if (!route || route.exception) return undefined;
-  const identity = selectIdentity(route.identities, request.selector, setup.several);
+  const identity = selectIdentity(route.identities, request.selector, setup.multipleIdentities);
   if (typeof identity === 'string') return undefined;
   const entry = tokens.get(identity.key)?.get(request.resource);
   return entry && entry.serveUntilMs > Date.now() ? tokenAnswer(entry.token) : undefined;

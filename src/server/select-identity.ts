@@ -1,11 +1,9 @@
 // Step 7 of the token endpoint, shared by the token core, /host/token and the js
 // server's worker thread (which holds identities without their credentials).
 import type { AzureIdentity } from '../bindings/model.js';
+import type { MultipleIdentities } from '../config/commands.js';
 import type { IdSelector } from './request.js';
 
-/** --multiple-identities: what a request naming no id gets when the pod has several. */
-export type SeveralPolicy = 'first' | 'refuse';
-export const severalPolicies = ['first', 'refuse'] as const satisfies readonly SeveralPolicy[];
 
 /**
  * Step 7: the pod's identities filtered by the requested id. client_id and
@@ -18,10 +16,10 @@ export const severalPolicies = ['first', 'refuse'] as const satisfies readonly S
 export function selectIdentity<T extends Pick<AzureIdentity, 'clientID' | 'resourceID'>>(
   identities: readonly T[],
   selector: IdSelector | undefined,
-  several: SeveralPolicy,
+  multipleIdentities: MultipleIdentities,
 ): T | 'none' | 'ambiguous' {
   if (!selector) {
-    if (identities.length > 1 && several === 'refuse') return 'ambiguous';
+    if (identities.length > 1 && multipleIdentities === 'refuse') return 'ambiguous';
     return identities[0] ?? 'none';
   }
   const wanted = selector.value.toLowerCase();

@@ -26,7 +26,7 @@ export function createTokenServer(deps: TokenServerDeps, given: { peerMapFd?: nu
   const proxy = createImdsProxy({ upstream: deps.upstreamImds, timeoutMs: options.proxyTimeoutMs ?? limits.proxyTimeoutMs, budgets: deps.proxyBudgets });
   const setup: WorkerSetup = {
     policy: { metadataHeaderRequired: options.metadataHeaderRequired, blockInstanceMetadata: options.blockInstanceMetadata },
-    several: options.multipleIdentities,
+    multipleIdentities: options.multipleIdentities,
     peerMapFd: given.peerMapFd,
     counts: deps.metrics?.segment().buffer,
     bounds: { ...serverBounds(options.maxConnectionsPerSource), ...given.bounds },

@@ -21,7 +21,7 @@ import { problems } from '../../src/server/answers.js';
 import { checks } from '../../src/server/request.js';
 import type { Token } from '../../src/tokens/token.js';
 import { UpstreamError } from '../../src/tokens/upstream-error.js';
-import type { SeveralPolicy } from '../../src/server/select-identity.js';
+import type { MultipleIdentities } from '../../src/config/commands.js';
 import { captureLogs } from '../harness/log-capture.js';
 
 const NOBODY = 65534;
@@ -56,7 +56,7 @@ const tokenCalls: Array<{ identity: string; resource: string }> = [];
 const servers: HostTokenServer[] = [];
 const logs = captureLogs();
 
-function startServer(socketPath: string, log = silentLogger, multipleIdentities: SeveralPolicy = 'refuse'): HostTokenServer {
+function startServer(socketPath: string, log = silentLogger, multipleIdentities: MultipleIdentities = 'refuse'): HostTokenServer {
   const server = createHostTokenServer({
     socketPath,
     findPod: async (namespace, name) => pods.find((p) => p.namespace === namespace && p.name === name),

@@ -15,7 +15,7 @@ import type { Token } from '../../src/tokens/token.js';
 import type { TokenServerDeps } from '../../src/server/core.js';
 import { createTokenServer, type TokenServer } from '../../src/server/token-server.js';
 import { createNativeTokenServer, type NativeTokenServer } from '../../src/server/native-server.js';
-import type { SeveralPolicy } from '../../src/server/select-identity.js';
+import type { MultipleIdentities } from '../../src/config/commands.js';
 import { attachTables, type Tables } from '../../src/server/tables.js';
 import { startUpstream, type Upstream } from './upstream.js';
 
@@ -52,7 +52,7 @@ let jsPort: number;
 let jsTabledPort: number;
 let nativePort: number;
 
-function deps(several: SeveralPolicy = 'first'): TokenServerDeps {
+function deps(multipleIdentities: MultipleIdentities = 'first'): TokenServerDeps {
   const pods = new Map([[pod.ips[0]!, pod], [exceptionPod.ips[0]!, exceptionPod]]);
   return {
     callers: { lookup: async (ip) => pods.get(ip) },
@@ -62,7 +62,7 @@ function deps(several: SeveralPolicy = 'first'): TokenServerDeps {
       return tokenFor(id, resource);
     },
     upstreamImds: upstream.url,
-    options: { metadataHeaderRequired: true, blockInstanceMetadata: false, retryAfter: false, multipleIdentities: several, proxyTimeoutMs: 2_000 },
+    options: { metadataHeaderRequired: true, blockInstanceMetadata: false, retryAfter: false, multipleIdentities: multipleIdentities, proxyTimeoutMs: 2_000 },
     log: silentLogger,
   };
 }
