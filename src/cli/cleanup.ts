@@ -1,6 +1,7 @@
 // `nmi cleanup`: removes what every backend may have left. Needs no daemon, no
 // kubelet, no config; a failure in one backend does not stop the others.
 import { presentBackends } from '../rules/select.js';
+import { messageOf } from '../errors/errors.js';
 
 export async function cleanup(): Promise<number> {
   const removed: string[] = [];
@@ -9,7 +10,7 @@ export async function cleanup(): Promise<number> {
     try {
       removed.push(...(await backend.remove()));
     } catch (err) {
-      failures.push(`${backend.name}: ${(err as Error).message}`);
+      failures.push(`${backend.name}: ${messageOf(err)}`);
     }
   }
   for (const line of removed) process.stdout.write(`removed ${line}\n`);

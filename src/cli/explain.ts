@@ -5,6 +5,7 @@ import type { Explanation } from '../explain/explain.js';
 import type { HostPort } from '../config/values.js';
 import { request } from '../net/undici.js';
 import { probeUrl } from '../probe/probe-server.js';
+import { messageOf } from '../errors/errors.js';
 
 /** A wildcard probe address is reached on loopback, where /explain answers. */
 function loopbackOf(address: HostPort): HostPort {
@@ -23,7 +24,7 @@ export async function explainCommand(options: { json: boolean; probeAddress: Hos
     status = res.statusCode;
     body = await res.body.json();
   } catch (err) {
-    process.stderr.write(`nmi explain: no nmi daemon answers on ${probeUrl(options.probeAddress, '')} (${(err as Error).message}); is it running, and is --probe-address its address?\n`);
+    process.stderr.write(`nmi explain: no nmi daemon answers on ${probeUrl(options.probeAddress, '')} (${messageOf(err)}); is it running, and is --probe-address its address?\n`);
     return 1;
   }
   if (status !== 200 && status !== 404) {

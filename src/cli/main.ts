@@ -1,7 +1,7 @@
 // `nmi <command> [flags]`: parses, dispatches, and turns errors into exit codes
 // (0 clean stop, 1 runtime failure, 2 bad usage or config).
 import { readFileSync } from 'node:fs';
-import { isNmiError, codes, UsageError } from '../errors/errors.js';
+import { isNmiError, codes, UsageError, messageOf } from '../errors/errors.js';
 import { parseFlags, usage, type FlagSpecs } from '../config/flags.js';
 import { runFlags, cleanupFlags, statusFlags, explainFlags, demoFlags, type RunConfig } from '../config/commands.js';
 import { fixMallocThresholds } from '../lifecycle/malloc.js';
@@ -100,7 +100,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       return 2;
     }
     const code = isNmiError(err) ? ` [${err.code}]` : '';
-    process.stderr.write(`nmi ${name}: ${(err as Error).message}${code}\n`);
+    process.stderr.write(`nmi ${name}: ${messageOf(err)}${code}\n`);
     return 1;
   }
 }

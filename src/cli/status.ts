@@ -1,12 +1,13 @@
 // `nmi status`: installed rules with counters, and the daemon's state if one answers.
 import { request } from '../net/undici.js';
 import { readMetric } from '../metrics/read.js';
-import { refusalReasons } from '../budget/budget.js';
+import { throttleReasons } from '../budget/budget.js';
 import { upstreams } from '../budget/budgets.js';
 import type { HostPort } from '../config/values.js';
 import { probeUrl } from '../probe/probe-server.js';
 import { presentBackends } from '../rules/select.js';
 import type { BackendStatus } from '../rules/redirect.js';
+import { messageOf } from '../errors/errors.js';
 
 interface DaemonState {
   address: string;
@@ -35,7 +36,7 @@ function readBudgets(text: string): Pick<DaemonState, 'budgets' | 'budgetRefusal
       throttled: labelled('nmi_upstream_throttled_total', `upstream="${u}"`),
     };
   }
-  const refusals = refusalReasons.map((reason) => labelled('nmi_budget_refusals_total', `reason="${reason}"`));
+  const refusals = throttleReasons.map((reason) => labelled('nmi_budget_refusals_total', `reason="${reason}"`));
   return { budgets, budgetRefusals: refusals.every((r) => r === undefined) ? undefined : refusals.reduce((a: number, r) => a + (r ?? 0), 0) };
 }
 
@@ -66,7 +67,7 @@ export async function status(options: { json: boolean; probeAddress: HostPort })
     try {
       backends.push(await backend.status());
     } catch (err) {
-      errors.push(`${backend.name}: ${(err as Error).message}`);
+      errors.push(`${backend.name}: ${messageOf(err)}`);
     }
   }
   const daemon = await probeDaemon(options.probeAddress);

@@ -2,7 +2,7 @@
 // contract's precedence, flag > NMI_* environment variable > default, and one
 // parser per flag so a bad value names its flag.
 import { parseArgs } from 'node:util';
-import { UsageError } from '../errors/errors.js';
+import { UsageError, messageOf } from '../errors/errors.js';
 import type { Parser } from './values.js';
 
 export interface FlagSpec<T> {
@@ -67,7 +67,7 @@ export function parseFlags<S extends FlagSpecs>(
     parsed = parseArgs({ args: [...rest], options, strict: true, allowPositionals });
   } catch (err) {
     // parseArgs explains itself over several lines; operators get the first.
-    throw new UsageError((err as Error).message.split('\n')[0]!.replace(/\. To specify.*$/, ''));
+    throw new UsageError(messageOf(err).split('\n')[0]!.replace(/\. To specify.*$/, ''));
   }
   const values: Record<string, unknown> = {};
   for (const [name, spec] of Object.entries(specs)) {

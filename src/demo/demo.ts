@@ -13,6 +13,7 @@ import { readMetric } from '../metrics/read.js';
 import { jwtClaims } from '../util/jwt.js';
 import { startEntra, startTokenIssuer } from './federation.js';
 import { podUid, startImds, startKubelet, type DemoPod, type Standin } from './standins.js';
+import { messageOf } from '../errors/errors.js';
 
 const NODE_NS = 'nmi-demo-node';
 const POD_NS = 'nmi-demo-pod';
@@ -252,7 +253,7 @@ export async function runDemo(): Promise<number> {
     say('nmi demo: done');
     return 0;
   } catch (err) {
-    if (!(err instanceof Interrupted)) process.stderr.write(`nmi demo: ${(err as Error).message}\n`);
+    if (!(err instanceof Interrupted)) process.stderr.write(`nmi demo: ${messageOf(err)}\n`);
     await cleanup();
     return interrupted ? 130 : 1;
   } finally {

@@ -1,8 +1,8 @@
-// Every error nmi raises carries a stable `code`; callers and tests match on it.
+// Every error nmi raises carries a stable `code`; callers and tests match on it. The README's
+// "Error codes" says what each means and what to do (test/errors/codes.test.ts keeps them in step).
 export const codes = {
   USAGE: 'NMI_ERR_USAGE',
   RULES_APPLY: 'NMI_ERR_RULES_APPLY',
-  RULES_BACKEND_MISSING: 'NMI_ERR_RULES_BACKEND_MISSING',
   NATIVE_LOAD: 'NMI_ERR_NATIVE_LOAD',
   NATIVE_CALL: 'NMI_ERR_NATIVE_CALL',
   COMMAND_FAILED: 'NMI_ERR_COMMAND_FAILED',
@@ -37,4 +37,14 @@ export class UsageError extends NmiError {
 
 export function isNmiError(err: unknown, code?: ErrorCode): err is NmiError {
   return err instanceof NmiError && (code === undefined || err.code === code);
+}
+
+/** What to print or log of anything caught: an Error's message, else the value as text. */
+export function messageOf(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+/** A caught error as a log line's `err`: its stable code when it has one, and its message. */
+export function errorSummary(err: unknown): { code?: unknown; message: string } {
+  return { code: err instanceof Error ? (err as { code?: unknown }).code : undefined, message: messageOf(err) };
 }

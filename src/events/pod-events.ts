@@ -13,6 +13,7 @@ import type { KubeClient } from '../kube/client.js';
 import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import { LogLimiter } from '../util/log-limiter.js';
+import { messageOf } from '../errors/errors.js';
 
 export interface PodEvent {
   /** UpperCamelCase, what `kubectl describe` shows as Reason. */
@@ -233,6 +234,6 @@ export class PodEvents {
     const status = (err as { status?: number }).status;
     if (!this.#said.due(`${verb} ${status}`)) return;
     const hint = status === 403 ? `; nmi needs ${verb} on events.k8s.io events (deploy/base/rbac.yaml)` : '';
-    this.#log.warn({ err: (err as Error).message, status }, `could not ${verb} a pod event${hint}`);
+    this.#log.warn({ err: messageOf(err), status }, `could not ${verb} a pod event${hint}`);
   }
 }

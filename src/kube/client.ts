@@ -3,14 +3,10 @@
 // files on every request: the service account token and certificates rotate.
 import { TlsAgent } from '../net/tls-agent.js';
 import { Agent, request, type Dispatcher } from '../net/undici.js';
-import { codes, NmiError } from '../errors/errors.js';
+import { codes, NmiError, messageOf } from '../errors/errors.js';
 import { kubeCredentials, type KubeConfig } from './kubeconfig.js';
 
 const requestTimeoutMs = 30_000; // for everything but a watch's body
-
-function message(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
 
 /** A non-2xx answer from the API server. */
 export class ApiError extends NmiError {
@@ -45,7 +41,7 @@ export class KubeClient {
     try {
       await this.#prepare();
     } catch (err) {
-      throw new NmiError(codes.API_SERVER, `API server credentials: ${message(err)}`, { cause: err });
+      throw new NmiError(codes.API_SERVER, `API server credentials: ${messageOf(err)}`, { cause: err });
     }
   }
 

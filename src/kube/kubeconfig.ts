@@ -9,7 +9,7 @@ import { readFile } from 'node:fs/promises';
 import { isIPv6 } from 'node:net';
 import path from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { UsageError } from '../errors/errors.js';
+import { UsageError, messageOf } from '../errors/errors.js';
 import { verifyServerName } from '../net/server-name.js';
 
 export interface KubeConfigOptions {
@@ -49,7 +49,7 @@ export function loadKubeConfig({ kubeconfig, pathPrefix = '' }: KubeConfigOption
     try {
       return parseKubeConfig(readFileSync(kubeconfig, 'utf8'), path.dirname(kubeconfig));
     } catch (err) {
-      throw new UsageError(`--kubeconfig ${kubeconfig}: ${(err as Error).message.split('\n')[0]}`);
+      throw new UsageError(`--kubeconfig ${kubeconfig}: ${messageOf(err).split('\n')[0]}`);
     }
   }
   const host = process.env.KUBERNETES_SERVICE_HOST;

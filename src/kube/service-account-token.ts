@@ -3,7 +3,7 @@
 // (the API server refuses it once the pod is gone, and the node authorizer lets
 // a kubelet credential ask only for pods bound to its node). Never kept: the token
 // is a credential; it goes to Entra ID in the exchange and is dropped.
-import { codes, NmiError } from '../errors/errors.js';
+import { codes, NmiError, messageOf } from '../errors/errors.js';
 import { serviceAccountName, type Pod } from '../kubelet/pod.js';
 import { jwtClaims } from '../util/jwt.js';
 import { ApiError, type KubeClient } from './client.js';
@@ -41,7 +41,7 @@ export class ServiceAccountTokens {
       answer = await this.client.create(path, request, signal);
     } catch (err) {
       const hint = err instanceof ApiError && err.status === 403 ? ' (nmi needs create on serviceaccounts/token: deploy/base/rbac.yaml)' : '';
-      throw new NmiError(codes.TOKEN, `service account token for ${pod.namespace}/${account}: ${(err as Error).message}${hint}`, { cause: err });
+      throw new NmiError(codes.TOKEN, `service account token for ${pod.namespace}/${account}: ${messageOf(err)}${hint}`, { cause: err });
     }
     const token = (answer as { status?: { token?: unknown } } | null)?.status?.token;
     if (typeof token !== 'string' || token === '') throw new NmiError(codes.TOKEN, `service account token for ${pod.namespace}/${account}: the API server answered no token`);

@@ -1,7 +1,7 @@
 // Source address → live pod, rebuilt from the kubelet's pod list every
 // --pod-refresh-interval and on demand when an unknown address calls. At most
 // one kubelet call is in flight; everyone who needs fresh data waits on it.
-import { codes, NmiError } from '../errors/errors.js';
+import { codes, NmiError, messageOf } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import { SpacedRefresh } from '../util/spaced-refresh.js';
 import type { CallerLookup, Pod } from './pod.js';
@@ -169,7 +169,7 @@ export class PodIndex implements CallerLookup {
       this.failingSince += 1;
       // Once per outage at error level: an outage would otherwise log every interval and every unknown caller.
       const level = this.failingSince === 1 ? 'error' : 'debug';
-      this.log[level]({ err: (err as Error).message, code: (err as { code?: string }).code, reason, consecutiveFailures: this.failingSince }, 'kubelet pod refresh failed; keeping the last pod index');
+      this.log[level]({ err: messageOf(err), code: (err as { code?: string }).code, reason, consecutiveFailures: this.failingSince }, 'kubelet pod refresh failed; keeping the last pod index');
       throw err;
     }
     if (this.failingSince > 0) this.log.info({ failedRefreshes: this.failingSince, pods: pods.length }, 'kubelet pod refresh recovered');
@@ -220,7 +220,7 @@ export class PodIndex implements CallerLookup {
     try {
       this.onChange(pods);
     } catch (err) {
-      this.log.error({ err: (err as Error).message }, 'pod change listener failed');
+      this.log.error({ err: messageOf(err) }, 'pod change listener failed');
     }
   }
 }

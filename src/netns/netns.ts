@@ -2,7 +2,7 @@
 // uplink holding the node address and a default route, and "pods" joined to it
 // by veth pairs, each pod on its own /24 with the node side as its gateway.
 import { execFileSync } from 'node:child_process';
-import { NmiError, codes } from '../errors/errors.js';
+import { NmiError, codes, messageOf } from '../errors/errors.js';
 import { addon } from '../native/addon.js';
 
 export const NODE_IP = '10.240.0.4';
@@ -13,7 +13,7 @@ function ip(args: string[]): string {
     return execFileSync('ip', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
   } catch (err) {
     const stderr = String((err as { stderr?: string }).stderr ?? '').trim();
-    throw new NmiError(codes.NETNS, `ip ${args.join(' ')}: ${stderr || (err as Error).message}`);
+    throw new NmiError(codes.NETNS, `ip ${args.join(' ')}: ${stderr || messageOf(err)}`);
   }
 }
 
@@ -68,6 +68,9 @@ export function createPodNamespace(node: string, name: string, k: number): strin
 
 /** Moves this process's main thread (where libuv opens sockets and forks) into the namespace. */
 export function enterNamespace(name: string): void {
-  const error = addon().setNetns(`/var/run/netns/${name}`);
-  if (error) throw new NmiError(codes.NETNS, `enter namespace ${name}: ${error}`);
+  try {
+    addon().setNetns(`/var/run/netns/${name}`);
+  } catch (err) {
+    throw new NmiError(codes.NETNS, `enter namespace ${name}: ${messageOf(err)}`, { cause: err });
+  }
 }

@@ -6,7 +6,7 @@
 // swapped in place, a missing or detached one is attached anew.
 import { mkdirSync, readFileSync, rmdirSync, statSync } from 'node:fs';
 import path from 'node:path';
-import { codes, NmiError, UsageError } from '../errors/errors.js';
+import { codes, NmiError, UsageError, messageOf } from '../errors/errors.js';
 import { addon, builtFile, type NativeAddon } from '../native/addon.js';
 import { execOk } from './exec.js';
 import { mountsOfType } from '../util/mounts.js';
@@ -34,7 +34,7 @@ export function ebpfUnsupported(): string | undefined {
   try {
     native = addon();
   } catch (err) {
-    return (err as Error).message;
+    return messageOf(err);
   }
   return native.bpfSupport() ?? undefined;
 }
@@ -87,7 +87,7 @@ export class EbpfBackend implements RulesBackend {
     try {
       root = statSync(cgroupRoot);
     } catch (err) {
-      throw new UsageError(`--cgroup-root: ${cgroupRoot}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
+      throw new UsageError(`--cgroup-root: ${cgroupRoot}: ${(err as NodeJS.ErrnoException).code ?? messageOf(err)}`);
     }
     if (!root.isDirectory() || !mountsOfType('cgroup2').some((m) => cgroupRoot === m || cgroupRoot.startsWith(`${m}/`)))
       throw new UsageError(`--cgroup-root: ${cgroupRoot} is not a folder of a cgroup v2 hierarchy`);
@@ -209,7 +209,7 @@ export class EbpfBackend implements RulesBackend {
     try {
       return fn();
     } catch (err) {
-      throw new NmiError(codes.RULES_APPLY, `ebpf: ${(err as Error).message}`, { cause: err });
+      throw new NmiError(codes.RULES_APPLY, `ebpf: ${messageOf(err)}`, { cause: err });
     }
   }
 }

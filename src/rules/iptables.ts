@@ -3,7 +3,7 @@
 // functions and applied by one `iptables-restore --noflush -w` transaction, so a
 // repair never leaves a moment with the chain empty or the jump missing.
 import { readFileSync } from 'node:fs';
-import { NmiError, codes } from '../errors/errors.js';
+import { NmiError, codes, messageOf } from '../errors/errors.js';
 import { exec, execOk, which } from './exec.js';
 import { CHAIN, type BackendStatus, type EnsureResult, type InstalledRule, type Redirect, type RulesBackend } from './redirect.js';
 
@@ -165,7 +165,7 @@ export class IptablesBackend implements RulesBackend {
       state = await this.read();
       if (isCurrent(state, r)) return fresh ? 'installed' : 'repaired';
       await this.restore(renderEnsure(state, r)).catch((again: unknown) => {
-        throw new NmiError(codes.RULES_APPLY, `${this.tools.label}: ${(again as Error).message}`, { cause: err });
+        throw new NmiError(codes.RULES_APPLY, `${this.tools.label}: ${messageOf(again)}`, { cause: err });
       });
     }
     return fresh ? 'installed' : 'repaired';

@@ -3,6 +3,7 @@
 import type { Logger } from '../log/logger.js';
 import { flushBypassingFlows } from './conntrack.js';
 import type { Redirect, RulesBackend } from './redirect.js';
+import { messageOf } from '../errors/errors.js';
 
 export class RulesKeeper {
   repairs = 0;
@@ -40,7 +41,7 @@ export class RulesKeeper {
       const cut = await flushBypassingFlows(this.redirect, this.log);
       this.log.warn({ backend: this.backend.name, result, repairs: this.repairs, flowsCut: cut }, 'rules were changed externally; repaired');
     } catch (err) {
-      this.log.error({ backend: this.backend.name, err: (err as Error).message }, 'rules verify/repair failed; retrying next interval');
+      this.log.error({ backend: this.backend.name, err: messageOf(err) }, 'rules verify/repair failed; retrying next interval');
     }
   }
 

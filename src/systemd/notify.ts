@@ -4,6 +4,7 @@
 // send is logged once and never stops the daemon.
 import type { Logger } from '../log/logger.js';
 import { addon } from '../native/addon.js';
+import { messageOf } from '../errors/errors.js';
 
 /** The variables systemd hands the main process; read once, then unset (sd_notify's unset_environment). */
 const ENV_NAMES = ['NOTIFY_SOCKET', 'WATCHDOG_USEC', 'WATCHDOG_PID'] as const;
@@ -82,11 +83,12 @@ export class SystemdNotifier {
   }
 
   #send(message: string, fds?: number[]): void {
-    let error: string | null;
+    let error: string | null = null;
     try {
-      error = fds ? addon().sdNotify(this.socket, message, fds) : addon().sdNotify(this.socket, message);
+      if (fds) addon().sdNotify(this.socket, message, fds);
+      else addon().sdNotify(this.socket, message);
     } catch (err) {
-      error = (err as Error).message;
+      error = messageOf(err);
     }
     if (error === null || this.#warned) return;
     // Once: a vanished socket would otherwise log on every watchdog ping.
