@@ -19,7 +19,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("socketOwner", Napi::Function::New(env, nmi::SocketOwner, "socketOwner"));
   exports.Set("serverStart", Napi::Function::New(env, nmi::ServerStart, "serverStart"));
   exports.Set("serverRespond", Napi::Function::New(env, nmi::ServerRespond, "serverRespond"));
-  exports.Set("serverSetRoutes", Napi::Function::New(env, nmi::ServerSetRoutes, "serverSetRoutes"));
+  exports.Set("serverSetCallers", Napi::Function::New(env, nmi::ServerSetCallers, "serverSetCallers"));
   exports.Set("serverUpdateTokens", Napi::Function::New(env, nmi::ServerUpdateTokens, "serverUpdateTokens"));
   exports.Set("serverStop", Napi::Function::New(env, nmi::ServerStop, "serverStop"));
   exports.Set("serverStats", Napi::Function::New(env, nmi::ServerStats, "serverStats"));

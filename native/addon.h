@@ -11,6 +11,14 @@
 #include <vector>
 
 namespace nmi {
+// How every entry point fails: it throws, and src/native/addon.ts gives what it threw the code
+// NMI_ERR_NATIVE_CALL. Both return undefined, for `return Throw...(...)`.
+// An Error saying `what`, and with err (an errno) ": strerror(err)" (strerror alone for an empty `what`) and an
+// `errno` property.
+Napi::Value ThrowError(Napi::Env env, const std::string& what, int err = 0);
+// A TypeError "Usage: <usage>": the arguments were not what the call takes.
+Napi::Value ThrowUsage(Napi::Env env, const std::string& usage);
+
 // Calls taking one number: false, with a TypeError naming `usage` pending, when info is not that.
 bool OneNumberArg(const Napi::CallbackInfo& info, const char* usage, int32_t* out);
 // Shared by the descriptor-passing calls (listen.cc, notify.cc).
@@ -35,7 +43,7 @@ Napi::Value Exec(const Napi::CallbackInfo& info);
 Napi::Value SocketOwner(const Napi::CallbackInfo& info);
 Napi::Value ServerStart(const Napi::CallbackInfo& info);
 Napi::Value ServerRespond(const Napi::CallbackInfo& info);
-Napi::Value ServerSetRoutes(const Napi::CallbackInfo& info);
+Napi::Value ServerSetCallers(const Napi::CallbackInfo& info);
 Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info);
 Napi::Value ServerStop(const Napi::CallbackInfo& info);
 Napi::Value ServerStats(const Napi::CallbackInfo& info);

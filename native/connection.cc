@@ -2,6 +2,8 @@
 
 #include <utility>
 
+#include "http-parse.h"
+
 namespace nmi {
 namespace conn {
 
@@ -15,7 +17,7 @@ Connection::Connection(uint64_t id, std::string remote, const Limits& limits, in
 
 bool Connection::TakesRequests() const {
   return !noMoreRequests_ && !closeAfterFlush_ && slots_.size() < limits_.maxPending &&
-         handedBytes_ < limits_.maxHandedBytes && UnsentBytes() < limits_.maxUnsentBytes;
+         deferredBytes_ < limits_.maxDeferredBytes && UnsentBytes() < limits_.maxUnsentBytes;
 }
 
 bool Connection::WantsRead() const {
@@ -23,7 +25,7 @@ bool Connection::WantsRead() const {
   // Dropped as read: bounded by maxLingerBytes and lingerMs.
   if (lingering_) return true;
   // One read past a full request is enough to frame it; more waits in the kernel.
-  return TakesRequests() && in_.size() <= limits_.maxHeaderBytes + http::kMaxBodyBytes;
+  return TakesRequests() && in_.size() <= limits_.maxHeaderBytes + limits_.maxBodyBytes;
 }
 
 void Connection::Received(std::string_view bytes) {
@@ -64,8 +66,8 @@ void Connection::Answer(uint64_t requestId, std::string bytes, bool close) {
     s.ready = true;
     s.close = close;
     s.bytes = std::move(bytes);
-    handedBytes_ -= s.handedBytes;
-    s.handedBytes = 0;
+    deferredBytes_ -= s.deferredBytes;
+    s.deferredBytes = 0;
     return;
   }
 }
@@ -106,7 +108,7 @@ bool Connection::ProcessOne(Host& host, int64_t nowMs) {
     partialSinceMs_ = 0;
     return false;
   }
-  Framing f = http::FrameRequest(in, limits_.maxHeaderBytes);
+  Framing f = http::FrameRequest(in, limits_.maxHeaderBytes, limits_.maxBodyBytes);
   const char* error = nullptr;
   switch (f.kind) {
     case Framing::kIncomplete:
@@ -135,7 +137,7 @@ bool Connection::ProcessOne(Host& host, int64_t nowMs) {
     // JavaScript answers from the reason alone; the bytes stay here, and nothing after them is read.
     in_.clear();
     inStart_ = 0;
-    HandOff(host, {}, error, false);
+    Defer(host, {}, error, false);
     return false;
   }
   const http::Head& h = f.head;
@@ -155,7 +157,7 @@ bool Connection::ProcessOne(Host& host, int64_t nowMs) {
       if (hit) slots_.push_back(Slot{nextRequestId_++, true, !h.keepAlive, 0, std::move(answer)});
     }
   }
-  if (!hit) HandOff(host, std::string(request), {}, h.keepAlive);
+  if (!hit) Defer(host, std::string(request), {}, h.keepAlive);
   // Nothing after a Connection: close request is read, as node does.
   if (!h.keepAlive) {
     noMoreRequests_ = true;
@@ -165,17 +167,17 @@ bool Connection::ProcessOne(Host& host, int64_t nowMs) {
   return true;
 }
 
-void Connection::HandOff(Host& host, std::string bytes, std::string_view error, bool keepAlive) {
+void Connection::Defer(Host& host, std::string bytes, std::string_view error, bool keepAlive) {
   if (!error.empty()) noMoreRequests_ = true;
   uint64_t rid = nextRequestId_++;
   size_t size = bytes.size();
   slots_.push_back(Slot{rid, false, false, size, {}});
-  handedBytes_ += size;
-  if (host.HandOff(*this, rid, std::move(bytes), error)) return;
+  deferredBytes_ += size;
+  if (host.Defer(*this, rid, std::move(bytes), error)) return;
   // Refused: answered here. A request that could not be framed still ends the connection.
   Slot& s = slots_.back();
-  handedBytes_ -= size;
-  s.handedBytes = 0;
+  deferredBytes_ -= size;
+  s.deferredBytes = 0;
   s.ready = true;
   s.close = !keepAlive || !error.empty();
   host.AppendBusy(!s.close, s.bytes);
@@ -207,7 +209,7 @@ Connection::Timer Connection::CheckTimers(Host& host, int64_t nowMs) {
     partialSinceMs_ = 0;
     in_.clear();
     inStart_ = 0;
-    HandOff(host, {}, "timeout", false);
+    Defer(host, {}, "timeout", false);
     return Timer::kHeaderTimeout;
   }
   if (Empty() && !closeAfterFlush_ && nowMs - idleSinceMs_ > limits_.keepAliveMs) return Timer::kClose;

@@ -12,19 +12,20 @@
 #include <string>
 #include <string_view>
 
-#include "http-parse.h"
-
 namespace nmi {
 namespace conn {
 
+// The bounds without a value here come from TypeScript at start (src/config/limits.ts); the others are this
+// state machine's own.
 struct Limits {
-  size_t maxHeaderBytes = 16 * 1024;
+  size_t maxHeaderBytes = 0;
+  size_t maxBodyBytes = 0;              // a longer declared body is deferred as "too-large", unread
   size_t maxPending = 32;               // pipelined requests awaiting an answer
-  size_t maxUnsentBytes = 64 * 1024;    // answers the peer has not taken; above it no request is read
-  size_t maxHandedBytes = 64 * 1024;    // request bytes waiting on JavaScript; above it no request is read
-  int64_t headerTimeoutMs = 10000;      // a request partly received for this long is answered 408
-  int64_t writeTimeoutMs = 10000;       // unsent output that makes no progress for this long closes the connection
-  int64_t keepAliveMs = 5000;           // an idle keep-alive connection, as node's js server
+  size_t maxUnsentBytes = 0;            // answers the peer has not taken; above it no request is read
+  size_t maxDeferredBytes = 0;          // request bytes waiting on JavaScript; above it no request is read
+  int64_t headerTimeoutMs = 0;          // a request partly received for this long is answered 408
+  int64_t writeTimeoutMs = 0;           // unsent output that makes no progress for this long closes the connection
+  int64_t keepAliveMs = 0;              // an idle keep-alive connection, as node's js server
   int64_t lingerMs = 1000;              // after the last answer: the peer's FIN awaited this long, so a close is no reset
   size_t maxLingerBytes = 64 * 1024;    // what a lingering peer may still send before it is cut off
 };
@@ -37,10 +38,10 @@ class Host {
   virtual ~Host() = default;
   // The cache hit for a bodiless request, appended to out; false when JavaScript must judge it.
   virtual bool TryAnswer(Connection& c, std::string_view head, bool keepAlive, std::string& out) = 0;
-  // Hands a request (or, with error set, the reason it cannot be one) to JavaScript, which answers through
+  // Defers a request (or, with error set, the reason it cannot be one) to JavaScript, which answers through
   // Connection::Answer. False when the server holds as many as it may: the connection then answers 503 itself.
-  virtual bool HandOff(Connection& c, uint64_t requestId, std::string bytes, std::string_view error) = 0;
-  // The 503 written when HandOff says no.
+  virtual bool Defer(Connection& c, uint64_t requestId, std::string bytes, std::string_view error) = 0;
+  // The 503 written when Defer says no.
   virtual void AppendBusy(bool keepAlive, std::string& out) = 0;
 };
 
@@ -49,7 +50,7 @@ class Connection {
   Connection(uint64_t id, std::string remote, const Limits& limits, int64_t nowMs);
 
   const uint64_t id;
-  const std::string remote;  // the caller's key in the route table ("address", or "address#cgroup")
+  const std::string remote;  // the caller's key in the caller table ("address", or "address#cgroup")
 
   // Bytes the peer sent.
   void Received(std::string_view bytes);
@@ -60,7 +61,7 @@ class Connection {
   // A whole answer written at once, before any request is read, after which the connection closes
   // (the caller holds too many connections already).
   void Refuse(std::string_view bytes, int64_t nowMs);
-  // Frames what arrived, answers hits, hands the rest over, and moves answers next in line to the output.
+  // Frames what arrived, answers hits, defers the rest, and moves answers next in line to the output.
   void Pump(Host& host, int64_t nowMs);
 
   // What to write next, and how much of it the peer took.
@@ -81,7 +82,7 @@ class Connection {
   // Answered once and holds nothing: a draining server closes it at once.
   bool IdleKeepAlive() const { return nextRequestId_ > 1 && Empty(); }
 
-  // kHeaderTimeout: a partial request was handed over as "timeout", the owner serves the connection;
+  // kHeaderTimeout: a partial request was deferred as "timeout", the owner serves the connection;
   // kWriteTimeout: its output has not moved; kClose: idle, or done lingering. The owner closes it on either.
   enum class Timer { kNone, kHeaderTimeout, kWriteTimeout, kClose };
   Timer CheckTimers(Host& host, int64_t nowMs);
@@ -89,7 +90,7 @@ class Connection {
   // For the fuzzer's invariants and the server's counters.
   size_t Pending() const { return slots_.size(); }
   size_t BufferedInput() const { return in_.size(); }
-  size_t HandedBytes() const { return handedBytes_; }
+  size_t DeferredBytes() const { return deferredBytes_; }
   size_t UnsentBytes() const { return out_.size() - outOffset_; }
   bool TakesRequests() const;
 
@@ -98,7 +99,7 @@ class Connection {
     uint64_t requestId;
     bool ready = false;
     bool close = false;
-    size_t handedBytes = 0;
+    size_t deferredBytes = 0;
     std::string bytes;
   };
 
@@ -109,7 +110,7 @@ class Connection {
   size_t outOffset_ = 0;
   std::deque<Slot> slots_;
   uint64_t nextRequestId_ = 1;
-  size_t handedBytes_ = 0;
+  size_t deferredBytes_ = 0;
   bool noMoreRequests_ = false;  // a Connection: close request, an error, or a refusal was seen
   bool closeAfterFlush_ = false;
   bool peerClosed_ = false;
@@ -123,7 +124,7 @@ class Connection {
 
   bool Empty() const { return slots_.empty() && out_.size() == outOffset_ && in_.size() == inStart_; }
   bool ProcessOne(Host& host, int64_t nowMs);
-  void HandOff(Host& host, std::string bytes, std::string_view error, bool keepAlive);
+  void Defer(Host& host, std::string bytes, std::string_view error, bool keepAlive);
   void Append(std::string_view bytes, int64_t nowMs);
 };
 

@@ -48,7 +48,7 @@ std::vector<char*> Pointers(std::vector<std::string>& strings) {
 
 }  // namespace
 
-// exec(file: string, argv: string[], env: string[]): never returns when it works, else the errno text.
+// exec(file: string, argv: string[], env: string[]): never returns when it works, else throws with the errno.
 Napi::Value Exec(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if ((info.Length() != 3 && info.Length() != 4) || !info[0].IsString()) {
@@ -87,7 +87,7 @@ Napi::Value Exec(const Napi::CallbackInfo& info) {
   for (size_t i = 0; i < keep.size(); i++) {
     if (saved[i] >= 0) fcntl(keep[i], F_SETFD, saved[i]);
   }
-  return Napi::String::New(env, strerror(error));
+  return ThrowError(env, "", error);
 }
 
 }  // namespace nmi

@@ -1,15 +1,12 @@
-// Request framing and the hit case of the native token server. Validation
-// lives in TS (src/server/request.ts): this file recognises the exact hit case
-// and, when unsure, says no so the request is handed over.
+// Request framing of the native token server, as llhttp frames: what it
+// refuses is deferred to TypeScript with the reason, and TS answers as node would.
 #include "http-parse.h"
 
-#include <string.h>
 #include <time.h>
 
 #include <charconv>
 #include <climits>
 #include <cstdio>
-#include <unordered_set>
 
 namespace nmi {
 namespace http {
@@ -17,76 +14,6 @@ namespace {
 
 using std::string_view;
 constexpr size_t npos = string_view::npos;
-
-const std::unordered_set<string_view> kApiVersions = {
-    "2018-02-01", "2019-03-11", "2019-06-01", "2019-06-04", "2019-08-01", "2019-08-15", "2019-11-01",
-    "2020-06-01", "2020-07-15", "2020-09-01", "2020-10-01", "2020-12-01", "2021-01-01", "2021-02-01",
-    "2021-03-01", "2021-05-01", "2021-08-01", "2021-10-01", "2021-11-01", "2021-11-15", "2021-12-13",
-    "2022-02-01", "2022-03-01", "2022-07-01", "2022-08-01", "2022-09-01", "2023-07-01", "2023-11-15",
-    "2024-03-15", "2024-07-17", "2025-04-07",
-};
-
-// Byte classes as tables: isalnum and strchr per byte showed in the profile.
-struct CharClasses {
-  bool tchar[256] = {};   // RFC 9110 tchar (a NUL byte is none: llhttp refuses it)
-  bool target[256] = {};  // RFC 3986 pchar and query characters; anything else is left to TS
-};
-constexpr CharClasses MakeCharClasses() {
-  CharClasses c;
-  for (int i = 0; i < 256; i++) {
-    bool alnum = (i >= '0' && i <= '9') || (i >= 'a' && i <= 'z') || (i >= 'A' && i <= 'Z');
-    c.tchar[i] = c.target[i] = alnum;
-  }
-  for (const char* p = "!#$%&'*+-.^_`|~"; *p; p++) c.tchar[static_cast<unsigned char>(*p)] = true;
-  for (const char* p = "-._~!$&'()*+,;=:@/?%"; *p; p++) c.target[static_cast<unsigned char>(*p)] = true;
-  return c;
-}
-constexpr CharClasses kClasses = MakeCharClasses();
-
-bool IsTchar(unsigned char c) { return kClasses.tchar[c]; }
-bool IsTargetChar(unsigned char c) { return kClasses.target[c]; }
-char LowerAscii(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c + 32) : c; }
-// `lower` is already lower case.
-bool EqualsIgnoreCase(string_view s, string_view lower) {
-  if (s.size() != lower.size()) return false;
-  for (size_t i = 0; i < s.size(); i++)
-    if (LowerAscii(s[i]) != lower[i]) return false;
-  return true;
-}
-string_view TrimBlanks(string_view s) {
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
-  return s;
-}
-int HexValue(char c) {
-  if (c >= '0' && c <= '9') return c - '0';
-  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
-  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
-  return -1;
-}
-// decodeURIComponent of form data, limited to ASCII: false when TS must judge.
-// A null out only checks.
-bool DecodeAscii(string_view in, std::string* out) {
-  if (in.find_first_of("%+") == npos) {  // the usual case: nothing to decode
-    if (out) out->assign(in.data(), in.size());
-    return true;
-  }
-  if (out) out->clear();
-  for (size_t i = 0; i < in.size(); i++) {
-    char c = in[i];
-    if (c == '+') {
-      c = ' ';
-    } else if (c == '%') {
-      if (i + 2 >= in.size()) return false;
-      int hi = HexValue(in[i + 1]), lo = HexValue(in[i + 2]);
-      if (hi < 0 || lo < 0 || hi >= 8) return false;
-      c = static_cast<char>(hi * 16 + lo);
-      i += 2;
-    }
-    if (out) *out += c;
-  }
-  return true;
-}
 
 bool FirstLineLooksValid(string_view in) {
   size_t end = in.find('\n');
@@ -102,7 +29,8 @@ bool FirstLineLooksValid(string_view in) {
   return version == "HTTP/1.1" || version == "HTTP/1.0";
 }
 
-// The token path, with one trailing slash or none, whatever query follows.
+}  // namespace
+
 bool IsTokenPath(string_view target) {
   string_view path = target.substr(0, target.find('?'));
   if (!path.empty() && path.back() == '/') path.remove_suffix(1);
@@ -115,18 +43,7 @@ void AppendDecimal(int64_t n, std::string& out) {
   out.append(digits, static_cast<size_t>(end - digits));
 }
 
-}  // namespace
-
-void TokenKey(const std::string& identity, const std::string& resource, std::string& key) {
-  key.assign(identity).append(1, '\n').append(resource);
-}
-std::string TokenKey(const std::string& identity, const std::string& resource) {
-  std::string key;
-  TokenKey(identity, resource, key);
-  return key;
-}
-
-void AppendDateAndConnection(int64_t nowMs, bool keepAlive, std::string& out) {
+void AppendDateAndConnection(int64_t nowMs, bool keepAlive, int64_t keepAliveS, std::string& out) {
   static const char* days[] = {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"};
   static const char* months[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
   thread_local int64_t renderedSecond = INT64_MIN;
@@ -144,7 +61,13 @@ void AppendDateAndConnection(int64_t nowMs, bool keepAlive, std::string& out) {
   }
   out += "Date: ";
   out.append(text, length);
-  out += keepAlive ? "\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\n" : "\r\nConnection: close\r\n\r\n";
+  if (!keepAlive) {
+    out += "\r\nConnection: close\r\n\r\n";
+    return;
+  }
+  out += "\r\nConnection: keep-alive\r\nKeep-Alive: timeout=";
+  AppendDecimal(keepAliveS, out);
+  out += "\r\n\r\n";
 }
 
 Head ParseHead(string_view head) {
@@ -210,7 +133,7 @@ size_t LeadingEmptyLines(string_view in) {
   return skip;
 }
 
-Framing FrameRequest(string_view in, size_t maxHeaderBytes) {
+Framing FrameRequest(string_view in, size_t maxHeaderBytes, size_t maxBodyBytes) {
   Framing f;
   if (!FirstLineLooksValid(in)) {
     f.kind = Framing::kMalformed;
@@ -227,148 +150,9 @@ Framing FrameRequest(string_view in, size_t maxHeaderBytes) {
   if (!h.valid || h.badLength) f.kind = Framing::kMalformed;
   else if (h.bodyless && (h.bodyUnsupported || h.contentLength > 0)) f.kind = Framing::kBodyNotAllowed;
   else if (h.bodyUnsupported) f.kind = Framing::kBody;
-  else if (h.contentLength > kMaxBodyBytes) f.kind = Framing::kTooLarge;
+  else if (h.contentLength > maxBodyBytes) f.kind = Framing::kTooLarge;
   else if (in.size() >= f.headBytes + h.contentLength) f.kind = Framing::kRequest;
   return f;
-}
-
-bool ParseHitRequest(string_view head, bool metadataHeaderRequired, HitQuery& q) {
-  size_t lineEnd = head.find("\r\n");
-  string_view line = head.substr(0, lineEnd);
-  if (line.size() < 13 || line.substr(0, 4) != "GET " || line.substr(line.size() - 9) != " HTTP/1.1") return false;
-  string_view target = line.substr(4, line.size() - 13);
-  for (unsigned char ch : target)
-    if (!IsTargetChar(ch)) return false;
-  if (!IsTokenPath(target)) return false;
-  size_t qm = target.find('?');
-  string_view query = qm == npos ? string_view() : target.substr(qm + 1);
-
-  // Headers: anything the js server treats specially goes to it.
-  int metadataCount = 0, hostCount = 0;
-  bool metadataTrue = false;
-  size_t at = lineEnd + 2;
-  while (at + 2 < head.size()) {
-    size_t end = head.find("\r\n", at);
-    if (end == npos) return false;  // not a head FrameRequest gave
-    string_view field = head.substr(at, end - at);
-    at = end + 2;
-    size_t colon = field.find(':');
-    if (colon == npos || colon == 0) return false;
-    string_view name = field.substr(0, colon);
-    for (unsigned char ch : name)
-      if (!IsTchar(ch)) return false;
-    string_view value = TrimBlanks(field.substr(colon + 1));
-    for (unsigned char ch : value)
-      if ((ch < 0x20 && ch != '\t') || ch >= 0x7f) return false;
-    if (EqualsIgnoreCase(name, "metadata")) {
-      metadataCount++;
-      metadataTrue = EqualsIgnoreCase(value, "true");
-    } else if (EqualsIgnoreCase(name, "host")) {
-      hostCount++;
-    } else if (EqualsIgnoreCase(name, "connection")) {
-      if (!EqualsIgnoreCase(value, "close") && !EqualsIgnoreCase(value, "keep-alive")) return false;
-    } else if (EqualsIgnoreCase(name, "x-forwarded-for") || EqualsIgnoreCase(name, "forwarded") ||
-               EqualsIgnoreCase(name, "via") || EqualsIgnoreCase(name, "transfer-encoding") ||
-               EqualsIgnoreCase(name, "content-length") || EqualsIgnoreCase(name, "upgrade") ||
-               EqualsIgnoreCase(name, "expect")) {
-      return false;
-    }
-  }
-  if (hostCount == 0) return false;
-  if (metadataHeaderRequired && (metadataCount != 1 || !metadataTrue)) return false;
-
-  // Query: form-decoded; any parameter repeated, escaped beyond ASCII or malformed goes to TS,
-  // and so does a query of more parameters than a token request has.
-  struct Param {
-    std::string name;  // decoded
-    string_view value;  // raw, known to decode
-  };
-  constexpr size_t kMaxParams = 8;
-  Param params[kMaxParams];
-  size_t count = 0;
-  size_t p = 0;
-  while (p <= query.size()) {
-    size_t amp = query.find('&', p);
-    if (amp == npos) amp = query.size();
-    string_view pair = query.substr(p, amp - p);
-    p = amp + 1;
-    if (pair.empty()) continue;
-    if (count == kMaxParams) return false;
-    size_t eq = pair.find('=');
-    Param& param = params[count];
-    param.value = eq == npos ? string_view() : pair.substr(eq + 1);
-    if (!DecodeAscii(pair.substr(0, eq), &param.name) || !DecodeAscii(param.value, nullptr)) return false;
-    for (size_t i = 0; i < count; i++)
-      if (params[i].name == param.name) return false;
-    count++;
-  }
-  auto find = [&](string_view name) -> const Param* {
-    for (size_t i = 0; i < count; i++)
-      if (params[i].name == name) return &params[i];
-    return nullptr;
-  };
-  const Param* api = find("api-version");
-  std::string apiVersion;
-  if (!api || !DecodeAscii(api->value, &apiVersion) || !kApiVersions.count(apiVersion)) return false;
-  const Param* res = find("resource");
-  if (!res || !DecodeAscii(res->value, &q.resource) || q.resource.empty()) return false;
-  int ids = 0;
-  q.by = HitQuery::By::kOnly;
-  q.wanted.clear();
-  for (const char* name : {"client_id", "object_id", "msi_res_id", "mi_res_id"}) {
-    const Param* id = find(name);
-    if (!id) continue;
-    ids++;
-    if (strcmp(name, "object_id") == 0) return false;  // never matches: "Identity not found"
-    q.by = strcmp(name, "client_id") == 0 ? HitQuery::By::kClientId : HitQuery::By::kResourceId;
-    DecodeAscii(id->value, &q.wanted);
-    for (auto& c : q.wanted) c = LowerAscii(c);
-  }
-  if (ids > 1 || (ids == 1 && q.wanted.empty())) return false;
-  return true;
-}
-
-bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAlive, bool firstOfSeveral,
-                      const RouteTable& routes, const TokenTable& tokens, int64_t nowMs, std::string& out) {
-  auto route = routes.find(remote);
-  if (route == routes.end() || route->second.exception) return false;
-  const RouteIdentity* chosen = nullptr;
-  if (q.by == HitQuery::By::kOnly) {
-    size_t count = route->second.identities.size();
-    if (count == 0 || (count > 1 && !firstOfSeveral)) return false;
-    chosen = &route->second.identities[0];
-  } else {
-    for (const auto& id : route->second.identities) {
-      const std::string& field = q.by == HitQuery::By::kClientId ? id.clientIdLower : id.resourceIdLower;
-      if (!field.empty() && field == q.wanted) {
-        chosen = &id;
-        break;
-      }
-    }
-    if (!chosen) return false;
-  }
-  thread_local std::string key;  // reused: no allocation per request
-  TokenKey(chosen->key, q.resource, key);
-  auto token = tokens.find(key);
-  if (token == tokens.end() || nowMs >= token->second->serveUntilMs) return false;
-
-  const TokenEntry& e = *token->second;
-  int64_t expiresIn = e.expiresOn - nowMs / 1000;
-  if (expiresIn < 0) expiresIn = 0;
-  char digits[24];
-  size_t digitCount = static_cast<size_t>(std::to_chars(digits, digits + sizeof digits, expiresIn).ptr - digits);
-  size_t bodyBytes = e.prefix.size() + digitCount + e.suffix.size();
-  // Appended in place, one growth at most: this is every hit's answer.
-  size_t needed = out.size() + bodyBytes + 256;
-  if (out.capacity() < needed) out.reserve(needed);
-  out += "HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: ";
-  AppendDecimal(static_cast<int64_t>(bodyBytes), out);
-  out += "\r\nCache-Control: no-store\r\n";
-  AppendDateAndConnection(nowMs, keepAlive, out);
-  out += e.prefix;
-  out.append(digits, digitCount);
-  out += e.suffix;
-  return true;
 }
 
 }  // namespace http

@@ -1,66 +1,64 @@
-// The pure half of the native token server (server.cc): framing request heads
-// out of a connection's bytes, recognising the one hit case (a valid token
-// request) and answering it from the route and token tables. No sockets, no
-// Node, no clock: test/fuzz/parse_fuzzer.cc drives these directly.
+// HTTP/1.1 framing for the native token server (server.cc): request heads and
+// bodies cut out of a connection's bytes as llhttp would cut them, and the Date
+// and Connection fields node ends an answer's head with. No sockets, no Node,
+// no clock, and no bound of its own: the bounds come from TypeScript at start
+// (src/config/limits.ts). What a framed head asks is token-request.cc's;
+// test/fuzz/parse_fuzzer.cc drives both.
 #pragma once
 #include <cstddef>
 #include <cstdint>
-#include <initializer_list>
-#include <memory>
 #include <string>
 #include <string_view>
-#include <unordered_map>
-#include <vector>
 
 namespace nmi {
 namespace http {
 
+// The token endpoint: a body is refused there before it is read, whatever the method.
 constexpr const char* kTokenPath = "/metadata/identity/oauth2/token";
-// Request bodies: proxied categories other than GETs only (scheduledevents' POST); as limits.ts's maxBodyBytes.
-constexpr size_t kMaxBodyBytes = 16 * 1024;
 
-struct RouteIdentity {
-  std::string key;            // namespace/name
-  std::string clientIdLower;  // lowercased in TS, as selectIdentity compares
-  std::string resourceIdLower;
+// Byte classes as tables: isalnum and strchr per byte showed in the profile. Inline, with the helpers
+// below, because token-request.cc runs them per byte of every head it reads.
+struct CharClasses {
+  bool tchar[256] = {};   // RFC 9110 tchar (a NUL byte is none: llhttp refuses it)
+  bool target[256] = {};  // RFC 3986 pchar and query characters; anything else is left to TS
 };
-// One list per distinct set of identities, shared by every route that has it: on
-// a node, pods of one deployment (or every pod, with one selector) are bound alike.
-class IdentityList {
- public:
-  IdentityList() : list_(std::make_shared<const std::vector<RouteIdentity>>()) {}
-  IdentityList(std::initializer_list<RouteIdentity> ids) : list_(std::make_shared<const std::vector<RouteIdentity>>(ids)) {}
-  explicit IdentityList(std::shared_ptr<const std::vector<RouteIdentity>> list) : list_(std::move(list)) {}
-  size_t size() const { return list_->size(); }
-  const RouteIdentity& operator[](size_t i) const { return (*list_)[i]; }
-  std::vector<RouteIdentity>::const_iterator begin() const { return list_->begin(); }
-  std::vector<RouteIdentity>::const_iterator end() const { return list_->end(); }
+constexpr CharClasses MakeCharClasses() {
+  CharClasses c;
+  for (int i = 0; i < 256; i++) {
+    bool alnum = (i >= '0' && i <= '9') || (i >= 'a' && i <= 'z') || (i >= 'A' && i <= 'Z');
+    c.tchar[i] = c.target[i] = alnum;
+  }
+  for (const char* p = "!#$%&'*+-.^_`|~"; *p; p++) c.tchar[static_cast<unsigned char>(*p)] = true;
+  for (const char* p = "-._~!$&'()*+,;=:@/?%"; *p; p++) c.target[static_cast<unsigned char>(*p)] = true;
+  return c;
+}
+inline constexpr CharClasses kClasses = MakeCharClasses();
 
- private:
-  std::shared_ptr<const std::vector<RouteIdentity>> list_;
-};
-struct Route {
-  bool exception = false;
-  IdentityList identities;
-};
-using RouteTable = std::unordered_map<std::string, Route>;  // caller address → route
+inline bool IsTchar(unsigned char c) { return kClasses.tchar[c]; }
+inline bool IsTargetChar(unsigned char c) { return kClasses.target[c]; }
+inline char LowerAscii(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c + 32) : c; }
+// `lower` is already lower case.
+inline bool EqualsIgnoreCase(std::string_view s, std::string_view lower) {
+  if (s.size() != lower.size()) return false;
+  for (size_t i = 0; i < s.size(); i++)
+    if (LowerAscii(s[i]) != lower[i]) return false;
+  return true;
+}
+inline std::string_view TrimBlanks(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return s;
+}
 
-struct TokenEntry {
-  std::string prefix;  // body up to and including `"expires_in":"`
-  std::string suffix;  // body from the `"` after expires_in
-  int64_t expiresOn = 0;     // seconds since the epoch
-  int64_t serveUntilMs = 0;  // wall clock; past it TS answers (and refreshes)
-};
-// key '\n' resource → entry; entries are shared, so a table updated by copy copies pointers, not tokens.
-using TokenTable = std::unordered_map<std::string, std::shared_ptr<const TokenEntry>>;
+// The token path, with one trailing slash or none, whatever query follows.
+bool IsTokenPath(std::string_view target);
 
-std::string TokenKey(const std::string& identity, const std::string& resource);
-// The same key into a reused string.
-void TokenKey(const std::string& identity, const std::string& resource, std::string& key);
+void AppendDecimal(int64_t n, std::string& out);
 
 // Ends an answer's head as node:http ends it: Date (the RFC 7231 IMF-fixdate of nowMs, no locale
-// involved, rendered once per second per thread), then Connection (and Keep-Alive), then the blank line.
-void AppendDateAndConnection(int64_t nowMs, bool keepAlive, std::string& out);
+// involved, rendered once per second per thread), then Connection (and Keep-Alive: timeout=keepAliveS,
+// as node says its keepAliveTimeout), then the blank line.
+void AppendDateAndConnection(int64_t nowMs, bool keepAlive, int64_t keepAliveS, std::string& out);
 
 // What the head says about framing and connection reuse; filled for every request.
 struct Head {
@@ -77,7 +75,7 @@ Head ParseHead(std::string_view head);
 
 // What the front of a connection's input holds.
 struct Framing {
-  // kBody: a Transfer-Encoding body; kBodyNotAllowed: any body where Head::bodyless; kTooLarge: over kMaxBodyBytes.
+  // kBody: a Transfer-Encoding body; kBodyNotAllowed: any body where Head::bodyless; kTooLarge: over maxBodyBytes.
   enum Kind { kIncomplete, kRequest, kMalformed, kOverflow, kBody, kBodyNotAllowed, kTooLarge };
   Kind kind = kIncomplete;
   size_t headBytes = 0;  // kRequest: the head, blank line included; contentLength body bytes follow
@@ -87,27 +85,7 @@ struct Framing {
 // llhttp skips empty lines before a request line: the caller drops this many bytes first.
 size_t LeadingEmptyLines(std::string_view in);
 // `in` starts at a request line (LeadingEmptyLines already dropped). Views, no copies: per request.
-Framing FrameRequest(std::string_view in, size_t maxHeaderBytes);
-
-// A token request the fast path may answer, as far as the head alone tells.
-struct HitQuery {
-  enum class By { kOnly, kClientId, kResourceId };  // kOnly: no id given, the caller's single (or first) identity
-  std::string resource;
-  By by = By::kOnly;
-  std::string wanted;  // the requested id, lowercased
-};
-
-// false when TS must judge the request: anything but the exact, plain, valid case.
-// A reused q keeps its strings' capacity.
-bool ParseHitRequest(std::string_view head, bool metadataHeaderRequired, HitQuery& q);
-
-// The complete 200 answer from the tables, appended to out (left as it was
-// when false: TS must answer an unknown caller, an exception pod, no identity
-// to serve, no fresh token). firstOfSeveral (--multiple-identities first): a
-// request naming no id is served the route's first identity (TS ordered them)
-// when it has several; else only a route with exactly one is.
-bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAlive, bool firstOfSeveral,
-                      const RouteTable& routes, const TokenTable& tokens, int64_t nowMs, std::string& out);
+Framing FrameRequest(std::string_view in, size_t maxHeaderBytes, size_t maxBodyBytes);
 
 }  // namespace http
 }  // namespace nmi

@@ -1,6 +1,6 @@
 // Listening sockets nmi makes itself, and the ones it is handed (systemd's
 // LISTEN_FDS, a predecessor's), so a listener can outlive the process that made
-// it. Which descriptor is for what is decided in src/net/listeners.ts.
+// it. Which descriptor is for what is decided in src/lifecycle/listeners.ts.
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -19,17 +19,6 @@
 #include "addon.h"
 
 namespace nmi {
-
-namespace {
-
-Napi::Value Fail(Napi::Env env, const std::string& what, int err) {
-  Napi::Error e = Napi::Error::New(env, what + ": " + strerror(err));
-  e.Set("errno", Napi::Number::New(env, err));
-  e.ThrowAsJavaScriptException();
-  return env.Undefined();
-}
-
-}  // namespace
 
 // listenTcp(host, port, backlog): a bound, listening, non-blocking, close-on-exec TCP socket.
 Napi::Value ListenTcp(const Napi::CallbackInfo& info) {
@@ -57,13 +46,13 @@ Napi::Value ListenTcp(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   int fd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return Fail(env, "socket", errno);
+  if (fd < 0) return ThrowError(env, "socket", errno);
   int one = 1;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (bind(fd, reinterpret_cast<sockaddr*>(&addr), len) < 0 || listen(fd, info[2].As<Napi::Number>().Int32Value()) < 0) {
     int err = errno;
     close(fd);
-    return Fail(env, "listen " + host + ":" + std::to_string(port), err);
+    return ThrowError(env, "listen " + host + ":" + std::to_string(port), err);
   }
   return Napi::Number::New(env, fd);
 }
@@ -81,10 +70,10 @@ Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>();
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof addr.sun_path) return Fail(env, "listen " + path, ENAMETOOLONG);
+  if (path.empty() || path.size() >= sizeof addr.sun_path) return ThrowError(env, "listen " + path, ENAMETOOLONG);
   memcpy(addr.sun_path, path.data(), path.size());
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0) return Fail(env, "socket", errno);
+  if (fd < 0) return ThrowError(env, "socket", errno);
   mode_t previous = umask(0777 & ~static_cast<mode_t>(info[1].As<Napi::Number>().Uint32Value()));
   int bound = bind(fd, reinterpret_cast<sockaddr*>(&addr), static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size()));
   int err = errno;
@@ -92,7 +81,7 @@ Napi::Value ListenUnix(const Napi::CallbackInfo& info) {
   if (bound < 0 || listen(fd, info[2].As<Napi::Number>().Int32Value()) < 0) {
     if (bound == 0) err = errno;
     close(fd);
-    return Fail(env, "listen " + path, err);
+    return ThrowError(env, "listen " + path, err);
   }
   return Napi::Number::New(env, fd);
 }
@@ -149,7 +138,7 @@ Napi::Value DupFd(const Napi::CallbackInfo& info) {
   int original;
   if (!OneNumberArg(info, "dupFd(fd: number)", &original)) return env.Undefined();
   int fd = fcntl(original, F_DUPFD_CLOEXEC, 3);
-  if (fd < 0) return Fail(env, "dup", errno);
+  if (fd < 0) return ThrowError(env, "dup", errno);
   return Napi::Number::New(env, fd);
 }
 
@@ -164,7 +153,7 @@ Napi::Value CloseFd(const Napi::CallbackInfo& info) {
 
 bool OneNumberArg(const Napi::CallbackInfo& info, const char* usage, int32_t* out) {
   if (info.Length() != 1 || !info[0].IsNumber()) {
-    Napi::TypeError::New(info.Env(), std::string("Usage: ") + usage).ThrowAsJavaScriptException();
+    ThrowUsage(info.Env(), usage);
     return false;
   }
   *out = info[0].As<Napi::Number>().Int32Value();
@@ -235,7 +224,7 @@ Napi::Value SendFds(const Napi::CallbackInfo& info) {
   // receiveFds makes room for 16.
   if (!FdArray(env, info[2], 16, "sendFds", &fds)) return env.Undefined();
   int err = SendWithFds(info[0].As<Napi::Number>().Int32Value(), nullptr, 0, info[1].As<Napi::String>(), fds);
-  if (err) return Napi::String::New(env, strerror(err));
+  if (err) return ThrowError(env, "", err);
   return env.Null();
 }
 
@@ -251,10 +240,10 @@ Napi::Value ReceiveFds(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>();
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof addr.sun_path) return Fail(env, "receiveFds: path", ENAMETOOLONG);
+  if (path.empty() || path.size() >= sizeof addr.sun_path) return ThrowError(env, "receiveFds: path", ENAMETOOLONG);
   memcpy(addr.sun_path, path.data(), path.size());
   int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return Fail(env, "socket", errno);
+  if (fd < 0) return ThrowError(env, "socket", errno);
   int64_t ms = info[1].As<Napi::Number>().Int64Value();
   timeval tv{static_cast<time_t>(ms / 1000), static_cast<suseconds_t>((ms % 1000) * 1000)};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -263,7 +252,7 @@ Napi::Value ReceiveFds(const Napi::CallbackInfo& info) {
     int err = errno;
     close(fd);
     if (err == ENOENT || err == ECONNREFUSED) return env.Null();
-    return Fail(env, "connect " + path, err);
+    return ThrowError(env, "connect " + path, err);
   }
   char buf[4096];
   iovec iov{buf, sizeof buf};
@@ -280,7 +269,7 @@ Napi::Value ReceiveFds(const Napi::CallbackInfo& info) {
   if (got <= 0) {
     int err = got < 0 ? errno : ECONNRESET;
     close(fd);
-    return Fail(env, "receive from " + path, err);
+    return ThrowError(env, "receive from " + path, err);
   }
   Napi::Array fds = Napi::Array::New(env);
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {

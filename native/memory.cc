@@ -13,7 +13,7 @@
 
 namespace nmi {
 
-// dropPages(start: bigint, length: bigint): null on success, else the errno text.
+// dropPages(start: bigint, length: bigint): throws with the errno when madvise refuses.
 Napi::Value DropPages(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() != 2 || !info[0].IsBigInt() || !info[1].IsBigInt()) {
@@ -28,20 +28,20 @@ Napi::Value DropPages(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   if (madvise(reinterpret_cast<void*>(static_cast<uintptr_t>(start)), static_cast<size_t>(length), MADV_DONTNEED) != 0) {
-    return Napi::String::New(env, strerror(errno));
+    return ThrowError(env, "", errno);
   }
-  return env.Null();
+  return env.Undefined();
 }
 
-// setMallocThresholds(bytes: number): M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; null on success, else which one
-// malloc refused (musl's mallopt refuses all: it has neither).
+// setMallocThresholds(bytes: number): M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; throws saying which one malloc
+// refused (musl's mallopt refuses all: it has neither).
 Napi::Value SetMallocThresholds(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int bytes;
   if (!OneNumberArg(info, "setMallocThresholds(bytes: number)", &bytes)) return env.Undefined();
-  if (mallopt(M_MMAP_THRESHOLD, bytes) != 1) return Napi::String::New(env, "mallopt(M_MMAP_THRESHOLD) refused the value");
-  if (mallopt(M_TRIM_THRESHOLD, bytes) != 1) return Napi::String::New(env, "mallopt(M_TRIM_THRESHOLD) refused the value");
-  return env.Null();
+  if (mallopt(M_MMAP_THRESHOLD, bytes) != 1) return ThrowError(env, "mallopt(M_MMAP_THRESHOLD) refused the value");
+  if (mallopt(M_TRIM_THRESHOLD, bytes) != 1) return ThrowError(env, "mallopt(M_TRIM_THRESHOLD) refused the value");
+  return env.Undefined();
 }
 
 }  // namespace nmi

@@ -13,7 +13,7 @@
 
 namespace nmi {
 
-// setNetns(path): null on success, else the errno text.
+// setNetns(path): throws with the errno when the namespace cannot be entered.
 Napi::Value SetNetns(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() != 1 || !info[0].IsString()) {
@@ -22,12 +22,12 @@ Napi::Value SetNetns(const Napi::CallbackInfo& info) {
   }
   std::string path = info[0].As<Napi::String>();
   int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return Napi::String::New(env, std::string(path) + ": " + strerror(errno));
+  if (fd < 0) return ThrowError(env, path, errno);
   int rc = setns(fd, CLONE_NEWNET);
   int saved = errno;
   close(fd);
-  if (rc != 0) return Napi::String::New(env, std::string("setns: ") + strerror(saved));
-  return env.Null();
+  if (rc != 0) return ThrowError(env, "setns", saved);
+  return env.Undefined();
 }
 
 }  // namespace nmi

@@ -14,7 +14,7 @@
 
 namespace nmi {
 
-// sdNotify(socketPath, message, fds?): null on success, else the errno text.
+// sdNotify(socketPath, message, fds?): throws with the errno when the datagram cannot be sent.
 // A path starting with '@' names an abstract socket. fds go along as
 // SCM_RIGHTS, as sd_pid_notify_with_fds(3) sends them (FDSTORE=1).
 Napi::Value SdNotify(const Napi::CallbackInfo& info) {
@@ -31,18 +31,18 @@ Napi::Value SdNotify(const Napi::CallbackInfo& info) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.empty() || path.size() >= sizeof(addr.sun_path)) {
-    return Napi::String::New(env, "socket path empty or too long");
+    return ThrowError(env, "socket path empty or too long");
   }
   memcpy(addr.sun_path, path.data(), path.size());
   if (addr.sun_path[0] == '@') addr.sun_path[0] = '\0';
   socklen_t len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + path.size());
 
   int fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return Napi::String::New(env, strerror(errno));
+  if (fd < 0) return ThrowError(env, "", errno);
   int saved = SendWithFds(fd, &addr, len, message, fds);
   close(fd);
-  if (saved) return Napi::String::New(env, strerror(saved));
-  return env.Null();
+  if (saved) return ThrowError(env, "", saved);
+  return env.Undefined();
 }
 
 }  // namespace nmi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes the native server's request parser and router (native/http-parse.cc)
-# and its connection state machine (native/connection.cc) with libFuzzer under AddressSanitizer and UBSan for a bounded time:
+# Fuzzes the native server's request framing and token rules (native/http-parse.cc,
+# native/token-request.cc) and its connection state machine (native/connection.cc) with libFuzzer under AddressSanitizer and UBSan for a bounded time:
 #   scripts/fuzz.sh [seconds]   (default 60)
 # Runs on a copy of test/fuzz/corpus, so the committed corpus does not grow;
 # exits non-zero on any finding (crash, sanitizer report, failed invariant,
@@ -16,12 +16,12 @@ if ! compgen -G "$("$cxx" -print-runtime-dir)/libclang_rt.fuzzer*" >/dev/null; t
   exit 2
 fi
 
-# Two targets, each for the whole time: the parser and router (parse_fuzzer.cc)
+# Two targets, each for the whole time: the framing and token rules (parse_fuzzer.cc)
 # and one connection's state machine with its bounds (connection_fuzzer.cc).
 for target in parse connection; do
   "$cxx" -g -O1 -std=c++17 -Wall -Wextra \
     -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
-    "$root/native/http-parse.cc" "$root/native/connection.cc" "$root/test/fuzz/${target}_fuzzer.cc" -o "$work/${target}_fuzzer"
+    "$root/native/http-parse.cc" "$root/native/token-request.cc" "$root/native/connection.cc" "$root/test/fuzz/${target}_fuzzer.cc" -o "$work/${target}_fuzzer"
 done
 
 mkdir -p "$work/corpus" "$work/findings"

@@ -4,15 +4,15 @@ export const limits = {
   maxHeaderSize: 16 * 1024, // bytes, request line + headers
   headersTimeoutMs: 10_000, // to receive the headers
   requestTimeoutMs: 30_000, // to receive the whole request
-  maxBodyBytes: 16 * 1024, // request bodies: proxied categories other than GETs only (scheduledevents' POST), as native/http-parse.h's kMaxBodyBytes
+  maxBodyBytes: 16 * 1024, // request bodies: proxied categories other than GETs only (scheduledevents' POST)
   keepAliveTimeoutMs: 5_000, // idle keep-alive connection
   maxConnections: 4_096, // past it, new connections wait in the kernel's backlog (native) or are answered 503 (js)
   maxConnectionsPerSource: 64, // --max-connections-per-source's default; past it, a connection is answered 429 and closed
   maxUnsentBytes: 64 * 1024, // a connection's answers not yet taken by its peer; above it, its requests are not read
   writeTimeoutMs: 10_000, // a connection whose pending output makes no progress in this long is closed
-  maxHandedBytesPerConnection: 64 * 1024, // request bytes one connection has waiting on the main thread
-  maxHandedRequests: 1_024, // requests the whole server has waiting on the main thread; past it, 503
-  maxHandedBytes: 8 * 1024 * 1024, // their bytes; past it, 503
+  maxDeferredBytesPerConnection: 64 * 1024, // request bytes one connection has waiting on the main thread
+  maxDeferredRequests: 1_024, // requests the whole server has waiting on the main thread; past it, 503
+  maxDeferredBytes: 8 * 1024 * 1024, // their bytes; past it, 503
   busyRetryAfterS: 1, // Retry-After of those 503s and of the per-source 429
   maxProxiedAnswerBytes: 1024 * 1024, // an IMDS answer larger than this is not passed on (502)
   maxRetryAfterMs: 60_000, // the longest an upstream's Retry-After pauses a budget or a refusal is remembered
@@ -27,13 +27,13 @@ export const limits = {
 export interface ServerBounds {
   maxConnections: number;
   maxConnectionsPerSource: number;
-  maxHandedRequests: number;
-  maxHandedBytes: number;
-  maxHandedBytesPerConnection: number;
+  maxDeferredRequests: number;
+  maxDeferredBytes: number;
+  maxDeferredBytesPerConnection: number;
   writeTimeoutMs: number;
 }
 
 export function serverBounds(maxConnectionsPerSource: number = limits.maxConnectionsPerSource): ServerBounds {
-  const { maxConnections, maxHandedRequests, maxHandedBytes, maxHandedBytesPerConnection, writeTimeoutMs } = limits;
-  return { maxConnections, maxConnectionsPerSource, maxHandedRequests, maxHandedBytes, maxHandedBytesPerConnection, writeTimeoutMs };
+  const { maxConnections, maxDeferredRequests, maxDeferredBytes, maxDeferredBytesPerConnection, writeTimeoutMs } = limits;
+  return { maxConnections, maxConnectionsPerSource, maxDeferredRequests, maxDeferredBytes, maxDeferredBytesPerConnection, writeTimeoutMs };
 }

@@ -22,7 +22,7 @@ import { mkdir, rename, rm } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import readline from 'node:readline';
-import { codes, NmiError } from '../errors/errors.js';
+import { codes, NmiError, messageOf } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import { addon } from '../native/addon.js';
 import type { HeldListener, ListenerName } from './listeners.js';
@@ -50,7 +50,7 @@ export function takeOver(socketPath: string, log: Logger, timeoutMs = 5_000): Pr
   try {
     received = native.receiveFds(socketPath, timeoutMs);
   } catch (err) {
-    throw new NmiError(codes.LISTEN, `--take-over: ${(err as Error).message}`, { cause: err });
+    throw new NmiError(codes.LISTEN, `--take-over: ${messageOf(err)}`, { cause: err });
   }
   if (!received) return undefined;
   let offer: Offer;
@@ -59,7 +59,7 @@ export function takeOver(socketPath: string, log: Logger, timeoutMs = 5_000): Pr
     if (offer.type !== 'listeners' || offer.names.length !== received.fds.length) throw new Error('not a listener offer');
   } catch (err) {
     for (const fd of [received.fd, ...received.fds]) native.closeFd(fd);
-    throw new NmiError(codes.LISTEN, `--take-over: ${socketPath} answered something else: ${(err as Error).message}`);
+    throw new NmiError(codes.LISTEN, `--take-over: ${socketPath} answered something else: ${messageOf(err)}`);
   }
   const listeners = new Map<string, number[]>(offer.names.map((name, i) => [name, [received.fds[i]!]]));
   const conn = new net.Socket({ fd: received.fd, readable: true, writable: true });
@@ -141,9 +141,10 @@ export class HandoffServer {
       return;
     }
     const offer: Offer = { type: 'listeners', pid: process.pid, names: held.map((l) => l.name) };
-    const error = native.sendFds(fd, `${JSON.stringify(offer)}\n`, held.map((l) => l.fd));
-    if (error) {
-      this.#log.warn({ error }, 'handoff failed');
+    try {
+      native.sendFds(fd, `${JSON.stringify(offer)}\n`, held.map((l) => l.fd));
+    } catch (err) {
+      this.#log.warn({ error: messageOf(err) }, 'handoff failed');
       conn.destroy();
       return;
     }

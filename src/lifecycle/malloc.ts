@@ -6,6 +6,7 @@
 // (one thread arena at 2.4 or 10.4 MiB). Setting both thresholds, at glibc's own
 // starting value, turns the raising off: large blocks stay mmapped and go back
 // on free, and a freed arena top is trimmed.
+import { messageOf } from '../errors/errors.js';
 import { addon } from '../native/addon.js';
 
 /** glibc's default for both, before any raise. */
@@ -14,8 +15,9 @@ export const MALLOC_THRESHOLD_BYTES = 128 * 1024;
 /** null once set, else why not (the daemon runs on, with malloc's defaults). */
 export function fixMallocThresholds(): string | null {
   try {
-    return addon().setMallocThresholds(MALLOC_THRESHOLD_BYTES);
+    addon().setMallocThresholds(MALLOC_THRESHOLD_BYTES);
+    return null;
   } catch (err) {
-    return (err as Error).message;
+    return messageOf(err);
   }
 }

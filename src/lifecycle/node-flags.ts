@@ -26,6 +26,7 @@
 // first two cost 10-15% of the rate (`bench --servers js,node`, before the worker:
 // 0.75 -> 0.79-0.82 × node:http), so it keeps V8's speed defaults and only the two
 // that cost it nothing.
+import { messageOf } from '../errors/errors.js';
 import { addon } from '../native/addon.js';
 import { listenFds } from '../systemd/listen-fds.js';
 
@@ -71,7 +72,7 @@ export function useNodeFlags(wanted: readonly string[]): void {
   try {
     error = addon().exec(process.execPath, [process.execPath, ...args], env, [...listenFds(process.env).values()].flat());
   } catch (err) {
-    error = (err as Error).message;
+    error = messageOf(err);
   }
   process.stderr.write(`nmi: could not restart node with ${wanted.join(' ')} (${error}); ${running}\n`);
 }

@@ -9,6 +9,7 @@
 // the kernel reports in /proc/self/smaps; dropping a page that was written to
 // would lose what was written.
 import { readFileSync, realpathSync } from 'node:fs';
+import { messageOf } from '../errors/errors.js';
 import { addon, type NativeAddon } from '../native/addon.js';
 
 export interface Mapping {
@@ -69,8 +70,11 @@ export function dropStartupPages(native: NativeAddon = addon()): Dropped {
   const mappings = cleanFileMappings(readFileSync('/proc/self/smaps', 'utf8'), realpathSync(process.execPath));
   const errors: string[] = [];
   for (const m of mappings) {
-    const error = native.dropPages(m.start, m.end - m.start);
-    if (error) errors.push(`${m.path} ${m.start.toString(16)}: ${error}`);
+    try {
+      native.dropPages(m.start, m.end - m.start);
+    } catch (err) {
+      errors.push(`${m.path} ${m.start.toString(16)}: ${messageOf(err)}`);
+    }
   }
   return { mappings: mappings.length, rssFileKiB: [before, rssFileKiB()], errors };
 }

@@ -1,4 +1,6 @@
-// The one place the addon's surface is typed and loaded.
+// The one place the addon's surface is typed and loaded. Every call fails one
+// way: it throws a NativeCallError (code NMI_ERR_NATIVE_CALL); a null or false
+// it returns is an answer ("nothing there", "not usable"), never a failure.
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -10,52 +12,59 @@ export interface NftResult {
   error: string;
 }
 
+/** The native server's bounds and rules, all from TypeScript (src/config/limits.ts, the flags, request.ts): the C++ keeps no copy. */
 export interface NativeServerOptions {
-  /** A listening TCP socket (src/net/listeners.ts). */
+  /** A listening TCP socket (src/lifecycle/listeners.ts). */
   fd: number;
   /** Past it, new connections wait in the kernel's backlog. */
   maxConnections: number;
   /** Past it, a caller's new connection is answered tooManyConnectionsAnswer and closed. */
   maxConnectionsPerSource: number;
-  /** Request line + headers; a longer head is handed over with error "overflow". */
+  /** Request line + headers; a longer head is deferred with error "overflow". */
   maxHeaderBytes: number;
-  /** A request partly received for this long is handed over with error "timeout". */
+  /** A request body; a longer declared one is deferred with error "too-large", unread. */
+  maxBodyBytes: number;
+  /** A request partly received for this long is deferred with error "timeout". */
   headerTimeoutMs: number;
+  /** An idle keep-alive connection is closed after this long; kept-alive answers say it in Keep-Alive: timeout= (seconds). */
+  keepAliveTimeoutMs: number;
   /** A connection whose unsent answers make no progress for this long is closed. */
   writeTimeoutMs: number;
   /** Answers a connection's peer has not taken; above it, the connection is not read. */
   maxUnsentBytes: number;
   /** Request bytes one connection has waiting on JS; above it, the connection is not read. */
-  maxHandedBytesPerConnection: number;
+  maxDeferredBytesPerConnection: number;
   /** Requests, and their bytes, the server has waiting on JS; past either, busyAnswer. */
-  maxHandedRequests: number;
-  maxHandedBytes: number;
+  maxDeferredRequests: number;
+  maxDeferredBytes: number;
   /** [status line and headers, each ending CRLF; body]: Date and Connection are added natively. */
   busyAnswer: [string, string];
   tooManyConnectionsAnswer: [string, string];
   metadataHeaderRequired: boolean;
-  /** --multiple-identities first: a request naming no id is served the first of several identities (TS orders them). */
-  firstOfSeveral: boolean;
+  /** --multiple-identities (config/commands.ts's MultipleIdentities): 'first' serves a request naming no id the first of its caller's identities (TS orders them). */
+  multipleIdentities: 'first' | 'refuse';
+  /** The api-versions a token request may name (request.ts's IDENTITY_API_VERSIONS); any other is deferred. */
+  apiVersions: readonly string[];
   /** --rules ebpf: the eBPF peers map; callers are then keyed "address#cgroup" (0: none recorded). */
   peerMapFd?: number;
 }
 
 /**
- * Why the native server handed a request over without a complete, framed request:
+ * Why the native server deferred a request to JS without a complete, framed request:
  * "malformed" (not HTTP/1.x), "overflow" (head too large), "timeout", "body"
  * (a Transfer-Encoding body, not taken), "body-not-allowed" (a body on the token
- * path or a GET or HEAD, refused unread), "too-large" (a body over 16 KiB), and
+ * path or a GET or HEAD, refused unread), "too-large" (a body over maxBodyBytes), and
  * "stopped" once, after serverStop, when the thread has finished (connId 0).
  */
-export type NativeHandoffError = 'malformed' | 'overflow' | 'timeout' | 'body' | 'body-not-allowed' | 'too-large' | 'stopped';
+export type NativeDeferError = 'malformed' | 'overflow' | 'timeout' | 'body' | 'body-not-allowed' | 'too-large' | 'stopped';
 
 /** Called on the JS thread for every request the native side does not answer itself. */
-export type NativeRequestHandler = (connId: number, requestId: number, raw: Buffer | null, remoteAddress: string, error: NativeHandoffError | null) => void;
+export type NativeRequestHandler = (connId: number, requestId: number, raw: Buffer | null, remoteAddress: string, error: NativeDeferError | null) => void;
 
 /** [identityKey, clientIdLowercase, resourceIdLowercase] */
 export type NativeIdentityRow = [string, string, string];
-/** [address, exception, index of its identity list] */
-export type NativeRouteRow = [string, boolean, number];
+/** A caller entry: [caller key, exception, index of its identity list] */
+export type NativeCallerRow = [string, boolean, number];
 /** [identityKey, resource, bodyBeforeExpiresIn, bodyAfterExpiresIn, expiresOnSeconds, serveUntilMs] */
 export type NativeTokenRow = [string, string, string, string, number, number];
 /** [identityKey, resource] */
@@ -64,7 +73,7 @@ export type NativeTokenKey = [string, string];
 export interface NativeServerStats {
   connections: number;
   hits: number;
-  handedToJs: number;
+  deferredToJs: number;
   malformed: number;
   overflow: number;
   timeout: number;
@@ -83,31 +92,31 @@ export interface NativeAddon {
   nftLoad(): string | null;
   /** Runs one nft transaction through libnftables in the caller's network namespace. */
   nftRun(commands: string, json: boolean): NftResult;
-  /** Sends one sd_notify datagram, with descriptors as SCM_RIGHTS when given; null on success, else the errno text. */
-  sdNotify(socketPath: string, message: string, fds?: number[]): string | null;
-  /** A listening, non-blocking, close-on-exec TCP socket bound to host:port; throws with `errno` when it cannot be. */
+  /** Sends one sd_notify datagram, with descriptors as SCM_RIGHTS when given. */
+  sdNotify(socketPath: string, message: string, fds?: number[]): void;
+  /** A listening, non-blocking, close-on-exec TCP socket bound to host:port. */
   listenTcp(host: string, port: number, backlog: number): number;
-  /** A listening unix stream socket at path, created with the umask that gives mode; throws with `errno` when it cannot be. */
+  /** A listening unix stream socket at path, created with the umask that gives mode. */
   listenUnix(path: string, mode: number, backlog: number): number;
   /** Where a descriptor listens, when it is a listening TCP or unix socket (null otherwise); marks it close-on-exec. */
   listeningAddress(fd: number): { host: string; port: number } | { path: string } | null;
   /** A close-on-exec duplicate of a descriptor. */
   dupFd(fd: number): number;
   closeFd(fd: number): void;
-  /** One message with descriptors (SCM_RIGHTS) on a connected unix stream socket; null on success, else the errno text. */
-  sendFds(socketFd: number, message: string, fds: number[]): string | null;
+  /** One message with descriptors (SCM_RIGHTS) on a connected unix stream socket. */
+  sendFds(socketFd: number, message: string, fds: number[]): void;
   /** Connects to a unix stream socket and reads its first message and descriptors; null when nothing listens there. */
   receiveFds(path: string, timeoutMs: number): { fd: number; message: string; fds: number[] } | null;
   /** Who is at the other end of a unix socket (SO_PEERCRED); null when unknown. */
   peerCredentials(socketFd: number): { uid: number; pid: number } | null;
-  /** Moves the calling (main) thread into the network namespace at path; null on success. */
-  setNetns(path: string): string | null;
-  /** madvise(MADV_DONTNEED) on [start, start + length); null on success, else the errno text. */
-  dropPages(start: bigint, length: bigint): string | null;
-  /** mallopt(M_MMAP_THRESHOLD, bytes) and mallopt(M_TRIM_THRESHOLD, bytes); null on success, else which one was refused. */
-  setMallocThresholds(bytes: number): string | null;
-  /** execve(2): replaces the process image (same pid), keeping stdio and keepFds open; returns the errno text only when that failed. */
-  exec(file: string, argv: string[], env: string[], keepFds?: number[]): string;
+  /** Moves the calling (main) thread into the network namespace at path. */
+  setNetns(path: string): void;
+  /** madvise(MADV_DONTNEED) on [start, start + length). */
+  dropPages(start: bigint, length: bigint): void;
+  /** mallopt(M_MMAP_THRESHOLD, bytes) and mallopt(M_TRIM_THRESHOLD, bytes); the error says which one was refused. */
+  setMallocThresholds(bytes: number): void;
+  /** execve(2): replaces the process image (same pid), keeping stdio and keepFds open; returns only by throwing. */
+  exec(file: string, argv: string[], env: string[], keepFds?: number[]): never;
   /**
    * The TCP socket of this network namespace whose own end is local and whose peer is remote (sock_diag):
    * its owner's uid and the cgroup v2 id it was created in (null before Linux 5.7); null when there is none.
@@ -115,10 +124,10 @@ export interface NativeAddon {
   socketOwner(localAddress: string, localPort: number, remoteAddress: string, remotePort: number): SocketOwner | null;
   /** Starts the server's epoll thread on a listening socket, which it owns (and closes) from then on. */
   serverStart(options: NativeServerOptions, onRequest: NativeRequestHandler): { id: number; port: number };
-  /** Queues the complete answer bytes of one handed-over request; close ends the connection after it. */
+  /** Queues the complete answer bytes of one deferred request; close ends the connection after it. */
   serverRespond(server: number, connId: number, requestId: number, bytes: Buffer, close: boolean): void;
-  /** Replaces the route table (caller address → identities) in one swap; routes with the same identities share a list. */
-  serverSetRoutes(server: number, lists: NativeIdentityRow[][], routes: NativeRouteRow[]): void;
+  /** Replaces the caller table (caller key → identities) in one swap; entries with the same identities share a list. */
+  serverSetCallers(server: number, lists: NativeIdentityRow[][], callers: NativeCallerRow[]): void;
   /** Adds or replaces `upserts` and removes `removals` from the token table, in one swap. */
   serverUpdateTokens(server: number, upserts: NativeTokenRow[], removals: NativeTokenKey[]): void;
   /** Stops accepting and drains (at most drainMs); false when already stopping or stopped. */
@@ -161,6 +170,64 @@ export interface BpfLinkInfo {
   cgroupId: bigint;
 }
 
+/** How every addon call fails: what the C++ threw, its message kept, with the system's errno when it gave one. */
+export class NativeCallError extends NmiError {
+  /** The addon function that failed. */
+  readonly call: string;
+  readonly errno: number | undefined;
+  constructor(call: string, cause: unknown) {
+    const thrown = cause as { message?: unknown; errno?: unknown } | null;
+    super(codes.NATIVE_CALL, typeof thrown?.message === 'string' ? thrown.message : String(cause), { cause });
+    this.name = 'NativeCallError';
+    this.call = call;
+    this.errno = typeof thrown?.errno === 'number' ? thrown.errno : undefined;
+  }
+}
+
+/** What is wrong with serverStart's options, checked here so the C++ takes them as given; undefined when nothing. */
+export function serverOptionsProblem(options: NativeServerOptions): string | undefined {
+  const counts = [
+    'maxConnections', 'maxConnectionsPerSource', 'maxHeaderBytes', 'maxBodyBytes', 'headerTimeoutMs', 'keepAliveTimeoutMs',
+    'writeTimeoutMs', 'maxUnsentBytes', 'maxDeferredBytesPerConnection', 'maxDeferredRequests', 'maxDeferredBytes',
+  ] as const;
+  // The C++ reads them as 32-bit unsigned numbers.
+  for (const name of counts) if (!isUint32(options[name]) || options[name] === 0) return `${name} must be a whole number from 1 to 2^32-1, not ${options[name]}`;
+  if (!isUint32(options.fd)) return `fd must be a descriptor, not ${options.fd}`;
+  if (options.peerMapFd !== undefined && !isUint32(options.peerMapFd)) return `peerMapFd must be a descriptor, not ${options.peerMapFd}`;
+  if (options.multipleIdentities !== 'first' && options.multipleIdentities !== 'refuse') return `multipleIdentities must be 'first' or 'refuse'`;
+  if (options.apiVersions.length === 0 || options.apiVersions.some((v) => typeof v !== 'string' || v === '')) return 'apiVersions must be a list of api-versions';
+  for (const name of ['busyAnswer', 'tooManyConnectionsAnswer'] as const) {
+    const [head, body] = options[name];
+    if (typeof head !== 'string' || !head.endsWith('\r\n') || typeof body !== 'string') return `${name} must be [head ending CRLF, body]`;
+  }
+  return undefined;
+}
+
+function isUint32(n: number): boolean {
+  return Number.isInteger(n) && n >= 0 && n <= 0xffff_ffff;
+}
+
+/** The raw module's functions, each throwing a NativeCallError for whatever the C++ threw; serverStart checks its options first. */
+function typed(raw: Record<string, unknown>): NativeAddon {
+  const surface: Record<string, unknown> = {};
+  for (const [name, fn] of Object.entries(raw)) {
+    if (typeof fn !== 'function') continue;
+    const call = (...args: unknown[]): unknown => {
+      try {
+        return (fn as (...a: unknown[]) => unknown)(...args);
+      } catch (err) {
+        throw new NativeCallError(name, err);
+      }
+    };
+    surface[name] = name !== 'serverStart' ? call : (options: NativeServerOptions, ...rest: unknown[]): unknown => {
+      const problem = serverOptionsProblem(options);
+      if (problem) throw new NmiError(codes.NATIVE_CALL, `serverStart: ${problem}`);
+      return call(options, ...rest);
+    };
+  }
+  return surface as unknown as NativeAddon;
+}
+
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 const candidates = ['build/Release/nmi.node', 'build/Debug/nmi.node'];
 let loaded: NativeAddon | undefined;
@@ -172,7 +239,7 @@ export function addon(): NativeAddon {
   const errors: string[] = [];
   for (const candidate of candidates) {
     try {
-      loaded = require(path.join(root, candidate)) as NativeAddon;
+      loaded = typed(require(path.join(root, candidate)) as Record<string, unknown>);
       loadedFrom = path.dirname(path.join(root, candidate));
       return loaded;
     } catch (err) {

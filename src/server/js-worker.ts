@@ -1,8 +1,8 @@
 // The js server's HTTP side, in a worker thread that token-server.ts starts.
 // Here: node:http with the server's limits, path hygiene and checks 1–5
 // (request.ts), and cache hits answered from the tables (tables.ts) the main
-// thread feeds it, as the native server answers them. Any other request goes
-// to the main thread's token core whole, and its answer comes back to be
+// thread feeds it, as the native server answers them. Any other request is
+// deferred to the main thread's token core whole, and its answer comes back to be
 // written here. Every resource a caller can make it hold is bounded: bodies,
 // connections (per source and in all), requests waiting on the main thread,
 // and output its peer does not take.
@@ -25,13 +25,13 @@ import { RequestCounts } from './request-counts.js';
 import { checkedHeaders, classifyRequest, type Classification, type RequestHeaders, type RequestPolicy, type RouteName, type TokenRequest } from './request.js';
 import type { MultipleIdentities } from '../config/commands.js';
 import { selectIdentity } from './select-identity.js';
-import type { RouteRow, TableToken, TokenId } from './tables.js';
+import type { CallerRow, TableToken, TokenId } from './tables.js';
 import type { WholeRequest } from './core.js';
 
 export interface WorkerSetup {
   policy: RequestPolicy;
   multipleIdentities: MultipleIdentities;
-  /** --rules ebpf: the peers map; callers are then routed by address and the cgroup that connected. */
+  /** --rules ebpf: the peers map; callers are then keyed by address and the cgroup that connected. */
   peerMapFd?: number;
   /** Where to count requests (ServerMetrics.segment()), when metrics are kept. */
   counts?: SharedArrayBuffer;
@@ -47,7 +47,7 @@ export interface TableIdentity {
 
 export type ToWorker =
   | { type: 'listen'; host: string; port: number; fd?: number }
-  | { type: 'routes'; lists: TableIdentity[][]; rows: RouteRow[] }
+  | { type: 'callers'; lists: TableIdentity[][]; rows: CallerRow[] }
   | { type: 'tokens'; upserts: TableToken[]; removals: TokenId[] }
   | { type: 'answer'; id: number; answer: Answer }
   | { type: 'close'; drainMs: number };
@@ -61,8 +61,8 @@ export type FromWorker =
 interface Caller {
   remoteAddress: string | undefined;
   cgroup?: bigint | null;
-  /** Its key in the route table; undefined when it can have no route (unattested). */
-  route: string | undefined;
+  /** Its key in the caller table; undefined when it can have no entry (unattested). */
+  tableKey: string | undefined;
 }
 
 /** An accepted connection: its caller, read once (socket.remoteAddress costs more per request), and what it holds. */
@@ -71,15 +71,15 @@ interface Connection {
   /** What --max-connections-per-source counts by: the attested key, else the address. */
   source: string;
   /** Its requests waiting on the main thread, by id, and their bytes. */
-  handed: Set<number>;
-  handedBytes: number;
+  deferred: Set<number>;
+  deferredBytes: number;
   /** The output the kernel had taken when its pending output was last seen to move, and when that was. */
   flushed: number;
   stalledSince: number | undefined;
 }
 
 /** A request waiting on the main thread. */
-interface Handed {
+interface Deferred {
   res: http.ServerResponse;
   bytes: number;
   connection: Connection;
@@ -100,13 +100,13 @@ const post = (message: FromWorker) => port.postMessage(message);
 const connections = new Map<Socket, Connection>();
 /** Accepted connections by Connection.source. */
 const perSource = new Map<string, number>();
-let routes = new Map<string, { exception: boolean; identities: TableIdentity[] }>();
+let callers = new Map<string, { exception: boolean; identities: TableIdentity[] }>();
 /** identity key → resource → token. */
 const tokens = new Map<string, Map<string, TableToken>>();
-/** Requests handed to the main thread, by id, until answered or gone. */
-const handedOver = new Map<number, Handed>();
-/** Their bytes, as Handed.bytes counts them. */
-let handedBytes = 0;
+/** Requests deferred to the main thread, by id, until answered or gone. */
+const deferred = new Map<number, Deferred>();
+/** Their bytes, as Deferred.bytes counts them. */
+let deferredBytes = 0;
 let nextId = 0;
 const noBody = new Uint8Array(0);
 const bodyNotAllowed = problemAnswer(problems.bodyNotAllowed);
@@ -124,7 +124,7 @@ function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
   const body = declaredBody(headers);
   let now = answerNow(method, classified, body, connection);
   // Sized only when it is to wait on the main thread: a cache hit is not.
-  const bytes = now ? 0 : handedSize(method, target, req.rawHeaders, body);
+  const bytes = now ? 0 : deferredSize(method, target, req.rawHeaders, body);
   now ??= hasRoom(connection, bytes) ? undefined : busy;
   if (now) {
     // A body left unread: what follows it on the connection cannot be told apart from it.
@@ -133,10 +133,10 @@ function handle(req: http.IncomingMessage, res: http.ServerResponse): void {
     return;
   }
   const id = nextId++;
-  handedOver.set(id, { res, bytes, connection });
-  handedBytes += bytes;
-  connection.handed.add(id);
-  connection.handedBytes += bytes;
+  deferred.set(id, { res, bytes, connection });
+  deferredBytes += bytes;
+  connection.deferred.add(id);
+  connection.deferredBytes += bytes;
   res.once('close', () => {
     release(id);
     observe(res, classified.route, started);
@@ -159,9 +159,9 @@ function answerNow(method: string, classified: Classification, body: DeclaredBod
 /** Whether another request of `bytes` may wait on the main thread, for the server and for its connection. */
 function hasRoom(connection: Connection, bytes: number): boolean {
   return (
-    handedOver.size < bounds.maxHandedRequests &&
-    handedBytes + bytes <= bounds.maxHandedBytes &&
-    connection.handedBytes + bytes <= bounds.maxHandedBytesPerConnection
+    deferred.size < bounds.maxDeferredRequests &&
+    deferredBytes + bytes <= bounds.maxDeferredBytes &&
+    connection.deferredBytes + bytes <= bounds.maxDeferredBytesPerConnection
   );
 }
 
@@ -172,21 +172,21 @@ function declaredBody(headers: RequestHeaders): DeclaredBody {
 }
 
 /** A request's size while it waits on the main thread, roughly: its head, and its body (chunked: what it may grow to). */
-function handedSize(method: string, target: string, rawHeaders: readonly string[], body: DeclaredBody): number {
+function deferredSize(method: string, target: string, rawHeaders: readonly string[], body: DeclaredBody): number {
   let size = method.length + target.length + (body === 'chunked' ? limits.maxBodyBytes : body);
   for (const part of rawHeaders) size += part.length;
   return size;
 }
 
 /** The request no longer waits on the main thread: answered, or its client gone. */
-function release(id: number): Handed | undefined {
-  const handed = handedOver.get(id);
-  if (!handed) return undefined;
-  handedOver.delete(id);
-  handedBytes -= handed.bytes;
-  handed.connection.handed.delete(id);
-  handed.connection.handedBytes -= handed.bytes;
-  return handed;
+function release(id: number): Deferred | undefined {
+  const request = deferred.get(id);
+  if (!request) return undefined;
+  deferred.delete(id);
+  deferredBytes -= request.bytes;
+  request.connection.deferred.delete(id);
+  request.connection.deferredBytes -= request.bytes;
+  return request;
 }
 
 /** The answer, after which the connection ends; Connection: close where node:http puts its own, after answers.ts's headers. */
@@ -194,11 +194,11 @@ function closing(answer: Answer): Answer {
   return { ...answer, headers: [...answer.headers, ['Connection', 'close']] };
 }
 
-/** The cache hit, as the native server answers it: a routed caller, one identity the request names, its token within its window. */
+/** The cache hit, as the native server answers it: a caller in the caller table, one identity the request names, its token within its window. */
 function fromTables(caller: Caller, request: TokenRequest): Answer | undefined {
-  const route = caller.route === undefined ? undefined : routes.get(caller.route);
-  if (!route || route.exception) return undefined;
-  const identity = selectIdentity(route.identities, request.selector, setup.multipleIdentities);
+  const callerEntry = caller.tableKey === undefined ? undefined : callers.get(caller.tableKey);
+  if (!callerEntry || callerEntry.exception) return undefined;
+  const identity = selectIdentity(callerEntry.identities, request.selector, setup.multipleIdentities);
   if (typeof identity === 'string') return undefined;
   const entry = tokens.get(identity.key)?.get(request.resource);
   return entry && entry.serveUntilMs > Date.now() ? tokenAnswer(entry.token) : undefined;
@@ -231,17 +231,17 @@ function readBody(req: http.IncomingMessage, body: DeclaredBody): Promise<Uint8A
 
 function answer(id: number, given: Answer): void {
   // Gone: the client went away meanwhile. Once closing, drain() (or drain.ts, for later requests) has said Connection: close.
-  // Answered, it no longer counts against the hand-over bounds, even while its peer has yet to take it.
-  const handed = release(id);
-  if (!handed) return;
+  // Answered, it no longer counts against the defer bounds, even while its peer has yet to take it.
+  const request = release(id);
+  if (!request) return;
   // Structured cloning made the body a plain Uint8Array.
-  writeAnswer(handed.res, { ...given, body: Buffer.from(given.body.buffer, given.body.byteOffset, given.body.byteLength) });
+  writeAnswer(request.res, { ...given, body: Buffer.from(given.body.buffer, given.body.byteOffset, given.body.byteLength) });
 }
 
-function setRoutes(lists: TableIdentity[][], rows: RouteRow[]): void {
+function setCallers(lists: TableIdentity[][], rows: CallerRow[]): void {
   const next = new Map<string, { exception: boolean; identities: TableIdentity[] }>();
   for (const [address, exception, list] of rows) next.set(address, { exception, identities: lists[list] ?? [] });
-  routes = next;
+  callers = next;
 }
 
 function updateTokens(upserts: TableToken[], removals: TokenId[]): void {
@@ -270,9 +270,9 @@ function listen(host: string, wanted: number, fd: number | undefined): void {
   else server.listen({ fd }, done);
 }
 
-/** Stops accepting, lets handed-over requests be answered (at most drainMs), then closes every connection. */
+/** Stops accepting, lets deferred requests be answered (at most drainMs), then closes every connection. */
 async function drain(drainMs: number): Promise<void> {
-  for (const { res } of handedOver.values()) if (!res.headersSent) res.setHeader('Connection', 'close');
+  for (const { res } of deferred.values()) if (!res.headersSent) res.setHeader('Connection', 'close');
   await draining.drain(drainMs);
   post({ type: 'closed' });
 }
@@ -306,26 +306,26 @@ const tooManyConnections = problemAnswer(problems.tooManyConnections);
 
 function callerOf(socket: Socket): Caller {
   const remoteAddress = socket.remoteAddress && plainAddress(socket.remoteAddress);
-  if (!peers) return { remoteAddress, route: remoteAddress };
+  if (!peers) return { remoteAddress, tableKey: remoteAddress };
   const cgroup = connectionCgroup(peers, socket);
-  return { remoteAddress, cgroup, route: remoteAddress && cgroup !== null ? attestedKey(remoteAddress, cgroup) : undefined };
+  return { remoteAddress, cgroup, tableKey: remoteAddress && cgroup !== null ? attestedKey(remoteAddress, cgroup) : undefined };
 }
 
 /** Within the bounds, a connection goes to node:http; past them it is answered 429 (its source's) or 503 (the server's) and closed. */
 function accept(socket: Socket): void {
   const caller = callerOf(socket);
-  const source = caller.route ?? caller.remoteAddress ?? '';
+  const source = caller.tableKey ?? caller.remoteAddress ?? '';
   const held = perSource.get(source) ?? 0;
   if (held >= bounds.maxConnectionsPerSource) return refuse(socket, tooManyConnections);
   // Not server.maxConnections: node resets the connections past it.
   if (connections.size >= bounds.maxConnections) return refuse(socket, busy);
   perSource.set(source, held + 1);
-  const connection: Connection = { caller, source, handed: new Set(), handedBytes: 0, flushed: 0, stalledSince: undefined };
+  const connection: Connection = { caller, source, deferred: new Set(), deferredBytes: 0, flushed: 0, stalledSince: undefined };
   connections.set(socket, connection);
   socket.once('close', () => {
     connections.delete(socket);
     // node:http closes only the answer under way; those queued behind it (pipelined) never close.
-    for (const id of connection.handed) release(id);
+    for (const id of connection.deferred) release(id);
     const left = perSource.get(source)! - 1;
     if (left === 0) perSource.delete(source);
     else perSource.set(source, left);
@@ -379,8 +379,8 @@ port.on('message', (message: ToWorker) => {
   switch (message.type) {
     case 'listen':
       return listen(message.host, message.port, message.fd);
-    case 'routes':
-      return setRoutes(message.lists, message.rows);
+    case 'callers':
+      return setCallers(message.lists, message.rows);
     case 'tokens':
       return updateTokens(message.upserts, message.removals);
     case 'answer':

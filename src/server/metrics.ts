@@ -74,15 +74,15 @@ class Shared {
   reset(): void {}
 }
 
-type NativeCounts = Pick<NativeServerStats, 'hits' | 'handedToJs' | 'malformed' | 'overflow' | 'timeout' | 'busy' | 'refusedConnections' | 'writeTimeouts' | 'acceptErrors'>;
+type NativeCounts = Pick<NativeServerStats, 'hits' | 'deferredToJs' | 'malformed' | 'overflow' | 'timeout' | 'busy' | 'refusedConnections' | 'writeTimeouts' | 'acceptErrors'>;
 
 /** The native fast path's own counters, read at scrape time. */
 export function registerNativeMetrics(registry: Registry, stats: () => NativeCounts | undefined): void {
   nativeCounter(registry, stats, {
     name: 'nmi_native_requests_total',
-    help: 'Requests the native server read: answered in C++ (hit), handed to JS (js), refused (malformed, overflow, timeout), or answered 503 because as many wait on JS as may (busy)',
+    help: 'Requests the native server read: answered in C++ (hit), deferred to JS (js), refused (malformed, overflow, timeout), or answered 503 because as many wait on JS as may (busy)',
     label: 'result',
-    read: (s) => ({ hit: s.hits, js: s.handedToJs, malformed: s.malformed, overflow: s.overflow, timeout: s.timeout, busy: s.busy }),
+    read: (s) => ({ hit: s.hits, js: s.deferredToJs, malformed: s.malformed, overflow: s.overflow, timeout: s.timeout, busy: s.busy }),
   });
   nativeCounter(registry, stats, {
     name: 'nmi_native_connections_refused_total',

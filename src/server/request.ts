@@ -10,7 +10,7 @@ export type ProxyCategory = (typeof PROXY_CATEGORIES)[number];
 /** Bounded on purpose: it labels metrics. */
 export type RouteName = 'token' | ProxyCategory | 'other';
 
-/** IMDS api-versions that serve identity tokens (2018-02-01 onwards). */
+/** IMDS api-versions that serve identity tokens (2018-02-01 onwards); the native server takes this list at start (native-server.ts). */
 export const IDENTITY_API_VERSIONS: ReadonlySet<string> = new Set([
   '2018-02-01', '2019-03-11', '2019-06-01', '2019-06-04', '2019-08-01', '2019-08-15', '2019-11-01',
   '2020-06-01', '2020-07-15', '2020-09-01', '2020-10-01', '2020-12-01', '2021-01-01', '2021-02-01',

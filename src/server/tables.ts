@@ -1,5 +1,5 @@
 // The tables a server answers cache hits from without asking the token core:
-// routes (caller address → bound identities), rebuilt from the pods and
+// callers (caller address → bound identities), rebuilt from the pods and
 // bindings on every change, and tokens, each entering when the core has just
 // served it, for a short window, so a token is never served from a table past
 // the point where the cache would refresh or drop it by more than that window.
@@ -15,8 +15,8 @@ import type { TokenServerDeps } from './core.js';
 
 /** A server that answers hits from tables. */
 export interface TableFedServer {
-  /** Replaces the route table in one swap. */
-  setRoutes(routes: Route[]): void;
+  /** Replaces the caller table in one swap. */
+  setCallers(callers: CallerEntry[]): void;
   /** Adds or replaces `upserts` and removes `removals` from the token table, in one swap. */
   updateTokens(upserts: TableToken[], removals: TokenId[]): void;
   /** Called each time the token core answers a token, with what it answered. */
@@ -25,12 +25,13 @@ export interface TableFedServer {
 
 export type TokenServedListener = (identity: AzureIdentity, resource: string, token: Token) => void;
 
-export interface Route {
+/** A row of the caller table: a caller and the identities bound to it. */
+export interface CallerEntry {
   /** The caller's address; with --rules ebpf "address#cgroup". */
   address: string;
-  /** Exception pods are always handed to the token core (it passes them through). */
+  /** Exception pods are always left to the token core (it passes them through). */
   exception: boolean;
-  /** Routes given the same array share one list in the table. */
+  /** Entries given the same array share one list in the table. */
   identities: readonly AzureIdentity[];
 }
 
@@ -73,14 +74,14 @@ export function tellingServed<D extends Pick<TokenServerDeps, 'getToken' | 'peek
   };
 }
 
-/** A route as the servers take it: [address, exception, index of its identity list]. */
-export type RouteRow = [string, boolean, number];
+/** A caller entry as the servers take it: [address, exception, index of its identity list]. */
+export type CallerRow = [string, boolean, number];
 
 /** One list per distinct identities array, each identity as `row` makes it: 250 pods bound alike are one list, not 250. */
-export function packRoutes<R>(routes: readonly Route[], row: (identity: AzureIdentity) => R): { lists: R[][]; rows: RouteRow[] } {
+export function packCallers<R>(callers: readonly CallerEntry[], row: (identity: AzureIdentity) => R): { lists: R[][]; rows: CallerRow[] } {
   const index = new Map<readonly AzureIdentity[], number>();
   const lists: R[][] = [];
-  const rows = routes.map(({ address, exception, identities }): RouteRow => {
+  const rows = callers.map(({ address, exception, identities }): CallerRow => {
     let i = index.get(identities);
     if (i === undefined) {
       index.set(identities, (i = lists.length));
@@ -105,7 +106,7 @@ export interface TableSources {
     on(event: 'change', listener: (keys: Set<string>) => void): unknown;
     on(event: 'update', listener: () => void): unknown;
   };
-  /** --rules ebpf: the pod's cgroups; routes are then keyed "address#cgroup", one per cgroup. */
+  /** --rules ebpf: the pod's cgroups; caller entries are then keyed "address#cgroup", one per cgroup. */
   cgroupsOf?(pod: Pod): readonly bigint[];
   /** How long a token the core served may be served from the tables [30 s]. */
   serveWindowMs?: number;
@@ -114,7 +115,7 @@ export interface TableSources {
 }
 
 export interface Tables {
-  /** Rebuilds the routes from scratch now (call on every pod or bindings change). */
+  /** Rebuilds the caller table from scratch now (call on every pod or bindings change). */
   refresh(): void;
   stop(): void;
 }
@@ -125,7 +126,8 @@ export function attachTables(server: TableFedServer, sources: TableSources): Tab
   // What changed since the last push: only that crosses to the server.
   const upserts = new Map<string, TableToken>();
   const removals = new Map<string, TableToken>();
-  let routed = new Set<string>();
+  // The keys of the identities in the caller table: only their tokens are worth a place in the token table.
+  let tabled = new Set<string>();
 
   function push(): void {
     if (upserts.size === 0 && removals.size === 0) return;
@@ -152,11 +154,11 @@ export function attachTables(server: TableFedServer, sources: TableSources): Tab
   }
 
   function refresh(): void {
-    const routes = buildRoutes(sources.pods(), sources.identitiesFor, sources.cgroupsOf);
-    routed = new Set<string>();
-    for (const identities of new Set(routes.map((route) => route.identities))) for (const identity of identities) routed.add(identityKey(identity));
-    server.setRoutes(routes);
-    for (const [key, entry] of tokens) if (!routed.has(entry.identityKey)) remove(key, entry);
+    const callers = buildCallerEntries(sources.pods(), sources.identitiesFor, sources.cgroupsOf);
+    tabled = new Set<string>();
+    for (const identities of new Set(callers.map((caller) => caller.identities))) for (const identity of identities) tabled.add(identityKey(identity));
+    server.setCallers(callers);
+    for (const [key, entry] of tokens) if (!tabled.has(entry.identityKey)) remove(key, entry);
     push();
   }
 
@@ -164,7 +166,7 @@ export function attachTables(server: TableFedServer, sources: TableSources): Tab
     const now = Date.now();
     const serveUntilMs = Math.min(now + serveWindowMs, token.expiresOn * 1000 - EXPIRY_MARGIN_MS);
     const key = identityKey(identity);
-    if (serveUntilMs <= now || !routed.has(key)) return;
+    if (serveUntilMs <= now || !tabled.has(key)) return;
     const entry = { identityKey: key, resource, token, serveUntilMs };
     const id = tokenKey(entry);
     // Requests the server leaves to the core (HTTP/1.0, say) would otherwise push the same token on every answer.
@@ -179,7 +181,7 @@ export function attachTables(server: TableFedServer, sources: TableSources): Tab
     for (const [key, entry] of tokens) if (keys.has(identityNameOf(entry.identityKey))) remove(key, entry);
     push();
   });
-  // Routes follow every bindings set (an exception alone changes no identity) and, through refresh(), every pod change.
+  // The caller table follows every bindings set (an exception alone changes no identity) and, through refresh(), every pod change.
   sources.store?.on('update', refresh);
   const timer = setInterval(() => {
     for (const [key, entry] of tokens) if (entry.serveUntilMs <= Date.now()) remove(key, entry);
@@ -199,21 +201,21 @@ const none: readonly AzureIdentity[] = [];
 
 /**
  * Addresses of exactly one live pod, as PodIndex indexes them; an address two pods claim is left to the token core.
- * With cgroupsOf, a route per (address, cgroup of that pod): a socket of any other cgroup is left to the token core.
+ * With cgroupsOf, an entry per (address, cgroup of that pod): a socket of any other cgroup is left to the token core.
  */
-export function buildRoutes(pods: readonly Pod[], identitiesFor: (pod: Pod) => PodIdentities, cgroupsOf?: (pod: Pod) => readonly bigint[]): Route[] {
+export function buildCallerEntries(pods: readonly Pod[], identitiesFor: (pod: Pod) => PodIdentities, cgroupsOf?: (pod: Pod) => readonly bigint[]): CallerEntry[] {
   const owners = new Map<string, Set<Pod>>();
   for (const pod of pods) {
     if (!isCaller(pod)) continue;
     for (const ip of pod.ips) owners.set(ip, (owners.get(ip) ?? new Set<Pod>()).add(pod));
   }
-  const routes: Route[] = [];
+  const entries: CallerEntry[] = [];
   for (const [address, set] of owners) {
     const [pod] = set;
     if (!pod || set.size > 1) continue;
     const bound = identitiesFor(pod);
     const keys = cgroupsOf ? cgroupsOf(pod).map((id) => attestedKey(address, id)) : [address];
-    for (const key of keys) routes.push({ address: key, exception: bound.exception, identities: bound.exception ? none : bound.identities });
+    for (const key of keys) entries.push({ address: key, exception: bound.exception, identities: bound.exception ? none : bound.identities });
   }
-  return routes;
+  return entries;
 }

@@ -1,13 +1,14 @@
 // The `js` token server: its HTTP runs in a worker thread (js-worker.ts), which
-// answers cache hits from tables.ts's tables and hands every other request here
+// answers cache hits from tables.ts's tables and defers every other request here
 // whole, to the request core (core.ts) it shares with the native server.
 import { Worker } from 'node:worker_threads';
 import { identityKey } from '../bindings/model.js';
-import { answerWhole, createRequestCore, errorSummary, type TokenServerDeps } from './core.js';
+import { errorSummary } from '../errors/errors.js';
+import { answerWhole, createRequestCore, type TokenServerDeps } from './core.js';
 import type { FromWorker, ToWorker, WorkerSetup } from './js-worker.js';
 import { limits, serverBounds, type ServerBounds } from '../config/limits.js';
 import { createImdsProxy } from './proxy.js';
-import { packRoutes, tellingServed, type TableFedServer, type TokenServedListener } from './tables.js';
+import { packCallers, tellingServed, type TableFedServer, type TokenServedListener } from './tables.js';
 
 export interface TokenServer extends TableFedServer {
   /** Serves on `fd` when given (a listener kept across restarts, which the server then owns), else binds host:port. */
@@ -90,9 +91,9 @@ export function createTokenServer(deps: TokenServerDeps, given: { peerMapFd?: nu
       stopped ??= stop(drainMs);
       return stopped;
     },
-    setRoutes(routes) {
-      const { lists, rows } = packRoutes(routes, (id) => ({ key: identityKey(id), clientID: id.clientID, resourceID: id.resourceID }));
-      send({ type: 'routes', lists, rows });
+    setCallers(callers) {
+      const { lists, rows } = packCallers(callers, (id) => ({ key: identityKey(id), clientID: id.clientID, resourceID: id.resourceID }));
+      send({ type: 'callers', lists, rows });
     },
     updateTokens(upserts, removals) {
       send({ type: 'tokens', upserts, removals: removals.map(({ identityKey: key, resource }) => ({ identityKey: key, resource })) });

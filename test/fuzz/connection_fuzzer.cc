@@ -26,9 +26,10 @@ namespace {
 Limits SmallLimits() {
   Limits l;
   l.maxHeaderBytes = 256;
+  l.maxBodyBytes = 16 * 1024;  // as src/config/limits.ts's maxBodyBytes
   l.maxPending = 4;
   l.maxUnsentBytes = 512;
-  l.maxHandedBytes = 600;
+  l.maxDeferredBytes = 600;
   l.headerTimeoutMs = 1000;
   l.writeTimeoutMs = 2000;
   l.keepAliveMs = 500;
@@ -53,7 +54,7 @@ class FakeHost : public Host {
     uint64_t requestId;
     uint64_t seq;
   };
-  std::vector<Waiting> waiting;  // handed over, not answered yet
+  std::vector<Waiting> waiting;  // deferred, not answered yet
   uint64_t seq = 0;              // requests in the order the connection took them
   size_t capacity = 3;           // how many JavaScript may hold before the server says busy
   uint64_t busy = 0;
@@ -64,7 +65,7 @@ class FakeHost : public Host {
     out += Marked('H', seq, 40);
     return true;
   }
-  bool HandOff(Connection&, uint64_t requestId, std::string bytes, std::string_view error) override {
+  bool Defer(Connection&, uint64_t requestId, std::string bytes, std::string_view error) override {
     // A request TryAnswer did not see (a body, or no request at all) takes its place in line here.
     if (!bytes.empty() ? bytes.find("\r\n\r\n") + 4 != bytes.size() : true) seq++;
     if (waiting.size() >= capacity) {
@@ -133,8 +134,8 @@ void Run(Reader& in) {
     c.Pump(host, now);
     if (c.ShouldShutdown()) c.StartLinger(now);
     CHECK(c.Pending() <= limits.maxPending);
-    CHECK(c.BufferedInput() <= limits.maxHeaderBytes + nmi::http::kMaxBodyBytes + kMaxRead);
-    CHECK(c.HandedBytes() <= limits.maxHandedBytes + limits.maxHeaderBytes + nmi::http::kMaxBodyBytes);
+    CHECK(c.BufferedInput() <= limits.maxHeaderBytes + limits.maxBodyBytes + kMaxRead);
+    CHECK(c.DeferredBytes() <= limits.maxDeferredBytes + limits.maxHeaderBytes + limits.maxBodyBytes);
     // Output grows past its bound by what was already answered when the bound was reached, never more.
     CHECK(c.UnsentBytes() <= limits.maxUnsentBytes + (limits.maxPending + 1) * kMaxAnswer);
     largestInput = std::max(largestInput, c.BufferedInput());

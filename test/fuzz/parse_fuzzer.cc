@@ -1,8 +1,9 @@
-// libFuzzer target for the native server's pure half (native/http-parse.cc):
-// the input is what one connection sent. It is framed as server.cc's
-// ProcessOne frames it, and every complete bodiless request goes through the
-// hit check and the table lookup, against a small fixed table so hits are
-// reachable. Beyond the sanitizers, the invariants below are restated here
+// libFuzzer target for the native server's pure half (native/http-parse.cc's
+// framing, native/token-request.cc's token rules): the input is what one
+// connection sent. It is framed as connection.cc's ProcessOne frames it, and
+// every complete bodiless request goes through the hit check and the table
+// lookup, against a small fixed table so hits are reachable. The bounds and
+// the api-version list, which the daemon gives from TypeScript, are given here. Beyond the sanitizers, the invariants below are restated here
 // independently of the parser: a hit must be a request node's parser would
 // also take, for the token path, by GET, answered with a well-formed 200.
 // Built and run by scripts/fuzz.sh.
@@ -12,25 +13,42 @@
 #include <string>
 
 #include "../../native/http-parse.h"
+#include "../../native/token-request.h"
 #include "check.h"
 
 using namespace nmi::http;
+using namespace nmi::imds;
 
 namespace {
 
 constexpr int64_t kNowMs = 1750000000000;  // fixed: runs must be reproducible
 const char* const kRemotes[] = {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.9"};
+constexpr size_t kMaxBodyBytes = 16 * 1024;  // as src/config/limits.ts's maxBodyBytes
 
-const RouteTable& Routes() {
-  static const RouteTable table = [] {
-    RouteIdentity a{"default/a", "aaaa-1111", "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/a"};
-    RouteIdentity b{"default/b", "bbbb-2222", "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/b"};
-    RouteIdentity noIds{"default/c", "", ""};
-    RouteTable t;
-    t["10.0.0.1"] = Route{false, {a}};         // the single identity: no id needed
-    t["10.0.0.2"] = Route{false, {a, b}};      // two: an id must choose
-    t["10.0.0.3"] = Route{true, {a}};          // exception pod: never a hit
-    t["10.0.0.4"] = Route{false, {noIds, b}};  // empty ids never match an id
+// The rules the daemon gives from TypeScript, in each combination the fuzzer compares.
+TokenRules Rules(bool metadataHeaderRequired, MultipleIdentities multiple) {
+  TokenRules r;
+  r.metadataHeaderRequired = metadataHeaderRequired;
+  r.multipleIdentities = multiple;
+  // A few of request.ts's IDENTITY_API_VERSIONS: any other version is deferred, as an unknown one would be.
+  r.apiVersions = {"2018-02-01", "2019-08-01", "2021-02-01", "2025-04-07"};
+  r.keepAliveS = 5;
+  return r;
+}
+const TokenRules kStrict = Rules(true, MultipleIdentities::kRefuse);
+const TokenRules kLax = Rules(false, MultipleIdentities::kRefuse);
+const TokenRules kLaxFirst = Rules(false, MultipleIdentities::kFirst);
+
+const CallerTable& Callers() {
+  static const CallerTable table = [] {
+    CallerIdentity a{"default/a", "aaaa-1111", "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/a"};
+    CallerIdentity b{"default/b", "bbbb-2222", "/subscriptions/s/resourcegroups/rg/providers/microsoft.managedidentity/userassignedidentities/b"};
+    CallerIdentity noIds{"default/c", "", ""};
+    CallerTable t;
+    t["10.0.0.1"] = CallerEntry{false, {a}};         // the single identity: no id needed
+    t["10.0.0.2"] = CallerEntry{false, {a, b}};      // two: an id must choose
+    t["10.0.0.3"] = CallerEntry{true, {a}};          // exception pod: never a hit
+    t["10.0.0.4"] = CallerEntry{false, {noIds, b}};  // empty ids never match an id
     return t;
   }();
   return table;
@@ -131,18 +149,18 @@ void CheckHitHead(const std::string& head, const HitQuery& q, bool metadataRequi
   for (unsigned char c : q.wanted) CHECK(!(c >= 'A' && c <= 'Z'));
 }
 
-void CheckAnswer(const std::string& out, const HitQuery& q, const std::string& remote, bool keepAlive, bool firstOfSeveral) {
-  auto route = Routes().find(remote);
-  CHECK(route != Routes().end() && !route->second.exception);
+void CheckAnswer(const std::string& out, const HitQuery& q, const std::string& remote, bool keepAlive, bool first) {
+  auto caller = Callers().find(remote);
+  CHECK(caller != Callers().end() && !caller->second.exception);
   CHECK(out.rfind("HTTP/1.1 200 OK\r\n", 0) == 0);
   size_t headEnd = out.find("\r\n\r\n");
   CHECK(headEnd != std::string::npos);
   std::string head = out.substr(0, headEnd + 2), body = out.substr(headEnd + 4);
   CHECK(head.find("\r\nContent-Length: " + std::to_string(body.size()) + "\r\n") != std::string::npos);
   CHECK((head.find("\r\nConnection: close\r\n") != std::string::npos) == !keepAlive);
-  const auto& identities = route->second.identities;
-  // No id asked: the only identity, or with firstOfSeveral the first; never another.
-  if (q.by == HitQuery::By::kOnly) CHECK(firstOfSeveral ? identities.size() >= 1 : identities.size() == 1);
+  const auto& identities = caller->second.identities;
+  // No id asked: the only identity, or with --multiple-identities first the first; never another.
+  if (q.by == HitQuery::By::kOnly) CHECK(first ? identities.size() >= 1 : identities.size() == 1);
   bool matched = false;
   for (const auto& identity : identities) {
     if (q.by == HitQuery::By::kOnly && &identity != &identities[0]) break;
@@ -160,10 +178,10 @@ void CheckAnswer(const std::string& out, const HitQuery& q, const std::string& r
   CHECK(matched);
 }
 
-void CheckRouting(const std::string& head, bool keepAlive) {
+void CheckHit(const std::string& head, bool keepAlive) {
   HitQuery strict, lax;
-  bool strictHit = ParseHitRequest(head, true, strict);
-  bool laxHit = ParseHitRequest(head, false, lax);
+  bool strictHit = ParseHitRequest(head, kStrict, strict);
+  bool laxHit = ParseHitRequest(head, kLax, lax);
   if (strictHit) {
     // Requiring the Metadata header can only turn hits away, never change what is asked.
     CHECK(laxHit && strict.resource == lax.resource && strict.by == lax.by && strict.wanted == lax.wanted);
@@ -174,7 +192,8 @@ void CheckRouting(const std::string& head, bool keepAlive) {
   for (const char* remote : kRemotes) {
     for (bool first : {false, true}) {
       std::string out;
-      if (AnswerFromTables(lax, remote, keepAlive, first, Routes(), Tokens(), kNowMs, out)) CheckAnswer(out, lax, remote, keepAlive, first);
+      if (AnswerFromTables(lax, remote, keepAlive, first ? kLaxFirst : kLax, Callers(), Tokens(), kNowMs, out))
+        CheckAnswer(out, lax, remote, keepAlive, first);
       else CHECK(out.empty());
     }
   }
@@ -196,10 +215,10 @@ void Connection(std::string in, size_t maxHeaderBytes) {
   for (int requests = 0; requests < 64; requests++) {
     in.erase(0, LeadingEmptyLines(in));
     if (in.empty()) return;
-    Framing f = FrameRequest(in, maxHeaderBytes);
+    Framing f = FrameRequest(in, maxHeaderBytes, kMaxBodyBytes);
     if (f.kind != Framing::kRequest) {
       if (f.kind == Framing::kOverflow) CHECK(in.size() > maxHeaderBytes || in.find("\r\n\r\n") + 4 > maxHeaderBytes);
-      return;  // handed to TS, or more bytes awaited
+      return;  // deferred to TS, or more bytes awaited
     }
     const Head& h = f.head;
     CHECK(h.valid && !h.badLength && !h.bodyUnsupported);
@@ -209,7 +228,7 @@ void Connection(std::string in, size_t maxHeaderBytes) {
     if (h.contentLength > 0) CheckBodyAllowed(in.substr(0, in.find("\r\n")));
     std::string head = in.substr(0, f.headBytes);
     in.erase(0, f.headBytes + h.contentLength);
-    if (h.contentLength == 0) CheckRouting(head, h.keepAlive);
+    if (h.contentLength == 0) CheckHit(head, h.keepAlive);
     if (!h.keepAlive) return;  // nothing after a closing request is read
   }
 }

@@ -1,6 +1,6 @@
 // The js token server against hostile callers, over raw sockets: bodies refused
 // before they are read, connections capped per source and in all (answered and
-// closed, never reset), the hand-over to the main thread bounded, what follows
+// closed, never reset), the requests deferred to the main thread bounded, what follows
 // a Connection: close dropped without losing the answers before it, and a
 // connection whose output never drains cut. The bounds are shortened through
 // createTokenServer's `bounds` so each attack stays small and quick.
@@ -14,15 +14,15 @@ import type { ServerBounds } from '../../src/config/limits.js';
 import { limits } from '../../src/config/limits.js';
 import type { Token } from '../../src/tokens/token.js';
 import { createTokenServer, type TokenServer } from '../../src/server/token-server.js';
-import { startUpstream, type Upstream } from './upstream.js';
+import { FIXED_REPLY, startImds, type ImdsStandin } from '../standins/imds.js';
 import { assertProblem, idA, newWorld, parseAnswer, pod, QUERY, TOKEN, tokenFor, worldDeps, type RawAnswer, type World } from './token-world.js';
 
-let upstream: Upstream;
+let upstream: ImdsStandin;
 let world: World;
 const servers: TokenServer[] = [];
 
 before(async () => {
-  upstream = await startUpstream();
+  upstream = await startImds({ reply: FIXED_REPLY });
 });
 after(async () => {
   for (const s of servers) await s.close(1_000);
@@ -32,8 +32,8 @@ after(async () => {
 /** A server of its own, in a new world, with the bounds given. */
 async function start(bounds: Partial<ServerBounds> = {}): Promise<number> {
   world = newWorld();
-  upstream.received = [];
-  const server = createTokenServer(worldDeps(() => world, upstream.url), { bounds });
+  upstream.requests = [];
+  const server = createTokenServer(worldDeps(() => world, new URL(upstream.url)), { bounds });
   await server.listen('127.0.0.1', 0);
   servers.push(server);
   return server.port!;
@@ -155,7 +155,7 @@ test('a body on the token path, or on any GET, is answered 400 before it is sent
     assert.equal(await raw.ending(), 'end', request);
   }
   assert.deepEqual(world.lookups, []);
-  assert.deepEqual(upstream.received, []);
+  assert.deepEqual(upstream.requests, []);
   // A declared empty body is no body.
   assert.equal((await ask(port, tokenRequest('Content-Length: 0\r\n'))).status, 200);
 });
@@ -177,11 +177,11 @@ test('a proxied body declared past maxBodyBytes is 413 at once; a chunked one as
   const [chunkedTooLarge] = await chunked.answers(1);
   assertRefused(chunkedTooLarge!, problems.bodyTooLarge, 'close');
   chunked.socket.destroy();
-  assert.equal(upstream.received.length, 0);
+  assert.equal(upstream.requests.length, 0);
 
   const body = 'y'.repeat(limits.maxBodyBytes);
   assert.equal((await ask(port, `${head}Content-Length: ${body.length}\r\n\r\n${body}`)).status, 200);
-  assert.equal(upstream.received[0]?.body, body);
+  assert.equal(upstream.requests[0]?.body, body);
 });
 
 test('past maxConnectionsPerSource a connection is answered 429 and closed, not reset; other connections and sources are served; closing frees the places', async () => {
@@ -224,8 +224,8 @@ test('past maxConnections in all a connection is answered 503 and closed, not re
   assert.equal(await servedAgain(port, 1), 1, 'a place freed is taken again');
 });
 
-test('past maxHandedRequests waiting on the main thread, requests are answered 503 at once and the connection kept', async () => {
-  const port = await start({ maxHandedRequests: 4 });
+test('past maxDeferredRequests waiting on the main thread, requests are answered 503 at once and the connection kept', async () => {
+  const port = await start({ maxDeferredRequests: 4 });
   const gate = holdTokens();
   const raws = await Promise.all(Array.from({ length: 10 }, () => connect(port)));
   for (const raw of raws) raw.write(tokenRequest());
@@ -253,9 +253,9 @@ test('past maxHandedRequests waiting on the main thread, requests are answered 5
   assert.equal((await answeredOf(fresh, 1)).length, 1, 'all 4 places are free again');
 });
 
-test('past maxHandedBytes, in all or on one connection, requests are answered 503', async () => {
+test('past maxDeferredBytes, in all or on one connection, requests are answered 503', async () => {
   const pad = `X-Pad: ${'p'.repeat(500)}\r\n`;
-  const all = await start({ maxHandedBytes: 2_000 });
+  const all = await start({ maxDeferredBytes: 2_000 });
   let gate = holdTokens();
   const raws = await Promise.all(Array.from({ length: 6 }, () => connect(all)));
   for (const raw of raws) raw.write(tokenRequest(pad));
@@ -264,7 +264,7 @@ test('past maxHandedBytes, in all or on one connection, requests are answered 50
   for (const raw of refused) assertRefused(raw.received()[0]!, problems.busy, 'keep-alive');
   gate.release();
 
-  const one = await start({ maxHandedBytesPerConnection: 2_000 });
+  const one = await start({ maxDeferredBytesPerConnection: 2_000 });
   gate = holdTokens();
   const pipelining = await connect(one);
   pipelining.write(tokenRequest(pad).repeat(6));
@@ -294,7 +294,7 @@ test('a caller streaming on after its Connection: close request gets the answers
 
 test('a connection pipelining 2,000 requests and reading nothing is closed once its output stops draining, holding bounded memory; a slow upstream is not a stall', async (t) => {
   const writeTimeoutMs = 500;
-  const port = await start({ writeTimeoutMs, maxHandedRequests: 64 });
+  const port = await start({ writeTimeoutMs, maxDeferredRequests: 64 });
   // 128 KiB answers: the 64 waiting on the main thread alone pass what the kernel buffers.
   const big: Token = { ...tokenFor(idA, 'https://vault.azure.net'), accessToken: 'x'.repeat(128 * 1024) };
   world.getToken = async () => big;

@@ -17,7 +17,7 @@ import { createTokenServer, type TokenServer } from '../../src/server/token-serv
 import { createNativeTokenServer, type NativeTokenServer } from '../../src/server/native-server.js';
 import type { MultipleIdentities } from '../../src/config/commands.js';
 import { attachTables, type Tables } from '../../src/server/tables.js';
-import { startUpstream, type Upstream } from './upstream.js';
+import { FIXED_REPLY, startImds, type ImdsStandin } from '../standins/imds.js';
 
 const TOKEN = '/metadata/identity/oauth2/token';
 const RESOURCE = 'https://vault.azure.net';
@@ -42,7 +42,7 @@ const world = {
   tokenCalls: 0,
 };
 
-let upstream: Upstream;
+let upstream: ImdsStandin;
 /** Every request through the token core: the reference. */
 let js: TokenServer;
 let jsTabled: TokenServer;
@@ -61,14 +61,14 @@ function deps(multipleIdentities: MultipleIdentities = 'first'): TokenServerDeps
       world.tokenCalls++;
       return tokenFor(id, resource);
     },
-    upstreamImds: upstream.url,
+    upstreamImds: new URL(upstream.url),
     options: { metadataHeaderRequired: true, blockInstanceMetadata: false, retryAfter: false, multipleIdentities: multipleIdentities, proxyTimeoutMs: 2_000 },
     log: silentLogger,
   };
 }
 
 before(async () => {
-  upstream = await startUpstream();
+  upstream = await startImds({ reply: FIXED_REPLY });
   js = createTokenServer(deps());
   await js.listen('127.0.0.1', 0);
   jsPort = js.port!;
@@ -262,12 +262,12 @@ test('identity selection, multiple identities and the exception pod agree', asyn
   setBound([]);
   await same(req(`${TOKEN}?${QUERY}`));
   setBound([idA]);
-  upstream.received = [];
+  upstream.requests = [];
   await same(req(`${TOKEN}/?${QUERY}&client_id=Whatever`), 1, '127.0.0.3');
-  assert.equal(upstream.received.length, 3, 'all three passed the exception pod through');
+  assert.equal(upstream.requests.length, 3, 'all three passed the exception pod through');
   await same(req('/metadata/instance/compute?api-version=2021-02-01', { Metadata: 'true', 'X-Custom': 'kept' }));
-  assert.deepEqual(upstream.received[4]!.headers, upstream.received[3]!.headers);
-  assert.deepEqual(upstream.received[5]!.headers, upstream.received[3]!.headers);
+  assert.deepEqual(upstream.requests[4]!.headers, upstream.requests[3]!.headers);
+  assert.deepEqual(upstream.requests[5]!.headers, upstream.requests[3]!.headers);
 });
 
 test('--multiple-identities refuse: several identities and no id is IMDS\'s 400 from all three; a named one is still a hit', async () => {
@@ -360,7 +360,7 @@ test('a request split byte by byte is answered as a whole', async () => {
   await same([...bytes], 2);
 });
 
-test('table swaps under load: once an identity leaves the routes, no further 200 for it', async () => {
+test('table swaps under load: once an identity leaves the caller table, no further 200 for it', async () => {
   setBound([idA]);
   await warm();
   const request = req(`${TOKEN}?${QUERY}`);
