@@ -7,7 +7,7 @@ import { watch, type FSWatcher } from 'node:fs';
 import { readdir, readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { LineCounter, parseAllDocuments } from 'yaml';
-import { codes, NmiError } from '../errors/errors.js';
+import { codes, messageOf, NmiError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import { parseObjects, type BindingSet } from './parse.js';
 import type { BindingSource } from './source.js';
@@ -31,10 +31,6 @@ export interface LoadedFiles {
   /** Changes when any file's contents change. */
   digest: string;
   result: BindingSet & { errors: string[] };
-}
-
-function message(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
 }
 
 /** The files a bindings path stands for, sorted; a folder is read one level deep. */
@@ -67,7 +63,7 @@ function parseDocuments(file: string, text: string): { docs: unknown[]; errors: 
     try {
       docs.push(doc.toJS());
     } catch (err) {
-      errors.push(`${file}: ${message(err)}`);
+      errors.push(`${file}: ${messageOf(err)}`);
     }
   }
   return { docs, errors };
@@ -112,7 +108,7 @@ export class FileBindingSource implements BindingSource {
   #watcher: FSWatcher | undefined;
   #poll: NodeJS.Timeout | undefined;
   #debounce: NodeJS.Timeout | undefined;
-  /** Digest of the contents last acted on (applied or rejected), so each version is logged once. */
+  /** Digest of the contents last acted on (applied or found invalid), so each version is logged once. */
   #digest = '';
   #signature = '';
   #loading: Promise<void> | undefined;
@@ -129,7 +125,7 @@ export class FileBindingSource implements BindingSource {
     try {
       await stat(this.#root);
     } catch (err) {
-      throw new NmiError(codes.BINDINGS, `--bindings ${this.#root}: ${message(err)}`, { cause: err });
+      throw new NmiError(codes.BINDINGS, `--bindings ${this.#root}: ${messageOf(err)}`, { cause: err });
     }
     this.#onSet = onSet;
     this.#signature = await this.#stat();
@@ -162,7 +158,7 @@ export class FileBindingSource implements BindingSource {
         this.#watcher = undefined;
       });
     } catch (err) {
-      this.#log.warn({ err: message(err) }, 'cannot watch the bindings path, relying on polling');
+      this.#log.warn({ err: messageOf(err) }, 'cannot watch the bindings path, relying on polling');
     }
   }
 
@@ -217,7 +213,7 @@ export class FileBindingSource implements BindingSource {
     try {
       loaded = await loadBindings(this.#root);
     } catch (err) {
-      if (this.#digest !== 'unreadable') this.#log.warn({ err: message(err) }, 'bindings unreadable, keeping the last good set');
+      if (this.#digest !== 'unreadable') this.#log.warn({ err: messageOf(err) }, 'bindings unreadable, keeping the last good set');
       this.#digest = 'unreadable';
       return;
     }

@@ -1,4 +1,6 @@
-// Which identities a pod may use, and the credential behind a service principal.
+// Which identities a pod may use, why each binding, exception and Workload ID's
+// convention applies to it or not (as data: `nmi explain` says it in words), and
+// the credential behind a service principal.
 // Pure functions over a snapshot, as aad-pod-identity's MIC matches them: the pod's
 // `aadpodidbinding` label selects bindings (in any namespace unless namespaced), and
 // each binding names an identity in the binding's own namespace. A federated
@@ -9,8 +11,9 @@
 // identity's type, which keeps the binding in charge.
 import { serviceAccountName, type Pod } from '../kubelet/pod.js';
 import { codes, NmiError } from '../errors/errors.js';
-import { IdentityType, type AzureIdentity, type PodIdentities } from './model.js';
-import { objectKey, WORKLOAD_CLIENT_ID, workloadIdentityName } from './parse.js';
+import { IdentityType, type AzureIdentity, type AzureIdentityBinding, type AzurePodIdentityException, type PodIdentities } from './model.js';
+import { objectKey } from '../kube/object-key.js';
+import { workloadIdentityName } from './parse.js';
 import type { BindingSnapshot } from './store.js';
 
 export const BINDING_LABEL = 'aadpodidbinding';
@@ -31,10 +34,24 @@ export function serviceAccountOf(pod: Pod): string {
 
 const noIdentities: PodIdentities = Object.freeze({ exception: false, identities: [] as AzureIdentity[] });
 
+/** Whether an exception (of the pod's namespace) applies to the pod, and if not why. */
+export type ExceptionVerdict = { applies: true } | { applies: false; why: 'no-pod-labels' } | { applies: false; why: 'labels-missing'; missing: Array<[string, string]> };
+
+/** An exception applies to a pod of its namespace that has every one of its podLabels; one listing none applies to no pod. */
+export function exceptionVerdict(pod: Pod, exception: AzurePodIdentityException): ExceptionVerdict {
+  const labels = Object.entries(exception.podLabels);
+  if (labels.length === 0) return { applies: false, why: 'no-pod-labels' };
+  const missing = labels.filter(([k, v]) => pod.labels[k] !== v);
+  return missing.length === 0 ? { applies: true } : { applies: false, why: 'labels-missing', missing };
+}
+
+/** The exceptions of the pod's namespace, in the snapshot's order: the only ones that can apply to it. */
+export function exceptionsInReach(pod: Pod, snapshot: BindingSnapshot): readonly AzurePodIdentityException[] {
+  return snapshot.exceptionsByNamespace.get(pod.namespace) ?? [];
+}
+
 export function isException(pod: Pod, snapshot: BindingSnapshot): boolean {
-  const candidates = snapshot.exceptionsByNamespace.get(pod.namespace);
-  if (!candidates) return false;
-  return candidates.some((e) => Object.entries(e.podLabels).every(([k, v]) => pod.labels[k] === v));
+  return exceptionsInReach(pod, snapshot).some((e) => exceptionVerdict(pod, e).applies);
 }
 
 interface Memo {
@@ -69,7 +86,8 @@ function computeIdentities(pod: Pod, snapshot: BindingSnapshot, options: MatchOp
     return result;
   };
   // The service account is in the key: a federated identity is served per service account.
-  const bound = selector ? memo(`${pod.namespace}/${selector}\0${account}`, () => servedAs(selectorIdentities(pod.namespace, selector, snapshot, options), account)) : noIdentities;
+  const bound = selector ? memo(`${pod.namespace}/${selector}\0${account}`, () => servedAs(selectorIdentities(pod, selector, snapshot, options), account)) : noIdentities;
+  // A binding wins over Workload ID's convention.
   if (bound.identities.length > 0 || pod.labels[WORKLOAD_USE_LABEL] !== 'true') return bound;
   return memo(`\0workload\0${account}\0${options.workloadTenant ?? ''}`, () => {
     const found = workloadIdentity(pod, snapshot, options);
@@ -77,24 +95,28 @@ function computeIdentities(pod: Pod, snapshot: BindingSnapshot, options: MatchOp
   });
 }
 
-/** Federated identities as served to pods of one service account (memoised with it by the caller). */
+/** Federated identities as served to pods of one service account (memoised with it by computeIdentities). */
 function servedAs(bound: PodIdentities, account: string): PodIdentities {
   if (!bound.identities.some((i) => i.type === IdentityType.Federated)) return bound;
   return { exception: false, identities: bound.identities.map((i) => (i.type === IdentityType.Federated ? { ...i, serviceAccount: account } : i)) };
 }
 
+/** Why Workload ID's convention gives a pod no identity, its service account (namespace/name) named. */
+export type WorkloadMiss = { why: 'not-labelled' } | { why: 'not-annotated'; serviceAccount: string } | { why: 'no-tenant'; serviceAccount: string };
+
 /**
  * Workload ID's convention: a pod labelled azure.workload.identity/use: "true" whose service account is
  * annotated with a client id (and a tenant id, else --workload-identity-tenant) is served that app, federated.
- * Otherwise why not, for `nmi explain`.
+ * Otherwise why not.
  */
-export function workloadIdentity(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions): { identity: AzureIdentity } | { reason: string } {
+export function workloadIdentity(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions): { identity: AzureIdentity } | WorkloadMiss {
   const account = serviceAccountOf(pod);
-  if (pod.labels[WORKLOAD_USE_LABEL] !== 'true') return { reason: `the pod is not labelled ${WORKLOAD_USE_LABEL}: "true"` };
+  if (pod.labels[WORKLOAD_USE_LABEL] !== 'true') return { why: 'not-labelled' };
+  // Only service accounts annotated with a client id are in the snapshot.
   const annotated = snapshot.serviceAccounts.get(account);
-  if (!annotated) return { reason: `service account ${account} is not annotated ${WORKLOAD_CLIENT_ID} (or nmi cannot read it)` };
+  if (!annotated) return { why: 'not-annotated', serviceAccount: account };
   const tenantID = annotated.tenantID || options.workloadTenant || '';
-  if (!tenantID) return { reason: `service account ${account} names no tenant (azure.workload.identity/tenant-id) and --workload-identity-tenant is not set` };
+  if (!tenantID) return { why: 'no-tenant', serviceAccount: account };
   return {
     identity: {
       name: workloadIdentityName(annotated.name),
@@ -110,27 +132,76 @@ export function workloadIdentity(pod: Pod, snapshot: BindingSnapshot, options: M
   };
 }
 
-function selectorIdentities(namespace: string, selector: string, snapshot: BindingSnapshot, { forceNamespaced }: MatchOptions): PodIdentities {
+/** Whether Workload ID's convention serves a pod, and if not why. */
+export type WorkloadVerdict = { used: true; identity: AzureIdentity } | { used: false; why: 'exception' | 'bound' } | ({ used: false } & WorkloadMiss);
+
+/**
+ * Read from what identitiesFor answered for the pod (`served`), so the rule that a binding wins stays
+ * computeIdentities' alone: the convention's own reasons first, then that the pod is an exception or bound.
+ */
+export function workloadVerdict(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions, served: PodIdentities): WorkloadVerdict {
+  const found = workloadIdentity(pod, snapshot, options);
+  if (!('identity' in found)) return { used: false, ...found };
+  if (!served.identities.some((i) => i.name === found.identity.name && i.namespace === found.identity.namespace)) return { used: false, why: served.exception ? 'exception' : 'bound' };
+  return { used: true, identity: found.identity };
+}
+
+/** Whether a binding gives its identity to the pod, and if not why; the identity named `namespace/name`. */
+export type BindingVerdict =
+  | { applies: true; identity: AzureIdentity }
+  | { applies: false; why: 'no-label' }
+  | { applies: false; why: 'other-selector'; podSelector: string }
+  /** `invalid`: the source left an identity of that name out, and why. */
+  | { applies: false; why: 'no-identity'; identity: string; invalid?: string }
+  /** Namespaced, by --force-namespaced or by the identity's annotation, and the binding in another namespace than the pod. */
+  | { applies: false; why: 'namespaced'; by: 'force-namespaced' | 'annotation' };
+
+/**
+ * A binding selects a pod whose aadpodidbinding label equals its selector; it names an identity in the
+ * binding's own namespace; a namespaced identity serves only pods of that namespace.
+ */
+export function bindingVerdict(pod: Pod, binding: AzureIdentityBinding, snapshot: BindingSnapshot, { forceNamespaced }: MatchOptions): BindingVerdict {
+  const selector = pod.labels[BINDING_LABEL];
+  if (selector === undefined) return { applies: false, why: 'no-label' };
+  if (binding.selector !== selector) return { applies: false, why: 'other-selector', podSelector: selector };
+  const key = objectKey(binding.namespace, binding.azureIdentity);
+  const identity = snapshot.identities.get(key);
+  if (!identity) {
+    const invalid = snapshot.invalid.get(`AzureIdentity ${key}`);
+    return invalid === undefined ? { applies: false, why: 'no-identity', identity: key } : { applies: false, why: 'no-identity', identity: key, invalid };
+  }
+  // Namespaced: identity, binding and pod all in one namespace (the identity's
+  // and the binding's already match by construction of the key).
+  if ((forceNamespaced || identity.namespaced) && binding.namespace !== pod.namespace) {
+    return { applies: false, why: 'namespaced', by: forceNamespaced ? 'force-namespaced' : 'annotation' };
+  }
+  return { applies: true, identity };
+}
+
+/** The bindings that could apply to the pod, by namespace/name: those of its namespace, and those anywhere with its selector. */
+export function bindingsInReach(pod: Pod, snapshot: BindingSnapshot): AzureIdentityBinding[] {
+  const selector = pod.labels[BINDING_LABEL];
+  return [...snapshot.bindings.values()]
+    .filter((b) => b.namespace === pod.namespace || (selector !== undefined && b.selector === selector))
+    .sort((a, b) => (objectKey(a.namespace, a.name) < objectKey(b.namespace, b.name) ? -1 : 1));
+}
+
+function selectorIdentities(pod: Pod, selector: string, snapshot: BindingSnapshot, options: MatchOptions): PodIdentities {
   const bindings = snapshot.bindingsBySelector.get(selector);
   if (!bindings) return noIdentities;
   const found = new Map<string, AzureIdentity>();
   for (const binding of bindings) {
-    const key = objectKey(binding.namespace, binding.azureIdentity);
-    const identity = snapshot.identities.get(key);
-    if (!identity) continue;
-    // Namespaced: identity, binding and pod all in one namespace (the identity's
-    // and the binding's already match by construction of the key).
-    if ((forceNamespaced || identity.namespaced) && binding.namespace !== namespace) continue;
-    found.set(key, identity);
+    const verdict = bindingVerdict(pod, binding, snapshot, options);
+    if (verdict.applies) found.set(objectKey(verdict.identity.namespace, verdict.identity.name), verdict.identity);
   }
   if (found.size === 0) return noIdentities;
-  return { exception: false, identities: [...found.values()].sort((a, b) => servedFirst(namespace, a, b)) };
+  return { exception: false, identities: [...found.values()].sort((a, b) => servedFirst(pod.namespace, a, b)) };
 }
 
 /**
  * The documented order of a pod's identities, which --multiple-identities first serves from: the pod's own
  * namespace first (as NMI looked there first), then by identity name, then by namespace; the same for every
- * pod bound alike and on every node, whatever order the API server listed them in.
+ * pod bound alike and on every node, whatever order the API server listed them in. SERVED_ORDER says it.
  */
 function servedFirst(namespace: string, a: AzureIdentity, b: AzureIdentity): number {
   const own = Number(b.namespace === namespace) - Number(a.namespace === namespace);
@@ -139,8 +210,11 @@ function servedFirst(namespace: string, a: AzureIdentity, b: AzureIdentity): num
 
 const compare = (a: string, b: string): number => (a < b ? -1 : a > b ? 1 : 0);
 
+/** servedFirst's order as `nmi explain` states it, kept beside it so the two change together. */
+export const SERVED_ORDER = 'own namespace first, then by name';
+
 /** What a service principal signs in with. */
-export type Credential =
+export type ServicePrincipalCredential =
   | { type: IdentityType.ServicePrincipal; clientSecret: string }
   | { type: IdentityType.ServicePrincipalCertificate; certificate: string; password: string };
 
@@ -148,7 +222,7 @@ export type Credential =
  * The credential for a type 1 or 2 identity, from the Secret its clientPassword names.
  * Throws NmiError(BINDINGS) naming what is missing (never a value).
  */
-export function secretFor(identity: AzureIdentity, snapshot: BindingSnapshot): Credential {
+export function secretFor(identity: AzureIdentity, snapshot: BindingSnapshot): ServicePrincipalCredential {
   const label = `AzureIdentity ${objectKey(identity.namespace, identity.name)}`;
   const ref = identity.clientPassword;
   if (identity.type === IdentityType.UserAssignedMSI || !ref) {

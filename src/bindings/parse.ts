@@ -3,6 +3,7 @@
 // never quote a value: a Secret's data, or a field next to it, must not reach a log.
 import { createHash } from 'node:crypto';
 import { codes, NmiError } from '../errors/errors.js';
+import { objectKey } from '../kube/object-key.js';
 import { urlBase } from '../util/url-base.js';
 import {
   IdentityType,
@@ -27,11 +28,11 @@ export interface BindingSet {
   /** Service accounts annotated for Workload ID (azure.workload.identity/client-id); unannotated ones may be left out. */
   serviceAccounts?: WorkloadServiceAccount[];
   /** Objects left out as invalid, by "Kind namespace/name", with why: `nmi explain` names them. */
-  rejected?: ReadonlyMap<string, string>;
+  invalid?: ReadonlyMap<string, string>;
 }
 
 export interface ParseResult extends BindingSet {
-  /** One per rejected object; the valid objects are still returned. */
+  /** One per invalid object; the valid objects are still returned. */
   errors: NmiError[];
 }
 
@@ -50,11 +51,6 @@ interface Meta {
   name: string;
   namespace: string;
   annotations: Record<string, string>;
-}
-
-/** namespace/name: how identities, bindings and secrets are keyed everywhere. */
-export function objectKey(namespace: string, name: string): string {
-  return `${namespace}/${name}`;
 }
 
 function isObject(v: unknown): v is Obj {
@@ -266,7 +262,7 @@ export function parseObject(raw: unknown, defaultNamespace = 'default'): ParsedO
   return { kind, value: p.parse(raw, defaultNamespace) } as ParsedObject;
 }
 
-/** Flattens `kind: List`, skips empty documents, rejects duplicates; never throws. */
+/** Flattens `kind: List`, skips empty documents, reports duplicates as errors; never throws. */
 export function parseObjects(raws: unknown[], defaultNamespace = 'default'): ParseResult {
   const result: ParseResult = { identities: [], bindings: [], exceptions: [], secrets: [], errors: [] };
   const seen = new Set<string>();

@@ -4,7 +4,8 @@
 import { EventEmitter } from 'node:events';
 import type { Logger } from '../log/logger.js';
 import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, Secret, WorkloadServiceAccount } from './model.js';
-import { objectKey, workloadIdentityName, type BindingSet } from './parse.js';
+import { objectKey } from '../kube/object-key.js';
+import { workloadIdentityName, type BindingSet } from './parse.js';
 import { FileBindingSource } from './file-source.js';
 import { KubeBindingSource } from './kube-source.js';
 import type { BindingSource } from './source.js';
@@ -19,10 +20,10 @@ export interface BindingSnapshot {
   readonly serviceAccounts: ReadonlyMap<string, WorkloadServiceAccount>;
   /** Bindings by spec.selector, so a request never scans them all. Sorted by key for a stable order. */
   readonly bindingsBySelector: ReadonlyMap<string, readonly AzureIdentityBinding[]>;
-  /** Exceptions with at least one label, by namespace (empty podLabels match nothing). */
+  /** Exceptions by namespace, so a request never scans them all; which apply is match.ts's. */
   readonly exceptionsByNamespace: ReadonlyMap<string, readonly AzurePodIdentityException[]>;
   /** Objects the source left out as invalid, by "Kind namespace/name", with why. */
-  readonly rejected: ReadonlyMap<string, string>;
+  readonly invalid: ReadonlyMap<string, string>;
 }
 
 function byKey<T extends { namespace: string; name: string }>(items: T[]): Map<string, T> {
@@ -51,11 +52,8 @@ export function createSnapshot(set: BindingSet): BindingSnapshot {
     secrets: byKey(set.secrets),
     serviceAccounts: byKey((set.serviceAccounts ?? []).filter((a) => a.clientID !== '')),
     bindingsBySelector: groupBy(sorted, (b) => b.selector),
-    exceptionsByNamespace: groupBy(
-      [...exceptions.values()].filter((e) => Object.keys(e.podLabels).length > 0),
-      (e) => e.namespace,
-    ),
-    rejected: set.rejected ?? new Map(),
+    exceptionsByNamespace: groupBy(exceptions.values(), (e) => e.namespace),
+    invalid: set.invalid ?? new Map(),
   };
 }
 

@@ -2,10 +2,29 @@
 // at this moment: the kubelet's pod, each binding in reach and why it matches or
 // not, the exceptions, the identities it would be served, the tokens cached for
 // them (when they end, never the token) and what the pod was refused lately.
-// The same steps as the token core's 6 and 7 (server/core.ts), each one said.
-import { BINDING_LABEL, identitiesFor, secretFor, serviceAccountOf, workloadIdentity, WORKLOAD_USE_LABEL, type MatchOptions } from '../bindings/match.js';
+// The same steps as the token core's 6 and 7 (server/core.ts), each one said:
+// bindings/match.ts says why each binding, exception and Workload ID's convention
+// applies or not, and this file puts that in words.
+import {
+  BINDING_LABEL,
+  bindingsInReach,
+  bindingVerdict,
+  exceptionsInReach,
+  exceptionVerdict,
+  identitiesFor,
+  secretFor,
+  SERVED_ORDER,
+  serviceAccountOf,
+  WORKLOAD_USE_LABEL,
+  workloadVerdict,
+  type BindingVerdict,
+  type MatchOptions,
+  type WorkloadVerdict,
+} from '../bindings/match.js';
 import { IdentityType, identityKey, type AzureIdentity, type AzureIdentityBinding } from '../bindings/model.js';
-import { objectKey } from '../bindings/parse.js';
+import { WORKLOAD_CLIENT_ID } from '../bindings/parse.js';
+import { messageOf } from '../errors/errors.js';
+import { objectKey } from '../kube/object-key.js';
 import type { BindingSnapshot } from '../bindings/store.js';
 import { isCaller, plainAddress } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
@@ -152,7 +171,7 @@ export async function explain(query: ExplainQuery, deps: ExplainDeps): Promise<E
     pod: facts,
     bindings: bindingsInReach(pod, snapshot).map((b) => bindingFacts(pod, b, snapshot, deps.match)),
     exceptions: exceptionFacts(pod, snapshot),
-    workloadIdentity: workloadFacts(pod, snapshot, deps.match, bound.identities),
+    workloadIdentity: workloadFacts(workloadVerdict(pod, snapshot, deps.match, bound)),
     identities,
     withoutId,
     tokens: tokens.map(({ expiresOn, refreshAtMs, ...rest }) => ({
@@ -197,45 +216,43 @@ function podFacts(pod: Pod, listed: readonly Pod[], now: number): PodFacts {
   return facts;
 }
 
-/** The bindings that could apply: those of the pod's namespace, and those anywhere with its selector. */
-function bindingsInReach(pod: Pod, snapshot: BindingSnapshot): AzureIdentityBinding[] {
-  const selector = pod.labels[BINDING_LABEL];
-  return [...snapshot.bindings.values()]
-    .filter((b) => b.namespace === pod.namespace || (selector !== undefined && b.selector === selector))
-    .sort((a, b) => (objectKey(a.namespace, a.name) < objectKey(b.namespace, b.name) ? -1 : 1));
+function bindingFacts(pod: Pod, binding: AzureIdentityBinding, snapshot: BindingSnapshot, match: MatchOptions): BindingFacts {
+  const verdict = bindingVerdict(pod, binding, snapshot, match);
+  return {
+    binding: objectKey(binding.namespace, binding.name),
+    selector: binding.selector,
+    identity: objectKey(binding.namespace, binding.azureIdentity),
+    matches: verdict.applies,
+    reason: bindingReason(pod, binding, verdict),
+  };
 }
 
-function bindingFacts(pod: Pod, binding: AzureIdentityBinding, snapshot: BindingSnapshot, match: MatchOptions): BindingFacts {
-  const identityName = objectKey(binding.namespace, binding.azureIdentity);
-  const facts = { binding: objectKey(binding.namespace, binding.name), selector: binding.selector, identity: identityName };
-  const selector = pod.labels[BINDING_LABEL];
-  const no = (reason: string): BindingFacts => ({ ...facts, matches: false, reason });
-  if (selector === undefined) return no(`the pod has no ${BINDING_LABEL} label`);
-  if (binding.selector !== selector) return no(`selector "${binding.selector}" is not the pod's ${BINDING_LABEL} "${selector}"`);
-  const identity = snapshot.identities.get(identityName);
-  if (!identity) {
-    const rejected = snapshot.rejected.get(`AzureIdentity ${identityName}`);
-    return no(rejected ? `names AzureIdentity ${identityName}, which is invalid: ${rejected}` : `names AzureIdentity ${identityName}, which does not exist (an identity is looked up in its binding's namespace)`);
+function bindingReason(pod: Pod, binding: AzureIdentityBinding, verdict: BindingVerdict): string {
+  if (verdict.applies) return `selector "${binding.selector}" matches`;
+  switch (verdict.why) {
+    case 'no-label':
+      return `the pod has no ${BINDING_LABEL} label`;
+    case 'other-selector':
+      return `selector "${binding.selector}" is not the pod's ${BINDING_LABEL} "${verdict.podSelector}"`;
+    case 'no-identity':
+      return verdict.invalid
+        ? `names AzureIdentity ${verdict.identity}, which is invalid: ${verdict.invalid}`
+        : `names AzureIdentity ${verdict.identity}, which does not exist (an identity is looked up in its binding's namespace)`;
+    case 'namespaced': {
+      const why = verdict.by === 'force-namespaced' ? '--force-namespaced is set' : `the identity is annotated aadpodidentity.k8s.io/Behavior: namespaced`;
+      return `${why}, and binding and identity are in namespace ${binding.namespace}, not the pod's ${pod.namespace}`;
+    }
   }
-  if (binding.namespace !== pod.namespace && (match.forceNamespaced || identity.namespaced)) {
-    const why = match.forceNamespaced ? '--force-namespaced is set' : `the identity is annotated aadpodidentity.k8s.io/Behavior: namespaced`;
-    return no(`${why}, and binding and identity are in namespace ${binding.namespace}, not the pod's ${pod.namespace}`);
-  }
-  return { ...facts, matches: true, reason: `selector "${selector}" matches` };
 }
 
 function exceptionFacts(pod: Pod, snapshot: BindingSnapshot): Explanation['exceptions'] {
-  return [...snapshot.exceptions.values()]
-    .filter((e) => e.namespace === pod.namespace)
-    .map((e) => {
-      const labels = Object.entries(e.podLabels);
-      const missing = labels.filter(([k, v]) => pod.labels[k] !== v).map(([k, v]) => `${k}=${v}`);
-      const exception = objectKey(e.namespace, e.name);
-      if (labels.length === 0) return { exception, matches: false, reason: 'it lists no podLabels, so it matches no pod' };
-      return missing.length === 0
-        ? { exception, matches: true, reason: 'the pod has all its podLabels: its requests pass through to the real IMDS' }
-        : { exception, matches: false, reason: `the pod lacks ${missing.join(', ')}` };
-    });
+  return exceptionsInReach(pod, snapshot).map((e) => {
+    const exception = objectKey(e.namespace, e.name);
+    const verdict = exceptionVerdict(pod, e);
+    if (verdict.applies) return { exception, matches: true, reason: 'the pod has all its podLabels: its requests pass through to the real IMDS' };
+    if (verdict.why === 'no-pod-labels') return { exception, matches: false, reason: 'it lists no podLabels, so it matches no pod' };
+    return { exception, matches: false, reason: `the pod lacks ${verdict.missing.map(([k, v]) => `${k}=${v}`).join(', ')}` };
+  });
 }
 
 function identityFacts(identity: AzureIdentity, snapshot: BindingSnapshot): IdentityFacts {
@@ -253,19 +270,26 @@ function identityFacts(identity: AzureIdentity, snapshot: BindingSnapshot): Iden
     secretFor(identity, snapshot);
   } catch (err) {
     facts.usable = false;
-    facts.problem = (err as Error).message;
+    facts.problem = messageOf(err);
   }
   return facts;
 }
 
 /** Whether Workload ID's convention serves the pod, and why (not). */
-function workloadFacts(pod: Pod, snapshot: BindingSnapshot, match: MatchOptions, bound: readonly AzureIdentity[]): Explanation['workloadIdentity'] {
-  const found = workloadIdentity(pod, snapshot, match);
-  if ('reason' in found) return { used: false, reason: found.reason };
-  if (!bound.some((i) => i.name === found.identity.name && i.namespace === found.identity.namespace)) {
-    return { used: false, reason: `a binding selects the pod: bindings win over the ${WORKLOAD_USE_LABEL} label` };
+function workloadFacts(verdict: WorkloadVerdict): Explanation['workloadIdentity'] {
+  if (verdict.used) return { used: true, reason: `service account ${verdict.identity.serviceAccount} names app ${verdict.identity.clientID} in tenant ${verdict.identity.tenantID}` };
+  switch (verdict.why) {
+    case 'not-labelled':
+      return { used: false, reason: `the pod is not labelled ${WORKLOAD_USE_LABEL}: "true"` };
+    case 'not-annotated':
+      return { used: false, reason: `service account ${verdict.serviceAccount} is not annotated ${WORKLOAD_CLIENT_ID} (or nmi cannot read it)` };
+    case 'no-tenant':
+      return { used: false, reason: `service account ${verdict.serviceAccount} names no tenant (azure.workload.identity/tenant-id) and --workload-identity-tenant is not set` };
+    // An exception pod gets the bound pod's sentence, as it always has (the output is unchanged); its exception is said under exceptions.
+    case 'exception':
+    case 'bound':
+      return { used: false, reason: `a binding selects the pod: bindings win over the ${WORKLOAD_USE_LABEL} label` };
   }
-  return { used: true, reason: `service account ${found.identity.serviceAccount} names app ${found.identity.clientID} in tenant ${found.identity.tenantID}` };
 }
 
 /** Step 7 for a request naming no id, as server/select-identity.ts decides it. */
@@ -276,7 +300,7 @@ function servedWithoutId(exception: boolean, identities: IdentityFacts[], deps: 
   if (identities.length > 1 && deps.multipleIdentities === 'refuse') {
     return { answer: `400 Multiple user assigned identities exist (--multiple-identities refuse): ${identities.length} are bound; a request must name client_id or msi_res_id` };
   }
-  const several = identities.length > 1 ? ` (the first of ${identities.length}: own namespace first, then by name; --multiple-identities first)` : '';
+  const firstOf = identities.length > 1 ? ` (the first of ${identities.length}: ${SERVED_ORDER}; --multiple-identities first)` : '';
   const unusable = first.usable ? '' : `, which cannot be used: ${first.problem}`;
-  return { identity: first.identity, answer: `a token for ${first.identity}${several}${unusable}` };
+  return { identity: first.identity, answer: `a token for ${first.identity}${firstOf}${unusable}` };
 }

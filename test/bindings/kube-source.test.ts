@@ -13,6 +13,7 @@ import { BindingStore } from '../../src/bindings/store.js';
 import { createPki } from '../standins/pki.js';
 import { startApiServer, writeKubeconfig, type ApiServer, type KubeObject } from '../standins/apiserver.js';
 import { captureLogs } from '../harness/log-capture.js';
+import { waitFor } from '../harness/wait-for.js';
 
 const pki = createPki('kube-source');
 const dir = mkdtempSync(path.join(tmpdir(), 'nmi-kube-'));
@@ -80,10 +81,6 @@ async function nextChange(store: BindingStore): Promise<string[]> {
   return [...keys].sort();
 }
 
-async function eventually(check: () => boolean): Promise<void> {
-  while (!check()) await new Promise((r) => setTimeout(r, 10));
-}
-
 test('lists the three resources and the secrets identities name', async () => {
   const server = await api();
   server.put(identity('web'));
@@ -146,7 +143,7 @@ test('watch events add, modify and delete, each with a change event', async () =
 
   // Exceptions change the snapshot, not any token.
   server.put(exception('dns', { app: 'dns' }));
-  await eventually(() => store.snapshot.exceptions.size === 1);
+  await waitFor('the exception', () => store.snapshot.exceptions.size === 1, 15_000, 10);
 });
 
 test('a dropped watch resumes from the last resourceVersion, without listing again', async () => {
@@ -163,7 +160,7 @@ test('a dropped watch resumes from the last resourceVersion, without listing aga
   // Changed while no watch is open: replayed by the resumed watch.
   server.put(binding('other-b', 'other'));
   server.put(identity('web', 'client-3'));
-  await eventually(() => store.snapshot.identities.get('app/web')?.clientID === 'client-3' && store.snapshot.bindings.has('app/other-b'));
+  await waitFor('client-3 and other-b', () => store.snapshot.identities.get('app/web')?.clientID === 'client-3' && store.snapshot.bindings.has('app/other-b'), 15_000, 10);
   const watches = server.watches('azureidentities');
   assert.ok(watches.length >= 2);
   assert.equal(watches[1]!.query.resourceVersion, seen, 'resumed from the last event seen');
@@ -198,13 +195,13 @@ test('410 Gone as an HTTP status, and an expired open watch: both list again', a
   await server.waitForWatches('azureidentities');
   server.dropWatches();
   server.compact();
-  await eventually(() => server.lists('azureidentities').length === 2);
+  await waitFor('a second list', () => server.lists('azureidentities').length === 2, 15_000, 10);
   await server.waitForWatches('azureidentities');
   const gone = server.requests.filter((r) => r.resource === 'azureidentities');
   assert.deepEqual(gone.slice(-3).map((r) => r.watch), [true, false, true]);
 
   server.expireWatches();
-  await eventually(() => server.lists('azureidentities').length === 3);
+  await waitFor('a third list', () => server.lists('azureidentities').length === 3, 15_000, 10);
   const change = nextChange(store);
   server.put(identity('web', 'after'));
   assert.deepEqual(await change, ['app/web']);
@@ -235,8 +232,8 @@ test('secrets: fetched again when the identity changes and on the refresh interv
   change = nextChange(store);
   server.put(spIdentity('sp', 'two'));
   await change;
-  await eventually(() => server.requests.some((r) => r.path === '/api/v1/namespaces/vault/secrets/two'));
-  await eventually(() => isNmiError(cred(), codes.BINDINGS));
+  await waitFor('the fetch of secret two', () => server.requests.some((r) => r.path === '/api/v1/namespaces/vault/secrets/two'), 15_000, 10);
+  await waitFor('the credential to fail', () => isNmiError(cred(), codes.BINDINGS), 15_000, 10);
   assert.match((cred() as Error).message, /secret vault\/two not found/);
   assert.equal(store.snapshot.secrets.has('vault/one'), false, 'a secret no identity names is dropped');
 
@@ -255,9 +252,9 @@ test('a failing secret fetch keeps the last value and retries', async () => {
   await store.whenReady();
   server.failNext(3, 500, '/api/v1/namespaces/vault/secrets/');
   server.put(secret('one', 'rotated'));
-  await eventually(() => lines().some((l) => l.msg === 'secret fetch failed, keeping the last value'));
+  await waitFor('the failed fetch logged', () => lines().some((l) => l.msg === 'secret fetch failed, keeping the last value'), 15_000, 10);
   assert.deepEqual(secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot), { type: 1, clientSecret: 'first' });
-  await eventually(() => store.snapshot.secrets.get('vault/one')?.data.clientSecret === 'rotated');
+  await waitFor('the rotated secret', () => store.snapshot.secrets.get('vault/one')?.data.clientSecret === 'rotated', 15_000, 10);
   for (const l of lines()) assert.doesNotMatch(JSON.stringify(l), /first|rotated|test-token/);
 });
 
@@ -300,7 +297,7 @@ test('a wrong token is refused (401) and never logged; not ready', async () => {
   const store = new BindingStore(new KubeBindingSource(log, { kubeconfig, ...fast }), log);
   cleanups.push(() => store.stop());
   await store.start();
-  await eventually(() => lines().filter((l) => /401/.test(String(l.err))).length >= 2);
+  await waitFor('two 401s', () => lines().filter((l) => /401/.test(String(l.err))).length >= 2, 15_000, 10);
   assert.equal(store.ready, false);
   for (const l of lines()) assert.doesNotMatch(JSON.stringify(l), /wrong-secret-token/);
 });
@@ -314,7 +311,7 @@ test('an untrusted server certificate is an error, not a silent success', async 
   const store = new BindingStore(new KubeBindingSource(log, { kubeconfig, ...fast }), log);
   cleanups.push(() => store.stop());
   await store.start();
-  await eventually(() => lines().some((l) => /certificate/i.test(String(l.err))));
+  await waitFor('a certificate error', () => lines().some((l) => /certificate/i.test(String(l.err))), 15_000, 10);
   assert.equal(store.ready, false);
   assert.equal(server.requests.length, 0);
 });
@@ -325,7 +322,7 @@ test('API server down at start: retried until it is up', async () => {
   await server.pause();
   const { log, lines } = capture();
   const store = await connect(server, {}, log);
-  await eventually(() => lines().filter((l) => l.msg === 'API server request failed').length >= 3);
+  await waitFor('three failed requests', () => lines().filter((l) => l.msg === 'API server request failed').length >= 3, 15_000, 10);
   assert.equal(store.ready, false);
   await server.resume();
   await store.whenReady();

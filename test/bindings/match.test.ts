@@ -2,8 +2,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { codes, isNmiError } from '../../src/errors/errors.js';
 import type { Pod } from '../../src/kubelet/pod.js';
-import { identitiesFor, secretFor } from '../../src/bindings/match.js';
-import { parseObjects } from '../../src/bindings/parse.js';
+import { bindingsInReach, bindingVerdict, exceptionsInReach, exceptionVerdict, identitiesFor, secretFor } from '../../src/bindings/match.js';
+import { parseObjects, type BindingSet } from '../../src/bindings/parse.js';
 import { createSnapshot, type BindingSnapshot } from '../../src/bindings/store.js';
 
 const crd = 'aadpodidentity.k8s.io/v1';
@@ -29,10 +29,14 @@ function exception(namespace: string, name: string, podLabels: Record<string, st
   return { apiVersion: crd, kind: 'AzurePodIdentityException', metadata: { name, namespace }, spec: { podLabels } };
 }
 
-function snapshot(...objects: object[]): BindingSnapshot {
-  const { errors, ...set } = parseObjects(objects);
+function set(...objects: object[]): BindingSet {
+  const { errors, ...valid } = parseObjects(objects);
   assert.deepEqual(errors, []);
-  return createSnapshot(set);
+  return valid;
+}
+
+function snapshot(...objects: object[]): BindingSnapshot {
+  return createSnapshot(set(...objects));
 }
 
 const names = (s: BindingSnapshot, p: Pod, forceNamespaced = false): string[] =>
@@ -93,7 +97,7 @@ test("the order --multiple-identities first serves from: the pod's namespace fir
 test('pods bound alike (namespace and selector) share one identity list; the namespace still counts', () => {
   const s = snapshot(id('shared', 'ns-id', { namespaced: true }), binding('shared', 'b1', 'ns-id', 'sel'), id('shared', 'open-id'), binding('shared', 'b2', 'open-id', 'sel'));
   const of = (ns: string, labels: Record<string, string>) => identitiesFor(pod(ns, labels), s, { forceNamespaced: false }).identities;
-  // The native route table keeps one list per distinct array: 250 pods bound alike are one list.
+  // The native caller table keeps one list per distinct array: 250 pods bound alike are one list.
   assert.equal(of('shared', { aadpodidbinding: 'sel', app: 'one' }), of('shared', { aadpodidbinding: 'sel', app: 'two' }));
   assert.deepEqual(of('app', { aadpodidbinding: 'sel' }).map((i) => i.name), ['open-id']);
   assert.deepEqual(of('shared', { aadpodidbinding: 'sel' }).map((i) => i.name), ['ns-id', 'open-id']);
@@ -120,6 +124,39 @@ test('an exception needs ALL its labels on a pod of its namespace; empty podLabe
   assert.equal(match('a', {}), false);
   assert.equal(match('a', { app: 'solo' }), false);
   assert.equal(match('b', { app: 'solo', extra: '1' }), true);
+});
+
+test('why each binding and exception applies to a pod or not, as data (nmi explain words it)', () => {
+  const s = snapshot(
+    id('shared', 'ns-id', { namespaced: true }),
+    binding('shared', 'b-ns', 'ns-id', 'sel'),
+    id('shared', 'open-id'),
+    binding('shared', 'b-open', 'open-id', 'sel'),
+    binding('app', 'b-ghost', 'ghost', 'sel'),
+    binding('app', 'b-other', 'open-id', 'other'),
+    exception('app', 'e', { app: 'dns', tier: 'infra' }),
+    exception('app', 'empty', {}),
+  );
+  const p = pod('app', { aadpodidbinding: 'sel', app: 'dns' });
+  const verdicts = (forceNamespaced: boolean) =>
+    bindingsInReach(p, s).map((b) => {
+      const v = bindingVerdict(p, b, s, { forceNamespaced });
+      return [b.name, v.applies ? `applies ${v.identity.name}` : v.why === 'namespaced' ? `namespaced by ${v.by}` : v.why];
+    });
+  // The pod's namespace's bindings and those anywhere with its selector, by namespace/name.
+  assert.deepEqual(verdicts(false), [['b-ghost', 'no-identity'], ['b-other', 'other-selector'], ['b-ns', 'namespaced by annotation'], ['b-open', 'applies open-id']]);
+  assert.deepEqual(verdicts(true).slice(2), [['b-ns', 'namespaced by force-namespaced'], ['b-open', 'namespaced by force-namespaced']]);
+  const other = bindingVerdict(p, s.bindings.get('app/b-other')!, s, { forceNamespaced: false });
+  assert.deepEqual(other, { applies: false, why: 'other-selector', podSelector: 'sel' });
+  assert.deepEqual(bindingVerdict(pod('app', {}), s.bindings.get('app/b-other')!, s, { forceNamespaced: false }), { applies: false, why: 'no-label' });
+  assert.deepEqual(bindingVerdict(p, s.bindings.get('app/b-ghost')!, s, { forceNamespaced: false }), { applies: false, why: 'no-identity', identity: 'app/ghost' });
+  const invalid = createSnapshot({ ...set(binding('app', 'b-ghost', 'ghost', 'sel')), invalid: new Map([['AzureIdentity app/ghost', 'spec.type is wrong']]) });
+  assert.deepEqual(bindingVerdict(p, invalid.bindings.get('app/b-ghost')!, invalid, { forceNamespaced: false }), { applies: false, why: 'no-identity', identity: 'app/ghost', invalid: 'spec.type is wrong' });
+  assert.deepEqual(
+    exceptionsInReach(p, s).map((e) => [e.name, exceptionVerdict(p, e)]),
+    [['e', { applies: false, why: 'labels-missing', missing: [['tier', 'infra']] }], ['empty', { applies: false, why: 'no-pod-labels' }]],
+  );
+  assert.deepEqual(exceptionVerdict(pod('app', { app: 'dns', tier: 'infra' }), s.exceptions.get('app/e')!), { applies: true });
 });
 
 const sp = (type: number, secret = 'sp'): object =>

@@ -69,9 +69,9 @@ test("Workload ID's convention: the label and the account's client id; the tenan
   assert.equal(identityKey(served!), 'apps/serviceaccount:wi@apps/wi');
   assert.deepEqual(identitiesFor(pod('q', {}, 'wi'), s, { forceNamespaced: false }).identities, [], 'no label, no identity');
   assert.deepEqual(identitiesFor(pod('r', labelled, 'no-tenant'), s, { forceNamespaced: false }).identities, []);
-  assert.match((workloadIdentity(pod('r', labelled, 'no-tenant'), s, { forceNamespaced: false }) as { reason: string }).reason, /names no tenant .* --workload-identity-tenant/);
+  assert.deepEqual(workloadIdentity(pod('r', labelled, 'no-tenant'), s, { forceNamespaced: false }), { why: 'no-tenant', serviceAccount: 'apps/no-tenant' });
   assert.equal(identitiesFor(pod('r2', labelled, 'no-tenant'), s, { forceNamespaced: false, workloadTenant: 'contoso.onmicrosoft.com' }).identities[0]?.tenantID, 'contoso.onmicrosoft.com');
-  assert.match((workloadIdentity(pod('s', labelled, 'plain'), s, { forceNamespaced: false }) as { reason: string }).reason, /not annotated azure\.workload\.identity\/client-id/);
+  assert.deepEqual(workloadIdentity(pod('s', labelled, 'plain'), s, { forceNamespaced: false }), { why: 'not-annotated', serviceAccount: 'apps/plain' });
   assert.deepEqual(identitiesFor(pod('t', { 'azure.workload.identity/use': 'false' }, 'wi'), s, { forceNamespaced: false }).identities, []);
 });
 

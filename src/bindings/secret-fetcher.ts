@@ -1,0 +1,123 @@
+// The Secrets --bindings kubernetes' service principals name, fetched with a GET each (not
+// watched: nmi reads only the few its identities name).
+import { messageOf, NmiError } from '../errors/errors.js';
+import type { Logger } from '../log/logger.js';
+import { ApiError, type KubeClient } from '../kube/client.js';
+import { objectKey } from '../kube/object-key.js';
+import { Backoff } from '../util/backoff.js';
+import type { AzureIdentity, Secret } from './model.js';
+import { parseSecret } from './parse.js';
+
+/** The Secrets identities name, fetched when an identity changes and every refresh interval. */
+export class SecretFetcher {
+  readonly values = new Map<string, Secret>();
+  /** Wanted secret key → the identity versions wanting it; a new stamp means fetch again. */
+  #wanted = new Map<string, string>();
+  readonly #fetched = new Map<string, string>();
+  readonly #attempted = new Map<string, string>();
+  readonly #backoff: Backoff;
+  #running = false;
+  #again = false;
+  #retry: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly client: KubeClient,
+    private readonly log: Logger,
+    backoff: { initialMs: number; maxMs: number },
+    private readonly signal: AbortSignal,
+    private readonly onChange: () => void,
+  ) {
+    this.#backoff = new Backoff(backoff);
+  }
+
+  /** Every wanted secret was tried at least once since it was last wanted anew. */
+  get settled(): boolean {
+    for (const [key, stamp] of this.#wanted) if (this.#attempted.get(key) !== stamp) return false;
+    return true;
+  }
+
+  want(identities: Iterable<AzureIdentity>): void {
+    const wanted = new Map<string, string[]>();
+    for (const id of identities) {
+      if (!id.clientPassword) continue;
+      const key = objectKey(id.clientPassword.namespace, id.clientPassword.name);
+      wanted.set(key, [...(wanted.get(key) ?? []), `${id.namespace}/${id.name}@${id.version}`]);
+    }
+    const next = new Map([...wanted].map(([k, v]) => [k, v.sort().join(',')]));
+    let dropped = false;
+    for (const key of new Set([...this.values.keys(), ...this.#attempted.keys()])) {
+      if (next.has(key)) continue;
+      dropped = this.values.delete(key) || dropped;
+      this.#fetched.delete(key);
+      this.#attempted.delete(key);
+    }
+    // Only a new need starts a fetch here; failed fetches wait for their backoff.
+    const renewed = [...next].some(([key, stamp]) => this.#wanted.get(key) !== stamp);
+    this.#wanted = next;
+    if (dropped) this.onChange();
+    if (renewed) this.#kick();
+  }
+
+  refreshAll(): void {
+    this.#fetched.clear();
+    this.#kick();
+  }
+
+  stop(): void {
+    clearTimeout(this.#retry);
+  }
+
+  #kick(): void {
+    if (this.#running) {
+      this.#again = true;
+      return;
+    }
+    this.#running = true;
+    void this.#drain().finally(() => {
+      this.#running = false;
+    });
+  }
+
+  async #drain(): Promise<void> {
+    let failed = false;
+    let attempted = 0;
+    do {
+      this.#again = false;
+      const due = [...this.#wanted].filter(([key, stamp]) => this.#fetched.get(key) !== stamp);
+      const results = await Promise.all(due.map(([key, stamp]) => this.#fetch(key, stamp)));
+      failed = results.includes(false);
+      attempted += due.length;
+    } while (this.#again && !this.signal.aborted);
+    if (this.signal.aborted) return;
+    if (attempted > 0) this.onChange();
+    clearTimeout(this.#retry);
+    if (failed) this.#retry = setTimeout(() => this.#kick(), this.#backoff.next()).unref();
+    else this.#backoff.reset();
+  }
+
+  /** False when the API server could not answer (retried later); a missing secret is an answer. */
+  async #fetch(key: string, stamp: string): Promise<boolean> {
+    const [namespace = '', name = ''] = key.split('/');
+    const path = `/api/v1/namespaces/${encodeURIComponent(namespace)}/secrets/${encodeURIComponent(name)}`;
+    try {
+      let secret: Secret | undefined;
+      try {
+        secret = parseSecret(await this.client.getJson(path, this.signal));
+      } catch (err) {
+        // Not found, or not a valid Secret: an answer, so the secret is left out.
+        const missing = err instanceof ApiError ? err.status === 404 : err instanceof NmiError;
+        if (!missing) throw err;
+        if (this.#fetched.get(key) !== stamp) this.log.warn({ secret: key, err: messageOf(err) }, 'secret unusable');
+      }
+      if (secret) this.values.set(key, secret);
+      else this.values.delete(key);
+      this.#fetched.set(key, stamp);
+      return true;
+    } catch (err) {
+      if (!this.signal.aborted) this.log.warn({ secret: key, err: messageOf(err) }, 'secret fetch failed, keeping the last value');
+      return false;
+    } finally {
+      this.#attempted.set(key, stamp);
+    }
+  }
+}
