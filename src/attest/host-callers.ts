@@ -18,7 +18,6 @@
 // namespace in the DaemonSet; sock_diag needs neither.
 import { once } from 'node:events';
 import net from 'node:net';
-import { UsageError } from '../errors/errors.js';
 import type { PodIndex } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
@@ -26,12 +25,8 @@ import { addon, type SocketOwner } from '../native/addon.js';
 import { LogLimiter } from '../util/log-limiter.js';
 import type { CgroupPods } from './cgroup-pods.js';
 import { peerEnds, type ConnectionEnds, type PeerEnds } from './peers.js';
-import { isDnsLabel, isLabelValue, isQualifiedName } from '../kube/names.js';
-
-export const HOST_ROOT = 'host-root';
-
-/** One --host-token-allow entry. */
-export type HostCallerRule = { kind: 'host-root' } | { kind: 'pods'; namespace: string; label: string; value: string };
+import { HOST_ROOT, type HostCallerRule } from '../config/values.js';
+import { messageOf } from '../errors/errors.js';
 
 export const hostRefusals = ['unattested', 'unknown-pod', 'not-allowed'] as const;
 /**
@@ -42,21 +37,6 @@ export const hostRefusals = ['unattested', 'unknown-pod', 'not-allowed'] as cons
 export type HostRefusal = (typeof hostRefusals)[number];
 
 export type HostVerdict = { allowed: true; caller: string } | { allowed: false; reason: HostRefusal; caller: string };
-
-/** `host-root` and `namespace/label=value` entries, comma-separated; an empty list allows nobody. */
-export function hostCallerRules(raw: string, flag: string): HostCallerRule[] {
-  const entries = raw.split(',').map((e) => e.trim()).filter((e) => e !== '');
-  return entries.map((entry): HostCallerRule => {
-    if (entry === HOST_ROOT) return { kind: 'host-root' };
-    const match = /^([^/=]+)\/([^=]+)=(.*)$/.exec(entry);
-    const [, namespace = '', label = '', value = ''] = match ?? [];
-    if (!match) throw new UsageError(`--${flag}: "${entry}" is not ${HOST_ROOT} or namespace/label=value`);
-    if (!isDnsLabel(namespace)) throw new UsageError(`--${flag}: "${namespace}" in "${entry}" is not a namespace name`);
-    if (!isQualifiedName(label)) throw new UsageError(`--${flag}: "${label}" in "${entry}" is not a label key`);
-    if (!isLabelValue(value)) throw new UsageError(`--${flag}: "${value}" in "${entry}" is not a label value`);
-    return { kind: 'pods', namespace, label, value };
-  });
-}
 
 export function describeRule(rule: HostCallerRule): string {
   return rule.kind === 'host-root' ? HOST_ROOT : `${rule.namespace}/${rule.label}=${rule.value}`;
@@ -79,7 +59,7 @@ export class HostCallers {
   /** The verdict on an accepted connection; never rejects (a failed lookup refuses). */
   async admit(ends: ConnectionEnds): Promise<HostVerdict> {
     const verdict = await this.judge(ends).catch((err: unknown): HostVerdict => {
-      this.log.warn({ err: err instanceof Error ? err.message : String(err) }, 'host token caller lookup failed; refused');
+      this.log.warn({ err: messageOf(err) }, 'host token caller lookup failed; refused');
       return { allowed: false, reason: 'unattested', caller: 'unknown' };
     });
     if (!verdict.allowed) this.refuse(verdict);
@@ -137,7 +117,7 @@ export async function socketCgroupsUnsupported(): Promise<string | undefined> {
       client.destroy();
     }
   } catch (err) {
-    return (err as Error).message;
+    return messageOf(err);
   } finally {
     server.close();
   }

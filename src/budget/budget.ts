@@ -6,7 +6,7 @@
 // the rate one interval at a time, so a call that arrives behind it waits one
 // interval, not the rest of a second someone else used up.
 //
-// Calls wait in one queue per owner (a pod), served in turn: a pod's first
+// Calls wait in one queue per pod, served in turn: a pod's first
 // token never waits behind another pod's backlog. Background refreshes wait
 // apart and go only when no first token waits, until the token they replace is
 // halfway from its refresh point to its end: then they go before anything.
@@ -21,14 +21,14 @@ export interface BudgetLimits {
 export type TicketKind = 'first' | 'refresh';
 
 /** Why a caller was told to come back later: bounded on purpose, it labels metrics. */
-export type RefusalReason = 'pod-tokens' | 'pod-pending' | 'queue-timeout';
-export const refusalReasons: readonly RefusalReason[] = ['pod-tokens', 'pod-pending', 'queue-timeout'];
+export type ThrottleReason = 'pod-tokens' | 'pod-pending' | 'queue-timeout';
+export const throttleReasons: readonly ThrottleReason[] = ['pod-tokens', 'pod-pending', 'queue-timeout'];
 
 /** A caller over its bounds, or a call that waited too long: answered as IMDS throttles, 429 with Retry-After. */
 export class BudgetError extends NmiError {
-  readonly reason: RefusalReason;
+  readonly reason: ThrottleReason;
   readonly retryAfterS: number;
-  constructor(reason: RefusalReason, message: string, retryAfterS: number) {
+  constructor(reason: ThrottleReason, message: string, retryAfterS: number) {
     super(codes.BUDGET, message);
     this.name = 'BudgetError';
     this.reason = reason;
@@ -42,33 +42,33 @@ export type Release = (outcome?: { throttledMs?: number }) => void;
 export interface Ticket {
   /** Settles when the call may go; rejects when its signal aborts or it waited past maxWaitMs. */
   readonly granted: Promise<Release>;
-  /** Another owner waits on the same call (single flight): it is also in that owner's queue. Throws as `admit` does. */
-  join(owner: string): void;
+  /** Another pod waits on the same call (single flight): it is also in that pod's queue. Throws as `admit` does. */
+  join(pod: string): void;
 }
 
 export interface TicketRequest {
   kind: TicketKind;
   /** The pods waiting on this call; none for a refresh no pod waits on. */
-  owners: Iterable<string>;
+  pods: Iterable<string>;
   /** Refreshes: from this time on the refresh goes before first tokens. */
   urgentAtMs?: number;
   signal?: AbortSignal;
-  /** A retry goes to the front of its owners' queues: it has waited longest. */
+  /** A retry goes to the front of its pods' queues: it has waited longest. */
   retry?: boolean;
 }
 
 export interface BudgetOptions {
-  /** Calls, queued or in flight, one owner may wait on; past it, `admit` refuses. */
-  maxQueuedPerOwner?: number;
-  /** A first-token call that waits this long is refused (queue-timeout). */
+  /** Calls, queued or in flight, one pod may wait on; past it, `admit` throttles. */
+  maxQueuedPerPod?: number;
+  /** A first-token call that waits this long is throttled (queue-timeout). */
   maxWaitMs?: number;
   /** Starts allowed back to back after a quiet time. */
   burst?: number;
   now?: () => number;
   /** Observes each grant's wait, in seconds, by kind. */
   onWait?: (seconds: number, kind: TicketKind) => void;
-  /** Counts the refusals this budget makes (pod-pending, queue-timeout). */
-  onRefused?: (reason: RefusalReason) => void;
+  /** Counts the throttles this budget makes (pod-pending, queue-timeout). */
+  onThrottled?: (reason: ThrottleReason) => void;
 }
 
 export interface BudgetStats {
@@ -88,7 +88,7 @@ const DEFAULT_PAUSE_MS = 1_000;
 
 interface QueuedTicket {
   readonly kind: TicketKind;
-  readonly owners: Set<string>;
+  readonly pods: Set<string>;
   readonly urgentAtMs: number;
   readonly queuedAtMs: number;
   state: 'queued' | 'granted' | 'gone';
@@ -101,20 +101,20 @@ interface QueuedTicket {
 export class UpstreamBudget {
   readonly name: string;
   readonly limits: BudgetLimits;
-  private readonly maxQueuedPerOwner: number;
+  private readonly maxQueuedPerPod: number;
   private readonly maxWaitMs: number;
   private readonly now: () => number;
   private readonly onWait: BudgetOptions['onWait'];
-  private readonly onRefused: BudgetOptions['onRefused'];
+  private readonly onThrottled: BudgetOptions['onThrottled'];
   /** Starts allowed back to back into an idle budget. */
   private readonly burst: number;
   /** How long calls take, averaged: the paced interval makes room for it (see `recent`). */
   private latencyMs = 0;
-  /** Owners with queued first-token calls, in the order they came. */
+  /** Pods with queued first-token calls, in the order they came. */
   private readonly queues = new Map<string, QueuedTicket[]>();
-  /** When each owner was last served (a grant count): the owner served longest ago, or never, goes next. */
+  /** When each pod was last served (a grant count): the pod served longest ago, or never, goes next. */
   private readonly lastServed = new Map<string, number>();
-  /** Calls each owner waits on, queued or in flight. */
+  /** Calls each pod waits on, queued or in flight. */
   private readonly outstanding = new Map<string, number>();
   private readonly refreshes: QueuedTicket[] = [];
   /**
@@ -139,22 +139,22 @@ export class UpstreamBudget {
     if (!(limits.ratePerSec > 0)) throw new RangeError(`ratePerSec must be positive, got ${limits.ratePerSec}`);
     this.name = name;
     this.limits = limits;
-    this.maxQueuedPerOwner = options.maxQueuedPerOwner ?? Infinity;
+    this.maxQueuedPerPod = options.maxQueuedPerPod ?? Infinity;
     this.maxWaitMs = options.maxWaitMs ?? Infinity;
     this.now = options.now ?? Date.now;
     this.onWait = options.onWait;
-    this.onRefused = options.onRefused;
+    this.onThrottled = options.onThrottled;
     this.burst = Math.max(1, Math.min(options.burst ?? limits.maxConcurrent, Math.floor(limits.ratePerSec)));
   }
 
-  /** Throws BudgetError (pod-pending) when owner has as many calls queued as it may. */
-  admit(owner: string): void {
-    if (this.outstandingOf(owner) < this.maxQueuedPerOwner) return;
-    this.onRefused?.('pod-pending');
-    throw new BudgetError('pod-pending', `${this.maxQueuedPerOwner} calls to ${this.name} already under way or waiting for this caller`, 1);
+  /** Throws BudgetError (pod-pending) when pod has as many calls queued as it may. */
+  admit(pod: string): void {
+    if (this.outstandingOf(pod) < this.maxQueuedPerPod) return;
+    this.onThrottled?.('pod-pending');
+    throw new BudgetError('pod-pending', `${this.maxQueuedPerPod} calls to ${this.name} already under way or waiting for this caller`, 1);
   }
 
-  /** Queues one upstream call; the caller admits a new one first (retries and refreshes are never refused). */
+  /** Queues one upstream call; the caller admits a new one first (retries and refreshes are never throttled). */
   request(request: TicketRequest): Ticket {
     let resolve!: (release: Release) => void;
     let reject!: (err: unknown) => void;
@@ -165,7 +165,7 @@ export class UpstreamBudget {
     const now = this.now();
     const ticket: QueuedTicket = {
       kind: request.kind,
-      owners: new Set(),
+      pods: new Set(),
       urgentAtMs: request.urgentAtMs ?? Infinity,
       queuedAtMs: now,
       state: 'queued',
@@ -177,8 +177,8 @@ export class UpstreamBudget {
       const at = this.refreshes.findIndex((other) => other.urgentAtMs > ticket.urgentAtMs);
       this.refreshes.splice(at < 0 ? this.refreshes.length : at, 0, ticket);
     }
-    for (const owner of request.owners) this.enqueue(ticket, owner, request.retry === true);
-    if (ticket.kind === 'first' && ticket.owners.size === 0) this.enqueue(ticket, '', request.retry === true);
+    for (const pod of request.pods) this.enqueue(ticket, pod, request.retry === true);
+    if (ticket.kind === 'first' && ticket.pods.size === 0) this.enqueue(ticket, '', request.retry === true);
     const signal = request.signal;
     if (signal) {
       const cancel = () => this.drop(ticket, signal.reason ?? new Error('cancelled'));
@@ -191,17 +191,17 @@ export class UpstreamBudget {
     }
     if (ticket.kind === 'first' && Number.isFinite(this.maxWaitMs) && ticket.state === 'queued') {
       ticket.timer = setTimeout(() => {
-        this.onRefused?.('queue-timeout');
+        this.onThrottled?.('queue-timeout');
         this.drop(ticket, new BudgetError('queue-timeout', `no ${this.name} call could start within ${this.maxWaitMs} ms`, Math.max(1, Math.ceil((this.intervalMs() * this.queuedTotal()) / 1000))));
       }, this.maxWaitMs);
     }
     this.dispatch();
     return {
       granted,
-      join: (owner) => {
-        if (ticket.state !== 'queued' || ticket.owners.has(owner)) return;
-        this.admit(owner);
-        this.enqueue(ticket, owner, false);
+      join: (pod) => {
+        if (ticket.state !== 'queued' || ticket.pods.has(pod)) return;
+        this.admit(pod);
+        this.enqueue(ticket, pod, false);
       },
     };
   }
@@ -215,16 +215,16 @@ export class UpstreamBudget {
     };
   }
 
-  private outstandingOf(owner: string): number {
-    return this.outstanding.get(owner) ?? 0;
+  private outstandingOf(pod: string): number {
+    return this.outstanding.get(pod) ?? 0;
   }
 
-  /** The ticket is over (answered or gone) for each of its owners. */
+  /** The ticket is over (answered or gone) for each of its pods. */
   private settle(ticket: QueuedTicket): void {
-    for (const owner of ticket.owners) {
-      const left = (this.outstanding.get(owner) ?? 1) - 1;
-      if (left > 0) this.outstanding.set(owner, left);
-      else this.outstanding.delete(owner);
+    for (const pod of ticket.pods) {
+      const left = (this.outstanding.get(pod) ?? 1) - 1;
+      if (left > 0) this.outstanding.set(pod, left);
+      else this.outstanding.delete(pod);
     }
   }
 
@@ -232,12 +232,12 @@ export class UpstreamBudget {
     return uniqueQueued(this.queues) + this.refreshes.length;
   }
 
-  private enqueue(ticket: QueuedTicket, owner: string, front: boolean): void {
-    ticket.owners.add(owner);
-    this.outstanding.set(owner, this.outstandingOf(owner) + 1);
+  private enqueue(ticket: QueuedTicket, pod: string, front: boolean): void {
+    ticket.pods.add(pod);
+    this.outstanding.set(pod, this.outstandingOf(pod) + 1);
     if (ticket.kind === 'refresh') return;
-    let queue = this.queues.get(owner);
-    if (!queue) this.queues.set(owner, (queue = []));
+    let queue = this.queues.get(pod);
+    if (!queue) this.queues.set(pod, (queue = []));
     if (front) queue.unshift(ticket);
     else queue.push(ticket);
   }
@@ -248,12 +248,12 @@ export class UpstreamBudget {
       const at = this.refreshes.indexOf(ticket);
       if (at >= 0) this.refreshes.splice(at, 1);
     }
-    for (const owner of ticket.owners) {
-      const queue = this.queues.get(owner);
+    for (const pod of ticket.pods) {
+      const queue = this.queues.get(pod);
       if (!queue) continue;
       const at = queue.indexOf(ticket);
       if (at >= 0) queue.splice(at, 1);
-      if (queue.length === 0) this.queues.delete(owner);
+      if (queue.length === 0) this.queues.delete(pod);
     }
     clearTimeout(ticket.timer);
     ticket.unlisten?.();
@@ -267,14 +267,14 @@ export class UpstreamBudget {
     ticket.reject(err);
   }
 
-  /** The next call to start: an urgent refresh, else the next owner's first token in turn, else any refresh. */
+  /** The next call to start: an urgent refresh, else the next pod's first token in turn, else any refresh. */
   private pick(now: number): QueuedTicket | undefined {
     const refresh = this.refreshes[0];
     if (refresh && refresh.urgentAtMs <= now) return refresh;
     let next: QueuedTicket | undefined;
     let nextServed = Infinity;
-    for (const [owner, queue] of this.queues) {
-      const served = this.lastServed.get(owner) ?? -1;
+    for (const [pod, queue] of this.queues) {
+      const served = this.lastServed.get(pod) ?? -1;
       if (served < nextServed) [next, nextServed] = [queue[0], served];
     }
     return next ?? refresh;
@@ -314,9 +314,9 @@ export class UpstreamBudget {
 
   private start(ticket: QueuedTicket, now: number): void {
     ticket.state = 'granted';
-    // Every owner waiting on it had its turn.
-    for (const owner of ticket.owners) this.lastServed.set(owner, this.counts.granted);
-    if (this.lastServed.size > 4096) for (const owner of this.lastServed.keys()) if (!this.queues.has(owner)) this.lastServed.delete(owner);
+    // Every pod waiting on it had its turn.
+    for (const pod of ticket.pods) this.lastServed.set(pod, this.counts.granted);
+    if (this.lastServed.size > 4096) for (const pod of this.lastServed.keys()) if (!this.queues.has(pod)) this.lastServed.delete(pod);
     this.unlink(ticket);
     this.inFlight++;
     this.counts.granted++;
@@ -364,7 +364,7 @@ export class UpstreamBudget {
   }
 }
 
-/** First-token tickets queued, each counted once however many owners wait on it. */
+/** First-token tickets queued, each counted once however many pods wait on it. */
 function uniqueQueued(queues: Map<string, QueuedTicket[]>): number {
   const seen = new Set<QueuedTicket>();
   for (const queue of queues.values()) for (const ticket of queue) seen.add(ticket);

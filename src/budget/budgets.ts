@@ -1,7 +1,7 @@
 // The node's budgets, one per upstream: IMDS's identity endpoint, IMDS's other
 // categories (a general limit of their own), and each Entra ID tenant service
-// principals sign in to. Refusals of callers over their bounds are counted here.
-import { refusalReasons, UpstreamBudget, type BudgetLimits, type RefusalReason, type TicketKind } from './budget.js';
+// principals sign in to. Throttles of pods over their bounds are counted here.
+import { throttleReasons, UpstreamBudget, type BudgetLimits, type ThrottleReason, type TicketKind } from './budget.js';
 
 /** Bounded on purpose: it labels metrics (tenants are summed under `entra`). */
 export type UpstreamName = 'imds' | 'imds-metadata' | 'entra';
@@ -14,7 +14,7 @@ export interface BudgetsConfig {
   entra: BudgetLimits;
   /** Calls one pod may have queued toward one upstream. */
   maxPendingPerPod: number;
-  /** A first token that cannot start within this is refused. */
+  /** A first token that cannot start within this is throttled. */
   maxWaitMs: number;
   onWait?: (upstream: UpstreamName, seconds: number, kind: TicketKind) => void;
 }
@@ -24,7 +24,7 @@ export class Budgets {
   readonly metadata: UpstreamBudget;
   private readonly tenants = new Map<string, UpstreamBudget>();
   private readonly config: BudgetsConfig;
-  private readonly refusalCounts = Object.fromEntries(refusalReasons.map((reason) => [reason, 0])) as Record<RefusalReason, number>;
+  private readonly throttleCounts = Object.fromEntries(throttleReasons.map((reason) => [reason, 0])) as Record<ThrottleReason, number>;
 
   constructor(config: BudgetsConfig) {
     this.config = config;
@@ -52,21 +52,21 @@ export class Budgets {
     return upstream === 'imds' ? this.config.imds : upstream === 'imds-metadata' ? this.config.imdsMetadata : this.config.entra;
   }
 
-  refused(reason: RefusalReason): void {
-    this.refusalCounts[reason]++;
+  throttled(reason: ThrottleReason): void {
+    this.throttleCounts[reason]++;
   }
 
-  refusals(): Record<RefusalReason, number> {
-    return { ...this.refusalCounts };
+  throttles(): Record<ThrottleReason, number> {
+    return { ...this.throttleCounts };
   }
 
   private make(upstream: UpstreamName, name: string, limits: BudgetLimits): UpstreamBudget {
     const { onWait, maxPendingPerPod, maxWaitMs } = this.config;
     return new UpstreamBudget(name, limits, {
-      maxQueuedPerOwner: maxPendingPerPod,
+      maxQueuedPerPod: maxPendingPerPod,
       maxWaitMs,
       onWait: onWait && ((seconds, kind) => onWait(upstream, seconds, kind)),
-      onRefused: (reason) => this.refused(reason),
+      onThrottled: (reason) => this.throttled(reason),
     });
   }
 }

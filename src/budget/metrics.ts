@@ -1,9 +1,9 @@
 // The budgets as Prometheus metrics: what each upstream is allowed and using,
-// how long calls wait for their turn, who was refused, and the upstream 429s
+// how long calls wait for their turn, who was throttled, and the upstream 429s
 // that got through anyway (which the budget exists to keep at 0).
 import { Gauge, Histogram, type Registry } from 'prom-client';
 import { exposeCounts } from '../metrics/registry.js';
-import { refusalReasons, type TicketKind } from './budget.js';
+import { throttleReasons, type TicketKind } from './budget.js';
 import { upstreams, type Budgets, type UpstreamName } from './budgets.js';
 
 
@@ -60,5 +60,5 @@ export function registerBudgetMetrics(registry: Registry, budgets: Budgets): voi
     },
   });
   exposeCounts(registry, 'nmi_upstream_throttled_total', 'Upstream answers of 429 (the budget exists to keep this at 0), by upstream', 'upstream', upstreams, () => sum((s) => s.throttled));
-  exposeCounts(registry, 'nmi_budget_refusals_total', 'Requests answered 429 by nmi, by reason: a pod over its tokens or waiting calls, or no turn in time', 'reason', refusalReasons, () => budgets.refusals());
+  exposeCounts(registry, 'nmi_budget_refusals_total', 'Requests answered 429 by nmi, by reason: a pod over its tokens or waiting calls, or no turn in time', 'reason', throttleReasons, () => budgets.throttles());
 }

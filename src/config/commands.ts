@@ -4,8 +4,6 @@ import { UsageError } from '../errors/errors.js';
 import { flag, type FlagSpecs, type Parsed } from './flags.js';
 import { defaultNodeIp } from './node-ip.js';
 import * as v from './values.js';
-import { hostCallerRules } from '../attest/host-callers.js';
-import { startTaint } from '../lifecycle/start-gate.js';
 
 export const rulesBackends = ['auto', 'iptables', 'nftables', 'ebpf', 'none'] as const;
 export type RulesChoice = (typeof rulesBackends)[number];
@@ -51,11 +49,11 @@ export const runFlags = {
   'probe-address': flag({ parse: v.hostPort, default: '127.0.0.1:8085', help: '/healthz, /readyz, /metrics' }),
   'host-token-socket': flag({ parse: v.offOrPath, default: 'off', help: 'root-only unix socket serving /host/token' }),
   'host-token-address': flag({ parse: v.offOrHostPort, default: 'off', help: "/host/token/ on TCP in NMI's shape, for the Key Vault CSI provider (NMI's: 127.0.0.1:2579)" }),
-  'host-token-allow': flag({ parse: hostCallerRules, default: '', help: 'who may call --host-token-address: namespace/label=value pod selectors and host-root, comma-separated' }),
+  'host-token-allow': flag({ parse: v.hostCallerRules, default: '', help: 'who may call --host-token-address: namespace/label=value pod selectors and host-root, comma-separated' }),
   'multiple-identities': flag({ parse: v.oneOf(multipleIdentitiesChoices), default: 'first', help: 'several identities bound and none requested: first (by namespace, then name, as NMI) or refuse (IMDS\'s 400)' }),
   'take-over': flag({ parse: v.bool, default: 'false', boolean: true, help: 'take the listening sockets and the rules over from an nmi running on this node (a DaemonSet rolling update with maxSurge); without it, finding one is an error' }),
   'handoff-socket': flag({ parse: v.offOrPath, default: '/run/nmi/handoff.sock', help: 'where a running nmi offers its listening sockets to the one taking over (root only), or off' }),
-  'start-taint': flag({ parse: startTaint, default: 'off', help: 'DaemonSet start gate: the taint nodes register with (KEY[=VALUE]:EFFECT, as kubelet --register-with-taints), removed from this node once nmi is ready and put back on a stop that removes the rules' }),
+  'start-taint': flag({ parse: v.startTaint, default: 'off', help: 'DaemonSet start gate: the taint nodes register with (KEY[=VALUE]:EFFECT, as kubelet --register-with-taints), removed from this node once nmi is ready and put back on a stop that removes the rules' }),
   'imds-max-concurrent': flag({ parse: v.positiveInt, default: '5', help: "token calls nmi has in flight to IMDS at most (IMDS's documented limit)" }),
   'imds-max-rate': flag({ parse: v.rate, default: '20/s', help: "token calls nmi starts toward IMDS per second at most (IMDS's documented limit)" }),
   'imds-metadata-max-rate': flag({ parse: v.rate, default: '5/s', help: "proxied calls to IMDS's other categories per second at most (IMDS's general limit)" }),
@@ -72,6 +70,16 @@ export const runFlags = {
 } satisfies FlagSpecs;
 
 export type RunConfig = Parsed<typeof runFlags>;
+
+/** The flags of `nmi run` that need one another: a usage error naming the flag, before anything is touched. */
+export function checkRunConfig(config: RunConfig): void {
+  if (config.kubeletClientCert && !config.kubeletClientKey) throw new UsageError('--kubelet-client-key: required with --kubelet-client-cert');
+  if (config.kubeletClientKey && !config.kubeletClientCert) throw new UsageError('--kubelet-client-cert: required with --kubelet-client-key');
+  if (config.hostTokenAllow.length > 0 && !config.hostTokenAddress) throw new UsageError('--host-token-allow: needs --host-token-address');
+  if (config.hostTokenAddress && config.hostTokenAllow.length === 0) throw new UsageError('--host-token-address: needs --host-token-allow (no caller would be let in)');
+  if (config.takeOver && !config.handoffSocket) throw new UsageError('--take-over: needs --handoff-socket');
+  if (config.startTaint && !config.nodeName) throw new UsageError('--start-taint: needs --node-name (or $NODE_NAME), the Node to take the taint off');
+}
 
 export const cleanupFlags = {} satisfies FlagSpecs;
 

@@ -3,6 +3,7 @@
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import net from 'node:net';
 import { UsageError } from '../errors/errors.js';
+import { isDnsLabel, isLabelValue, isQualifiedName } from '../kube/names.js';
 
 export type Parser<T> = (raw: string, flag: string) => T;
 
@@ -128,4 +129,49 @@ export function offOrPath(raw: string, flag: string): string | null {
   if (raw === 'off' || raw === '') return null;
   if (!raw.startsWith('/')) throw new UsageError(`--${flag}: "${raw}" must be an absolute path or off`);
   return raw;
+}
+
+export const taintEffects = ['NoSchedule', 'PreferNoSchedule', 'NoExecute'] as const;
+export type TaintEffect = (typeof taintEffects)[number];
+
+export interface Taint {
+  key: string;
+  value?: string;
+  effect: TaintEffect;
+}
+
+/** `off`, or a taint as kubelet's --register-with-taints spells one: KEY[=VALUE]:EFFECT. */
+export function startTaint(raw: string, flag: string): Taint | null {
+  if (raw === 'off' || raw === '') return null;
+  const colon = raw.lastIndexOf(':');
+  if (colon < 0) throw new UsageError(`--${flag}: "${raw}" is not KEY[=VALUE]:EFFECT`);
+  const effect = raw.slice(colon + 1);
+  if (!(taintEffects as readonly string[]).includes(effect)) throw new UsageError(`--${flag}: effect "${effect}" is not one of ${taintEffects.join(', ')}`);
+  const keyValue = raw.slice(0, colon);
+  const eq = keyValue.indexOf('=');
+  const key = eq < 0 ? keyValue : keyValue.slice(0, eq);
+  const value = eq < 0 ? undefined : keyValue.slice(eq + 1);
+  if (!isQualifiedName(key)) throw new UsageError(`--${flag}: "${key}" in "${raw}" is not a taint key ([DNS-subdomain/]name)`);
+  if (value !== undefined && !isLabelValue(value)) throw new UsageError(`--${flag}: "${value}" in "${raw}" is not a taint value`);
+  return value ? { key, value, effect: effect as TaintEffect } : { key, effect: effect as TaintEffect };
+}
+
+export const HOST_ROOT = 'host-root';
+
+/** One --host-token-allow entry. */
+export type HostCallerRule = { kind: 'host-root' } | { kind: 'pods'; namespace: string; label: string; value: string };
+
+/** `host-root` and `namespace/label=value` entries, comma-separated; an empty list allows nobody. */
+export function hostCallerRules(raw: string, flag: string): HostCallerRule[] {
+  const entries = raw.split(',').map((e) => e.trim()).filter((e) => e !== '');
+  return entries.map((entry): HostCallerRule => {
+    if (entry === HOST_ROOT) return { kind: 'host-root' };
+    const match = /^([^/=]+)\/([^=]+)=(.*)$/.exec(entry);
+    const [, namespace = '', label = '', value = ''] = match ?? [];
+    if (!match) throw new UsageError(`--${flag}: "${entry}" is not ${HOST_ROOT} or namespace/label=value`);
+    if (!isDnsLabel(namespace)) throw new UsageError(`--${flag}: "${namespace}" in "${entry}" is not a namespace name`);
+    if (!isQualifiedName(label)) throw new UsageError(`--${flag}: "${label}" in "${entry}" is not a label key`);
+    if (!isLabelValue(value)) throw new UsageError(`--${flag}: "${value}" in "${entry}" is not a label value`);
+    return { kind: 'pods', namespace, label, value };
+  });
 }

@@ -5,30 +5,7 @@
 import { isCaller } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
 import { problems } from '../server/answers.js';
-
-export const refusalKinds = [
-  'no-identity',
-  'several-identities',
-  'identity-unusable',
-  'budget',
-  'upstream-refused',
-  'upstream-unavailable',
-  'unknown-caller',
-  'spoof',
-  'unattested',
-] as const;
-export type RefusalKind = (typeof refusalKinds)[number];
-
-/** What the pod was answered, and about what (never a token or secret). */
-export interface RefusalDetail {
-  status: number;
-  error: string;
-  error_description: string;
-  identity?: string;
-  resource?: string;
-  /** For the operator: what nmi found wrong (a Secret missing, a budget bound), never a value. */
-  cause?: string;
-}
+import type { RefusalDetail, RefusalKind, RefusalSink } from '../server/refusal.js';
 
 export interface Refusal extends RefusalDetail {
   kind: RefusalKind;
@@ -40,13 +17,6 @@ export interface Refusal extends RefusalDetail {
 
 /** Told every refusal of a pod as it is recorded; `refusal.count` says how many times it came. */
 export type RefusalListener = (pod: Pod, refusal: Refusal) => void;
-
-/** How the token core reports what it refused. */
-export interface RefusalSink {
-  refused(pod: Pod, kind: RefusalKind, detail: RefusalDetail): void;
-  /** A request from an address no live pod of this node owned, after the kubelet was asked again. */
-  unknownCaller(address: string): void;
-}
 
 const limits = {
   perPod: 10,

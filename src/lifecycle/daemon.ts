@@ -8,17 +8,14 @@ import { CgroupAttestation } from '../attest/attestation.js';
 import { CgroupPods } from '../attest/cgroup-pods.js';
 import { HostCallers, socketCgroupsUnsupported } from '../attest/host-callers.js';
 import { registerAttestationMetrics, registerHostCallerMetrics } from '../attest/metrics.js';
-import type { RunConfig } from '../config/commands.js';
+import { checkRunConfig, type RunConfig } from '../config/commands.js';
 import type { HostPort } from '../config/values.js';
-import { codes, NmiError, UsageError } from '../errors/errors.js';
-import { identityKey, IdentityType, type AzureIdentity } from '../bindings/model.js';
-import { identitiesFor, secretFor, serviceAccountOf } from '../bindings/match.js';
+import { codes, messageOf, NmiError, UsageError } from '../errors/errors.js';
 import { registerBindingMetrics } from '../bindings/metrics.js';
 import { BindingStore, createBindingSource } from '../bindings/store.js';
 import { KubeletClient } from '../kubelet/kubelet-client.js';
 import { registerKubeletMetrics } from '../kubelet/metrics.js';
-import { isCaller, PodIndex } from '../kubelet/pod-index.js';
-import type { Pod } from '../kubelet/pod.js';
+import { PodIndex } from '../kubelet/pod-index.js';
 import type { Logger } from '../log/logger.js';
 import { createRegistry } from '../metrics/registry.js';
 import { registerReadinessMetrics } from '../probe/metrics.js';
@@ -30,7 +27,8 @@ import { EbpfBackend } from '../rules/ebpf.js';
 import type { Redirect } from '../rules/redirect.js';
 import { selectBackend } from '../rules/select.js';
 import { registerNativeMetrics, registerServerMetrics } from '../server/metrics.js';
-import { bindHostTokenSocket, createHostTokenServer, createHostTokenTcpServer } from '../server/host-token.js';
+import { createHostTokenServer, createHostTokenTcpServer } from '../server/host-token.js';
+import { bindHostTokenSocket } from '../server/private-socket.js';
 import { createNativeTokenServer } from '../server/native-server.js';
 import { attachTables, type Tables } from '../server/tables.js';
 import type { TokenServerDeps } from '../server/core.js';
@@ -39,9 +37,9 @@ import { limits } from '../config/limits.js';
 import { Budgets } from '../budget/budgets.js';
 import { registerBudgetMetrics, registerQueueWaitMetrics } from '../budget/metrics.js';
 import { registerTokenMetrics } from '../tokens/metrics.js';
-import { MsalTokenProvider, type Credential } from '../tokens/msal-provider.js';
+import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
-import { TokenCache } from '../tokens/token-cache.js';
+import { PodTokens } from '../tokens/pod-tokens.js';
 import { mountsOfType } from '../util/mounts.js';
 import { KubeClient } from '../kube/client.js';
 import { explainHandler } from '../explain/endpoint.js';
@@ -84,9 +82,8 @@ export interface DaemonHooks {
 
 export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
   // Everything that can be a usage error is resolved before the host is touched.
+  checkRunConfig(config);
   const backend = await selectBackend(config.rules, config.cgroupRoot);
-  if (config.kubeletClientCert && !config.kubeletClientKey) throw new UsageError('--kubelet-client-key: required with --kubelet-client-cert');
-  if (config.kubeletClientKey && !config.kubeletClientCert) throw new UsageError('--kubelet-client-cert: required with --kubelet-client-key');
   const hostTcp = await hostTokenTcpConfig(config);
   const gate = startGate(config, log);
   const status = (text: string) => {
@@ -96,7 +93,6 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
 
   // Every listener is held from the start: connections that arrive while nmi syncs (after a
   // restart, the rules already send them here) wait in the kernel's queue, not refused.
-  if (config.takeOver && !config.handoffSocket) throw new UsageError('--take-over: needs --handoff-socket');
   const predecessor = config.takeOver && config.handoffSocket ? takeOver(config.handoffSocket, log) : undefined;
   if (config.takeOver && !predecessor) log.info('no running nmi to take over from: starting afresh');
   const listeners = new Listeners(predecessor?.listeners ?? hooks.inherited ?? new Map(), log);
@@ -141,12 +137,11 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     refreshIntervalMs: config.podRefreshInterval,
     log,
     onChange: () => {
-      retainUsedTokens();
-      cache.retainCallers(pods.pods().map(callerKey));
+      tokens.retain();
       refusals.podsListed(pods.pods());
       events?.retain(pods.pods().map((p) => p.uid));
       tables?.refresh();
-      // New pods bring new cgroups; the walk refreshes the routes when done.
+      // New pods bring new cgroups; the walk refreshes the caller table when done.
       void cgroupPods?.walk();
     },
   });
@@ -173,7 +168,6 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   // Identities: the custom resources, from the API server or files.
   const store = new BindingStore(await createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
   const match = { forceNamespaced: config.forceNamespaced, workloadTenant: config.workloadIdentityTenant };
-  const podIdentities = (pod: Pod) => identitiesFor(pod, store.snapshot, match);
 
   // Upstream budgets: every call to IMDS or an Entra ID tenant waits its turn, pods served in turn.
   const budgets = new Budgets({
@@ -185,51 +179,17 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     onWait: registerQueueWaitMetrics(registry),
   });
 
-  // Tokens: msal-node through one undici client, cached per (identity, resource).
+  // Tokens: msal-node through one undici client; how a pod gets one is tokens/pod-tokens.ts.
   const network = new NetworkClient();
   const provider = new MsalTokenProvider({ upstreamImds: config.upstreamImds.href, aadAuthorityHost: config.aadAuthorityHost.href, network, logger: log });
-  const budgetFor = (identity: AzureIdentity) =>
-    identity.type === IdentityType.UserAssignedMSI ? budgets.imds : budgets.entra(provider.authorityOf(identity).authority);
-  const cache = new TokenCache({
-    provider,
-    budgetFor,
-    maxTokensPerCaller: config.maxTokensPerPod,
-    onRefused: (reason) => budgets.refused(reason),
-    logger: log,
-  });
-  const getToken = (identity: AzureIdentity, resource: string, pod: Pod) =>
-    cache.get(identity, resource, () => credentialFor(identity, pod), { key: callerKey(pod), name: `${pod.namespace}/${pod.name}` });
-  /** A federated identity's: a token of the pod's service account, requested when the exchange happens; a refresh asks for it through a pod of that account still on the node. */
-  function credentialFor(identity: AzureIdentity, pod: Pod): Credential | undefined {
-    if (identity.type === IdentityType.UserAssignedMSI) return undefined;
-    if (identity.type !== IdentityType.Federated) return secretFor(identity, store.snapshot);
-    const account = serviceAccountOf(pod);
-    return {
-      assertion: async () => {
-        if (!saTokens) throw new NmiError(codes.TOKEN, 'federated identities need the API server for service-account tokens: --bindings kubernetes, or --kubeconfig');
-        const asker = pods.knownUid(pod.uid) ?? pods.pods().find((p) => isCaller(p) && serviceAccountOf(p) === account);
-        if (!asker) throw new NmiError(codes.TOKEN, `no pod of service account ${account} runs on this node any more`);
-        return saTokens.forPod(asker);
-      },
-    };
-  }
-  // A changed or deleted identity or binding never gets another token from the old entry.
-  store.on('change', (keys) => {
-    keys.forEach((key) => cache.invalidate(key));
-    retainUsedTokens();
-  });
-  function retainUsedTokens(): void {
-    if (!store.ready || !pods.ready) return;
-    const used = new Set<string>();
-    for (const pod of pods.pods()) {
-      if (isCaller(pod)) for (const identity of podIdentities(pod).identities) used.add(identityKey(identity));
-    }
-    cache.retainOnly(used);
-  }
+  const tokens = new PodTokens({ pods, bindings: store, match, provider, budgets, maxTokensPerPod: config.maxTokensPerPod, serviceAccountTokens: saTokens, log });
+  const podIdentities: TokenServerDeps['identitiesFor'] = (pod) => tokens.identitiesOf(pod);
+  const getToken: TokenServerDeps['getToken'] = (identity, resource, pod) => tokens.get(identity, resource, pod);
+  store.on('change', (keys) => tokens.invalidate(keys));
 
   registerKubeletMetrics(registry, pods);
   registerBindingMetrics(registry, store);
-  registerTokenMetrics(registry, cache);
+  registerTokenMetrics(registry, tokens.cache);
   registerBudgetMetrics(registry, budgets);
   if (attestation) registerAttestationMetrics(registry, attestation);
 
@@ -238,7 +198,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     attestation,
     identitiesFor: podIdentities,
     getToken,
-    peekToken: (identity, resource) => cache.peek(identity, resource),
+    peekToken: (identity, resource) => tokens.peek(identity, resource),
     upstreamImds: config.upstreamImds,
     refusals,
     proxyBudgets: { identity: budgets.imds, metadata: budgets.metadata },
@@ -296,7 +256,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     match,
     multipleIdentities: config.multipleIdentities,
     retryAfter: config.retryAfter,
-    tokens: (identityKeys, uid) => cache.describe(identityKeys, uid),
+    tokens: (identityKeys, uid) => tokens.cache.describe(identityKeys, uid),
     refusals,
   });
 
@@ -364,7 +324,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     if (config.handoffSocket) handoff = await offerHandoff(config.handoffSocket);
     // Nothing is awaited from here to the caller's SIGTERM handler: /readyz cannot say 200 before it is there.
     readiness.set('rules', true);
-    retainUsedTokens();
+    tokens.retain();
     releaseStartupPages(log);
     // Ready: pods may be scheduled here now. Retried in the background until done.
     void gate?.open();
@@ -393,7 +353,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
         },
       }, log);
     } catch (err) {
-      log.warn({ socket: socketPath, err: (err as Error).message }, 'no handoff socket: a new nmi cannot take over from this one');
+      log.warn({ socket: socketPath, err: messageOf(err) }, 'no handoff socket: a new nmi cannot take over from this one');
       return undefined;
     }
   }
@@ -404,14 +364,10 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   };
 }
 
-/** --host-token-address and --host-token-allow make sense together, and only where the kernel names sockets' cgroups. */
+/** --host-token-address: only where the kernel names sockets' cgroups. */
 async function hostTokenTcpConfig(config: RunConfig): Promise<{ address: HostPort; cgroupMount: string } | undefined> {
   const address = config.hostTokenAddress;
-  if (!address) {
-    if (config.hostTokenAllow.length > 0) throw new UsageError('--host-token-allow: needs --host-token-address');
-    return undefined;
-  }
-  if (config.hostTokenAllow.length === 0) throw new UsageError('--host-token-address: needs --host-token-allow (no caller would be let in)');
+  if (!address) return undefined;
   const [cgroupMount] = mountsOfType('cgroup2');
   if (!cgroupMount) throw new UsageError('--host-token-address: no cgroup v2 hierarchy is mounted, so callers cannot be attested');
   const unsupported = await socketCgroupsUnsupported();
@@ -452,8 +408,7 @@ async function nmiAt(address: HostPort): Promise<number | undefined> {
 
 /** --start-taint: the node's name and an API server to patch it through, or a usage error. */
 function startGate(config: RunConfig, log: Logger): StartGate | undefined {
-  if (!config.startTaint) return undefined;
-  if (!config.nodeName) throw new UsageError('--start-taint: needs --node-name (or $NODE_NAME), the Node to take the taint off');
+  if (!config.startTaint || !config.nodeName) return undefined;
   const client = new KubeClient(loadKubeConfig({ kubeconfig: config.kubeconfig }, '--start-taint'), `nmi (node ${config.nodeName})`);
   return new StartGate({ client, nodeName: config.nodeName, taint: config.startTaint, log });
 }
@@ -480,7 +435,7 @@ function releaseStartupPages(log: Logger): void {
     const mib = (kib: number) => Math.round(kib / 102.4) / 10;
     log.info({ mappings, rssFileMiB: rssFileKiB.map(mib), errors: errors.length > 0 ? errors : undefined }, 'dropped the pages of startup-only code');
   } catch (err) {
-    log.warn({ err: (err as Error).message }, 'could not drop the pages of startup-only code');
+    log.warn({ err: messageOf(err) }, 'could not drop the pages of startup-only code');
   }
 }
 
@@ -493,12 +448,7 @@ async function syncPodsFirst(pods: PodIndex, log: Logger): Promise<void> {
   try {
     await pods.start();
   } catch (err) {
-    if (!/ECONNREFUSED/.test((err as Error).message)) throw err;
+    if (!/ECONNREFUSED/.test(messageOf(err))) throw err;
     log.warn('kubelet not listening yet: starting with no pods, polling until it answers');
   }
-}
-
-/** What keys a pod's upstream bounds: its uid (a pod recreated under its name starts afresh). */
-function callerKey(pod: Pod): string {
-  return pod.uid || `${pod.namespace}/${pod.name}`;
 }

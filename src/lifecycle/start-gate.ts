@@ -9,37 +9,12 @@
 // read, so the API server refuses (409) a write over anyone else's change to
 // the node's taints made in between; nmi then reads again and redoes its one
 // change. RBAC: get and patch on nodes.
+import { messageOf } from '../errors/errors.js';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { UsageError } from '../errors/errors.js';
 import { ApiError, type KubeClient } from '../kube/client.js';
-import { isLabelValue, isQualifiedName } from '../kube/names.js';
+import type { Taint } from '../config/values.js';
 import type { Logger } from '../log/logger.js';
 import { Backoff } from '../util/backoff.js';
-
-export const taintEffects = ['NoSchedule', 'PreferNoSchedule', 'NoExecute'] as const;
-export type TaintEffect = (typeof taintEffects)[number];
-
-export interface Taint {
-  key: string;
-  value?: string;
-  effect: TaintEffect;
-}
-
-/** `off`, or a taint as kubelet's --register-with-taints spells one: KEY[=VALUE]:EFFECT. */
-export function startTaint(raw: string, flag: string): Taint | null {
-  if (raw === 'off' || raw === '') return null;
-  const colon = raw.lastIndexOf(':');
-  if (colon < 0) throw new UsageError(`--${flag}: "${raw}" is not KEY[=VALUE]:EFFECT`);
-  const effect = raw.slice(colon + 1);
-  if (!(taintEffects as readonly string[]).includes(effect)) throw new UsageError(`--${flag}: effect "${effect}" is not one of ${taintEffects.join(', ')}`);
-  const keyValue = raw.slice(0, colon);
-  const eq = keyValue.indexOf('=');
-  const key = eq < 0 ? keyValue : keyValue.slice(0, eq);
-  const value = eq < 0 ? undefined : keyValue.slice(eq + 1);
-  if (!isQualifiedName(key)) throw new UsageError(`--${flag}: "${key}" in "${raw}" is not a taint key ([DNS-subdomain/]name)`);
-  if (value !== undefined && !isLabelValue(value)) throw new UsageError(`--${flag}: "${value}" in "${raw}" is not a taint value`);
-  return value ? { key, value, effect: effect as TaintEffect } : { key, effect: effect as TaintEffect };
-}
 
 export function formatTaint(t: Taint): string {
   return `${t.key}${t.value ? `=${t.value}` : ''}:${t.effect}`;
@@ -110,7 +85,7 @@ export class StartGate {
       await this.#until(AbortSignal.timeout(timeoutMs), 'present');
       this.#opened = false;
     } catch (err) {
-      this.#log.error({ err: (err as Error).message }, 'could not taint the node again: pods may be scheduled here while nmi is stopped');
+      this.#log.error({ err: messageOf(err) }, 'could not taint the node again: pods may be scheduled here while nmi is stopped');
     } finally {
       await this.#client.close();
     }
@@ -138,7 +113,7 @@ export class StartGate {
         if (signal.aborted) continue;
         last = err;
         const delay = backoff.next();
-        this.#log.warn({ err: (err as Error).message, hint: hint(err), retryInMs: Math.round(delay) }, `could not ${want === 'absent' ? 'remove' : 'add'} the start taint`);
+        this.#log.warn({ err: messageOf(err), hint: hint(err), retryInMs: Math.round(delay) }, `could not ${want === 'absent' ? 'remove' : 'add'} the start taint`);
         await sleep(delay, undefined, { signal }).catch(() => undefined);
       }
     }

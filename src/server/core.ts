@@ -6,10 +6,10 @@
 //   → answers.ts. Other /metadata categories (for a caller that passes step 6 only)
 //   and exception pods go to proxy.ts.
 import type { CgroupAttestation } from '../attest/attestation.js';
-import { BudgetError, type RefusalReason } from '../budget/budget.js';
+import { BudgetError, type ThrottleReason } from '../budget/budget.js';
 import { identityKey, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
-import { codes, isNmiError } from '../errors/errors.js';
-import type { RefusalKind, RefusalSink } from '../explain/refusals.js';
+import { codes, errorSummary, isNmiError } from '../errors/errors.js';
+import type { RefusalKind, RefusalSink } from './refusal.js';
 import type { CallerLookup, Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
 import type { Token } from '../tokens/token.js';
@@ -219,7 +219,7 @@ export async function answerIdentityToken(
 }
 
 /** What a pod reads when it is over its bounds or the budget could not give its call a turn in time. */
-const budgetDescriptions: Record<RefusalReason, string> = {
+const budgetDescriptions: Record<ThrottleReason, string> = {
   'pod-tokens': 'Too many distinct tokens requested by this pod, retry later',
   'pod-pending': 'Too many token requests from this pod are waiting, retry later',
   'queue-timeout': 'Too many requests on this node, retry later',
@@ -241,8 +241,4 @@ function upstreamProblem(err: UpstreamFailure): Problem {
   }
   const seconds = err.retryAfterMs === undefined ? limits.upstreamRetryAfterS : Math.max(1, Math.ceil(err.retryAfterMs / 1000));
   return unavailable(seconds);
-}
-
-export function errorSummary(err: unknown): { code?: unknown; message: string } {
-  return err instanceof Error ? { code: (err as { code?: unknown }).code, message: err.message } : { message: String(err) };
 }

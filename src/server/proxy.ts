@@ -15,9 +15,9 @@ import { TOKEN_PATH } from './request.js';
 export interface ImdsProxy {
   /**
    * The upstream's answer, whole, to `target` (a raw origin-form request-target) asked as the request was: both
-   * servers hand requests over read whole. `owner` (the caller's address) is whose queue the call waits in.
+   * servers pass requests on read whole. `podKey` (here the caller's address) is whose queue the call waits in.
    */
-  fetch(method: string, target: string, rawHeaders: string[], body: Buffer, owner?: string): Promise<Answer>;
+  fetch(method: string, target: string, rawHeaders: string[], body: Buffer, podKey?: string): Promise<Answer>;
   /** Waits for requests under way to finish, then closes upstream connections. */
   close(): Promise<void>;
 }
@@ -76,13 +76,13 @@ export function createImdsProxy({ upstream, timeoutMs, budgets }: ProxyOptions):
   }
 
   return {
-    async fetch(method, target, rawHeaders, body, owner = '') {
+    async fetch(method, target, rawHeaders, body, podKey = '') {
       if (!budgets) return (await forward(method, target, rawHeaders, body)).answer;
       const budget = target.startsWith(`${TOKEN_PATH}?`) || target.startsWith(`${TOKEN_PATH}/`) ? budgets.identity : budgets.metadata;
       let release;
       try {
-        budget.admit(owner);
-        release = await budget.request({ kind: 'first', owners: [owner] }).granted;
+        budget.admit(podKey);
+        release = await budget.request({ kind: 'first', pods: [podKey] }).granted;
       } catch (err) {
         if (err instanceof BudgetError) return problemAnswer(throttled(err.retryAfterS, 'Too many metadata requests from this caller are waiting, retry later'));
         throw err;

@@ -1,4 +1,4 @@
-// Entra ID's refusals of a Workload ID exchange, turned into what a pod (and its
+// Entra ID's rejections of a Workload ID exchange, turned into what a pod (and its
 // operator) can act on: IMDS's 400 shape, the description naming the cause and
 // the service account, issuer and subject Entra ID compared (never the token).
 import type { ServiceAccountToken } from '../kube/service-account-token.js';
@@ -43,7 +43,7 @@ function cause(code: string | undefined, x: Exchange): string {
 }
 
 /** An issuer 4xx of an exchange as the pod gets it; anything else as it was. */
-export function federationRefusal(err: UpstreamError, x: Exchange): UpstreamError {
+export function federationRejection(err: UpstreamError, x: Exchange): UpstreamError {
   if (err.kind !== 'client' || !err.body) return err;
   const code = /AADSTS(\d+)/.exec(err.body.error_description)?.[1];
   const body: UpstreamErrorBody = {

@@ -12,7 +12,7 @@ export function registerTokenMetrics(registry: Registry, cache: TokenCache): voi
       this.set(cache.size);
     },
   });
-  counter(registers, 'nmi_token_cache_requests_total', 'Token requests answered from memory (hit), with an issuer refusal remembered for the key (refusal), or neither (miss).', 'result', (s) => ({ hit: s.hits, miss: s.misses, refusal: s.refusalHits }));
+  counter(registers, 'nmi_token_cache_requests_total', 'Token requests answered from memory (hit), with a lasting failure remembered for the key (refusal), or neither (miss).', 'result', (s) => ({ hit: s.hits, miss: s.misses, refusal: s.rememberedHits }));
   new Counter({
     name: 'nmi_token_refreshes_total',
     help: 'Background refreshes of tokens near the end of their life.',

@@ -13,13 +13,13 @@ import {
   type NodeAuthOptions,
 } from '@azure/msal-node';
 import { IdentityType, type AzureIdentity } from '../bindings/model.js';
-import { codes, NmiError } from '../errors/errors.js';
+import { codes, NmiError, messageOf } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import { jwtClaims } from '../util/jwt.js';
 import { urlBase } from '../util/url-base.js';
 import type { Token } from './token.js';
 import type { ServiceAccountToken } from '../kube/service-account-token.js';
-import { federationRefusal } from './federation.js';
+import { federationRejection } from './federation.js';
 import { recordExchanges, type NetworkClient, type UpstreamExchange } from './network-client.js';
 import { errorBodyOf, kindForStatus, parseRetryAfter, UpstreamError, type Issuer } from './upstream-error.js';
 
@@ -80,7 +80,7 @@ export class MsalTokenProvider implements TokenProvider {
       const classified = classify(err, log.at(-1), issuer);
       if (!(classified instanceof UpstreamError) || !exchange.token || !identity.serviceAccount) return classified;
       const { clientID, tenantID, serviceAccount } = identity;
-      return federationRefusal(classified, { identity: `${identity.namespace}/${identity.name}`, clientID, tenantID, serviceAccount, token: exchange.token });
+      return federationRejection(classified, { identity: `${identity.namespace}/${identity.name}`, clientID, tenantID, serviceAccount, token: exchange.token });
     };
     let result: AuthenticationResult;
     try {
@@ -147,7 +147,7 @@ export class MsalTokenProvider implements TokenProvider {
     return { host, authority: `${host}/${identity.tenantID}` };
   }
 
-  /** exchange.token: a federated identity's service-account token, once requested (for what a refusal says). */
+  /** exchange.token: a federated identity's service-account token, once requested (for what a rejection says). */
   private async fromEntra(identity: AzureIdentity, resource: string, credential: Credential | undefined, exchange: { token?: ServiceAccountToken }): Promise<AuthenticationResult> {
     const { tenantID, clientID } = identity;
     const name = `${identity.namespace}/${identity.name}`;
@@ -157,7 +157,7 @@ export class MsalTokenProvider implements TokenProvider {
     let signIn: Pick<NodeAuthOptions, 'clientSecret' | 'clientCertificate' | 'clientAssertion'>;
     if (identity.type === IdentityType.Federated) {
       if (!credential || !('assertion' in credential)) throw new NmiError(codes.TOKEN, `identity ${name}: no service-account token to exchange`);
-      // Requested here, not in msal's callback: the API server's refusal then stays ours to say.
+      // Requested here, not in msal's callback: the API server's rejection then stays ours to say.
       exchange.token = await credential.assertion();
       signIn = { clientAssertion: exchange.token.token };
     } else {
@@ -247,7 +247,7 @@ function classify(err: unknown, last: UpstreamExchange | undefined, issuer: Issu
   if (status !== undefined && (status < 200 || status >= 300)) {
     const body = errorBodyOf(last?.errorBody);
     const detail = body ? `${body.error}: ${body.error_description}` : `HTTP ${status}`;
-    return new UpstreamError(kindForStatus(status, issuer), `${issuer} refused the token request: ${detail}`, {
+    return new UpstreamError(kindForStatus(status, issuer), `${issuer} rejected the token request: ${detail}`, {
       status,
       body,
       retryAfterMs: parseRetryAfter(last?.headers?.['retry-after'], Date.now()),
@@ -259,7 +259,7 @@ function classify(err: unknown, last: UpstreamExchange | undefined, issuer: Issu
   if (status !== undefined) {
     return new UpstreamError('server', `${issuer} answered ${status} without a usable token`, { status, cause: err });
   }
-  const reason = err instanceof Error ? err.message : String(err);
+  const reason = messageOf(err);
   return new NmiError(codes.TOKEN, `${issuer}: ${reason}`, { cause: err });
 }
 

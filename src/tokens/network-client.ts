@@ -2,6 +2,7 @@
 // through here, with timeouts msal's own client lacks. msal reduces transport
 // failures and error answers to its own error types, so each exchange is also
 // recorded for the caller (see recordExchanges) to classify what happened.
+import { messageOf } from '../errors/errors.js';
 import { AsyncLocalStorage } from 'node:async_hooks';
 import type { INetworkModule, NetworkRequestOptions, NetworkResponse } from '@azure/msal-node';
 import { Agent, request } from '../net/undici.js';
@@ -121,7 +122,7 @@ function transportError(url: string, err: unknown): UpstreamError {
   if (code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT') {
     return new UpstreamError('timeout', `${url}: no answer in time (${code})`, { cause: err });
   }
-  const reason = err instanceof Error ? err.message : String(err);
+  const reason = messageOf(err);
   return new UpstreamError('network', `${url}: ${reason}`, { cause: err });
 }
 

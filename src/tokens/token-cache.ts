@@ -1,32 +1,23 @@
 // Tokens in memory, per (identity, resource). A hit is answered from memory; a
 // token past ~80% of its life is refreshed in the background while it is still
 // served; concurrent misses share one upstream call; issuer trouble is retried
-// with backoff within a time limit, every attempt inside the upstream's budget.
-// A refusal that will not change soon (an issuer's 4xx, an identity its Secret
-// or certificate makes unusable) is remembered for a short time.
-// Each calling pod may hold only so many entries. Identity changes drop entries
-// and orphan any in-flight fetch, whose result is then handed to its waiters
-// but never stored.
+// (retry.ts) within a time limit, every attempt inside the upstream's budget.
+// A failure that will not change soon (an issuer's rejection, an identity its
+// Secret or certificate makes unusable) is remembered for a short time.
+// Each pod may hold only so many entries (pod-bounds.ts). Identity changes drop
+// entries and orphan any in-flight fetch, whose result then reaches the pods
+// waiting on it but is never stored.
 import { setTimeout as sleepFor } from 'node:timers/promises';
 import { LRUCache } from 'lru-cache';
 import { identityKey, identityNameOf, IdentityType, type AzureIdentity } from '../bindings/model.js';
-import { BudgetError, type RefusalReason, type Release, type Ticket, type UpstreamBudget } from '../budget/budget.js';
-import { codes, isNmiError } from '../errors/errors.js';
+import { BudgetError, type ThrottleReason, type Release, type Ticket, type UpstreamBudget } from '../budget/budget.js';
+import { messageOf } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import type { Credential, TokenProvider } from './msal-provider.js';
+import { PodBounds, type PodRef } from './pod-bounds.js';
+import { lasting, retryDefaults, retryDelay, type RetryOptions } from './retry.js';
 import type { Token } from './token.js';
 import { UpstreamError, upstreamKinds, type UpstreamKind } from './upstream-error.js';
-
-export interface RetryOptions {
-  /** Upstream calls per fetch, the first included. */
-  attempts?: number;
-  baseDelayMs?: number;
-  maxDelayMs?: number;
-  /** No retry starts once this much time has gone since the first attempt. */
-  budgetMs?: number;
-  /** The same for IMDS being updated (its 404 and 410), retried without a count: IMDS documents 70 s. */
-  updatingBudgetMs?: number;
-}
 
 export interface TokenCacheOptions {
   provider: TokenProvider;
@@ -43,12 +34,12 @@ export interface TokenCacheOptions {
   retry?: RetryOptions;
   /** The budget every upstream call for the identity waits its turn in; none: calls go at once. */
   budgetFor?: (identity: AzureIdentity) => UpstreamBudget;
-  /** Entries one calling pod may hold; past it, its misses for new keys are refused (pod-tokens). */
-  maxTokensPerCaller?: number;
-  /** How long a lasting refusal for a key (see `lasting`) is answered again without asking. */
-  refusalTtlMs?: number;
-  /** Counts refusals the cache makes (pod-tokens); the budgets count their own. */
-  onRefused?: (reason: RefusalReason) => void;
+  /** Entries one pod may hold; past it, its misses for new keys are throttled (pod-tokens). */
+  maxTokensPerPod?: number;
+  /** How long a lasting failure for a key (retry.ts's `lasting`) is answered again without asking. */
+  rememberMs?: number;
+  /** Counts the throttles the cache makes (pod-tokens); the budgets count their own. */
+  onThrottled?: (reason: ThrottleReason) => void;
   /** Milliseconds since the epoch. */
   now?: () => number;
   /** Waits ms; rejects when signal aborts. */
@@ -60,20 +51,14 @@ export interface TokenCacheOptions {
 
 export type UpstreamTarget = 'imds' | 'entra';
 
-/** A credential, or how to build it when a call is made: then a remembered refusal costs no Secret read. */
+/** A credential, or how to build it when a call is made: then a remembered failure costs no Secret read. */
 export type CredentialSource = Credential | (() => Credential | undefined);
-
-/** The pod a request is for: its uid keys its bounds and queue, its name is for the log. */
-export interface Caller {
-  key: string;
-  name: string;
-}
 
 export interface TokenCacheStats {
   hits: number;
   misses: number;
-  /** Answered with a remembered refusal. */
-  refusalHits: number;
+  /** Answered with a remembered failure. */
+  rememberedHits: number;
   /** Background refreshes started. */
   refreshes: number;
   upstreamRequests: Record<UpstreamTarget, number>;
@@ -84,7 +69,7 @@ export interface TokenCacheStats {
 export interface CachedTokenInfo {
   identity: string;
   resource: string;
-  /** fresh: served from memory; fetching: a call is under way; refused: a lasting refusal is answered again; stale: kept, served no more. */
+  /** fresh: served from memory; fetching: a call is under way; refused: a lasting failure is answered again; stale: kept, served no more. */
   state: 'fresh' | 'fetching' | 'refused' | 'stale';
   /** Seconds since the epoch. */
   expiresOn?: number;
@@ -104,9 +89,8 @@ const defaults = {
   refreshJitter: 0.05,
   expiryMarginMs: EXPIRY_MARGIN_MS,
   refreshRetryMs: 30_000,
-  maxTokensPerCaller: Infinity,
-  refusalTtlMs: 30_000,
-  retry: { attempts: 4, baseDelayMs: 250, maxDelayMs: 4_000, budgetMs: 10_000, updatingBudgetMs: 70_000 },
+  maxTokensPerPod: Infinity,
+  rememberMs: 30_000,
 };
 
 interface Entry {
@@ -115,7 +99,7 @@ interface Entry {
   readonly identityKey: string;
   readonly identity: AzureIdentity;
   readonly resource: string;
-  /** The latest one a caller gave; background refreshes sign in with it. */
+  /** The latest one a request gave; background refreshes sign in with it. */
   credential: CredentialSource | undefined;
   token: Token | undefined;
   refreshAtMs: number;
@@ -124,14 +108,12 @@ interface Entry {
   /** From then on a refresh goes before first tokens in the budget. */
   urgentAtMs: number;
   inflight: Promise<Token> | undefined;
-  /** The pods waiting on the fetch in flight; its next attempt queues for them. */
-  readonly waiters: Set<string>;
-  /** The attempt waiting for its turn in the budget, which late waiters join. */
+  /** The keys of the pods waiting on the fetch in flight; its next attempt queues for them. */
+  readonly waitingPods: Set<string>;
+  /** The attempt waiting for its turn in the budget, which pods asking late join. */
   ticket: Ticket | undefined;
-  /** A lasting refusal, answered again until untilMs. */
-  refusal: { err: unknown; untilMs: number } | undefined;
-  /** Pods that asked for it, each holding it against its maxTokensPerCaller. */
-  readonly holders: Set<string>;
+  /** A lasting failure, answered again until untilMs. */
+  remembered: { err: unknown; untilMs: number } | undefined;
   /** Aborted when the entry leaves the cache: stops retries of its fetch. */
   readonly dropped: AbortController;
 }
@@ -151,13 +133,8 @@ export class TokenCache {
   private readonly refreshRetryMs: number;
   private readonly retry: Required<RetryOptions>;
   private readonly budgetFor: TokenCacheOptions['budgetFor'];
-  private readonly maxTokensPerCaller: number;
-  private readonly refusalTtlMs: number;
-  private readonly onRefused: TokenCacheOptions['onRefused'];
-  /** Entries by the pod holding them. */
-  private readonly held = new Map<string, Set<Entry>>();
-  /** When each pod's last refusal was logged: once a minute per pod, not per request. */
-  private readonly refusalLogged = new Map<string, number>();
+  private readonly bounds: PodBounds<Entry>;
+  private readonly rememberMs: number;
   private readonly now: () => number;
   private readonly sleep: (ms: number, signal: AbortSignal) => Promise<void>;
   private readonly random: () => number;
@@ -165,7 +142,7 @@ export class TokenCache {
   private readonly counters: TokenCacheStats = {
     hits: 0,
     misses: 0,
-    refusalHits: 0,
+    rememberedHits: 0,
     refreshes: 0,
     upstreamRequests: { imds: 0, entra: 0 },
     upstreamErrors: Object.fromEntries(upstreamKinds.map((kind) => [kind, 0])) as Record<UpstreamKind, number>,
@@ -181,9 +158,9 @@ export class TokenCache {
       refreshRetryMs = defaults.refreshRetryMs,
       retry = {},
       budgetFor,
-      maxTokensPerCaller = defaults.maxTokensPerCaller,
-      refusalTtlMs = defaults.refusalTtlMs,
-      onRefused,
+      maxTokensPerPod = defaults.maxTokensPerPod,
+      rememberMs = defaults.rememberMs,
+      onThrottled,
       now = Date.now,
       sleep = (ms, signal) => sleepFor(ms, undefined, { signal }),
       random = Math.random,
@@ -193,15 +170,14 @@ export class TokenCache {
     if (!(refreshJitter >= 0 && refreshJitter < refreshFraction)) throw new RangeError(`refreshJitter must be in [0, refreshFraction), got ${refreshJitter}`);
     this.provider = provider;
     this.entries = new LRUCache<string, Entry>({ max, dispose: (entry) => this.disposed(entry) });
+    this.bounds = new PodBounds(maxTokensPerPod, onThrottled, logger);
     this.refreshFraction = refreshFraction;
     this.refreshJitter = refreshJitter;
     this.expiryMarginMs = expiryMarginMs;
     this.refreshRetryMs = refreshRetryMs;
-    this.retry = { ...defaults.retry, ...retry };
+    this.retry = { ...retryDefaults, ...retry };
     this.budgetFor = budgetFor;
-    this.maxTokensPerCaller = maxTokensPerCaller;
-    this.refusalTtlMs = refusalTtlMs;
-    this.onRefused = onRefused;
+    this.rememberMs = rememberMs;
     this.now = now;
     this.sleep = sleep;
     this.random = random;
@@ -210,25 +186,25 @@ export class TokenCache {
 
   /**
    * A token for identity and resource: from memory when fresh, else from the issuer (one call for all
-   * concurrent askers). With a caller, rejects with BudgetError when that pod is over its bounds.
+   * concurrent askers). With a pod, rejects with BudgetError when that pod is over its bounds.
    */
-  get(identity: AzureIdentity, resource: string, credential?: CredentialSource, caller?: Caller): Promise<Token> {
+  get(identity: AzureIdentity, resource: string, credential?: CredentialSource, pod?: PodRef): Promise<Token> {
     let entry = this.find(identity, resource);
     const now = this.now();
     if (entry && this.servable(entry, now)) {
       if (credential) entry.credential = credential;
       return Promise.resolve(this.hit(entry, now));
     }
-    if (entry?.refusal) {
-      if (now < entry.refusal.untilMs) {
-        this.counters.refusalHits++;
-        return Promise.reject(entry.refusal.err);
+    if (entry?.remembered) {
+      if (now < entry.remembered.untilMs) {
+        this.counters.rememberedHits++;
+        return Promise.reject(entry.remembered.err);
       }
-      entry.refusal = undefined;
+      entry.remembered = undefined;
     }
     this.counters.misses++;
     try {
-      if (caller) this.admit(caller, entry, identity);
+      if (pod) this.admit(pod, entry, identity);
     } catch (err) {
       return Promise.reject(err);
     }
@@ -238,26 +214,17 @@ export class TokenCache {
       this.remember(identity, entry);
     }
     entry.credential = credential;
-    if (caller) {
-      entry.holders.add(caller.key);
-      let held = this.held.get(caller.key);
-      if (!held) this.held.set(caller.key, (held = new Set()));
-      held.add(entry);
-      entry.waiters.add(caller.key);
-      entry.ticket?.join(caller.key);
+    if (pod) {
+      this.bounds.hold(pod.key, entry);
+      entry.waitingPods.add(pod.key);
+      entry.ticket?.join(pod.key);
     }
     return entry.inflight ?? this.startFetch(entry);
   }
 
-  /** Forgets the bounds of pods not in keys (gone from the node). */
-  retainCallers(callerKeys: Iterable<string>): void {
-    const keep = new Set(callerKeys);
-    for (const [key, entries] of this.held) {
-      if (keep.has(key)) continue;
-      for (const entry of entries) entry.holders.delete(key);
-      this.held.delete(key);
-      this.refusalLogged.delete(key);
-    }
+  /** Forgets the bounds of pods not in podKeys (gone from the node). */
+  retainPods(podKeys: Iterable<string>): void {
+    this.bounds.retain(podKeys);
   }
 
   /** The fresh token in memory, if any, without waiting: the js server's cache hits, and what the native fast path is given. */
@@ -283,29 +250,29 @@ export class TokenCache {
   }
 
   /** What the cache holds for these identities, for `nmi explain`: when each token ends, never the token. */
-  describe(identityKeys: ReadonlySet<string>, callerKey?: string): CachedTokenInfo[] {
+  describe(identityKeys: ReadonlySet<string>, podKey?: string): CachedTokenInfo[] {
     const now = this.now();
     const out: CachedTokenInfo[] = [];
     for (const entry of this.entries.values()) {
       if (!identityKeys.has(entry.identityKey)) continue;
-      const refused = entry.refusal !== undefined && now < entry.refusal.untilMs;
+      const refused = this.remembers(entry, now);
       out.push({
         identity: entry.identityKey,
         resource: entry.resource,
         state: this.servable(entry, now) ? 'fresh' : entry.inflight ? 'fetching' : refused ? 'refused' : 'stale',
         expiresOn: entry.token?.expiresOn,
         refreshAtMs: entry.token ? entry.refreshAtMs : undefined,
-        heldByCaller: callerKey !== undefined && entry.holders.has(callerKey),
+        heldByCaller: podKey !== undefined && this.bounds.holds(podKey, entry),
       });
     }
     return out.sort((a, b) => compare(a.identity, b.identity) || compare(a.resource, b.resource));
   }
 
-  /** Entries holding a token or fetching one; remembered refusals are not counted. */
+  /** Entries holding a token or fetching one; remembered failures are not counted. */
   get size(): number {
-    let refused = 0;
-    for (const entry of this.entries.values()) if (entry.refusal) refused++;
-    return this.entries.size - refused;
+    let remembered = 0;
+    for (const entry of this.entries.values()) if (entry.remembered) remembered++;
+    return this.entries.size - remembered;
   }
 
   stats(): TokenCacheStats {
@@ -314,44 +281,32 @@ export class TokenCache {
   }
 
   /**
-   * Throws BudgetError when the caller may not wait for another fetch: it holds its maximum of other
+   * Throws BudgetError when the pod may not wait for another fetch: it holds its maximum of other
    * entries (pod-tokens), or has its maximum of calls queued (pod-pending).
    */
-  private admit(caller: Caller, entry: Entry | undefined, identity: AzureIdentity): void {
+  private admit(pod: PodRef, entry: Entry | undefined, identity: AzureIdentity): void {
     try {
-      if (!entry?.holders.has(caller.key)) this.admitNewKey(caller);
+      if (!entry || !this.bounds.holds(pod.key, entry)) {
+        const now = this.now();
+        const idle = (e: Entry) => !this.servable(e, now) && !e.inflight && !this.remembers(e, now);
+        this.bounds.admitNewKey(pod, idle, (e) => this.entries.delete(e.key));
+      }
       // A call is queued for it: a new fetch, or one waiting for its turn that it joins. A fetch already under way costs nothing.
-      const queues = !entry?.inflight || (entry.ticket !== undefined && !entry.waiters.has(caller.key));
-      if (queues) this.budgetFor?.(identity).admit(caller.key);
+      const queues = !entry?.inflight || (entry.ticket !== undefined && !entry.waitingPods.has(pod.key));
+      if (queues) this.budgetFor?.(identity).admit(pod.key);
     } catch (err) {
-      if (err instanceof BudgetError) this.logRefusal(caller, err);
+      if (err instanceof BudgetError) this.bounds.throttled(pod, err, this.now());
       throw err;
     }
   }
 
-  private admitNewKey(caller: Caller): void {
-    const held = this.held.get(caller.key);
-    if (!held || held.size < this.maxTokensPerCaller) return;
-    // Entries with nothing to serve, fetch or answer again no longer count: make room from them first.
-    const now = this.now();
-    for (const entry of held) {
-      if (!this.servable(entry, now) && !entry.inflight && !(entry.refusal && now < entry.refusal.untilMs)) this.entries.delete(entry.key);
-    }
-    if (held.size < this.maxTokensPerCaller) return;
-    this.onRefused?.('pod-tokens');
-    throw new BudgetError('pod-tokens', `the pod holds ${held.size} tokens, its maximum`, 60);
-  }
-
-  private logRefusal(caller: Caller, err: BudgetError): void {
-    const now = this.now();
-    if (now - (this.refusalLogged.get(caller.key) ?? -Infinity) < 60_000) return;
-    this.refusalLogged.set(caller.key, now);
-    this.logger?.warn({ pod: caller.name, reason: err.reason, err: err.message }, 'pod over its upstream bounds: answering 429 (said once a minute per pod)');
+  private remembers(entry: Entry, now: number): boolean {
+    return entry.remembered !== undefined && now < entry.remembered.untilMs;
   }
 
   private disposed(entry: Entry): void {
     entry.dropped.abort();
-    for (const key of entry.holders) this.held.get(key)?.delete(entry);
+    this.bounds.release(entry);
   }
 
   /** The entry in the cache for identity and resource (marked most recently used), if any. */
@@ -400,10 +355,10 @@ export class TokenCache {
         return token;
       },
       (err: unknown) => {
-        // A failed refresh keeps the token it meant to replace. With nothing servable, a lasting refusal is
+        // A failed refresh keeps the token it meant to replace. With nothing servable, a lasting failure is
         // remembered for a while (a pod retrying a bad resource or a broken identity costs one call); otherwise the entry goes.
         if (!this.servable(entry) && this.entries.peek(entry.key) === entry) {
-          if (lasting(err)) entry.refusal = { err, untilMs: this.now() + this.refusalTtlMs };
+          if (lasting(err)) entry.remembered = { err, untilMs: this.now() + this.rememberMs };
           else this.entries.delete(entry.key);
         }
         throw err;
@@ -413,7 +368,7 @@ export class TokenCache {
     const clear = (): void => {
       if (entry.inflight !== fetched) return;
       entry.inflight = undefined;
-      entry.waiters.clear();
+      entry.waitingPods.clear();
     };
     fetched.then(clear, clear);
     return fetched;
@@ -445,7 +400,7 @@ export class TokenCache {
       } catch (err) {
         release(err instanceof UpstreamError && err.kind === 'throttled' ? { throttledMs: err.retryAfterMs ?? 0 } : undefined);
         if (err instanceof UpstreamError) this.counters.upstreamErrors[err.kind]++;
-        const delay = this.retryDelay(err, attempt, this.now() - startedAt);
+        const delay = retryDelay(this.retry, err, attempt, this.now() - startedAt, this.random);
         if (delay === undefined || entry.dropped.signal.aborted) throw err;
         try {
           await this.sleep(delay, entry.dropped.signal);
@@ -463,7 +418,7 @@ export class TokenCache {
     const refresh = this.servable(entry);
     const ticket = budget.request({
       kind: refresh ? 'refresh' : 'first',
-      owners: entry.waiters,
+      pods: entry.waitingPods,
       urgentAtMs: entry.urgentAtMs,
       signal: entry.dropped.signal,
       retry: attempt > 1,
@@ -475,24 +430,6 @@ export class TokenCache {
       if (entry.ticket === ticket) entry.ticket = undefined;
     }
   }
-
-  /** How long to wait before the next attempt, or undefined for none: past the count, or when it would end past the budget. */
-  private retryDelay(err: unknown, attempt: number, elapsedMs: number): number | undefined {
-    if (!(err instanceof UpstreamError) || !err.retryable) return undefined;
-    const updating = err.kind === 'updating';
-    if (!updating && attempt >= this.retry.attempts) return undefined;
-    const ceiling = Math.min(this.retry.maxDelayMs, this.retry.baseDelayMs * 2 ** (attempt - 1));
-    const delay = err.retryAfterMs ?? Math.round(ceiling * (0.5 + this.random() / 2));
-    return elapsedMs + delay > (updating ? this.retry.updatingBudgetMs : this.retry.budgetMs) ? undefined : delay;
-  }
-}
-
-/**
- * A refusal that asking again soon would not change: the issuer's 4xx, or an identity its Secret or
- * certificate makes unusable (NmiError BINDINGS or TOKEN) until the bindings change, which drops the entry.
- */
-function lasting(err: unknown): boolean {
-  return (err instanceof UpstreamError && err.kind === 'client') || isNmiError(err, codes.BINDINGS) || isNmiError(err, codes.TOKEN);
 }
 
 function entryKey(identity: AzureIdentity, resource: string): string {
@@ -512,15 +449,14 @@ function newEntry(identity: AzureIdentity, resource: string): Entry {
     staleAtMs: 0,
     urgentAtMs: 0,
     inflight: undefined,
-    waiters: new Set(),
+    waitingPods: new Set(),
     ticket: undefined,
-    refusal: undefined,
-    holders: new Set(),
+    remembered: undefined,
     dropped: new AbortController(),
   };
 }
 
 function describe(err: unknown): Record<string, unknown> {
   if (err instanceof UpstreamError) return { code: err.code, kind: err.kind, status: err.status, message: err.message };
-  return { message: err instanceof Error ? err.message : String(err) };
+  return { message: messageOf(err) };
 }

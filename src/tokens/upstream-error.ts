@@ -7,7 +7,7 @@ import { limits } from '../config/limits.js';
  * - `client`: a 4xx other than 429; passed on to the pod as it came, never retried.
  * - `throttled`: 429; retried, honouring Retry-After.
  * - `updating`: IMDS's 404 or 410, which it documents as "being updated" (410: back within 70 s);
- *   retried for longer than the others (RetryOptions.updatingBudgetMs).
+ *   retried for longer than the others (retry.ts's updatingRetryWindowMs).
  * - `server`: 5xx, or a 2xx the issuer got wrong; retried.
  * - `timeout`, `network`: no answer; retried.
  */

@@ -3,7 +3,8 @@
 // has the real ones), and the --host-token-allow grammar.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { hostCallerRules, HostCallers } from '../../src/attest/host-callers.js';
+import { HostCallers } from '../../src/attest/host-callers.js';
+import { hostCallerRules } from '../../src/config/values.js';
 import type { Pod } from '../../src/kubelet/pod.js';
 import type { SocketOwner } from '../../src/native/addon.js';
 import { captureLogs } from '../harness/log-capture.js';

@@ -5,7 +5,7 @@ import { setTimeout as wait } from 'node:timers/promises';
 import { BudgetError, UpstreamBudget, type Release, type TicketRequest } from '../../src/budget/budget.js';
 import { limits } from '../../src/config/limits.js';
 
-const first = (owner: string, extra: Partial<TicketRequest> = {}): TicketRequest => ({ kind: 'first', owners: [owner], ...extra });
+const first = (pod: string, extra: Partial<TicketRequest> = {}): TicketRequest => ({ kind: 'first', pods: [pod], ...extra });
 
 /** Grants in order, each released after holdMs. */
 async function run(budget: UpstreamBudget, requests: Array<{ label: string; request: TicketRequest }>, holdMs: number): Promise<{ order: string[]; starts: number[]; peak: number }> {
@@ -54,8 +54,8 @@ test('a refresh waits behind first tokens until it is urgent, then goes before t
     [
       { label: 'a0', request: first('a') },
       { label: 'a1', request: first('a') },
-      { label: 'later', request: { kind: 'refresh', owners: [], urgentAtMs: now + 60_000 } },
-      { label: 'urgent', request: { kind: 'refresh', owners: [], urgentAtMs: now } },
+      { label: 'later', request: { kind: 'refresh', pods: [], urgentAtMs: now + 60_000 } },
+      { label: 'urgent', request: { kind: 'refresh', pods: [], urgentAtMs: now } },
       { label: 'a2', request: first('a') },
     ],
     5,
@@ -63,7 +63,7 @@ test('a refresh waits behind first tokens until it is urgent, then goes before t
   assert.deepEqual(order, ['a0', 'urgent', 'a1', 'a2', 'later']);
 });
 
-test('a retry goes to the front of its owner\'s queue', async () => {
+test('a retry goes to the front of its pod\'s queue', async () => {
   const budget = new UpstreamBudget('test', { maxConcurrent: 1, ratePerSec: 1000 });
   const { order } = await run(
     budget,
@@ -77,8 +77,8 @@ test('a retry goes to the front of its owner\'s queue', async () => {
   assert.deepEqual(order, ['a0', 'retry', 'a1']);
 });
 
-test('an owner with its maximum under way or queued is refused, for a new call and for joining one; others are not', async () => {
-  const budget = new UpstreamBudget('test', { maxConcurrent: 1, ratePerSec: 1000 }, { maxQueuedPerOwner: 2 });
+test('an pod with its maximum under way or queued is refused, for a new call and for joining one; others are not', async () => {
+  const budget = new UpstreamBudget('test', { maxConcurrent: 1, ratePerSec: 1000 }, { maxQueuedPerPod: 2 });
   const releases: Promise<Release>[] = [];
   budget.admit('a');
   releases.push(budget.request(first('a')).granted); // in flight at once, and counted
@@ -100,7 +100,7 @@ test('a first call that gets no turn in time is refused; one whose signal aborts
   const waiting = budget.request(first('b')).granted;
   await assert.rejects(waiting, (err) => err instanceof BudgetError && err.reason === 'queue-timeout');
   const dropped = new AbortController();
-  const cancelled = budget.request({ kind: 'refresh', owners: [], signal: dropped.signal }).granted;
+  const cancelled = budget.request({ kind: 'refresh', pods: [], signal: dropped.signal }).granted;
   dropped.abort(new Error('dropped'));
   await assert.rejects(cancelled, /dropped/);
   assert.deepEqual(budget.stats().queued, { first: 0, refresh: 0 });

@@ -1,5 +1,7 @@
-// src/ has no import circles, type-only imports included: a reader follows
-// request → caller → identity → token → answer without going back and forth.
+// src/ has no import circles, type-only imports included, between files or
+// between folders, and no folder reaches one the architecture says it never may:
+// a reader follows request → caller → identity → token → answer without going
+// back and forth.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
@@ -56,4 +58,88 @@ test('the check finds a circle, a type-only one too', () => {
   ]);
   assert.deepEqual(cycles(graph), [['a.ts', 'b.ts', 'c.ts', 'a.ts']]);
   assert.deepEqual(cycles(new Map([['a.ts', ['b.ts']], ['b.ts', []]])), []);
+});
+
+/**
+ * The folders from the bottom up: each imports only folders before it. A new folder must be placed here,
+ * which is where its reader learns what it may lean on.
+ */
+const layers = [
+  ['errors', 'log', 'metrics', 'util', 'net'],
+  ['native'],
+  ['systemd', 'netns'],
+  ['kubelet'],
+  ['kube'],
+  ['config'],
+  ['bindings', 'attest', 'budget'],
+  ['tokens'],
+  ['server'],
+  ['explain', 'probe', 'rules'],
+  ['events'],
+  ['lifecycle', 'demo'],
+  ['cli'],
+];
+
+/** What must never be, whatever the layers allow, and why. */
+const never: [from: string, to: string, why: string][] = [
+  ['tokens', 'server', 'how a pod gets a token answers no HTTP: the servers ask the token rules, never the reverse'],
+  ['bindings', 'tokens', 'which identity a pod has never depends on what is cached'],
+  ['kubelet', 'bindings', 'finding the caller knows nothing of identities'],
+  ['config', 'lifecycle', 'flags are read before anything runs'],
+  ['server', 'explain', 'the request path reports refusals through its own types (server/refusal.ts); explaining them is for later'],
+  ['server', 'lifecycle', 'the servers are wired by the daemon, never the reverse'],
+  ['lifecycle', 'demo', 'the daemon never runs a stand-in'],
+  ['native', 'config', "the addon's surface takes its values from TypeScript at the call, not from the flags"],
+];
+
+/** Each folder's imports of other folders, with one file that makes each. */
+function folderGraph(root: string): Map<string, Map<string, string>> {
+  const folders = new Map<string, Map<string, string>>();
+  const folderOf = (file: string) => path.relative(root, file).split(path.sep)[0]!;
+  for (const [file, targets] of importGraph(root)) {
+    const from = folderOf(file);
+    const edges = folders.get(from) ?? new Map<string, string>();
+    folders.set(from, edges);
+    for (const target of targets) {
+      const to = folderOf(target);
+      if (to !== from && !edges.has(to)) edges.set(to, path.relative(root, file));
+    }
+  }
+  return folders;
+}
+
+/** Every import against the layers or a never rule, as "from → to (file): why". */
+function broken(graph: Map<string, Map<string, string>>): string[] {
+  const layer = new Map(layers.flatMap((names, i) => names.map((name) => [name, i] as const)));
+  const found: string[] = [];
+  for (const [from, edges] of graph) {
+    if (!layer.has(from)) found.push(`${from}: a folder no layer names`);
+    for (const [to, file] of edges) {
+      const rule = never.find(([a, b]) => a === from && b === to);
+      if (rule) found.push(`${from} → ${to} (${file}): never: ${rule[2]}`);
+      else if ((layer.get(to) ?? -1) >= (layer.get(from) ?? Infinity)) found.push(`${from} → ${to} (${file}): ${to} is not below ${from}`);
+    }
+  }
+  return found;
+}
+
+test('src/ folders import one way: down the layers, never where the architecture says never', () => {
+  const root = path.join(projectRoot, 'src');
+  const graph = folderGraph(root);
+  assert.deepEqual(broken(graph), []);
+  const cyclic = cycles(new Map([...graph].map(([from, edges]) => [from, [...edges.keys()]])));
+  assert.deepEqual(cyclic, []);
+});
+
+test('the folder check finds an import up the layers, a never rule broken, and a folder no layer names', () => {
+  const graph = new Map([
+    ['util', new Map([['server', 'util/x.ts']])],
+    ['tokens', new Map([['server', 'tokens/y.ts'], ['errors', 'tokens/z.ts']])],
+    ['gadgets', new Map()],
+  ]);
+  assert.deepEqual(broken(graph), [
+    'util → server (util/x.ts): server is not below util',
+    'tokens → server (tokens/y.ts): never: how a pod gets a token answers no HTTP: the servers ask the token rules, never the reverse',
+    'gadgets: a folder no layer names',
+  ]);
 });

@@ -7,7 +7,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { refusals } from '../../src/attest/attestation.js';
 import { hostRefusals } from '../../src/attest/host-callers.js';
-import { refusalReasons } from '../../src/budget/budget.js';
+import { throttleReasons } from '../../src/budget/budget.js';
 import { upstreams } from '../../src/budget/budgets.js';
 import { refreshReasons } from '../../src/kubelet/pod-index.js';
 import { ROUTES } from '../../src/server/request-counts.js';
@@ -81,7 +81,7 @@ test("each README row's type and label names are the registered ones", () => {
 
 test('label values the code lists are the ones the README lists', () => {
   const lists: Record<string, readonly string[]> = {
-    'nmi_budget_refusals_total reason': refusalReasons,
+    'nmi_budget_refusals_total reason': throttleReasons,
     'nmi_upstream_budget_limit upstream': upstreams,
     'nmi_kubelet_refreshes_total reason': refreshReasons,
     'nmi_caller_refusals_total reason': refusals,

@@ -15,6 +15,7 @@ import { TokenCache, type TokenCacheOptions } from '../../src/tokens/token-cache
 import type { Token } from '../../src/tokens/token.js';
 import { UpstreamError } from '../../src/tokens/upstream-error.js';
 import { freshMsi } from '../harness/identities.js';
+import { waitFor } from '../harness/wait-for.js';
 import { decodeStandinToken, startImds, type ImdsStandin } from '../standins/imds.js';
 
 const lifetimeSec = 1000;
@@ -41,14 +42,6 @@ function cache(options: Partial<TokenCacheOptions> = {}): TokenCache {
 }
 
 const serial = (token: Token | undefined): number | undefined => token && decodeStandinToken(token.accessToken).serial;
-
-async function eventually(condition: () => boolean, what: string): Promise<void> {
-  for (let i = 0; i < 400; i++) {
-    if (condition()) return;
-    await wait(5);
-  }
-  assert.fail(`never happened: ${what}`);
-}
 
 async function rejection(promise: Promise<unknown>): Promise<unknown> {
   return promise.then(
@@ -129,7 +122,7 @@ test('refresh ahead: once, near 80% of the lifetime, serving the old token meanw
 
   clock.advanceSec(lifetimeSec * 0.11); // 81%
   assert.equal(serial(await tokens.get(identity, resource)), serial(old), 'the old token is served while refreshing');
-  await eventually(() => serial(tokens.peek(identity, resource)) !== serial(old), 'the refreshed token replaces the old one');
+  await waitFor('the refreshed token replaces the old one', () => serial(tokens.peek(identity, resource)) !== serial(old), 2_000, 5);
   assert.equal(imds.calls, calls + 2);
   for (let i = 0; i < 5; i++) await tokens.get(identity, resource);
   assert.equal(imds.calls, calls + 2, 'one refresh only');
@@ -157,8 +150,8 @@ test('a failed background refresh keeps serving the token and retries later', as
   imds.failNext(1, { status: 500 });
   const calls = imds.calls;
   assert.equal(serial(await tokens.get(identity, resource)), serial(old));
-  await eventually(() => tokens.stats().upstreamErrors.server === 1, 'the refresh failed');
-  await eventually(() => tokens.peek(identity, resource) !== undefined, 'settled');
+  await waitFor('the refresh failed', () => tokens.stats().upstreamErrors.server === 1, 2_000, 5);
+  await waitFor('settled', () => tokens.peek(identity, resource) !== undefined, 2_000, 5);
   assert.equal(serial(tokens.peek(identity, resource)), serial(old));
   assert.equal(imds.calls, calls + 1);
   clock.advanceSec(10); // before refreshRetryMs
@@ -166,7 +159,7 @@ test('a failed background refresh keeps serving the token and retries later', as
   assert.equal(imds.calls, calls + 1);
   clock.advanceSec(25); // past it
   await tokens.get(identity, resource);
-  await eventually(() => serial(tokens.peek(identity, resource)) !== serial(old), 'the second refresh succeeded');
+  await waitFor('the second refresh succeeded', () => serial(tokens.peek(identity, resource)) !== serial(old), 2_000, 5);
   assert.equal(imds.calls, calls + 2);
 });
 
@@ -205,7 +198,7 @@ test('an upstream that stays down: bounded attempts, then the last error', async
 });
 
 test('a Retry-After beyond the retry budget ends the retries at once', async () => {
-  const tokens = cache({ retry: { budgetMs: 5_000 } });
+  const tokens = cache({ retry: { retryWindowMs: 5_000 } });
   imds.failNext(1, { status: 429, headers: { 'retry-after': '60' } });
   const calls = imds.calls;
   const err = await rejection(tokens.get(msi(), 'https://vault.azure.net'));
@@ -276,7 +269,7 @@ test("IMDS's 410 and 404 (being updated): retried with backoff for up to 70 s, t
 });
 
 test('a 400 is passed on, not retried, and answered again without asking until it expires', async () => {
-  const tokens = cache({ refusalTtlMs: 30_000 });
+  const tokens = cache({ rememberMs: 30_000 });
   const identity = msi();
   const body = { error: 'invalid_request', error_description: 'Identity not found' };
   imds.failNext(1, { status: 400, body });
@@ -292,7 +285,7 @@ test('a 400 is passed on, not retried, and answered again without asking until i
   clock.advanceSec(29);
   assert.equal(await rejection(tokens.get(identity, 'https://vault.azure.net')), err);
   assert.equal(imds.calls, calls + 1);
-  assert.equal(tokens.stats().refusalHits, 1);
+  assert.equal(tokens.stats().rememberedHits, 1);
   // Another resource of the same identity is its own key.
   assert.ok((await tokens.get(identity, 'https://storage.azure.com')).accessToken);
   clock.advanceSec(2);
@@ -323,7 +316,7 @@ test('an identity its Secret or certificate makes unusable is tried once, its re
   const identity = msi();
   for (let i = 0; i < 200; i++) assert.equal(await rejection(broken.get(identity, resource)), unusable);
   assert.equal(fetched, 1);
-  assert.equal(broken.stats().refusalHits, 199);
+  assert.equal(broken.stats().rememberedHits, 199);
   assert.equal(broken.describe(new Set([identityKey(identity)]))[0]?.state, 'refused');
   clock.advanceSec(31);
   await rejection(broken.get(identity, resource));
@@ -356,7 +349,7 @@ test('invalidate during an in-flight fetch: the waiter gets the token, the cache
   const calls = imds.calls;
   const pending = tokens.get(identity, 'https://vault.azure.net');
   try {
-    await eventually(() => imds.calls === calls + 1, 'the fetch reached IMDS');
+    await waitFor('the fetch reached IMDS', () => imds.calls === calls + 1, 2_000, 5);
     tokens.invalidate(identityKey(identity));
   } finally {
     imds.hang(false);

@@ -9,7 +9,8 @@ import { BudgetError } from '../../src/budget/budget.js';
 import { Budgets } from '../../src/budget/budgets.js';
 import { MsalTokenProvider } from '../../src/tokens/msal-provider.js';
 import { NetworkClient } from '../../src/tokens/network-client.js';
-import { TokenCache, type Caller, type TokenCacheOptions } from '../../src/tokens/token-cache.js';
+import type { PodRef } from '../../src/tokens/pod-bounds.js';
+import { TokenCache, type TokenCacheOptions } from '../../src/tokens/token-cache.js';
 import { decodeStandinToken, startImds, type ImdsStandin } from '../standins/imds.js';
 import { freshMsi } from '../harness/identities.js';
 import { captureLogs } from '../harness/log-capture.js';
@@ -23,12 +24,12 @@ let provider: MsalTokenProvider;
 
 const msi = freshMsi;
 
-const pod = (name: string): Caller => ({ key: `uid-${name}`, name: `apps/${name}` });
+const pod = (name: string): PodRef => ({ key: `uid-${name}`, name: `apps/${name}` });
 
 function budgeted(options: Partial<TokenCacheOptions> & { maxPendingPerPod?: number } = {}): { tokens: TokenCache; budgets: Budgets } {
   const { maxPendingPerPod = 1000, ...rest } = options;
   const budgets = new Budgets({ imds: imdsLimits, imdsMetadata: imdsLimits, entra: imdsLimits, maxPendingPerPod, maxWaitMs: 60_000 });
-  const tokens = new TokenCache({ provider, budgetFor: () => budgets.imds, onRefused: (reason) => budgets.refused(reason), ...rest });
+  const tokens = new TokenCache({ provider, budgetFor: () => budgets.imds, onThrottled: (reason) => budgets.throttled(reason), ...rest });
   return { tokens, budgets };
 }
 
@@ -90,7 +91,7 @@ test('a token in use is refreshed before it expires while a flood runs', async (
 
 test('a pod over its tokens or its waiting calls gets 429s; another pod does not; said once a minute', async () => {
   const { log, lines } = captureLogs('warn');
-  const { tokens, budgets } = budgeted({ maxTokensPerCaller: 3, maxPendingPerPod: 2, logger: log });
+  const { tokens, budgets } = budgeted({ maxTokensPerPod: 3, maxPendingPerPod: 2, logger: log });
   const identity = msi();
   for (let i = 0; i < 3; i++) await tokens.get(identity, `https://held-${i}.example`, undefined, pod('greedy'));
   const refused = await tokens.get(identity, 'https://held-3.example', undefined, pod('greedy')).then(
@@ -118,14 +119,14 @@ test('a pod over its tokens or its waiting calls gets 429s; another pod does not
   }
   const results = await Promise.all(pending);
   assert.equal(results.filter((r) => r instanceof BudgetError).length, 1);
-  assert.deepEqual(budgets.refusals(), { 'pod-tokens': 1, 'pod-pending': 1, 'queue-timeout': 0 });
+  assert.deepEqual(budgets.throttles(), { 'pod-tokens': 1, 'pod-pending': 1, 'queue-timeout': 0 });
   const said = lines().filter((l) => l.msg.startsWith('pod over its upstream bounds'));
   assert.deepEqual(said.map((l) => l.pod), ['apps/greedy', 'apps/impatient']);
   // Refused again within the minute: not said again.
   await tokens.get(identity, 'https://held-4.example', undefined, pod('greedy')).catch(() => undefined);
   assert.equal(lines().filter((l) => l.msg.startsWith('pod over its upstream bounds')).length, 2);
   // A pod gone from the node leaves nothing behind: its uid starts afresh.
-  tokens.retainCallers([]);
+  tokens.retainPods([]);
   assert.ok(await tokens.get(identity, 'https://held-5.example', undefined, pod('greedy')));
 });
 
