@@ -5,13 +5,9 @@ import { once } from 'node:events';
 import { readdirSync, readFileSync, readlinkSync, realpathSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
-import path from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 import type { Standin } from '../src/demo/standins.js';
-
-const here = path.dirname(fileURLToPath(import.meta.url));
-export const nmiBin = path.resolve(here, '../../bin/nmi.js');
+import { nmiBin } from '../test/harness/netns.js';
+import { startNmi as startNmiProcess } from '../test/harness/nmi-process.js';
 
 /** The server under load gets one core, wrk the other. */
 export const SERVER_CPU = 0;
@@ -95,21 +91,6 @@ export function spawnChild(command: string[], pin: boolean): Child {
   return { process: child, output: () => output, stop };
 }
 
-/** Polls `check` every `pollMs` until true; fails with the child's output if it exits or time runs out. */
-export async function waitFor(child: Child, what: string, timeoutMs: number, check: () => Promise<boolean> | boolean, pollMs = 50): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    interrupt.signal.throwIfAborted();
-    if (child.process.exitCode !== null) throw new Error(`${what} exited ${child.process.exitCode}:\n${child.output()}`);
-    if (await check()) return;
-    if (Date.now() > deadline) {
-      await child.stop();
-      throw new Error(`${what}: not ready after ${timeoutMs / 1000}s:\n${child.output()}`);
-    }
-    await sleep(pollMs);
-  }
-}
-
 function getText(url: string): Promise<{ status: number; text: string }> {
   return new Promise((resolve, reject) => {
     http
@@ -159,37 +140,52 @@ export interface Daemon {
   stop(): Promise<void>;
 }
 
-/** A fresh `nmi run`, once /readyz answers 200 (pods and bindings synced, rules installed). */
+/**
+ * A fresh `nmi run`, once /readyz answers 200 (pods and bindings synced, rules installed), started as the
+ * tests start it (test/harness/nmi-process.ts), pinned to the server cpu when `pin`.
+ */
 export async function startNmi(o: NmiOptions): Promise<Daemon> {
   const probe = `127.0.0.1:${await freePort()}`;
   const profile = o.cpuProfDir ? ['--cpu-prof', `--cpu-prof-dir=${o.cpuProfDir}`] : [];
+  const env = { ...process.env };
+  delete env.NOTIFY_SOCKET;
   const spawned = performance.now();
-  const child = spawnChild(
-    [o.runtime.path, ...profile, nmiBin, 'run', '--server', o.server, '--node-ip', o.nodeIp, '--port', String(o.port),
-      '--rules', o.rules, '--probe-address', probe, '--bindings', o.bindings, '--kubelet-url', o.kubelet.url,
-      '--upstream-imds', o.imds.url, '--log-level', 'warn', ...(o.extraArgs ?? [])],
-    o.pin,
+  const proc = await startNmiProcess(
+    ['--server', o.server, '--node-ip', o.nodeIp, '--port', String(o.port), '--rules', o.rules, '--bindings', o.bindings,
+      '--kubelet-url', o.kubelet.url, '--upstream-imds', o.imds.url, '--log-level', 'warn', ...(o.extraArgs ?? [])],
+    // taskset execs nmi: the pid is still the program's own.
+    { probe, env, prefix: o.pin ? ['taskset', '-c', String(SERVER_CPU)] : [], command: [o.runtime.path, ...profile, nmiBin], waitReady: false },
   );
-  await waitFor(child, `nmi run --server ${o.server}`, 30_000, () =>
-    getText(`http://${probe}/readyz`).then((r) => r.status === 200, () => false),
-  10);
+  // SIGTERM (a --cpu-prof profile gets written), SIGKILL after 20 s; Ctrl-C stops it while it starts, too.
+  const stop = async () => {
+    const killer = setTimeout(() => proc.child.kill('SIGKILL'), 20_000);
+    await proc.stop();
+    clearTimeout(killer);
+  };
+  running.add(stop);
+  proc.child.once('exit', () => running.delete(stop));
+  // Polled every 10 ms: readyMs is the startup the runtimes mode compares.
+  await proc.whenReady(30_000, 10).catch(async (err: unknown) => {
+    await stop();
+    throw err;
+  });
   const readyMs = performance.now() - spawned;
-  const pid = child.process.pid!;
+  const pid = proc.child.pid!;
   // nmi re-executes itself (src/lifecycle/node-flags.ts) through its execPath: what answers must still be the runtime asked for.
   const exe = readlinkSync(`/proc/${pid}/exe`);
   if (exe !== o.runtime.exe) {
-    await child.stop();
+    await stop();
     throw new Error(`nmi run started with ${o.runtime.path} runs ${exe}, not ${o.runtime.exe}`);
   }
   return {
     pid,
     readyMs,
     metrics: async () => (await getText(`http://${probe}/metrics`)).text,
-    stop: child.stop,
+    stop,
   };
 }
 
-/** Requests the native server answered in C++ and handed to JS, from its /metrics. */
+/** Requests the native server answered in C++ and deferred to JS, from its /metrics. */
 export function nativeCounts(metrics: string): { hit: number; js: number } {
   const count = (result: string) => Number(new RegExp(`^nmi_native_requests_total\\{result="${result}"\\} (\\d+)`, 'm').exec(metrics)?.[1] ?? 0);
   return { hit: count('hit'), js: count('js') };

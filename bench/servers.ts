@@ -12,6 +12,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { startImds, startKubelet, type DemoPod, type Standin } from '../src/demo/standins.js';
+import { waitFor } from '../test/harness/wait-for.js';
 import {
   bindingsYaml,
   freePort,
@@ -28,7 +29,6 @@ import {
   spawnChild,
   startNmi,
   stopChildren,
-  waitFor,
   type NmiServer,
   type Runtime,
 } from './common.js';
@@ -212,9 +212,11 @@ async function startConstant(s: Setup, server: 'node' | 'c', p: PathName): Promi
     await rule?.remove();
   };
   try {
-    let listening: RegExpExecArray | null = null;
-    await waitFor(child, `the ${server} constant server`, 10_000, () => (listening = /^listening (\d+)$/m.exec(child.output())) !== null);
-    const bound = Number(listening![1]);
+    const listening = await waitFor(() => `the ${server} constant server to listen:\n${child.output()}`, () => {
+      if (child.process.exitCode !== null) throw new Error(`the ${server} constant server exited ${child.process.exitCode}:\n${child.output()}`);
+      return /^listening (\d+)$/m.exec(child.output()) ?? undefined;
+    }, 10_000);
+    const bound = Number(listening[1]);
     s.reference.check(await ask(s, p, bound), `the ${server} constant server`);
     return { pid: child.process.pid!, port: bound, stop };
   } catch (err) {

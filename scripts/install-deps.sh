@@ -20,13 +20,28 @@ export DEBIAN_FRONTEND=noninteractive
 kubectl=kubernetes-client
 if command -v kubectl >/dev/null; then kubectl=; fi
 dpkg --add-architecture arm64  # a no-op once added
-apt-get update -q
-apt-get install -y -q --no-install-recommends \
-  iptables nftables libnftables1 conntrack iproute2 openssl ca-certificates \
-  procps wrk systemd clang libclang-rt-14-dev libbpf-dev bpftool libatomic1 \
-  dpkg-dev debootstrap systemd-container podman runc $kubectl \
-  g++-aarch64-linux-gnu libbpf-dev:arm64 libelf-dev:arm64 libstdc++6:arm64 libatomic1:arm64 \
-  qemu-user-static binfmt-support
+# A mirror sometimes drops answers for minutes (as scripts/debian-root.sh finds):
+# apt retries each file itself, and each step is tried five times, 15 s to 2 min
+# apart, ~4 min in all. Update and install are one step: an update that missed an
+# index only warns, and the install that then finds no package updates again.
+retry() {
+  for try in 1 2 3 4 5; do
+    "$@" && return 0
+    echo "install-deps: $* failed (try $try of 5)" >&2
+    [ "$try" -lt 5 ] || return 1
+    sleep $((15 << (try - 1)))
+  done
+}
+apt_get() { apt-get -o Acquire::Retries=5 "$@"; }
+packages() {
+  apt_get update -q && apt_get install -y -q --no-install-recommends \
+    iptables nftables libnftables1 conntrack iproute2 openssl ca-certificates \
+    procps wrk systemd clang libclang-rt-14-dev libbpf-dev bpftool libatomic1 \
+    dpkg-dev debootstrap systemd-container podman runc $kubectl \
+    g++-aarch64-linux-gnu libbpf-dev:arm64 libelf-dev:arm64 libstdc++6:arm64 libatomic1:arm64 \
+    qemu-user-static binfmt-support
+}
+retry packages
 # arm64 programs run under qemu through binfmt_misc (the package's F flag: the
 # interpreter is opened now, so it works inside a chroot too).
 mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
@@ -39,7 +54,7 @@ if [ ! -x "$cache/promtool" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   # As root: apt's own download user may not write into root's temporary folder.
-  (cd "$tmp" && apt-get download -q -o APT::Sandbox::User=root prometheus)
+  (cd "$tmp" && retry apt_get download -q -o APT::Sandbox::User=root prometheus)
   dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -C "$tmp" ./usr/bin/promtool
   install -m 0755 "$tmp/usr/bin/promtool" "$cache/promtool.tmp"
   mv "$cache/promtool.tmp" "$cache/promtool"

@@ -7,7 +7,8 @@ import { once } from 'node:events';
 import { readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { nmiBin } from '../harness/netns.js';
-import { nmi, waitFor } from '../harness/nmi-process.js';
+import { nmi } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 
 function hostState(): string {
   const run = (cmd: string, args: string[]) => {

@@ -8,7 +8,8 @@ import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { createBpfMountNamespace, createCgroupTree, callFrom, type CallResult, type CgroupTree, type MountNamespace } from '../harness/cgroups.js';
 import { createCluster, crd, TOKEN_URL, viaV4Mapped, type Cluster, type ClusterPod } from '../harness/cluster.js';
-import { nmi, nmiAsync, waitFor, type NmiProcess } from '../harness/nmi-process.js';
+import { nmi, nmiAsync, type NmiProcess } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 import { makePodJson } from '../standins/kubelet.js';
 import { decodeStandinToken } from '../standins/imds.js';
 

@@ -7,7 +7,8 @@ import assert from 'node:assert/strict';
 import { request } from 'undici';
 import { createCluster, crd, TOKEN_URL, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import type { PodAgent } from '../harness/netns.js';
-import { nmiAsync as runNmi, waitFor, type NmiProcess } from '../harness/nmi-process.js';
+import { nmiAsync as runNmi, type NmiProcess } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 import { startApiServer, type ApiServer, type KubeObject } from '../standins/apiserver.js';
 import { makePodJson } from '../standins/kubelet.js';
 

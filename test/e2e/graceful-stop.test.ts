@@ -3,7 +3,7 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createCluster, crd, TOKEN_URL, type Cluster } from '../harness/cluster.js';
-import { waitFor } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 
 let cluster: Cluster;
 

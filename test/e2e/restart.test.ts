@@ -15,7 +15,8 @@ import { createCluster, crd, type Cluster } from '../harness/cluster.js';
 import { comparableRules, type PodAgent } from '../harness/netns.js';
 import { failures, HeldSockets, STEADY_URL, steadyAcross } from '../harness/restarts.js';
 import { request } from 'undici';
-import { nmi, waitFor, type NmiProcess, type StartOptions } from '../harness/nmi-process.js';
+import { nmi, type NmiProcess, type StartOptions } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 
 const JUMP = '-A PREROUTING -j aad-metadata';
 

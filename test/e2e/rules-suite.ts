@@ -8,7 +8,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { comparableRules, createNode, type NodeNs, type PodAgent } from '../harness/netns.js';
-import { nmi, startNmi, waitFor, type NmiProcess } from '../harness/nmi-process.js';
+import { nmi, startNmi, type NmiProcess } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 
 export type Flavour = 'iptables-nft' | 'iptables-legacy' | 'nftables';
 

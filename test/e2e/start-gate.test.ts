@@ -8,7 +8,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createCluster, crd, TOKEN_URL, type Cluster } from '../harness/cluster.js';
-import { waitFor } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 import type { PodAgent } from '../harness/netns.js';
 import { startApiServer, type ApiServer, type KubeObject } from '../standins/apiserver.js';
 

@@ -5,7 +5,8 @@ import assert from 'node:assert/strict';
 import { request } from 'undici';
 import { createCluster, crd, TOKEN_URL, viaV4Mapped, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import { nodeScriptInPod, type PodAgent } from '../harness/netns.js';
-import { waitFor, type NmiProcess } from '../harness/nmi-process.js';
+import { type NmiProcess } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 import { makePodJson } from '../standins/kubelet.js';
 import { decodeStandinToken } from '../standins/imds.js';
 

@@ -8,7 +8,7 @@ import { promisify } from 'node:util';
 import { mkdirSync, readlinkSync, rmdirSync, readdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { mountsOfType } from '../../src/util/mounts.js';
-import { waitFor } from './nmi-process.js';
+import { waitFor } from './wait-for.js';
 
 export function cgroup2Mount(): string {
   const [mount] = mountsOfType('cgroup2');

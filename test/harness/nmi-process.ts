@@ -1,11 +1,12 @@
 // Spawns `nmi <command>` (in the caller's current namespace, normally the test's
-// node namespace) and waits for readiness on its probe address.
+// node namespace) and waits for readiness on its probe address. The tests' and the
+// bench's one way to start the daemon.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { request } from 'undici';
 import { readMetric } from '../../src/metrics/read.js';
 import { nmiBin } from './netns.js';
+import { waitFor } from './wait-for.js';
 
 export interface NmiProcess {
   child: ChildProcess;
@@ -13,6 +14,8 @@ export interface NmiProcess {
   output(): string;
   /** Sends a signal and waits for exit; returns the exit code (or 128+n for a signal). */
   stop(signal?: NodeJS.Signals): Promise<number>;
+  /** Resolves once its own /readyz answers 200 (what startNmi waits for unless waitReady is false); fails if it exits first. */
+  whenReady(timeoutMs?: number, pollMs?: number): Promise<void>;
   metric(name: string): Promise<number | undefined>;
 }
 
@@ -40,17 +43,6 @@ export async function nmiAsync(args: string[], env: NodeJS.ProcessEnv = process.
   return { code: code ?? 128 + (signal ? 15 : 0), stdout, stderr };
 }
 
-/** `what` may be a function, for a message that says how things stood when the wait gave up. */
-export async function waitFor<T>(what: string | (() => string), check: () => Promise<T | undefined> | T | undefined, timeoutMs = 15_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined && value !== false) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${typeof what === 'function' ? what() : what}`);
-    await sleep(50);
-  }
-}
-
 // A test that fails before stopping its daemon must not hang the file or leave it running.
 const children = new Set<ChildProcess>();
 process.on('exit', () => children.forEach((child) => child.kill('SIGKILL')));
@@ -60,8 +52,11 @@ export interface StartOptions {
   probe?: string;
   waitReady?: boolean;
   prefix?: string[];
-  /** The runtime and script that are nmi: this checkout's on this test's runtime unless given (the arm64 package's under qemu). */
-  command?: readonly [string, string];
+  /**
+   * The runtime, its flags if any, and the script that are nmi: this checkout's on this test's runtime unless
+   * given (the arm64 package's under qemu; the bench's runtimes, with --cpu-prof).
+   */
+  command?: readonly string[];
   /** How long it may take to get ready (an emulated runtime is slow). */
   readyTimeoutMs?: number;
   /** Listening sockets handed over as systemd does (fds from 3, LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID), by name. */
@@ -109,14 +104,15 @@ export async function startNmi(args: string[], options: StartOptions = {}): Prom
       const res = await get('/metrics');
       return res && readMetric(res.body, name);
     },
+    async whenReady(timeoutMs, pollMs) {
+      await waitFor(() => `nmi ready on ${probe}\n${output}`, async () => {
+        if (child.exitCode !== null || child.signalCode !== null) throw new Error(`nmi exited ${child.exitCode ?? child.signalCode}: ${output}`);
+        // Its own 200: during a handoff the probe address answers for whichever nmi holds it.
+        const res = await get('/readyz');
+        return res?.status === 200 && res.pid === child.pid ? true : undefined;
+      }, timeoutMs, pollMs);
+    },
   };
-  if (options.waitReady !== false) {
-    await waitFor(`nmi ready on ${probe}\n${output}`, async () => {
-      if (child.exitCode !== null) throw new Error(`nmi exited ${child.exitCode}: ${output}`);
-      // Its own 200: during a handoff the probe address answers for whichever nmi holds it.
-      const res = await get('/readyz');
-      return res?.status === 200 && res.pid === child.pid ? true : undefined;
-    }, options.readyTimeoutMs);
-  }
+  if (options.waitReady !== false) await proc.whenReady(options.readyTimeoutMs);
   return proc;
 }

@@ -13,7 +13,7 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { promisify } from 'node:util';
 import { cgroup2Mount, removeTree } from './cgroups.js';
-import { waitFor } from './nmi-process.js';
+import { waitFor } from './wait-for.js';
 import { debianRoot } from './runtime.js';
 
 export interface Bind {

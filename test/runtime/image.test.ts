@@ -20,7 +20,8 @@ import { createCluster, crd, TOKEN_URL, type Cluster } from '../harness/cluster.
 import { comparableRules, projectRoot, type PodAgent } from '../harness/netns.js';
 import { failures, steadyAcross } from '../harness/restarts.js';
 import { attackFrom, attacks, mib, sampleRss, tokenMeanwhile } from '../harness/hostile.js';
-import { nmi, waitFor } from '../harness/nmi-process.js';
+import { nmi } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 import { containerLogs, podman, podmanQuiet, ulimits } from '../harness/podman.js';
 import { nmiPackage } from '../harness/runtime.js';
 import { decodeStandinToken } from '../standins/imds.js';

@@ -13,7 +13,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createCluster, crd, TOKEN_URL } from '../harness/cluster.js';
 import { projectRoot } from '../harness/netns.js';
-import { waitFor } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 import { inContainer, overlayRoot } from '../harness/nspawn.js';
 import { hostArch, nmiPackage } from '../harness/runtime.js';
 import { decodeStandinToken } from '../standins/imds.js';

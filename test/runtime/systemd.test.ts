@@ -14,7 +14,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { createCluster, crd, TOKEN_URL, type Cluster } from '../harness/cluster.js';
 import { comparableRules, type PodAgent } from '../harness/netns.js';
 import { steadyAcross } from '../harness/restarts.js';
-import { waitFor } from '../harness/nmi-process.js';
+import { waitFor } from '../harness/wait-for.js';
 import { boot, configure, inContainer, overlayRoot, type BootedNode } from '../harness/nspawn.js';
 import { nmiPackage } from '../harness/runtime.js';
 import { decodeStandinToken } from '../standins/imds.js';

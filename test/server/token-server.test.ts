@@ -20,16 +20,16 @@ import { UpstreamBudget } from '../../src/budget/budget.js';
 import { TokenCache } from '../../src/tokens/token-cache.js';
 import { limits } from '../../src/config/limits.js';
 import { createTokenServer, type TokenServer } from '../../src/server/token-server.js';
-import { startUpstream, DEFAULT_REPLY, type Upstream } from './upstream.js';
+import { FIXED_REPLY, startImds, type ImdsStandin } from '../standins/imds.js';
 import { assertProblem, idA, idB, newWorld, parseAnswer, pod, QUERY, TOKEN, tokenFor, worldDeps, type RawAnswer, type World } from './token-world.js';
 
-let upstream: Upstream;
+let upstream: ImdsStandin;
 let world: World;
 const servers: TokenServer[] = [];
 
 /** With `cached`, the server also gets the synchronous hit path: known callers and a peek into these tokens. */
 async function startServer(options: Partial<TokenServerOptions> = {}, registry?: Registry, upstreamUrl?: URL, cached?: Map<string, Token>, log = silentLogger, extra: Partial<TokenServerDeps> = {}) {
-  const server = createTokenServer(worldDeps(() => world, upstreamUrl ?? upstream.url, { options, registry, cached, log, extra }));
+  const server = createTokenServer(worldDeps(() => world, upstreamUrl ?? new URL(upstream.url), { options, registry, cached, log, extra }));
   await server.listen('127.0.0.1', 0);
   servers.push(server);
   return { server, port: server.port! };
@@ -37,7 +37,7 @@ async function startServer(options: Partial<TokenServerOptions> = {}, registry?:
 
 let port: number;
 before(async () => {
-  upstream = await startUpstream();
+  upstream = await startImds({ reply: FIXED_REPLY });
   world = newWorld();
   ({ port } = await startServer());
 });
@@ -48,8 +48,8 @@ after(async () => {
 
 function reset(): void {
   world = newWorld();
-  upstream.received = [];
-  upstream.reply = DEFAULT_REPLY;
+  upstream.requests = [];
+  upstream.reply = FIXED_REPLY;
 }
 
 /** One request written byte for byte (undici would refuse or rewrite the malformed ones), answer read to EOF. */
@@ -191,7 +191,7 @@ test('backslashes, dot segments (also %2e), encoded slashes and doubled slashes 
     assertProblem(await get(`${path}?${QUERY}`), 400, 'invalid_request', `Invalid request path: ${why}`);
   }
   assert.deepEqual(world.lookups, []);
-  assert.deepEqual(upstream.received, [], 'nothing reached the upstream');
+  assert.deepEqual(upstream.requests, [], 'nothing reached the upstream');
 });
 
 test('unknown paths are 404 JSON', async () => {
@@ -199,7 +199,7 @@ test('unknown paths are 404 JSON', async () => {
   for (const path of ['/', '/foo', '/metadata', '/metadata/identity/oauth2/tokens', '/metadata/INSTANCE', '/metadata/identity/info']) {
     assertProblem(await get(path), 404, 'not_found', 'The requested metadata path was not found');
   }
-  assert.deepEqual(upstream.received, []);
+  assert.deepEqual(upstream.requests, []);
 });
 
 test('an absolute-form target and a malformed request are 400 JSON', async () => {
@@ -404,16 +404,16 @@ test('/metadata/instance is proxied unchanged, without forwarding headers or hop
   const target = '/metadata/instance/compute?api-version=2021-02-01&format=json';
   const answer = await get(target, { Metadata: 'true', 'X-Custom': 'kept', 'Keep-Alive': 'timeout=5', 'X-Hop': 'dropped', Connection: 'X-Hop' });
   assert.equal(answer.status, 200);
-  assert.equal(answer.body, DEFAULT_REPLY.body);
+  assert.equal(answer.body, FIXED_REPLY.body);
   assert.equal(answer.headers['x-upstream'], 'imds-standin');
-  assert.equal(upstream.received.length, 1);
-  const seen = upstream.received[0]!;
+  assert.equal(upstream.requests.length, 1);
+  const seen = upstream.requests[0]!;
   assert.equal(seen.method, 'GET');
   assert.equal(seen.url, target);
   assert.equal(seen.headers['metadata'], 'true');
   assert.equal(seen.headers['x-custom'], 'kept');
   for (const name of ['x-forwarded-for', 'forwarded', 'via', 'x-hop', 'keep-alive']) assert.equal(seen.headers[name], undefined, name);
-  assert.equal(seen.headers['host'], upstream.url.host);
+  assert.equal(seen.headers['host'], new URL(upstream.url).host);
   assert.deepEqual(world.lookups, ['127.0.0.1'], 'the caller is a pod of this node, as for a token');
 });
 
@@ -428,16 +428,16 @@ test('6: the proxied categories answer an address no pod owns 404 not_found, and
   const paths = ['/metadata/instance?api-version=2021-02-01', '/metadata/instance/compute?api-version=2021-02-01', '/metadata/scheduledevents?api-version=2020-07-01', '/metadata/versions', '/metadata/attested/document?api-version=2020-09-01', '/metadata/loadbalancer?api-version=2020-10-01'];
   for (const path of paths) assertProblem(await get(path, { Metadata: 'true' }, stranger), 404, 'not_found', 'No pod of this node owns the source address of the request');
   assertProblem(await post(stranger), 404, 'not_found', 'No pod of this node owns the source address of the request');
-  assert.equal(upstream.received.length, 0, 'IMDS saw nothing of a stranger');
+  assert.equal(upstream.requests.length, 0, 'IMDS saw nothing of a stranger');
   assert.deepEqual(world.lookups, Array(paths.length + 1).fill('127.0.0.2'), 'after asking the lookup, as for a token');
   assert.deepEqual(refusedAddresses, Array(paths.length + 1).fill('127.0.0.2'), 'counted as refused unknown callers');
 
   // The pod of this node at 127.0.0.1 gets IMDS's answers.
   const instance = await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: p });
   assert.equal(instance.status, 200);
-  assert.equal(instance.body, DEFAULT_REPLY.body);
+  assert.equal(instance.body, FIXED_REPLY.body);
   assert.equal((await post({ port: p })).status, 200);
-  assert.deepEqual(upstream.received.map((r) => [r.method, r.url, r.body]), [
+  assert.deepEqual(upstream.requests.map((r) => [r.method, r.url, r.body]), [
     ['GET', '/metadata/instance?api-version=2021-02-01', ''],
     ['POST', '/metadata/scheduledevents?api-version=2020-07-01', body],
   ]);
@@ -455,14 +455,14 @@ test('6: with attestation the proxied categories refuse a spoofed or unattested 
       assertProblem(await get(path, { Metadata: 'true' }, { port: p }), 403, 'access_denied', description);
     }
   }
-  assert.deepEqual(upstream.received, []);
+  assert.deepEqual(upstream.requests, []);
   assert.deepEqual(world.tokenCalls, []);
 });
 
 test("proxied calls wait their turn in IMDS's budgets: categories in the general one, exception pods' tokens in the identity one", async () => {
   reset();
-  const metadata = new UpstreamBudget('IMDS metadata', { maxConcurrent: 5, ratePerSec: 5 }, { maxQueuedPerOwner: 6 });
-  const identity = new UpstreamBudget('IMDS', { maxConcurrent: 5, ratePerSec: 20 }, { maxQueuedPerOwner: 6 });
+  const metadata = new UpstreamBudget('IMDS metadata', { maxConcurrent: 5, ratePerSec: 5 }, { maxQueuedPerPod: 6 });
+  const identity = new UpstreamBudget('IMDS', { maxConcurrent: 5, ratePerSec: 20 }, { maxQueuedPerPod: 6 });
   const { port: budgeted } = await startServer({}, undefined, undefined, undefined, silentLogger, { proxyBudgets: { metadata, identity } });
   const started = Date.now();
   const answers = await Promise.all(Array.from({ length: 6 }, () => get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: budgeted })));
@@ -470,7 +470,7 @@ test("proxied calls wait their turn in IMDS's budgets: categories in the general
   assert.deepEqual(answers.map((a) => a.status), [200, 200, 200, 200, 200, 200]);
   // Five at once into an idle budget, the sixth one paced interval (a fifth of a second) later.
   assert.ok(elapsed >= 190, `six calls at 5/s took ${elapsed} ms`);
-  assert.equal(upstream.received.length, 6);
+  assert.equal(upstream.requests.length, 6);
   assert.equal(metadata.stats().granted, 6);
   world.bound = { exception: true, identities: [] };
   const passed = await get('/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net', { Metadata: 'true' }, { port: budgeted });
@@ -481,20 +481,20 @@ test("proxied calls wait their turn in IMDS's budgets: categories in the general
 
 test('a caller with as many proxied calls under way or waiting as it may gets 429 with Retry-After', async () => {
   reset();
-  const metadata = new UpstreamBudget('IMDS metadata', { maxConcurrent: 5, ratePerSec: 5 }, { maxQueuedPerOwner: 6 });
+  const metadata = new UpstreamBudget('IMDS metadata', { maxConcurrent: 5, ratePerSec: 5 }, { maxQueuedPerPod: 6 });
   const identity = new UpstreamBudget('IMDS', { maxConcurrent: 5, ratePerSec: 20 });
   const { port: budgeted } = await startServer({ proxyTimeoutMs: 500 }, undefined, undefined, undefined, silentLogger, { proxyBudgets: { metadata, identity } });
   upstream.reply = 'hang';
   const held = Array.from({ length: 6 }, () => get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: budgeted }));
-  for (let i = 0; i < 100 && upstream.received.length < 5; i++) await new Promise((resolve) => setTimeout(resolve, 10));
-  assert.equal(upstream.received.length, 5);
+  for (let i = 0; i < 100 && upstream.requests.length < 5; i++) await new Promise((resolve) => setTimeout(resolve, 10));
+  assert.equal(upstream.requests.length, 5);
   const refused = await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: budgeted });
   assert.equal(refused.status, 429);
   assert.equal(refused.headers['retry-after'], '1');
   assert.equal(JSON.parse(refused.body).error, 'too_many_requests');
   // The held ones end in the proxy's timeout, and free their places.
   assert.ok((await Promise.all(held)).every((a) => a.status === 504));
-  upstream.reply = DEFAULT_REPLY;
+  upstream.reply = FIXED_REPLY;
   assert.equal((await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: budgeted })).status, 200);
 });
 
@@ -509,7 +509,7 @@ test("a proxied 429 is passed on, and the budget holds every later call for the 
   assert.equal(refused.status, 429);
   assert.equal(refused.headers['retry-after'], '2');
   assert.equal(metadata.stats().throttled, 1);
-  upstream.reply = DEFAULT_REPLY;
+  upstream.reply = FIXED_REPLY;
   const started = Date.now();
   assert.equal((await get('/metadata/instance?api-version=2021-02-01', { Metadata: 'true' }, { port: budgeted })).status, 200);
   const waited = Date.now() - started;
@@ -525,13 +525,13 @@ test('method, body and upstream status pass through the proxy', async () => {
   );
   assert.equal(answer.status, 400);
   assert.equal(answer.body, '{"error":"Bad request"}');
-  assert.equal(upstream.received[0]?.method, 'POST');
-  assert.equal(upstream.received[0]?.body, body);
+  assert.equal(upstream.requests[0]?.method, 'POST');
+  assert.equal(upstream.requests[0]?.body, body);
   for (const path of ['/metadata/versions', '/metadata/attested/document?api-version=2020-09-01', '/metadata/loadbalancer?api-version=2020-10-01']) {
-    upstream.reply = DEFAULT_REPLY;
+    upstream.reply = FIXED_REPLY;
     assert.equal((await get(path)).status, 200, path);
   }
-  assert.deepEqual(upstream.received.map((r) => r.url).slice(1), ['/metadata/versions', '/metadata/attested/document?api-version=2020-09-01', '/metadata/loadbalancer?api-version=2020-10-01']);
+  assert.deepEqual(upstream.requests.map((r) => r.url).slice(1), ['/metadata/versions', '/metadata/attested/document?api-version=2020-09-01', '/metadata/loadbalancer?api-version=2020-10-01']);
 });
 
 test('a proxied body over 16 KiB is refused with 413 JSON without being read, and never reaches the upstream; 16 KiB and a chunked one pass', async () => {
@@ -539,13 +539,13 @@ test('a proxied body over 16 KiB is refused with 413 JSON without being read, an
   const head = 'POST /metadata/scheduledevents?api-version=2020-07-01 HTTP/1.1\r\nHost: x\r\nMetadata: true\r\nConnection: close\r\n';
   // Only the head is sent: the refusal must not wait for a body.
   assertProblem(await raw(`${head}Content-Length: ${limits.maxBodyBytes + 1}\r\n\r\n`), 413, 'invalid_request', 'Request body too large');
-  assert.equal(upstream.received.length, 0);
+  assert.equal(upstream.requests.length, 0);
   const exactly = 'x'.repeat(limits.maxBodyBytes);
   assert.equal((await raw(`${head}Content-Length: ${exactly.length}\r\n\r\n${exactly}`)).status, 200, 'exactly 16 KiB passes');
-  assert.equal(upstream.received[0]?.body.length, exactly.length);
+  assert.equal(upstream.requests[0]?.body.length, exactly.length);
   const chunked = await raw(`${head}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n`);
   assert.equal(chunked.status, 200);
-  assert.equal(upstream.received[1]?.body, 'hello world');
+  assert.equal(upstream.requests[1]?.body, 'hello world');
 });
 
 test('a proxied answer over 1 MiB is 502 JSON, exactly 1 MiB passes', async () => {
@@ -616,7 +616,7 @@ test('--block-instance-metadata answers 403 for /metadata/instance* only', async
   for (const path of ['/metadata/instance', '/metadata/instance/compute?api-version=2021-02-01']) {
     assertProblem(await get(path, { Metadata: 'true' }, { port: blocked }), 403, 'forbidden', 'Access to instance metadata is blocked on this node');
   }
-  assert.deepEqual(upstream.received, []);
+  assert.deepEqual(upstream.requests, []);
   assert.equal((await get('/metadata/versions', { Metadata: 'true' }, { port: blocked })).status, 200);
   assert.equal((await get(`${TOKEN}?${QUERY}`, { Metadata: 'true' }, { port: blocked })).status, 200);
 });
@@ -630,10 +630,10 @@ test('an exception pod is passed through to the upstream verbatim, with no token
   assert.equal(answer.status, 200);
   assert.equal(answer.body, '{"access_token":"from-real-imds"}');
   assert.deepEqual(world.tokenCalls, []);
-  assert.equal(upstream.received.length, 1);
-  assert.equal(upstream.received[0]!.url, target);
-  assert.equal(upstream.received[0]!.headers['metadata'], 'true');
-  assert.equal(upstream.received[0]!.headers['x-forwarded-for'], undefined);
+  assert.equal(upstream.requests.length, 1);
+  assert.equal(upstream.requests[0]!.url, target);
+  assert.equal(upstream.requests[0]!.headers['metadata'], 'true');
+  assert.equal(upstream.requests[0]!.headers['x-forwarded-for'], undefined);
 });
 
 // ---- connections and lifecycle ----

@@ -10,6 +10,9 @@
 //   startImds({ throttle: { maxConcurrent: 5, perSecond: 20, latencyMs: 50 } })
 //                                               // IMDS's documented limits: 429 past them; imds.throttle.throttled counts
 //   GET /metadata/instance, /metadata/versions, ... → small JSON; other paths → 404 JSON.
+//   startImds({ reply: FIXED_REPLY }), imds.reply = { status, headers, body } | 'hang'
+//                                               // every request answered so (or never), as IMDS
+//                                               // behind nmi's proxy; imds.requests keep url and body
 //   await imds.close()
 import { createHash } from 'node:crypto';
 import { once } from 'node:events';
@@ -42,6 +45,25 @@ export interface StandinTokenClaims {
   exp: number;
 }
 
+/** What the IMDS stand-in saw: also the request target as sent, and the body. */
+export interface ImdsRequest extends StandinRequest {
+  url: string;
+  body: string;
+}
+
+/** One answer given to every request, whatever it asks (the proxy tests' upstream). */
+export interface FixedReply {
+  status: number;
+  headers?: Record<string, string>;
+  body?: string;
+}
+
+export const FIXED_REPLY: FixedReply = {
+  status: 200,
+  headers: { 'Content-Type': 'application/json; charset=utf-8', 'X-Upstream': 'imds-standin' },
+  body: '{"compute":{"name":"standin"}}',
+};
+
 export interface MsiRecord {
   clientId: string;
   resourceId?: string;
@@ -60,13 +82,18 @@ export interface ImdsOptions {
   port?: number;
   /** Limits on token calls, enforced as IMDS does: 429 past them. */
   throttle?: ThrottleLimits;
+  /** Answers every request so, or never ('hang'), instead of as IMDS would. */
+  reply?: FixedReply | 'hang';
 }
 
 export interface ImdsStandin {
   url: string;
-  /** Token calls so far (held ones included). */
+  /** Token calls so far (held ones included; not those given a fixed reply). */
   readonly calls: number;
-  readonly requests: StandinRequest[];
+  /** The last 100 requests, each once its body has arrived; a test may start it afresh ([]). */
+  requests: ImdsRequest[];
+  /** While set, every request gets this answer (or none: 'hang'). */
+  reply: FixedReply | 'hang' | undefined;
   failNext(n: number, failure: Failure): void;
   /** While on, token calls wait; turning it off answers those still connected. */
   hang(on: boolean): void;
@@ -81,29 +108,40 @@ const tokenPaths = new Set(['/metadata/identity/oauth2/token', '/metadata/identi
 export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin> {
   const nowSec = options.nowSec ?? (() => Math.floor(Date.now() / 1000));
   const known = options.identities;
-  const requests: StandinRequest[] = [];
   const faults = new Faults();
   let calls = 0;
   let serial = 0;
-  const standin = { expiresInSec: options.expiresInSec ?? 86399 };
+  const standin = { expiresInSec: options.expiresInSec ?? 86399, requests: [] as ImdsRequest[], reply: options.reply };
   const throttle = options.throttle && new Throttle(options.throttle);
 
   const server = createServer((req, res) => {
     const url = new URL(req.url ?? '/', 'http://imds');
     const query = Object.fromEntries(url.searchParams);
-    requests.push({ method: req.method ?? '', path: url.pathname, query, headers: req.headers, form: {} });
-    if (requests.length > 100) requests.shift();
-    req.resume();
+    let body = '';
+    req.setEncoding('utf8').on('data', (chunk: string) => (body += chunk));
+    req.on('end', () => {
+      standin.requests.push({ method: req.method ?? '', url: req.url ?? '', path: url.pathname, query, headers: req.headers, body, form: {} });
+      if (standin.requests.length > 100) standin.requests.shift();
+      answer(url.pathname, query, req.headers, res);
+    });
+  });
 
-    if (!tokenPaths.has(url.pathname)) return metadata(url.pathname, res);
+  function answer(path: string, query: Record<string, string>, headers: IncomingHttpHeaders, res: ServerResponse): void {
+    const reply = standin.reply;
+    if (reply === 'hang') return;
+    if (reply) {
+      res.writeHead(reply.status, reply.headers ?? {});
+      return void res.end(reply.body ?? '');
+    }
+    if (!tokenPaths.has(path)) return metadata(path, res);
     calls++;
-    if (req.headers.metadata !== 'true') return send(res, 400, imdsError('invalid_request', 'Required metadata header not specified'));
+    if (headers.metadata !== 'true') return send(res, 400, imdsError('invalid_request', 'Required metadata header not specified'));
     if (throttle && !throttle.admit()) return send(res, 429, imdsError('too_many_requests', 'Too many requests'));
     if (throttle) throttle.until(res);
-    const answer = (): void => answerToken(res, query);
+    const respond = (): void => answerToken(res, query);
     const latency = throttle?.limits.latencyMs ?? 0;
-    faults.run(latency > 0 ? () => setTimeout(answer, latency) : answer);
-  });
+    faults.run(latency > 0 ? () => setTimeout(respond, latency) : respond);
+  }
 
   function answerToken(res: ServerResponse, query: Record<string, string>): void {
     if (res.destroyed) return;
@@ -138,7 +176,18 @@ export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin>
     get calls() {
       return calls;
     },
-    requests,
+    get requests() {
+      return standin.requests;
+    },
+    set requests(value: ImdsRequest[]) {
+      standin.requests = value;
+    },
+    get reply() {
+      return standin.reply;
+    },
+    set reply(value: FixedReply | 'hang' | undefined) {
+      standin.reply = value;
+    },
     get expiresInSec() {
       return standin.expiresInSec;
     },
