@@ -19,6 +19,8 @@ export interface KubeSourceOptions extends KubeConfigOptions {
   backoff?: { initialMs: number; maxMs: number };
   /** How often every named Secret is fetched again, to follow rotations. */
   secretRefreshMs?: number;
+  /** --cross-namespace-secrets: fetch a Secret an identity names in another namespace (otherwise never read). */
+  crossNamespaceSecrets?: boolean;
   /** The watch's server-side timeout; by default random in 5–10 minutes, as client-go does. */
   watchTimeoutSeconds?: number;
   /** Items per list page. */
@@ -62,7 +64,7 @@ export class KubeBindingSource implements BindingSource {
     // Optional: service accounts only serve Workload ID's convention, so RBAC from before it leaves them out.
     this.#serviceAccounts = reflector('serviceaccounts', parseServiceAccount, { path: '/api/v1/serviceaccounts', optional: true });
     this.#reflectors = [this.#identities, this.#bindings, this.#exceptions, this.#serviceAccounts];
-    this.#secrets = new SecretFetcher(this.#client, this.#log, this.#options.backoff, this.#abort.signal, changed);
+    this.#secrets = new SecretFetcher(this.#client, this.#log, { ...this.#options.backoff, crossNamespace: this.#options.crossNamespaceSecrets ?? false }, this.#abort.signal, changed);
   }
 
   get server(): string {

@@ -2,8 +2,12 @@
 // convention applies to it or not (as data: `nmi explain` says it in words), and
 // the credential behind a service principal.
 // Pure functions over a snapshot, as aad-pod-identity's MIC matches them: the pod's
-// `aadpodidbinding` label selects bindings (in any namespace unless namespaced), and
-// each binding names an identity in the binding's own namespace. A federated
+// `aadpodidbinding` label selects bindings, and each binding names an identity in the
+// binding's own namespace. Namespaces are walls: a binding serves only pods of its own
+// namespace unless the operator shares its namespace (--shared-identity-namespaces), so
+// a tenant cannot give its identity to another namespace's pods (their writes would go
+// to its resources; a federated identity would have nmi send their service-account
+// tokens where its adEndpoint says). Under NMI every binding reached every namespace. A federated
 // identity (type 3) is served per service account: the pod's own. A pod no binding
 // selects may instead follow Workload ID's convention (its label, its service
 // account's annotations); a binding wins, because it is what the operator wrote for
@@ -21,8 +25,12 @@ export const BINDING_LABEL = 'aadpodidbinding';
 export const WORKLOAD_USE_LABEL = 'azure.workload.identity/use';
 
 export interface MatchOptions {
-  /** --force-namespaced: every identity behaves as if annotated namespaced. */
+  /** --force-namespaced: every identity behaves as if annotated namespaced, shared namespaces' too. */
   forceNamespaced: boolean;
+  /** --shared-identity-namespaces: whose bindings may serve pods of other namespaces; none when unset. */
+  sharedNamespaces?: '*' | ReadonlySet<string>;
+  /** --cross-namespace-secrets: a clientPassword may name another namespace's Secret. */
+  crossNamespaceSecrets?: boolean;
   /** --workload-identity-tenant: the tenant of a Workload ID service account not annotated with one. */
   workloadTenant?: string;
 }
@@ -61,16 +69,17 @@ interface Memo {
 }
 
 /**
- * Memoised per (snapshot, pod object): a new bindings snapshot or a kubelet
+ * Memoised per (snapshot, options object, pod object): a new bindings snapshot or a kubelet
  * refresh (which makes new Pod objects) starts afresh, so an answer can never
- * outlive the bindings or the pod it was computed from.
+ * outlive the bindings or the pod it was computed from. `nmi run` passes one options object.
  */
-const memo = new WeakMap<BindingSnapshot, [Memo, Memo]>();
+const memo = new WeakMap<BindingSnapshot, WeakMap<MatchOptions, Memo>>();
 
 export function identitiesFor(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions): PodIdentities {
   let perSnapshot = memo.get(snapshot);
-  if (!perSnapshot) memo.set(snapshot, (perSnapshot = [0, 1].map(() => ({ byPod: new WeakMap(), bySelector: new Map() })) as [Memo, Memo]));
-  const forOptions = perSnapshot[options.forceNamespaced ? 1 : 0];
+  if (!perSnapshot) memo.set(snapshot, (perSnapshot = new WeakMap()));
+  let forOptions = perSnapshot.get(options);
+  if (!forOptions) perSnapshot.set(options, (forOptions = { byPod: new WeakMap(), bySelector: new Map() }));
   let result = forOptions.byPod.get(pod);
   if (!result) forOptions.byPod.set(pod, (result = computeIdentities(pod, snapshot, options, forOptions.bySelector)));
   return result;
@@ -154,13 +163,16 @@ export type BindingVerdict =
   /** `invalid`: the source left an identity of that name out, and why. */
   | { applies: false; why: 'no-identity'; identity: string; invalid?: string }
   /** Namespaced, by --force-namespaced or by the identity's annotation, and the binding in another namespace than the pod. */
-  | { applies: false; why: 'namespaced'; by: 'force-namespaced' | 'annotation' };
+  | { applies: false; why: 'namespaced'; by: 'force-namespaced' | 'annotation' }
+  /** The binding in another namespace than the pod, and that namespace not shared (--shared-identity-namespaces). */
+  | { applies: false; why: 'not-shared'; namespace: string };
 
 /**
  * A binding selects a pod whose aadpodidbinding label equals its selector; it names an identity in the
- * binding's own namespace; a namespaced identity serves only pods of that namespace.
+ * binding's own namespace; it serves pods of another namespace only from a shared namespace, and a
+ * namespaced identity serves only pods of its own namespace.
  */
-export function bindingVerdict(pod: Pod, binding: AzureIdentityBinding, snapshot: BindingSnapshot, { forceNamespaced }: MatchOptions): BindingVerdict {
+export function bindingVerdict(pod: Pod, binding: AzureIdentityBinding, snapshot: BindingSnapshot, { forceNamespaced, sharedNamespaces }: MatchOptions): BindingVerdict {
   const selector = pod.labels[BINDING_LABEL];
   if (selector === undefined) return { applies: false, why: 'no-label' };
   if (binding.selector !== selector) return { applies: false, why: 'other-selector', podSelector: selector };
@@ -175,7 +187,12 @@ export function bindingVerdict(pod: Pod, binding: AzureIdentityBinding, snapshot
   if ((forceNamespaced || identity.namespaced) && binding.namespace !== pod.namespace) {
     return { applies: false, why: 'namespaced', by: forceNamespaced ? 'force-namespaced' : 'annotation' };
   }
+  if (binding.namespace !== pod.namespace && !isShared(binding.namespace, sharedNamespaces)) return { applies: false, why: 'not-shared', namespace: binding.namespace };
   return { applies: true, identity };
+}
+
+function isShared(namespace: string, shared: MatchOptions['sharedNamespaces']): boolean {
+  return shared === '*' || (shared?.has(namespace) ?? false);
 }
 
 /** The bindings that could apply to the pod, by namespace/name: those of its namespace, and those anywhere with its selector. */
@@ -219,16 +236,20 @@ export type ServicePrincipalCredential =
   | { type: IdentityType.ServicePrincipalCertificate; certificate: string; password: string };
 
 /**
- * The credential for a type 1 or 2 identity, from the Secret its clientPassword names.
- * Throws NmiError(BINDINGS) naming what is missing (never a value).
+ * The credential for a type 1 or 2 identity, from the Secret its clientPassword names: one of the identity's
+ * own namespace (a tenant must not sign in with another namespace's service principal), unless
+ * --cross-namespace-secrets. Throws NmiError(BINDINGS) naming what is missing (never a value).
  */
-export function secretFor(identity: AzureIdentity, snapshot: BindingSnapshot): ServicePrincipalCredential {
+export function secretFor(identity: AzureIdentity, snapshot: BindingSnapshot, options: Pick<MatchOptions, 'crossNamespaceSecrets'>): ServicePrincipalCredential {
   const label = `AzureIdentity ${objectKey(identity.namespace, identity.name)}`;
   const ref = identity.clientPassword;
   if (identity.type === IdentityType.UserAssignedMSI || !ref) {
     throw new NmiError(codes.BINDINGS, `${label}: a user-assigned identity has no secret`);
   }
   const secretKey = objectKey(ref.namespace, ref.name);
+  if (ref.namespace !== identity.namespace && !options.crossNamespaceSecrets) {
+    throw new NmiError(codes.BINDINGS, `${label}: secret ${secretKey} is not in the identity's namespace; nmi reads only the identity's own namespace's Secrets (--cross-namespace-secrets allows others, as NMI did)`);
+  }
   const secret = snapshot.secrets.get(secretKey);
   if (!secret) throw new NmiError(codes.BINDINGS, `${label}: secret ${secretKey} not found`);
   const value = (key: string): string => {

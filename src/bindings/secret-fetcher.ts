@@ -19,15 +19,17 @@ export class SecretFetcher {
   #running = false;
   #again = false;
   #retry: NodeJS.Timeout | undefined;
+  readonly #crossNamespace: boolean;
 
   constructor(
     private readonly client: KubeClient,
     private readonly log: Logger,
-    backoff: { initialMs: number; maxMs: number },
+    options: { initialMs: number; maxMs: number; crossNamespace: boolean },
     private readonly signal: AbortSignal,
     private readonly onChange: () => void,
   ) {
-    this.#backoff = new Backoff(backoff);
+    this.#backoff = new Backoff(options);
+    this.#crossNamespace = options.crossNamespace;
   }
 
   /** Every wanted secret was tried at least once since it was last wanted anew. */
@@ -39,7 +41,8 @@ export class SecretFetcher {
   want(identities: Iterable<AzureIdentity>): void {
     const wanted = new Map<string, string[]>();
     for (const id of identities) {
-      if (!id.clientPassword) continue;
+      // Another namespace's Secret is never read unless allowed: secretFor then says why the identity is unusable.
+      if (!id.clientPassword || (id.clientPassword.namespace !== id.namespace && !this.#crossNamespace)) continue;
       const key = objectKey(id.clientPassword.namespace, id.clientPassword.name);
       wanted.set(key, [...(wanted.get(key) ?? []), `${id.namespace}/${id.name}@${id.version}`]);
     }
@@ -104,8 +107,10 @@ export class SecretFetcher {
       try {
         secret = parseSecret(await this.client.getJson(path, this.signal));
       } catch (err) {
-        // Not found, or not a valid Secret: an answer, so the secret is left out.
-        const missing = err instanceof ApiError ? err.status === 404 : err instanceof NmiError;
+        // Not found, not a valid Secret, or not ours to read (403: the cluster did not grant
+        // deploy/grants/service-principals): an answer, so the secret is left out and asked
+        // again only at the next refresh, not in a retry loop.
+        const missing = err instanceof ApiError ? err.status === 404 || err.status === 403 : err instanceof NmiError;
         if (!missing) throw err;
         if (this.#fetched.get(key) !== stamp) this.log.warn({ secret: key, err: messageOf(err) }, 'secret unusable');
       }

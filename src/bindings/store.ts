@@ -168,12 +168,13 @@ export interface BindingsConfig {
   bindings: string;
   kubeconfig?: string;
   nodeName?: string;
+  crossNamespaceSecrets?: boolean;
 }
 
 /** Chooses the source the --bindings flag names. Throws UsageError when the API server config cannot be read. */
 export async function createBindingSource(config: BindingsConfig, log: Logger): Promise<BindingSource> {
   if (config.bindings === 'kubernetes') {
-    return new KubeBindingSource(log, { kubeconfig: config.kubeconfig, nodeName: config.nodeName });
+    return new KubeBindingSource(log, { kubeconfig: config.kubeconfig, nodeName: config.nodeName, crossNamespaceSecrets: config.crossNamespaceSecrets });
   }
   return new FileBindingSource(config.bindings, log);
 }

@@ -41,7 +41,9 @@ export const runFlags = {
   'pod-refresh-interval': flag({ parse: v.duration, default: '10s', help: 'background kubelet poll' }),
   bindings: flag({ parse: v.nonEmpty, default: 'kubernetes', help: '"kubernetes" (the API server) or a YAML/JSON file or folder' }),
   kubeconfig: flag({ parse: v.readableFile, help: 'kubeconfig for the API server (else in-cluster config)' }),
-  'force-namespaced': flag({ parse: v.bool, default: 'false', boolean: true, help: 'identities match only pods of their own namespace' }),
+  'force-namespaced': flag({ parse: v.bool, default: 'false', boolean: true, help: 'identities match only pods of their own namespace, those of --shared-identity-namespaces too' }),
+  'shared-identity-namespaces': flag({ parse: v.namespaceList, default: '', help: 'namespaces whose bindings may give their identities to pods of other namespaces, comma-separated, or * for every namespace (NMI\'s behaviour); any other binding serves only pods of its own namespace' }),
+  'cross-namespace-secrets': flag({ parse: v.bool, default: 'false', boolean: true, help: 'let a service principal\'s clientPassword name a Secret of another namespace than its AzureIdentity\'s (NMI\'s behaviour)' }),
   'metadata-header-required': flag({ parse: v.bool, default: 'true', boolean: true, help: 'require the Metadata: true header' }),
   'block-instance-metadata': flag({ parse: v.bool, default: 'false', boolean: true, help: 'answer 403 for /metadata/instance*' }),
   'retry-after': flag({ parse: v.bool, default: 'false', boolean: true, help: '"no identity yet" answers 503 with Retry-After instead of 400' }),
@@ -65,6 +67,7 @@ export const runFlags = {
   'workload-identity-tenant': flag({ parse: v.nonEmpty, help: 'Workload ID convention: the Entra ID tenant of service accounts annotated azure.workload.identity/client-id without azure.workload.identity/tenant-id' }),
   'pod-events': flag({ parse: v.bool, default: 'true', boolean: true, help: 'Kubernetes Events on pods nmi refuses (no identity, several, unknown caller, spoof), deduplicated into series; needs create and patch on events.k8s.io events' }),
   'aad-authority-host': flag({ parse: v.httpUrl, default: 'https://login.microsoftonline.com', help: 'Entra ID, for service-principal identities' }),
+  'aad-endpoint-allow': flag({ parse: v.hostList, default: '', help: 'hosts an AzureIdentity\'s adEndpoint may name besides Entra ID\'s own (public, US Government, China) and --aad-authority-host\'s, comma-separated' }),
   'log-level': flag({ parse: v.oneOf(['trace', 'debug', 'info', 'warn', 'error'] as const), default: 'info', help: 'log level' }),
   'log-format': flag({ parse: v.oneOf(['json', 'text'] as const), default: 'json', help: 'log format' }),
 } satisfies FlagSpecs;

@@ -163,8 +163,7 @@ export type HostCallerRule = { kind: 'host-root' } | { kind: 'pods'; namespace: 
 
 /** `host-root` and `namespace/label=value` entries, comma-separated; an empty list allows nobody. */
 export function hostCallerRules(raw: string, flag: string): HostCallerRule[] {
-  const entries = raw.split(',').map((e) => e.trim()).filter((e) => e !== '');
-  return entries.map((entry): HostCallerRule => {
+  return entries(raw).map((entry): HostCallerRule => {
     if (entry === HOST_ROOT) return { kind: 'host-root' };
     const match = /^([^/=]+)\/([^=]+)=(.*)$/.exec(entry);
     const [, namespace = '', label = '', value = ''] = match ?? [];
@@ -174,4 +173,32 @@ export function hostCallerRules(raw: string, flag: string): HostCallerRule[] {
     if (!isLabelValue(value)) throw new UsageError(`--${flag}: "${value}" in "${entry}" is not a label value`);
     return { kind: 'pods', namespace, label, value };
   });
+}
+
+/** Comma-separated entries, blanks dropped. */
+function entries(raw: string): string[] {
+  return raw.split(',').map((e) => e.trim()).filter((e) => e !== '');
+}
+
+/** `*` for every namespace, or namespace names, comma-separated; empty: none. */
+export function namespaceList(raw: string, flag: string): '*' | ReadonlySet<string> {
+  if (raw.trim() === '*') return '*';
+  const names = entries(raw);
+  for (const name of names) if (!isDnsLabel(name)) throw new UsageError(`--${flag}: "${name}" is not a namespace name (or give * alone for every namespace)`);
+  return new Set(names);
+}
+
+/** Host names, with a port where it is not 443, comma-separated: `login.example.com,login.example.org:8443`. */
+export function hostList(raw: string, flag: string): ReadonlySet<string> {
+  const hosts = entries(raw).map((entry) => {
+    let url: URL;
+    try {
+      url = new URL(`https://${entry}`);
+    } catch {
+      throw new UsageError(`--${flag}: "${entry}" is not a host name`);
+    }
+    if (url.pathname !== '/' || url.username || url.search || url.hash || entry.includes('/')) throw new UsageError(`--${flag}: "${entry}" is not a host name (no scheme, path or user)`);
+    return url.host;
+  });
+  return new Set(hosts);
 }

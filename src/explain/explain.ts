@@ -163,7 +163,7 @@ export async function explain(query: ExplainQuery, deps: ExplainDeps): Promise<E
   const snapshot = deps.snapshot();
   const facts = podFacts(pod, listedPods, now);
   const bound = identitiesFor(pod, snapshot, deps.match);
-  const identities = bound.identities.map((identity) => identityFacts(identity, snapshot));
+  const identities = bound.identities.map((identity) => identityFacts(identity, snapshot, deps.match));
   const tokens = deps.tokens(new Set(bound.identities.map(identityKey)), pod.uid);
   const withoutId = servedWithoutId(bound.exception, identities, deps);
   const result: Explanation = {
@@ -242,6 +242,8 @@ function bindingReason(pod: Pod, binding: AzureIdentityBinding, verdict: Binding
       const why = verdict.by === 'force-namespaced' ? '--force-namespaced is set' : `the identity is annotated aadpodidentity.k8s.io/Behavior: namespaced`;
       return `${why}, and binding and identity are in namespace ${binding.namespace}, not the pod's ${pod.namespace}`;
     }
+    case 'not-shared':
+      return `binding and identity are in namespace ${verdict.namespace}, not the pod's ${pod.namespace}, and --shared-identity-namespaces does not name it: a binding serves only its own namespace's pods`;
   }
 }
 
@@ -255,7 +257,7 @@ function exceptionFacts(pod: Pod, snapshot: BindingSnapshot): Explanation['excep
   });
 }
 
-function identityFacts(identity: AzureIdentity, snapshot: BindingSnapshot): IdentityFacts {
+function identityFacts(identity: AzureIdentity, snapshot: BindingSnapshot, match: MatchOptions): IdentityFacts {
   const facts: IdentityFacts = { identity: identityKey(identity), type: typeNames[identity.type], clientID: identity.clientID, usable: true };
   if (identity.type === IdentityType.UserAssignedMSI) {
     if (identity.resourceID) facts.resourceID = identity.resourceID;
@@ -267,7 +269,7 @@ function identityFacts(identity: AzureIdentity, snapshot: BindingSnapshot): Iden
     return facts;
   }
   try {
-    secretFor(identity, snapshot);
+    secretFor(identity, snapshot, match);
   } catch (err) {
     facts.usable = false;
     facts.problem = messageOf(err);

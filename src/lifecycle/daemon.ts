@@ -5,12 +5,13 @@
 // redirects (first pod sync, first bindings sync, token server listening).
 import type http from 'node:http';
 import { CgroupAttestation } from '../attest/attestation.js';
-import { CgroupPods } from '../attest/cgroup-pods.js';
+import { CgroupPods, within } from '../attest/cgroup-pods.js';
 import { HostCallers, socketCgroupsUnsupported } from '../attest/host-callers.js';
 import { registerAttestationMetrics, registerHostCallerMetrics } from '../attest/metrics.js';
 import { checkRunConfig, type RunConfig } from '../config/commands.js';
 import type { HostPort } from '../config/values.js';
 import { codes, messageOf, NmiError, UsageError } from '../errors/errors.js';
+import type { MatchOptions } from '../bindings/match.js';
 import { registerBindingMetrics } from '../bindings/metrics.js';
 import { BindingStore, createBindingSource } from '../bindings/store.js';
 import { KubeletClient } from '../kubelet/kubelet-client.js';
@@ -58,6 +59,7 @@ import { request } from '../net/undici.js';
 import { constants } from 'node:os';
 import { rm } from 'node:fs/promises';
 import { dropStartupPages } from './startup-pages.js';
+import { forbidCoreDumps } from './core-dumps.js';
 
 /** How long a stop waits to taint the node again before it goes on without. */
 const GATE_CLOSE_TIMEOUT_MS = 5_000;
@@ -83,6 +85,8 @@ export interface DaemonHooks {
 export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonHooks = {}): Promise<Daemon> {
   // Everything that can be a usage error is resolved before the host is touched.
   checkRunConfig(config);
+  // Before any token or Secret is in memory.
+  forbidCoreDumps();
   const backend = await selectBackend(config.rules, config.cgroupRoot);
   const hostTcp = await hostTokenTcpConfig(config);
   const gate = startGate(config, log);
@@ -166,8 +170,14 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     });
 
   // Identities: the custom resources, from the API server or files.
-  const store = new BindingStore(await createBindingSource({ bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName }, log), log);
-  const match = { forceNamespaced: config.forceNamespaced, workloadTenant: config.workloadIdentityTenant };
+  const bindingsConfig = { bindings: config.bindings, kubeconfig: config.kubeconfig, nodeName: config.nodeName, crossNamespaceSecrets: config.crossNamespaceSecrets };
+  const store = new BindingStore(await createBindingSource(bindingsConfig, log), log);
+  const match: MatchOptions = {
+    forceNamespaced: config.forceNamespaced,
+    sharedNamespaces: config.sharedIdentityNamespaces,
+    crossNamespaceSecrets: config.crossNamespaceSecrets,
+    workloadTenant: config.workloadIdentityTenant,
+  };
 
   // Upstream budgets: every call to IMDS or an Entra ID tenant waits its turn, pods served in turn.
   const budgets = new Budgets({
@@ -181,7 +191,13 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
 
   // Tokens: msal-node through one undici client; how a pod gets one is tokens/pod-tokens.ts.
   const network = new NetworkClient();
-  const provider = new MsalTokenProvider({ upstreamImds: config.upstreamImds.href, aadAuthorityHost: config.aadAuthorityHost.href, network, logger: log });
+  const provider = new MsalTokenProvider({
+    upstreamImds: config.upstreamImds.href,
+    aadAuthorityHost: config.aadAuthorityHost.href,
+    adEndpointAllow: config.aadEndpointAllow,
+    network,
+    logger: log,
+  });
   const tokens = new PodTokens({ pods, bindings: store, match, provider, budgets, maxTokensPerPod: config.maxTokensPerPod, serviceAccountTokens: saTokens, log });
   const podIdentities: TokenServerDeps['identitiesFor'] = (pod) => tokens.identitiesOf(pod);
   const getToken: TokenServerDeps['getToken'] = (identity, resource, pod) => tokens.get(identity, resource, pod);
@@ -236,7 +252,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     log,
   };
   const hostSocket = hostSocketPath ? createHostTokenServer({ ...hostDeps, socketPath: hostSocketPath, fd: listeners.take('host-token') }) : undefined;
-  const hostCallers = hostTcp && new HostCallers(new CgroupPods(hostTcp.cgroupMount), pods, config.hostTokenAllow, log);
+  const hostCallers = hostTcp && new HostCallers(new CgroupPods(hostTcp.cgroupMount, { cgroupRoot: config.cgroupRoot }), pods, config.hostTokenAllow, log);
   const hostTokenTcp =
     hostTcp && hostCallers && createHostTokenTcpServer({ ...hostDeps, address: hostTcp.address, fd: listeners.take('host-token-tcp'), admit: (socket) => hostCallers.admit(socket) });
   if (hostCallers) registerHostCallerMetrics(registry, hostCallers);
@@ -370,6 +386,9 @@ async function hostTokenTcpConfig(config: RunConfig): Promise<{ address: HostPor
   if (!address) return undefined;
   const [cgroupMount] = mountsOfType('cgroup2');
   if (!cgroupMount) throw new UsageError('--host-token-address: no cgroup v2 hierarchy is mounted, so callers cannot be attested');
+  // Pods are known by where the kubelet puts them under its cgroup root; a root outside the walked mount would make every pod a host process.
+  if (within(cgroupMount, config.cgroupRoot) === undefined)
+    throw new UsageError(`--cgroup-root: ${config.cgroupRoot} is not under the cgroup v2 mount ${cgroupMount}, so --host-token-address cannot tell pods from host processes`);
   const unsupported = await socketCgroupsUnsupported();
   if (unsupported) throw new UsageError(`--host-token-address: callers cannot be attested here: ${unsupported}`);
   return { address, cgroupMount };

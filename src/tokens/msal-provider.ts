@@ -39,12 +39,21 @@ export interface MsalProviderOptions {
   upstreamImds: string;
   /** --aad-authority-host, e.g. https://login.microsoftonline.com */
   aadAuthorityHost: string;
+  /** --aad-endpoint-allow: hosts an identity's adEndpoint may name besides Entra ID's and aadAuthorityHost's. */
+  adEndpointAllow?: Iterable<string>;
   /** Owned by the caller, who closes it at shutdown. */
   network: NetworkClient;
   logger?: Logger;
 }
 
 const podIdentityHostVariable = 'AZURE_POD_IDENTITY_AUTHORITY_HOST';
+
+/**
+ * Entra ID's authority hosts: public, US Government, China (21Vianet, under both names its SDKs use).
+ * An adEndpoint elsewhere would have nmi send a client secret, or a pod's service-account token, to
+ * whoever runs that host: a tenant who may write an AzureIdentity must not choose where.
+ */
+export const ENTRA_AUTHORITY_HOSTS: readonly string[] = ['login.microsoftonline.com', 'login.microsoftonline.us', 'login.partner.microsoftonline.cn', 'login.chinacloudapi.cn'];
 
 /**
  * msal-node keeps its managed-identity source (endpoint and network client) in
@@ -55,12 +64,15 @@ let imdsBinding: { upstream: string; network: NetworkClient } | undefined;
 export class MsalTokenProvider implements TokenProvider {
   private readonly upstreamImds: string;
   private readonly authorityHost: string;
+  /** The hosts an adEndpoint may name. */
+  private readonly allowedHosts: ReadonlySet<string>;
   private readonly network: NetworkClient;
   private readonly loggerOptions: NonNullable<NodeSystemOptions['loggerOptions']>;
 
   constructor(options: MsalProviderOptions) {
     this.upstreamImds = normalizedBase(options.upstreamImds, 'upstream IMDS', ['http:', 'https:']);
     this.authorityHost = normalizedBase(options.aadAuthorityHost, 'AAD authority host', ['https:']);
+    this.allowedHosts = new Set([...ENTRA_AUTHORITY_HOSTS, new URL(this.authorityHost).host, ...(options.adEndpointAllow ?? [])]);
     this.network = options.network;
     const logger = options.logger;
     this.loggerOptions = {
@@ -153,6 +165,11 @@ export class MsalTokenProvider implements TokenProvider {
     const name = `${identity.namespace}/${identity.name}`;
     if (!/^[A-Za-z0-9][A-Za-z0-9.-]*$/.test(tenantID)) throw new NmiError(codes.TOKEN, `identity ${name}: tenantID ${JSON.stringify(tenantID)} is not a tenant id or domain`);
     if (!clientID) throw new NmiError(codes.TOKEN, `identity ${name}: clientID is empty`);
+    // Before any credential is read or requested: nothing goes to a host nobody allowed.
+    const adHost = identity.adEndpoint && new URL(identity.adEndpoint).host;
+    if (adHost && !this.allowedHosts.has(adHost)) {
+      throw new NmiError(codes.TOKEN, `identity ${name}: adEndpoint ${identity.adEndpoint} is not an Entra ID authority host nor --aad-authority-host's; --aad-endpoint-allow ${adHost} would allow it`);
+    }
     const { host, authority } = this.authorityOf(identity);
     let signIn: Pick<NodeAuthOptions, 'clientSecret' | 'clientCertificate' | 'clientAssertion'>;
     if (identity.type === IdentityType.Federated) {

@@ -98,7 +98,7 @@ export class PodTokens {
    */
   private credentialFor(identity: AzureIdentity, pod: Pod): Credential | undefined {
     if (identity.type === IdentityType.UserAssignedMSI) return undefined;
-    if (identity.type !== IdentityType.Federated) return secretFor(identity, this.deps.bindings.snapshot);
+    if (identity.type !== IdentityType.Federated) return secretFor(identity, this.deps.bindings.snapshot, this.deps.match);
     const { pods, serviceAccountTokens } = this.deps;
     const account = serviceAccountOf(pod);
     return {

@@ -31,11 +31,11 @@ const identity = (name: string, clientID = `client-${name}`, namespace = 'app'):
   metadata: { name, namespace },
   spec: { type: 0, clientID },
 });
-const spIdentity = (name: string, secret: string): KubeObject => ({
+const spIdentity = (name: string, secret: string, secretNamespace = 'app'): KubeObject => ({
   apiVersion: crd,
   kind: 'AzureIdentity',
   metadata: { name, namespace: 'app' },
-  spec: { type: 1, tenantID: 't', clientID: 'c', clientPassword: { name: secret, namespace: 'vault' } },
+  spec: { type: 1, tenantID: 't', clientID: 'c', clientPassword: { name: secret, namespace: secretNamespace } },
 });
 const binding = (name: string, id: string, selector = id): KubeObject => ({
   apiVersion: crd,
@@ -49,10 +49,10 @@ const exception = (name: string, labels: Record<string, string>): KubeObject => 
   metadata: { name, namespace: 'app' },
   spec: { podLabels: labels },
 });
-const secret = (name: string, clientSecret: string): KubeObject => ({
+const secret = (name: string, clientSecret: string, namespace = 'app'): KubeObject => ({
   apiVersion: 'v1',
   kind: 'Secret',
-  metadata: { name, namespace: 'vault' },
+  metadata: { name, namespace },
   data: { clientSecret: Buffer.from(clientSecret).toString('base64') },
 });
 
@@ -95,10 +95,10 @@ test('lists the three resources and the secrets identities name', async () => {
   assert.deepEqual([...s.identities.keys()].sort(), ['app/sp', 'app/web']);
   assert.deepEqual([...s.bindings.keys()], ['app/web-b']);
   assert.deepEqual([...s.exceptions.keys()], ['app/dns']);
-  assert.deepEqual([...s.secrets.keys()], ['vault/sp-secret'], 'only named secrets are fetched');
-  assert.deepEqual(secretFor(s.identities.get('app/sp')!, s), { type: 1, clientSecret: 'hunter2' });
+  assert.deepEqual([...s.secrets.keys()], ['app/sp-secret'], 'only named secrets are fetched');
+  assert.deepEqual(secretFor(s.identities.get('app/sp')!, s, {}), { type: 1, clientSecret: 'hunter2' });
   const secretGets = server.requests.filter((r) => r.resource === 'secrets').map((r) => r.path);
-  assert.deepEqual(secretGets, ['/api/v1/namespaces/vault/secrets/sp-secret']);
+  assert.deepEqual(secretGets, ['/api/v1/namespaces/app/secrets/sp-secret']);
   for (const plural of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions']) {
     assert.equal(server.lists(plural).length, 1, plural);
   }
@@ -215,7 +215,7 @@ test('secrets: fetched again when the identity changes and on the refresh interv
   await store.whenReady();
   const cred = (): unknown => {
     try {
-      return secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot);
+      return secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot, {});
     } catch (err) {
       return err;
     }
@@ -232,10 +232,10 @@ test('secrets: fetched again when the identity changes and on the refresh interv
   change = nextChange(store);
   server.put(spIdentity('sp', 'two'));
   await change;
-  await waitFor('the fetch of secret two', () => server.requests.some((r) => r.path === '/api/v1/namespaces/vault/secrets/two'), 15_000, 10);
+  await waitFor('the fetch of secret two', () => server.requests.some((r) => r.path === '/api/v1/namespaces/app/secrets/two'), 15_000, 10);
   await waitFor('the credential to fail', () => isNmiError(cred(), codes.BINDINGS), 15_000, 10);
-  assert.match((cred() as Error).message, /secret vault\/two not found/);
-  assert.equal(store.snapshot.secrets.has('vault/one'), false, 'a secret no identity names is dropped');
+  assert.match((cred() as Error).message, /secret app\/two not found/);
+  assert.equal(store.snapshot.secrets.has('app/one'), false, 'a secret no identity names is dropped');
 
   change = nextChange(store);
   server.put(secret('two', 'second'));
@@ -250,11 +250,11 @@ test('a failing secret fetch keeps the last value and retries', async () => {
   const { log, lines } = capture();
   const store = await connect(server, { secretRefreshMs: 100 }, log);
   await store.whenReady();
-  server.failNext(3, 500, '/api/v1/namespaces/vault/secrets/');
+  server.failNext(3, 500, '/api/v1/namespaces/app/secrets/');
   server.put(secret('one', 'rotated'));
   await waitFor('the failed fetch logged', () => lines().some((l) => l.msg === 'secret fetch failed, keeping the last value'), 15_000, 10);
-  assert.deepEqual(secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot), { type: 1, clientSecret: 'first' });
-  await waitFor('the rotated secret', () => store.snapshot.secrets.get('vault/one')?.data.clientSecret === 'rotated', 15_000, 10);
+  assert.deepEqual(secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot, {}), { type: 1, clientSecret: 'first' });
+  await waitFor('the rotated secret', () => store.snapshot.secrets.get('app/one')?.data.clientSecret === 'rotated', 15_000, 10);
   for (const l of lines()) assert.doesNotMatch(JSON.stringify(l), /first|rotated|test-token/);
 });
 
@@ -357,4 +357,34 @@ test('an unreadable --kubeconfig is a usage error naming the flag', () => {
     () => loadKubeConfig({ kubeconfig: path.join(dir, 'missing-kubeconfig') }),
     (err: unknown) => isNmiError(err, codes.USAGE) && /^--kubeconfig .*missing-kubeconfig: /.test(err.message),
   );
+});
+
+test("another namespace's Secret is never read unless --cross-namespace-secrets; the identity is then unusable, said why", async () => {
+  const server = await api();
+  server.put(spIdentity('thief', 'victim-secret', 'payments'));
+  server.put(secret('victim-secret', 'hunter2', 'payments'));
+  const walled = await connect(server);
+  await walled.whenReady();
+  assert.equal(server.requests.some((r) => r.resource === 'secrets'), false, 'another namespace\'s Secret was read');
+  assert.throws(() => secretFor(walled.snapshot.identities.get('app/thief')!, walled.snapshot, {}), /secret payments\/victim-secret is not in the identity's namespace/);
+
+  const open = await connect(server, { crossNamespaceSecrets: true });
+  await open.whenReady();
+  assert.deepEqual(secretFor(open.snapshot.identities.get('app/thief')!, open.snapshot, { crossNamespaceSecrets: true }), { type: 1, clientSecret: 'hunter2' });
+
+});
+
+test('a Secret nmi may not read (403): the identity is unusable, and it is asked again at the refresh, not in a retry loop', async () => {
+  const server = await api();
+  server.put(spIdentity('sp', 'sp-secret'));
+  server.put(secret('sp-secret', 'hunter2'));
+  server.failNext(1_000, 403, '/api/v1/namespaces/app/secrets/');
+  const { log, lines } = capture();
+  const store = await connect(server, {}, log);
+  await store.whenReady();
+  assert.throws(() => secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot, {}), /secret app\/sp-secret not found/);
+  // With a 20 ms backoff, a retry loop would have asked dozens of times by now.
+  await new Promise((resolve) => setTimeout(resolve, 500));
+  assert.equal(server.requests.filter((r) => r.resource === 'secrets').length, 1);
+  assert.equal(lines().filter((l) => l.msg === 'secret unusable').length, 1);
 });

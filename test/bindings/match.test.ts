@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { codes, isNmiError } from '../../src/errors/errors.js';
 import type { Pod } from '../../src/kubelet/pod.js';
-import { bindingsInReach, bindingVerdict, exceptionsInReach, exceptionVerdict, identitiesFor, secretFor } from '../../src/bindings/match.js';
+import { bindingsInReach, bindingVerdict, exceptionsInReach, exceptionVerdict, identitiesFor, secretFor, type MatchOptions } from '../../src/bindings/match.js';
 import { parseObjects, type BindingSet } from '../../src/bindings/parse.js';
 import { createSnapshot, type BindingSnapshot } from '../../src/bindings/store.js';
 
@@ -39,15 +39,16 @@ function snapshot(...objects: object[]): BindingSnapshot {
   return createSnapshot(set(...objects));
 }
 
-const names = (s: BindingSnapshot, p: Pod, forceNamespaced = false): string[] =>
-  identitiesFor(p, s, { forceNamespaced }).identities.map((i) => `${i.namespace}/${i.name}`);
+/** NMI's reach unless told otherwise: every namespace shared. */
+const names = (s: BindingSnapshot, p: Pod, forceNamespaced = false, sharedNamespaces: MatchOptions['sharedNamespaces'] = '*'): string[] =>
+  identitiesFor(p, s, { forceNamespaced, sharedNamespaces }).identities.map((i) => `${i.namespace}/${i.name}`);
 
 test('a pod is bound when its aadpodidbinding label equals a binding selector', () => {
   const s = snapshot(id('app', 'web-id'), binding('app', 'web-b', 'web-id', 'web'), id('app', 'other'), binding('app', 'other-b', 'other', 'other'));
   assert.deepEqual(names(s, pod('app', { aadpodidbinding: 'web' })), ['app/web-id']);
   assert.deepEqual(names(s, pod('app', { aadpodidbinding: 'nope' })), []);
   assert.deepEqual(names(s, pod('app', { app: 'web' })), []);
-  assert.deepEqual(identitiesFor(pod('app', { aadpodidbinding: 'web' }), s, { forceNamespaced: false }).exception, false);
+  assert.deepEqual(identitiesFor(pod('app', { aadpodidbinding: 'web' }), s, { forceNamespaced: false, sharedNamespaces: '*' }).exception, false);
 });
 
 test('the binding names an identity in its own namespace', () => {
@@ -96,7 +97,8 @@ test("the order --multiple-identities first serves from: the pod's namespace fir
 
 test('pods bound alike (namespace and selector) share one identity list; the namespace still counts', () => {
   const s = snapshot(id('shared', 'ns-id', { namespaced: true }), binding('shared', 'b1', 'ns-id', 'sel'), id('shared', 'open-id'), binding('shared', 'b2', 'open-id', 'sel'));
-  const of = (ns: string, labels: Record<string, string>) => identitiesFor(pod(ns, labels), s, { forceNamespaced: false }).identities;
+  const options = { forceNamespaced: false, sharedNamespaces: '*' } as const;
+  const of = (ns: string, labels: Record<string, string>) => identitiesFor(pod(ns, labels), s, options).identities;
   // The native caller table keeps one list per distinct array: 250 pods bound alike are one list.
   assert.equal(of('shared', { aadpodidbinding: 'sel', app: 'one' }), of('shared', { aadpodidbinding: 'sel', app: 'two' }));
   assert.deepEqual(of('app', { aadpodidbinding: 'sel' }).map((i) => i.name), ['open-id']);
@@ -105,7 +107,7 @@ test('pods bound alike (namespace and selector) share one identity list; the nam
 
 test('a binding whose identity is missing binds nothing', () => {
   const s = snapshot(binding('a', 'b', 'ghost', 'sel'));
-  assert.deepEqual(identitiesFor(pod('a', { aadpodidbinding: 'sel' }), s, { forceNamespaced: false }), { exception: false, identities: [] });
+  assert.deepEqual(identitiesFor(pod('a', { aadpodidbinding: 'sel' }), s, { forceNamespaced: false, sharedNamespaces: '*' }), { exception: false, identities: [] });
 });
 
 test('an exception needs ALL its labels on a pod of its namespace; empty podLabels match nothing', () => {
@@ -116,9 +118,9 @@ test('an exception needs ALL its labels on a pod of its namespace; empty podLabe
     exception('a', 'empty', {}),
     exception('b', 'elsewhere', { app: 'solo' }),
   );
-  const match = (ns: string, labels: Record<string, string>): boolean => identitiesFor(pod(ns, labels), s, { forceNamespaced: false }).exception;
+  const match = (ns: string, labels: Record<string, string>): boolean => identitiesFor(pod(ns, labels), s, { forceNamespaced: false, sharedNamespaces: '*' }).exception;
   assert.equal(match('a', { app: 'dns', tier: 'infra', aadpodidbinding: 'sel' }), true);
-  assert.deepEqual(identitiesFor(pod('a', { app: 'dns', tier: 'infra' }), s, { forceNamespaced: false }).identities, []);
+  assert.deepEqual(identitiesFor(pod('a', { app: 'dns', tier: 'infra' }), s, { forceNamespaced: false, sharedNamespaces: '*' }).identities, []);
   assert.equal(match('a', { app: 'dns' }), false);
   assert.equal(match('a', { app: 'dns', tier: 'web' }), false);
   assert.equal(match('a', {}), false);
@@ -140,18 +142,18 @@ test('why each binding and exception applies to a pod or not, as data (nmi expla
   const p = pod('app', { aadpodidbinding: 'sel', app: 'dns' });
   const verdicts = (forceNamespaced: boolean) =>
     bindingsInReach(p, s).map((b) => {
-      const v = bindingVerdict(p, b, s, { forceNamespaced });
+      const v = bindingVerdict(p, b, s, { forceNamespaced, sharedNamespaces: '*' });
       return [b.name, v.applies ? `applies ${v.identity.name}` : v.why === 'namespaced' ? `namespaced by ${v.by}` : v.why];
     });
   // The pod's namespace's bindings and those anywhere with its selector, by namespace/name.
   assert.deepEqual(verdicts(false), [['b-ghost', 'no-identity'], ['b-other', 'other-selector'], ['b-ns', 'namespaced by annotation'], ['b-open', 'applies open-id']]);
   assert.deepEqual(verdicts(true).slice(2), [['b-ns', 'namespaced by force-namespaced'], ['b-open', 'namespaced by force-namespaced']]);
-  const other = bindingVerdict(p, s.bindings.get('app/b-other')!, s, { forceNamespaced: false });
+  const other = bindingVerdict(p, s.bindings.get('app/b-other')!, s, { forceNamespaced: false, sharedNamespaces: '*' });
   assert.deepEqual(other, { applies: false, why: 'other-selector', podSelector: 'sel' });
-  assert.deepEqual(bindingVerdict(pod('app', {}), s.bindings.get('app/b-other')!, s, { forceNamespaced: false }), { applies: false, why: 'no-label' });
-  assert.deepEqual(bindingVerdict(p, s.bindings.get('app/b-ghost')!, s, { forceNamespaced: false }), { applies: false, why: 'no-identity', identity: 'app/ghost' });
+  assert.deepEqual(bindingVerdict(pod('app', {}), s.bindings.get('app/b-other')!, s, { forceNamespaced: false, sharedNamespaces: '*' }), { applies: false, why: 'no-label' });
+  assert.deepEqual(bindingVerdict(p, s.bindings.get('app/b-ghost')!, s, { forceNamespaced: false, sharedNamespaces: '*' }), { applies: false, why: 'no-identity', identity: 'app/ghost' });
   const invalid = createSnapshot({ ...set(binding('app', 'b-ghost', 'ghost', 'sel')), invalid: new Map([['AzureIdentity app/ghost', 'spec.type is wrong']]) });
-  assert.deepEqual(bindingVerdict(p, invalid.bindings.get('app/b-ghost')!, invalid, { forceNamespaced: false }), { applies: false, why: 'no-identity', identity: 'app/ghost', invalid: 'spec.type is wrong' });
+  assert.deepEqual(bindingVerdict(p, invalid.bindings.get('app/b-ghost')!, invalid, { forceNamespaced: false, sharedNamespaces: '*' }), { applies: false, why: 'no-identity', identity: 'app/ghost', invalid: 'spec.type is wrong' });
   assert.deepEqual(
     exceptionsInReach(p, s).map((e) => [e.name, exceptionVerdict(p, e)]),
     [['e', { applies: false, why: 'labels-missing', missing: [['tier', 'infra']] }], ['empty', { applies: false, why: 'no-pod-labels' }]],
@@ -160,31 +162,31 @@ test('why each binding and exception applies to a pod or not, as data (nmi expla
 });
 
 const sp = (type: number, secret = 'sp'): object =>
-  id('a', `sp${type}`, { spec: { type, tenantID: 't', clientID: 'c', clientPassword: { name: secret, namespace: 'vault' } } });
+  id('a', `sp${type}`, { spec: { type, tenantID: 't', clientID: 'c', clientPassword: { name: secret, namespace: 'a' } } });
 
-function secretObject(name: string, stringData: Record<string, string>): object {
-  return { apiVersion: 'v1', kind: 'Secret', metadata: { name, namespace: 'vault' }, stringData };
+function secretObject(name: string, stringData: Record<string, string>, namespace = 'a'): object {
+  return { apiVersion: 'v1', kind: 'Secret', metadata: { name, namespace }, stringData };
 }
 
 test('secretFor resolves a client secret or a certificate and password', () => {
   const s = snapshot(sp(1), sp(2, 'cert'), secretObject('sp', { clientSecret: 'hunter2' }), secretObject('cert', { certificate: 'PEM', password: 'pw' }));
-  assert.deepEqual(secretFor(s.identities.get('a/sp1')!, s), { type: 1, clientSecret: 'hunter2' });
-  assert.deepEqual(secretFor(s.identities.get('a/sp2')!, s), { type: 2, certificate: 'PEM', password: 'pw' });
+  assert.deepEqual(secretFor(s.identities.get('a/sp1')!, s, {}), { type: 1, clientSecret: 'hunter2' });
+  assert.deepEqual(secretFor(s.identities.get('a/sp2')!, s, {}), { type: 2, certificate: 'PEM', password: 'pw' });
 });
 
 test("a client secret in a Secret's only key, whatever its name, as NMI read it; with several keys, clientSecret", () => {
   const s = snapshot(sp(1), secretObject('sp', { 'client-secret': 'hunter2' }));
-  assert.deepEqual(secretFor(s.identities.get('a/sp1')!, s), { type: 1, clientSecret: 'hunter2' });
+  assert.deepEqual(secretFor(s.identities.get('a/sp1')!, s, {}), { type: 1, clientSecret: 'hunter2' });
   const several = snapshot(sp(1), secretObject('sp', { note: 'n', clientSecret: 'hunter2' }));
-  assert.deepEqual(secretFor(several.identities.get('a/sp1')!, several), { type: 1, clientSecret: 'hunter2' });
+  assert.deepEqual(secretFor(several.identities.get('a/sp1')!, several, {}), { type: 1, clientSecret: 'hunter2' });
   // A certificate's Secret keeps its named keys: one key is not enough to tell certificate from password.
   const cert = snapshot(sp(2), secretObject('sp', { pem: 'PEM' }));
-  assert.throws(() => secretFor(cert.identities.get('a/sp2')!, cert), /secret vault\/sp has no key certificate$/);
+  assert.throws(() => secretFor(cert.identities.get('a/sp2')!, cert, {}), /secret a\/sp has no key certificate$/);
 });
 
 test('a certificate secret without a password gives an empty password', () => {
   const s = snapshot(sp(2, 'cert'), secretObject('cert', { certificate: 'PEM' }));
-  assert.deepEqual(secretFor(s.identities.get('a/sp2')!, s), { type: 2, certificate: 'PEM', password: '' });
+  assert.deepEqual(secretFor(s.identities.get('a/sp2')!, s, {}), { type: 2, certificate: 'PEM', password: '' });
 });
 
 test('secretFor errors name what is missing, never a value', () => {
@@ -192,14 +194,36 @@ test('secretFor errors name what is missing, never a value', () => {
     assert.throws(fn, (err: unknown) => isNmiError(err, codes.BINDINGS) && pattern.test(err.message) && !err.message.includes('hunter2'));
   };
   const missing = snapshot(sp(1));
-  expect(() => secretFor(missing.identities.get('a/sp1')!, missing), /^AzureIdentity a\/sp1: secret vault\/sp not found$/);
+  expect(() => secretFor(missing.identities.get('a/sp1')!, missing, {}), /^AzureIdentity a\/sp1: secret a\/sp not found$/);
   const wrongKey = snapshot(sp(1), sp(2), secretObject('sp', { password: 'hunter2', other: 'hunter2' }));
-  expect(() => secretFor(wrongKey.identities.get('a/sp1')!, wrongKey), /secret vault\/sp has 2 keys and none is clientSecret: keep one key, or name the client secret's key clientSecret$/);
-  expect(() => secretFor(wrongKey.identities.get('a/sp2')!, wrongKey), /secret vault\/sp has no key certificate$/);
+  expect(() => secretFor(wrongKey.identities.get('a/sp1')!, wrongKey, {}), /secret a\/sp has 2 keys and none is clientSecret: keep one key, or name the client secret's key clientSecret$/);
+  expect(() => secretFor(wrongKey.identities.get('a/sp2')!, wrongKey, {}), /secret a\/sp has no key certificate$/);
   const empty = snapshot(sp(1), secretObject('sp', { token: '' }));
-  expect(() => secretFor(empty.identities.get('a/sp1')!, empty), /secret vault\/sp has an empty token$/);
+  expect(() => secretFor(empty.identities.get('a/sp1')!, empty, {}), /secret a\/sp has an empty token$/);
   const none = snapshot(sp(1), secretObject('sp', {}));
-  expect(() => secretFor(none.identities.get('a/sp1')!, none), /secret vault\/sp has no key clientSecret$/);
+  expect(() => secretFor(none.identities.get('a/sp1')!, none, {}), /secret a\/sp has no key clientSecret$/);
   const msi = snapshot(id('a', 'msi'));
-  expect(() => secretFor(msi.identities.get('a/msi')!, msi), /user-assigned identity has no secret/);
+  expect(() => secretFor(msi.identities.get('a/msi')!, msi, {}), /user-assigned identity has no secret/);
+});
+
+test("a binding serves pods of another namespace only from a shared namespace: a tenant cannot give its identity to another namespace's pods", () => {
+  const s = snapshot(id('tenant', 'mine'), binding('tenant', 'steal', 'mine', 'web'), id('platform', 'csi'), binding('platform', 'csi-b', 'csi', 'web'), id('payments', 'own'), binding('payments', 'own-b', 'own', 'web'));
+  const victim = pod('payments', { aadpodidbinding: 'web' });
+  assert.deepEqual(names(s, victim, false, new Set()), ['payments/own']);
+  assert.deepEqual(names(s, victim, false, new Set(['platform'])), ['payments/own', 'platform/csi']);
+  assert.deepEqual(names(s, victim, false, '*'), ['payments/own', 'platform/csi', 'tenant/mine']);
+  // --force-namespaced walls off the shared namespaces too.
+  assert.deepEqual(names(s, victim, true, '*'), ['payments/own']);
+  const verdict = bindingVerdict(victim, s.bindings.get('tenant/steal')!, s, { forceNamespaced: false });
+  assert.deepEqual(verdict, { applies: false, why: 'not-shared', namespace: 'tenant' });
+});
+
+test("a service principal's Secret only from its identity's own namespace, unless --cross-namespace-secrets", () => {
+  const s = snapshot(id('tenant', 'thief', { spec: { type: 1, tenantID: 't', clientID: 'c', clientPassword: { name: 'victim-secret', namespace: 'payments' } } }), secretObject('victim-secret', { clientSecret: 'hunter2' }, 'payments'));
+  const thief = s.identities.get('tenant/thief')!;
+  assert.throws(
+    () => secretFor(thief, s, {}),
+    (err: unknown) => isNmiError(err, codes.BINDINGS) && /secret payments\/victim-secret is not in the identity's namespace/.test(err.message) && !err.message.includes('hunter2'),
+  );
+  assert.deepEqual(secretFor(thief, s, { crossNamespaceSecrets: true }), { type: 1, clientSecret: 'hunter2' });
 });

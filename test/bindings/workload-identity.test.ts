@@ -41,10 +41,12 @@ test('type 3 parses with clientID and tenantID (and adEndpoint), no secret; with
 
 test('a federated identity is served per service account: two pods bound alike with different accounts get different identity keys', () => {
   const s = snapshot(federated(), binding('fed', 'web'));
-  const [a] = identitiesFor(pod('a', { aadpodidbinding: 'web' }, 'web-sa'), s, { forceNamespaced: false }).identities;
-  const [b] = identitiesFor(pod('b', { aadpodidbinding: 'web' }, 'other-sa'), s, { forceNamespaced: false }).identities;
-  const [a2] = identitiesFor(pod('a2', { aadpodidbinding: 'web' }, 'web-sa'), s, { forceNamespaced: false }).identities;
-  const [none] = identitiesFor(pod('d', { aadpodidbinding: 'web' }), s, { forceNamespaced: false }).identities;
+  // One options object, as nmi run passes: answers are shared per (snapshot, options).
+  const options = { forceNamespaced: false };
+  const [a] = identitiesFor(pod('a', { aadpodidbinding: 'web' }, 'web-sa'), s, options).identities;
+  const [b] = identitiesFor(pod('b', { aadpodidbinding: 'web' }, 'other-sa'), s, options).identities;
+  const [a2] = identitiesFor(pod('a2', { aadpodidbinding: 'web' }, 'web-sa'), s, options).identities;
+  const [none] = identitiesFor(pod('d', { aadpodidbinding: 'web' }), s, options).identities;
   assert.equal(a!.serviceAccount, 'apps/web-sa');
   assert.equal(identityKey(a!), 'apps/fed@apps/web-sa');
   assert.equal(identityKey(b!), 'apps/fed@apps/other-sa');

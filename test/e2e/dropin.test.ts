@@ -35,8 +35,13 @@ let multi: ClusterPod;
 
 const json = (body: string) => JSON.parse(body) as Record<string, string>;
 
+/**
+ * As a cluster moving from NMI would run it: a binding in the shared namespace serves pods of others, and the other
+ * cloud's stand-in is allowed as an adEndpoint (a real sovereign cloud's Entra ID host needs no flag).
+ */
 function startNmi(extra: string[] = []): Promise<NmiProcess> {
-  const flags = ['--bindings', 'kubernetes', '--kubeconfig', kubeconfig, '--aad-authority-host', entra.url, ...extra];
+  const nmiReach = ['--shared-identity-namespaces', 'shared', '--aad-endpoint-allow', new URL(otherCloud.url).host];
+  const flags = ['--bindings', 'kubernetes', '--kubeconfig', kubeconfig, '--aad-authority-host', entra.url, ...nmiReach, ...extra];
   return cluster.startNmi(flags, { env: { ...process.env, NODE_EXTRA_CA_CERTS: cluster.pki.caFile } });
 }
 

@@ -140,6 +140,8 @@ test("spec.adEndpoint: the identity's own Entra ID (another cloud) is asked, nev
     sovereign.register({ tenantId, clientId: plainCertClientId, certificatePem: plain.certificatePem });
     const before = entra.calls;
     network.urls.length = 0;
+    // A stand-in's host is no Entra ID authority host: the operator allows it, as for a cloud nmi does not know.
+    const provider = new MsalTokenProvider({ upstreamImds: 'http://127.0.0.1:9', aadAuthorityHost: entra.url, adEndpointAllow: [new URL(sovereign.url).host], network });
     const secret = await provider.fetch(sp({ adEndpoint: sovereign.url }), 'https://vault.usgovcloudapi.net', { clientSecret: secretApp.clientSecret });
     // A certificate's signed assertion names the token endpoint it is for: the stand-in checks it is its own.
     const cert = sp({ type: IdentityType.ServicePrincipalCertificate, clientID: plainCertClientId, adEndpoint: sovereign.url });
@@ -155,6 +157,30 @@ test("spec.adEndpoint: the identity's own Entra ID (another cloud) is asked, nev
     assert.equal(entra.calls, before + 1);
   } finally {
     await sovereign.close();
+  }
+});
+
+test("spec.adEndpoint on a host no one allowed: refused before any credential leaves, never asked; Entra ID's own hosts pass", async () => {
+  const elsewhere = await startEntra({ pki });
+  try {
+    elsewhere.register(secretApp);
+    network.urls.length = 0;
+    const assertion = { assertion: async () => assert.fail('the service-account token was requested for a host nobody allowed') };
+    for (const [identity, credential] of [
+      [sp({ adEndpoint: elsewhere.url }), { clientSecret: secretApp.clientSecret }],
+      [sp({ type: IdentityType.Federated, adEndpoint: elsewhere.url }), assertion],
+    ] as const) {
+      const err = await rejection(provider.fetch(identity, 'https://vault.azure.net', credential));
+      assert.ok(isNmiError(err, codes.TOKEN), String(err));
+      assert.match(err.message, new RegExp(`is not an Entra ID authority host nor --aad-authority-host's; --aad-endpoint-allow ${new URL(elsewhere.url).host} would allow it$`));
+    }
+    assert.equal(elsewhere.calls, 0);
+    assert.deepEqual(network.urls, []);
+    // Entra ID's US Government host passes the check (then fails to connect: this machine has no route there).
+    const gov = await rejection(provider.fetch(sp({ adEndpoint: 'https://login.microsoftonline.us' }), 'https://vault.usgovcloudapi.net', { clientSecret: 'x' }));
+    assert.ok(gov instanceof UpstreamError, String(gov));
+  } finally {
+    await elsewhere.close();
   }
 });
 
