@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages nmi's tests and demo use: rule tools for both iptables
 # flavours, nftables (command and library), conntrack, iproute2 for namespaces,
-# openssl for test certificates, wrk for the benchmarks, systemd for unit checks,
+# openssl for test certificates, python3 for a raw-socket client (the eBPF
+# backstop's test), wrk for the benchmarks, systemd for unit checks,
 # clang with its libFuzzer/sanitizer runtime for the native parser fuzzing;
 # for the tests under real runtimes: dpkg-dev (dpkg-shlibdeps, for the package),
 # debootstrap and systemd-container (a Debian 12 node booted with
@@ -35,7 +36,7 @@ retry() {
 apt_get() { apt-get -o Acquire::Retries=5 "$@"; }
 packages() {
   apt_get update -q && apt_get install -y -q --no-install-recommends \
-    iptables nftables libnftables1 conntrack iproute2 openssl ca-certificates \
+    iptables nftables libnftables1 conntrack iproute2 openssl ca-certificates python3 \
     procps wrk systemd clang libclang-rt-14-dev libbpf-dev bpftool libatomic1 \
     dpkg-dev debootstrap systemd-container podman runc $kubectl \
     g++-aarch64-linux-gnu libbpf-dev:arm64 libelf-dev:arm64 libstdc++6:arm64 libatomic1:arm64 \

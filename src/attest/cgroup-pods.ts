@@ -1,25 +1,67 @@
-// cgroup id → pod UID, from the folder names the kubelet gives pod cgroups
-// under --cgroup-root. A cgroup v2 folder's inode number is the id that
-// bpf_get_current_cgroup_id() reports, so one walk of the tree maps every
-// container's cgroup to its pod. Unknown ids trigger a walk, at most one per
-// minWalkGapMs (a caller cannot make nmi walk the tree in a loop); within the
-// gap they wait for the walk at its end, so a new container is late, not refused.
+// cgroup id → pod UID, from the folders the kubelet makes for pods. A cgroup v2
+// folder's inode number is the id that bpf_get_current_cgroup_id() and
+// sock_diag report, so one walk of the tree maps every container's cgroup to its
+// pod. Unknown ids trigger a walk, at most one per minWalkGapMs (a caller cannot
+// make nmi walk the tree in a loop); within the gap they wait for the walk at
+// its end, so a new container is late, not refused.
+//
+// A pod is recognised only where the kubelet puts it, by position, not by a
+// name found anywhere: anyone may name a folder `pod<uid>` in a cgroup delegated
+// to them (a user's `user@1000.service`, a container's own nested cgroups).
 import { opendir, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { SpacedRefresh } from '../util/spaced-refresh.js';
 
-const UID = '[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}';
-/** systemd driver: kubepods-burstable-pod<uid with _>.slice; cgroupfs driver: pod<uid>. */
-const podFolder = new RegExp(`^(?:[a-z0-9_-]*-)?pod(${UID})(?:\\.slice)?$`, 'i');
+/** A pod UID with `separator` between its groups: `-`, or `_` in a systemd unit's name. */
+const uid = (separator: string) => ['{8}', '{4}', '{4}', '{4}', '{12}'].map((n) => `[0-9a-f]${n}`).join(separator);
+const QOS = 'besteffort|burstable';
+/** The systemd driver: kubepods.slice/[kubepods-<qos>.slice/]kubepods-[<qos>-]pod<uid, - as _>.slice. */
+const systemdQos = new RegExp(`^kubepods-(${QOS})\\.slice$`);
+const systemdPod = new RegExp(`^kubepods-(?:(${QOS})-)?pod(${uid('_')})\\.slice$`);
+/** The cgroupfs driver: kubepods/[<qos>/]pod<uid>. */
+const cgroupfsQos = new RegExp(`^(${QOS})$`);
+const cgroupfsPod = new RegExp(`^pod(${uid('-')})$`);
 
-/** The UID of the pod whose cgroup holds this folder (relative to the cgroup root), or undefined. */
+/** The folder names the kubelet gives the folder that holds every pod (its --cgroup-root's child). */
+const KUBEPODS = ['kubepods.slice', 'kubepods'];
+
+/**
+ * The UID of the pod whose cgroup holds this folder, given relative to the kubelet's cgroup root (the folder
+ * holding kubepods.slice or kubepods), or undefined. Only the kubelet's own layout counts: the pod folder
+ * directly under kubepods or under its QoS folder, named for that QoS; the first such folder names the pod,
+ * and everything below it (containers, their nested cgroups, whatever they are named) is that pod's.
+ */
 export function podUidFromPath(folder: string): string | undefined {
-  const segments = folder.split('/');
-  for (let i = segments.length - 1; i >= 0; i--) {
-    const match = podFolder.exec(segments[i] ?? '');
-    if (match?.[1]) return match[1].replaceAll('_', '-').toLowerCase();
+  const [top, first = '', second = ''] = folder.split('/');
+  if (top === 'kubepods.slice') {
+    const qos = systemdQos.exec(first)?.[1];
+    const pod = systemdPod.exec(qos ? second : first);
+    // The pod slice repeats its QoS folder's name (none for a Guaranteed pod, directly under kubepods.slice).
+    return pod && pod[1] === qos ? pod[2]?.replaceAll('_', '-') : undefined;
   }
+  if (top === 'kubepods') return cgroupfsPod.exec(cgroupfsQos.test(first) ? second : first)?.[1];
   return undefined;
+}
+
+/**
+ * The kubelet's cgroup root for a --cgroup-root: that folder's parent when it is the kubepods folder itself
+ * (the default, /sys/fs/cgroup/kubepods.slice), else the folder (it holds kubepods.slice or kubepods).
+ */
+export function kubeletCgroupRoot(cgroupRoot: string): string {
+  const resolved = path.resolve(cgroupRoot);
+  return KUBEPODS.includes(path.basename(resolved)) ? path.dirname(resolved) : resolved;
+}
+
+/** `folder` relative to `parent` when it is `parent` or under it, else undefined. */
+export function within(parent: string, folder: string): string | undefined {
+  const relative = path.relative(parent, folder);
+  return relative === '..' || relative.startsWith('../') || path.isAbsolute(relative) ? undefined : relative;
+}
+
+/** The pod UID of an absolute cgroup folder under the kubelet's cgroup root `kubeletRoot`; undefined anywhere else. */
+export function podUidOf(kubeletRoot: string, folder: string): string | undefined {
+  const relative = within(kubeletRoot, folder);
+  return relative === undefined ? undefined : podUidFromPath(relative);
 }
 
 /** Deep enough for kubepods.slice/<qos>.slice/<pod>.slice/<container>.scope/<nested>; pods never go deeper. */
@@ -33,10 +75,15 @@ export class CgroupPods {
   private readonly spaced: SpacedRefresh;
   walks = 0;
 
+  /** Where the kubelet's layout starts (see kubeletCgroupRoot). */
+  private readonly kubeletRoot: string;
+
   constructor(
+    /** The folder walked: --cgroup-root for the eBPF backend, the whole cgroup v2 mount for host callers. */
     private readonly root: string,
-    private readonly options: { minWalkGapMs?: number; onWalk?: () => void } = {},
+    private readonly options: { cgroupRoot?: string; minWalkGapMs?: number; onWalk?: () => void } = {},
   ) {
+    this.kubeletRoot = kubeletCgroupRoot(options.cgroupRoot ?? root);
     this.spaced = new SpacedRefresh(options.minWalkGapMs ?? 1_000, () => this.walk());
   }
 
@@ -72,7 +119,7 @@ export class CgroupPods {
       const full = path.join(this.root, relative);
       let dir;
       try {
-        byId.set((await stat(full, { bigint: true })).ino, podUidFromPath(relative) ?? null);
+        byId.set((await stat(full, { bigint: true })).ino, podUidOf(this.kubeletRoot, full) ?? null);
         if (depth >= MAX_DEPTH) return;
         dir = await opendir(full);
       } catch {

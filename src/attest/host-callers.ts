@@ -5,10 +5,12 @@
 //   the peer's socket, by its 4-tuple (sock_diag, native/sockdiag.cc)
 //   → the cgroup v2 id of the process that created it
 //   → the cgroup's folder, found by walking the cgroup v2 hierarchy
-//   → a pod UID (the kubelet names pod cgroups after it; the eBPF backend's
-//     mapping) → the pod, through the kubelet → allowed when a selector matches.
-// A socket made outside every pod's cgroup is a host process's: allowed only
-// with `host-root` and when its owner is uid 0. A socket this network namespace
+//   → a pod UID, only from the pod folder the kubelet makes at its place
+//     under --cgroup-root (cgroup-pods.ts, the eBPF backend's mapping)
+//   → the pod, through the kubelet → allowed when a selector matches.
+// A socket made outside every pod's cgroup is a host process's, wherever it is
+// and whatever its folders are named (a user's delegated `.../pod<uid>` is no
+// pod): allowed only with `host-root` and when its owner is uid 0. A socket this network namespace
 // does not hold (another host, a pod's own namespace), a cgroup no walk finds
 // or a pod the kubelet does not list: refused.
 //
@@ -48,7 +50,7 @@ export class HostCallers {
   private readonly said = new LogLimiter(60_000);
 
   constructor(
-    /** Rooted at the cgroup v2 mount: a host process's cgroup must be found too, to be known as no pod's. */
+    /** Rooted at the cgroup v2 mount (a host process's cgroup must be found too, to be known as no pod's), pods known under --cgroup-root. */
     private readonly cgroups: Pick<CgroupPods, 'uidOf'>,
     private readonly pods: Pick<PodIndex, 'lookupUid'>,
     private readonly rules: readonly HostCallerRule[],
@@ -96,7 +98,7 @@ function matches(rule: HostCallerRule, pod: Pod): boolean {
 }
 
 /** The connecting process's socket: its own end is our peer, its peer is our end. */
-function peerSocketOwner({ src, srcPort, dst, dstPort }: PeerEnds): SocketOwner | null {
+export function peerSocketOwner({ src, srcPort, dst, dstPort }: PeerEnds): SocketOwner | null {
   return addon().socketOwner(src, srcPort, dst, dstPort);
 }
 

@@ -76,6 +76,8 @@ export async function status(options: { json: boolean; probeAddress: HostPort })
     return errors.length === 0 ? 0 : 1;
   }
   for (const b of backends) {
+    // The eBPF backend's backstop is looked for with every tool present; absent, it is no news.
+    if (!b.installed && b.backend.startsWith('ebpf backstop')) continue;
     process.stdout.write(`${b.backend}: ${b.installed ? 'installed' : 'not installed'}\n`);
     for (const r of b.rules) process.stdout.write(`  ${String(r.packets).padStart(10)} pkts ${String(r.bytes).padStart(12)} bytes  ${r.text}\n`);
   }

@@ -3,14 +3,17 @@
 // a crashed daemon (pods then fail closed, as with iptables) and a restarted
 // one adopts them. Verify/repair compares the pins with what this process
 // loaded and fixes only what differs: a link running another program is
-// swapped in place, a missing or detached one is attached anew.
+// swapped in place, a missing or detached one is attached anew. The netfilter
+// backstop (backstop.ts) goes in after the programs and out before them.
 import { mkdirSync, readFileSync, rmdirSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { codes, NmiError, UsageError, messageOf } from '../errors/errors.js';
 import { addon, builtFile, type NativeAddon } from '../native/addon.js';
 import { execOk } from './exec.js';
 import { mountsOfType } from '../util/mounts.js';
+import { within } from '../attest/cgroup-pods.js';
 import { ipv4Bytes } from '../attest/peers.js';
+import { chooseBackstop } from './backstop.js';
 import type { BackendStatus, EnsureResult, Redirect, RulesBackend } from './redirect.js';
 
 export const BPF_FS = '/sys/fs/bpf';
@@ -73,14 +76,16 @@ export class EbpfBackend implements RulesBackend {
   /** The loaded object's peers map (connection → cgroup), valid until unload(). */
   private peersFd: number | undefined;
 
-  /** cgroupRoot undefined: only remove() and status() (cleanup needs no config). */
+  /** cgroupRoot undefined: only remove() and status() (cleanup needs no config, and removes backstops apart). */
   constructor(
     private readonly cgroupRoot: string | undefined,
+    /** Drops pod packets to the metadata address that connect4 did not see (backstop.ts). */
+    private readonly backstop?: RulesBackend,
     private readonly pinDir = PIN_DIR,
   ) {}
 
-  /** The backend nmi run uses; a usage error when this build or --cgroup-root cannot work. */
-  static forRun(cgroupRoot: string): EbpfBackend {
+  /** The backend nmi run uses; a usage error when this build, --cgroup-root or the host's netfilter tools cannot work. */
+  static async forRun(cgroupRoot: string): Promise<EbpfBackend> {
     const why = ebpfUnsupported();
     if (why) throw new UsageError(`--rules: ebpf is not available: ${why}`);
     let root;
@@ -89,9 +94,11 @@ export class EbpfBackend implements RulesBackend {
     } catch (err) {
       throw new UsageError(`--cgroup-root: ${cgroupRoot}: ${(err as NodeJS.ErrnoException).code ?? messageOf(err)}`);
     }
-    if (!root.isDirectory() || !mountsOfType('cgroup2').some((m) => cgroupRoot === m || cgroupRoot.startsWith(`${m}/`)))
+    if (!root.isDirectory() || !mountsOfType('cgroup2').some((m) => within(m, cgroupRoot) !== undefined))
       throw new UsageError(`--cgroup-root: ${cgroupRoot} is not a folder of a cgroup v2 hierarchy`);
-    return new EbpfBackend(cgroupRoot);
+    const backstop = await chooseBackstop();
+    if (!backstop) throw new UsageError('--rules: ebpf needs nftables (libnftables or nft) or iptables for its backstop, which drops pod packets to the metadata address that did not come from connect(); neither is installed');
+    return new EbpfBackend(cgroupRoot, backstop);
   }
 
   /** Present on this host: eBPF built in and something pinned (for cleanup and status). */
@@ -163,12 +170,15 @@ export class EbpfBackend implements RulesBackend {
       }
       changes.push(pin);
     }
+    const backstop = (await this.backstop?.ensure(redirect)) ?? 'unchanged';
+    if (backstop !== 'unchanged') changes.push('backstop');
     if (changes.length === 0) return 'unchanged';
-    return found === 0 ? 'installed' : 'repaired';
+    return found === 0 && backstop !== 'repaired' ? 'installed' : 'repaired';
   }
 
   async remove(): Promise<string[]> {
-    const removed: string[] = [];
+    // The backstop first: a pod's connect() is never left dropped between the two.
+    const removed = (await this.backstop?.remove()) ?? [];
     const native = addon();
     for (const { pin, hook } of programs) {
       if (native.bpfUnpin(this.pin(pin), true)) removed.push(`ebpf ${hook} link ${this.pin(pin)}`);

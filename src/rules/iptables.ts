@@ -23,13 +23,13 @@ export interface NatState {
   rules: NatRule[];
 }
 
-/** Parses `iptables-save [-c] -t nat`. */
-export function parseNat(text: string): NatState {
+/** Parses `iptables-save [-c] -t <table>` (nat unless said). */
+export function parseNat(text: string, table = 'nat'): NatState {
   const chains = new Set<string>();
   const rules: NatRule[] = [];
   let inNat = false;
   for (const line of text.split('\n')) {
-    if (line.startsWith('*')) inNat = line === '*nat';
+    if (line.startsWith('*')) inNat = line === `*${table}`;
     if (!inNat) continue;
     if (line.startsWith(':')) chains.add(line.slice(1).split(' ')[0] as string);
     const m = /^(?:\[(\d+):(\d+)\] )?-A (\S+) (.*)$/.exec(line);
@@ -42,40 +42,49 @@ export function dnatSpec(r: Redirect): string {
   return `-d ${r.metadataIp}/32 -p tcp -m tcp --dport ${r.metadataPort} -j DNAT --to-destination ${r.targetIp}:${r.targetPort}`;
 }
 
-const JUMP = `-j ${CHAIN}`;
+/** A chain of nmi's own holding one rule, jumped to first from PREROUTING: the redirect, or the eBPF backend's backstop (backstop.ts). */
+export interface IptablesRules {
+  table: 'nat' | 'raw';
+  chain: string;
+  spec(r: Redirect): string;
+  /** What `nmi status` and `nmi cleanup` call it, when it is not the iptables backend's redirect. */
+  title?: string;
+}
 
-function jumpsTo(state: NatState): NatRule[] {
-  return state.rules.filter((rule) => rule.spec === JUMP || rule.spec.endsWith(` ${JUMP}`));
+export const redirectRules: IptablesRules = { table: 'nat', chain: CHAIN, spec: dnatSpec };
+
+function jumpsTo(state: NatState, chain: string): NatRule[] {
+  return state.rules.filter((rule) => rule.spec === `-j ${chain}` || rule.spec.endsWith(` -j ${chain}`));
 }
 
 /** True when the installed state is exactly the wanted one. */
-export function isCurrent(state: NatState, r: Redirect): boolean {
-  const chainRules = state.rules.filter((rule) => rule.chain === CHAIN).map((rule) => rule.spec);
+export function isCurrent(state: NatState, r: Redirect, { chain, spec } = redirectRules): boolean {
+  const chainRules = state.rules.filter((rule) => rule.chain === chain).map((rule) => rule.spec);
   const prerouting = state.rules.filter((rule) => rule.chain === 'PREROUTING');
   return (
-    state.chains.has(CHAIN) &&
+    state.chains.has(chain) &&
     chainRules.length === 1 &&
-    chainRules[0] === dnatSpec(r) &&
-    prerouting[0]?.spec === JUMP &&
-    jumpsTo(state).length === 1
+    chainRules[0] === spec(r) &&
+    prerouting[0]?.spec === `-j ${chain}` &&
+    jumpsTo(state, chain).length === 1
   );
 }
 
 /** One transaction that turns any state into the wanted one. Declaring the chain flushes it in the same commit. */
-export function renderEnsure(state: NatState, r: Redirect): string {
-  const lines = ['*nat', `:${CHAIN} - [0:0]`, `-A ${CHAIN} ${dnatSpec(r)}`];
-  for (const rule of jumpsTo(state)) lines.push(`-D ${rule.chain} ${rule.spec}`);
-  lines.push(`-I PREROUTING 1 ${JUMP}`, 'COMMIT', '');
+export function renderEnsure(state: NatState, r: Redirect, { table, chain, spec } = redirectRules): string {
+  const lines = [`*${table}`, `:${chain} - [0:0]`, `-A ${chain} ${spec(r)}`];
+  for (const rule of jumpsTo(state, chain)) lines.push(`-D ${rule.chain} ${rule.spec}`);
+  lines.push(`-I PREROUTING 1 -j ${chain}`, 'COMMIT', '');
   return lines.join('\n');
 }
 
 /** One transaction removing every jump to the chain, then the chain; empty when there is nothing. */
-export function renderRemove(state: NatState): string {
-  const jumps = jumpsTo(state);
-  if (jumps.length === 0 && !state.chains.has(CHAIN)) return '';
-  const lines = ['*nat'];
+export function renderRemove(state: NatState, { table, chain } = redirectRules): string {
+  const jumps = jumpsTo(state, chain);
+  if (jumps.length === 0 && !state.chains.has(chain)) return '';
+  const lines = [`*${table}`];
   for (const rule of jumps) lines.push(`-D ${rule.chain} ${rule.spec}`);
-  if (state.chains.has(CHAIN)) lines.push(`-F ${CHAIN}`, `-X ${CHAIN}`);
+  if (state.chains.has(chain)) lines.push(`-F ${chain}`, `-X ${chain}`);
   lines.push('COMMIT', '');
   return lines.join('\n');
 }
@@ -97,14 +106,14 @@ const flavours: IptablesTools[] = [
 ];
 
 /**
- * Whether this network namespace has an iptables-legacy nat table. Asking
+ * Whether this network namespace has an iptables-legacy table of that name. Asking
  * iptables-legacy about a table creates it, and from then on every
  * iptables-nft-save warns "iptables-legacy tables present"; the kernel lists
  * the tables that exist without creating any.
  */
-function legacyNatExists(): boolean {
+function legacyTableExists(table: string): boolean {
   try {
-    return readFileSync('/proc/net/ip_tables_names', 'utf8').split('\n').includes('nat');
+    return readFileSync('/proc/net/ip_tables_names', 'utf8').split('\n').includes(table);
   } catch (err) {
     // No ip_tables in this kernel (or no /proc/net): there is no legacy table to read.
     return (err as NodeJS.ErrnoException).code !== 'ENOENT';
@@ -137,7 +146,13 @@ export async function chooseTools(): Promise<IptablesTools | undefined> {
 export class IptablesBackend implements RulesBackend {
   readonly name = 'iptables' as const;
   private legacy: Promise<boolean> | undefined;
-  constructor(readonly tools: IptablesTools) {}
+  private readonly label: string;
+  constructor(
+    readonly tools: IptablesTools,
+    private readonly rules = redirectRules,
+  ) {
+    this.label = rules.title ? `${rules.title} (${tools.label})` : tools.label;
+  }
 
   private isLegacy(): Promise<boolean> {
     const known = this.tools.legacy;
@@ -146,8 +161,9 @@ export class IptablesBackend implements RulesBackend {
   }
 
   async read(counters = false): Promise<NatState> {
-    if ((await this.isLegacy()) && !legacyNatExists()) return { chains: new Set(), rules: [] };
-    return parseNat(await execOk(this.tools.save, counters ? ['-c', '-t', 'nat'] : ['-t', 'nat'], '', codes.RULES_APPLY));
+    const { table } = this.rules;
+    if ((await this.isLegacy()) && !legacyTableExists(table)) return { chains: new Set(), rules: [] };
+    return parseNat(await execOk(this.tools.save, counters ? ['-c', '-t', table] : ['-t', table], '', codes.RULES_APPLY), table);
   }
 
   private async restore(text: string): Promise<void> {
@@ -155,39 +171,42 @@ export class IptablesBackend implements RulesBackend {
   }
 
   async ensure(r: Redirect): Promise<EnsureResult> {
+    const rules = this.rules;
     let state = await this.read();
-    if (isCurrent(state, r)) return 'unchanged';
-    const fresh = !state.chains.has(CHAIN) && jumpsTo(state).length === 0;
+    if (isCurrent(state, r, rules)) return 'unchanged';
+    const fresh = !state.chains.has(rules.chain) && jumpsTo(state, rules.chain).length === 0;
     try {
-      await this.restore(renderEnsure(state, r));
+      await this.restore(renderEnsure(state, r, rules));
     } catch (err) {
-      // Another writer changed nat between our read and our restore: read again, once.
+      // Another writer changed the table between our read and our restore: read again, once.
       state = await this.read();
-      if (isCurrent(state, r)) return fresh ? 'installed' : 'repaired';
-      await this.restore(renderEnsure(state, r)).catch((again: unknown) => {
-        throw new NmiError(codes.RULES_APPLY, `${this.tools.label}: ${messageOf(again)}`, { cause: err });
+      if (isCurrent(state, r, rules)) return fresh ? 'installed' : 'repaired';
+      await this.restore(renderEnsure(state, r, rules)).catch((again: unknown) => {
+        throw new NmiError(codes.RULES_APPLY, `${this.label}: ${messageOf(again)}`, { cause: err });
       });
     }
     return fresh ? 'installed' : 'repaired';
   }
 
   async remove(): Promise<string[]> {
+    const { table, chain } = this.rules;
     const state = await this.read();
-    const text = renderRemove(state);
+    const text = renderRemove(state, this.rules);
     if (text === '') return [];
     await this.restore(text);
-    const removed = jumpsTo(state).map((rule) => `${this.tools.label}: nat ${rule.chain} ${rule.spec}`);
-    if (state.chains.has(CHAIN)) removed.push(`${this.tools.label}: nat chain ${CHAIN} (${state.rules.filter((x) => x.chain === CHAIN).length} rules)`);
+    const removed = jumpsTo(state, chain).map((rule) => `${this.label}: ${table} ${rule.chain} ${rule.spec}`);
+    if (state.chains.has(chain)) removed.push(`${this.label}: ${table} chain ${chain} (${state.rules.filter((x) => x.chain === chain).length} rules)`);
     return removed;
   }
 
   async status(): Promise<BackendStatus> {
+    const { table, chain } = this.rules;
     const state = await this.read(true);
-    const rules: InstalledRule[] = [...jumpsTo(state), ...state.rules.filter((rule) => rule.chain === CHAIN)].map((rule) => ({
-      text: `-t nat -A ${rule.chain} ${rule.spec}`,
+    const rules: InstalledRule[] = [...jumpsTo(state, chain), ...state.rules.filter((rule) => rule.chain === chain)].map((rule) => ({
+      text: `-t ${table} -A ${rule.chain} ${rule.spec}`,
       packets: rule.packets,
       bytes: rule.bytes,
     }));
-    return { backend: this.tools.label, installed: state.chains.has(CHAIN), rules };
+    return { backend: this.label, installed: state.chains.has(chain), rules };
   }
 }

@@ -9,32 +9,48 @@ import { NFT_CHAIN, NFT_PRIORITY, NFT_TABLE, type BackendStatus, type EnsureResu
 
 type Json = Record<string, unknown>;
 
-const table = { family: 'ip', name: NFT_TABLE };
-
-export function ruleExpr(r: Redirect): Json[] {
+/** Packets to the metadata address and port. */
+export function metadataMatch(r: Redirect): Json[] {
   return [
     { match: { op: '==', left: { payload: { protocol: 'ip', field: 'daddr' } }, right: r.metadataIp } },
     { match: { op: '==', left: { payload: { protocol: 'tcp', field: 'dport' } }, right: r.metadataPort } },
-    { counter: { packets: 0, bytes: 0 } },
-    { dnat: { addr: r.targetIp, port: r.targetPort } },
   ];
 }
 
+export function ruleExpr(r: Redirect): Json[] {
+  return [...metadataMatch(r), { counter: { packets: 0, bytes: 0 } }, { dnat: { addr: r.targetIp, port: r.targetPort } }];
+}
+
+/** A table of nmi's own holding one rule in one `prerouting` chain: the redirect, or the eBPF backend's backstop (backstop.ts). */
+export interface NftRules {
+  table: string;
+  type: 'nat' | 'filter';
+  priority: number;
+  expr(r: Redirect): Json[];
+  /** What `nmi status` and `nmi cleanup` call it, when it is not the nftables backend's redirect. */
+  title?: string;
+}
+
+export const redirectRules: NftRules = { table: NFT_TABLE, type: 'nat', priority: NFT_PRIORITY, expr: ruleExpr };
+
 /** Create-or-replace in one transaction: `add` makes delete safe when the table is absent. */
-export function renderEnsure(r: Redirect): Json {
-  const chain = { family: 'ip', table: NFT_TABLE, name: NFT_CHAIN, type: 'nat', hook: 'prerouting', prio: NFT_PRIORITY, policy: 'accept' };
+export function renderEnsure(r: Redirect, rules = redirectRules): Json {
+  const table = { family: 'ip', name: rules.table };
+  const chain = { family: 'ip', table: rules.table, name: NFT_CHAIN, type: rules.type, hook: 'prerouting', prio: rules.priority, policy: 'accept' };
   return {
     nftables: [
       { add: { table } },
       { delete: { table } },
       { add: { table } },
       { add: { chain } },
-      { add: { rule: { family: 'ip', table: NFT_TABLE, chain: NFT_CHAIN, expr: ruleExpr(r) } } },
+      { add: { rule: { family: 'ip', table: rules.table, chain: NFT_CHAIN, expr: rules.expr(r) } } },
     ],
   };
 }
 
-export const renderRemove: Json = { nftables: [{ delete: { table } }] };
+export function renderRemove(rules = redirectRules): Json {
+  return { nftables: [{ delete: { table: { family: 'ip', name: rules.table } } }] };
+}
 
 interface ListedRule {
   chain: string;
@@ -58,16 +74,16 @@ function withoutCounters(expr: Json[]): string {
   return JSON.stringify(expr.map((e) => ('counter' in e ? { counter: null } : e)));
 }
 
-export function isCurrent(listing: Listing, r: Redirect): boolean {
+export function isCurrent(listing: Listing, r: Redirect, rules = redirectRules): boolean {
   const [chain] = listing.chains;
   return (
     listing.chains.length === 1 &&
     chain?.name === NFT_CHAIN &&
-    chain.type === 'nat' &&
+    chain.type === rules.type &&
     chain.hook === 'prerouting' &&
-    chain.prio === NFT_PRIORITY &&
+    chain.prio === rules.priority &&
     listing.rules.length === 1 &&
-    withoutCounters(listing.rules[0]?.expr ?? []) === withoutCounters(ruleExpr(r))
+    withoutCounters(listing.rules[0]?.expr ?? []) === withoutCounters(rules.expr(r))
   );
 }
 
@@ -90,18 +106,24 @@ export function defaultRunner(): NftRunner | undefined {
 
 export class NftablesBackend implements RulesBackend {
   readonly name = 'nftables' as const;
-  constructor(private readonly run: NftRunner) {}
+  private readonly label: string;
+  constructor(
+    private readonly run: NftRunner,
+    private readonly rules = redirectRules,
+  ) {
+    this.label = rules.title ? `${rules.title} (nftables)` : 'nftables';
+  }
 
-  static create(): NftablesBackend | undefined {
+  static create(rules = redirectRules): NftablesBackend | undefined {
     const runner = defaultRunner();
-    return runner ? new NftablesBackend(runner) : undefined;
+    return runner ? new NftablesBackend(runner, rules) : undefined;
   }
 
   async read(): Promise<Listing> {
-    const result = await this.run(`list table ip ${NFT_TABLE}`);
+    const result = await this.run(`list table ip ${this.rules.table}`);
     if (!result.ok) {
       if (/No such file or directory/.test(result.error)) return { exists: false, chains: [], rules: [] };
-      throw new NmiError(codes.RULES_APPLY, `nft list table ip ${NFT_TABLE}: ${result.error.trim().split('\n')[0]}`);
+      throw new NmiError(codes.RULES_APPLY, `nft list table ip ${this.rules.table}: ${result.error.trim().split('\n')[0]}`);
     }
     return parseListing(result.output);
   }
@@ -113,33 +135,35 @@ export class NftablesBackend implements RulesBackend {
 
   async ensure(r: Redirect): Promise<EnsureResult> {
     const listing = await this.read();
-    if (listing.exists && isCurrent(listing, r)) return 'unchanged';
-    await this.apply(renderEnsure(r));
+    if (listing.exists && isCurrent(listing, r, this.rules)) return 'unchanged';
+    await this.apply(renderEnsure(r, this.rules));
     return listing.exists ? 'repaired' : 'installed';
   }
 
   async remove(): Promise<string[]> {
     const listing = await this.read();
     if (!listing.exists) return [];
-    await this.apply(renderRemove);
-    return [`nftables: table ip ${NFT_TABLE} (${listing.rules.length} rules)`];
+    await this.apply(renderRemove(this.rules));
+    return [`${this.label}: table ip ${this.rules.table} (${listing.rules.length} rules)`];
   }
 
   async status(): Promise<BackendStatus> {
     const listing = await this.read();
     const rules = listing.rules.map((rule) => {
       const counter = rule.expr.find((e) => 'counter' in e)?.counter as { packets?: number; bytes?: number } | undefined;
-      return { text: `table ip ${NFT_TABLE} chain ${rule.chain}: ${describeExpr(rule.expr)}`, packets: counter?.packets ?? 0, bytes: counter?.bytes ?? 0 };
+      return { text: `table ip ${this.rules.table} chain ${rule.chain}: ${describeExpr(rule.expr)}`, packets: counter?.packets ?? 0, bytes: counter?.bytes ?? 0 };
     });
-    return { backend: this.name, installed: listing.exists, rules };
+    return { backend: this.label, installed: listing.exists, rules };
   }
 }
 
 function describeExpr(expr: Json[]): string {
   return expr
     .map((e) => {
-      const match = e.match as { left?: { payload?: { protocol: string; field: string } }; right?: unknown } | undefined;
-      if (match?.left?.payload) return `${match.left.payload.protocol} ${match.left.payload.field} ${String(match.right)}`;
+      const match = e.match as { op?: string; left?: { payload?: { protocol: string; field: string }; meta?: { key: string } }; right?: unknown } | undefined;
+      const op = match?.op === '==' ? '' : `${match?.op} `;
+      if (match?.left?.payload) return `${match.left.payload.protocol} ${match.left.payload.field} ${op}${String(match.right)}`;
+      if (match?.left?.meta) return `${match.left.meta.key} ${op}${String(match.right)}`;
       const dnat = e.dnat as { addr?: string; port?: number } | undefined;
       if (dnat) return `dnat to ${dnat.addr}:${dnat.port}`;
       return Object.keys(e)[0];

@@ -1,6 +1,7 @@
 // `--rules` to a backend, and the list every clean-up walks.
 import { UsageError } from '../errors/errors.js';
 import type { RulesChoice } from '../config/commands.js';
+import { presentBackstops } from './backstop.js';
 import { EbpfBackend } from './ebpf.js';
 import { chooseTools, IptablesBackend, installedTools } from './iptables.js';
 import { NftablesBackend } from './nftables.js';
@@ -45,11 +46,15 @@ export async function selectBackend(choice: RulesChoice, cgroupRoot: string): Pr
   }
 }
 
-/** Every backend present on this host (both iptables flavours when both are installed; eBPF when pinned), for cleanup and status. */
+/**
+ * Every backend present on this host (both iptables flavours when both are installed; eBPF when pinned), and
+ * every place the eBPF backend's backstop may be (it stays when the pins are removed by hand), for cleanup and status.
+ */
 export function presentBackends(): RulesBackend[] {
   const backends: RulesBackend[] = installedTools().map((tools) => new IptablesBackend(tools));
   const nft = NftablesBackend.create();
   if (nft) backends.push(nft);
+  backends.push(...presentBackstops());
   const ebpf = EbpfBackend.present();
   if (ebpf) backends.push(ebpf);
   return backends;

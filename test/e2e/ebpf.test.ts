@@ -1,15 +1,20 @@
 // --rules ebpf end to end: pods in cgroups of a test cgroup root, the real
-// eBPF programs attached there, no iptables or nft rule anywhere. nmi itself
-// runs in a pod cgroup under the same root (as a DaemonSet would) and the IMDS
-// stand-in listens on the real metadata address, so a redirect of nmi's own
-// upstream calls would loop back to itself.
+// eBPF programs attached there, no NAT rule anywhere (the backstop only drops).
+// nmi itself runs in a pod cgroup under the same root (as a DaemonSet would)
+// and the IMDS stand-in listens on the real metadata address, so a redirect of
+// nmi's own upstream calls would loop back to itself, and a pod's raw packets
+// to it show whether the backstop holds.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
+import path from 'node:path';
 import { createBpfMountNamespace, createCgroupTree, callFrom, type CallResult, type CgroupTree, type MountNamespace } from '../harness/cgroups.js';
 import { createCluster, crd, TOKEN_URL, viaV4Mapped, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import { nmi, nmiAsync, type NmiProcess } from '../harness/nmi-process.js';
+import { rawTcp } from '../harness/raw-tcp.js';
 import { waitFor } from '../harness/wait-for.js';
+import { iptablesBackstop } from '../../src/rules/backstop.js';
+import { installedTools, IptablesBackend } from '../../src/rules/iptables.js';
 import { makePodJson } from '../standins/kubelet.js';
 import { decodeStandinToken } from '../standins/imds.js';
 
@@ -82,7 +87,7 @@ after(async () => {
 });
 
 for (const server of ['native', 'js'] as const) {
-  test(`ebpf (${server}): a pod gets its token through the cgroup redirect, with no iptables or nft rule, and sees 169.254.169.254`, async () => {
+  test(`ebpf (${server}): a pod gets its token through the cgroup redirect, with no NAT rule, and sees 169.254.169.254`, async () => {
     const proc = await startNmi('ebpf', server);
     try {
       const r = await fromA();
@@ -90,7 +95,7 @@ for (const server of ['native', 'js'] as const) {
       assert.equal(r.peer, '169.254.169.254:80', 'getpeername shows the address the pod asked for');
       assert.ok(cluster.imds.calls >= 1, "nmi's own call reached the real IMDS address, not itself");
       assert.doesNotMatch(cluster.node.exec('iptables-save', []), /aad-metadata/);
-      assert.doesNotMatch(cluster.node.exec('sh', ['-c', 'nft list ruleset 2>/dev/null || true']), /aad-metadata/);
+      assert.doesNotMatch(cluster.node.exec('sh', ['-c', 'nft list ruleset 2>/dev/null || true']), /table ip aad-metadata \{|dnat/, 'the backstop only');
       assert.equal(attachedAtRoot().length, 5, 'connect4, connect6, getpeername4, getpeername6 and sockops at the cgroup root');
       // A dual-stack IPv6 socket (Java's default) reaches the metadata address as ::ffff:169.254.169.254, past connect4.
       const mapped = await callFrom({ cgroup: cg.a, netns: podA.ns.name }, viaV4Mapped(query));
@@ -151,6 +156,18 @@ test('spoofing: a pod wearing another pod\'s address gets its token with iptable
   }
 });
 
+test("ebpf: a cgroup nested in pod A's container and named after pod B is A's", async () => {
+  // A container may make cgroups of its own (a delegated cgroup, or systemd inside it) and name them at will.
+  const nested = cgroups.plainCgroup(`${path.relative(cgroups.root, cg.a)}/kubepods-besteffort-pod${uid.b.replaceAll('-', '_')}.slice`);
+  const ebpf = await startNmi('ebpf');
+  try {
+    assert.equal(identityOf(await callFrom({ cgroup: nested, netns: podA.ns.name }, query)), `client_id:${client.a}`, "A's own token, not a spoof of B");
+    assert.equal((await ebpf.metric('nmi_caller_refusals_total\\{reason="spoof"\\}')) ?? 0, 0);
+  } finally {
+    await ebpf.stop();
+  }
+});
+
 test('a hostNetwork-style caller (node namespace, pod cgroup) is resolved by cgroup with ebpf, refused by address with iptables', async () => {
   const direct = `http://${cluster.node.nodeIp}:2579/metadata/identity/oauth2/token?api-version=2018-02-01&resource=x`;
   const iptables = await startNmi('iptables');
@@ -172,6 +189,85 @@ test('a hostNetwork-style caller (node namespace, pod cgroup) is resolved by cgr
   }
 });
 
+const METADATA = '169.254.169.254';
+/** A token request, written by hand onto a raw socket's handshake. */
+const RAW_REQUEST = `GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net HTTP/1.1\r\nHost: ${METADATA}\r\nMetadata: true\r\nUser-Agent: raw-socket\r\n\r\n`;
+const rawFromA = () => rawTcp({ cgroup: cg.a, netns: podA.ns.name }, { src: podA.ns.ip, dst: METADATA, port: 80, request: RAW_REQUEST });
+/** What the stand-in at the real metadata address received from the raw socket. */
+const rawReached = () => cluster.imds.requests.filter((r) => r.headers['user-agent'] === 'raw-socket').length;
+const backstopTable = () => cluster.node.exec('sh', ['-c', 'nft list table ip aad-metadata-backstop 2>/dev/null || true']);
+/** The pod's own kernel resets a handshake it did not make; dropping its resets lets a raw request through when nothing else stops it. */
+const podResets = (op: '-A' | '-D') => podA.ns.exec('iptables', [op, 'OUTPUT', '-p', 'tcp', '--tcp-flags', 'RST', 'RST', '-d', METADATA, '-j', 'DROP']);
+
+test('ebpf backstop: a raw-socket SYN to the metadata address goes nowhere while connects get their token; without it the real IMDS answers it', async (t) => {
+  podResets('-A');
+  try {
+    const proc = await startNmi('ebpf');
+    t.after(() => proc.stop('SIGKILL'));
+    assert.deepEqual(await rawFromA(), { synAck: false }, 'no SYN-ACK');
+    assert.equal(identityOf(await fromA()), `client_id:${client.a}`, 'a connect() is redirected before the backstop sees it');
+    assert.equal(rawReached(), 0);
+    assert.match(backstopTable(), /type filter hook prerouting priority raw; policy accept;[\s\S]*iifname != "lo" ip daddr 169\.254\.169\.254 tcp dport 80 counter packets [1-9]\d* bytes \d+ drop/);
+    assert.doesNotMatch(cluster.node.exec('iptables-save', []), /aad-metadata/, 'nft is here: nothing in iptables');
+    const status = JSON.parse(nmi(['status', '--json', '--probe-address', proc.probe], process.env, mnt.prefix).stdout) as {
+      backends: { backend: string; installed: boolean; rules: { text: string; packets: number }[] }[];
+    };
+    const shown = status.backends.find((b) => b.backend === 'ebpf backstop (nftables)');
+    assert.equal(shown?.installed, true, JSON.stringify(status.backends));
+    assert.equal(shown.rules[0]?.text, 'table ip aad-metadata-backstop chain prerouting: iifname != lo ip daddr 169.254.169.254 tcp dport 80 counter drop');
+    assert.ok((shown.rules[0]?.packets ?? 0) >= 1, 'the raw SYN was counted');
+
+    // Removed by hand as the README says: repaired like the programs.
+    cluster.node.exec('nft', ['delete', 'table', 'ip', 'aad-metadata-backstop']);
+    await waitFor('the backstop repaired', async () => ((await proc.metric('nmi_rule_repairs_total')) ?? 0) >= 1 || undefined);
+    assert.deepEqual(await rawFromA(), { synAck: false });
+
+    // A crash leaves it with the programs: pods fail closed either way.
+    await proc.stop('SIGKILL');
+    assert.deepEqual(await rawFromA(), { synAck: false });
+    // The programs alone, as --rules ebpf was before the backstop: the raw request reaches the real IMDS and a token comes back.
+    cluster.node.exec('nft', ['delete', 'table', 'ip', 'aad-metadata-backstop']);
+    assert.equal(attachedAtRoot().length, 5);
+    assert.deepEqual(await rawFromA(), { synAck: true, statusLine: 'HTTP/1.1 200 OK' });
+    assert.equal(rawReached(), 1);
+    assert.equal(nmi(['cleanup'], process.env, mnt.prefix).code, 0);
+  } finally {
+    podResets('-D');
+  }
+});
+
+test('ebpf backstop with iptables (where nft is absent): raw table, repaired, removed, with either flavour', async () => {
+  const redirect = { metadataIp: METADATA, metadataPort: 80, targetIp: cluster.node.nodeIp, targetPort: 2579 };
+  const spec = 'aad-metadata-backstop -d 169.254.169.254/32 ! -i lo -p tcp -m tcp --dport 80 -j DROP';
+  const saveRaw = (save: string) => cluster.node.exec(save, ['-t', 'raw']).split('\n').filter((l) => l.startsWith('-A')).join('\n');
+  for (const tools of installedTools()) {
+    const backstop = new IptablesBackend(tools, iptablesBackstop);
+    try {
+      assert.equal(await backstop.ensure(redirect), 'installed');
+      assert.equal(
+        saveRaw(tools.save),
+        ['-A PREROUTING -j aad-metadata-backstop', `-A ${spec}`].join('\n'),
+        tools.label,
+      );
+      assert.deepEqual(await rawTcp({ cgroup: cg.a, netns: podA.ns.name }, { src: podA.ns.ip, dst: METADATA, port: 80 }), { synAck: false }, tools.label);
+      assert.equal(await backstop.ensure(redirect), 'unchanged');
+      const status = await backstop.status();
+      assert.equal(status.backend, `ebpf backstop (${tools.label})`);
+      assert.ok(status.rules.some((r) => r.text === `-t raw -A ${spec}` && r.packets >= 1), JSON.stringify(status.rules));
+      cluster.node.exec(tools.save.replace('-save', ''), ['-t', 'raw', '-I', 'PREROUTING', '1', '-j', 'ACCEPT']);
+      assert.equal(await backstop.ensure(redirect), 'repaired', 'the jump no longer first');
+      const cleanup = nmi(['cleanup'], process.env, mnt.prefix);
+      assert.equal(cleanup.code, 0, cleanup.stderr);
+      assert.match(cleanup.stdout, new RegExp(`removed ebpf backstop \\(${tools.label}\\): raw chain aad-metadata-backstop \\(1 rules\\)`));
+      assert.equal(saveRaw(tools.save), '-A PREROUTING -j ACCEPT');
+      assert.deepEqual(await rawTcp({ cgroup: cg.a, netns: podA.ns.name }, { src: podA.ns.ip, dst: METADATA, port: 80 }), { synAck: true }, 'the raw SYN reaches without it');
+    } finally {
+      await backstop.remove();
+      cluster.node.exec(tools.save.replace('-save', ''), ['-t', 'raw', '-F', 'PREROUTING']);
+    }
+  }
+});
+
 test('ebpf: a removed pin is repaired; SIGTERM removes everything; after SIGKILL pods fail closed and nmi cleanup removes it all', async () => {
   const proc = await startNmi('ebpf');
   mnt.exec('rm', ['/sys/fs/bpf/nmi/connect4']);
@@ -179,7 +275,9 @@ test('ebpf: a removed pin is repaired; SIGTERM removes everything; after SIGKILL
   assert.equal(identityOf(await fromA()), `client_id:${client.a}`);
   const status = nmi(['status', '--probe-address', proc.probe], process.env, mnt.prefix);
   assert.match(status.stdout, /^ebpf: installed$/m);
+  assert.match(status.stdout, /^ebpf backstop \(nftables\): installed$/m);
   assert.equal(await proc.stop('SIGTERM'), 0);
+  assert.equal(backstopTable(), '', 'the backstop goes with the programs');
   assert.equal(pinned(), '');
   assert.deepEqual(attachedAtRoot(), []);
   await waitFor('programs freed', () => nmiPrograms().length === 0 || undefined);
@@ -193,6 +291,8 @@ test('ebpf: a removed pin is repaired; SIGTERM removes everything; after SIGKILL
   assert.match(cleanup.stdout, /removed ebpf cgroup\/connect4 link/);
   assert.match(cleanup.stdout, /removed ebpf cgroup\/connect6 link/);
   assert.match(cleanup.stdout, /removed ebpf map \/sys\/fs\/bpf\/nmi\/nmi_peers/);
+  assert.match(cleanup.stdout, /removed ebpf backstop \(nftables\): table ip aad-metadata-backstop \(1 rules\)/);
+  assert.equal(backstopTable(), '');
   assert.equal(nmi(['cleanup'], process.env, mnt.prefix).stdout.trim(), 'nothing to remove');
   assert.equal(pinned(), '');
   assert.deepEqual(attachedAtRoot(), []);

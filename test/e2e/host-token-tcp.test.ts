@@ -5,9 +5,10 @@
 // as the kubelet names pod cgroups, and one pod in its own namespace.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { callFrom, createCgroupTree, scriptFrom, type CgroupTree } from '../harness/cgroups.js';
+import path from 'node:path';
+import { callFrom, cgroup2Mount, createCgroupTree, scriptFrom, type CgroupTree } from '../harness/cgroups.js';
 import { createCluster, crd, type Cluster, type ClusterPod } from '../harness/cluster.js';
-import type { NmiProcess } from '../harness/nmi-process.js';
+import { nmi, type NmiProcess } from '../harness/nmi-process.js';
 import { makePodJson } from '../standins/kubelet.js';
 import { decodeStandinToken } from '../standins/imds.js';
 
@@ -55,7 +56,7 @@ let cluster: Cluster;
 let cgroups: CgroupTree;
 let web: ClusterPod;
 let proc: NmiProcess;
-const cg = { csi: '', exporter: '', gone: '', kubelet: '' };
+const cg = { csi: '', exporter: '', gone: '', kubelet: '', userDecoy: '', nestedDecoy: '' };
 
 async function csiRequest(from: { cgroup: string; uid?: number; netns?: string }, pod: string, port = 2579): Promise<CsiResult> {
   const [podns, podname] = pod.split('/');
@@ -88,6 +89,10 @@ before(async () => {
   cg.exporter = cgroups.podCgroup(uid.exporter, 'cgroupfs');
   cg.gone = cgroups.podCgroup(uid.gone, 'systemd');
   cg.kubelet = cgroups.plainCgroup('system.slice/kubelet.service');
+  // Folders named after the provider's pod where the kubelet never puts pods: a local user's delegated
+  // cgroup (systemd gives user@1000.service to uid 1000), and one nested in another pod's container.
+  cg.userDecoy = cgroups.plainCgroup(`user.slice/user-1000.slice/user@1000.service/app.slice/pod${uid.csi}`);
+  cg.nestedDecoy = cgroups.plainCgroup(`${path.relative(cgroups.root, cg.exporter)}/pod${uid.csi}`);
   web = cluster.addPod({ name: 'web', labels: { aadpodidbinding: 'web' } });
   cluster.kubelet.pods.push(
     makePodJson({ name: `${CSI_APP}-x7k2p`, namespace: 'kube-system', uid: uid.csi, ip: cluster.node.nodeIp, hostNetwork: true, labels: { app: CSI_APP } }),
@@ -99,8 +104,11 @@ before(async () => {
     crd.binding('bind-web', 'id-web', 'web'),
     crd.binding('bind-late', 'id-late', 'late'),
   ]);
-  proc = await cluster.startNmi(['--host-token-address', '127.0.0.1:2579', '--host-token-allow', `kube-system/app=${CSI_APP},host-root`]);
+  proc = await cluster.startNmi(['--host-token-address', '127.0.0.1:2579', ...allow()]);
 });
+
+/** Who may call; the test tree stands in for the kubelet's cgroup root. */
+const allow = () => ['--host-token-allow', `kube-system/app=${CSI_APP},host-root`, '--cgroup-root', cgroups.root];
 
 after(async () => {
   await cluster?.close();
@@ -138,6 +146,22 @@ test('a root process outside any pod is let in by host-root; nobody else is, and
   assert.doesNotMatch(proc.output(), /eyJ/, 'no token in the log');
 });
 
+test("a folder named after the provider's pod is the provider's only where the kubelet puts pods", async () => {
+  const before = (await proc.metric('nmi_host_token_refusals_total\\{reason="not-allowed"\\}')) ?? 0;
+  assert.deepEqual(refusal(await csiRequest({ cgroup: cg.userDecoy, uid: 1000 }, 'default/web')), refused, "a local user's own cgroup");
+  assert.deepEqual(refusal(await csiRequest({ cgroup: cg.nestedDecoy }, 'default/web')), refused, 'a nested cgroup in the exporter pod');
+  assert.equal(await proc.metric('nmi_host_token_refusals_total\\{reason="not-allowed"\\}'), before + 2);
+  const said = proc.output().split('\n').filter((l) => l.includes('host token caller refused'));
+  assert.ok(said.some((l) => l.includes('host uid 1000')), 'the user is a host process');
+  assert.ok(said.some((l) => l.includes('pod monitoring/node-exporter-4fz8q')), 'the nested cgroup is the pod it is in');
+});
+
+test('--cgroup-root outside the cgroup v2 mount: exit 2 naming the flag, since pods could not be told from host processes', () => {
+  const r = nmi(['run', ...cluster.nmiFlags(), '--host-token-address', '127.0.0.1:2581', '--host-token-allow', 'host-root', '--cgroup-root', '/tmp/kubepods.slice']);
+  assert.equal(r.code, 2, r.stderr);
+  assert.equal(r.stderr.trim(), `nmi run: --cgroup-root: /tmp/kubepods.slice is not under the cgroup v2 mount ${cgroup2Mount()}, so --host-token-address cannot tell pods from host processes`);
+});
+
 test('a pod the kubelet lists after nmi last looked is found at once; a pod it does not list is 404', async () => {
   const late = cluster.addPod({ name: 'late', listed: false, labels: { aadpodidbinding: 'late' } });
   cluster.kubelet.pods.push(makePodJson({ name: 'late', ip: late.ns.ip, labels: { aadpodidbinding: 'late' }, phase: 'Pending' }));
@@ -150,7 +174,7 @@ test('a pod the kubelet lists after nmi last looked is found at once; a pod it d
 test("a caller in another network namespace (a pod's own) cannot be attested and is refused", async () => {
   assert.equal(await proc.stop('SIGTERM'), 0);
   const nodeAddress = `${cluster.node.nodeIp}:2580`;
-  proc = await cluster.startNmi(['--host-token-address', nodeAddress, '--host-token-allow', `kube-system/app=${CSI_APP},host-root`]);
+  proc = await cluster.startNmi(['--host-token-address', nodeAddress, ...allow()]);
   const fromPod = await callFrom({ cgroup: cg.csi, netns: web.ns.name }, `http://${nodeAddress}/host/token/?resource=x`);
   assert.deepEqual({ status: fromPod.status, body: fromPod.body }, { status: 403, body: JSON.stringify({ error: refused.error, error_description: refused.error_description }) }, 'even from the allowed cgroup: its socket is not in the node namespace');
   assert.equal(await proc.metric('nmi_host_token_refusals_total\\{reason="unattested"\\}'), 1);

@@ -88,10 +88,22 @@ export async function callFrom(o: { cgroup: string; netns?: string; localAddress
  * /sys), optionally in `netns` and as `uid` (its socket's owner); its stdout.
  * Asynchronous: the stand-ins it may reach are served by this very process.
  */
-export async function scriptFrom(o: { cgroup: string; netns?: string; uid?: number }, script: string, args: unknown): Promise<string> {
+export function scriptFrom(o: ProcessPlace, script: string, args: unknown): Promise<string> {
+  return commandFrom(o, [process.execPath, '-e', script, JSON.stringify(args)]);
+}
+
+/** Where a command runs: its cgroup, and optionally its network namespace and uid. */
+export interface ProcessPlace {
+  cgroup: string;
+  netns?: string;
+  uid?: number;
+}
+
+/** A command run as scriptFrom runs a script; its stdout. */
+export async function commandFrom(o: ProcessPlace, argv: string[]): Promise<string> {
   const user = o.uid === undefined ? '' : `setpriv --reuid=${o.uid} --regid=${o.uid} --clear-groups `;
-  const exec = o.netns ? `exec ip netns exec ${o.netns} ${user}"$0"` : `exec ${user}"$0"`;
-  const { stdout } = await promisify(execFile)('sh', ['-c', `echo $$ > ${o.cgroup}/cgroup.procs && ${exec} -e "$1" "$2"`, process.execPath, script, JSON.stringify(args)], {
+  const exec = o.netns ? `exec ip netns exec ${o.netns} ${user}"$@"` : `exec ${user}"$@"`;
+  const { stdout } = await promisify(execFile)('sh', ['-c', `echo $$ > ${o.cgroup}/cgroup.procs && ${exec}`, 'sh', ...argv], {
     encoding: 'utf8',
     timeout: 20_000,
   });
