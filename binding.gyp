@@ -5,7 +5,7 @@
   "targets": [
     {
       "target_name": "nmi",
-      "sources": ["native/addon.cc", "native/nft.cc", "native/notify.cc", "native/listen.cc", "native/netns.cc", "native/memory.cc", "native/exec.cc", "native/sockdiag.cc", "native/errors.cc", "native/server.cc", "native/server-js.cc", "native/connection.cc", "native/http-parse.cc", "native/token-request.cc", "native/bpf.cc"],
+      "sources": ["native/addon.cc", "native/nft.cc", "native/notify.cc", "native/listen.cc", "native/netns.cc", "native/memory.cc", "native/exec.cc", "native/sockdiag.cc", "native/process.cc", "native/errors.cc", "native/server.cc", "native/server-js.cc", "native/connection.cc", "native/http-parse.cc", "native/token-request.cc", "native/bpf.cc"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],
       "cflags": ["-fvisibility=hidden", "-fstack-protector-strong", "-Wall", "-Wextra"],

@@ -17,6 +17,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("setMallocThresholds", Napi::Function::New(env, nmi::SetMallocThresholds, "setMallocThresholds"));
   exports.Set("exec", Napi::Function::New(env, nmi::Exec, "exec"));
   exports.Set("socketOwner", Napi::Function::New(env, nmi::SocketOwner, "socketOwner"));
+  exports.Set("disableCoreDumps", Napi::Function::New(env, nmi::DisableCoreDumps, "disableCoreDumps"));
   exports.Set("serverStart", Napi::Function::New(env, nmi::ServerStart, "serverStart"));
   exports.Set("serverRespond", Napi::Function::New(env, nmi::ServerRespond, "serverRespond"));
   exports.Set("serverSetCallers", Napi::Function::New(env, nmi::ServerSetCallers, "serverSetCallers"));

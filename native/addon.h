@@ -41,6 +41,7 @@ Napi::Value DropPages(const Napi::CallbackInfo& info);
 Napi::Value SetMallocThresholds(const Napi::CallbackInfo& info);
 Napi::Value Exec(const Napi::CallbackInfo& info);
 Napi::Value SocketOwner(const Napi::CallbackInfo& info);
+Napi::Value DisableCoreDumps(const Napi::CallbackInfo& info);
 Napi::Value ServerStart(const Napi::CallbackInfo& info);
 Napi::Value ServerRespond(const Napi::CallbackInfo& info);
 Napi::Value ServerSetCallers(const Napi::CallbackInfo& info);

@@ -2,12 +2,17 @@
 // Secret works: hidden `..data` entries are skipped, symlinks followed). Watched with
 // fs.watch on the file's folder (so atomic renames are seen) and re-stat'ed on an
 // interval as a fallback. A broken file keeps the last good set.
+//
+// Whoever may write the bindings decides which pod gets which identity: a file or
+// folder another user can write (or owns) is refused, at start as a usage error, on
+// a reload by keeping the last good set.
 import { createHash } from 'node:crypto';
-import { watch, type FSWatcher } from 'node:fs';
-import { readdir, readFile, stat } from 'node:fs/promises';
+import { watch, type FSWatcher, type Stats } from 'node:fs';
+import { lstat, readdir, readFile, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
+import { onReadOnlyMount } from '../util/mounts.js';
 import { LineCounter, parseAllDocuments } from 'yaml';
-import { codes, messageOf, NmiError } from '../errors/errors.js';
+import { codes, messageOf, NmiError, UsageError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import { parseObjects, type BindingSet } from './parse.js';
 import type { BindingSource } from './source.js';
@@ -45,6 +50,41 @@ export async function listBindingFiles(root: string): Promise<string[]> {
     if ((await stat(file).catch(() => undefined))?.isFile()) files.push(file);
   }
   return files;
+}
+
+/** Why a file or folder's owner or mode lets someone other than root or this process change it; undefined when none. */
+function modeProblem(what: string, info: Stats, ownUid: number): string | undefined {
+  if (info.uid !== 0 && info.uid !== ownUid) return `${what} is owned by uid ${info.uid}, neither root nor nmi's uid ${ownUid}`;
+  // A symbolic link's own mode is always 0777 and means nothing: its owner and its folder do. On a read-only
+  // mount (a ConfigMap volume, whose folder the kubelet makes 0777) the kernel refuses every write whatever the mode.
+  if (info.isSymbolicLink() || (info.mode & 0o022) === 0 || onReadOnlyMount(what)) return undefined;
+  const who = [info.mode & 0o020 && 'its group', info.mode & 0o002 && 'others'].filter(Boolean).join(' and ');
+  return `${what} is writable by ${who} (mode ${(info.mode & 0o7777).toString(8).padStart(4, '0')})`;
+}
+
+/**
+ * Why the bindings at `root` may not be trusted, or undefined: the folder given, or the file given and its folder,
+ * and every file read, each as named (a link's owner) and as followed, and the folder holding each, must be
+ * root's (or nmi's own uid's) and writable by nobody else.
+ */
+export async function bindingsTrustProblem(root: string, ownUid = process.geteuid?.() ?? 0): Promise<string | undefined> {
+  const checked = new Set<string>();
+  const check = async (target: string, follow: boolean): Promise<string | undefined> => {
+    const key = `${follow} ${target}`;
+    if (checked.has(key)) return undefined;
+    checked.add(key);
+    return modeProblem(target, await (follow ? stat : lstat)(target), ownUid);
+  };
+  const files = await listBindingFiles(root);
+  // A folder given is the files' folder: what holds it is the operator's choice, as for any other flag's path.
+  const problem = files[0] === root ? undefined : ((await check(root, false)) ?? (await check(await realpath(root), true)));
+  if (problem) return problem;
+  for (const file of files) {
+    const real = await realpath(file);
+    const found = (await check(file, false)) ?? (await check(path.dirname(file), true)) ?? (await check(real, true)) ?? (await check(path.dirname(real), true));
+    if (found) return found;
+  }
+  return undefined;
 }
 
 function parseDocuments(file: string, text: string): { docs: unknown[]; errors: string[] } {
@@ -122,11 +162,14 @@ export class FileBindingSource implements BindingSource {
   }
 
   async start(onSet: (set: BindingSet) => void): Promise<void> {
+    let untrusted: string | undefined;
     try {
       await stat(this.#root);
+      untrusted = await bindingsTrustProblem(this.#root);
     } catch (err) {
       throw new NmiError(codes.BINDINGS, `--bindings ${this.#root}: ${messageOf(err)}`, { cause: err });
     }
+    if (untrusted) throw new UsageError(`--bindings ${this.#root}: refused: ${untrusted}`);
     this.#onSet = onSet;
     this.#signature = await this.#stat();
     await this.#reload();
@@ -211,6 +254,13 @@ export class FileBindingSource implements BindingSource {
   async #loadOnce(): Promise<void> {
     let loaded: LoadedFiles;
     try {
+      const untrusted = await bindingsTrustProblem(this.#root);
+      if (untrusted) {
+        // Once per reason: a poll every few seconds must not repeat it.
+        if (this.#digest !== `untrusted ${untrusted}`) this.#log.warn({ code: codes.USAGE }, `bindings refused, keeping the last good set: ${untrusted}`);
+        this.#digest = `untrusted ${untrusted}`;
+        return;
+      }
       loaded = await loadBindings(this.#root);
     } catch (err) {
       if (this.#digest !== 'unreadable') this.#log.warn({ err: messageOf(err) }, 'bindings unreadable, keeping the last good set');

@@ -29,7 +29,7 @@ export async function explainCommand(options: { json: boolean; probeAddress: Hos
   }
   if (status !== 200 && status !== 404) {
     const error = (body as { error?: string }).error ?? `HTTP ${status}`;
-    const hint = status === 403 ? ` (--probe-address ${options.probeAddress.host} is not a loopback address)` : '';
+    const hint = status === 403 && (body as { reason?: string }).reason !== 'not-root' ? ` (--probe-address ${options.probeAddress.host} is not a loopback address)` : '';
     process.stderr.write(`nmi explain: the daemon answered ${status}: ${error}${hint}\n`);
     return 1;
   }

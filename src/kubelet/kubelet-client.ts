@@ -81,7 +81,10 @@ export class KubeletClient {
     } catch (err) {
       throw new NmiError(codes.KUBELET, `kubelet GET ${this.podsUrl.pathname} failed: ${describe(err)}`, { cause: err });
     }
-    if (status !== 200) throw new NmiError(codes.KUBELET, `kubelet GET ${this.podsUrl.pathname} answered ${status}`);
+    if (status !== 200) {
+      const hint = status === 403 ? ' (nmi needs get on nodes/pods, or on nodes/proxy from kubelets before Kubernetes 1.33: deploy/grants/kubelet-proxy)' : '';
+      throw new NmiError(codes.KUBELET, `kubelet GET ${this.podsUrl.pathname} answered ${status}${hint}`);
+    }
     return parsePodList(body);
   }
 
@@ -168,6 +171,7 @@ export function parsePod(item: unknown): Pod {
     nodeName: str(spec.nodeName),
     ...(str(spec.serviceAccountName) && { serviceAccount: str(spec.serviceAccountName) }),
     ...(str(metadata.creationTimestamp) && { createdAt: str(metadata.creationTimestamp) }),
+    ...(str(metadata.deletionTimestamp) && { deletingSince: str(metadata.deletionTimestamp) }),
   };
 }
 

@@ -1,6 +1,13 @@
 // Source address → live pod, rebuilt from the kubelet's pod list every
 // --pod-refresh-interval and on demand when an unknown address calls. At most
 // one kubelet call is in flight; everyone who needs fresh data waits on it.
+//
+// An address can change hands between two lists: a deleted pod's is freed and
+// given to a new pod, which would be answered as the old one until the next
+// list. So an address whose pod is terminating (deletionTimestamp set), or whose
+// pod is not the one the previous list named, is not served from the index: its
+// caller waits for a kubelet list made after it asked, and is served as that list
+// names it. Every other known address stays one map lookup.
 import { codes, NmiError, messageOf } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import { SpacedRefresh } from '../util/spaced-refresh.js';
@@ -33,6 +40,11 @@ export function isCaller(pod: Pod): boolean {
   return !pod.hostNetwork && isLive(pod);
 }
 
+/** Being deleted: still a caller, but only once a fresh kubelet list says its address is still its own. */
+export function isTerminating(pod: Pod): boolean {
+  return pod.deletingSince !== undefined;
+}
+
 /** A socket on a dual-stack listener reports IPv4 peers as `::ffff:a.b.c.d`; the kubelet lists `a.b.c.d`. */
 export function plainAddress(ip: string): string {
   return ip.startsWith('::ffff:') && ip.includes('.') ? ip.slice('::ffff:'.length) : ip;
@@ -55,7 +67,15 @@ export class PodIndex implements CallerLookup {
   private readonly log: Logger;
   private readonly onChange: ((pods: Pod[]) => void) | undefined;
 
+  /** Addresses served at once: one live pod, not terminating, the same pod as in the list before. */
   private byAddress = new Map<string, Pod>();
+  /** Addresses served only after a list made since the request: a terminating pod's, or one that changed pods. */
+  private recheck = new Map<string, Pod>();
+  /** Each address's pod (uid) when last listed, kept for a refresh interval: to see an address change hands. */
+  private lastOwners = new Map<string, { uid: string; at: number }>();
+  /** Kubelet calls started, and the number of the last that succeeded: a list is fresh for a request when made after it. */
+  private syncsStarted = 0;
+  private freshest = 0;
   /** Live pods (Pending/Running) by UID, hostNetwork ones too: the eBPF backend attests callers by cgroup. */
   private byUid = new Map<string, Pod>();
   private listed: readonly Pod[] = [];
@@ -134,8 +154,24 @@ export class PodIndex implements CallerLookup {
     const address = plainAddress(ip);
     const known = this.byAddress.get(address);
     if (known) return known;
-    await this.refreshSoon();
-    return this.byAddress.get(address);
+    const asked = this.syncsStarted;
+    if (!this.recheck.has(address)) {
+      await this.refreshSoon();
+      const found = this.byAddress.get(address);
+      if (found || !this.recheck.has(address)) return found;
+    }
+    return this.lookupFresh(address, asked);
+  }
+
+  /**
+   * The pod that a kubelet list started after call number `asked` names for the address; undefined when the
+   * kubelet does not answer. A call in flight when the request came may predate it: then one more, spaced as
+   * unknown callers' are.
+   */
+  private async lookupFresh(address: string, asked: number): Promise<Pod | undefined> {
+    for (let calls = 0; calls < 2 && this.freshest <= asked; calls++) await this.refreshSoon();
+    if (this.freshest <= asked) return undefined;
+    return this.byAddress.get(address) ?? this.recheck.get(address);
   }
 
   /**
@@ -161,6 +197,7 @@ export class PodIndex implements CallerLookup {
   }
 
   private async sync(reason: RefreshReason): Promise<void> {
+    const number = ++this.syncsStarted;
     let pods: Pod[];
     try {
       pods = await this.fetchPods();
@@ -175,29 +212,42 @@ export class PodIndex implements CallerLookup {
     if (this.failingSince > 0) this.log.info({ failedRefreshes: this.failingSince, pods: pods.length }, 'kubelet pod refresh recovered');
     this.failingSince = 0;
     this.lastSuccessAt = Date.now();
+    this.freshest = number;
     this.apply(pods);
   }
 
   private apply(pods: Pod[]): void {
+    // A terminating pod's address counts only where no other live pod claims it: the network gives an
+    // address to a new pod once the old one's sandbox is gone, whatever the list still says of the old pod.
     const owners = new Map<string, Set<Pod>>();
+    const leaving = new Map<string, Set<Pod>>();
     for (const pod of pods) {
       if (!isCaller(pod)) continue;
-      for (const ip of pod.ips) {
-        const set = owners.get(ip) ?? new Set<Pod>();
-        set.add(pod);
-        owners.set(ip, set);
-      }
+      const into = isTerminating(pod) ? leaving : owners;
+      for (const ip of pod.ips) into.set(ip, (into.get(ip) ?? new Set<Pod>()).add(pod));
     }
+    for (const [ip, set] of leaving) if (!owners.has(ip)) owners.set(ip, set);
     const byAddress = new Map<string, Pod>();
+    const recheck = new Map<string, Pod>();
+    const now = Date.now();
+    const lastOwners = new Map([...this.lastOwners].filter(([, seen]) => now - seen.at < this.refreshIntervalMs));
     const conflicts: string[] = [];
     for (const [ip, set] of owners) {
       const [only] = set;
-      if (set.size === 1 && only) byAddress.set(ip, only);
-      else conflicts.push(`${ip}: ${[...set].map(podName).sort().join(', ')}`);
+      if (set.size !== 1 || !only) {
+        conflicts.push(`${ip}: ${[...set].map(podName).sort().join(', ')}`);
+        continue;
+      }
+      const before = lastOwners.get(ip);
+      lastOwners.set(ip, { uid: only.uid, at: now });
+      if (isTerminating(only) || (before !== undefined && before.uid !== only.uid)) recheck.set(ip, only);
+      else byAddress.set(ip, only);
     }
     this.byAddress = byAddress;
+    this.recheck = recheck;
+    this.lastOwners = lastOwners;
     this.byUid = new Map(pods.filter(isLive).map((p) => [p.uid, p]));
-    this.indexedPods = new Set(byAddress.values()).size;
+    this.indexedPods = new Set([...byAddress.values(), ...recheck.values()]).size;
     this.listed = pods;
     this.reportConflicts(conflicts.sort());
     this.notifyIfChanged(pods);

@@ -14,6 +14,11 @@ export interface Pod {
   serviceAccount?: string;
   /** metadata.creationTimestamp, when the kubelet gave one: `nmi explain` shows the pod's age. */
   createdAt?: string;
+  /**
+   * metadata.deletionTimestamp, once the pod is being deleted: it may still run (its grace period), but its
+   * address may be another pod's soon, so it is served only after a fresh kubelet list (kubelet/pod-index.ts).
+   */
+  deletingSince?: string;
 }
 
 /** The service account a pod runs as: Kubernetes' default when the kubelet names none. */

@@ -122,6 +122,8 @@ export interface NativeAddon {
    * its owner's uid and the cgroup v2 id it was created in (null before Linux 5.7); null when there is none.
    */
   socketOwner(localAddress: string, localPort: number, remoteAddress: string, remotePort: number): SocketOwner | null;
+  /** PR_SET_DUMPABLE 0 and RLIMIT_CORE 0 (soft and hard) on this process; returns what the kernel then reports. */
+  disableCoreDumps(): CoreDumpState;
   /** Starts the server's epoll thread on a listening socket, which it owns (and closes) from then on. */
   serverStart(options: NativeServerOptions, onRequest: NativeRequestHandler): { id: number; port: number };
   /** Queues the complete answer bytes of one deferred request; close ends the connection after it. */
@@ -162,6 +164,13 @@ export interface SocketOwner {
   uid: number;
   inode: number;
   cgroupId: bigint | null;
+}
+
+/** prctl(PR_GET_DUMPABLE) and RLIMIT_CORE's limits in bytes (-1: unlimited). */
+export interface CoreDumpState {
+  dumpable: number;
+  coreSoft: number;
+  coreHard: number;
 }
 
 export interface BpfLinkInfo {

@@ -1,13 +1,20 @@
 // --probe-address: /healthz (process and event loop alive), /readyz, /metrics,
 // and /explain for `nmi explain`, which answers loopback callers only, whatever
 // the address (a probe address opened for scraping must not tell the network
-// about pods). Bound to loopback by default; it serves no token and no secret.
+// about pods), and of those only root's: which pods exist, their identities and
+// why they were refused is not for every local user. The kernel names the
+// connecting socket's owner (sock_diag, as for /host/token on TCP). Bound to
+// loopback by default; it serves no token and no secret.
 import http from 'node:http';
 import { once } from 'node:events';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import type { Registry } from 'prom-client';
+import { peerSocketOwner } from '../attest/host-callers.js';
+import { peerEnds, type ConnectionEnds } from '../attest/peers.js';
 import type { HostPort } from '../config/values.js';
+import { messageOf } from '../errors/errors.js';
 import { plainAddress } from '../kubelet/pod-index.js';
+import type { SocketOwner } from '../native/addon.js';
 import type { Readiness } from './readiness.js';
 
 export const PID_HEADER = 'X-Nmi-Pid';
@@ -27,6 +34,23 @@ function isLoopback(address: string | undefined): boolean {
   if (!address) return false;
   const plain = plainAddress(address);
   return plain.startsWith('127.') || plain === '::1';
+}
+
+/**
+ * Why a loopback connection may not ask /explain, or undefined when it may: its socket must be root's, or nmi's own
+ * uid's (nmi run as a user, in tests). `owner` is the kernel's lookup, replaceable only to test the rule.
+ */
+export function explainRefusal(socket: ConnectionEnds, owner = peerSocketOwner, ownUid = process.geteuid?.() ?? 0): string | undefined {
+  const ends = peerEnds(socket);
+  let found: SocketOwner | null;
+  try {
+    found = ends && owner(ends);
+  } catch (err) {
+    return `explain answers root only, and the kernel could not name the caller (${messageOf(err)})`;
+  }
+  if (!found) return 'explain answers root only, and the kernel could not name the caller';
+  if (found.uid === 0 || found.uid === ownUid) return undefined;
+  return `explain answers root only, and this connection is uid ${found.uid}'s: run nmi explain as root`;
 }
 
 /** An event loop stalled longer than this fails liveness. */
@@ -65,6 +89,8 @@ export async function startProbeServer(address: HostPort, readiness: Readiness, 
     if (path === '/explain') {
       const json = (status: number, body: object) => send(status, `${JSON.stringify(body)}\n`, 'application/json; charset=utf-8');
       if (!isLoopback(req.socket.remoteAddress) || !isLoopback(req.socket.localAddress)) return json(403, { error: 'explain answers on loopback only' });
+      const refusal = explainRefusal(req.socket);
+      if (refusal) return json(403, { error: refusal, reason: 'not-root' });
       const target = new URLSearchParams(query).get('pod');
       if (!target) return json(400, { error: 'name the pod: /explain?pod=<namespace>/<pod> or its address' });
       if (!debug.explain) return json(503, { error: 'nmi is starting: no pods and bindings yet' });

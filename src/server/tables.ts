@@ -7,7 +7,7 @@
 // js server's worker thread alike.
 import { attestedKey } from '../attest/peers.js';
 import { identityKey, identityNameOf, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
-import { isCaller } from '../kubelet/pod-index.js';
+import { isCaller, isTerminating } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
 import { EXPIRY_MARGIN_MS } from '../tokens/token-cache.js';
 import type { Token } from '../tokens/token.js';
@@ -206,7 +206,8 @@ const none: readonly AzureIdentity[] = [];
 export function buildCallerEntries(pods: readonly Pod[], identitiesFor: (pod: Pod) => PodIdentities, cgroupsOf?: (pod: Pod) => readonly bigint[]): CallerEntry[] {
   const owners = new Map<string, Set<Pod>>();
   for (const pod of pods) {
-    if (!isCaller(pod)) continue;
+    // A terminating pod's address may be a new pod's already: the core re-checks it with the kubelet (pod-index.ts).
+    if (!isCaller(pod) || isTerminating(pod)) continue;
     for (const ip of pod.ips) owners.set(ip, (owners.get(ip) ?? new Set<Pod>()).add(pod));
   }
   const entries: CallerEntry[] = [];

@@ -9,3 +9,17 @@ export function mountsOfType(type: string): string[] {
     .filter((fields) => fields[2] === type)
     .map((fields) => fields[1] ?? '');
 }
+
+/** Whether the kernel refuses every write under this (resolved) path: the mount holding it is read-only. */
+export function onReadOnlyMount(resolved: string): boolean {
+  let best: { point: string; readOnly: boolean } | undefined;
+  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    // mount ID, parent ID, major:minor, root, mount point, mount options, ...
+    const fields = line.split(' ');
+    const point = (fields[4] ?? '').replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8)));
+    if (!point || !(resolved === point || resolved.startsWith(point === '/' ? '/' : `${point}/`))) continue;
+    // The last mount over a path wins: mountinfo lists mounts in the order they were made.
+    if (!best || point.length >= best.point.length) best = { point, readOnly: (fields[5] ?? '').split(',').includes('ro') };
+  }
+  return best?.readOnly ?? false;
+}

@@ -1,7 +1,8 @@
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, chownSync, mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { codes, isNmiError } from '../../src/errors/errors.js';
@@ -241,4 +242,87 @@ test('a deleted file keeps the last good set', async () => {
   writeFileSync(file, MULTI.replace('selector: web', 'selector: back'));
   await changed;
   assert.deepEqual([...store.snapshot.bindingsBySelector.keys()], ['back']);
+});
+
+/** start() refused with a usage error naming --bindings, the path given, and what is wrong. */
+async function refusedAtStart(target: string, why: RegExp): Promise<void> {
+  const source = new FileBindingSource(target, capture().log);
+  await assert.rejects(source.start(() => undefined), (err: unknown) => {
+    assert.ok(isNmiError(err, codes.USAGE), String(err));
+    assert.ok(err.message.startsWith(`--bindings ${target}: refused: `), err.message);
+    assert.match(err.message, why);
+    return true;
+  });
+}
+
+test('bindings another user could write are refused at start: the file, its folder, a folder\'s files and where their links lead', async () => {
+  const file = path.join(scratch(), 'bindings.yaml');
+  writeFileSync(file, MULTI);
+  chmodSync(file, 0o666);
+  await refusedAtStart(file, new RegExp(`${file} is writable by its group and others \\(mode 0666\\)`));
+  chmodSync(file, 0o664);
+  await refusedAtStart(file, new RegExp(`${file} is writable by its group \\(mode 0664\\)`));
+  chmodSync(file, 0o644);
+  chmodSync(path.dirname(file), 0o777);
+  await refusedAtStart(file, new RegExp(`${path.dirname(file)} is writable by its group and others \\(mode 0777\\)`));
+
+  const folder = scratch();
+  writeFileSync(path.join(folder, 'a.yaml'), MULTI);
+  chmodSync(path.join(folder, 'a.yaml'), 0o646);
+  await refusedAtStart(folder, /a\.yaml is writable by others \(mode 0646\)/);
+  chmodSync(path.join(folder, 'a.yaml'), 0o644);
+  chmodSync(folder, 0o757);
+  await refusedAtStart(folder, /is writable by others \(mode 0757\)/);
+  chmodSync(folder, 0o755);
+  // A link in a safe folder to a file in a folder anyone may write.
+  const open = scratch();
+  writeFileSync(path.join(open, 'b.yaml'), MULTI.replace(/web/g, 'other'));
+  chmodSync(open, 0o1777);
+  symlinkSync(path.join(open, 'b.yaml'), path.join(folder, 'b.yaml'));
+  await refusedAtStart(folder, new RegExp(`${open} is writable by its group and others \\(mode 1777\\)`));
+});
+
+test('bindings owned by another uid are refused at start', { skip: process.getuid?.() !== 0 && 'needs root to give a file away' }, async () => {
+  const file = path.join(scratch(), 'bindings.yaml');
+  writeFileSync(file, MULTI);
+  chownSync(file, 65534, 65534);
+  await refusedAtStart(file, /bindings\.yaml is owned by uid 65534, neither root nor nmi's uid 0/);
+  chownSync(file, 0, 0);
+  chownSync(path.dirname(file), 65534, 65534);
+  await refusedAtStart(file, /is owned by uid 65534, neither root nor nmi's uid 0/);
+});
+
+test('bindings made writable by others after start: the last good set is kept and the reason logged once', async () => {
+  const file = path.join(scratch(), 'bindings.yaml');
+  writeFileSync(file, MULTI);
+  const { log, lines } = capture();
+  const store = await open(file, log);
+  const good = store.snapshot;
+  chmodSync(file, 0o666);
+  writeFileSync(file, MULTI.replace('selector: web', 'selector: planted'));
+  const warned = await until(() => lines().find((l) => l.level === 40), store);
+  assert.equal(warned.msg, `bindings refused, keeping the last good set: ${file} is writable by its group and others (mode 0666)`);
+  // Several polls later: still the last good set, still one line.
+  await new Promise((resolve) => setTimeout(resolve, 700));
+  assert.equal(store.snapshot, good);
+  assert.equal(lines().filter((l) => /bindings refused/.test(l.msg)).length, 1);
+  const changed = once(store, 'change');
+  chmodSync(file, 0o644);
+  await changed;
+  assert.deepEqual([...store.snapshot.bindingsBySelector.keys()], ['planted']);
+});
+
+test('a folder on a read-only mount (a ConfigMap volume: the kubelet makes its folder 0777) is trusted; writable, it is not', { skip: process.getuid?.() !== 0 && 'needs root to mount' }, () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'nmi-ro-bindings-'));
+  try {
+    chmodSync(dir, 0o777);
+    writeFileSync(path.join(dir, 'bindings.yaml'), '');
+    const module = new URL('../../src/bindings/file-source.js', import.meta.url).href;
+    const check = `import('${module}').then(async (m) => console.log(JSON.stringify((await m.bindingsTrustProblem('${dir}')) ?? null)))`;
+    const run = (mount: string) => execFileSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', `${mount} "${process.execPath}" -e "${check}"`], { encoding: 'utf8' }).trim();
+    assert.match(JSON.parse(run('')) as string, /is writable by its group and others \(mode 0777\)$/);
+    assert.equal(JSON.parse(run(`mount --bind ${dir} ${dir} && mount -o remount,bind,ro ${dir} &&`)), null);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });

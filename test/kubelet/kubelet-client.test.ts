@@ -55,6 +55,12 @@ test('mTLS: reads /pods and parses the pods', async () => {
   assert.equal(k.calls, 1);
 });
 
+test('a pod being deleted carries its deletionTimestamp', async () => {
+  const k = await kubelet({ pods: [makePodJson({ name: 'old', uid: 'u-2', ip: '10.244.0.6', deletionTimestamp: '2024-01-01T01:00:00Z' })] });
+  const [pod] = await client(mtls(k)).fetchPods();
+  assert.equal(pod?.deletingSince, '2024-01-01T01:00:00Z');
+});
+
 test('a URL with a path prefix reads <prefix>/pods', async () => {
   const k = await kubelet();
   // The stand-in serves only /pods, so a prefix reaches it as a 404: the path was kept.

@@ -93,6 +93,63 @@ test('a pod added after start is found on its first lookup', async () => {
   assert.equal(kubelet.calls, 2);
 });
 
+const DELETING = '2024-01-01T01:00:00Z';
+
+test('a terminating pod\'s address freed and given to a new pod: answered as the new pod after one refresh, never the old', async () => {
+  const a = makePodJson({ name: 'a', namespace: 'shop', uid: 'uid-a', ip: '10.244.5.5', deletionTimestamp: DELETING });
+  const { kubelet, index } = await setup([a]);
+  await index.start();
+  assert.equal(index.known('10.244.5.5'), undefined, 'not served from the index');
+  assert.equal(index.size, 1);
+  // A is gone, B has its address; the index still lists A as it was.
+  kubelet.pods.splice(0, 1, makePodJson({ name: 'b', namespace: 'shop', uid: 'uid-b', ip: '10.244.5.5' }));
+  const pod = await index.lookup('10.244.5.5');
+  assert.equal(pod?.uid, 'uid-b');
+  assert.equal(kubelet.calls, 2);
+  assert.equal(index.refreshes['unknown-caller'], 1);
+});
+
+test('a terminating pod still listed after the re-check is served as itself, each time after a fresh list', async () => {
+  const { kubelet, index } = await setup([makePodJson({ name: 'a', uid: 'uid-a', ip: '10.244.5.6', deletionTimestamp: DELETING })]);
+  await index.start();
+  assert.equal((await index.lookup('10.244.5.6'))?.uid, 'uid-a');
+  assert.equal(kubelet.calls, 2);
+  assert.equal((await index.lookup('10.244.5.6'))?.uid, 'uid-a');
+  assert.equal(kubelet.calls, 3);
+});
+
+test('a terminating pod and a new one listed on one address: the new one, at once', async () => {
+  const { kubelet, index } = await setup([
+    makePodJson({ name: 'a', uid: 'uid-a', ip: '10.244.5.7', deletionTimestamp: DELETING }),
+    makePodJson({ name: 'b', uid: 'uid-b', ip: '10.244.5.7' }),
+  ]);
+  await index.start();
+  assert.equal((await index.lookup('10.244.5.7'))?.uid, 'uid-b');
+  assert.equal(kubelet.calls, 1);
+});
+
+test('an address that changed pods between two lists is re-checked once, then answered from the index', async () => {
+  const { kubelet, index } = await setup([makePodJson({ name: 'a', uid: 'uid-a', ip: '10.244.5.8' })]);
+  await index.start();
+  kubelet.pods.splice(0, 1, makePodJson({ name: 'b', uid: 'uid-b', ip: '10.244.5.8' }));
+  await index.refresh('interval');
+  assert.equal(index.known('10.244.5.8'), undefined);
+  assert.equal((await index.lookup('10.244.5.8'))?.uid, 'uid-b');
+  assert.equal(kubelet.calls, 3);
+  assert.equal(index.known('10.244.5.8')?.uid, 'uid-b');
+  assert.equal((await index.lookup('10.244.5.8'))?.uid, 'uid-b');
+  assert.equal(kubelet.calls, 3);
+});
+
+test('a terminating pod while the kubelet is down: not served (the index cannot say the address is still its own)', async () => {
+  const { kubelet, index } = await setup([makePodJson({ name: 'a', uid: 'uid-a', ip: '10.244.5.9', deletionTimestamp: DELETING })]);
+  await index.start();
+  kubelet.failWith(500);
+  assert.equal(await index.lookup('10.244.5.9'), undefined);
+  kubelet.failWith(null);
+  assert.equal((await index.lookup('10.244.5.9'))?.uid, 'uid-a');
+});
+
 test('1000 concurrent lookups of unknown addresses make exactly one kubelet call', async () => {
   const { kubelet, index } = await setup([web]);
   await index.start();

@@ -122,6 +122,12 @@ test('once the kubelet answers, a pod gets its token through the unit', async ()
   await assertToken();
 });
 
+test('no core file: the unit says LimitCORE=0 and the running nmi has RLIMIT_CORE 0', async () => {
+  assert.equal(await node.show('LimitCORE'), '0');
+  const limits = await node.exec('cat', [`/proc/${await mainPid()}/limits`]);
+  assert.match(limits, /^Max core file size\s+0\s+0\s+bytes\s*$/m, limits);
+});
+
 test('systemctl restart: the listeners wait in the fd store, so a pod asking all along sees no failure; the rules are never rewritten', async (t) => {
   assert.equal(await node.show('NFileDescriptorStore'), '2', 'token and probe stored');
   const rules = nat();

@@ -35,6 +35,8 @@ export interface PodJsonOptions {
   nodeName?: string;
   /** spec.serviceAccountName; the API server's admission sets `default` when a pod names none. */
   serviceAccount?: string;
+  /** metadata.deletionTimestamp: the pod is being deleted (still listed, and running, for its grace period). */
+  deletionTimestamp?: string;
 }
 
 /** A pod in the kubelet's JSON shape (fields as the kubelet writes them, `omitempty` honoured). */
@@ -48,6 +50,7 @@ export function makePodJson(o: PodJsonOptions): Record<string, unknown> {
       uid: o.uid ?? randomUUID(),
       resourceVersion: '1',
       creationTimestamp: '2024-01-01T00:00:00Z',
+      ...(o.deletionTimestamp ? { deletionTimestamp: o.deletionTimestamp, deletionGracePeriodSeconds: 30 } : {}),
       ...(o.labels ? { labels: o.labels } : {}),
       annotations: { 'kubernetes.io/config.source': 'api' },
     },

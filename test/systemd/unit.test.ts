@@ -48,6 +48,8 @@ test('the unit is Type=notify with a watchdog, main-pid notifications and the in
   assert.deepEqual(directive('EnvironmentFile'), ['-/etc/default/nmi']);
   assert.deepEqual(directive('WatchdogSec'), ['30s']);
   assert.deepEqual(directive('Restart'), ['on-failure']);
+  // A watchdog abort must not write tokens and Secrets to a core file (nmi also sets RLIMIT_CORE 0 itself).
+  assert.deepEqual(directive('LimitCORE'), ['0']);
   assert.deepEqual(directive('WantedBy'), ['multi-user.target']);
   // Rules before any pod: nmi becomes READY while the kubelet is down (test/systemd/run-notify.test.ts).
   assert.deepEqual(directive('Before'), ['kubelet.service']);
