@@ -233,7 +233,7 @@ export class PodEvents {
     this.counts.failed += 1;
     const status = (err as { status?: number }).status;
     if (!this.#said.due(`${verb} ${status}`)) return;
-    const hint = status === 403 ? `; nmi needs ${verb} on events.k8s.io events (deploy/base/rbac.yaml)` : '';
+    const hint = status === 403 ? `; nmi needs ${verb} on events.k8s.io events (deploy/grants/pod-events)` : '';
     this.#log.warn({ err: messageOf(err), status }, `could not ${verb} a pod event${hint}`);
   }
 }

@@ -40,7 +40,7 @@ export class ServiceAccountTokens {
     try {
       answer = await this.client.create(path, request, signal);
     } catch (err) {
-      const hint = err instanceof ApiError && err.status === 403 ? ' (nmi needs create on serviceaccounts/token: deploy/base/rbac.yaml)' : '';
+      const hint = err instanceof ApiError && err.status === 403 ? ' (nmi needs create on serviceaccounts/token: deploy/grants/federation)' : '';
       throw new NmiError(codes.TOKEN, `service account token for ${pod.namespace}/${account}: ${messageOf(err)}${hint}`, { cause: err });
     }
     const token = (answer as { status?: { token?: unknown } } | null)?.status?.token;

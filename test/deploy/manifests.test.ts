@@ -1,11 +1,13 @@
-// deploy/ as operators apply it: `kubectl kustomize` renders the base and every
-// overlay (with the kubectl on PATH: Debian 12's kubernetes-client embeds the
-// oldest kustomize the files are written for). The base's DaemonSet runs nmi the
-// way the contract needs (host network, probes, capabilities, xtables lock,
-// downward API); each overlay changes it only as it says; the RBAC grants
-// exactly what nmi uses, checked against the requests nmi's own Kubernetes
-// source and start gate make to a stand-in API server; the CRDs are the ones it
-// reads, and their schemas keep every field it parses.
+// deploy/ as operators apply it: `kubectl kustomize` renders the base, every
+// overlay and every grant (with the kubectl on PATH: Debian 12's kubernetes-client
+// embeds the oldest kustomize the files are written for). The base's DaemonSet runs
+// nmi the way the contract needs (host network, probes, capabilities, xtables lock,
+// downward API) on worker nodes only; each overlay changes it only as it says and
+// mounts certificates one file at a time; the base's RBAC is exactly what a cluster
+// of user-assigned identities needs, and each further privilege is in its own grant,
+// checked against the requests nmi's own Kubernetes source, Events, federation and
+// start gate make to a stand-in API server; the CRDs are the ones it reads, and
+// their schemas keep every field it parses.
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
@@ -16,6 +18,7 @@ import { fileURLToPath } from 'node:url';
 import { isDeepStrictEqual } from 'node:util';
 import { parse, parseAllDocuments } from 'yaml';
 import { CRD_PATH, KubeBindingSource } from '../../src/bindings/kube-source.js';
+import type { BindingSet } from '../../src/bindings/parse.js';
 import { CRD_API_VERSION, parseObject } from '../../src/bindings/parse.js';
 import { runFlags } from '../../src/config/commands.js';
 import { envName, parseFlags } from '../../src/config/flags.js';
@@ -37,20 +40,41 @@ type Doc = Record<string, any>;
 /** Every kustomization operators apply, and the kinds its render holds. */
 const BASE_KINDS = ['ClusterRole', 'ClusterRoleBinding', 'DaemonSet', 'ServiceAccount'];
 const CRD3 = ['CustomResourceDefinition', 'CustomResourceDefinition', 'CustomResourceDefinition'];
+const GRANT = ['ClusterRole', 'ClusterRoleBinding'];
+/** Each further privilege: its folder under deploy/grants/, and exactly the rules it adds. */
+const grantRules: Record<string, Doc[]> = {
+  'service-principals': [{ apiGroups: [''], resources: ['secrets'], verbs: ['get'] }],
+  federation: [
+    { apiGroups: [''], resources: ['serviceaccounts'], verbs: ['list', 'watch'] },
+    { apiGroups: [''], resources: ['serviceaccounts/token'], verbs: ['create'] },
+  ],
+  'pod-events': [{ apiGroups: ['events.k8s.io'], resources: ['events'], verbs: ['create', 'patch'] }],
+  'start-gate': [{ apiGroups: [''], resources: ['nodes'], verbs: ['get', 'patch'] }],
+  'kubelet-proxy': [{ apiGroups: [''], resources: ['nodes/proxy'], verbs: ['get'] }],
+};
 const expectedKinds: Record<string, string[]> = {
   base: BASE_KINDS,
   'overlays/standalone': [...BASE_KINDS, ...CRD3],
   'overlays/aks-engine': BASE_KINDS,
-  'overlays/start-gate': [...BASE_KINDS, 'ClusterRole', 'ClusterRoleBinding'],
-  // Listed beside an overlay in an operator's own (README): no DaemonSet of their own.
+  'overlays/start-gate': [...BASE_KINDS, ...GRANT],
+  'overlays/pod-events': [...BASE_KINDS, ...GRANT],
+  'overlays/control-plane': BASE_KINDS,
+  // Listed beside an overlay in an operator's own, or applied beside one (README): no DaemonSet of their own.
   crds: CRD3,
-  'start-gate-rbac': ['ClusterRole', 'ClusterRoleBinding'],
+  ...Object.fromEntries(Object.keys(grantRules).map((g) => [`grants/${g}`, GRANT])),
 };
-/** What each overlay changes in the base's DaemonSet: env entries and volumes, by name. */
-const overlayChanges: Record<string, { env: string[]; volumes: string[] }> = {
-  'overlays/standalone': { env: [], volumes: [] },
-  'overlays/aks-engine': { env: ['NMI_KUBELET_CA', 'NMI_KUBELET_CLIENT_CERT', 'NMI_KUBELET_CLIENT_KEY', 'NMI_KUBELET_TOKEN_FILE'], volumes: ['kubernetes-certs'] },
-  'overlays/start-gate': { env: ['NMI_START_TAINT'], volumes: [] },
+/** What each overlay changes in the base's DaemonSet: env entries, volumes and pod spec fields, by name; and the grants it adds. */
+const overlayChanges: Record<string, { env: string[]; volumes: string[]; pod: string[]; grants: string[] }> = {
+  'overlays/standalone': { env: [], volumes: [], pod: [], grants: [] },
+  'overlays/aks-engine': {
+    env: ['NMI_KUBELET_CA', 'NMI_KUBELET_CLIENT_CERT', 'NMI_KUBELET_CLIENT_KEY', 'NMI_KUBELET_TOKEN_FILE'],
+    volumes: ['kubelet-ca', 'kubelet-client-cert', 'kubelet-client-key'],
+    pod: [],
+    grants: [],
+  },
+  'overlays/start-gate': { env: ['NMI_START_TAINT'], volumes: [], pod: [], grants: ['start-gate'] },
+  'overlays/pod-events': { env: ['NMI_POD_EVENTS'], volumes: [], pod: [], grants: ['pod-events'] },
+  'overlays/control-plane': { env: [], volumes: [], pod: ['affinity'], grants: [] },
 };
 
 const renders = new Map<string, Doc[]>();
@@ -143,13 +167,14 @@ function changed(a: Doc[] = [], b: Doc[] = []): string[] {
   return [...new Set([...ma.keys(), ...mb.keys()])].filter((n) => !isDeepStrictEqual(ma.get(n), mb.get(n))).sort();
 }
 
-test('every overlay keeps the base as it is, but for the env entries and volumes it is for', () => {
+test('every overlay keeps the base as it is, but for the env entries, volumes and pod fields it is for', () => {
   const base = render('base');
-  const { ds } = nmiPod('base');
-  const strip = (d: Doc): Doc => {
+  const { ds, pod } = nmiPod('base');
+  const strip = (d: Doc, fields: string[]): Doc => {
     const copy = structuredClone(d);
     const spec = copy.spec.template.spec;
     delete spec.volumes;
+    for (const f of fields) delete spec[f];
     for (const c of spec.containers) {
       delete c.env;
       delete c.volumeMounts;
@@ -162,26 +187,79 @@ test('every overlay keeps the base as it is, but for the env entries and volumes
       assert.ok(docs.some((d) => isDeepStrictEqual(d, doc)), `${dir} keeps the base's ${doc.kind} ${doc.metadata.name}`);
     }
     const other = nmiPod(dir);
-    assert.deepEqual(strip(other.ds), strip(ds), `${dir}: the DaemonSet but for env and volumes`);
+    assert.deepEqual(strip(other.ds, changes.pod), strip(ds, changes.pod), `${dir}: the DaemonSet but for env, volumes and ${changes.pod.join(', ') || 'no pod field'}`);
+    for (const f of changes.pod) assert.notDeepEqual(other.pod[f], pod[f], `${dir} changes ${f}`);
     assert.deepEqual(changed(other.container.env, nmiPod('base').container.env), changes.env, `${dir}: env entries changed`);
     assert.deepEqual(changed(other.pod.volumes, nmiPod('base').pod.volumes), changes.volumes, `${dir}: volumes changed`);
     assert.deepEqual(changed(other.container.volumeMounts, nmiPod('base').container.volumeMounts), changes.volumes, `${dir}: mounts changed`);
   }
 });
 
-test('DaemonSet: host network, critical priority, every node, one container with the nmi service account', () => {
+test('DaemonSet: host network, critical priority, one container with the nmi service account', () => {
   const { ds, pod } = nmiPod('base');
   assert.equal(ds.apiVersion, 'apps/v1');
   assert.deepEqual(ds.spec.selector.matchLabels, ds.spec.template.metadata.labels);
   assert.equal(pod.hostNetwork, true);
   assert.equal(pod.dnsPolicy, 'ClusterFirstWithHostNet');
   assert.equal(pod.priorityClassName, 'system-node-critical');
-  assert.ok((pod.tolerations as Doc[]).some((t) => t.operator === 'Exists' && !t.key && !t.effect), 'tolerates every taint');
   assert.equal(pod.containers.length, 1);
   const sa = one(render('base'), 'ServiceAccount');
   assert.equal(pod.serviceAccountName, sa.metadata.name);
   assert.equal(ds.metadata.namespace, sa.metadata.namespace);
   assert.notEqual(pod.automountServiceAccountToken, false, 'the API server and kubelet token come from the automounted service account');
+});
+
+/** Whether a toleration lets a pod onto a node with this taint, as the scheduler matches them. */
+function tolerates(tolerations: Doc[] = [], taint: { key: string; value?: string; effect: string }): boolean {
+  return tolerations.some((t) => {
+    if (t.effect && t.effect !== taint.effect) return false;
+    if (!t.key) return t.operator === 'Exists';
+    if (t.key !== taint.key) return false;
+    return t.operator === 'Exists' || (t.value ?? '') === (taint.value ?? '');
+  });
+}
+/** The labels and taints kubeadm (control-plane; master before 1.24/1.25) and other installers put on control-plane nodes. */
+const controlPlane = ['node-role.kubernetes.io/control-plane', 'node-role.kubernetes.io/master'];
+/** Whether the pod's required node affinity admits a node with these labels (terms are ORed, expressions ANDed). */
+function admits(pod: Doc, labels: Record<string, string>): boolean {
+  const terms: Doc[] | undefined = pod.affinity?.nodeAffinity?.requiredDuringSchedulingIgnoredDuringExecution?.nodeSelectorTerms;
+  const selector: Record<string, string> = pod.nodeSelector ?? {};
+  if (!Object.entries(selector).every(([k, v]) => labels[k] === v)) return false;
+  if (!terms) return true;
+  return terms.some((term) =>
+    (term.matchExpressions as Doc[]).every((e) => {
+      const has = Object.hasOwn(labels, e.key);
+      switch (e.operator) {
+        case 'DoesNotExist': return !has;
+        case 'Exists': return has;
+        case 'In': return has && e.values.includes(labels[e.key]);
+        case 'NotIn': return !has || !e.values.includes(labels[e.key]);
+        default: return assert.fail(`operator ${e.operator} not modelled here`);
+      }
+    }),
+  );
+}
+
+test('DaemonSet: every worker node whatever its taints, control-plane nodes excluded by affinity; the control-plane overlay puts nmi on every node', () => {
+  const worker = { 'kubernetes.io/os': 'linux' };
+  for (const dir of ['base', ...Object.keys(overlayChanges).filter((o) => o !== 'overlays/control-plane')]) {
+    const { pod } = nmiPod(dir);
+    assert.equal(admits(pod, worker), true, `${dir}: a Linux worker node`);
+    for (const key of controlPlane) {
+      assert.equal(admits(pod, { ...worker, [key]: '' }), false, `${dir}: a node labelled ${key}`);
+      assert.equal(admits(pod, { ...worker, [key]: 'true' }), false, `${dir}: a node labelled ${key}=true`);
+    }
+    // A node without nmi leaks the node's identities: a tainted worker pool gets nmi too, and keeps it through
+    // node conditions' taints as long as the node's pods are there.
+    assert.equal(tolerates(pod.tolerations, { key: 'nvidia.com/gpu', value: 'present', effect: 'NoSchedule' }), true, `${dir}: a GPU pool's taint`);
+    assert.equal(tolerates(pod.tolerations, { key: 'node.kubernetes.io/unreachable', effect: 'NoExecute' }), true, `${dir}: NoExecute`);
+  }
+  const { pod } = nmiPod('overlays/control-plane');
+  for (const key of controlPlane) {
+    assert.equal(admits(pod, { 'kubernetes.io/os': 'linux', [key]: '' }), true, `control-plane: a node labelled ${key}`);
+    assert.equal(tolerates(pod.tolerations, { key, effect: 'NoSchedule' }), true, `control-plane: tolerates ${key}:NoSchedule`);
+  }
+  assert.equal(tolerates(pod.tolerations, { key: 'nvidia.com/gpu', value: 'present', effect: 'NoSchedule' }), true, 'control-plane: every taint');
 });
 
 test('DaemonSet: least privilege — NET_ADMIN and NET_RAW on top of nothing, read-only root', () => {
@@ -249,19 +327,43 @@ test('DaemonSet: kubelet reached on the node address with the service account to
   assert.equal(envValue('NMI_KUBELET_CA'), '/var/run/secrets/kubernetes.io/serviceaccount/ca.crt');
 });
 
-test("aks-engine: the kubelet's client certificate, key and CA from the host's /etc/kubernetes/certs, read-only; no token", () => {
+test("aks-engine: the kubelet's client certificate, key and CA from the host's /etc/kubernetes/certs, each file alone, read-only; no token", () => {
   const { pod, container, env, envValue } = nmiPod('overlays/aks-engine');
-  const certs = '/etc/kubernetes/certs';
-  const volume = (pod.volumes as Doc[]).find((v) => v.hostPath?.path === certs);
-  assert.ok(volume, `hostPath ${certs}`);
-  assert.equal(volume.hostPath.type, 'Directory');
-  const mount = (container.volumeMounts as Doc[]).find((m) => m.name === volume.name);
-  assert.ok(mount, `${volume.name} mounted`);
-  assert.equal(mount.readOnly, true, `${volume.name} mounted read-only`);
+  // The files systemd/nmi.env names on AKS Engine nodes (test/systemd/unit.test.ts checks those).
   for (const [name, file] of [['NMI_KUBELET_CA', 'ca.crt'], ['NMI_KUBELET_CLIENT_CERT', 'client.crt'], ['NMI_KUBELET_CLIENT_KEY', 'client.key']] as const) {
-    assert.equal(envValue(name), path.posix.join(mount.mountPath, file), `${name} names a file in the mount`);
+    const host = path.posix.join('/etc/kubernetes/certs', file);
+    assert.equal(envValue(name), host, `${name}: the host's path, seen at the same place`);
+    const volume = (pod.volumes as Doc[]).find((v) => v.hostPath?.path === host) ?? assert.fail(`hostPath ${host}`);
+    assert.equal(volume.hostPath.type, 'File', `${host}: a file, not a folder`);
+    const mount = (container.volumeMounts as Doc[]).find((m) => m.name === volume.name) ?? assert.fail(`${volume.name} mounted`);
+    assert.deepEqual([mount.mountPath, mount.readOnly, mount.subPath], [host, true, undefined], `${volume.name} mounted read-only at ${host}`);
   }
   assert.equal(env.has('NMI_KUBELET_TOKEN_FILE'), false, 'no token file: the kubelet authenticates the client certificate');
+});
+
+/** The flags whose value is a credential file nmi reads. */
+const credentialFlags = ['NMI_KUBELET_CA', 'NMI_KUBELET_CLIENT_CERT', 'NMI_KUBELET_CLIENT_KEY', 'NMI_KUBELET_TOKEN_FILE', 'NMI_KUBECONFIG'];
+/** Where hosts keep certificates and keys: a host folder under one of these is a folder of them. */
+const certificateFolders = ['/etc/kubernetes', '/var/lib/kubelet', '/etc/pki', '/etc/ssl', '/usr/local/share/ca-certificates', '/etc/srv/kubernetes'];
+const under = (p: string, folder: string): boolean => p === folder || p.startsWith(`${folder}/`) || folder.startsWith(`${p}/`) || p === '/';
+
+test('every render: certificates and keys mounted one file at a time, read-only, never a folder of them', () => {
+  for (const dir of ['base', ...Object.keys(overlayChanges)]) {
+    const { pod, container, envValue } = nmiPod(dir);
+    const mounts = (container.volumeMounts ?? []) as Doc[];
+    const credentials = credentialFlags.map(envValue).filter((v): v is string => v !== undefined);
+    for (const volume of (pod.volumes ?? []) as Doc[]) {
+      if (!volume.hostPath) continue;
+      const mount = mounts.find((m) => m.name === volume.name) ?? assert.fail(`${dir}: ${volume.name} mounted`);
+      const holdsCredential = credentials.some((file) => file === mount.mountPath || file.startsWith(`${mount.mountPath}/`));
+      if (!holdsCredential && !certificateFolders.some((f) => under(volume.hostPath.path, f))) continue;
+      const what = `${dir}: hostPath ${volume.hostPath.path}`;
+      assert.equal(volume.hostPath.type, 'File', `${what} is a file (type: File), not a folder of certificates`);
+      assert.notEqual(path.posix.extname(volume.hostPath.path), '', `${what} names a file`);
+      assert.ok(credentials.includes(mount.mountPath), `${what} is mounted exactly where a flag names it (${credentials.join(', ')})`);
+      assert.equal(mount.readOnly, true, `${what} read-only`);
+    }
+  }
 });
 
 /** The start gate's taint as nmi's own flag parser reads it from the start-gate render. */
@@ -277,6 +379,8 @@ test("start-gate: NMI_START_TAINT parses as nmi's --start-taint, and is the tain
   const readme = readFileSync(path.join(root, 'README.md'), 'utf8');
   assert.equal(/`--register-with-taints=([^`\s]+)`/.exec(readme)?.[1], raw, "README's kubelet flag");
   assert.equal(nmiPod('base').env.has('NMI_START_TAINT'), false, 'the base has no gate');
+  // nmi must start on the node its taint holds.
+  assert.equal(tolerates(nmiPod('overlays/start-gate').pod.tolerations, taint), true, 'the start-gate overlay tolerates the start taint');
 });
 
 test('DaemonSet: probes hit /readyz and /healthz where nmi listens for them', () => {
@@ -304,18 +408,16 @@ test('DaemonSet: grace period covers the drain; memory bounded with the heap bel
   assert.ok(heap && Number(heap[1]) < Number(limit[1]), 'V8 heap cap below the memory limit');
 });
 
-const expectedRules = [
-  { apiGroups: [''], resources: ['nodes/proxy'], verbs: ['get'] },
-  { apiGroups: ['aadpodidentity.k8s.io'], resources: ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions'], verbs: ['get', 'list', 'watch'] },
-  { apiGroups: [''], resources: ['secrets'], verbs: ['get'] },
-  { apiGroups: [''], resources: ['serviceaccounts'], verbs: ['list', 'watch'] },
-  { apiGroups: [''], resources: ['serviceaccounts/token'], verbs: ['create'] },
-  { apiGroups: ['events.k8s.io'], resources: ['events'], verbs: ['create', 'patch'] },
+/** What a cluster of user-assigned identities needs: the kubelet's /pods, and the custom resources listed and watched. */
+const baseRules = [
+  { apiGroups: [''], resources: ['nodes/pods'], verbs: ['get'] },
+  { apiGroups: ['aadpodidentity.k8s.io'], resources: ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions'], verbs: ['list', 'watch'] },
 ];
 
 /** The render's ClusterRoles bound, each by one ClusterRoleBinding of its name, to exactly the DaemonSet's service account. */
 function boundRoles(docs: Doc[]): Map<string, Doc> {
-  const sa = one(docs, 'ServiceAccount');
+  // A grant alone holds no ServiceAccount: it binds the base's.
+  const sa = all(docs, 'ServiceAccount').length > 0 ? one(docs, 'ServiceAccount') : one(render('base'), 'ServiceAccount');
   assert.equal(nmiPod('base').pod.serviceAccountName, sa.metadata.name);
   const roles = new Map<string, Doc>();
   for (const binding of all(docs, 'ClusterRoleBinding')) {
@@ -333,16 +435,39 @@ function allowed(docs: Doc[], group: string, resource: string, verb: string): bo
   return [...boundRoles(docs).values()].some((role) => (role.rules as Doc[]).some((r) => r.apiGroups.includes(group) && r.resources.includes(resource) && r.verbs.includes(verb)));
 }
 
-test('RBAC: exactly nodes/proxy get, the three CRs get/list/watch, secrets get, service accounts read and their tokens created, events create/patch — bound to the DaemonSet service account', () => {
-  assert.deepEqual([...boundRoles(render('base')).keys()], ['nmi']);
-  assert.deepEqual(boundRoles(render('base')).get('nmi')!.rules, expectedRules);
+test('RBAC: the base holds exactly nodes/pods get and the three CRs list/watch — no Secret, no token, no write — bound to the DaemonSet service account', () => {
+  const roles = boundRoles(render('base'));
+  assert.deepEqual([...roles.keys()], ['nmi']);
+  assert.deepEqual(roles.get('nmi')!.rules, baseRules);
   for (const dir of Object.keys(expectedKinds)) assert.equal(all(render(dir), 'Role').length + all(render(dir), 'RoleBinding').length, 0, dir);
 });
 
-test("RBAC: the start-gate overlay grants nodes get and patch, exactly what the gate requests, and the base grants no nodes", async () => {
+test('RBAC: each grant adds exactly its own rules, in a ClusterRole of its own; each overlay adds only the grants it is for', () => {
+  for (const [grant, rules] of Object.entries(grantRules)) {
+    const roles = boundRoles(render(`grants/${grant}`));
+    assert.deepEqual([...roles.keys()], [`nmi-${grant}`], grant);
+    assert.deepEqual(roles.get(`nmi-${grant}`)!.rules, rules, grant);
+  }
+  const baseRoles = [...boundRoles(render('base')).values()];
+  for (const [dir, { grants }] of Object.entries(overlayChanges)) {
+    const roles = [...boundRoles(render(dir)).values()].sort((a, b) => a.metadata.name.localeCompare(b.metadata.name));
+    const expected = [...baseRoles, ...grants.flatMap((g) => [...boundRoles(render(`grants/${g}`)).values()])].sort((a, b) => a.metadata.name.localeCompare(b.metadata.name));
+    assert.deepEqual(roles, expected, dir);
+  }
+  // A feature the base has no grant for is off in the base's own flags, not left to fail.
+  const podEvents = (dir: string): boolean => {
+    const value = nmiPod(dir).envValue(envName('pod-events'));
+    return parseFlags({ 'pod-events': runFlags['pod-events'] }, [], value === undefined ? {} : { [envName('pod-events')]: value }).values.podEvents;
+  };
+  assert.equal(podEvents('base'), false, 'the base turns Events off');
+  assert.equal(podEvents('overlays/pod-events'), true, 'the pod-events overlay turns them on');
+});
+
+test('RBAC: the start gate requests exactly what deploy/grants/start-gate grants, and nothing else grants nodes', async () => {
   const gated = render('overlays/start-gate');
-  assert.deepEqual(boundRoles(gated).get('nmi-start-gate')?.rules, [{ apiGroups: [''], resources: ['nodes'], verbs: ['get', 'patch'] }]);
-  assert.equal(allowed(render('base'), '', 'nodes', 'get') || allowed(render('base'), '', 'nodes', 'patch'), false, 'the gate stays optional');
+  for (const dir of Object.keys(expectedKinds).filter((d) => d !== 'overlays/start-gate' && d !== 'grants/start-gate')) {
+    assert.equal(allowed(render(dir), '', 'nodes', 'get') || allowed(render(dir), '', 'nodes', 'patch'), false, `${dir}: the gate stays optional`);
+  }
   const { taint } = startTaint();
   const api = await startApiServer();
   try {
@@ -366,18 +491,40 @@ test("RBAC: the start-gate overlay grants nodes get and patch, exactly what the 
 const crds = (): Doc[] => all(render('overlays/standalone'), 'CustomResourceDefinition');
 const crdApi = { group: CRD_API_VERSION.split('/')[0]!, version: CRD_API_VERSION.split('/')[1]! };
 
-test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async () => {
-  const base = render('base');
+/** What one recorded API request asks RBAC for. */
+function attributes(r: { path: string; method: string; watch: boolean; resource?: string }): { group: string; resource: string; verb: string } {
+  const cr = r.path.startsWith(`${CRD_PATH}/`);
+  const group = cr ? crdApi.group : r.resource === 'events' ? 'events.k8s.io' : '';
+  // The TokenRequest API is the subresource serviceaccounts/token.
+  const resource = /\/serviceaccounts\/[^/]+\/token$/.test(r.path) ? 'serviceaccounts/token' : r.resource;
+  const named = /\/(secrets|serviceaccounts)\/[^/]+$/.test(r.path);
+  const verb = r.method === 'POST' ? 'create' : r.method === 'PATCH' ? 'patch' : r.watch ? 'watch' : named ? 'get' : 'list';
+  assert.ok(resource, `a resource request: ${r.path}`);
+  return { group, resource, verb };
+}
+
+/** Which kustomization grants what nmi asks for it: the base, or the grant of the feature that asks. */
+const grantFor: Record<string, string> = {
+  azureidentities: 'base',
+  azureidentitybindings: 'base',
+  azurepodidentityexceptions: 'base',
+  secrets: 'grants/service-principals',
+  serviceaccounts: 'grants/federation',
+  'serviceaccounts/token': 'grants/federation',
+  events: 'grants/pod-events',
+};
+
+test("RBAC and CRDs cover every request nmi's Kubernetes source, Events and federation make, each in the grant of its feature", async () => {
   const api = await startApiServer();
   try {
-    const spec = { type: 1, tenantID: 't', clientID: 'c', clientPassword: { name: 'sp', namespace: 'vault' } };
+    const spec = { type: 1, tenantID: 't', clientID: 'c', clientPassword: { name: 'sp', namespace: 'app' } };
     api.put({ apiVersion: CRD_API_VERSION, kind: 'AzureIdentity', metadata: { name: 'sp', namespace: 'app' }, spec });
     api.put({ apiVersion: CRD_API_VERSION, kind: 'AzureIdentityBinding', metadata: { name: 'b', namespace: 'app' }, spec: { azureIdentity: 'sp', selector: 'sp' } });
-    api.put({ apiVersion: 'v1', kind: 'Secret', metadata: { name: 'sp', namespace: 'vault' }, data: { clientSecret: Buffer.from('x').toString('base64') } } as KubeObject);
+    api.put({ apiVersion: 'v1', kind: 'Secret', metadata: { name: 'sp', namespace: 'app' }, data: { clientSecret: Buffer.from('x').toString('base64') } } as KubeObject);
     const source = new KubeBindingSource(silentLogger, { kubeconfig: api.writeKubeconfig(tmp) });
     const synced = new Promise<void>((resolve) => void source.start(() => resolve()));
     await synced;
-    // Watches open after their lists: wait for all three before looking.
+    // Watches open after their lists: wait for all of them before looking.
     for (const p of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions', 'serviceaccounts']) await api.waitForWatches(p);
     source.stop();
     // An Event on a refused pod, repeated: created, then its series patched.
@@ -396,17 +543,13 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
 
     const seen = new Set<string>();
     for (const r of api.requests) {
-      const cr = r.path.startsWith(`${CRD_PATH}/`);
-      const group = cr ? crdApi.group : r.resource === 'events' ? 'events.k8s.io' : '';
-      // The TokenRequest API is the subresource serviceaccounts/token.
-      const resource = /\/serviceaccounts\/[^/]+\/token$/.test(r.path) ? 'serviceaccounts/token' : r.resource;
-      const named = /\/(secrets|serviceaccounts)\/[^/]+$/.test(r.path);
-      const verb = r.method === 'POST' ? 'create' : r.method === 'PATCH' ? 'patch' : r.watch ? 'watch' : named ? 'get' : 'list';
-      assert.ok(resource, `a resource request: ${r.path}`);
-      assert.ok(allowed(base, group, resource, verb), `${verb} ${group || 'core'}/${resource} (${r.path}) is granted`);
+      const { group, resource, verb } = attributes(r);
+      const where = grantFor[resource] ?? assert.fail(`${verb} ${resource} (${r.path}): no grant is meant for it`);
+      assert.ok(allowed(render(where), group, resource, verb), `${verb} ${group || 'core'}/${resource} (${r.path}) is granted by deploy/${where}`);
+      if (where !== 'base') assert.equal(allowed(render('base'), group, resource, verb), false, `${verb} ${resource}: the base leaves it to deploy/${where}`);
       seen.add(`${verb} ${resource}`);
     }
-    // The run really exercised what the role grants (else the check above proves little).
+    // The run really exercised what the roles grant (else the check above proves little).
     for (const p of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions']) {
       assert.ok(seen.has(`list ${p}`) && seen.has(`watch ${p}`), `list and watch ${p}: ${[...seen].join(', ')}`);
     }
@@ -415,6 +558,33 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source makes", async ()
     assert.ok(seen.has('list serviceaccounts') && seen.has('watch serviceaccounts') && seen.has('create serviceaccounts/token'), [...seen].join(', '));
     const requestedPlurals = new Set(api.requests.filter((r) => r.path.startsWith(CRD_PATH)).map((r) => r.resource));
     assert.deepEqual([...requestedPlurals].sort(), crds().map((c) => c.spec.names.plural).sort(), 'one CRD per resource nmi reads');
+  } finally {
+    await api.close();
+  }
+});
+
+test('base: nmi as the base runs it, refused what the base does not grant, still serves user-assigned identities', async () => {
+  const api = await startApiServer();
+  try {
+    const user = { type: 0, clientID: 'c', resourceID: '/subscriptions/s/resourcegroups/r/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u' };
+    api.put({ apiVersion: CRD_API_VERSION, kind: 'AzureIdentity', metadata: { name: 'u', namespace: 'app' }, spec: user });
+    api.put({ apiVersion: CRD_API_VERSION, kind: 'AzureIdentityBinding', metadata: { name: 'b', namespace: 'app' }, spec: { azureIdentity: 'u', selector: 'u' } });
+    // The API server answers 403 to whatever the base's ClusterRole does not allow (the stand-in has no RBAC of its own).
+    api.failNext(1_000_000, 403, '/api/v1/serviceaccounts');
+    api.failNext(1_000_000, 403, '/api/v1/namespaces/');
+    api.failNext(1_000_000, 403, '/apis/events.k8s.io/');
+    const source = new KubeBindingSource(silentLogger, { kubeconfig: api.writeKubeconfig(tmp) });
+    const set = await new Promise<BindingSet>((resolve) => void source.start(resolve));
+    source.stop();
+    assert.deepEqual(set.identities.map((i) => i.name), ['u'], 'the user-assigned identity is served');
+    assert.deepEqual(set.bindings.map((b) => b.name), ['b']);
+    const base = render('base');
+    const refused = api.requests.filter((r) => {
+      const { group, resource, verb } = attributes(r);
+      return !allowed(base, group, resource, verb);
+    });
+    // Only the Workload ID convention's list, which the source takes as optional (refused: none), is asked of the base in vain.
+    assert.deepEqual([...new Set(refused.map((r) => `${attributes(r).verb} ${attributes(r).resource}`))], ['list serviceaccounts']);
   } finally {
     await api.close();
   }
