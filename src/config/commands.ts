@@ -41,6 +41,7 @@ export const runFlags = {
   'pod-refresh-interval': flag({ parse: v.duration, default: '10s', help: 'background kubelet poll' }),
   bindings: flag({ parse: v.nonEmpty, default: 'kubernetes', help: '"kubernetes" (the API server) or a YAML/JSON file or folder' }),
   kubeconfig: flag({ parse: v.readableFile, help: 'kubeconfig for the API server (else in-cluster config)' }),
+  'token-request-kubeconfig': flag({ parse: v.readableFile, help: 'a kubeconfig whose credential requests the pods\' service-account tokens for federated identities instead of nmi\'s own: the kubelet\'s (/var/lib/kubelet/kubeconfig), which the Node authorizer lets ask only for pods bound to this node' }),
   'force-namespaced': flag({ parse: v.bool, default: 'false', boolean: true, help: 'identities match only pods of their own namespace, those of --shared-identity-namespaces too' }),
   'shared-identity-namespaces': flag({ parse: v.namespaceList, default: '', help: 'namespaces whose bindings may give their identities to pods of other namespaces, comma-separated, or * for every namespace (NMI\'s behaviour); any other binding serves only pods of its own namespace' }),
   'cross-namespace-secrets': flag({ parse: v.bool, default: 'false', boolean: true, help: 'let a service principal\'s clientPassword name a Secret of another namespace than its AzureIdentity\'s (NMI\'s behaviour)' }),

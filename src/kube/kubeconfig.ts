@@ -17,6 +17,8 @@ export interface KubeConfigOptions {
   kubeconfig?: string;
   /** Prefix for /var/run/secrets/kubernetes.io/serviceaccount (tests). */
   pathPrefix?: string;
+  /** The flag that named `kubeconfig`, for its errors [--kubeconfig]. */
+  flag?: string;
 }
 
 /** A file (absolute path) or inline base64 data, as kubeconfig fields come in pairs. */
@@ -44,12 +46,12 @@ export interface KubeCredentials {
 const SERVICE_ACCOUNT = '/var/run/secrets/kubernetes.io/serviceaccount';
 
 /** Reads --kubeconfig, or the in-cluster config; a missing or unusable config is a usage error naming `neededBy`. */
-export function loadKubeConfig({ kubeconfig, pathPrefix = '' }: KubeConfigOptions, neededBy = '--bindings kubernetes'): KubeConfig {
+export function loadKubeConfig({ kubeconfig, pathPrefix = '', flag = '--kubeconfig' }: KubeConfigOptions, neededBy = '--bindings kubernetes'): KubeConfig {
   if (kubeconfig) {
     try {
       return parseKubeConfig(readFileSync(kubeconfig, 'utf8'), path.dirname(kubeconfig));
     } catch (err) {
-      throw new UsageError(`--kubeconfig ${kubeconfig}: ${messageOf(err).split('\n')[0]}`);
+      throw new UsageError(`${flag} ${kubeconfig}: ${messageOf(err).split('\n')[0]}`);
     }
   }
   const host = process.env.KUBERNETES_SERVICE_HOST;

@@ -153,7 +153,12 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const refusals = new RecentRefusals();
   const nodeName = config.nodeName ?? config.nodeIp;
   const api = apiServer(config, nodeName, log);
-  const saTokens = api && new ServiceAccountTokens(api);
+  // Federated identities' service-account tokens: through the kubelet's credential when given (confined to this
+  // node's pods by the Node authorizer), else nmi's own (which needs serviceaccounts/token cluster-wide).
+  const tokenRequester = config.tokenRequestKubeconfig
+    ? new KubeClient(loadKubeConfig({ kubeconfig: config.tokenRequestKubeconfig, flag: '--token-request-kubeconfig' }), `nmi (node ${nodeName})`)
+    : api;
+  const saTokens = tokenRequester && new ServiceAccountTokens(tokenRequester);
   const events = api && config.podEvents ? new PodEvents({ client: api, nodeName, log }) : undefined;
   if (events) {
     refusals.listen((pod, refusal) => {
@@ -308,6 +313,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
       store.stop();
       events?.stop();
       void api?.close();
+      if (tokenRequester !== api) void tokenRequester?.close();
       await Promise.allSettled([kubelet.close(), network.close()]);
       closeProbe();
       // The socket's file goes with the last process to hold it: not when systemd's store (or whoever

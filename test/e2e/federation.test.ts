@@ -152,3 +152,30 @@ test('no service-account token, assertion or access token in the log', async () 
   assert.ok(!output.includes(json(r.body).access_token));
   assert.ok(entra.requests.every((req) => !JSON.stringify(req).includes(api.tokenRequests[0]!.token!)), 'the stand-in redacts assertions too');
 });
+
+test("--token-request-kubeconfig: the kubelet's credential asks for the node's pods' tokens, and nmi's own needs no serviceaccounts/token", async () => {
+  await daemon.stop('SIGTERM');
+  // nmi's own credential may no longer request tokens: as without the cluster-wide grant.
+  api.failNext(1_000_000, 403, '/api/v1/namespaces/apps/serviceaccounts/');
+  const dir = node.cluster.bindingsDir;
+  const own = await node.startNmi(['--token-request-kubeconfig', api.writeNodeKubeconfig(dir, 'node1')]);
+  try {
+    const before = api.tokenRequests.length;
+    const r = await agents.a!.http(query(STORAGE), { headers: META });
+    assert.equal(r.status, 200, r.body);
+    assert.equal(madeFrom(json(r.body).access_token), `fic:${TENANT}/${APP}/${subjectOf(pods.a!)}`);
+    assert.equal(api.tokenRequests.length, before + 1);
+    assert.equal(api.tokenRequests.at(-1)!.status, 201);
+  } finally {
+    await own.stop('SIGTERM');
+  }
+  // Another node's kubelet credential cannot ask for this node's pods: what the Node authorizer allows, no more.
+  const other = await node.startNmi(['--token-request-kubeconfig', api.writeNodeKubeconfig(dir, 'node2')]);
+  try {
+    const r = await agents.a!.http(query(STORAGE), { headers: META });
+    assert.equal(r.status, 500, r.body);
+    assert.equal(api.tokenRequests.at(-1)!.status, 403);
+  } finally {
+    await other.stop('SIGTERM');
+  }
+});

@@ -36,7 +36,7 @@
 // Pods and ServiceAccounts get a metadata.uid when put() without one (kept across puts).
 // Every object change gets the next resourceVersion (one counter, as etcd's) and
 // is kept in a history that watches replay from, until compact().
-import { createHash, generateKeyPairSync, randomUUID, sign, type KeyObject } from 'node:crypto';
+import { createHash, generateKeyPairSync, randomBytes, randomUUID, sign, type KeyObject } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import https from 'node:https';
@@ -176,6 +176,11 @@ export interface ApiServer {
   /** Writes a kubeconfig for this server (CA file, bearer token); returns its path. */
   writeKubeconfig(dir: string, name?: string): string;
   /**
+   * Writes a kubeconfig with a kubelet's credential for `node` (system:node:<node>), which may do what the Node
+   * authorizer lets a kubelet do here: request tokens bound to pods on that node, nothing else (403). Returns its path.
+   */
+  writeNodeKubeconfig(dir: string, node: string): string;
+  /**
    * Writes <root>/var/run/secrets/kubernetes.io/serviceaccount/{token,ca.crt,namespace} and
    * returns the environment in-cluster config reads (KUBERNETES_SERVICE_HOST/PORT).
    */
@@ -295,6 +300,8 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
   const pki = options.pki ?? createPki('apiserver');
   const serving = pki.server('apiserver', ['127.0.0.1', 'localhost']);
   const token = options.token ?? 'test-token';
+  /** `Bearer <token>` → the node whose kubelet credential it is. */
+  const nodeTokens = new Map<string, string>();
 
   const store = new Map<string, Map<string, KubeObject>>(Object.values(plurals).map((p) => [p, new Map()]));
   let rv = 100;
@@ -478,7 +485,8 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
    * POST …/serviceaccounts/<name>/token, in the order pkg/registry/core/serviceaccount/storage/token.go
    * checks: the ServiceAccount, then validation, then the bound object.
    */
-  const serveTokenRequest = async (req: import('node:http').IncomingMessage, res: ServerResponse, namespace: string, name: string): Promise<void> => {
+  /** `asNode`: the request comes with a kubelet's credential, which may only bind to pods on its node. */
+  const serveTokenRequest = async (req: import('node:http').IncomingMessage, res: ServerResponse, namespace: string, name: string, asNode?: string): Promise<void> => {
     if (req.method !== 'POST') return fail(res, 405, 'only POST is served for serviceaccounts/token');
     if (req.headers['content-type'] !== 'application/json') return fail(res, 415, 'only application/json is served');
     let body: { apiVersion?: unknown; kind?: unknown; metadata?: { name?: string; namespace?: string }; spec?: { audiences?: unknown; expirationSeconds?: unknown; boundObjectRef?: BoundObjectRef | null } };
@@ -532,6 +540,9 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       if (group !== '' || ref.kind !== 'Pod') return refuse(400, `cannot bind token to object of type ${group}/${version}, Kind=${ref.kind}`);
       pod = store.get('pods')!.get(keyOf(namespace, ref.name));
       if (!pod) return refuse(404, `pods "${ref.name}" not found`, { name: ref.name, kind: 'pods' });
+      if (asNode !== undefined && (pod.spec as { nodeName?: string } | undefined)?.nodeName !== asNode) {
+        return refuse(403, `serviceaccounts "${name}" is forbidden: User "system:node:${asNode}" cannot create resource "serviceaccounts/token": no relationship found between node '${asNode}' and this object`);
+      }
       // Admission gives every pod a serviceAccountName, "default" when its spec names none.
       const podSa = ((pod.spec as { serviceAccountName?: string } | undefined)?.serviceAccountName) || 'default';
       if (podSa !== name) return refuse(400, `cannot bind token for serviceaccount "${name}" to pod running with different serviceaccount name.`);
@@ -623,6 +634,12 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
         (secret ? 'secrets' : node ? 'nodes' : event ? 'events' : pod ? 'pods' : saList ? 'serviceaccounts' : sa ? (sa[3] ? 'serviceaccounts/token' : 'serviceaccounts') : undefined),
       watch: isWatch,
     });
+    // A kubelet's credential: TokenRequests for pods of its node only (the Node authorizer), nothing else.
+    const asNode = nodeTokens.get(req.headers.authorization ?? '');
+    if (asNode !== undefined) {
+      if (!sa?.[3]) return fail(res, 403, `User "system:node:${asNode}" cannot ${req.method?.toLowerCase()} ${url.pathname}`);
+      return serveTokenRequest(req, res, decodeURIComponent(sa[1] ?? ''), decodeURIComponent(sa[2] ?? ''), asNode);
+    }
     // Issuer discovery is open to anonymous callers (the system:service-account-issuer-discovery binding): Entra ID calls it.
     if (openid === undefined && req.headers.authorization !== `Bearer ${token}`) return fail(res, 401, 'Unauthorized');
     const injected = failures.find((f) => url.pathname.startsWith(f.prefix));
@@ -789,6 +806,11 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     tokenRequests,
     writeKubeconfig(dir, name = 'kubeconfig') {
       return writeKubeconfig(path.join(dir, name), { server: server.url, caFile: pki.caFile, token });
+    },
+    writeNodeKubeconfig(dir, node) {
+      const nodeToken = `kubelet-${node}-${randomBytes(8).toString('hex')}`;
+      nodeTokens.set(`Bearer ${nodeToken}`, node);
+      return writeKubeconfig(path.join(dir, `kubelet-${node}.kubeconfig`), { server: server.url, caFile: pki.caFile, token: nodeToken });
     },
     writeServiceAccount(root) {
       const dir = path.join(root, 'var/run/secrets/kubernetes.io/serviceaccount');
