@@ -18,10 +18,10 @@ import { addon } from '../../src/native/addon.js';
 import { captureLogs } from '../harness/log-capture.js';
 import { projectRoot } from '../harness/netns.js';
 import { waitFor } from '../harness/wait-for.js';
+import { asUser, NOBODY } from '../harness/users.js';
 
 const asRoot = process.getuid?.() === 0;
-const NOBODY = 65534;
-const asNobody = ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--'];
+const asNobody = asUser(NOBODY);
 const dir = mkdtempSync(path.join(tmpdir(), 'nmi-handoff-'));
 // nobody's processes must reach the sockets here: the 0700 folder nmi makes is a test of its own.
 chmodSync(dir, 0o755);

@@ -14,11 +14,11 @@ import path from 'node:path';
 import { nmiAsync, startNmi, type NmiProcess } from '../harness/nmi-process.js';
 import { startKubelet, type Kubelet } from '../standins/kubelet.js';
 import { createPki, type Pki } from '../standins/pki.js';
+import { asUser, NOBODY } from '../harness/users.js';
 
 const asRoot = process.getuid?.() === 0;
-const NOBODY = 65534;
 /** Run as nobody when we are root: a non-root nmi is what shows dumpability in /proc's owners. */
-const asOther = asRoot ? ['setpriv', `--reuid=${NOBODY}`, `--regid=${NOBODY}`, '--clear-groups', '--'] : [];
+const asOther = asRoot ? asUser(NOBODY) : [];
 
 let pki: Pki;
 let kubelet: Kubelet;

@@ -13,10 +13,11 @@ import { createRegistry } from '../../src/metrics/registry.js';
 import { explainRefusal, startProbeServer } from '../../src/probe/probe-server.js';
 import { Readiness } from '../../src/probe/readiness.js';
 import { nmiBin } from '../harness/netns.js';
+import { asUser } from '../harness/users.js';
 
 const asRoot = process.getuid?.() === 0;
 const needsRoot = !asRoot && 'needs root to connect as another uid (setpriv)';
-const asNobody = ['setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', '--'];
+const asNobody = asUser();
 
 const readiness = new Readiness();
 const asked: string[] = [];
