@@ -10,6 +10,7 @@ import { Reflector, type Resource } from '../kube/reflector.js';
 import type { AzureIdentity, AzureIdentityBinding, AzurePodIdentityException, WorkloadServiceAccount } from './model.js';
 import { parseBinding, parseException, parseIdentity, parseServiceAccount, type BindingSet } from './parse.js';
 import { SecretFetcher } from './secret-fetcher.js';
+import { objectKey } from '../kube/object-key.js';
 import type { BindingSource } from './source.js';
 
 export const CRD_PATH = '/apis/aadpodidentity.k8s.io/v1';
@@ -45,6 +46,10 @@ export class KubeBindingSource implements BindingSource {
   readonly #reflectors: Reflector<unknown>[];
   readonly #secrets: SecretFetcher;
   #onSet: ((set: BindingSet) => void) | undefined;
+  /** Identities (namespace/name) whose Secrets this node needs; none until told. */
+  #needed: ReadonlySet<string> = new Set();
+  /** Waiting for the wanted Secrets to be tried and delivered in a set. */
+  #settledWaiters: (() => void)[] = [];
   #scheduled = false;
   #emitted = false;
   #refresh: NodeJS.Timeout | undefined;
@@ -83,7 +88,20 @@ export class KubeBindingSource implements BindingSource {
     this.#abort.abort();
     clearInterval(this.#refresh);
     this.#secrets.stop();
+    // Whoever waits for a Secret is answered with what there is: nothing more comes.
+    for (const resolve of this.#settledWaiters.splice(0)) resolve();
     void this.#client.close();
+  }
+
+  needSecrets(identityNames: ReadonlySet<string>): void {
+    if (identityNames.size === this.#needed.size && [...identityNames].every((n) => this.#needed.has(n))) return;
+    this.#needed = new Set(identityNames);
+    this.#schedule();
+  }
+
+  secretsSettled(): Promise<void> {
+    if (this.#emitted && !this.#scheduled && this.#secrets.settled) return Promise.resolve();
+    return new Promise((resolve) => this.#settledWaiters.push(resolve));
   }
 
   // Coalesces a burst of events (a relist, a busy watch) into one set.
@@ -106,7 +124,8 @@ export class KubeBindingSource implements BindingSource {
   #emit(): void {
     if (this.#abort.signal.aborted) return;
     const identities = [...this.#identities.items.values()];
-    if (this.#identities.synced) this.#secrets.want(identities);
+    // Only the Secrets of identities bound to this node's pods: a node never holds the cluster's.
+    if (this.#identities.synced) this.#secrets.want(identities.filter((i) => this.#needed.has(objectKey(i.namespace, i.name))));
     if (!this.#reflectors.every((r) => r.synced)) return;
     // The first set waits for the secrets; later ones do not hold a deletion back for a fetch.
     if (!this.#emitted && !this.#secrets.settled) return;
@@ -119,5 +138,6 @@ export class KubeBindingSource implements BindingSource {
       serviceAccounts: [...this.#serviceAccounts.items.values()].filter((a) => a.clientID !== ''),
       invalid: this.#invalid(),
     });
+    if (this.#secrets.settled) for (const resolve of this.#settledWaiters.splice(0)) resolve();
   }
 }

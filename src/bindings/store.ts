@@ -138,6 +138,16 @@ export class BindingStore extends EventEmitter<StoreEvents> {
     this.#source.stop();
   }
 
+  /** The identities whose Secrets this node needs (see BindingSource.needSecrets). */
+  needSecrets(identityNames: ReadonlySet<string>): void {
+    this.#source.needSecrets?.(identityNames);
+  }
+
+  /** Resolves once every needed Secret was tried and is in the snapshot (or known missing). */
+  secretsSettled(): Promise<void> {
+    return this.#source.secretsSettled?.() ?? Promise.resolve();
+  }
+
   whenReady(): Promise<void> {
     if (this.#ready) return Promise.resolve();
     return new Promise((resolve) => this.once('ready', resolve));

@@ -330,6 +330,9 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     status('syncing bindings');
     await store.start();
     await store.whenReady();
+    // The Secrets of the identities bound to this node's pods, before the first pod asks.
+    tokens.retain();
+    await store.secretsSettled();
     readiness.set('bindings', true);
     await server.listen(config.nodeIp, config.port, listeners.take('token'));
     for (const host of hostServers) await host.listen();

@@ -8,6 +8,7 @@ import type { BindingStore } from '../bindings/store.js';
 import type { Budgets } from '../budget/budgets.js';
 import type { UpstreamBudget } from '../budget/budget.js';
 import { codes, NmiError } from '../errors/errors.js';
+import { objectKey } from '../kube/object-key.js';
 import type { ServiceAccountTokens } from '../kube/service-account-token.js';
 import { isCaller, type PodIndex } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
@@ -19,7 +20,8 @@ import type { Token } from './token.js';
 
 export interface PodTokensDeps {
   pods: Pick<PodIndex, 'pods' | 'knownUid' | 'ready'>;
-  bindings: Pick<BindingStore, 'snapshot' | 'ready'>;
+  /** needSecrets and secretsSettled: with bindings from the API server, whose Secrets are fetched per node. */
+  bindings: Pick<BindingStore, 'snapshot' | 'ready'> & Partial<Pick<BindingStore, 'needSecrets' | 'secretsSettled'>>;
   match: MatchOptions;
   provider: MsalTokenProvider;
   budgets: Budgets;
@@ -37,6 +39,8 @@ export function podRef(pod: Pod): PodRef {
 
 export class PodTokens {
   readonly cache: TokenCache;
+  /** Service principals (namespace/name) bound to pods of this node: only their Secrets are read. */
+  #secretsNeeded: ReadonlySet<string> = new Set();
 
   constructor(private readonly deps: PodTokensDeps) {
     const { provider, budgets } = deps;
@@ -66,7 +70,8 @@ export class PodTokens {
 
   /**
    * Keeps what the node's pods use, after any pod or bindings change: tokens of identities bound to a pod
-   * of this node, the bounds of pods still here. Before both first syncs nothing is dropped.
+   * of this node, the Secrets of those that have one, the bounds of pods still here. Before both first
+   * syncs nothing is dropped.
    */
   retain(): void {
     const { pods, bindings } = this.deps;
@@ -74,16 +79,38 @@ export class PodTokens {
     this.cache.retainPods(listed.map((pod) => podRef(pod).key));
     if (!bindings.ready || !pods.ready) return;
     const used = new Set<string>();
+    const secrets = new Set<string>();
     for (const pod of listed) {
-      if (isCaller(pod)) for (const identity of this.identitiesOf(pod).identities) used.add(identityKey(identity));
+      if (!isCaller(pod)) continue;
+      for (const identity of this.identitiesOf(pod).identities) {
+        used.add(identityKey(identity));
+        if (identity.clientPassword) secrets.add(objectKey(identity.namespace, identity.name));
+      }
     }
     this.cache.retainOnly(used);
+    this.#needSecrets(secrets);
+  }
+
+  #needSecrets(names: ReadonlySet<string>): void {
+    this.#secretsNeeded = names;
+    this.deps.bindings.needSecrets?.(names);
   }
 
   /** A changed or deleted identity or binding (by `namespace/name`) never gets another token from the old entry. */
   invalidate(identityNames: Iterable<string>): void {
     for (const name of identityNames) this.cache.invalidate(name);
     this.retain();
+  }
+
+  /**
+   * A service principal's credential from its Secret, fetched when first needed: a pod that asks before the
+   * next retain (a /host/token caller, a pod just listed) has it fetched now, and waits for it.
+   */
+  private async secretOf(identity: AzureIdentity): Promise<Credential> {
+    const name = objectKey(identity.namespace, identity.name);
+    if (!this.#secretsNeeded.has(name)) this.#needSecrets(new Set([...this.#secretsNeeded, name]));
+    await this.deps.bindings.secretsSettled?.();
+    return secretFor(identity, this.deps.bindings.snapshot, this.deps.match);
   }
 
   /** The budget an identity's calls wait in: IMDS's for a user-assigned identity, else its Entra ID tenant's. */
@@ -96,9 +123,9 @@ export class PodTokens {
    * What the identity signs in with, read when a call is made. A federated identity's: a token of the pod's
    * service account, requested then; a refresh asks for it through a pod of that account still on the node.
    */
-  private credentialFor(identity: AzureIdentity, pod: Pod): Credential | undefined {
+  private credentialFor(identity: AzureIdentity, pod: Pod): Credential | undefined | Promise<Credential> {
     if (identity.type === IdentityType.UserAssignedMSI) return undefined;
-    if (identity.type !== IdentityType.Federated) return secretFor(identity, this.deps.bindings.snapshot, this.deps.match);
+    if (identity.type !== IdentityType.Federated) return this.secretOf(identity);
     const { pods, serviceAccountTokens } = this.deps;
     const account = serviceAccountOf(pod);
     return {

@@ -51,8 +51,11 @@ export interface TokenCacheOptions {
 
 export type UpstreamTarget = 'imds' | 'entra';
 
-/** A credential, or how to build it when a call is made: then a remembered failure costs no Secret read. */
-export type CredentialSource = Credential | (() => Credential | undefined);
+/**
+ * A credential, or how to build it when a call is made: then a remembered failure costs no Secret read, and a
+ * Secret fetched when first needed is waited for.
+ */
+export type CredentialSource = Credential | (() => Credential | undefined | Promise<Credential | undefined>);
 
 export interface TokenCacheStats {
   hits: number;
@@ -390,7 +393,7 @@ export class TokenCache {
     const startedAt = this.now();
     for (let attempt = 1; ; attempt++) {
       // Built before the turn: a credential that cannot be built spends nothing of the budget.
-      const credential = typeof entry.credential === 'function' ? entry.credential() : entry.credential;
+      const credential = typeof entry.credential === 'function' ? await entry.credential() : entry.credential;
       const release = await this.turn(entry, attempt);
       this.counters.upstreamRequests[target]++;
       try {

@@ -75,13 +75,19 @@ async function connect(server: ApiServer, options: KubeSourceOptions = {}, log: 
   return store;
 }
 
+/** Tells the store which identities' Secrets this node needs, as nmi run does for its pods', and waits for them. */
+async function need(store: BindingStore, ...identities: string[]): Promise<void> {
+  store.needSecrets(new Set(identities));
+  await store.secretsSettled();
+}
+
 /** The next change event's keys, as a sorted list. */
 async function nextChange(store: BindingStore): Promise<string[]> {
   const [keys] = (await once(store, 'change')) as [Set<string>];
   return [...keys].sort();
 }
 
-test('lists the three resources and the secrets identities name', async () => {
+test("lists the three resources, and reads only the Secrets of the identities the node's pods need", async () => {
   const server = await api();
   server.put(identity('web'));
   server.put(spIdentity('sp', 'sp-secret'));
@@ -91,6 +97,8 @@ test('lists the three resources and the secrets identities name', async () => {
   server.put(exception('dns', { app: 'dns' }));
   const store = await connect(server);
   await store.whenReady();
+  assert.equal(server.requests.some((r) => r.resource === 'secrets'), false, 'a Secret was read before a pod of the node needed it');
+  await need(store, 'app/sp', 'app/web');
   const s = store.snapshot;
   assert.deepEqual([...s.identities.keys()].sort(), ['app/sp', 'app/web']);
   assert.deepEqual([...s.bindings.keys()], ['app/web-b']);
@@ -213,6 +221,7 @@ test('secrets: fetched again when the identity changes and on the refresh interv
   server.put(secret('one', 'first'));
   const store = await connect(server, { secretRefreshMs: 100 });
   await store.whenReady();
+  await need(store, 'app/sp');
   const cred = (): unknown => {
     try {
       return secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot, {});
@@ -250,6 +259,7 @@ test('a failing secret fetch keeps the last value and retries', async () => {
   const { log, lines } = capture();
   const store = await connect(server, { secretRefreshMs: 100 }, log);
   await store.whenReady();
+  await need(store, 'app/sp');
   server.failNext(3, 500, '/api/v1/namespaces/app/secrets/');
   server.put(secret('one', 'rotated'));
   await waitFor('the failed fetch logged', () => lines().some((l) => l.msg === 'secret fetch failed, keeping the last value'), 15_000, 10);
@@ -365,11 +375,13 @@ test("another namespace's Secret is never read unless --cross-namespace-secrets;
   server.put(secret('victim-secret', 'hunter2', 'payments'));
   const walled = await connect(server);
   await walled.whenReady();
+  await need(walled, 'app/thief');
   assert.equal(server.requests.some((r) => r.resource === 'secrets'), false, 'another namespace\'s Secret was read');
   assert.throws(() => secretFor(walled.snapshot.identities.get('app/thief')!, walled.snapshot, {}), /secret payments\/victim-secret is not in the identity's namespace/);
 
   const open = await connect(server, { crossNamespaceSecrets: true });
   await open.whenReady();
+  await need(open, 'app/thief');
   assert.deepEqual(secretFor(open.snapshot.identities.get('app/thief')!, open.snapshot, { crossNamespaceSecrets: true }), { type: 1, clientSecret: 'hunter2' });
 
 });
@@ -382,9 +394,28 @@ test('a Secret nmi may not read (403): the identity is unusable, and it is asked
   const { log, lines } = capture();
   const store = await connect(server, {}, log);
   await store.whenReady();
+  await need(store, 'app/sp');
   assert.throws(() => secretFor(store.snapshot.identities.get('app/sp')!, store.snapshot, {}), /secret app\/sp-secret not found/);
   // With a 20 ms backoff, a retry loop would have asked dozens of times by now.
   await new Promise((resolve) => setTimeout(resolve, 500));
   assert.equal(server.requests.filter((r) => r.resource === 'secrets').length, 1);
   assert.equal(lines().filter((l) => l.msg === 'secret unusable').length, 1);
+});
+
+test("a Secret is held only while a pod of the node needs its identity: dropped with the last, read again with the next", async () => {
+  const server = await api();
+  server.put(spIdentity('sp', 'sp-secret'));
+  server.put(secret('sp-secret', 'hunter2'));
+  const store = await connect(server);
+  await store.whenReady();
+  await need(store, 'app/sp');
+  assert.equal(store.snapshot.secrets.has('app/sp-secret'), true);
+  const dropped = nextChange(store);
+  store.needSecrets(new Set());
+  await dropped;
+  assert.equal(store.snapshot.secrets.has('app/sp-secret'), false, 'kept with no pod needing it');
+  const gets = server.requests.filter((r) => r.resource === 'secrets').length;
+  await need(store, 'app/sp');
+  assert.equal(store.snapshot.secrets.get('app/sp-secret')?.data.clientSecret, 'hunter2');
+  assert.equal(server.requests.filter((r) => r.resource === 'secrets').length, gets + 1);
 });

@@ -524,6 +524,9 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source, Events and fede
     const source = new KubeBindingSource(silentLogger, { kubeconfig: api.writeKubeconfig(tmp) });
     const synced = new Promise<void>((resolve) => void source.start(() => resolve()));
     await synced;
+    // A pod of the node bound to the service principal: its Secret is read.
+    source.needSecrets(new Set(['app/sp']));
+    await source.secretsSettled();
     // Watches open after their lists: wait for all of them before looking.
     for (const p of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions', 'serviceaccounts']) await api.waitForWatches(p);
     source.stop();
