@@ -4,14 +4,19 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { parseObjects } from '../../src/bindings/parse.js';
-import { createSnapshot, type BindingSnapshot } from '../../src/bindings/store.js';
+import { KubeBindingSource } from '../../src/bindings/kube-source.js';
+import { BindingStore, createSnapshot, type BindingSnapshot } from '../../src/bindings/store.js';
 import { Budgets } from '../../src/budget/budgets.js';
 import { codes, isNmiError } from '../../src/errors/errors.js';
 import type { Pod } from '../../src/kubelet/pod.js';
 import { MsalTokenProvider } from '../../src/tokens/msal-provider.js';
 import { NetworkClient } from '../../src/tokens/network-client.js';
 import { PodTokens } from '../../src/tokens/pod-tokens.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { captureLogs } from '../harness/log-capture.js';
+import { startApiServer, type KubeObject } from '../standins/apiserver.js';
 import { startEntra, type EntraStandin } from '../standins/entra.js';
 import { startImds, type ImdsStandin } from '../standins/imds.js';
 import { createPki, type Pki } from '../standins/pki.js';
@@ -122,4 +127,38 @@ test('retain keeps tokens of identities a pod of the node uses, and drops nothin
   listed.length = 0;
   synced.tokens.retain();
   assert.equal(synced.tokens.peek(msi, resource), undefined, 'kept with no pod using it');
+});
+
+test("a Secret is read for the node's pods only: at retain for those listed, and when a pod not yet retained first asks, which waits for it", async () => {
+  const api = await startApiServer({ pki });
+  const dir = mkdtempSync(path.join(tmpdir(), 'nmi-pod-tokens-'));
+  const log = captureLogs('warn').log;
+  const store = new BindingStore(new KubeBindingSource(log, { kubeconfig: api.writeKubeconfig(dir) }), log);
+  try {
+    for (const object of objects) api.put(object as KubeObject);
+    await store.start();
+    await store.whenReady();
+    const listed: Pod[] = [];
+    const pods = { pods: () => listed, knownUid: (uid: string) => listed.find((p) => p.uid === uid), ready: true };
+    const budgets = new Budgets({ imds: limits, imdsMetadata: limits, entra: limits, maxPendingPerPod: 100, maxWaitMs: 10_000 });
+    const tokens = new PodTokens({ pods, bindings: store, match: { forceNamespaced: false }, provider, budgets, maxTokensPerPod: 10, log });
+    tokens.retain();
+    await store.secretsSettled();
+    const secretGets = () => api.requests.filter((r) => r.resource === 'secrets').length;
+    assert.equal(secretGets(), 0, 'a Secret was read with no pod of the node bound to its identity');
+    // A pod nmi has not retained yet asks: its identity's Secret is read now, and the request waits for it.
+    const late = pod('late', 'sp');
+    const [sp] = tokens.identitiesOf(late).identities;
+    assert.ok(sp);
+    assert.ok((await tokens.get(sp, resource, late)).accessToken);
+    assert.equal(secretGets(), 1);
+    // Gone from the node: the Secret goes with it.
+    tokens.retain();
+    await store.secretsSettled();
+    assert.equal(store.snapshot.secrets.size, 0);
+  } finally {
+    store.stop();
+    await api.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
