@@ -67,6 +67,8 @@ interface Series {
   sentCount: number;
   sentAtMs: number;
   timer: NodeJS.Timeout | undefined;
+  /** An update is due, queued or in flight: from its timer until its answer, no other is scheduled. */
+  updating: boolean;
 }
 
 /** MicroTime: RFC 3339 with microseconds. */
@@ -119,7 +121,7 @@ export class PodEvents {
       this.counts.dropped += 1;
       return;
     }
-    const fresh: Series = { key, pod, event, name: undefined, failed: false, count: 1, lastObservedMs: now, sentCount: 1, sentAtMs: now, timer: undefined };
+    const fresh: Series = { key, pod, event, name: undefined, failed: false, count: 1, lastObservedMs: now, sentCount: 1, sentAtMs: now, timer: undefined, updating: false };
     this.#series.set(key, fresh);
     this.#enqueue(() => this.#create(fresh));
   }
@@ -157,24 +159,28 @@ export class PodEvents {
   }
 
   #scheduleUpdate(series: Series): void {
-    if (series.timer || series.failed) return;
+    // One update at a time per series: what comes meanwhile is sent by the next, seriesUpdateMs after this one.
+    if (series.updating || series.failed) return;
+    series.updating = true;
     const wait = Math.max(0, series.sentAtMs + this.#o.seriesUpdateMs - this.#now());
     // The first repeat goes at once, as client-go sends it; later ones wait their turn.
     const due = series.sentCount === 1 ? 0 : wait;
     series.timer = setTimeout(() => {
       series.timer = undefined;
-      this.#enqueue(() => this.#update(series));
+      if (!this.#enqueue(() => this.#update(series))) series.updating = false;
     }, due);
     series.timer.unref();
   }
 
-  #enqueue(call: () => Promise<void>): void {
+  /** False when the queue is full and the call was dropped. */
+  #enqueue(call: () => Promise<void>): boolean {
     if (this.#queue.length >= this.#o.maxQueued) {
       this.counts.dropped += 1;
-      return;
+      return false;
     }
     this.#queue.push(call);
     if (!this.#running) void this.#drain();
+    return true;
   }
 
   async #drain(): Promise<void> {
@@ -213,19 +219,22 @@ export class PodEvents {
   }
 
   async #update(series: Series): Promise<void> {
-    if (!series.name || series.count === series.sentCount || this.#series.get(series.key) !== series) return;
-    const count = series.count;
-    const patch = { series: { count, lastObservedTime: microTime(series.lastObservedMs) } };
     try {
+      if (!series.name || series.count === series.sentCount || this.#series.get(series.key) !== series) return;
+      const count = series.count;
+      const patch = { series: { count, lastObservedTime: microTime(series.lastObservedMs) } };
       await this.#client.mergePatch(`${API}/namespaces/${encodeURIComponent(series.pod.namespace)}/events/${encodeURIComponent(series.name)}`, patch, this.#abort.signal);
       series.sentCount = count;
       series.sentAtMs = this.#now();
       this.counts.updated += 1;
-      if (series.count > count) this.#scheduleUpdate(series);
     } catch (err) {
       series.failed = true;
       this.#failed('patch', err);
+    } finally {
+      series.updating = false;
     }
+    // Occurrences that came meanwhile, for a series still recorded.
+    if (series.name && series.count > series.sentCount && this.#series.get(series.key) === series) this.#scheduleUpdate(series);
   }
 
   #failed(verb: 'create' | 'patch', err: unknown): void {

@@ -81,6 +81,22 @@ test('under load: created once, then counted in its series; a handful of calls f
   events.stop();
 });
 
+test('one PATCH of a series per seriesUpdateMs however the refusals arrive, even while a PATCH is in flight', async () => {
+  const events = new PodEvents({ client, nodeName: 'node1', log: silentLogger });
+  const p = pod();
+  events.record(p, noIdentity);
+  await waitFor('the event', () => events.counts.created === 1, 5_000, 10);
+  // More refusals arrive while the first PATCH is on its way.
+  api.beforeNext('PATCH', `/apis/events.k8s.io/v1/namespaces/${p.namespace}/events`, () => {
+    for (let i = 0; i < 100; i++) events.record(p, noIdentity);
+  });
+  for (let i = 0; i < 100; i++) events.record(p, noIdentity);
+  await waitFor('the first series update', () => events.counts.updated >= 1, 5_000, 10);
+  await sleep(500);
+  assert.equal(callsFor(p).filter((c) => c.method === 'PATCH').length, 1, 'a second PATCH within seriesUpdateMs (30 s)');
+  events.stop();
+});
+
 test('another note or reason is another Event; one past the series window starts a new one', async () => {
   let now = Date.now();
   const events = new PodEvents({ client, nodeName: 'node1', log: silentLogger, now: () => now });
