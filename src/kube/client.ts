@@ -9,13 +9,25 @@ import { kubeCredentials, type KubeConfig } from './kubeconfig.js';
 const requestTimeoutMs = 30_000; // for everything but a watch's body
 
 /** A non-2xx answer from the API server. */
+/** The longest an API server's Retry-After holds nmi back: a wrong header must not silence it for hours. */
+const MAX_RETRY_AFTER_MS = 10 * 60_000;
+
 export class ApiError extends NmiError {
   readonly status: number;
-  constructor(status: number, text: string) {
+  /** The API server's Retry-After (a 429 under its flow control, or a 5xx), when it sent one. */
+  readonly retryAfterMs: number | undefined;
+  constructor(status: number, text: string, retryAfterMs?: number) {
     super(codes.API_SERVER, text);
     this.name = 'ApiError';
     this.status = status;
+    this.retryAfterMs = retryAfterMs;
   }
+}
+
+/** Retry-After in seconds (the API server sends no dates), capped; undefined when absent or not a number. */
+function retryAfterMs(header: string | string[] | undefined): number | undefined {
+  const seconds = Number(Array.isArray(header) ? header[0] : header);
+  return header !== undefined && Number.isFinite(seconds) && seconds >= 0 ? Math.min(seconds * 1000, MAX_RETRY_AFTER_MS) : undefined;
 }
 
 export class KubeClient {
@@ -93,7 +105,7 @@ export class KubeClient {
     } catch {
       // Not a Status object: keep the start of the text.
     }
-    throw new ApiError(res.statusCode, `${method} ${path.split('?')[0]}: ${res.statusCode} ${reason}`.trim());
+    throw new ApiError(res.statusCode, `${method} ${path.split('?')[0]}: ${res.statusCode} ${reason}`.trim(), retryAfterMs(res.headers['retry-after']));
   }
 
   async close(): Promise<void> {

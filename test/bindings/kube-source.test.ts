@@ -419,3 +419,27 @@ test("a Secret is held only while a pod of the node needs its identity: dropped 
   assert.equal(store.snapshot.secrets.get('app/sp-secret')?.data.clientSecret, 'hunter2');
   assert.equal(server.requests.filter((r) => r.resource === 'secrets').length, gets + 1);
 });
+
+test('service accounts nmi may not list (403): going on without them, asked again minutes later, not every backoff', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  server.failNext(1_000, 403, '/api/v1/serviceaccounts');
+  const { log, lines } = capture();
+  const store = await connect(server, {}, log);
+  await store.whenReady();
+  // With a 20 ms backoff capped at 200 ms, a retry loop would have listed them several times by now.
+  await new Promise((resolve) => setTimeout(resolve, 1_000));
+  assert.equal(server.requests.filter((r) => r.path === '/api/v1/serviceaccounts').length, 1);
+  assert.equal(lines().filter((l) => /may not list and watch serviceaccounts/.test(l.msg)).length, 1);
+});
+
+test("an API server's 429 with Retry-After: the list waits that long, not the backoff's 20 ms", async () => {
+  const server = await api();
+  server.put(identity('web'));
+  server.failNext(1, 429, '/apis/aadpodidentity.k8s.io/v1/azureidentities', 1);
+  const store = await connect(server);
+  await store.whenReady();
+  const lists = server.requests.filter((r) => r.resource === 'azureidentities' && !r.watch);
+  assert.equal(lists.length, 2);
+  assert.ok(lists[1]!.at - lists[0]!.at >= 900, `listed again after ${lists[1]!.at - lists[0]!.at} ms`);
+});

@@ -91,6 +91,8 @@ export interface RequestRecord {
   /** The plural for CR, Secret, Pod and ServiceAccount requests; `serviceaccounts/token` for TokenRequests. */
   resource?: string;
   watch: boolean;
+  /** When it arrived (Date.now()). */
+  at: number;
 }
 
 /** A TokenRequest's bound object (authentication.k8s.io/v1 BoundObjectReference). */
@@ -166,7 +168,7 @@ export interface ApiServer {
   /** Forgets the event history: watches and continue tokens from before now get 410 Gone. */
   compact(): void;
   /** The next `count` requests whose path starts with `pathPrefix` (default all) get `status`. */
-  failNext(count: number, status: number, pathPrefix?: string): void;
+  failNext(count: number, status: number, pathPrefix?: string, retryAfterS?: number): void;
   /** Runs `act` when the next `method` request whose path starts with `pathPrefix` arrives, before it is answered. */
   beforeNext(method: string, pathPrefix: string, act: () => void | Promise<void>): void;
   /** Stops listening and cuts every connection (the API server is down) … */
@@ -309,7 +311,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
   let history: HistoryEntry[] = [];
   const watchers = new Set<Watcher>();
   const requests: RequestRecord[] = [];
-  const failures: { count: number; status: number; prefix: string }[] = [];
+  const failures: { count: number; status: number; prefix: string; retryAfterS?: number }[] = [];
   const hooks: { method: string; prefix: string; act: () => void | Promise<void> }[] = [];
   const watchWaiters = new Set<() => void>();
   const signingKeys: SigningKey[] = [newSigningKey()];
@@ -633,6 +635,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
         crd?.[2] ??
         (secret ? 'secrets' : node ? 'nodes' : event ? 'events' : pod ? 'pods' : saList ? 'serviceaccounts' : sa ? (sa[3] ? 'serviceaccounts/token' : 'serviceaccounts') : undefined),
       watch: isWatch,
+      at: Date.now(),
     });
     // A kubelet's credential: TokenRequests for pods of its node only (the Node authorizer), nothing else.
     const asNode = nodeTokens.get(req.headers.authorization ?? '');
@@ -645,6 +648,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     const injected = failures.find((f) => url.pathname.startsWith(f.prefix));
     if (injected) {
       if (--injected.count <= 0) failures.splice(failures.indexOf(injected), 1);
+      if (injected.retryAfterS !== undefined) res.setHeader('retry-after', String(injected.retryAfterS));
       return fail(res, injected.status, 'injected failure');
     }
     const hook = hooks.find((h) => h.method === req.method && url.pathname.startsWith(h.prefix));
@@ -776,8 +780,8 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       compactedRv = ++rv;
       history = [];
     },
-    failNext(count, code, prefix = '/') {
-      failures.push({ count, status: code, prefix });
+    failNext(count, code, prefix = '/', retryAfterS) {
+      failures.push({ count, status: code, prefix, retryAfterS });
     },
     beforeNext(method, prefix, act) {
       hooks.push({ method, prefix, act });
