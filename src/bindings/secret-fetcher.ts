@@ -8,6 +8,9 @@ import { Backoff } from '../util/backoff.js';
 import type { AzureIdentity, Secret } from './model.js';
 import { parseSecret } from './parse.js';
 
+/** Secret GETs in flight at once. */
+const MAX_CONCURRENT_FETCHES = 4;
+
 /** The Secrets identities name, fetched when an identity changes and every refresh interval. */
 export class SecretFetcher {
   readonly values = new Map<string, Secret>();
@@ -87,7 +90,13 @@ export class SecretFetcher {
     do {
       this.#again = false;
       const due = [...this.#wanted].filter(([key, stamp]) => this.#fetched.get(key) !== stamp);
-      const results = await Promise.all(due.map(([key, stamp]) => this.#fetch(key, stamp)));
+      // A few at a time: a node bound to many service principals opens a few connections, not one per Secret.
+      const results: boolean[] = [];
+      const next = due[Symbol.iterator]();
+      const worker = async (): Promise<void> => {
+        for (let item = next.next(); !item.done; item = next.next()) results.push(await this.#fetch(item.value[0], item.value[1]));
+      };
+      await Promise.all(Array.from({ length: Math.min(MAX_CONCURRENT_FETCHES, due.length) }, worker));
       failed = results.includes(false);
       attempted += due.length;
     } while (this.#again && !this.signal.aborted);

@@ -443,3 +443,26 @@ test("an API server's 429 with Retry-After: the list waits that long, not the ba
   assert.equal(lists.length, 2);
   assert.ok(lists[1]!.at - lists[0]!.at >= 900, `listed again after ${lists[1]!.at - lists[0]!.at} ms`);
 });
+
+test('many Secrets needed at once: fetched a few at a time, so a node opens a few connections, not one per Secret', async () => {
+  const server = await api();
+  const names: string[] = [];
+  let waiting = 0;
+  let most = 0;
+  for (let i = 0; i < 40; i++) {
+    server.put(spIdentity(`sp${i}`, `secret-${i}`));
+    server.put(secret(`secret-${i}`, `value-${i}`));
+    names.push(`app/sp${i}`);
+    // Each GET is held a moment: those in flight together are counted.
+    server.beforeNext('GET', '/api/v1/namespaces/app/secrets/', async () => {
+      most = Math.max(most, ++waiting);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      waiting--;
+    });
+  }
+  const store = await connect(server);
+  await store.whenReady();
+  await need(store, ...names);
+  assert.equal(store.snapshot.secrets.size, 40);
+  assert.ok(most >= 2 && most <= 4, `${most} Secret GETs in flight at once`);
+});
