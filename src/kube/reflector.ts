@@ -1,5 +1,5 @@
 // A list + watch of one kind of Kubernetes object, kept as a map by namespace/name, as
-// client-go's reflector does: list (paged) → watch from the list's resourceVersion → on a
+// client-go's reflector does: list (from the watch cache) → watch from the list's resourceVersion → on a
 // dropped connection watch again from the last resourceVersion seen → on 410 Gone (HTTP
 // status or ERROR event) list again.
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -111,8 +111,11 @@ export class Reflector<T> {
     let next = '';
     let rv = '';
     do {
+      // resourceVersion=0: from the API server's watch cache, not a read through to etcd (client-go's first list);
+      // the watch that follows brings anything the cache had not seen yet. A continued page names its own version.
       const query = new URLSearchParams({ limit: String(this.options.pageSize) });
       if (next) query.set('continue', next);
+      else query.set('resourceVersion', '0');
       const page = await this.client.getJson(`${this.path}?${query}`, signal);
       if (!isObject(page) || !Array.isArray(page.items) || !isObject(page.metadata)) {
         throw new NmiError(codes.API_SERVER, `GET ${this.path}: not a list`);

@@ -466,3 +466,15 @@ test('many Secrets needed at once: fetched a few at a time, so a node opens a fe
   assert.equal(store.snapshot.secrets.size, 40);
   assert.ok(most >= 2 && most <= 4, `${most} Secret GETs in flight at once`);
 });
+
+test('lists come from the watch cache (resourceVersion=0), as client-go lists; a continued page names none', async () => {
+  const server = await api();
+  for (let i = 0; i < 5; i++) server.put(identity(`id${i}`));
+  const store = await connect(server, { pageSize: 3 });
+  await store.whenReady();
+  const lists = server.requests.filter((r) => r.resource === 'azureidentities' && !r.watch);
+  assert.equal(lists.length, 2);
+  assert.equal(lists[0]!.query.resourceVersion, '0');
+  assert.ok(lists[1]!.query.continue);
+  assert.equal(lists[1]!.query.resourceVersion, undefined, 'a continue token carries its own version');
+});
