@@ -10,6 +10,7 @@
 // to them (a user's `user@1000.service`, a container's own nested cgroups).
 import { opendir, stat } from 'node:fs/promises';
 import path from 'node:path';
+import { within } from '../util/mounts.js';
 import { SpacedRefresh } from '../util/spaced-refresh.js';
 
 /** A pod UID with `separator` between its groups: `-`, or `_` in a systemd unit's name. */
@@ -50,12 +51,6 @@ export function podUidFromPath(folder: string): string | undefined {
 export function kubeletCgroupRoot(cgroupRoot: string): string {
   const resolved = path.resolve(cgroupRoot);
   return KUBEPODS.includes(path.basename(resolved)) ? path.dirname(resolved) : resolved;
-}
-
-/** `folder` relative to `parent` when it is `parent` or under it, else undefined. */
-export function within(parent: string, folder: string): string | undefined {
-  const relative = path.relative(parent, folder);
-  return relative === '..' || relative.startsWith('../') || path.isAbsolute(relative) ? undefined : relative;
 }
 
 /** The pod UID of an absolute cgroup folder under the kubelet's cgroup root `kubeletRoot`; undefined anywhere else. */

@@ -5,7 +5,7 @@
 // redirects (first pod sync, first bindings sync, token server listening).
 import type http from 'node:http';
 import { CgroupAttestation } from '../attest/attestation.js';
-import { CgroupPods, within } from '../attest/cgroup-pods.js';
+import { CgroupPods } from '../attest/cgroup-pods.js';
 import { HostCallers, socketCgroupsUnsupported } from '../attest/host-callers.js';
 import { registerAttestationMetrics, registerHostCallerMetrics } from '../attest/metrics.js';
 import { checkRunConfig, type RunConfig } from '../config/commands.js';
@@ -41,7 +41,7 @@ import { registerTokenMetrics } from '../tokens/metrics.js';
 import { MsalTokenProvider } from '../tokens/msal-provider.js';
 import { NetworkClient } from '../tokens/network-client.js';
 import { PodTokens } from '../tokens/pod-tokens.js';
-import { mountsOfType } from '../util/mounts.js';
+import { mountsOfType, within } from '../util/mounts.js';
 import { KubeClient } from '../kube/client.js';
 import { explainHandler } from '../explain/endpoint.js';
 import { RecentRefusals } from '../explain/refusals.js';

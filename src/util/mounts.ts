@@ -1,5 +1,6 @@
 // Where the kernel's filesystems are mounted, as this process sees them.
 import { readFileSync } from 'node:fs';
+import path from 'node:path';
 
 /** Mount points of a filesystem type, from /proc/self/mounts. */
 export function mountsOfType(type: string): string[] {
@@ -10,6 +11,12 @@ export function mountsOfType(type: string): string[] {
     .map((fields) => fields[1] ?? '');
 }
 
+/** `folder` relative to `parent` when it is `parent` or under it, else undefined. */
+export function within(parent: string, folder: string): string | undefined {
+  const relative = path.relative(parent, folder);
+  return relative === '..' || relative.startsWith('../') || path.isAbsolute(relative) ? undefined : relative;
+}
+
 /** Whether the kernel refuses every write under this (resolved) path: the mount holding it is read-only. */
 export function onReadOnlyMount(resolved: string): boolean {
   let best: { point: string; readOnly: boolean } | undefined;
@@ -17,7 +24,7 @@ export function onReadOnlyMount(resolved: string): boolean {
     // mount ID, parent ID, major:minor, root, mount point, mount options, ...
     const fields = line.split(' ');
     const point = (fields[4] ?? '').replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8)));
-    if (!point || !(resolved === point || resolved.startsWith(point === '/' ? '/' : `${point}/`))) continue;
+    if (!point || within(point, resolved) === undefined) continue;
     // The last mount over a path wins: mountinfo lists mounts in the order they were made.
     if (!best || point.length >= best.point.length) best = { point, readOnly: (fields[5] ?? '').split(',').includes('ro') };
   }
