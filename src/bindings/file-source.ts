@@ -11,6 +11,7 @@ import { watch, type FSWatcher, type Stats } from 'node:fs';
 import { lstat, readdir, readFile, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { onReadOnlyMount } from '../util/mounts.js';
+import { isRootOrSelf } from '../util/trusted-uid.js';
 import { LineCounter, parseAllDocuments } from 'yaml';
 import { codes, messageOf, NmiError, UsageError } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
@@ -54,7 +55,7 @@ export async function listBindingFiles(root: string): Promise<string[]> {
 
 /** Why a file or folder's owner or mode lets someone other than root or this process change it; undefined when none. */
 function modeProblem(what: string, info: Stats, ownUid: number): string | undefined {
-  if (info.uid !== 0 && info.uid !== ownUid) return `${what} is owned by uid ${info.uid}, neither root nor nmi's uid ${ownUid}`;
+  if (!isRootOrSelf(info.uid, ownUid)) return `${what} is owned by uid ${info.uid}, neither root nor nmi's uid ${ownUid}`;
   // A symbolic link's own mode is always 0777 and means nothing: its owner and its folder do. On a read-only
   // mount (a ConfigMap volume, whose folder the kubelet makes 0777) the kernel refuses every write whatever the mode.
   if (info.isSymbolicLink() || (info.mode & 0o022) === 0 || onReadOnlyMount(what)) return undefined;

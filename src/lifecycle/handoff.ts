@@ -26,6 +26,7 @@ import path from 'node:path';
 import { codes, NmiError, messageOf } from '../errors/errors.js';
 import type { Logger } from '../log/logger.js';
 import { addon } from '../native/addon.js';
+import { isRootOrSelf } from '../util/trusted-uid.js';
 import type { HeldListener, ListenerName } from './listeners.js';
 
 interface Offer {
@@ -43,7 +44,7 @@ const LISTENER_NAMES: readonly ListenerName[] = ['token', 'probe', 'host-token',
 /** Who may be at the other end: root, or a process of this one's uid (an nmi run as a user in tests). */
 export function peerProblem(peer: { uid: number; pid: number } | null, ownUid = process.geteuid?.() ?? 0): string | undefined {
   if (!peer) return 'the kernel names no peer';
-  if (peer.uid === 0 || peer.uid === ownUid) return undefined;
+  if (isRootOrSelf(peer.uid, ownUid)) return undefined;
   return `its peer is uid ${peer.uid} (pid ${peer.pid}), neither root nor nmi's uid ${ownUid}`;
 }
 

@@ -15,6 +15,7 @@ import type { HostPort } from '../config/values.js';
 import { messageOf } from '../errors/errors.js';
 import { plainAddress } from '../kubelet/pod-index.js';
 import type { SocketOwner } from '../native/addon.js';
+import { isRootOrSelf } from '../util/trusted-uid.js';
 import type { Readiness } from './readiness.js';
 
 export const PID_HEADER = 'X-Nmi-Pid';
@@ -49,7 +50,7 @@ export function explainRefusal(socket: ConnectionEnds, owner = peerSocketOwner, 
     return `explain answers root only, and the kernel could not name the caller (${messageOf(err)})`;
   }
   if (!found) return 'explain answers root only, and the kernel could not name the caller';
-  if (found.uid === 0 || found.uid === ownUid) return undefined;
+  if (isRootOrSelf(found.uid, ownUid)) return undefined;
   return `explain answers root only, and this connection is uid ${found.uid}'s: run nmi explain as root`;
 }
 
