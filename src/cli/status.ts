@@ -5,6 +5,7 @@ import { throttleReasons } from '../budget/budget.js';
 import { upstreams } from '../budget/budgets.js';
 import type { HostPort } from '../config/values.js';
 import { probeUrl } from '../probe/probe-server.js';
+import { BACKSTOP_TITLE } from '../rules/backstop.js';
 import { presentBackends } from '../rules/select.js';
 import type { BackendStatus } from '../rules/redirect.js';
 import { messageOf } from '../errors/errors.js';
@@ -77,7 +78,7 @@ export async function status(options: { json: boolean; probeAddress: HostPort })
   }
   for (const b of backends) {
     // The eBPF backend's backstop is looked for with every tool present; absent, it is no news.
-    if (!b.installed && b.backend.startsWith('ebpf backstop')) continue;
+    if (!b.installed && b.backend.startsWith(BACKSTOP_TITLE)) continue;
     process.stdout.write(`${b.backend}: ${b.installed ? 'installed' : 'not installed'}\n`);
     for (const r of b.rules) process.stdout.write(`  ${String(r.packets).padStart(10)} pkts ${String(r.bytes).padStart(12)} bytes  ${r.text}\n`);
   }

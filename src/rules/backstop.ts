@@ -19,7 +19,8 @@ import { metadataMatch as nftMatch, NftablesBackend, type NftRules } from './nft
 import type { RulesBackend } from './redirect.js';
 
 export const BACKSTOP = 'aad-metadata-backstop';
-const TITLE = 'ebpf backstop';
+/** What status and cleanup call it, before the tool's name. */
+export const BACKSTOP_TITLE = 'ebpf backstop';
 /** NF_IP_PRI_RAW: before conntrack. */
 const RAW_PRIORITY = -300;
 
@@ -33,7 +34,7 @@ export const nftBackstop: NftRules = {
     { counter: { packets: 0, bytes: 0 } },
     { drop: null },
   ],
-  title: TITLE,
+  title: BACKSTOP_TITLE,
 };
 
 export const iptablesBackstop: IptablesRules = {
@@ -41,7 +42,7 @@ export const iptablesBackstop: IptablesRules = {
   chain: BACKSTOP,
   // As iptables-save prints it, for the comparison that finds it changed.
   spec: (r) => `-d ${r.metadataIp}/32 ! -i lo -p tcp -m tcp --dport ${r.metadataPort} -j DROP`,
-  title: TITLE,
+  title: BACKSTOP_TITLE,
 };
 
 /** The backstop `nmi run --rules ebpf` installs: nft's when nft is there (libnftables or the command), else iptables', else none. */
