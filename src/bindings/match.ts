@@ -110,6 +110,11 @@ function servedAs(bound: PodIdentities, account: string): PodIdentities {
   return { exception: false, identities: bound.identities.map((i) => (i.type === IdentityType.Federated ? { ...i, serviceAccount: account } : i)) };
 }
 
+/** A pod that asks for Workload ID's convention (its label), whatever its service account says. */
+export function usesWorkloadIdentity(pod: Pod): boolean {
+  return pod.labels[WORKLOAD_USE_LABEL] === 'true';
+}
+
 /** Why Workload ID's convention gives a pod no identity, its service account (namespace/name) named. */
 export type WorkloadMiss = { why: 'not-labelled' } | { why: 'not-annotated'; serviceAccount: string } | { why: 'no-tenant'; serviceAccount: string };
 
@@ -120,7 +125,7 @@ export type WorkloadMiss = { why: 'not-labelled' } | { why: 'not-annotated'; ser
  */
 export function workloadIdentity(pod: Pod, snapshot: BindingSnapshot, options: MatchOptions): { identity: AzureIdentity } | WorkloadMiss {
   const account = serviceAccountOf(pod);
-  if (pod.labels[WORKLOAD_USE_LABEL] !== 'true') return { why: 'not-labelled' };
+  if (!usesWorkloadIdentity(pod)) return { why: 'not-labelled' };
   // Only service accounts annotated with a client id are in the snapshot.
   const annotated = snapshot.serviceAccounts.get(account);
   if (!annotated) return { why: 'not-annotated', serviceAccount: account };

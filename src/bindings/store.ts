@@ -8,7 +8,7 @@ import { objectKey } from '../kube/object-key.js';
 import { workloadIdentityName, type BindingSet } from './parse.js';
 import { FileBindingSource } from './file-source.js';
 import { KubeBindingSource } from './kube-source.js';
-import type { BindingSource } from './source.js';
+import type { BindingSource, NodeNeeds } from './source.js';
 
 export interface BindingSnapshot {
   /** All maps keyed by namespace/name. */
@@ -138,14 +138,14 @@ export class BindingStore extends EventEmitter<StoreEvents> {
     this.#source.stop();
   }
 
-  /** The identities whose Secrets this node needs (see BindingSource.needSecrets). */
-  needSecrets(identityNames: ReadonlySet<string>): void {
-    this.#source.needSecrets?.(identityNames);
+  /** What this node's pods need read (see BindingSource.need). */
+  need(needs: NodeNeeds): void {
+    this.#source.need?.(needs);
   }
 
-  /** Resolves once every needed Secret was tried and is in the snapshot (or known missing). */
-  secretsSettled(): Promise<void> {
-    return this.#source.secretsSettled?.() ?? Promise.resolve();
+  /** Resolves once everything needed was tried and is in the snapshot (or known missing). */
+  settled(): Promise<void> {
+    return this.#source.settled?.() ?? Promise.resolve();
   }
 
   whenReady(): Promise<void> {

@@ -8,10 +8,20 @@ import { kubeCredentials, type KubeConfig } from './kubeconfig.js';
 
 const requestTimeoutMs = 30_000; // for everything but a watch's body
 
-/** A non-2xx answer from the API server. */
+/**
+ * Connections to the API server at once: the three watches hold one each (HTTP/1.1), the rest share the
+ * others and queue in undici when all are busy. A node never opens one per request.
+ */
+const MAX_CONNECTIONS = 8;
+/** An idle connection is kept this long (Go's API server closes idle ones after 90 s), so periodic reads reuse it. */
+const IDLE_MS = 60_000;
+/** The most a JSON answer may hold unless the caller says otherwise: one list page, one object. */
+export const MAX_ANSWER_BYTES = 4 * 1024 * 1024;
+
 /** The longest an API server's Retry-After holds nmi back: a wrong header must not silence it for hours. */
 const MAX_RETRY_AFTER_MS = 10 * 60_000;
 
+/** A non-2xx answer from the API server. */
 export class ApiError extends NmiError {
   readonly status: number;
   /** The API server's Retry-After (a 429 under its flow control, or a 5xx), when it sent one. */
@@ -21,6 +31,17 @@ export class ApiError extends NmiError {
     this.name = 'ApiError';
     this.status = status;
     this.retryAfterMs = retryAfterMs;
+  }
+}
+
+/** An answer longer than the caller's bound; not read past it. */
+export class TooLargeError extends NmiError {
+  constructor(
+    readonly path: string,
+    readonly maxBytes: number,
+  ) {
+    super(codes.API_SERVER, `GET ${path.split('?')[0]}: the answer is over ${maxBytes} bytes`);
+    this.name = 'TooLargeError';
   }
 }
 
@@ -34,7 +55,7 @@ export class KubeClient {
   readonly server: string;
   readonly #config: KubeConfig;
   readonly #userAgent: string;
-  readonly #agent = new TlsAgent((tls) => new Agent({ connect: tls }));
+  readonly #agent = new TlsAgent((tls) => new Agent({ connect: tls, connections: MAX_CONNECTIONS, keepAliveTimeout: IDLE_MS, keepAliveMaxTimeout: IDLE_MS }));
 
   constructor(config: KubeConfig, userAgent: string) {
     this.server = config.server;
@@ -62,9 +83,24 @@ export class KubeClient {
     return this.#send('GET', path, signal, bodyTimeout);
   }
 
-  async getJson(path: string, signal: AbortSignal): Promise<unknown> {
+  /** Parsed JSON; an answer over maxBytes is cut off unread past the bound and throws TooLargeError. */
+  async getJson(path: string, signal: AbortSignal, maxBytes = MAX_ANSWER_BYTES): Promise<unknown> {
     const res = await this.open(path, signal);
-    return res.body.json();
+    if (Number(res.headers['content-length'] ?? 0) > maxBytes) {
+      res.body.destroy();
+      throw new TooLargeError(path, maxBytes);
+    }
+    const chunks: Buffer[] = [];
+    let bytes = 0;
+    for await (const chunk of res.body as AsyncIterable<Buffer>) {
+      bytes += chunk.length;
+      if (bytes > maxBytes) {
+        res.body.destroy();
+        throw new TooLargeError(path, maxBytes);
+      }
+      chunks.push(chunk);
+    }
+    return JSON.parse(Buffer.concat(chunks, bytes).toString('utf8'));
   }
 
   /** A JSON merge patch (RFC 7386); the object as stored after it. */

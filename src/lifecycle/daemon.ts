@@ -205,6 +205,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   });
   const tokens = new PodTokens({ pods, bindings: store, match, provider, budgets, maxTokensPerPod: config.maxTokensPerPod, serviceAccountTokens: saTokens, log });
   const podIdentities: TokenServerDeps['identitiesFor'] = (pod) => tokens.identitiesOf(pod);
+  const settle: TokenServerDeps['settle'] = (pod) => tokens.settle(pod);
   const getToken: TokenServerDeps['getToken'] = (identity, resource, pod) => tokens.get(identity, resource, pod);
   store.on('change', (keys) => tokens.invalidate(keys));
 
@@ -218,6 +219,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     callers: pods,
     attestation,
     identitiesFor: podIdentities,
+    settle,
     getToken,
     peekToken: (identity, resource) => tokens.peek(identity, resource),
     upstreamImds: config.upstreamImds,
@@ -251,6 +253,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   const hostDeps = {
     findPod: (namespace: string, name: string) => pods.lookupName(namespace, name),
     identitiesFor: podIdentities,
+    settle,
     getToken,
     refusals,
     multipleIdentities: config.multipleIdentities,
@@ -332,7 +335,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     await store.whenReady();
     // The Secrets of the identities bound to this node's pods, before the first pod asks.
     tokens.retain();
-    await store.secretsSettled();
+    await store.settled();
     readiness.set('bindings', true);
     await server.listen(config.nodeIp, config.port, listeners.take('token'));
     for (const host of hostServers) await host.listen();

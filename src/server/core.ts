@@ -39,6 +39,8 @@ export interface TokenServerDeps {
   /** --rules ebpf: callers are the pods whose cgroups made the connections, checked against their addresses. */
   attestation?: Pick<CgroupAttestation, 'resolve' | 'resolveNow'>;
   identitiesFor(pod: Pod): PodIdentities;
+  /** Resolves once what decides the pod's identities was read (its ServiceAccount, for a pod just listed): before identitiesFor on the slow path. */
+  settle?(pod: Pod): Promise<void>;
   /** Cache + credential resolution for the calling pod; rejects with an UpstreamFailure when Entra ID or IMDS fails, a BudgetError when the pod is over its bounds. */
   getToken(identity: AzureIdentity, resource: string, pod: Pod): Promise<Token>;
   /** A fresh cached token without waiting, or undefined (then getToken decides). */
@@ -95,7 +97,7 @@ export interface Handled {
 export type RequestCore = (req: IncomingRequest) => Handled;
 
 /** request → caller → identity → token → answer, shared by the js and native servers. */
-export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attestation' | 'identitiesFor' | 'getToken' | 'peekToken' | 'refusals' | 'options' | 'log'>): RequestCore {
+export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attestation' | 'identitiesFor' | 'settle' | 'getToken' | 'peekToken' | 'refusals' | 'options' | 'log'>): RequestCore {
   const { options, log, attestation } = deps;
 
   /** The hit case without a single await: a known caller with one identity and a fresh cached token. */
@@ -124,6 +126,7 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attes
   async function answerToken(req: IncomingRequest, request: TokenRequest): Promise<Outcome> {
     const pod = await findCaller(req);
     if ('status' in pod) return problemAnswer(pod);
+    await deps.settle?.(pod);
     const bound = deps.identitiesFor(pod);
     if (bound.exception) return { proxy: request.target };
 

@@ -35,6 +35,8 @@ export interface HostTokenDeps {
   /** The live pod named by `podns`/`podname` (after at most one coalesced kubelet refresh), or undefined when this node has none such. */
   findPod(namespace: string, name: string): Promise<Pod | undefined>;
   identitiesFor(pod: Pod): PodIdentities;
+  /** As on the token endpoint: what decides the pod's identities is read first. */
+  settle?(pod: Pod): Promise<void>;
   /** Cache + credential resolution; rejects with an UpstreamFailure when Entra ID or IMDS fails. */
   getToken(identity: AzureIdentity, resource: string, pod: Pod): Promise<Token>;
   /** Told what each pod was refused, as the token endpoint tells it. */
@@ -118,6 +120,7 @@ async function answerHost(deps: HostTokenDeps, req: http.IncomingMessage, render
   if ('status' in checked) return problemAnswer(checked);
   const pod = await deps.findPod(checked.namespace, checked.name);
   if (!pod) return problemAnswer(hostChecks.podNotFound(checked.namespace, checked.name));
+  await deps.settle?.(pod);
   return answerIdentityToken(deps, pod, deps.identitiesFor(pod).identities, checked, { notFound: problems.identityNotFound, multipleIdentities: deps.multipleIdentities, render });
 }
 

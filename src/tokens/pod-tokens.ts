@@ -2,8 +2,9 @@
 // (bindings/match.ts), the credential each signs in with, the budget its calls
 // wait in, and the cache (token-cache.ts) that answers. The token servers ask
 // here; `nmi run` keeps it in step with the pods and the bindings.
-import { identitiesFor, secretFor, serviceAccountOf, type MatchOptions } from '../bindings/match.js';
+import { identitiesFor, secretFor, serviceAccountOf, usesWorkloadIdentity, type MatchOptions } from '../bindings/match.js';
 import { identityKey, IdentityType, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
+import type { NodeNeeds } from '../bindings/source.js';
 import type { BindingStore } from '../bindings/store.js';
 import type { Budgets } from '../budget/budgets.js';
 import type { UpstreamBudget } from '../budget/budget.js';
@@ -20,8 +21,8 @@ import type { Token } from './token.js';
 
 export interface PodTokensDeps {
   pods: Pick<PodIndex, 'pods' | 'knownUid' | 'ready'>;
-  /** needSecrets and secretsSettled: with bindings from the API server, whose Secrets are fetched per node. */
-  bindings: Pick<BindingStore, 'snapshot' | 'ready'> & Partial<Pick<BindingStore, 'needSecrets' | 'secretsSettled'>>;
+  /** need and settled: with bindings from the API server, whose Secrets and ServiceAccounts are read per node. */
+  bindings: Pick<BindingStore, 'snapshot' | 'ready'> & Partial<Pick<BindingStore, 'need' | 'settled'>>;
   match: MatchOptions;
   provider: MsalTokenProvider;
   budgets: Budgets;
@@ -39,8 +40,8 @@ export function podRef(pod: Pod): PodRef {
 
 export class PodTokens {
   readonly cache: TokenCache;
-  /** Service principals (namespace/name) bound to pods of this node: only their Secrets are read. */
-  #secretsNeeded: ReadonlySet<string> = new Set();
+  /** What the bindings source reads for this node's pods. */
+  #needs: NodeNeeds = { secrets: new Set(), serviceAccounts: new Map() };
 
   constructor(private readonly deps: PodTokensDeps) {
     const { provider, budgets } = deps;
@@ -70,8 +71,8 @@ export class PodTokens {
 
   /**
    * Keeps what the node's pods use, after any pod or bindings change: tokens of identities bound to a pod
-   * of this node, the Secrets of those that have one, the bounds of pods still here. Before both first
-   * syncs nothing is dropped.
+   * of this node, the Secrets of those that have one, the ServiceAccounts of pods under Workload ID's
+   * convention, the bounds of pods still here. Before both first syncs nothing is dropped.
    */
   retain(): void {
     const { pods, bindings } = this.deps;
@@ -80,20 +81,37 @@ export class PodTokens {
     if (!bindings.ready || !pods.ready) return;
     const used = new Set<string>();
     const secrets = new Set<string>();
+    const accounts = new Map<string, string[]>();
     for (const pod of listed) {
       if (!isCaller(pod)) continue;
+      if (usesWorkloadIdentity(pod)) accounts.set(serviceAccountOf(pod), [...(accounts.get(serviceAccountOf(pod)) ?? []), pod.uid]);
       for (const identity of this.identitiesOf(pod).identities) {
         used.add(identityKey(identity));
         if (identity.clientPassword) secrets.add(objectKey(identity.namespace, identity.name));
       }
     }
     this.cache.retainOnly(used);
-    this.#needSecrets(secrets);
+    this.#need({ secrets, serviceAccounts: new Map([...accounts].map(([key, uids]) => [key, uids.sort().join(',')])) });
   }
 
-  #needSecrets(names: ReadonlySet<string>): void {
-    this.#secretsNeeded = names;
-    this.deps.bindings.needSecrets?.(names);
+  #need(needs: NodeNeeds): void {
+    this.#needs = needs;
+    this.deps.bindings.need?.(needs);
+  }
+
+  /**
+   * Resolves once what decides the pod's identities was read: the ServiceAccount of a pod under Workload ID's
+   * convention that asks before the next retain (just listed) has it read now, and waits for it.
+   */
+  async settle(pod: Pod): Promise<void> {
+    if (!usesWorkloadIdentity(pod)) return;
+    const account = serviceAccountOf(pod);
+    const uids = this.#needs.serviceAccounts.get(account)?.split(',') ?? [];
+    if (!uids.includes(pod.uid)) {
+      const serviceAccounts = new Map(this.#needs.serviceAccounts).set(account, [...uids, pod.uid].sort().join(','));
+      this.#need({ ...this.#needs, serviceAccounts });
+    }
+    await this.deps.bindings.settled?.();
   }
 
   /** A changed or deleted identity or binding (by `namespace/name`) never gets another token from the old entry. */
@@ -108,8 +126,8 @@ export class PodTokens {
    */
   private async secretOf(identity: AzureIdentity): Promise<Credential> {
     const name = objectKey(identity.namespace, identity.name);
-    if (!this.#secretsNeeded.has(name)) this.#needSecrets(new Set([...this.#secretsNeeded, name]));
-    await this.deps.bindings.secretsSettled?.();
+    if (!this.#needs.secrets.has(name)) this.#need({ ...this.#needs, secrets: new Set([...this.#needs.secrets, name]) });
+    await this.deps.bindings.settled?.();
     return secretFor(identity, this.deps.bindings.snapshot, this.deps.match);
   }
 

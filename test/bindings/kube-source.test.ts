@@ -64,7 +64,7 @@ async function api(): Promise<ApiServer> {
   return server;
 }
 
-const fast: KubeSourceOptions = { backoff: { initialMs: 20, maxMs: 200 }, secretRefreshMs: 3_600_000, watchTimeoutSeconds: 300 };
+const fast: KubeSourceOptions = { backoff: { initialMs: 20, maxMs: 200 }, refreshMs: 3_600_000, watchTimeoutSeconds: 300 };
 
 async function connect(server: ApiServer, options: KubeSourceOptions = {}, log: Logger = capture().log): Promise<BindingStore> {
   const kubeconfig = options.pathPrefix ? undefined : server.writeKubeconfig(mkdtempSync(path.join(dir, 'kc-')));
@@ -77,8 +77,8 @@ async function connect(server: ApiServer, options: KubeSourceOptions = {}, log: 
 
 /** Tells the store which identities' Secrets this node needs, as nmi run does for its pods', and waits for them. */
 async function need(store: BindingStore, ...identities: string[]): Promise<void> {
-  store.needSecrets(new Set(identities));
-  await store.secretsSettled();
+  store.need({ secrets: new Set(identities), serviceAccounts: new Map() });
+  await store.settled();
 }
 
 /** The next change event's keys, as a sorted list. */
@@ -219,7 +219,7 @@ test('secrets: fetched again when the identity changes and on the refresh interv
   const server = await api();
   server.put(spIdentity('sp', 'one'));
   server.put(secret('one', 'first'));
-  const store = await connect(server, { secretRefreshMs: 100 });
+  const store = await connect(server, { refreshMs: 100 });
   await store.whenReady();
   await need(store, 'app/sp');
   const cred = (): unknown => {
@@ -257,7 +257,7 @@ test('a failing secret fetch keeps the last value and retries', async () => {
   server.put(spIdentity('sp', 'one'));
   server.put(secret('one', 'first'));
   const { log, lines } = capture();
-  const store = await connect(server, { secretRefreshMs: 100 }, log);
+  const store = await connect(server, { refreshMs: 100 }, log);
   await store.whenReady();
   await need(store, 'app/sp');
   server.failNext(3, 500, '/api/v1/namespaces/app/secrets/');
@@ -399,7 +399,7 @@ test('a Secret nmi may not read (403): the identity is unusable, and it is asked
   // With a 20 ms backoff, a retry loop would have asked dozens of times by now.
   await new Promise((resolve) => setTimeout(resolve, 500));
   assert.equal(server.requests.filter((r) => r.resource === 'secrets').length, 1);
-  assert.equal(lines().filter((l) => l.msg === 'secret unusable').length, 1);
+  assert.deepEqual(lines().filter((l) => /^secret unusable/.test(l.msg)).map((l) => l.msg), ['secret unusable: nmi needs get on secrets (deploy/grants/service-principals)']);
 });
 
 test("a Secret is held only while a pod of the node needs its identity: dropped with the last, read again with the next", async () => {
@@ -411,7 +411,7 @@ test("a Secret is held only while a pod of the node needs its identity: dropped 
   await need(store, 'app/sp');
   assert.equal(store.snapshot.secrets.has('app/sp-secret'), true);
   const dropped = nextChange(store);
-  store.needSecrets(new Set());
+  store.need({ secrets: new Set(), serviceAccounts: new Map() });
   await dropped;
   assert.equal(store.snapshot.secrets.has('app/sp-secret'), false, 'kept with no pod needing it');
   const gets = server.requests.filter((r) => r.resource === 'secrets').length;
@@ -420,17 +420,19 @@ test("a Secret is held only while a pod of the node needs its identity: dropped 
   assert.equal(server.requests.filter((r) => r.resource === 'secrets').length, gets + 1);
 });
 
-test('service accounts nmi may not list (403): going on without them, asked again minutes later, not every backoff', async () => {
+test('custom resources nmi may not list (403): not ready, and asked again after 30 s and more, not every backoff', async () => {
   const server = await api();
   server.put(identity('web'));
-  server.failNext(1_000, 403, '/api/v1/serviceaccounts');
+  server.failNext(1_000, 403, '/apis/aadpodidentity.k8s.io/v1/azureidentities');
   const { log, lines } = capture();
   const store = await connect(server, {}, log);
-  await store.whenReady();
   // With a 20 ms backoff capped at 200 ms, a retry loop would have listed them several times by now.
   await new Promise((resolve) => setTimeout(resolve, 1_000));
-  assert.equal(server.requests.filter((r) => r.path === '/api/v1/serviceaccounts').length, 1);
-  assert.equal(lines().filter((l) => /may not list and watch serviceaccounts/.test(l.msg)).length, 1);
+  assert.equal(store.ready, false);
+  assert.equal(server.lists('azureidentities').length, 1);
+  const said = lines().filter((l) => /may not list and watch azureidentities: check its RBAC/.test(l.msg));
+  assert.equal(said.length, 1);
+  assert.ok(Number(said[0]!.retryInMs) >= 24_000, `retried in ${String(said[0]!.retryInMs)} ms`);
 });
 
 test("an API server's 429 with Retry-After: the list waits that long, not the backoff's 20 ms", async () => {
@@ -477,4 +479,145 @@ test('lists come from the watch cache (resourceVersion=0), as client-go lists; a
   assert.equal(lists[0]!.query.resourceVersion, '0');
   assert.ok(lists[1]!.query.continue);
   assert.equal(lists[1]!.query.resourceVersion, undefined, 'a continue token carries its own version');
+});
+
+const account = (name: string, annotations: Record<string, string> = {}, namespace = 'app'): KubeObject => ({
+  apiVersion: 'v1',
+  kind: 'ServiceAccount',
+  metadata: { name, namespace, annotations },
+});
+
+test('a node whose pods use no Workload ID asks nothing about ServiceAccounts, however many the cluster holds', async () => {
+  const server = await api();
+  server.put(spIdentity('sp', 'sp-secret'));
+  server.put(secret('sp-secret', 'hunter2'));
+  for (let i = 0; i < 50; i++) server.put(account(`sa${i}`, { 'azure.workload.identity/client-id': `c${i}` }));
+  const store = await connect(server);
+  await store.whenReady();
+  await need(store, 'app/sp');
+  assert.equal(store.snapshot.secrets.size, 1);
+  assert.deepEqual(server.requests.filter((r) => r.resource === 'serviceaccounts').map((r) => r.path), []);
+});
+
+test("ServiceAccounts: only those of the node's Workload ID pods, one GET each from the watch cache, read again for a new pod, dropped with the last", async () => {
+  const server = await api();
+  server.put(account('wi', { 'azure.workload.identity/client-id': 'first' }));
+  server.put(account('other', { 'azure.workload.identity/client-id': 'x' }));
+  const store = await connect(server);
+  await store.whenReady();
+  const pods = async (uids: string): Promise<void> => {
+    store.need({ secrets: new Set(), serviceAccounts: uids ? new Map([['app/wi', uids]]) : new Map() });
+    await store.settled();
+  };
+  await pods('u1');
+  assert.deepEqual([...store.snapshot.serviceAccounts.keys()], ['app/wi']);
+  assert.equal(store.snapshot.serviceAccounts.get('app/wi')?.clientID, 'first');
+  const gets = () => server.requests.filter((r) => r.resource === 'serviceaccounts');
+  assert.deepEqual(gets().map((r) => [r.path, r.query.resourceVersion]), [['/api/v1/namespaces/app/serviceaccounts/wi', '0']]);
+  // Annotated anew, then a pod of the account started: the new pod reads it again, and sees the annotation.
+  server.put(account('wi', { 'azure.workload.identity/client-id': 'second' }));
+  await pods('u1,u2');
+  assert.equal(store.snapshot.serviceAccounts.get('app/wi')?.clientID, 'second');
+  assert.equal(gets().length, 2);
+  // The same pods again: nothing read.
+  await pods('u1,u2');
+  assert.equal(gets().length, 2);
+  const dropped = nextChange(store);
+  await pods('');
+  await dropped;
+  assert.equal(store.snapshot.serviceAccounts.size, 0, 'kept with no pod of the node using it');
+  assert.equal(gets().length, 2);
+});
+
+test('ServiceAccounts and Secrets needed are read again each refresh, at spread intervals', async () => {
+  const server = await api();
+  server.put(account('wi', { 'azure.workload.identity/client-id': 'c' }));
+  const store = await connect(server, { refreshMs: 200 });
+  await store.whenReady();
+  store.need({ secrets: new Set(), serviceAccounts: new Map([['app/wi', 'u1']]) });
+  await store.settled();
+  await waitFor('four reads', () => server.requests.filter((r) => r.resource === 'serviceaccounts').length >= 4, 15_000, 10);
+  const at = server.requests.filter((r) => r.resource === 'serviceaccounts').map((r) => r.at);
+  const gaps = at.slice(1).map((t, i) => t - at[i]!);
+  // ±25 % around 200 ms: never in step with a node started at the same moment.
+  for (const gap of gaps.slice(1)) assert.ok(gap >= 140 && gap <= 400, `read again after ${gap} ms`);
+  assert.ok(new Set(gaps.slice(1)).size > 1, `gaps ${gaps.join(', ')} are all the same`);
+});
+
+test('an object over the size limit is left out with one log line naming it, from a list and from a watch; the rest is served', async () => {
+  const server = await api();
+  const big = (name: string): KubeObject => ({ ...identity(name), metadata: { name, namespace: 'app', annotations: { filler: 'x'.repeat(70 * 1024) } } });
+  server.put(big('huge'));
+  server.put(identity('web'));
+  const { log, lines } = capture();
+  const store = await connect(server, {}, log);
+  await store.whenReady();
+  assert.deepEqual([...store.snapshot.identities.keys()], ['app/web']);
+  const said = () => lines().filter((l) => l.msg === 'ignoring invalid object');
+  assert.equal(said().length, 1);
+  assert.equal(said()[0]!.object, 'app/huge');
+  assert.match(String(said()[0]!.err), /over the limit of 65536 for one object/);
+  // A valid object growing past the limit on a watch: gone, said once.
+  const change = nextChange(store);
+  server.put(big('web'));
+  assert.deepEqual(await change, ['app/web']);
+  assert.equal(store.snapshot.identities.size, 0);
+  assert.deepEqual(said().map((l) => l.object), ['app/huge', 'app/web']);
+  server.put(identity('small'));
+  await waitFor('the next object served', () => store.snapshot.identities.has('app/small'), 15_000, 10);
+});
+
+test('a list page over its byte bound is asked again with half as many items, so a page never holds more', async () => {
+  const server = await api();
+  for (let i = 0; i < 12; i++) server.put({ ...identity(`id${i}`), metadata: { name: `id${i}`, namespace: 'app', annotations: { filler: 'x'.repeat(1000) } } });
+  const store = await connect(server, { pageSize: 12, maxPageBytes: 4000 });
+  await store.whenReady();
+  assert.equal(store.snapshot.identities.size, 12);
+  const limits = server.lists('azureidentities').map((r) => Number(r.query.limit));
+  // 12 and 6 items are over 4000 bytes; 3 fit, four pages of them.
+  assert.deepEqual(limits, [12, 6, 3, 3, 3, 3]);
+});
+
+test('a watch that brings nothing for stallMs is replaced from where it was; one that gets bookmarks is kept', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  const { log } = capture();
+  const store = await connect(server, { stallMs: 400 }, log);
+  await store.whenReady();
+  await server.waitForWatches('azureidentities');
+  // Bookmarks every 100 ms: the watch lives on.
+  const ticker = setInterval(() => server.bookmark(), 100);
+  await new Promise((resolve) => setTimeout(resolve, 1_000));
+  clearInterval(ticker);
+  assert.equal(server.watches('azureidentities').length, 1, 'a watch with bookmarks was replaced');
+  // Silence (the stand-in keeps it open, as a stuck server or a dead connection would): replaced, not listed again.
+  await waitFor('a second watch', () => server.watches('azureidentities').length >= 2, 15_000, 10);
+  const [first, second] = server.watches('azureidentities');
+  assert.equal(second!.query.resourceVersion, first!.query.resourceVersion);
+  assert.equal(server.lists('azureidentities').length, 1);
+});
+
+test('20 sources that find the API server down retry with full jitter: when it comes back, their lists are spread over the backoff window', async () => {
+  const server = await api();
+  server.put(identity('web'));
+  await server.pause();
+  const kubeconfig = server.writeKubeconfig(mkdtempSync(path.join(dir, 'kc-')));
+  const stores = await Promise.all(
+    Array.from({ length: 20 }, async () => {
+      const source = new KubeBindingSource(capture().log, { kubeconfig, ...fast, backoff: { initialMs: 100, maxMs: 3_200 } });
+      const store = new BindingStore(source, capture().log);
+      cleanups.push(() => store.stop());
+      await store.start();
+      return store;
+    }),
+  );
+  await new Promise((resolve) => setTimeout(resolve, 2_000));
+  const back = Date.now();
+  await server.resume();
+  await Promise.all(stores.map((s) => s.whenReady()));
+  const at = server.lists('azureidentities').filter((r) => r.at >= back).map((r) => r.at);
+  assert.equal(at.length, 20);
+  // Simulated 2,000 times each: with ±20 % around each doubling they span at most ~1.0 s; drawn over the window, at least ~1.9 s.
+  const span = Math.max(...at) - Math.min(...at);
+  assert.ok(span >= 1_400, `20 lists within ${span} ms of each other`);
 });

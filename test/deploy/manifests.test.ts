@@ -45,7 +45,7 @@ const GRANT = ['ClusterRole', 'ClusterRoleBinding'];
 const grantRules: Record<string, Doc[]> = {
   'service-principals': [{ apiGroups: [''], resources: ['secrets'], verbs: ['get'] }],
   federation: [
-    { apiGroups: [''], resources: ['serviceaccounts'], verbs: ['list', 'watch'] },
+    { apiGroups: [''], resources: ['serviceaccounts'], verbs: ['get'] },
     { apiGroups: [''], resources: ['serviceaccounts/token'], verbs: ['create'] },
   ],
   'pod-events': [{ apiGroups: ['events.k8s.io'], resources: ['events'], verbs: ['create', 'patch'] }],
@@ -521,14 +521,15 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source, Events and fede
     api.put({ apiVersion: CRD_API_VERSION, kind: 'AzureIdentity', metadata: { name: 'sp', namespace: 'app' }, spec });
     api.put({ apiVersion: CRD_API_VERSION, kind: 'AzureIdentityBinding', metadata: { name: 'b', namespace: 'app' }, spec: { azureIdentity: 'sp', selector: 'sp' } });
     api.put({ apiVersion: 'v1', kind: 'Secret', metadata: { name: 'sp', namespace: 'app' }, data: { clientSecret: Buffer.from('x').toString('base64') } } as KubeObject);
+    api.put({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: 'web-sa', namespace: 'app' } });
     const source = new KubeBindingSource(silentLogger, { kubeconfig: api.writeKubeconfig(tmp) });
     const synced = new Promise<void>((resolve) => void source.start(() => resolve()));
     await synced;
-    // A pod of the node bound to the service principal: its Secret is read.
-    source.needSecrets(new Set(['app/sp']));
-    await source.secretsSettled();
+    // A pod of the node bound to the service principal: its Secret is read; one under Workload ID's convention: its ServiceAccount.
+    source.need({ secrets: new Set(['app/sp']), serviceAccounts: new Map([['app/web-sa', 'u2']]) });
+    await source.settled();
     // Watches open after their lists: wait for all of them before looking.
-    for (const p of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions', 'serviceaccounts']) await api.waitForWatches(p);
+    for (const p of ['azureidentities', 'azureidentitybindings', 'azurepodidentityexceptions']) await api.waitForWatches(p);
     source.stop();
     // An Event on a refused pod, repeated: created, then its series patched.
     const client = new KubeClient(loadKubeConfig({ kubeconfig: api.writeKubeconfig(tmp) }), 'nmi');
@@ -539,7 +540,6 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source, Events and fede
     while (events.counts.updated + events.counts.failed === 0) await new Promise((resolve) => setTimeout(resolve, 10));
     events.stop();
     // A federated identity's exchange: a token of the calling pod's service account, bound to the pod.
-    api.put({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: 'web-sa', namespace: 'app' } });
     const bound = api.put({ apiVersion: 'v1', kind: 'Pod', metadata: { name: 'web', namespace: 'app' }, spec: { serviceAccountName: 'web-sa' } } as KubeObject);
     await new ServiceAccountTokens(client).forPod({ ...refused, uid: bound.metadata.uid as string, serviceAccount: 'web-sa' });
     await client.close();
@@ -558,7 +558,8 @@ test("RBAC and CRDs cover every request nmi's Kubernetes source, Events and fede
     }
     assert.ok(seen.has('get secrets'));
     assert.ok(seen.has('create events') && seen.has('patch events'), [...seen].join(', '));
-    assert.ok(seen.has('list serviceaccounts') && seen.has('watch serviceaccounts') && seen.has('create serviceaccounts/token'), [...seen].join(', '));
+    assert.ok(seen.has('get serviceaccounts') && seen.has('create serviceaccounts/token'), [...seen].join(', '));
+    assert.ok(!seen.has('list serviceaccounts') && !seen.has('watch serviceaccounts'), 'ServiceAccounts are read one by one, for the node\'s pods');
     const requestedPlurals = new Set(api.requests.filter((r) => r.path.startsWith(CRD_PATH)).map((r) => r.resource));
     assert.deepEqual([...requestedPlurals].sort(), crds().map((c) => c.spec.names.plural).sort(), 'one CRD per resource nmi reads');
   } finally {
@@ -573,7 +574,6 @@ test('base: nmi as the base runs it, refused what the base does not grant, still
     api.put({ apiVersion: CRD_API_VERSION, kind: 'AzureIdentity', metadata: { name: 'u', namespace: 'app' }, spec: user });
     api.put({ apiVersion: CRD_API_VERSION, kind: 'AzureIdentityBinding', metadata: { name: 'b', namespace: 'app' }, spec: { azureIdentity: 'u', selector: 'u' } });
     // The API server answers 403 to whatever the base's ClusterRole does not allow (the stand-in has no RBAC of its own).
-    api.failNext(1_000_000, 403, '/api/v1/serviceaccounts');
     api.failNext(1_000_000, 403, '/api/v1/namespaces/');
     api.failNext(1_000_000, 403, '/apis/events.k8s.io/');
     const source = new KubeBindingSource(silentLogger, { kubeconfig: api.writeKubeconfig(tmp) });
@@ -586,8 +586,8 @@ test('base: nmi as the base runs it, refused what the base does not grant, still
       const { group, resource, verb } = attributes(r);
       return !allowed(base, group, resource, verb);
     });
-    // Only the Workload ID convention's list, which the source takes as optional (refused: none), is asked of the base in vain.
-    assert.deepEqual([...new Set(refused.map((r) => `${attributes(r).verb} ${attributes(r).resource}`))], ['list serviceaccounts']);
+    // With no pod needing a Secret or a ServiceAccount, nothing is asked of the base in vain.
+    assert.deepEqual([...new Set(refused.map((r) => `${attributes(r).verb} ${attributes(r).resource}`))], []);
   } finally {
     await api.close();
   }

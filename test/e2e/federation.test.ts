@@ -135,8 +135,12 @@ test('an expired service-account token: the 400 says to check the clocks (AADSTS
   }
 });
 
-test('the annotation gone: the identity it stood for is no longer served, cached token and all', async () => {
+test('the annotation gone, seen when the account is read again (a new pod of it starts): the identity it stood for is no longer served, cached token and all', async () => {
   api.put({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: 'wi-sa', namespace: 'apps' } });
+  // nmi reads a ServiceAccount for this node's pods only, never watches them: a new pod of the account reads it again.
+  const reads = api.requests.filter((r) => r.resource === 'serviceaccounts').length;
+  pods.wi2 = node.addPod({ name: 'wi-2', namespace: 'apps', labels: { 'azure.workload.identity/use': 'true' }, serviceAccount: 'wi-sa' });
+  await waitFor('the account read again', () => api.requests.filter((r) => r.resource === 'serviceaccounts').length > reads);
   await waitFor('the Workload ID identity withdrawn', async () => {
     const r = await agents.wi!.http(query(), { headers: META });
     return r.status === 400 && json(r.body).error_description === 'Identity not found';

@@ -143,7 +143,7 @@ test("a Secret is read for the node's pods only: at retain for those listed, and
     const budgets = new Budgets({ imds: limits, imdsMetadata: limits, entra: limits, maxPendingPerPod: 100, maxWaitMs: 10_000 });
     const tokens = new PodTokens({ pods, bindings: store, match: { forceNamespaced: false }, provider, budgets, maxTokensPerPod: 10, log });
     tokens.retain();
-    await store.secretsSettled();
+    await store.settled();
     const secretGets = () => api.requests.filter((r) => r.resource === 'secrets').length;
     assert.equal(secretGets(), 0, 'a Secret was read with no pod of the node bound to its identity');
     // A pod nmi has not retained yet asks: its identity's Secret is read now, and the request waits for it.
@@ -154,8 +154,48 @@ test("a Secret is read for the node's pods only: at retain for those listed, and
     assert.equal(secretGets(), 1);
     // Gone from the node: the Secret goes with it.
     tokens.retain();
-    await store.secretsSettled();
+    await store.settled();
     assert.equal(store.snapshot.secrets.size, 0);
+  } finally {
+    store.stop();
+    await api.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("a Workload ID pod's ServiceAccount is read for the node's pods only: at retain for those listed, and when a pod just listed asks first, which waits for it", async () => {
+  const api = await startApiServer({ pki });
+  const dir = mkdtempSync(path.join(tmpdir(), 'nmi-pod-tokens-'));
+  const log = captureLogs('warn').log;
+  const store = new BindingStore(new KubeBindingSource(log, { kubeconfig: api.writeKubeconfig(dir) }), log);
+  try {
+    api.put({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: 'wi-sa', namespace: 'apps', annotations: { 'azure.workload.identity/client-id': 'wi-client', 'azure.workload.identity/tenant-id': 'tenant-a' } } });
+    await store.start();
+    await store.whenReady();
+    const listed: Pod[] = [];
+    const pods = { pods: () => listed, knownUid: (uid: string) => listed.find((p) => p.uid === uid), ready: true };
+    const budgets = new Budgets({ imds: limits, imdsMetadata: limits, entra: limits, maxPendingPerPod: 100, maxWaitMs: 10_000 });
+    const tokens = new PodTokens({ pods, bindings: store, match: { forceNamespaced: false }, provider, budgets, maxTokensPerPod: 10, log });
+    const workload = (name: string): Pod => ({ ...pod(name, '', 'wi-sa'), labels: { 'azure.workload.identity/use': 'true' } });
+    const reads = () => api.requests.filter((r) => r.resource === 'serviceaccounts').length;
+    listed.push(pod('plain', 'none'));
+    tokens.retain();
+    await store.settled();
+    assert.equal(reads(), 0, 'a ServiceAccount was read with no Workload ID pod on the node');
+    // Listed a moment ago, not yet retained, and asking: its account is read now, and the request waits for it.
+    const early = workload('early');
+    await tokens.settle(early);
+    assert.equal(reads(), 1);
+    assert.deepEqual(tokens.identitiesOf(early).identities.map((i) => i.clientID), ['wi-client']);
+    // Retained with it on the node: nothing read again; gone: forgotten.
+    listed.push(early);
+    tokens.retain();
+    await tokens.settle(early);
+    assert.equal(reads(), 1);
+    listed.length = 0;
+    tokens.retain();
+    await store.settled();
+    assert.equal(store.snapshot.serviceAccounts.size, 0);
   } finally {
     store.stop();
     await api.close();
