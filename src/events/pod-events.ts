@@ -6,9 +6,13 @@
 //   lastObservedTime are patched at most once per seriesUpdateMs;
 // - new Events per pod go through a token bucket (the kubelet's spam filter: a
 //   burst of 25, then one per 5 minutes);
+// - every API call of the node (creates and series updates) through another: a
+//   burst of 50, then one per 2 s, so a node whose every pod is refused stays a
+//   trickle at the API server (5,000 such nodes: 2,500 calls a second at most);
 // - one API call at a time, at most maxQueued waiting; past that they are dropped
 //   and counted. A failing API server costs a log line per failure kind, not a retry loop.
 import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { KubeClient } from '../kube/client.js';
 import type { Pod } from '../kubelet/pod.js';
 import type { Logger } from '../log/logger.js';
@@ -37,6 +41,8 @@ export interface PodEventsOptions {
   seriesUpdateMs?: number;
   burst?: number;
   refillMs?: number;
+  nodeBurst?: number;
+  nodeRefillMs?: number;
   maxQueued?: number;
 }
 
@@ -47,6 +53,8 @@ const defaults = {
   seriesUpdateMs: 30_000,
   burst: 25,
   refillMs: 5 * 60_000,
+  nodeBurst: 50,
+  nodeRefillMs: 2_000,
   maxQueued: 100,
 };
 
@@ -71,6 +79,32 @@ interface Series {
   updating: boolean;
 }
 
+/** `burst` tokens, one back every refillMs. */
+class Bucket {
+  #tokens: number;
+  #atMs: number;
+  constructor(
+    private readonly burst: number,
+    private readonly refillMs: number,
+    now: number,
+  ) {
+    this.#tokens = burst;
+    this.#atMs = now;
+  }
+
+  /** 0 when a token was there (and is taken), else how long until one is. */
+  take(now: number): number {
+    const refilled = Math.floor((now - this.#atMs) / this.refillMs);
+    if (refilled > 0) {
+      this.#tokens = Math.min(this.burst, this.#tokens + refilled);
+      this.#atMs += refilled * this.refillMs;
+    }
+    if (this.#tokens < 1) return this.#atMs + this.refillMs - now;
+    this.#tokens -= 1;
+    return 0;
+  }
+}
+
 /** MicroTime: RFC 3339 with microseconds. */
 function microTime(ms: number): string {
   return new Date(ms).toISOString().replace(/\.(\d{3})Z$/, '.$1000Z');
@@ -84,8 +118,10 @@ export class PodEvents {
   readonly #now: () => number;
   readonly #o: typeof defaults;
   readonly #series = new Map<string, Series>();
-  /** Per pod uid: tokens left and when they were counted. */
-  readonly #buckets = new Map<string, { tokens: number; atMs: number }>();
+  /** Per pod uid: its new Events. */
+  readonly #buckets = new Map<string, Bucket>();
+  /** The node's API calls. */
+  readonly #calls: Bucket;
   readonly #queue: Array<() => Promise<void>> = [];
   #running = false;
   readonly #abort = new AbortController();
@@ -101,8 +137,11 @@ export class PodEvents {
       seriesUpdateMs: options.seriesUpdateMs ?? defaults.seriesUpdateMs,
       burst: options.burst ?? defaults.burst,
       refillMs: options.refillMs ?? defaults.refillMs,
+      nodeBurst: options.nodeBurst ?? defaults.nodeBurst,
+      nodeRefillMs: options.nodeRefillMs ?? defaults.nodeRefillMs,
       maxQueued: options.maxQueued ?? defaults.maxQueued,
     };
+    this.#calls = new Bucket(this.#o.nodeBurst, this.#o.nodeRefillMs, this.#now());
   }
 
   record(pod: Pod, event: PodEvent): void {
@@ -117,7 +156,9 @@ export class PodEvents {
       return;
     }
     if (series) this.#forget(key, series);
-    if (!this.#take(pod.uid, now)) {
+    const bucket = this.#buckets.get(pod.uid) ?? new Bucket(this.#o.burst, this.#o.refillMs, now);
+    this.#buckets.set(pod.uid, bucket);
+    if (bucket.take(now) > 0) {
       this.counts.dropped += 1;
       return;
     }
@@ -137,20 +178,6 @@ export class PodEvents {
     this.#abort.abort();
     for (const [key, series] of this.#series) this.#forget(key, series);
     this.#queue.length = 0;
-  }
-
-  /** The kubelet's spam filter: a bucket of `burst` new Events per pod, one back every refillMs. */
-  #take(uid: string, now: number): boolean {
-    const bucket = this.#buckets.get(uid) ?? { tokens: this.#o.burst, atMs: now };
-    const refilled = Math.floor((now - bucket.atMs) / this.#o.refillMs);
-    if (refilled > 0) {
-      bucket.tokens = Math.min(this.#o.burst, bucket.tokens + refilled);
-      bucket.atMs += refilled * this.#o.refillMs;
-    }
-    this.#buckets.set(uid, bucket);
-    if (bucket.tokens < 1) return false;
-    bucket.tokens -= 1;
-    return true;
   }
 
   #forget(key: string, series: Series): void {
@@ -185,7 +212,15 @@ export class PodEvents {
 
   async #drain(): Promise<void> {
     this.#running = true;
-    for (let call = this.#queue.shift(); call; call = this.#queue.shift()) await call();
+    for (let call = this.#queue.shift(); call; call = this.#queue.shift()) {
+      // The node's share of the API server: a call waits its turn, and what comes meanwhile queues (or is dropped).
+      for (let wait = this.#calls.take(this.#now()); wait > 0; wait = this.#calls.take(this.#now())) {
+        await sleep(wait, undefined, { signal: this.#abort.signal }).catch(() => undefined);
+        if (this.#abort.signal.aborted) break;
+      }
+      if (this.#abort.signal.aborted) break;
+      await call();
+    }
     this.#running = false;
   }
 

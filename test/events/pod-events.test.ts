@@ -132,6 +132,20 @@ test("the kubelet's spam filter: 25 new Events per pod, then one per 5 minutes; 
   events.stop();
 });
 
+test("the node's API calls through one bucket: a burst, then one per nodeRefillMs, whichever pods they are for", async () => {
+  const events = new PodEvents({ client, nodeName: 'node1', log: silentLogger, nodeBurst: 5, nodeRefillMs: 150 });
+  const many = Array.from({ length: 10 }, () => pod());
+  const before = api.requests.length;
+  for (const p of many) events.record(p, noIdentity);
+  await waitFor('ten events', () => events.counts.created === 10, 15_000, 10);
+  const at = api.requests.slice(before).filter((r) => r.resource === 'events' && r.method === 'POST').map((r) => r.at);
+  assert.equal(at.length, 10);
+  // The sixth waited for a token, and each after it for the next.
+  for (let i = 5; i < 10; i++) assert.ok(at[i]! - at[0]! >= (i - 4) * 150 - 20, `call ${i + 1} came ${at[i]! - at[0]!} ms after the first`);
+  assert.equal(events.counts.dropped, 0);
+  events.stop();
+});
+
 test('an API server refusing Events: said once with the RBAC it needs, no retries, the series abandoned', async () => {
   const { log, lines } = captureLogs();
   const events = new PodEvents({ client, nodeName: 'node1', log });
