@@ -143,6 +143,8 @@ export interface ApiServer {
   readonly token: string;
   /** Every request received, in order. */
   readonly requests: RequestRecord[];
+  /** TLS connections accepted so far, and open now. */
+  readonly connections: { accepted: number; open: number };
   /** How a watch from a compacted resourceVersion is refused: an ERROR event (as real API servers do) or HTTP 410. */
   goneAs: 'event' | 'status';
   /** The current (latest) resourceVersion. */
@@ -690,7 +692,14 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     return fail(res, 404, 'the server could not find the requested resource');
   };
 
-  const httpsServer = https.createServer({ key: serving.keyPem, cert: serving.certPem }, (req, res) => void handler(req, res));
+  // Idle connections are kept 90 s, as the API server's Go server keeps them.
+  const httpsServer = https.createServer({ key: serving.keyPem, cert: serving.certPem, keepAliveTimeout: 90_000 }, (req, res) => void handler(req, res));
+  const connections = { accepted: 0, open: 0 };
+  httpsServer.on('secureConnection', (socket) => {
+    connections.accepted++;
+    connections.open++;
+    socket.once('close', () => connections.open--);
+  });
   httpsServer.listen(0, '127.0.0.1');
   await once(httpsServer, 'listening');
   const port = (httpsServer.address() as AddressInfo).port;
@@ -709,6 +718,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     caPem: pki.caPem,
     token,
     requests,
+    connections,
     goneAs: 'event',
     get resourceVersion() {
       return String(rv);
