@@ -692,8 +692,12 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     return fail(res, 404, 'the server could not find the requested resource');
   };
 
-  // Idle connections are kept 90 s, as the API server's Go server keeps them.
-  const httpsServer = https.createServer({ key: serving.keyPem, cert: serving.certPem, keepAliveTimeout: 90_000 }, (req, res) => void handler(req, res));
+  // Idle connections are kept 90 s, as the API server's Go server keeps them, and, as Go's, it sends no
+  // Keep-Alive header saying so (node's is left out when the answer names its Connection itself).
+  const httpsServer = https.createServer({ key: serving.keyPem, cert: serving.certPem, keepAliveTimeout: 90_000 }, (req, res) => {
+    res.setHeader('connection', 'keep-alive');
+    void handler(req, res);
+  });
   const connections = { accepted: 0, open: 0 };
   httpsServer.on('secureConnection', (socket) => {
     connections.accepted++;
