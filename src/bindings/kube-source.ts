@@ -30,6 +30,7 @@ export const kubeSourceDefaults = {
   pageSize: 100,
   maxPageBytes: 4 * 1024 * 1024, // one list page or one watch event
   maxObjectBytes: 64 * 1024, // one custom resource: aad-pod-identity's are a few hundred bytes
+  maxObjectsPerNamespace: 1_000, // of each custom resource: a tenant's own namespace, not the nodes' memory
   stallMs: 150_000, // 2.5 minutes: two bookmarks missed
   maxSecretBytes: 2 * 1024 * 1024, // Kubernetes' own limit is 1 MiB of data, base64 in JSON
   maxServiceAccountBytes: 512 * 1024, // 256 KiB of annotations at most, and the rest

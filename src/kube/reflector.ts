@@ -37,6 +37,11 @@ export interface ReflectorOptions {
   /** An object whose JSON is longer is left out, with one log line naming it. */
   maxObjectBytes: number;
   /**
+   * Objects held per namespace, valid or not: past it a namespace's others are left out (counted, logged once),
+   * so a tenant that may write in one namespace cannot make every node hold without bound.
+   */
+  maxObjectsPerNamespace: number;
+  /**
    * A watch that brings nothing for this long is stalled (a dead connection, a stuck server) and replaced: the
    * API server's watch cache sends a bookmark every minute to a watch that allows them.
    */
@@ -52,13 +57,41 @@ function isObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null;
 }
 
+/** What a reflector holds, by key: valid objects, invalid ones with why, and per namespace how many of both and how many more were left out. */
+class Held<T> {
+  readonly items = new Map<string, T>();
+  /** Invalid objects (logged once per version), with the resourceVersion logged and why. */
+  readonly invalid = new Map<string, { rv: string; reason: string }>();
+  readonly perNamespace = new Map<string, number>();
+  readonly leftOut = new Map<string, number>();
+
+  /** Makes room for key (true), unless it is new and its namespace is full: then it is counted as left out. */
+  admit(namespace: string, key: string, max: number): boolean {
+    if (this.items.has(key) || this.invalid.has(key)) return true;
+    const held = this.perNamespace.get(namespace) ?? 0;
+    if (held >= max) {
+      this.leftOut.set(namespace, (this.leftOut.get(namespace) ?? 0) + 1);
+      return false;
+    }
+    this.perNamespace.set(namespace, held + 1);
+    return true;
+  }
+
+  /** True when a valid object went. */
+  delete(namespace: string, key: string): boolean {
+    const valid = this.items.delete(key);
+    if (valid || this.invalid.delete(key)) this.perNamespace.set(namespace, (this.perNamespace.get(namespace) ?? 1) - 1);
+    // Probably one of those left out: its room comes back at the next list.
+    else if ((this.leftOut.get(namespace) ?? 0) > 0) this.leftOut.set(namespace, this.leftOut.get(namespace)! - 1);
+    return valid;
+  }
+}
+
 /** List + watch of one resource, kept as a map by namespace/name. */
 export class Reflector<T> {
-  #items = new Map<string, T>();
+  #held = new Held<T>();
   #rv = '';
   #synced = false;
-  /** Invalid objects (logged once per version), by key, with the resourceVersion logged and why. */
-  readonly #invalid = new Map<string, { rv: string; reason: string }>();
 
   constructor(
     private readonly client: KubeClient,
@@ -69,12 +102,17 @@ export class Reflector<T> {
   ) {}
 
   get items(): ReadonlyMap<string, T> {
-    return this.#items;
+    return this.#held.items;
   }
 
-  /** Why each invalid object was left out, by key. */
+  /** Why each invalid object was left out, by key; `<namespace>/*` for a namespace over its limit. */
   get invalid(): Iterable<[string, string]> {
-    return [...this.#invalid].map(([key, { reason }]) => [key, reason]);
+    const limit = this.options.maxObjectsPerNamespace;
+    const full = [...this.#held.leftOut].filter(([, n]) => n > 0);
+    return [
+      ...[...this.#held.invalid].map(([key, { reason }]): [string, string] => [key, reason]),
+      ...full.map(([namespace, n]): [string, string] => [objectKey(namespace, '*'), `${n} more left out: over the limit of ${limit} per namespace`]),
+    ];
   }
 
   get synced(): boolean {
@@ -118,37 +156,38 @@ export class Reflector<T> {
   }
 
   async #list(signal: AbortSignal): Promise<void> {
-    const items = new Map<string, T>();
-    const listed = new Set<string>();
+    const held = new Held<T>();
     let next = '';
     let rv = '';
     let limit = this.options.pageSize;
+    let fromCache = true;
     for (;;) {
       // resourceVersion=0: from the API server's watch cache, not a read through to etcd (client-go's first list);
       // the watch that follows brings anything the cache had not seen yet. A continued page names its own version.
       const query = new URLSearchParams({ limit: String(limit) });
       if (next) query.set('continue', next);
-      else query.set('resourceVersion', '0');
+      else if (fromCache) query.set('resourceVersion', '0');
       let page: unknown;
       try {
         page = await this.client.getJson(`${this.path}?${query}`, signal, this.options.maxPageBytes);
       } catch (err) {
-        // Big objects: fewer per page, so one page never holds more than maxPageBytes.
+        // Fewer per page, so one page never holds more than maxPageBytes. A watch cache before Kubernetes 1.33
+        // answers resourceVersion=0 whole, whatever the limit: past the bound, the pages come from etcd.
         if (!(err instanceof TooLargeError) || limit === 1) throw err;
         limit = Math.ceil(limit / 2);
+        fromCache = false;
         continue;
       }
       if (!isObject(page) || !Array.isArray(page.items) || !isObject(page.metadata)) {
         throw new NmiError(codes.API_SERVER, `GET ${this.path}: not a list`);
       }
-      for (const raw of page.items) listed.add(this.#parseInto(items, raw, Buffer.byteLength(JSON.stringify(raw))));
+      for (const raw of page.items) this.#parseInto(held, raw, Buffer.byteLength(JSON.stringify(raw)));
       rv = String(page.metadata.resourceVersion ?? '');
       next = typeof page.metadata.continue === 'string' ? page.metadata.continue : '';
       if (!next) break;
     }
-    this.#items = items;
-    // Invalid objects deleted while no watch ran are gone too.
-    for (const key of this.#invalid.keys()) if (!listed.has(key)) this.#invalid.delete(key);
+    for (const [namespace, n] of held.leftOut) if (this.#held.leftOut.get(namespace) !== n) this.#sayFull(namespace, n);
+    this.#held = held;
     this.#rv = rv;
     this.#synced = true;
     this.onChange();
@@ -190,14 +229,17 @@ export class Reflector<T> {
     if (rv) this.#rv = rv;
     switch (event.type) {
       case 'ADDED':
-      case 'MODIFIED':
-        this.#parseInto(this.#items, object, bytes);
+      case 'MODIFIED': {
+        const namespace = String(object?.metadata?.namespace ?? '');
+        const full = this.#held.leftOut.get(namespace) ?? 0;
+        this.#parseInto(this.#held, object, bytes);
+        if (full === 0 && this.#held.leftOut.get(namespace)) this.#sayFull(namespace, 1);
         this.onChange();
         break;
+      }
       case 'DELETED': {
-        const key = objectKey(object?.metadata?.namespace ?? '', object?.metadata?.name ?? '');
-        this.#invalid.delete(key);
-        if (this.#items.delete(key)) this.onChange();
+        const namespace = object?.metadata?.namespace ?? '';
+        if (this.#held.delete(namespace, objectKey(namespace, object?.metadata?.name ?? ''))) this.onChange();
         break;
       }
       case 'BOOKMARK':
@@ -207,26 +249,31 @@ export class Reflector<T> {
     }
   }
 
+  #sayFull(namespace: string, leftOut: number): void {
+    const limit = this.options.maxObjectsPerNamespace;
+    this.log.warn({ resource: this.resource.plural, namespace, leftOut, limit }, `namespace over the limit of ${limit} ${this.resource.plural}: the others are left out until the next list`);
+  }
+
   /**
    * Valid objects go in; an invalid one, or one over maxObjectBytes, is logged once per version and left out
-   * (removing an older valid version). Returns its key.
+   * (removing an older valid version); one past its namespace's limit is only counted.
    */
-  #parseInto(items: Map<string, T>, raw: unknown, bytes: number): string {
+  #parseInto(held: Held<T>, raw: unknown, bytes: number): void {
     const m = isObject(raw) && isObject(raw.metadata) ? raw.metadata : {};
-    const key = objectKey(String(m.namespace ?? ''), String(m.name ?? ''));
+    const namespace = String(m.namespace ?? '');
+    const key = objectKey(namespace, String(m.name ?? ''));
+    if (!held.admit(namespace, key, this.options.maxObjectsPerNamespace)) return;
     try {
       const max = this.options.maxObjectBytes;
       if (bytes > max) throw new NmiError(codes.API_SERVER, `${bytes} bytes, over the limit of ${max} for one object`);
-      items.set(key, this.resource.parse(raw));
-      this.#invalid.delete(key);
+      held.items.set(key, this.resource.parse(raw));
+      held.invalid.delete(key);
     } catch (err) {
-      items.delete(key);
+      held.items.delete(key);
       const rv = String(m.resourceVersion ?? '');
-      if (this.#invalid.get(key)?.rv !== rv) {
-        this.#invalid.set(key, { rv, reason: messageOf(err) });
-        this.log.warn({ resource: this.resource.plural, object: key, err: messageOf(err) }, 'ignoring invalid object');
-      }
+      // Said once per version, across lists too.
+      if (this.#held.invalid.get(key)?.rv !== rv) this.log.warn({ resource: this.resource.plural, object: key, err: messageOf(err) }, 'ignoring invalid object');
+      held.invalid.set(key, { rv, reason: messageOf(err) });
     }
-    return key;
   }
 }

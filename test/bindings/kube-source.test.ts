@@ -567,15 +567,40 @@ test('an object over the size limit is left out with one log line naming it, fro
   await waitFor('the next object served', () => store.snapshot.identities.has('app/small'), 15_000, 10);
 });
 
-test('a list page over its byte bound is asked again with half as many items, so a page never holds more', async () => {
+test('a list page over its byte bound is asked again with half as many items, from etcd, so a page never holds more', async () => {
+  for (const wholeFromCache of [false, true]) {
+    const server = await api();
+    // A watch cache before Kubernetes 1.33 answers resourceVersion=0 whole: only etcd pages by the limit.
+    server.wholeFromCache = wholeFromCache;
+    for (let i = 0; i < 12; i++) server.put({ ...identity(`id${i}`), metadata: { name: `id${i}`, namespace: 'app', annotations: { filler: 'x'.repeat(1000) } } });
+    const store = await connect(server, { pageSize: 12, maxPageBytes: 4000 });
+    await store.whenReady();
+    assert.equal(store.snapshot.identities.size, 12);
+    const pages = server.lists('azureidentities').map((r) => `${r.query.limit}${r.query.resourceVersion === '0' ? ' from the cache' : ''}`);
+    // 12 and 6 items are over 4000 bytes; 3 fit, four pages of them.
+    assert.deepEqual(pages, ['12 from the cache', '6', '3', '3', '3', '3']);
+  }
+});
+
+test('a namespace past its limit of objects: its others left out and counted, one log line; other namespaces served', async () => {
   const server = await api();
-  for (let i = 0; i < 12; i++) server.put({ ...identity(`id${i}`), metadata: { name: `id${i}`, namespace: 'app', annotations: { filler: 'x'.repeat(1000) } } });
-  const store = await connect(server, { pageSize: 12, maxPageBytes: 4000 });
+  for (let i = 0; i < 5; i++) server.put(identity(`id${i}`));
+  server.put(identity('a', 'c-a', 'other'));
+  server.put(identity('b', 'c-b', 'other'));
+  const { log, lines } = capture();
+  const store = await connect(server, { maxObjectsPerNamespace: 3 }, log);
   await store.whenReady();
-  assert.equal(store.snapshot.identities.size, 12);
-  const limits = server.lists('azureidentities').map((r) => Number(r.query.limit));
-  // 12 and 6 items are over 4000 bytes; 3 fit, four pages of them.
-  assert.deepEqual(limits, [12, 6, 3, 3, 3, 3]);
+  assert.deepEqual([...store.snapshot.identities.keys()].sort(), ['app/id0', 'app/id1', 'app/id2', 'other/a', 'other/b']);
+  const said = () => lines().filter((l) => /namespace over the limit of 3 azureidentities/.test(l.msg));
+  assert.deepEqual(said().map((l) => [l.namespace, l.leftOut]), [['app', 2]]);
+  assert.equal(store.snapshot.invalid.get('AzureIdentity app/*'), '2 more left out: over the limit of 3 per namespace');
+  // More in the full namespace: left out, not said again; another namespace still served.
+  server.put(identity('id5'));
+  server.put(identity('c', 'c-c', 'other'));
+  await waitFor('other/c served', () => store.snapshot.identities.has('other/c'), 15_000, 10);
+  assert.equal(store.snapshot.identities.has('app/id5'), false);
+  assert.equal(said().length, 1);
+  assert.equal(store.snapshot.invalid.get('AzureIdentity app/*'), '3 more left out: over the limit of 3 per namespace');
 });
 
 test('a watch that brings nothing for stallMs is replaced from where it was; one that gets bookmarks is kept', async () => {

@@ -147,6 +147,8 @@ export interface ApiServer {
   readonly connections: { accepted: number; open: number };
   /** How a watch from a compacted resourceVersion is refused: an ERROR event (as real API servers do) or HTTP 410. */
   goneAs: 'event' | 'status';
+  /** A list with resourceVersion=0 answered whole whatever its limit, as a watch cache before Kubernetes 1.33 does [false]. */
+  wholeFromCache: boolean;
   /** The current (latest) resourceVersion. */
   readonly resourceVersion: string;
   /** Creates or replaces an object (ADDED or MODIFIED); returns the stored copy with its resourceVersion. */
@@ -363,7 +365,8 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     const all = [...(store.get(plural)?.values() ?? [])]
       .filter((o) => namespace === undefined || o.metadata.namespace === namespace)
       .sort((a, b) => keyOf(a.metadata.namespace ?? '', a.metadata.name).localeCompare(keyOf(b.metadata.namespace ?? '', b.metadata.name)));
-    const limit = Number(query.get('limit') ?? 0) || all.length;
+    const whole = server.wholeFromCache && query.get('resourceVersion') === '0';
+    const limit = (!whole && Number(query.get('limit') ?? 0)) || all.length;
     const items = all.slice(offset, offset + limit);
     const more = offset + limit < all.length;
     const metadata: Record<string, string> = { resourceVersion: String(listRv) };
@@ -724,6 +727,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
     requests,
     connections,
     goneAs: 'event',
+    wholeFromCache: false,
     get resourceVersion() {
       return String(rv);
     },
