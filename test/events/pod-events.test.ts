@@ -45,7 +45,7 @@ test('a refusal becomes one Event regarding the pod, as events.k8s.io/v1 require
   const events = new PodEvents({ client, nodeName: 'node1', log: silentLogger });
   const p = pod();
   events.record(p, noIdentity);
-  await waitFor('the event', () => events.counts.created === 1, 5_000, 10);
+  await waitFor('the event', () => events.counts.created === 1, 15_000, 10);
   const [event] = eventsOf(p);
   assert.ok(event);
   assert.deepEqual(event.regarding, { apiVersion: 'v1', kind: 'Pod', namespace: p.namespace, name: p.name, uid: p.uid });
@@ -66,9 +66,9 @@ test('under load: created once, then counted in its series; a handful of calls f
   for (let i = 0; i < 250; i++) events.record(p, noIdentity);
   await sleep(400);
   for (let i = 0; i < 250; i++) events.record(p, noIdentity);
-  await waitFor('the series to reach 500', () => (eventsOf(p)[0]?.series as { count?: number } | undefined)?.count === 500, 5_000, 10);
+  await waitFor('the series to reach 500', () => (eventsOf(p)[0]?.series as { count?: number } | undefined)?.count === 500, 15_000, 10);
   // The server counts a patch before the recorder reads its answer.
-  await waitFor('the recorder to read the last answer', () => events.counts.updated === callsFor(p).filter((c) => c.method === 'PATCH').length, 5_000, 10);
+  await waitFor('the recorder to read the last answer', () => events.counts.updated === callsFor(p).filter((c) => c.method === 'PATCH').length, 15_000, 10);
   assert.equal(eventsOf(p).length, 1, 'one Event');
   const calls = callsFor(p);
   assert.equal(calls.filter((c) => c.method === 'POST').length, 1, 'one create');
@@ -85,13 +85,13 @@ test('one PATCH of a series per seriesUpdateMs however the refusals arrive, even
   const events = new PodEvents({ client, nodeName: 'node1', log: silentLogger });
   const p = pod();
   events.record(p, noIdentity);
-  await waitFor('the event', () => events.counts.created === 1, 5_000, 10);
+  await waitFor('the event', () => events.counts.created === 1, 15_000, 10);
   // More refusals arrive while the first PATCH is on its way.
   api.beforeNext('PATCH', `/apis/events.k8s.io/v1/namespaces/${p.namespace}/events`, () => {
     for (let i = 0; i < 100; i++) events.record(p, noIdentity);
   });
   for (let i = 0; i < 100; i++) events.record(p, noIdentity);
-  await waitFor('the first series update', () => events.counts.updated >= 1, 5_000, 10);
+  await waitFor('the first series update', () => events.counts.updated >= 1, 15_000, 10);
   await sleep(500);
   assert.equal(callsFor(p).filter((c) => c.method === 'PATCH').length, 1, 'a second PATCH within seriesUpdateMs (30 s)');
   events.stop();
@@ -104,10 +104,10 @@ test('another note or reason is another Event; one past the series window starts
   events.record(p, noIdentity);
   events.record(p, { ...noIdentity, note: 'Token request for https://vault.azure.net refused (400 Identity not found).' });
   events.record(p, { reason: 'SeveralIdentities', action: 'GetToken', note: 'several' });
-  await waitFor('three events', () => events.counts.created === 3, 5_000, 10);
+  await waitFor('three events', () => events.counts.created === 3, 15_000, 10);
   now += 6 * 60_000 + 1;
   events.record(p, noIdentity);
-  await waitFor('a fourth event', () => events.counts.created === 4, 5_000, 10);
+  await waitFor('a fourth event', () => events.counts.created === 4, 15_000, 10);
   assert.equal(eventsOf(p).length, 4);
   assert.equal(callsFor(p).filter((c) => c.method === 'PATCH').length, 0);
   events.stop();
@@ -120,14 +120,14 @@ test("the kubelet's spam filter: 25 new Events per pod, then one per 5 minutes; 
   const quiet = pod();
   for (let i = 0; i < 40; i++) events.record(noisy, { ...noIdentity, note: `resource ${i}` });
   events.record(quiet, noIdentity);
-  await waitFor('26 events', () => events.counts.created === 26, 5_000, 10);
+  await waitFor('26 events', () => events.counts.created === 26, 15_000, 10);
   assert.equal(eventsOf(noisy).length, 25);
   assert.equal(eventsOf(quiet).length, 1);
   assert.equal(events.counts.dropped, 15);
   now += 5 * 60_000;
   events.record(noisy, { ...noIdentity, note: 'resource 41' });
   events.record(noisy, { ...noIdentity, note: 'resource 42' });
-  await waitFor('one more', () => events.counts.created === 27, 5_000, 10);
+  await waitFor('one more', () => events.counts.created === 27, 15_000, 10);
   assert.equal(events.counts.dropped, 16);
   events.stop();
 });
@@ -153,7 +153,7 @@ test('an API server refusing Events: said once with the RBAC it needs, no retrie
   api.failNext(2, 403, `/apis/events.k8s.io/v1/namespaces/${p.namespace}/events`);
   events.record(p, noIdentity);
   events.record(p, { ...noIdentity, note: 'other' });
-  await waitFor('two failures', () => events.counts.failed === 2, 5_000, 10);
+  await waitFor('two failures', () => events.counts.failed === 2, 15_000, 10);
   for (let i = 0; i < 50; i++) events.record(p, noIdentity);
   await sleep(100);
   assert.equal(callsFor(p).length, 2, 'nothing more was sent');
@@ -167,10 +167,10 @@ test('pods gone are forgotten; a stopped recorder sends nothing', async () => {
   const events = new PodEvents({ client, nodeName: 'node1', log: silentLogger });
   const gone = pod();
   events.record(gone, noIdentity);
-  await waitFor('created', () => events.counts.created === 1, 5_000, 10);
+  await waitFor('created', () => events.counts.created === 1, 15_000, 10);
   events.retain([]);
   events.record(gone, noIdentity);
-  await waitFor('created again', () => events.counts.created === 2, 5_000, 10);
+  await waitFor('created again', () => events.counts.created === 2, 15_000, 10);
   assert.equal(eventsOf(gone).length, 2, 'a forgotten series starts a new Event');
   events.stop();
   const after = pod();
