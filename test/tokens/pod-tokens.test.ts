@@ -16,7 +16,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { captureLogs } from '../harness/log-capture.js';
-import { startApiServer, type KubeObject } from '../standins/apiserver.js';
+import { startApiServer, type ApiServer, type KubeObject } from '../standins/apiserver.js';
 import { startEntra, type EntraStandin } from '../standins/entra.js';
 import { startImds, type ImdsStandin } from '../standins/imds.js';
 import { createPki, type Pki } from '../standins/pki.js';
@@ -129,7 +129,16 @@ test('retain keeps tokens of identities a pod of the node uses, and drops nothin
   assert.equal(synced.tokens.peek(msi, resource), undefined, 'kept with no pod using it');
 });
 
-test("a Secret is read for the node's pods only: at retain for those listed, and when a pod not yet retained first asks, which waits for it", async () => {
+interface KubeNode {
+  api: ApiServer;
+  store: BindingStore;
+  tokens: PodTokens;
+  /** The pods the kubelet lists. */
+  listed: Pod[];
+}
+
+/** PodTokens over bindings from a stand-in API server holding `objects`, as `nmi run --bindings kubernetes` wires them. */
+async function withKubeNode(objects: object[], run: (node: KubeNode) => Promise<void>): Promise<void> {
   const api = await startApiServer({ pki });
   const dir = mkdtempSync(path.join(tmpdir(), 'nmi-pod-tokens-'));
   const log = captureLogs('warn').log;
@@ -142,6 +151,16 @@ test("a Secret is read for the node's pods only: at retain for those listed, and
     const pods = { pods: () => listed, knownUid: (uid: string) => listed.find((p) => p.uid === uid), ready: true };
     const budgets = new Budgets({ imds: limits, imdsMetadata: limits, entra: limits, maxPendingPerPod: 100, maxWaitMs: 10_000 });
     const tokens = new PodTokens({ pods, bindings: store, match: { forceNamespaced: false }, provider, budgets, maxTokensPerPod: 10, log });
+    await run({ api, store, tokens, listed });
+  } finally {
+    store.stop();
+    await api.close();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test("a Secret is read for the node's pods only: at retain for those listed, and when a pod not yet retained first asks, which waits for it", () =>
+  withKubeNode(objects, async ({ api, store, tokens }) => {
     tokens.retain();
     await store.settled();
     const secretGets = () => api.requests.filter((r) => r.resource === 'secrets').length;
@@ -156,26 +175,12 @@ test("a Secret is read for the node's pods only: at retain for those listed, and
     tokens.retain();
     await store.settled();
     assert.equal(store.snapshot.secrets.size, 0);
-  } finally {
-    store.stop();
-    await api.close();
-    rmSync(dir, { recursive: true, force: true });
-  }
-});
+  }));
 
-test("a Workload ID pod's ServiceAccount is read for the node's pods only: at retain for those listed, and when a pod just listed asks first, which waits for it", async () => {
-  const api = await startApiServer({ pki });
-  const dir = mkdtempSync(path.join(tmpdir(), 'nmi-pod-tokens-'));
-  const log = captureLogs('warn').log;
-  const store = new BindingStore(new KubeBindingSource(log, { kubeconfig: api.writeKubeconfig(dir) }), log);
-  try {
-    api.put({ apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: 'wi-sa', namespace: 'apps', annotations: { 'azure.workload.identity/client-id': 'wi-client', 'azure.workload.identity/tenant-id': 'tenant-a' } } });
-    await store.start();
-    await store.whenReady();
-    const listed: Pod[] = [];
-    const pods = { pods: () => listed, knownUid: (uid: string) => listed.find((p) => p.uid === uid), ready: true };
-    const budgets = new Budgets({ imds: limits, imdsMetadata: limits, entra: limits, maxPendingPerPod: 100, maxWaitMs: 10_000 });
-    const tokens = new PodTokens({ pods, bindings: store, match: { forceNamespaced: false }, provider, budgets, maxTokensPerPod: 10, log });
+const workloadAccount = { apiVersion: 'v1', kind: 'ServiceAccount', metadata: { name: 'wi-sa', namespace: 'apps', annotations: { 'azure.workload.identity/client-id': 'wi-client', 'azure.workload.identity/tenant-id': 'tenant-a' } } };
+
+test("a Workload ID pod's ServiceAccount is read for the node's pods only: at retain for those listed, and when a pod just listed asks first, which waits for it", () =>
+  withKubeNode([workloadAccount], async ({ api, store, tokens, listed }) => {
     const workload = (name: string): Pod => ({ ...pod(name, '', 'wi-sa'), labels: { 'azure.workload.identity/use': 'true' } });
     const reads = () => api.requests.filter((r) => r.resource === 'serviceaccounts').length;
     listed.push(pod('plain', 'none'));
@@ -196,9 +201,4 @@ test("a Workload ID pod's ServiceAccount is read for the node's pods only: at re
     tokens.retain();
     await store.settled();
     assert.equal(store.snapshot.serviceAccounts.size, 0);
-  } finally {
-    store.stop();
-    await api.close();
-    rmSync(dir, { recursive: true, force: true });
-  }
-});
+  }));
