@@ -238,7 +238,8 @@ function size(bytes: number): string {
 }
 
 function count(n: number): string {
-  return n >= 100 || Number.isInteger(n) ? String(Math.round(n)) : n.toFixed(1);
+  // Scaled counts (60.0000001 per hour) print whole when they are.
+  return n >= 100 || Math.abs(n - Math.round(n)) < 0.05 ? String(Math.round(n)) : n.toFixed(1);
 }
 
 const ratio = (a: number, b: number): string => (b === 0 ? (a === 0 ? '1' : '∞') : `${(a / b).toFixed(a / b < 0.1 ? 3 : 2)}×`);
@@ -393,7 +394,7 @@ function report(lanes: Lane[], m: { start: Tally[]; steady: Tally[]; restart: Ta
   line('steady: Secret GETs per second', (m.steady[nw]!.requests['get secret'] * perHour * N) / 3600, (m.steady[base]!.requests['get secret'] * perHour * N) / 3600, count);
   line(`restart: requests in ${flags.after} s`, total(m.restart[nw]!.requests) * N, total(m.restart[base]!.requests) * N, count);
   line(`restart: bytes in ${flags.after} s`, total(m.restart[nw]!.bytes) * N, total(m.restart[base]!.bytes) * N, size);
-  line('restart: requests in the busiest second', spread[nw]!.count * N, spread[base]!.count * N, count);
+  line('restart: requests/s, busiest second', spread[nw]!.count * N, spread[base]!.count * N, count);
   say(`  the busiest second assumes every node's requests arrive as this node's did after the API server came back: so they do`);
   say(`  when reconnects are not jittered (every node sees the same outage); with jitter across nodes it is an upper bound`);
 
