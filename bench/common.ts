@@ -19,8 +19,8 @@ export function say(text: string): void {
   process.stdout.write(`${text}\n`);
 }
 
-/** A flag that must be a positive integer, or exit 2 naming it; and root, which the node benches need. */
-export function positiveFlags<K extends string>(bench: string, values: Record<K, string | undefined>, names: readonly K[]): Record<K, number> {
+/** A flag that must be a positive integer, or exit 2 naming it; and root, which the node benches need (unless `root` is false). */
+export function positiveFlags<K extends string>(bench: string, values: Record<K, string | undefined>, names: readonly K[], root = true): Record<K, number> {
   const out = {} as Record<K, number>;
   for (const name of names) {
     const n = Number(values[name]);
@@ -30,7 +30,7 @@ export function positiveFlags<K extends string>(bench: string, values: Record<K,
     }
     out[name] = n;
   }
-  if (process.getuid?.() !== 0) {
+  if (root && process.getuid?.() !== 0) {
     process.stderr.write(`bench/${bench}: needs root (network namespaces, iptables)\n`);
     process.exit(2);
   }
@@ -129,6 +129,8 @@ export interface NmiOptions {
   imds: Standin;
   pin: boolean;
   cpuProfDir?: string;
+  /** The launcher to run [this checkout's bin/nmi.js]: another build's (bench/apiserver.ts's baseline). */
+  script?: string;
 }
 
 export interface Daemon {
@@ -154,7 +156,7 @@ export async function startNmi(o: NmiOptions): Promise<Daemon> {
     ['--server', o.server, '--node-ip', o.nodeIp, '--port', String(o.port), '--rules', o.rules, '--bindings', o.bindings,
       '--kubelet-url', o.kubelet.url, '--upstream-imds', o.imds.url, '--log-level', 'warn', ...(o.extraArgs ?? [])],
     // taskset execs nmi: the pid is still the program's own.
-    { probe, env, prefix: o.pin ? ['taskset', '-c', String(SERVER_CPU)] : [], command: [o.runtime.path, ...profile, nmiBin], waitReady: false },
+    { probe, env, prefix: o.pin ? ['taskset', '-c', String(SERVER_CPU)] : [], command: [o.runtime.path, ...profile, o.script ?? nmiBin], waitReady: false },
   );
   // SIGTERM (a --cpu-prof profile gets written), SIGKILL after 20 s; Ctrl-C stops it while it starts, too.
   const stop = async () => {

@@ -93,6 +93,8 @@ export interface RequestRecord {
   watch: boolean;
   /** When it arrived (Date.now()). */
   at: number;
+  /** Response body bytes written so far: a watch's grow as it streams (what bench/apiserver.ts sums). */
+  bytes?: number;
 }
 
 /** A TokenRequest's bound object (authentication.k8s.io/v1 BoundObjectReference). */
@@ -295,6 +297,22 @@ function mergePatch(target: unknown, patch: unknown): unknown {
     else out[k] = mergePatch(out[k], v);
   }
   return out;
+}
+
+/** Adds each body chunk written to `res` to `record.bytes`, as it is written. */
+function countBytes(res: ServerResponse, record: RequestRecord): void {
+  record.bytes = 0;
+  const size = (chunk: unknown): number => (typeof chunk === 'string' ? Buffer.byteLength(chunk) : chunk instanceof Uint8Array ? chunk.byteLength : 0);
+  const write = res.write.bind(res) as (...args: unknown[]) => boolean;
+  const end = res.end.bind(res) as (...args: unknown[]) => ServerResponse;
+  res.write = ((chunk: unknown, ...rest: unknown[]) => {
+    record.bytes! += size(chunk);
+    return write(chunk, ...rest);
+  }) as ServerResponse['write'];
+  res.end = ((chunk?: unknown, ...rest: unknown[]) => {
+    record.bytes! += size(chunk);
+    return end(chunk, ...rest);
+  }) as ServerResponse['end'];
 }
 
 function keyOf(namespace: string, name: string): string {
@@ -642,6 +660,7 @@ export async function startApiServer(options: ApiServerOptions = {}): Promise<Ap
       watch: isWatch,
       at: Date.now(),
     });
+    countBytes(res, requests.at(-1)!);
     // A kubelet's credential: TokenRequests for pods of its node only (the Node authorizer), nothing else.
     const asNode = nodeTokens.get(req.headers.authorization ?? '');
     if (asNode !== undefined) {
