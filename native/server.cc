@@ -163,11 +163,40 @@ void Server::UpdateTokens(std::vector<std::pair<std::string, std::shared_ptr<con
   }
   // Only the JS thread writes the table, so nothing changes it between the read above and the swap below.
   auto table = std::make_shared<TokenTable>(*current);
-  for (auto& key : removals) table->erase(key);
-  for (auto& [key, entry] : upserts) (*table)[key] = std::move(entry);
+  auto retire = [&](const std::string& key) {
+    auto it = table->find(key);
+    if (it != table->end() && countHits) retired_.emplace_back(key, it->second);
+  };
+  for (auto& key : removals) {
+    retire(key);
+    table->erase(key);
+  }
+  for (auto& [key, entry] : upserts) {
+    retire(key);
+    (*table)[key] = std::move(entry);
+  }
   std::lock_guard<std::mutex> lock(tablesMutex_);
   tokens_ = std::move(table);
   tablesVersion_.fetch_add(1, std::memory_order_release);
+}
+
+std::vector<std::pair<std::string, uint64_t>> Server::TakeHits() {
+  std::shared_ptr<const TokenTable> current;
+  {
+    std::lock_guard<std::mutex> lock(tablesMutex_);
+    current = tokens_;
+  }
+  std::vector<std::pair<std::string, uint64_t>> taken;
+  auto take = [&](const std::string& key, const imds::TokenEntry& e) {
+    uint64_t n = e.hits->exchange(0, std::memory_order_relaxed);
+    if (n > 0) taken.emplace_back(key, n);
+  };
+  for (auto& [key, entry] : *current) take(key, *entry);
+  for (auto& [key, entry] : retiredBefore_) take(key, *entry);
+  for (auto& [key, entry] : retired_) take(key, *entry);
+  retiredBefore_ = std::move(retired_);
+  retired_.clear();
+  return taken;
 }
 
 void Server::Run() {

@@ -198,6 +198,7 @@ bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAli
   out += e.prefix;
   out.append(digits, digitCount);
   out += e.suffix;
+  e.hits->fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 
