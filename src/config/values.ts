@@ -133,7 +133,9 @@ export function offOrPath(raw: string, flag: string): string | null {
 
 /** `off`, `-` (standard output) or an absolute file path. */
 export function offStdoutOrPath(raw: string, flag: string): string | null {
-  return raw === '-' ? raw : offOrPath(raw, flag);
+  if (raw === '-' || raw.startsWith('/')) return raw;
+  if (raw === 'off' || raw === '') return null;
+  throw new UsageError(`--${flag}: "${raw}" must be an absolute path, - (standard output) or off`);
 }
 
 const sizeUnits: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 };

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createCluster, crd, TOKEN_URL, type Cluster, type ClusterPod } from '../harness/cluster.js';
 import type { PodAgent } from '../harness/netns.js';
-import type { NmiProcess } from '../harness/nmi-process.js';
+import { nmiAsync, type NmiProcess } from '../harness/nmi-process.js';
 import { decodeStandinToken } from '../standins/imds.js';
 
 const MGMT = 'https://management.azure.com/';
@@ -90,6 +90,18 @@ test('a second pod of the same identity gets a record of its own, though the tok
   const served = records().filter((r) => r.kind === 'served' && r.pod.name === 'pod-a2');
   assert.equal(served.length, 1);
   assert.equal(served[0]!.tokenId, decodeStandinToken(token).uti);
+});
+
+test("nmi explain shows the pod's last served token by its uti", async () => {
+  const token = await tokenFor(agents.a!);
+  answeredA++;
+  const r = await nmiAsync(['explain', 'default/pod-a', '--json']);
+  assert.equal(r.code, 0, r.stderr);
+  const served = (JSON.parse(r.stdout) as { served?: Record_[] }).served;
+  assert.deepEqual(served?.map((s) => [s.identity, s.resource, s.tokenId, s.source]), [['default/id-a', MGMT, decodeStandinToken(token).uti, 'imds']]);
+  const { stdout } = await nmiAsync(['explain', 'default/pod-a']);
+  assert.match(stdout, /^tokens served lately \(audit, by uti; newest first\):$/m);
+  assert.ok(stdout.includes(`default/id-a ${MGMT}: uti ${decodeStandinToken(token).uti}, `), stdout);
 });
 
 test('1,000 answers of the fast path are counted, without a line each', async () => {
