@@ -42,6 +42,8 @@ export class AuditStream {
 
   constructor(options: AuditStreamOptions) {
     this.#options = { syncMs: 1_000, reopenMs: 1_000, ...options };
+    // A closed pipe (EPIPE) is also an 'error' event on stdout, which would end the process unheard; each write's callback counts it.
+    if (this.toStdout) process.stdout.on('error', () => {});
   }
 
   get toStdout(): boolean {
@@ -51,8 +53,8 @@ export class AuditStream {
   write(record: object): void {
     const line = `${JSON.stringify(record)}\n`;
     if (this.toStdout) {
-      process.stdout.write(line);
-      return this.#written();
+      process.stdout.write(line, (err) => (err ? this.#failed(err) : this.#written()));
+      return;
     }
     try {
       this.#open();

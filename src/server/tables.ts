@@ -176,7 +176,13 @@ export function attachTables(server: TableFedServer, sources: TableSources): Tab
   function refresh(): void {
     const callers = buildCallerEntries(sources.pods(), sources.identitiesFor, sources.cgroupsOf, sources.perPod);
     tabled = new Set<string>();
-    for (const { identities, scope } of callers) for (const identity of identities) tabled.add(podScoped(scope, identityKey(identity)));
+    // Unscoped, pods bound alike share one identities array: each array once.
+    const seen = new Set<readonly AzureIdentity[]>();
+    for (const { identities, scope } of callers) {
+      if (scope === undefined && seen.has(identities)) continue;
+      seen.add(identities);
+      for (const identity of identities) tabled.add(podScoped(scope, identityKey(identity)));
+    }
     server.setCallers(callers);
     for (const [key, entry] of tokens) if (!tabled.has(entry.identityKey)) remove(key, entry);
     push();

@@ -1,5 +1,7 @@
 // The audit stream's file: rotation by size, and every way a write can fail
 // counted and said once, never thrown.
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
@@ -89,4 +91,25 @@ test('a path that is a folder: every record counted as failed, never thrown', (t
   const stream = new AuditStream({ path: dir, maxBytes: 1000, keep: 1, log, reopenMs: 60_000 });
   for (let n = 0; n < 3; n++) stream.write({ n });
   assert.deepEqual(stream.counts, { written: 0, failed: 3, dropped: 0 });
+});
+
+test('standard output closed by its reader (EPIPE): records counted as failed, the process lives on', async () => {
+  const stream = new URL('../../src/audit/stream.js', import.meta.url).href;
+  const logger = new URL('../../src/log/logger.js', import.meta.url).href;
+  const script = `
+    import { AuditStream } from '${stream}';
+    import { silentLogger } from '${logger}';
+    const s = new AuditStream({ path: '-', maxBytes: 1, keep: 1, log: silentLogger });
+    const write = () => { for (let n = 0; n < 3; n++) s.write({ n }); };
+    setTimeout(write, 200);
+    setTimeout(() => { write(); setTimeout(() => process.stderr.write(JSON.stringify(s.counts)), 100); }, 400);`;
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'pipe', 'pipe'] });
+  child.stdout.destroy();
+  let stderr = '';
+  child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+  const [code] = (await once(child, 'exit')) as [number];
+  assert.equal(code, 0, stderr);
+  const counts = JSON.parse(stderr) as { written: number; failed: number };
+  assert.equal(counts.written, 0);
+  assert.equal(counts.failed, 6);
 });

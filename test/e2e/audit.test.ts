@@ -172,3 +172,14 @@ test('a read-only audit file is counted and logged once; nmi serves on', async (
     rmSync(ro, { recursive: true, force: true });
   }
 });
+
+test('--server js: every answer goes through the core, which counts it', async () => {
+  const file = path.join(dir, 'audit-js.jsonl');
+  nmi = await cluster.startNmi(['--server', 'js', '--audit-log', file, '--audit-interval', '1h']);
+  const tokens = new Set<string>();
+  for (let i = 0; i < 5; i++) tokens.add(await tokenFor(agents.a!));
+  assert.equal(await nmi.stop(), 0);
+  const all = records(file);
+  assert.deepEqual(all.filter((r) => r.kind === 'served').map((r) => r.tokenId), [...tokens].map((t) => decodeStandinToken(t).uti));
+  assert.deepEqual(all.filter((r) => r.kind === 'usage').map((r) => [r.pod.name, r.count]), [['pod-a', 5]]);
+});
