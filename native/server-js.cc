@@ -239,7 +239,7 @@ Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info) {
       return ThrowUsage(env, usage);
     upserts.emplace_back(imds::TokenKey(k.As<Napi::String>(), res.As<Napi::String>()),
                          std::make_shared<const imds::TokenEntry>(imds::TokenEntry{
-                             pre.As<Napi::String>(), suf.As<Napi::String>(), exp.As<Napi::Number>().Int64Value(),
+                             s->Body(pre.As<Napi::String>(), suf.As<Napi::String>()), exp.As<Napi::Number>().Int64Value(),
                              until.As<Napi::Number>().Int64Value()}));
   }
   std::vector<std::string> removals;

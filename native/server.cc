@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <iterator>
 #include <unordered_set>
 
 #include "http-parse.h"
@@ -175,9 +176,24 @@ void Server::UpdateTokens(std::vector<std::pair<std::string, std::shared_ptr<con
     retire(key);
     (*table)[key] = std::move(entry);
   }
+  if (bodies_.size() > 2 * table->size() + 64) {
+    for (auto it = bodies_.begin(); it != bodies_.end();) it = it->second.expired() ? bodies_.erase(it) : std::next(it);
+  }
   std::lock_guard<std::mutex> lock(tablesMutex_);
   tokens_ = std::move(table);
   tablesVersion_.fetch_add(1, std::memory_order_release);
+}
+
+std::shared_ptr<const imds::TokenBody> Server::Body(std::string prefix, std::string suffix) {
+  size_t hash = std::hash<std::string>{}(prefix) * 31 + std::hash<std::string>{}(suffix);
+  auto [from, to] = bodies_.equal_range(hash);
+  for (auto it = from; it != to; ++it) {
+    auto held = it->second.lock();
+    if (held && held->prefix == prefix && held->suffix == suffix) return held;
+  }
+  auto body = std::make_shared<const imds::TokenBody>(imds::TokenBody{std::move(prefix), std::move(suffix)});
+  bodies_.emplace(hash, body);
+  return body;
 }
 
 std::vector<std::pair<std::string, uint64_t>> Server::TakeHits() {

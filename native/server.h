@@ -102,6 +102,9 @@ class Server : public conn::Host {
   // Adds or replaces `upserts` and removes `removals` from the token table, in one swap. JavaScript's thread only.
   void UpdateTokens(std::vector<std::pair<std::string, std::shared_ptr<const imds::TokenEntry>>> upserts,
                     const std::vector<std::string>& removals);
+  // The body with this text: an existing one when some entry holds it (entries of one token, per pod, share it).
+  // JavaScript's thread only.
+  std::shared_ptr<const imds::TokenBody> Body(std::string prefix, std::string suffix);
   // The hits of each token entry since the last call (by token key; only those with any), including entries
   // replaced or removed meanwhile. JavaScript's thread only.
   std::vector<std::pair<std::string, uint64_t>> TakeHits();
@@ -128,6 +131,8 @@ class Server : public conn::Host {
   // the take after next, as the loop may add to one it read just before the swap. JavaScript's thread only.
   using Retired = std::vector<std::pair<std::string, std::shared_ptr<const imds::TokenEntry>>>;
   Retired retired_, retiredBefore_;
+  // Body's index, by a hash of the text; swept of bodies no entry holds once it outgrows the table. JavaScript's thread only.
+  std::unordered_multimap<size_t, std::weak_ptr<const imds::TokenBody>> bodies_;
 
   std::mutex queueMutex_;
   std::vector<Response> responses_;

@@ -44,9 +44,14 @@ struct CallerEntry {
 };
 using CallerTable = std::unordered_map<std::string, CallerEntry>;  // caller key ("address" or "address#cgroup") → entry
 
+// A token's answer body, split around expires_in (counted at answer time).
+struct TokenBody {
+  std::string prefix;  // up to and including `"expires_in":"`
+  std::string suffix;  // from the `"` after expires_in
+};
 struct TokenEntry {
-  std::string prefix;  // body up to and including `"expires_in":"`
-  std::string suffix;  // body from the `"` after expires_in
+  // Shared by every entry of the same token: per pod (--audit-log), many pods' entries hold one token.
+  std::shared_ptr<const TokenBody> body;
   int64_t expiresOn = 0;     // seconds since the epoch
   int64_t serveUntilMs = 0;  // wall clock; past it TS answers (and refreshes)
   // Answers served from this entry since TypeScript last took them (--audit-log: one entry per pod, so a count per

@@ -7,6 +7,7 @@
 //   refused  each interval, one per (pod or caller address, refusal kind).
 // Every map is bounded (limits below); what a bound keeps out is counted as dropped.
 import { IdentityType, identityKey, type AzureIdentity } from '../bindings/model.js';
+import { limits } from '../config/limits.js';
 import { serviceAccountName, type Pod } from '../kubelet/pod.js';
 import { problems } from '../server/answers.js';
 import type { RefusalDetail, RefusalKind, RefusalSink } from '../server/refusal.js';
@@ -16,10 +17,10 @@ import { jwtClaims } from '../util/jwt.js';
 import type { AuditStream } from './stream.js';
 
 export const auditLimits = {
-  /** Last token served per (pod, identity, resource): a node's pods (250) × --max-tokens-per-pod's default (64). */
-  served: 16_384,
+  /** Last token served per (pod, identity, resource) (limits.ts says why this many). */
+  served: limits.auditRows,
   /** Keys of one interval's usage records: as many. */
-  usage: 16_384,
+  usage: limits.auditRows,
   /** Keys of one interval's refusal records: (pod or address) × kind. */
   refused: 4_096,
 } as const;

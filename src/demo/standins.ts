@@ -78,9 +78,10 @@ export function startImds(tokenBytes = 0): Promise<Standin> {
     }
     const now = Math.floor(Date.now() / 1000);
     const [aud, appid] = [url.searchParams.get('resource'), url.searchParams.get('client_id')];
-    // uti and oid as Entra ID's tokens carry them (the audit records them); derived, so every nmi asking in the same second gets the same token.
+    // uti and oid as Entra ID's tokens carry them (the audit records them), derived from what was asked: every nmi
+    // asking gets the same token (times aside), so a demo's uti names a (client, resource), not each token.
     const digest = (text: string) => createHash('sha256').update(text).digest();
-    const uti = digest(`${appid}\n${aud}\n${now}`).subarray(0, 16).toString('base64url');
+    const uti = digest(`${appid}\n${aud}`).subarray(0, 16).toString('base64url');
     const oid = digest(`oid:${appid}`).toString('hex').replace(/^(.{8})(.{4})(.{4})(.{4})(.{12}).*$/, '$1-$2-$3-$4-$5');
     const payload = Buffer.from(JSON.stringify({ aud, appid, uti, oid, demo: true })).toString('base64url');
     json(res, 200, {

@@ -9,6 +9,7 @@ import { attestedKey } from '../attest/peers.js';
 import { identityKey, identityNameOf, type AzureIdentity, type PodIdentities } from '../bindings/model.js';
 import { isCaller, isTerminating } from '../kubelet/pod-index.js';
 import type { Pod } from '../kubelet/pod.js';
+import { limits } from '../config/limits.js';
 import { EXPIRY_MARGIN_MS } from '../tokens/token-cache.js';
 import type { Token } from '../tokens/token.js';
 import type { TokenServerDeps } from './core.js';
@@ -200,6 +201,8 @@ export function attachTables(server: TableFedServer, sources: TableSources): Tab
     // Requests the server leaves to the core (HTTP/1.0, say) would otherwise push the same token on every answer.
     const held = tokens.get(id);
     if (held && held.token === token && held.serveUntilMs > now) return;
+    // Per pod, rows are bounded: past the bound, the core answers new ones.
+    if (sources.perPod && !held && tokens.size >= limits.auditRows) return;
     tokens.set(id, entry);
     removals.delete(id);
     upserts.set(id, entry);
