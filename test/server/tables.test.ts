@@ -11,6 +11,7 @@ import type { Token } from '../../src/tokens/token.js';
 
 const identity: AzureIdentity = { name: 'id', namespace: 'default', type: IdentityType.UserAssignedMSI, clientID: 'c', resourceID: '', tenantID: '', namespaced: false, version: '1' };
 const pod = (uid: string, ip: string): Pod => ({ uid, namespace: 'default', name: uid, labels: {}, ips: [ip], hostNetwork: false, phase: 'Running', nodeName: 'n1' });
+const bound = { identities: [identity], exception: false };
 const token: Token = { accessToken: 'a.b.c', clientId: 'c', expiresOn: Math.floor(Date.now() / 1000) + 3600, extExpiresIn: 3600, notBefore: 0, resource: 'r', tokenType: 'Bearer' };
 
 function world(perPod: boolean) {
@@ -24,7 +25,8 @@ function world(perPod: boolean) {
       updateTokens: (u) => upserts.push(...u),
       onTokenServed: (listener) => (tell = listener),
     },
-    { pods: () => pods, identitiesFor: () => ({ identities: [identity], exception: false }), perPod },
+    // One array for pods bound alike, as the bindings give it.
+    { pods: () => pods, identitiesFor: () => bound, perPod },
   );
   return { pods, callers: () => callers, upserts, tell: (...args: Parameters<TokenServedListener>) => tell(...args), stop: () => tables.stop() };
 }
