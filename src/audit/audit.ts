@@ -25,7 +25,8 @@ export const auditLimits = {
   refused: 4_096,
 } as const;
 
-export interface PodRef {
+/** A pod as the records name it. */
+interface RecordPod {
   namespace: string;
   name: string;
   uid: string;
@@ -47,18 +48,18 @@ export interface ServedToken {
 export type TokenSource = 'imds' | 'entra' | 'federation';
 
 interface Served extends ServedToken {
-  pod: PodRef;
+  pod: RecordPod;
 }
 
 interface Usage {
-  pod: PodRef;
+  pod: RecordPod;
   clientId: string;
   resource: string;
   count: number;
 }
 
 interface Refused {
-  who: { pod: PodRef } | { caller: string };
+  who: { pod: RecordPod } | { caller: string };
   reason: RefusalKind;
   status: number;
   count: number;
@@ -92,7 +93,7 @@ function tokenClaims(token: Token): { tokenId: string; objectId: string } {
   return claims;
 }
 
-export function podRef(pod: Pod): PodRef {
+function recordPod(pod: Pod): RecordPod {
   return { namespace: pod.namespace, name: pod.name, uid: pod.uid, serviceAccount: serviceAccountName(pod) };
 }
 
@@ -133,7 +134,7 @@ export class Audit implements RefusalSink {
     if (!last || last.tokenId !== tokenId || last.expiresOn !== expiresOn) {
       const time = new Date(this.#now()).toISOString();
       const entry: Served = {
-        pod: podRef(pod),
+        pod: recordPod(pod),
         identity: identityKey(identity),
         clientId: identity.clientID,
         resource,
@@ -155,7 +156,6 @@ export class Audit implements RefusalSink {
         objectId,
         expiresOn,
       });
-      this.#served.delete(key);
       this.#served.set(key, entry);
       if (this.#served.size > auditLimits.served) this.#served.delete(this.#served.keys().next().value!);
     }
@@ -163,7 +163,7 @@ export class Audit implements RefusalSink {
   };
 
   refused(pod: Pod, kind: RefusalKind, detail: RefusalDetail): void {
-    this.#refusal(`${pod.uid}\n${kind}`, () => ({ who: { pod: podRef(pod) }, reason: kind, status: detail.status, count: 0 }));
+    this.#refusal(`${pod.uid}\n${kind}`, () => ({ who: { pod: recordPod(pod) }, reason: kind, status: detail.status, count: 0 }));
   }
 
   unknownCaller(address: string): void {
@@ -216,12 +216,17 @@ export class Audit implements RefusalSink {
   }
 
   #count(key: string, n: number): void {
+    const served = this.#served.get(key);
+    if (served) {
+      // The most recently served last: what a bound evicts is what no pod asks for lately.
+      this.#served.delete(key);
+      this.#served.set(key, served);
+    }
     const usage = this.#usage.get(key);
     if (usage) {
       usage.count += n;
       return;
     }
-    const served = this.#served.get(key);
     // Answered from an entry whose served record was evicted, or past the interval's bound: counted as dropped.
     if (!served || this.#usage.size >= auditLimits.usage) return this.#stream.dropped(n);
     this.#usage.set(key, { pod: served.pod, clientId: served.clientId, resource: served.resource, count: n });

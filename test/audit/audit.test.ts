@@ -126,3 +126,17 @@ test('the served records kept for usage and nmi explain stay within their bound,
   assert.equal(kept.at(-1)?.resource, 'r1');
   assert.equal(kept[0]?.resource, `r${auditLimits.served}`);
 });
+
+test('a token a pod keeps asking for stays: the bound evicts what no pod asked for lately', (t) => {
+  const { audit } = setup(t);
+  const one = token('uti-1');
+  audit.served(identity, 'kept', one, pod('a'));
+  for (let i = 1; i < auditLimits.served; i++) {
+    audit.served(identity, `r${i}`, one, pod('a'));
+    if (i % 1000 === 0) audit.served(identity, 'kept', one, pod('a'));
+  }
+  audit.served(identity, 'one-more', one, pod('a'));
+  const kept = audit.servedTo('uid-a').map((s) => s.resource);
+  assert.ok(kept.includes('kept'));
+  assert.ok(!kept.includes('r1'));
+});
