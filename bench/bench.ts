@@ -1,6 +1,6 @@
 // nmi's benchmark (issue 4). Three modes:
 //
-//   node dist/bench/bench.js [--servers native,js,node,c] [--paths loopback,pod,ebpf] [--trials 3] [--duration 8] [--warmup 2] [--connections 64] [--churn] [--cpu-prof DIR]
+//   node dist/bench/bench.js [--servers native,native-audit,js,node,c] [--paths loopback,pod,ebpf] [--trials 3] [--duration 8] [--warmup 2] [--connections 64] [--churn] [--cpu-prof DIR]
 //     cache-hit throughput and latency of nmi's servers beside constant servers (servers.ts)
 //   node dist/bench/bench.js --rss [--pods 250] [--identities 200] [--resources 5] [--token-bytes 2000] [--bindings kubernetes|file] [--servers native,js]
 //     resident memory of the whole daemon with a full cache (rss.ts)
@@ -107,7 +107,7 @@ function parseMode(argv: string[]): Mode {
   const servers = list<ServerName>('servers', v.servers ?? SERVERS.join(','), SERVERS);
   // The constant servers answer what nmi answered first; nmi goes first.
   servers.sort((a, b) => SERVERS.indexOf(a) - SERVERS.indexOf(b));
-  if (!servers.includes('native') && !servers.includes('js')) throw new Error('--servers: include native or js (the constant servers answer what nmi answered)');
+  if (!servers.some((server) => server === 'native' || server === 'native-audit' || server === 'js')) throw new Error('--servers: include native, native-audit or js (the constant servers answer what nmi answered)');
   return { kind: 'throughput', params: { ...loadParams(v), servers, paths } };
 }
 

@@ -56,7 +56,7 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const constantServerJs = path.join(here, 'constant-server.js');
 const constantC = path.resolve(here, '../../bench/constant.c');
 
-export const SERVERS = ['native', 'js', 'node', 'c'] as const;
+export const SERVERS = ['native', 'native-audit', 'js', 'node', 'c'] as const;
 export const PATHS = ['loopback', 'pod', 'ebpf'] as const;
 export type ServerName = (typeof SERVERS)[number];
 export type PathName = (typeof PATHS)[number];
@@ -175,25 +175,36 @@ function ask(s: Setup, p: PathName, port: number): Promise<Buffer> {
   return podGet(TARGET, podCgroup(s, p), close);
 }
 
+/** The nmi server a bench server runs: `native-audit` is `native` with --audit-log; undefined for the constant servers. */
+function nmiServerOf(server: ServerName): NmiServer | undefined {
+  return server === 'native-audit' ? 'native' : server === 'native' || server === 'js' ? server : undefined;
+}
+
 /** A fresh daemon, its one cache miss (a 200), then one cache hit checked against the reference. */
-async function startDaemon(s: Setup, server: NmiServer, p: PathName): Promise<Started> {
+async function startDaemon(s: Setup, server: ServerName, nmiServer: NmiServer, p: PathName): Promise<Started> {
   const port = fromPod(p) ? NMI_PORT : await freePort();
+  // native-audit: the audit file in a folder of its own (the bench's temporary folder's filesystem), removed after.
+  const auditDir = server === 'native-audit' ? mkdtempSync(path.join(tmpdir(), 'nmi-bench-audit-')) : undefined;
   const daemon = await startNmi({
-    runtime: s.runtime, server, port, pin: true, cpuProfDir: s.params.cpuProfDir,
+    runtime: s.runtime, server: nmiServer, port, pin: true, cpuProfDir: s.params.cpuProfDir,
     nodeIp: fromPod(p) ? NODE_IP : '127.0.0.1',
     rules: p === 'pod' ? 'iptables' : p === 'ebpf' ? 'ebpf' : 'none',
-    extraArgs: p === 'ebpf' ? ['--cgroup-root', s.cgroups!.tree.root] : [],
+    extraArgs: [...(p === 'ebpf' ? ['--cgroup-root', s.cgroups!.tree.root] : []), ...(auditDir ? ['--audit-log', path.join(auditDir, 'audit.jsonl')] : [])],
     bindings: s.bindingsDir, kubelet: s.kubelet, imds: s.imds,
   });
+  const stop = async () => {
+    await daemon.stop();
+    if (auditDir) rmSync(auditDir, { recursive: true, force: true });
+  };
   try {
     const miss = parseAnswer(await ask(s, p, port));
     if (miss.status !== 200) throw new Error(`the warm-up request: nmi answered ${miss.status}: ${miss.body.toString()}`);
     s.reference.check(await ask(s, p, port), `nmi --server ${server}`);
   } catch (err) {
-    await daemon.stop();
+    await stop();
     throw err;
   }
-  return { pid: daemon.pid, port, metrics: server === 'native' ? daemon.metrics : undefined, stop: daemon.stop };
+  return { pid: daemon.pid, port, metrics: nmiServer === 'native' ? daemon.metrics : undefined, stop };
 }
 
 /** A fresh constant server; on a pod path it listens where the redirect, installed for it, sends pods. */
@@ -244,7 +255,8 @@ async function drained(port: number): Promise<void> {
 
 async function trial(s: Setup, server: ServerName, p: PathName, n: number): Promise<Measured> {
   interrupt.signal.throwIfAborted();
-  const started = server === 'native' || server === 'js' ? await startDaemon(s, server, p) : await startConstant(s, server, p);
+  const nmiServer = nmiServerOf(server);
+  const started = nmiServer ? await startDaemon(s, server, nmiServer, p) : await startConstant(s, server as 'node' | 'c', p);
   try {
     const load = {
       url: fromPod(p) ? `http://${METADATA_IP}${TARGET}` : `http://127.0.0.1:${started.port}${TARGET}`,
@@ -280,7 +292,7 @@ export function median(results: Measured[]): Measured | undefined {
   return sorted[Math.floor(sorted.length / 2)];
 }
 
-const WIDTHS = [9, 7, 6, 8, 9, 9, 9, 10, 7];
+const WIDTHS = [9, 13, 6, 8, 9, 9, 9, 10, 7];
 const HEADER = ['path', 'server', 'trial', 'req/s', 'p50', 'p99', 'cpu/req', 'RSS after', 'in C++'];
 
 function line(m: Measured): string {
@@ -308,6 +320,7 @@ function goals(rate: (server: ServerName) => number | undefined, p99: (server: S
   ratio('fast path req/s ≥ 0.80 × C constant', rate('native'), rate('c'), 0.8);
   ratio('fast path req/s ≥ 2.50 × node:http constant', rate('native'), rate('node'), 2.5);
   ratio('fast path median p99 ≤ 1.50 × C constant\'s', p99('native'), p99('c'), 1.5, true);
+  ratio('fast path with --audit-log req/s ≥ 0.95 × without', rate('native-audit'), rate('native'), 0.95);
   return out;
 }
 
@@ -348,7 +361,7 @@ export function printThroughput(params: ThroughputParams, { all, imdsCalls, daem
   say('');
   say('req/s ratios of the median trials, per path:');
   for (const p of params.paths) {
-    const pairs: Array<[ServerName, ServerName]> = [['native', 'c'], ['native', 'node'], ['native', 'js'], ['js', 'node'], ['node', 'c']];
+    const pairs: Array<[ServerName, ServerName]> = [['native', 'c'], ['native', 'node'], ['native', 'js'], ['native-audit', 'native'], ['native-audit', 'c'], ['js', 'node'], ['node', 'c']];
     say(`  ${p.padEnd(9)} ${pairs.map(([a, b]) => ratio(p, a, b)).filter(Boolean).join('   ')}`);
   }
   say('p99, median of all trials, per path:');
@@ -358,7 +371,7 @@ export function printThroughput(params: ThroughputParams, { all, imdsCalls, daem
   }
   say('cpu per request, inverted (b\'s cpu/req ÷ a\'s), medians of all trials, per path: less sensitive to a busy machine');
   for (const p of params.paths) {
-    const pairs: Array<[ServerName, ServerName]> = [['native', 'c'], ['native', 'node'], ['js', 'node'], ['node', 'c']];
+    const pairs: Array<[ServerName, ServerName]> = [['native', 'c'], ['native', 'node'], ['native-audit', 'native'], ['js', 'node'], ['node', 'c']];
     say(`  ${p.padEnd(9)} ${pairs.map(([a, b]) => cpuRatio(p, a, b)).filter(Boolean).join('   ')}`);
   }
   say('');
@@ -442,7 +455,7 @@ export async function runThroughput(params: ThroughputParams, runtime: Runtime):
       for (const p of params.paths) {
         for (const server of params.servers) {
           const m = await trial(s, server, p, n);
-          if (server === 'native' || server === 'js') daemons += 1;
+          if (nmiServerOf(server)) daemons += 1;
           all.push(m);
           say(`  ${line(m).trim()}`);
           if (n === 1 && all.length === 1) {

@@ -24,6 +24,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("serverUpdateTokens", Napi::Function::New(env, nmi::ServerUpdateTokens, "serverUpdateTokens"));
   exports.Set("serverStop", Napi::Function::New(env, nmi::ServerStop, "serverStop"));
   exports.Set("serverStats", Napi::Function::New(env, nmi::ServerStats, "serverStats"));
+  exports.Set("serverTakeHits", Napi::Function::New(env, nmi::ServerTakeHits, "serverTakeHits"));
   exports.Set("bpfSupport", Napi::Function::New(env, nmi::BpfSupport, "bpfSupport"));
 #ifdef NMI_HAVE_BPF
   exports.Set("bpfLoad", Napi::Function::New(env, nmi::BpfLoad, "bpfLoad"));

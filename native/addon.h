@@ -48,6 +48,7 @@ Napi::Value ServerSetCallers(const Napi::CallbackInfo& info);
 Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info);
 Napi::Value ServerStop(const Napi::CallbackInfo& info);
 Napi::Value ServerStats(const Napi::CallbackInfo& info);
+Napi::Value ServerTakeHits(const Napi::CallbackInfo& info);
 Napi::Value BpfSupport(const Napi::CallbackInfo& info);
 #ifdef NMI_HAVE_BPF
 Napi::Value BpfLoad(const Napi::CallbackInfo& info);

@@ -24,11 +24,14 @@ std::mutex gServersMutex;
 std::unordered_map<uint32_t, std::shared_ptr<Server>> gServers;
 uint32_t gNextServer = 1;
 
-std::shared_ptr<Server> FindServer(const Napi::Value& v) {
-  if (!v.IsNumber()) return nullptr;
+std::shared_ptr<Server> FindServerById(uint32_t id) {
   std::lock_guard<std::mutex> lock(gServersMutex);
-  auto it = gServers.find(v.As<Napi::Number>().Uint32Value());
+  auto it = gServers.find(id);
   return it == gServers.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<Server> FindServer(const Napi::Value& v) {
+  return v.IsNumber() ? FindServerById(v.As<Napi::Number>().Uint32Value()) : nullptr;
 }
 
 // At environment teardown: stop the thread without waiting for JS. Registered
@@ -39,7 +42,7 @@ const char* const kStartUsage =
     "serverStart({fd, maxConnections, maxConnectionsPerSource, maxHeaderBytes, maxBodyBytes, headerTimeoutMs, "
     "keepAliveTimeoutMs, writeTimeoutMs, maxUnsentBytes, maxDeferredBytesPerConnection, maxDeferredRequests, "
     "maxDeferredBytes, metadataHeaderRequired, multipleIdentities: 'first' | 'refuse', apiVersions: string[], "
-    "busyAnswer: [head, body], tooManyConnectionsAnswer: [head, body], peerMapFd?}, onRequest)";
+    "busyAnswer: [head, body], tooManyConnectionsAnswer: [head, body], countHits?, peerMapFd?}, onRequest)";
 
 // A [head, body] pair of strings.
 bool ReadFixedAnswer(const Napi::Value& v, FixedAnswer* out) {
@@ -71,21 +74,16 @@ void CallJs(Napi::Env env, Napi::Function fn, Deferred* data) {
   if (env == nullptr || fn == nullptr) return;
   if (data->connId == 0) {
     // The thread has finished: join it and forget the server, then tell JS.
-    std::shared_ptr<Server> s;
-    {
-      std::lock_guard<std::mutex> lock(gServersMutex);
-      auto it = gServers.find(data->serverId);
-      if (it != gServers.end()) {
-        s = it->second;
-        gServers.erase(it);
-      }
-    }
+    std::shared_ptr<Server> s = FindServerById(data->serverId);
     if (s) {
       s->Join();
       napi_remove_env_cleanup_hook(env, StopAtExit, s.get());
     }
+    // Still findable while JavaScript hears it: the last hit counts are taken then (serverTakeHits).
     fn.Call({Napi::Number::New(env, 0), Napi::Number::New(env, 0), env.Null(), Napi::String::New(env, ""),
              Napi::String::New(env, "stopped")});
+    std::lock_guard<std::mutex> lock(gServersMutex);
+    gServers.erase(data->serverId);
     return;
   }
   fn.Call({Napi::Number::New(env, static_cast<double>(data->connId)),
@@ -135,6 +133,9 @@ Napi::Value ServerStart(const Napi::CallbackInfo& info) {
       multipleIdentities == "first" ? imds::MultipleIdentities::kFirst : imds::MultipleIdentities::kRefuse;
   // As node says its keepAliveTimeout in Keep-Alive: timeout=.
   s->rules.keepAliveS = s->limits.keepAliveMs / 1000;
+  Napi::Value countHits = o.Get("countHits");
+  if (!countHits.IsUndefined() && !countHits.IsBoolean()) return ThrowUsage(env, server::kStartUsage);
+  s->countHits = countHits.IsBoolean() && countHits.As<Napi::Boolean>().Value();
   // The server keeps its own descriptor of the map: the caller's may be closed first.
   if (o.Get("peerMapFd").IsNumber()) {
     s->peerMapFd = fcntl(o.Get("peerMapFd").As<Napi::Number>().Int32Value(), F_DUPFD_CLOEXEC, 0);
@@ -238,7 +239,7 @@ Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info) {
       return ThrowUsage(env, usage);
     upserts.emplace_back(imds::TokenKey(k.As<Napi::String>(), res.As<Napi::String>()),
                          std::make_shared<const imds::TokenEntry>(imds::TokenEntry{
-                             pre.As<Napi::String>(), suf.As<Napi::String>(), exp.As<Napi::Number>().Int64Value(),
+                             s->Body(pre.As<Napi::String>(), suf.As<Napi::String>()), exp.As<Napi::Number>().Int64Value(),
                              until.As<Napi::Number>().Int64Value()}));
   }
   std::vector<std::string> removals;
@@ -253,6 +254,23 @@ Napi::Value ServerUpdateTokens(const Napi::CallbackInfo& info) {
   }
   s->UpdateTokens(std::move(upserts), removals);
   return env.Undefined();
+}
+
+// serverTakeHits(server): [[tokenKey, hits], ...] since the last call; null once the server is gone.
+Napi::Value ServerTakeHits(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() != 1) return ThrowUsage(env, "serverTakeHits(server)");
+  auto s = FindServer(info[0]);
+  if (!s) return env.Null();
+  auto taken = s->TakeHits();
+  Napi::Array out = Napi::Array::New(env, taken.size());
+  for (uint32_t i = 0; i < taken.size(); i++) {
+    Napi::Array pair = Napi::Array::New(env, 2);
+    pair.Set(0u, Napi::String::New(env, taken[i].first));
+    pair.Set(1u, Napi::Number::New(env, static_cast<double>(taken[i].second)));
+    out.Set(i, pair);
+  }
+  return out;
 }
 
 // serverStop(server, drainMs): stops accepting, lets queued answers go out (at

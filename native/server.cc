@@ -17,6 +17,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <iterator>
 #include <unordered_set>
 
 #include "http-parse.h"
@@ -163,11 +164,55 @@ void Server::UpdateTokens(std::vector<std::pair<std::string, std::shared_ptr<con
   }
   // Only the JS thread writes the table, so nothing changes it between the read above and the swap below.
   auto table = std::make_shared<TokenTable>(*current);
-  for (auto& key : removals) table->erase(key);
-  for (auto& [key, entry] : upserts) (*table)[key] = std::move(entry);
+  auto retire = [&](const std::string& key) {
+    auto it = table->find(key);
+    if (it != table->end() && countHits) retired_.emplace_back(key, it->second);
+  };
+  for (auto& key : removals) {
+    retire(key);
+    table->erase(key);
+  }
+  for (auto& [key, entry] : upserts) {
+    retire(key);
+    (*table)[key] = std::move(entry);
+  }
+  if (bodies_.size() > 2 * table->size() + 64) {
+    for (auto it = bodies_.begin(); it != bodies_.end();) it = it->second.expired() ? bodies_.erase(it) : std::next(it);
+  }
   std::lock_guard<std::mutex> lock(tablesMutex_);
   tokens_ = std::move(table);
   tablesVersion_.fetch_add(1, std::memory_order_release);
+}
+
+std::shared_ptr<const imds::TokenBody> Server::Body(std::string prefix, std::string suffix) {
+  size_t hash = std::hash<std::string>{}(prefix) * 31 + std::hash<std::string>{}(suffix);
+  auto [from, to] = bodies_.equal_range(hash);
+  for (auto it = from; it != to; ++it) {
+    auto held = it->second.lock();
+    if (held && held->prefix == prefix && held->suffix == suffix) return held;
+  }
+  auto body = std::make_shared<const imds::TokenBody>(imds::TokenBody{std::move(prefix), std::move(suffix)});
+  bodies_.emplace(hash, body);
+  return body;
+}
+
+std::vector<std::pair<std::string, uint64_t>> Server::TakeHits() {
+  std::shared_ptr<const TokenTable> current;
+  {
+    std::lock_guard<std::mutex> lock(tablesMutex_);
+    current = tokens_;
+  }
+  std::vector<std::pair<std::string, uint64_t>> taken;
+  auto take = [&](const std::string& key, const imds::TokenEntry& e) {
+    uint64_t n = e.hits->exchange(0, std::memory_order_relaxed);
+    if (n > 0) taken.emplace_back(key, n);
+  };
+  for (auto& [key, entry] : *current) take(key, *entry);
+  for (auto& [key, entry] : retiredBefore_) take(key, *entry);
+  for (auto& [key, entry] : retired_) take(key, *entry);
+  retiredBefore_ = std::move(retired_);
+  retired_.clear();
+  return taken;
 }
 
 void Server::Run() {

@@ -73,6 +73,7 @@ class Server : public conn::Host {
   conn::Limits limits;
   imds::TokenRules rules;
   FixedAnswer busyAnswer, tooManyConnectionsAnswer;
+  bool countHits = false;  // --audit-log: JavaScript takes the token entries' hit counts (TakeHits)
   int peerMapFd = -1;  // --rules ebpf: callers are keyed "address#cgroup"; the server owns this descriptor
   uint32_t id = 0;
   Napi::ThreadSafeFunction onRequest;  // where deferred requests go
@@ -101,6 +102,12 @@ class Server : public conn::Host {
   // Adds or replaces `upserts` and removes `removals` from the token table, in one swap. JavaScript's thread only.
   void UpdateTokens(std::vector<std::pair<std::string, std::shared_ptr<const imds::TokenEntry>>> upserts,
                     const std::vector<std::string>& removals);
+  // The body with this text: an existing one when some entry holds it (entries of one token, per pod, share it).
+  // JavaScript's thread only.
+  std::shared_ptr<const imds::TokenBody> Body(std::string prefix, std::string suffix);
+  // The hits of each token entry since the last call (by token key; only those with any), including entries
+  // replaced or removed meanwhile. JavaScript's thread only.
+  std::vector<std::pair<std::string, uint64_t>> TakeHits();
 
   // conn::Host
   bool TryAnswer(conn::Connection& c, std::string_view head, bool keepAlive, std::string& out) override;
@@ -120,6 +127,12 @@ class Server : public conn::Host {
   std::shared_ptr<const imds::TokenTable> tokens_ = std::make_shared<imds::TokenTable>();
   // Bumped under tablesMutex_ after each swap: the thread takes the lock only when it moved.
   std::atomic<uint64_t> tablesVersion_{0};
+  // countHits: entries swapped out by UpdateTokens, whose counts TakeHits still owes JavaScript; kept until
+  // the take after next, as the loop may add to one it read just before the swap. JavaScript's thread only.
+  using Retired = std::vector<std::pair<std::string, std::shared_ptr<const imds::TokenEntry>>>;
+  Retired retired_, retiredBefore_;
+  // Body's index, by a hash of the text; swept of bodies no entry holds once it outgrows the table. JavaScript's thread only.
+  std::unordered_multimap<size_t, std::weak_ptr<const imds::TokenBody>> bodies_;
 
   std::mutex queueMutex_;
   std::vector<Response> responses_;

@@ -187,7 +187,8 @@ bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAli
   if (expiresIn < 0) expiresIn = 0;
   char digits[24];
   size_t digitCount = static_cast<size_t>(std::to_chars(digits, digits + sizeof digits, expiresIn).ptr - digits);
-  size_t bodyBytes = e.prefix.size() + digitCount + e.suffix.size();
+  const TokenBody& body = *e.body;
+  size_t bodyBytes = body.prefix.size() + digitCount + body.suffix.size();
   // Appended in place, one growth at most: this is every hit's answer.
   size_t needed = out.size() + bodyBytes + 256;
   if (out.capacity() < needed) out.reserve(needed);
@@ -195,9 +196,10 @@ bool AnswerFromTables(const HitQuery& q, const std::string& remote, bool keepAli
   http::AppendDecimal(static_cast<int64_t>(bodyBytes), out);
   out += "\r\nCache-Control: no-store\r\n";
   http::AppendDateAndConnection(nowMs, keepAlive, rules.keepAliveS, out);
-  out += e.prefix;
+  out += body.prefix;
   out.append(digits, digitCount);
-  out += e.suffix;
+  out += body.suffix;
+  e.hits->fetch_add(1, std::memory_order_relaxed);
   return true;
 }
 

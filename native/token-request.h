@@ -4,6 +4,7 @@
 // hit's answer from the caller and token tables. The rules' values (the
 // api-version list, the policies) come from TypeScript at start, as the tables do.
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -43,11 +44,19 @@ struct CallerEntry {
 };
 using CallerTable = std::unordered_map<std::string, CallerEntry>;  // caller key ("address" or "address#cgroup") → entry
 
+// A token's answer body, split around expires_in (counted at answer time).
+struct TokenBody {
+  std::string prefix;  // up to and including `"expires_in":"`
+  std::string suffix;  // from the `"` after expires_in
+};
 struct TokenEntry {
-  std::string prefix;  // body up to and including `"expires_in":"`
-  std::string suffix;  // body from the `"` after expires_in
+  // Shared by every entry of the same token: per pod (--audit-log), many pods' entries hold one token.
+  std::shared_ptr<const TokenBody> body;
   int64_t expiresOn = 0;     // seconds since the epoch
   int64_t serveUntilMs = 0;  // wall clock; past it TS answers (and refreshes)
+  // Answers served from this entry since TypeScript last took them (--audit-log: one entry per pod, so a count per
+  // pod): the loop adds, JavaScript takes, neither locks. Shared by the copies of an entry.
+  std::shared_ptr<std::atomic<uint64_t>> hits = std::make_shared<std::atomic<uint64_t>>(0);
 };
 // key '\n' resource → entry; entries are shared, so a table updated by copy copies pointers, not tokens.
 using TokenTable = std::unordered_map<std::string, std::shared_ptr<const TokenEntry>>;

@@ -16,7 +16,7 @@ const TIERS = {
   // Pure: no root, no network namespaces, no network (stand-ins on 127.0.0.1, nmi without rules).
   unit: {
     root: false,
-    paths: ['attest/', 'bindings/', 'budget/', 'cli/', 'deploy/', 'errors/', 'events/', 'kube/', 'kubelet/', 'lifecycle/', 'metrics/',
+    paths: ['attest/', 'audit/', 'bindings/', 'budget/', 'cli/', 'deploy/', 'errors/', 'events/', 'kube/', 'kubelet/', 'lifecycle/', 'metrics/',
       'net/', 'probe/', 'server/', 'standins/', 'systemd/', 'tokens/'],
   },
   // The source's own structure: imports between folders, metric names, shell scripts.

@@ -77,6 +77,10 @@ function render(e: Explanation, byAddress: boolean): string {
       line(`  ${t.identity} ${t.resource}: ${t.state}${times ? `, ${times}` : ''}${t.heldByCaller ? '' : ' (asked for by other pods)'}`);
     }
   }
+  if (e.served && e.served.length > 0) {
+    line('tokens served lately (audit, by uti; newest first):');
+    for (const t of e.served) line(`  ${t.servedAt} ${t.identity} ${t.resource}: uti ${t.tokenId || '-'}, oid ${t.objectId || '-'}, from ${t.source}, expires ${t.expiresOn}`);
+  }
   if (e.refusals.length > 0) {
     line('refused lately (most recent last):');
     for (const r of e.refusals) {

@@ -69,6 +69,10 @@ export const runFlags = {
   'pod-events': flag({ parse: v.bool, default: 'true', boolean: true, help: 'Kubernetes Events on pods nmi refuses (no identity, several, unknown caller, spoof), deduplicated into series; needs create and patch on events.k8s.io events' }),
   'aad-authority-host': flag({ parse: v.httpUrl, default: 'https://login.microsoftonline.com', help: 'Entra ID, for service-principal identities' }),
   'aad-endpoint-allow': flag({ parse: v.hostList, default: '', help: 'hosts an AzureIdentity\'s adEndpoint may name besides Entra ID\'s own (public, US Government, China) and --aad-authority-host\'s, comma-separated' }),
+  'audit-log': flag({ parse: v.offStdoutOrPath, default: 'off', help: 'which pod got which token: JSON lines to this file (written before the answer), - for standard output, or off' }),
+  'audit-interval': flag({ parse: v.duration, default: '1m', help: 'how often the audit stream counts the tokens each pod was answered and the refusals' }),
+  'audit-max-size': flag({ parse: v.byteSize, default: '100M', help: 'the audit file is rotated before it grows past this size (K, M, G: powers of 1024)' }),
+  'audit-max-files': flag({ parse: v.positiveInt, default: '5', help: 'rotated audit files kept (FILE.1 newest to FILE.N)' }),
   'log-level': flag({ parse: v.oneOf(['trace', 'debug', 'info', 'warn', 'error'] as const), default: 'info', help: 'log level' }),
   'log-format': flag({ parse: v.oneOf(['json', 'text'] as const), default: 'json', help: 'log format' }),
 } satisfies FlagSpecs;

@@ -21,6 +21,9 @@ export const limits = {
   proxyTimeoutMs: 10_000,
   upstreamRetryAfterS: 5, // when the upstream gave no Retry-After
   budgetWaitMs: 10_000, // a first token that gets no turn upstream in this long is answered 429
+  // --audit-log: (pod, identity, resource) rows held, in the audit's served records and in the tables' per-pod token rows:
+  // 250 pods × --max-tokens-per-pod's default 64. Past it the oldest served record goes, and the core answers new rows.
+  auditRows: 16_384,
 } as const;
 
 /** The connection bounds both token servers keep, from limits with --max-connections-per-source; tests shorten them. */

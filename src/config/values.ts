@@ -131,6 +131,23 @@ export function offOrPath(raw: string, flag: string): string | null {
   return raw;
 }
 
+/** `off`, `-` (standard output) or an absolute file path. */
+export function offStdoutOrPath(raw: string, flag: string): string | null {
+  if (raw === '-' || raw.startsWith('/')) return raw;
+  if (raw === 'off' || raw === '') return null;
+  throw new UsageError(`--${flag}: "${raw}" must be an absolute path, - (standard output) or off`);
+}
+
+const sizeUnits: Record<string, number> = { '': 1, K: 1024, M: 1024 ** 2, G: 1024 ** 3 };
+
+/** A size in bytes as logrotate's `size` takes it: N, NK, NM or NG (powers of 1024; Ki, Mi, Gi too). */
+export function byteSize(raw: string, flag: string): number {
+  const m = /^(\d+)(?:([KMG])i?)?$/i.exec(raw);
+  const n = m ? Number(m[1]) * (sizeUnits[(m[2] ?? '').toUpperCase()] as number) : NaN;
+  if (!Number.isSafeInteger(n) || n < 1) throw new UsageError(`--${flag}: "${raw}" is not a size (like 100M, 512K, 1G)`);
+  return n;
+}
+
 export const taintEffects = ['NoSchedule', 'PreferNoSchedule', 'NoExecute'] as const;
 export type TaintEffect = (typeof taintEffects)[number];
 

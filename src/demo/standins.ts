@@ -1,6 +1,7 @@
 // The demo's stand-ins for what a real node has: a kubelet listing one pod, and
 // IMDS issuing tokens. Plain HTTP on the demo node's loopback; the tests use
 // fuller ones (mTLS, failures) under test/standins/.
+import { createHash } from 'node:crypto';
 import { once } from 'node:events';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -76,7 +77,13 @@ export function startImds(tokenBytes = 0): Promise<Standin> {
       return json(res, 400, { error: 'invalid_request', error_description: 'Required metadata header not specified' });
     }
     const now = Math.floor(Date.now() / 1000);
-    const payload = Buffer.from(JSON.stringify({ aud: url.searchParams.get('resource'), appid: url.searchParams.get('client_id'), demo: true })).toString('base64url');
+    const [aud, appid] = [url.searchParams.get('resource'), url.searchParams.get('client_id')];
+    // uti and oid as Entra ID's tokens carry them (the audit records them), derived from what was asked: every nmi
+    // asking gets the same token (times aside), so a demo's uti names a (client, resource), not each token.
+    const digest = (text: string) => createHash('sha256').update(text).digest();
+    const uti = digest(`${appid}\n${aud}`).subarray(0, 16).toString('base64url');
+    const oid = digest(`oid:${appid}`).toString('hex').replace(/^(.{8})(.{4})(.{4})(.{4})(.{12}).*$/, '$1-$2-$3-$4-$5');
+    const payload = Buffer.from(JSON.stringify({ aud, appid, uti, oid, demo: true })).toString('base64url');
     json(res, 200, {
       access_token: `eyJhbGciOiJub25lIn0.${payload}.demo-signature`.padEnd(tokenBytes, 'x'),
       client_id: url.searchParams.get('client_id') ?? '',

@@ -31,6 +31,7 @@ import type { Pod } from '../kubelet/pod.js';
 import type { MultipleIdentities } from '../config/commands.js';
 import type { CachedTokenInfo } from '../tokens/token-cache.js';
 import type { Refusal, RecentRefusals } from './refusals.js';
+import type { ServedToken } from '../audit/audit.js';
 
 export type ExplainQuery = { namespace: string; name: string } | { address: string };
 
@@ -47,6 +48,8 @@ export interface ExplainDeps {
   retryAfter: boolean;
   tokens(identityKeys: ReadonlySet<string>, podUid: string): CachedTokenInfo[];
   refusals: Pick<RecentRefusals, 'forPod' | 'forAddress'>;
+  /** --audit-log: the pod's last served token per identity and resource. */
+  served?(podUid: string): ServedToken[];
   now?: () => number;
 }
 
@@ -101,6 +104,8 @@ export interface Explanation {
   withoutId: { identity?: string; answer: string };
   tokens: Array<Omit<CachedTokenInfo, 'expiresOn' | 'refreshAtMs'> & { expiresOn?: string; refreshAt?: string }>;
   refusals: Array<Omit<Refusal, 'firstAt' | 'lastAt'> & { firstAt: string; lastAt: string }>;
+  /** --audit-log only: the last token served per identity and resource, by its uti claim (tokenId), newest first. */
+  served?: ServedToken[];
   /** One sentence: what a token request from this pod gets now. */
   verdict: string;
 }
@@ -180,6 +185,7 @@ export async function explain(query: ExplainQuery, deps: ExplainDeps): Promise<E
       refreshAt: refreshAtMs === undefined ? undefined : iso(refreshAtMs),
     })),
     refusals: deps.refusals.forPod(pod.uid).map(isoRefusal),
+    ...(deps.served && { served: deps.served(pod.uid) }),
   };
   result.verdict = facts.caller ? withoutId.answer : `not a caller: ${facts.notCaller}`;
   return result;

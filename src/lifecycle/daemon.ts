@@ -60,6 +60,9 @@ import { constants } from 'node:os';
 import { rm } from 'node:fs/promises';
 import { dropStartupPages } from './startup-pages.js';
 import { forbidCoreDumps } from './core-dumps.js';
+import { Audit } from '../audit/audit.js';
+import { registerAuditMetrics } from '../audit/metrics.js';
+import { AuditStream } from '../audit/stream.js';
 
 /** How long a stop waits to taint the node again before it goes on without. */
 const GATE_CLOSE_TIMEOUT_MS = 5_000;
@@ -152,6 +155,11 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   // What pods were refused: `nmi explain` shows it, and what an operator must act on becomes an Event on the pod.
   const refusals = new RecentRefusals();
   const nodeName = config.nodeName ?? config.nodeIp;
+  // --audit-log: which pod got which token, and what each pod was refused.
+  const auditStream = config.auditLog ? new AuditStream({ path: config.auditLog, maxBytes: config.auditMaxSize, keep: config.auditMaxFiles, log }) : undefined;
+  const audit = auditStream && new Audit({ stream: auditStream, node: nodeName, intervalMs: config.auditInterval });
+  if (auditStream) registerAuditMetrics(registry, auditStream);
+  const refusalSink = audit?.alsoTelling(refusals) ?? refusals;
   const api = apiServer(config, nodeName, log);
   // Federated identities' service-account tokens: through the kubelet's credential when given (confined to this
   // node's pods by the Node authorizer), else nmi's own (which needs serviceaccounts/token cluster-wide).
@@ -171,7 +179,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     cgroupPods &&
     new CgroupAttestation(cgroupPods, pods, log, (socketPod, address, owner) => {
       const cause = `${address} is ${owner ? `pod ${owner.namespace}/${owner.name}'s` : 'no pod of this node'}`;
-      refusals.refused(socketPod, 'spoof', { ...problems.callerMismatch, cause });
+      refusalSink.refused(socketPod, 'spoof', { ...problems.callerMismatch, cause });
     });
 
   // Identities: the custom resources, from the API server or files.
@@ -223,7 +231,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     getToken,
     peekToken: (identity, resource) => tokens.peek(identity, resource),
     upstreamImds: config.upstreamImds,
-    refusals,
+    refusals: refusalSink,
     proxyBudgets: { identity: budgets.imds, metadata: budgets.metadata },
     options: {
       metadataHeaderRequired: config.metadataHeaderRequired,
@@ -239,14 +247,19 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   // everything else reaches the same token core. The peers map must exist before the server; loading attaches nothing yet.
   await ebpf?.load();
   const peerMapFd = ebpf?.peerMapFd;
-  const native = config.server === 'native' ? createNativeTokenServer(serverDeps, { peerMapFd }) : undefined;
+  const native = config.server === 'native' ? createNativeTokenServer(serverDeps, { peerMapFd, countHits: audit !== undefined }) : undefined;
   const server = native ?? createTokenServer(serverDeps, { peerMapFd });
   if (native) registerNativeMetrics(registry, () => native.stats());
-  tables = attachTables(server, {
+  // The audit hears each token the core answers before the tables do; the native server counts its own answers
+  // per pod (its tables are then per pod); the js server's worker counts none, so with an audit it is given no tables.
+  if (audit) server.onTokenServed(audit.served);
+  if (audit && native) audit.countNative(() => native.takeHits());
+  tables = audit && !native ? undefined : attachTables(server, {
     pods: () => pods.pods(),
     identitiesFor: podIdentities,
     store,
     cgroupsOf: cgroupPods && ((pod) => cgroupPods.idsOf(pod.uid)),
+    perPod: audit !== undefined,
   });
 
   // /host/token: root through the unix socket; on TCP, only the processes --host-token-allow names, attested by cgroup.
@@ -255,7 +268,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     identitiesFor: podIdentities,
     settle,
     getToken,
-    refusals,
+    refusals: refusalSink,
     multipleIdentities: config.multipleIdentities,
     log,
   };
@@ -282,6 +295,7 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
     retryAfter: config.retryAfter,
     tokens: (identityKeys, uid) => tokens.cache.describe(identityKeys, uid),
     refusals,
+    served: audit && ((uid) => audit.servedTo(uid)),
   });
 
   /** touchRules false: a start that failed before installing leaves whatever rules there are alone. */
@@ -306,6 +320,8 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
       status('draining requests');
       await Promise.all([server.close(), ...hostServers.map((s) => s.close())]);
       tables?.stop();
+      // After the last answer: the last interval's records.
+      audit?.stop();
       if (touchRules) {
         status(config.onExit === 'remove' ? 'removing rules' : 'keeping rules');
         await keeper.stop(config.onExit === 'remove');

@@ -47,6 +47,8 @@ export interface NativeServerOptions {
   apiVersions: readonly string[];
   /** --rules ebpf: the eBPF peers map; callers are then keyed "address#cgroup" (0: none recorded). */
   peerMapFd?: number;
+  /** --audit-log: serverTakeHits is called, so entries replaced or removed keep their counts until it is. */
+  countHits?: boolean;
 }
 
 /**
@@ -136,6 +138,8 @@ export interface NativeAddon {
   serverStop(server: number, drainMs: number): boolean;
   /** null once the server has stopped. */
   serverStats(server: number): NativeServerStats | null;
+  /** [tokenKey (identityKey "\n" resource), answers from that entry] since the last call, each entry with any; null once the server has stopped. */
+  serverTakeHits(server: number): [string, number][] | null;
   /** null when the eBPF entry points below are built in, else why not (then they are absent). */
   bpfSupport(): string | null;
   /** Loads an eBPF object, its maps pinned (or reused when pinned) as pinDir/<map name>; returns a handle. */
@@ -203,6 +207,7 @@ export function serverOptionsProblem(options: NativeServerOptions): string | und
   for (const name of counts) if (!isUint32(options[name]) || options[name] === 0) return `${name} must be a whole number from 1 to 2^32-1, not ${options[name]}`;
   if (!isUint32(options.fd)) return `fd must be a descriptor, not ${options.fd}`;
   if (options.peerMapFd !== undefined && !isUint32(options.peerMapFd)) return `peerMapFd must be a descriptor, not ${options.peerMapFd}`;
+  if (options.countHits !== undefined && typeof options.countHits !== 'boolean') return 'countHits must be true or false';
   if (options.multipleIdentities !== 'first' && options.multipleIdentities !== 'refuse') return `multipleIdentities must be 'first' or 'refuse'`;
   if (options.apiVersions.length === 0 || options.apiVersions.some((v) => typeof v !== 'string' || v === '')) return 'apiVersions must be a list of api-versions';
   for (const name of ['busyAnswer', 'tooManyConnectionsAnswer'] as const) {

@@ -43,8 +43,8 @@ export interface TokenServerDeps {
   settle?(pod: Pod): Promise<void>;
   /** Cache + credential resolution for the calling pod; rejects with an UpstreamFailure when Entra ID or IMDS fails, a BudgetError when the pod is over its bounds. */
   getToken(identity: AzureIdentity, resource: string, pod: Pod): Promise<Token>;
-  /** A fresh cached token without waiting, or undefined (then getToken decides). */
-  peekToken?(identity: AzureIdentity, resource: string): Token | undefined;
+  /** A fresh cached token without waiting, or undefined (then getToken decides); `pod`: whom it is for. */
+  peekToken?(identity: AzureIdentity, resource: string, pod?: Pod): Token | undefined;
   /** The real IMDS: proxied categories and exception pods' pass-through. */
   upstreamImds: URL;
   /** Told what each pod was refused, for `nmi explain` and the pod's Events. */
@@ -109,7 +109,7 @@ export function createRequestCore(deps: Pick<TokenServerDeps, 'callers' | 'attes
     if (bound.exception) return undefined;
     const identity = selectIdentity(bound.identities, request.selector, options.multipleIdentities);
     if (typeof identity === 'string') return undefined;
-    const token = deps.peekToken(identity, request.resource);
+    const token = deps.peekToken(identity, request.resource, pod);
     return token && tokenAnswer(token);
   }
 

@@ -8,7 +8,6 @@
 // js server. The C++ takes every bound and rule from here, at start.
 //
 // The tables it answers hits from are tables.ts's, pushed here.
-import { identityKey } from '../bindings/model.js';
 import {
   addon,
   type NativeDeferError,
@@ -34,6 +33,8 @@ export interface NativeTokenServer extends TableFedServer {
   readonly port: number | undefined;
   /** Counters of the native side; undefined unless listening. */
   stats(): NativeServerStats | undefined;
+  /** With countHits: [token key, answers the native side gave from it] since the last call, the last ones once after close(). */
+  takeHits(): [string, number][];
 }
 
 /** Requests deferred without a request, each answered and the connection closed: as node answers what llhttp refuses, or IMDS-shaped. */
@@ -55,8 +56,11 @@ function splitCaller(remote: string): { remoteAddress: string; cgroup?: bigint |
   return { remoteAddress: remote.slice(0, hash), cgroup: cgroup === 0n ? null : cgroup };
 }
 
-/** peerMapFd: --rules ebpf's peers map, so the C++ side can attest connections as it accepts them. */
-export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMapFd?: number } = {}): NativeTokenServer {
+/**
+ * peerMapFd: --rules ebpf's peers map, so the C++ side can attest connections as it accepts them; countHits:
+ * --audit-log takes the native side's answers per token entry (takeHits).
+ */
+export function createNativeTokenServer(deps: TokenServerDeps, side: { peerMapFd?: number; countHits?: boolean } = {}): NativeTokenServer {
   const { options, log } = deps;
   const listeners: TokenServedListener[] = [];
   const core = createRequestCore(tellingServed(deps, listeners));
@@ -69,11 +73,13 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
   let onStopped: () => void = () => {};
   // Tables set before listen() are pushed once the native server exists.
   let earlyCallers: CallerEntry[] = [];
+  // Taken as the native thread ends, while the server can still be named.
+  let lastHits: [string, number][] = [];
   const earlyTokens = new Map<string, TableToken>();
 
   function pushCallers(serverId: number, callers: CallerEntry[]): void {
     // Lowercased here with toLowerCase, as selectIdentity compares.
-    const { lists, rows } = packCallers(callers, (id): NativeIdentityRow => [identityKey(id), id.clientID.toLowerCase(), id.resourceID.toLowerCase()]);
+    const { lists, rows } = packCallers(callers, (id, key): NativeIdentityRow => [key, id.clientID.toLowerCase(), id.resourceID.toLowerCase()]);
     native.serverSetCallers(serverId, lists, rows);
   }
 
@@ -82,7 +88,10 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
   }
 
   function onRequest(connId: number, requestId: number, raw: Buffer | null, remoteAddress: string, error: NativeDeferError | null): void {
-    if (error === 'stopped') return onStopped();
+    if (error === 'stopped') {
+      if (id !== undefined && side.countHits) lastHits = native.serverTakeHits(id) ?? [];
+      return onStopped();
+    }
     if (error !== null) return respond(connId, requestId, DEFER_ANSWERS[error](), true);
     if (raw === null) return respond(connId, requestId, clientErrorBytes(undefined), true);
     const request = parseRawRequest(raw);
@@ -126,7 +135,7 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
           metadataHeaderRequired: options.metadataHeaderRequired,
           multipleIdentities: options.multipleIdentities,
           apiVersions: [...IDENTITY_API_VERSIONS],
-          ...attest,
+          ...side,
         },
         onRequest,
       );
@@ -155,6 +164,12 @@ export function createNativeTokenServer(deps: TokenServerDeps, attest: { peerMap
     },
     stats() {
       return id === undefined ? undefined : (native.serverStats(id) ?? undefined);
+    },
+    takeHits() {
+      if (id !== undefined) return native.serverTakeHits(id) ?? [];
+      const hits = lastHits;
+      lastHits = [];
+      return hits;
     },
   };
 }

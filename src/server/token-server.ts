@@ -2,7 +2,6 @@
 // answers cache hits from tables.ts's tables and defers every other request here
 // whole, to the request core (core.ts) it shares with the native server.
 import { Worker } from 'node:worker_threads';
-import { identityKey } from '../bindings/model.js';
 import { errorSummary } from '../errors/errors.js';
 import { answerWhole, createRequestCore, type TokenServerDeps } from './core.js';
 import type { FromWorker, ToWorker, WorkerSetup } from './js-worker.js';
@@ -92,7 +91,7 @@ export function createTokenServer(deps: TokenServerDeps, given: { peerMapFd?: nu
       return stopped;
     },
     setCallers(callers) {
-      const { lists, rows } = packCallers(callers, (id) => ({ key: identityKey(id), clientID: id.clientID, resourceID: id.resourceID }));
+      const { lists, rows } = packCallers(callers, (id, key) => ({ key, clientID: id.clientID, resourceID: id.resourceID }));
       send({ type: 'callers', lists, rows });
     },
     updateTokens(upserts, removals) {

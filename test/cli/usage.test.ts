@@ -59,6 +59,11 @@ test('bad values name their flag', () => {
   oneLine([...base, '--rules', 'none', '--take-over', '--handoff-socket', 'off'], /^nmi run: --take-over: needs --handoff-socket$/);
   oneLine([...base, '--handoff-socket', 'run/nmi.sock'], /^nmi run: --handoff-socket: "run\/nmi\.sock" must be an absolute path or off$/);
   oneLine([...base, '--take-over=perhaps'], /^nmi run: --take-over: "perhaps" is not true or false$/);
+  oneLine([...base, '--audit-log', 'audit.jsonl'], /^nmi run: --audit-log: "audit\.jsonl" must be an absolute path, - \(standard output\) or off$/);
+  oneLine([...base, '--audit-interval', '0s'], /^nmi run: --audit-interval: "0s" is not a positive duration/);
+  oneLine([...base, '--audit-max-size', '100MB'], /^nmi run: --audit-max-size: "100MB" is not a size \(like 100M, 512K, 1G\)$/);
+  oneLine([...base, '--audit-max-size', '0'], /^nmi run: --audit-max-size: "0" is not a size/);
+  oneLine([...base, '--audit-max-files', '0'], /^nmi run: --audit-max-files: "0" is not a positive whole number$/);
   oneLine([...base, '--no-such-flag'], /Unknown option '--no-such-flag'/);
   oneLine([...base, '--kubelet-client-cert', process.execPath, '--rules', 'none'], /--kubelet-client-key: required with --kubelet-client-cert/);
   oneLine([...base, '--rules', 'ebpf', '--cgroup-root', '/nonexistent/kubepods.slice'], /--cgroup-root: \/nonexistent\/kubepods\.slice: ENOENT/);
@@ -112,7 +117,7 @@ test('--help on every command, exit 0', () => {
     assert.match(r.stdout, new RegExp(`^Usage: nmi ${command} \\[flags\\]`));
   }
   const run = nmi(['run', '--help']).stdout;
-  for (const flag of ['--node-ip', '--rules', '--on-exit', '--kubelet-server-name', '--retry-after', '--multiple-identities', '--aad-authority-host', '--log-format']) {
+  for (const flag of ['--node-ip', '--rules', '--on-exit', '--kubelet-server-name', '--retry-after', '--multiple-identities', '--aad-authority-host', '--audit-log', '--audit-interval', '--audit-max-size', '--audit-max-files', '--log-format']) {
     assert.ok(run.includes(flag), `run --help lists ${flag}`);
   }
   assert.match(run, /NMI_NODE_IP/);

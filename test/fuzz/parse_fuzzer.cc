@@ -55,8 +55,9 @@ const CallerTable& Callers() {
 }
 
 std::shared_ptr<const TokenEntry> Entry(const std::string& name, const std::string& resource, int64_t expiresOn, int64_t serveUntilMs) {
-  return std::make_shared<const TokenEntry>(TokenEntry{"{\"access_token\":\"token-for-" + name + "\",\"expires_in\":\"",
-                    "\",\"resource\":\"" + resource + "\",\"token_type\":\"Bearer\"}", expiresOn, serveUntilMs});
+  auto body = std::make_shared<const TokenBody>(TokenBody{"{\"access_token\":\"token-for-" + name + "\",\"expires_in\":\"",
+                                                          "\",\"resource\":\"" + resource + "\",\"token_type\":\"Bearer\"}"});
+  return std::make_shared<const TokenEntry>(TokenEntry{body, expiresOn, serveUntilMs});
 }
 
 const TokenTable& Tokens() {
@@ -167,10 +168,11 @@ void CheckAnswer(const std::string& out, const HitQuery& q, const std::string& r
     auto entry = Tokens().find(TokenKey(identity.key, q.resource));
     if (entry == Tokens().end()) continue;
     const TokenEntry& e = *entry->second;
-    if (body.size() < e.prefix.size() + e.suffix.size() + 1) continue;
-    if (body.compare(0, e.prefix.size(), e.prefix) != 0) continue;
-    if (body.compare(body.size() - e.suffix.size(), e.suffix.size(), e.suffix) != 0) continue;
-    std::string digits = body.substr(e.prefix.size(), body.size() - e.prefix.size() - e.suffix.size());
+    const TokenBody& b = *e.body;
+    if (body.size() < b.prefix.size() + b.suffix.size() + 1) continue;
+    if (body.compare(0, b.prefix.size(), b.prefix) != 0) continue;
+    if (body.compare(body.size() - b.suffix.size(), b.suffix.size(), b.suffix) != 0) continue;
+    std::string digits = body.substr(b.prefix.size(), body.size() - b.prefix.size() - b.suffix.size());
     CHECK(digits.find_first_not_of("0123456789") == std::string::npos);
     CHECK(kNowMs < e.serveUntilMs);
     matched = true;

@@ -74,6 +74,7 @@ const layers = [
   ['bindings', 'attest', 'budget'],
   ['tokens'],
   ['server'],
+  ['audit'],
   ['explain', 'probe', 'rules'],
   ['events'],
   ['lifecycle', 'demo'],

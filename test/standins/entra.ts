@@ -33,7 +33,7 @@ import { Agent, createServer, get, type Server } from 'node:https';
 import type { ServerResponse } from 'node:http';
 import path from 'node:path';
 import { Faults, Throttle, type Failure, type ThrottleLimits } from './faults.js';
-import { issueStandinToken, type StandinRequest } from './imds.js';
+import { issueStandinToken, standinTokenIds, type StandinRequest } from './imds.js';
 import { createPki, type Pki } from './pki.js';
 
 export interface EntraApp {
@@ -174,6 +174,7 @@ export async function startEntra(options: EntraOptions = {}): Promise<EntraStand
       appid: outcome.app.clientId,
       identity: outcome.identity,
       serial: ++serial,
+      ...standinTokenIds(outcome.identity),
       iat: now,
       nbf: now,
       exp: now + standin.expiresInSec,

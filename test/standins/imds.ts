@@ -14,7 +14,7 @@
 //                                               // every request answered so (or never), as IMDS
 //                                               // behind nmi's proxy; imds.requests keep url and body
 //   await imds.close()
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer, type IncomingHttpHeaders, type ServerResponse } from 'node:http';
 import { Faults, Throttle, type Failure, type ThrottleLimits } from './faults.js';
@@ -40,6 +40,10 @@ export interface StandinTokenClaims {
   identity: string;
   /** Per stand-in, counts tokens issued: 1, 2, ... */
   serial: number;
+  /** Unique per token, as Entra ID's (its sign-in logs' UniqueTokenIdentifier). */
+  uti: string;
+  /** The identity's object (principal) id. */
+  oid: string;
   iat: number;
   nbf: number;
   exp: number;
@@ -153,7 +157,7 @@ export async function startImds(options: ImdsOptions = {}): Promise<ImdsStandin>
     if (!msi) return send(res, 400, imdsError('invalid_request', 'Identity not found'));
     const now = nowSec();
     const expiresOn = now + standin.expiresInSec;
-    const claims: StandinTokenClaims = { aud: query.resource, appid: msi.clientId, identity: msi.identity, serial: ++serial, iat: now, nbf: now, exp: expiresOn };
+    const claims: StandinTokenClaims = { aud: query.resource, appid: msi.clientId, identity: msi.identity, serial: ++serial, ...standinTokenIds(msi.identity), iat: now, nbf: now, exp: expiresOn };
     send(res, 200, {
       access_token: issueStandinToken(claims),
       client_id: msi.clientId,
@@ -245,6 +249,11 @@ function defaultBody(status: number): unknown {
 function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', ...headers });
   res.end(JSON.stringify(body));
+}
+
+/** A token's uti (random, 22 base64url characters as Entra ID's) and its identity's oid (a GUID derived from it). */
+export function standinTokenIds(identity: string): { uti: string; oid: string } {
+  return { uti: randomBytes(16).toString('base64url').slice(0, 22), oid: fakeGuid(`oid:${identity}`) };
 }
 
 /** A JWT-shaped, unsigned token carrying claims. */
