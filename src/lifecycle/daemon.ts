@@ -31,7 +31,7 @@ import { registerNativeMetrics, registerServerMetrics } from '../server/metrics.
 import { createHostTokenServer, createHostTokenTcpServer } from '../server/host-token.js';
 import { bindHostTokenSocket } from '../server/private-socket.js';
 import { createNativeTokenServer } from '../server/native-server.js';
-import { attachTables, type Tables } from '../server/tables.js';
+import { attachTables, tellingServed, type Tables } from '../server/tables.js';
 import type { TokenServerDeps } from '../server/core.js';
 import { createTokenServer } from '../server/token-server.js';
 import { limits } from '../config/limits.js';
@@ -263,11 +263,12 @@ export async function startDaemon(config: RunConfig, log: Logger, hooks: DaemonH
   });
 
   // /host/token: root through the unix socket; on TCP, only the processes --host-token-allow names, attested by cgroup.
+  // A pod's token given to a host process for it is the pod's in the audit too.
   const hostDeps = {
     findPod: (namespace: string, name: string) => pods.lookupName(namespace, name),
     identitiesFor: podIdentities,
     settle,
-    getToken,
+    getToken: audit ? tellingServed({ getToken }, [audit.served]).getToken : getToken,
     refusals: refusalSink,
     multipleIdentities: config.multipleIdentities,
     log,

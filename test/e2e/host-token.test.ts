@@ -2,7 +2,9 @@
 // host through the unix socket, and removes the socket when it stops.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { request, Agent } from 'undici';
 import { createCluster, crd, type Cluster } from '../harness/cluster.js';
 
@@ -31,4 +33,22 @@ test('a root host process gets a pod\'s token on the socket; the socket is 0600 
   await dispatcher.close();
   assert.equal(await nmi.stop('SIGTERM'), 0);
   assert.equal(existsSync(socketPath), false);
+});
+
+test("--audit-log: a pod's token given to a host process is recorded as served to that pod", async () => {
+  const dir = mkdtempSync(path.join(tmpdir(), 'nmi-host-audit-'));
+  const auditFile = path.join(dir, 'audit.jsonl');
+  const nmi = await cluster.startNmi(['--server', 'js', '--host-token-socket', socketPath, '--audit-log', auditFile, '--audit-interval', '1h']);
+  const dispatcher = new Agent({ connect: { socketPath } });
+  try {
+    const res = await request('http://localhost/host/token/?resource=https%3A%2F%2Fvault.azure.net', { dispatcher, headers: { podns: 'default', podname: 'web' } });
+    assert.equal(res.statusCode, 200);
+    await res.body.dump();
+    const served = readFileSync(auditFile, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, any>).filter((r) => r.kind === 'served');
+    assert.deepEqual(served.map((r) => [r.pod.name, r.identity.clientId, r.resource]), [['web', '11111111-1111-1111-1111-111111111111', 'https://vault.azure.net']]);
+  } finally {
+    await dispatcher.close();
+    assert.equal(await nmi.stop('SIGTERM'), 0);
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
