@@ -36,7 +36,8 @@ export const kubeSourceDefaults = {
   maxServiceAccountBytes: 512 * 1024, // 256 KiB of annotations at most, and the rest
 };
 
-const path = (plural: string) => (namespace: string, name: string) => `/api/v1/namespaces/${encodeURIComponent(namespace)}/${plural}/${encodeURIComponent(name)}`;
+/** Where one named object of a core v1 kind is read. */
+const objectPath = (plural: string) => (namespace: string, name: string) => `/api/v1/namespaces/${encodeURIComponent(namespace)}/${plural}/${encodeURIComponent(name)}`;
 
 export class KubeBindingSource implements BindingSource {
   readonly #client: KubeClient;
@@ -75,12 +76,12 @@ export class KubeBindingSource implements BindingSource {
     const signal = this.#abort.signal;
     this.#secrets = new NamedObjects(
       this.#client,
-      { kind: 'secret', path: path('secrets'), parse: (raw) => parseSecret(raw), maxBytes: o.maxSecretBytes, forbiddenHint: 'nmi needs get on secrets (deploy/grants/service-principals)' },
+      { kind: 'secret', path: objectPath('secrets'), parse: (raw) => parseSecret(raw), maxBytes: o.maxSecretBytes, forbiddenHint: 'nmi needs get on secrets (deploy/grants/service-principals)' },
       this.#log, named, signal, changed,
     );
     this.#serviceAccounts = new NamedObjects(
       this.#client,
-      { kind: 'serviceaccount', path: path('serviceaccounts'), parse: (raw) => parseServiceAccount(raw), maxBytes: o.maxServiceAccountBytes, forbiddenHint: 'nmi needs get on serviceaccounts (deploy/grants/federation)' },
+      { kind: 'serviceaccount', path: objectPath('serviceaccounts'), parse: (raw) => parseServiceAccount(raw), maxBytes: o.maxServiceAccountBytes, forbiddenHint: 'nmi needs get on serviceaccounts (deploy/grants/federation)' },
       this.#log, named, signal, changed,
     );
   }

@@ -38,6 +38,11 @@ export function podRef(pod: Pod): PodRef {
   return { key: pod.uid || `${pod.namespace}/${pod.name}`, name: `${pod.namespace}/${pod.name}` };
 }
 
+/** An account's pods on the node as NodeNeeds stamps them: another set of pods reads the account again. */
+function podsStamp(uids: string[]): string {
+  return uids.sort().join(',');
+}
+
 export class PodTokens {
   readonly cache: TokenCache;
   /** What the bindings source reads for this node's pods. */
@@ -84,14 +89,17 @@ export class PodTokens {
     const accounts = new Map<string, string[]>();
     for (const pod of listed) {
       if (!isCaller(pod)) continue;
-      if (usesWorkloadIdentity(pod)) accounts.set(serviceAccountOf(pod), [...(accounts.get(serviceAccountOf(pod)) ?? []), pod.uid]);
+      if (usesWorkloadIdentity(pod)) {
+        const account = serviceAccountOf(pod);
+        accounts.set(account, [...(accounts.get(account) ?? []), pod.uid]);
+      }
       for (const identity of this.identitiesOf(pod).identities) {
         used.add(identityKey(identity));
         if (identity.clientPassword) secrets.add(objectKey(identity.namespace, identity.name));
       }
     }
     this.cache.retainOnly(used);
-    this.#need({ secrets, serviceAccounts: new Map([...accounts].map(([key, uids]) => [key, uids.sort().join(',')])) });
+    this.#need({ secrets, serviceAccounts: new Map([...accounts].map(([key, uids]) => [key, podsStamp(uids)])) });
   }
 
   #need(needs: NodeNeeds): void {
@@ -108,7 +116,7 @@ export class PodTokens {
     const account = serviceAccountOf(pod);
     const uids = this.#needs.serviceAccounts.get(account)?.split(',') ?? [];
     if (!uids.includes(pod.uid)) {
-      const serviceAccounts = new Map(this.#needs.serviceAccounts).set(account, [...uids, pod.uid].sort().join(','));
+      const serviceAccounts = new Map(this.#needs.serviceAccounts).set(account, podsStamp([...uids, pod.uid]));
       this.#need({ ...this.#needs, serviceAccounts });
     }
     await this.deps.bindings.settled?.();
