@@ -80,7 +80,11 @@ class Held<T> {
   /** True when a valid object went. */
   delete(namespace: string, key: string): boolean {
     const valid = this.items.delete(key);
-    if (valid || this.invalid.delete(key)) this.perNamespace.set(namespace, (this.perNamespace.get(namespace) ?? 1) - 1);
+    if (valid || this.invalid.delete(key)) {
+      const held = (this.perNamespace.get(namespace) ?? 1) - 1;
+      if (held > 0) this.perNamespace.set(namespace, held);
+      else this.perNamespace.delete(namespace);
+    }
     // Probably one of those left out: its room comes back at the next list.
     else if ((this.leftOut.get(namespace) ?? 0) > 0) this.leftOut.set(namespace, this.leftOut.get(namespace)! - 1);
     return valid;
