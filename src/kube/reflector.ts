@@ -70,23 +70,26 @@ class Held<T> {
     if (this.items.has(key) || this.invalid.has(key)) return true;
     const held = this.perNamespace.get(namespace) ?? 0;
     if (held >= max) {
-      this.leftOut.set(namespace, (this.leftOut.get(namespace) ?? 0) + 1);
+      this.#count(this.leftOut, namespace, 1);
       return false;
     }
-    this.perNamespace.set(namespace, held + 1);
+    this.#count(this.perNamespace, namespace, 1);
     return true;
+  }
+
+  /** Counts per namespace keep no zeros: a namespace gone leaves nothing behind. */
+  #count(counts: Map<string, number>, namespace: string, by: 1 | -1): void {
+    const n = (counts.get(namespace) ?? 0) + by;
+    if (n > 0) counts.set(namespace, n);
+    else counts.delete(namespace);
   }
 
   /** True when a valid object went. */
   delete(namespace: string, key: string): boolean {
     const valid = this.items.delete(key);
-    if (valid || this.invalid.delete(key)) {
-      const held = (this.perNamespace.get(namespace) ?? 1) - 1;
-      if (held > 0) this.perNamespace.set(namespace, held);
-      else this.perNamespace.delete(namespace);
-    }
+    if (valid || this.invalid.delete(key)) this.#count(this.perNamespace, namespace, -1);
     // Probably one of those left out: its room comes back at the next list.
-    else if ((this.leftOut.get(namespace) ?? 0) > 0) this.leftOut.set(namespace, this.leftOut.get(namespace)! - 1);
+    else this.#count(this.leftOut, namespace, -1);
     return valid;
   }
 }
@@ -112,7 +115,7 @@ export class Reflector<T> {
   /** Why each invalid object was left out, by key; `<namespace>/*` for a namespace over its limit. */
   get invalid(): Iterable<[string, string]> {
     const limit = this.options.maxObjectsPerNamespace;
-    const full = [...this.#held.leftOut].filter(([, n]) => n > 0);
+    const full = [...this.#held.leftOut];
     return [
       ...[...this.#held.invalid].map(([key, { reason }]): [string, string] => [key, reason]),
       ...full.map(([namespace, n]): [string, string] => [objectKey(namespace, '*'), `${n} more left out: over the limit of ${limit} per namespace`]),
