@@ -217,13 +217,22 @@ test('a kubelet certificate that cannot be read: exit 2, one line naming the fla
   await node.systemctl('reset-failed', 'nmi');
 });
 
-test('dpkg --purge: stops nmi, removes rules NMI_ON_EXIT=keep left, its files and its configuration', async () => {
+test("NMI_AUDIT_LOG under /var/log/nmi: the unit's own log folder, root's alone, holds the records though the rest of the system is read-only", async () => {
+  configure(node.root, { NMI_AUDIT_LOG: '/var/log/nmi/audit.jsonl' });
+  await node.systemctl('restart', 'nmi');
+  await assertToken();
+  const served = (await node.exec('cat', ['/var/log/nmi/audit.jsonl'])).split('\n').filter(Boolean).map((l) => JSON.parse(l) as { kind: string; identity: { clientId: string } });
+  assert.ok(served.some((r) => r.kind === 'served' && r.identity.clientId === idA.client), JSON.stringify(served));
+  assert.equal((await node.exec('stat', ['-c', '%a %U', '/var/log/nmi'])).trim(), '700 root');
+});
+
+test('dpkg --purge: stops nmi, removes rules NMI_ON_EXIT=keep left, its files, its configuration and its logs', async () => {
   configure(node.root, { NMI_ON_EXIT: 'keep' });
-  await node.systemctl('start', 'nmi');
+  await node.systemctl('restart', 'nmi');
   await assertToken();
   await node.exec('dpkg', ['--purge', 'nmi']);
   assert.doesNotMatch(nat(), /aad-metadata/);
   assert.doesNotMatch(cluster.node.exec('cat', ['/proc/net/ip_tables_names']), /^nat$/m);
-  assert.equal(await node.exec('sh', ['-c', 'ls -d /usr/lib/nmi /usr/bin/nmi /etc/default/nmi /lib/systemd/system/nmi.service /etc/systemd/system/multi-user.target.wants/nmi.service 2>/dev/null || true']), '');
+  assert.equal(await node.exec('sh', ['-c', 'ls -d /usr/lib/nmi /usr/bin/nmi /etc/default/nmi /lib/systemd/system/nmi.service /etc/systemd/system/multi-user.target.wants/nmi.service /var/log/nmi 2>/dev/null || true']), '');
   assert.equal(await node.show('LoadState'), 'not-found');
 });
