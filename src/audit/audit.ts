@@ -80,17 +80,22 @@ const sources: Record<IdentityType, TokenSource> = {
   [IdentityType.Federated]: 'federation',
 };
 
-/** A token's claims, read once per token object (tokens are shared, so this is once per token). */
-const claimsOf = new WeakMap<Token, { tokenId: string; objectId: string }>();
+/** What records say of a token: its claims and its expiry, read once per token object (tokens are shared, so once per token). */
+interface TokenFacts {
+  tokenId: string;
+  objectId: string;
+  expiresOn: string;
+}
+const factsOf = new WeakMap<Token, TokenFacts>();
 
-function tokenClaims(token: Token): { tokenId: string; objectId: string } {
-  let claims = claimsOf.get(token);
-  if (!claims) {
+function tokenFacts(token: Token): TokenFacts {
+  let facts = factsOf.get(token);
+  if (!facts) {
     const { uti, oid } = jwtClaims(token.accessToken);
-    claims = { tokenId: typeof uti === 'string' ? uti : '', objectId: typeof oid === 'string' ? oid : '' };
-    claimsOf.set(token, claims);
+    facts = { tokenId: typeof uti === 'string' ? uti : '', objectId: typeof oid === 'string' ? oid : '', expiresOn: new Date(token.expiresOn * 1000).toISOString() };
+    factsOf.set(token, facts);
   }
-  return claims;
+  return facts;
 }
 
 function recordPod(pod: Pod): RecordPod {
@@ -128,9 +133,8 @@ export class Audit implements RefusalSink {
   readonly served = (identity: AzureIdentity, resource: string, token: Token, pod?: Pod): void => {
     if (!pod) return;
     const key = tokenKey({ identityKey: podScoped(pod.uid, identityKey(identity)), resource });
-    const { tokenId, objectId } = tokenClaims(token);
+    const { tokenId, objectId, expiresOn } = tokenFacts(token);
     const last = this.#served.get(key);
-    const expiresOn = new Date(token.expiresOn * 1000).toISOString();
     if (!last || last.tokenId !== tokenId || last.expiresOn !== expiresOn) {
       const time = new Date(this.#now()).toISOString();
       const entry: Served = {
